@@ -1,0 +1,1 @@
+"""netemu: a packet-level emulator of Kubernetes pod networking."""

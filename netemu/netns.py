@@ -1,0 +1,172 @@
+"""Network namespaces: create, enter, open netlink sockets in, run commands in.
+
+Every kernel object netemu makes lives in a namespace it created. This module is
+the only place that switches namespaces. Switching is per thread (setns(2) acts on
+the calling thread only), so a daemon that enters its node's namespace at start-up
+keeps the whole process there, while the orchestrator switches a worker thread in
+and out as it builds.
+
+Namespaces are registered under /run/netns exactly as `ip netns add` does, so
+`ip netns exec NAME tcpdump -i docker0` works as on a real node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import subprocess
+from collections.abc import Iterator, Sequence
+
+NETNS_DIR = "/run/netns"
+CLONE_NEWNET = 0x40000000
+CLONE_NEWUTS = 0x04000000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class NetnsError(RuntimeError):
+    pass
+
+
+def path(name: str) -> str:
+    return os.path.join(NETNS_DIR, name)
+
+
+def exists(name: str) -> bool:
+    return os.path.exists(path(name))
+
+
+def list_all() -> list[str]:
+    try:
+        return sorted(os.listdir(NETNS_DIR))
+    except FileNotFoundError:
+        return []
+
+
+def create(name: str) -> None:
+    """Create and register a namespace. Fails if the name is taken."""
+    if exists(name):
+        raise NetnsError(f"network namespace {name} already exists")
+    proc = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise NetnsError(f"ip netns add {name}: {proc.stderr.strip()}")
+
+
+def delete(name: str) -> None:
+    """Unregister a namespace (it vanishes when the last process/fd lets go)."""
+    if not exists(name):
+        return
+    proc = subprocess.run(["ip", "netns", "delete", name], capture_output=True, text=True)
+    if proc.returncode != 0 and exists(name):
+        raise NetnsError(f"ip netns delete {name}: {proc.stderr.strip()}")
+
+
+def inode(name: str) -> int | None:
+    try:
+        return os.stat(path(name)).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def setns_path(ns_path: str, nstype: int = CLONE_NEWNET) -> None:
+    """Move the calling thread into the namespace at ns_path."""
+    fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.setns(fd, nstype) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({ns_path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def enter(name: str) -> None:
+    """Move the calling thread into namespace NAME for good (daemons at start-up)."""
+    setns_path(path(name))
+
+
+@contextlib.contextmanager
+def inside(name: str) -> Iterator[None]:
+    """Run the body of a with-block in namespace NAME, then return the thread home.
+
+    The thread's original namespace is held open by fd, so it is restored even if
+    it has no name (a daemon's node namespace, the machine's own one).
+    """
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        enter(name)
+        try:
+            yield
+        finally:
+            if _libc.setns(home, CLONE_NEWNET) != 0:  # pragma: no cover - fatal
+                err = ctypes.get_errno()
+                os._exit(f"netemu: cannot return thread to its namespace: {os.strerror(err)}")
+    finally:
+        os.close(home)
+
+
+def iproute(name: str | None = None):
+    """An IPRoute netlink socket bound to namespace NAME (None: the current one).
+
+    A netlink socket belongs to the namespace it was opened in, so we open it from
+    inside and keep using it after the thread has gone home. This avoids pyroute2's
+    own netns= mode, which forks a helper per socket (and creates the namespace if
+    it is missing).
+    """
+    from pyroute2 import IPRoute
+
+    if name is None:
+        return IPRoute()
+    with inside(name):
+        return IPRoute()
+
+
+def write_sysctl(name: str | None, key: str, value: str | int) -> None:
+    """Set net sysctl KEY (dotted, e.g. net.ipv4.ip_forward) inside namespace NAME."""
+    fname = "/proc/sys/" + key.replace(".", "/")
+    ctx = inside(name) if name else contextlib.nullcontext()
+    with ctx:
+        with open(fname, "w") as f:
+            f.write(f"{value}\n")
+
+
+def read_sysctl(name: str | None, key: str) -> str:
+    fname = "/proc/sys/" + key.replace(".", "/")
+    ctx = inside(name) if name else contextlib.nullcontext()
+    with ctx:
+        with open(fname) as f:
+            return f.read().strip()
+
+
+def exec_argv(name: str, argv: Sequence[str], uts_pid: int | None = None) -> list[str]:
+    """argv that runs ARGV inside namespace NAME (and the UTS namespace of UTS_PID).
+
+    nsenter joins only the namespaces named, so the mount namespace stays the
+    machine's: files written under /run/netemu are seen by everyone.
+    """
+    cmd = ["nsenter", f"--net={path(name)}"]
+    if uts_pid:
+        cmd.append(f"--uts=/proc/{uts_pid}/ns/uts")
+    return cmd + ["--", *argv]
+
+
+def run(name: str, argv: Sequence[str], check: bool = True, input: str | None = None,
+        timeout: float | None = 60) -> subprocess.CompletedProcess:
+    """Run a command inside namespace NAME and capture its output."""
+    proc = subprocess.run(exec_argv(name, argv), capture_output=True, text=True,
+                          input=input, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise NetnsError(f"in {name}: {' '.join(argv)}: {(proc.stderr or proc.stdout).strip()}")
+    return proc
+
+
+def ip_batch(name: str, lines: Sequence[str]) -> None:
+    """Run many `ip` commands in namespace NAME with one process (`ip -batch`)."""
+    if not lines:
+        return
+    proc = subprocess.run(["ip", "-n", name, "-batch", "-"], input="\n".join(lines) + "\n",
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise NetnsError(f"in {name}: ip -batch: {proc.stderr.strip()}")
+
+

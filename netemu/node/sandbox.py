@@ -1,0 +1,76 @@
+"""Pod sandboxes: the "pause" role, and the CNI bridge plugin's work.
+
+A sandbox is what every container of a pod joins: one network namespace (eth0,
+one IP, one localhost) and one UTS namespace (hostname = pod name), held by a
+tiny process named `pause`. Its eth0 is one end of a veth pair whose other end
+(vethXXXXXXX) is a port of the node's docker0, with hairpin mode on so that a
+pod can reach itself through a Service. The MAC follows Docker's 02:42:<ip>.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+
+from netemu import journal, names, netns
+
+
+@dataclasses.dataclass
+class Sandbox:
+    namespace: str              # network namespace name (under /run/netns)
+    veth: str                   # node-side veth
+    ip: str                     # pod IP
+    gateway: str
+    prefixlen: int
+    mtu: int
+    pause_pid: int = 0
+
+    def save(self, pod_dir: str) -> None:
+        with open(os.path.join(pod_dir, "sandbox.json"), "w") as f:
+            json.dump(dataclasses.asdict(self), f)
+
+    @classmethod
+    def load(cls, pod_dir: str) -> "Sandbox | None":
+        try:
+            with open(os.path.join(pod_dir, "sandbox.json")) as f:
+                return cls(**json.load(f))
+        except (FileNotFoundError, ValueError, TypeError):
+            return None
+
+
+def docker_mac(ip: ipaddress.IPv4Address) -> str:
+    return "02:42:" + ":".join(f"{b:02x}" for b in ip.packed)
+
+
+def create_network(cluster: str, node: str, sb: Sandbox) -> None:
+    """Namespace, veth pair on docker0, address and default route (blocking)."""
+    journal.record(cluster, "netns", sb.namespace)
+    netns.create(sb.namespace)
+    node_ns = names.node_ns(cluster, node)
+    netns.ip_batch(node_ns, [
+        f"link add {sb.veth} mtu {sb.mtu} type veth peer name {names.POD_IFACE} mtu {sb.mtu} "
+        f"netns {sb.namespace}",
+        f"link set {sb.veth} master {names.NODE_BRIDGE} up",
+        f"link set {sb.veth} type bridge_slave hairpin on",
+    ])
+    netns.ip_batch(sb.namespace, [
+        "link set lo up",
+        f"link set {names.POD_IFACE} address {docker_mac(ipaddress.IPv4Address(sb.ip))}",
+        f"addr add {sb.ip}/{sb.prefixlen} dev {names.POD_IFACE}",
+        f"link set {names.POD_IFACE} up",
+        f"route add default via {sb.gateway} dev {names.POD_IFACE}",
+    ])
+
+
+def pause_argv(sb: Sandbox, hostname: str) -> list[str]:
+    """The pause process: joins the pod's network namespace, makes a UTS namespace
+    with the pod's hostname, then sleeps under the name "pause"."""
+    return netns.exec_argv(sb.namespace, [
+        "unshare", "--uts", "bash", "-c", 'hostname "$0" && exec -a pause sleep infinity', hostname])
+
+
+def destroy_network(cluster: str, node: str, sb: Sandbox) -> None:
+    # Deleting the namespace takes eth0 with it, and the veth's node end with it.
+    netns.delete(sb.namespace)

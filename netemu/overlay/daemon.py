@@ -1,0 +1,160 @@
+"""The overlay daemon of one node: flanneld's role.
+
+    python -m netemu.overlay.daemon CLUSTER NODE
+
+Runs inside the node's network namespace (it enters it first thing, before any
+thread exists, so every socket and device it makes is the node's). It reads the
+network config from the state store, leases a subnet, writes subnet.env, sets up
+its backend, keeps the backend in step with the other nodes' leases, renews its
+lease, and publishes its counters for `netemu stats` / `describe node`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import signal
+import sys
+
+import trio
+
+from netemu import names, netns
+from netemu.overlay import backend as backends, leases, subnetenv
+from netemu.overlay.backend import Lease, LocalConfig
+from netemu.store import registry
+from netemu.store.sqlite import SqliteStore
+
+log = logging.getLogger("netemu.overlay")
+
+STATS_PERIOD = 1.0
+
+
+def stats_path(node_dir: str) -> str:
+    return os.path.join(node_dir, "overlay-stats.json")
+
+
+def underlay_mtu(dev: str) -> int:
+    with open(f"/sys/class/net/{dev}/mtu") as f:
+        return int(f.read())
+
+
+class OverlayDaemon:
+    def __init__(self, cluster: str, node: str, store):
+        self.cluster, self.node, self.store = cluster, node, store
+        self.node_dir = names.node_dir(cluster, node)
+        self.peers: dict[ipaddress.IPv4Network, Lease] = {}
+
+    def _local_config(self, config: dict) -> tuple[LocalConfig, ipaddress.IPv4Network | None]:
+        node = registry.get(self.store, "Node", None, self.node)
+        if node is None:
+            raise RuntimeError(f"node {self.node} is not in the store")
+        address = next(a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP")
+        requested = node["metadata"].get("annotations", {}).get("netemu.io/requested-pod-cidr")
+        local = LocalConfig(node=self.node, network=ipaddress.IPv4Network(config["Network"]),
+                            public_ip=ipaddress.IPv4Address(address), underlay_dev=names.NODE_UPLINK,
+                            underlay_mtu=underlay_mtu(names.NODE_UPLINK),
+                            backend_conf=dict(config.get("Backend") or {}), state_dir=self.node_dir)
+        return local, ipaddress.IPv4Network(requested) if requested else None
+
+    async def run(self) -> None:
+        kv = self.store.get(leases.CONFIG_KEY)
+        if kv is None:
+            raise RuntimeError(f"no network config at {leases.CONFIG_KEY}")
+        config = kv.value
+        local, requested = self._local_config(config)
+        backend = backends.load(config["Backend"]["Type"], local)
+        previous_env = subnetenv.read(self.node_dir)
+        previous = previous_env.subnet.network if previous_env else None
+        lease = leases.acquire(self.store, config, local.public_ip, self.node, backend.name,
+                               backend.backend_data(), previous=previous, requested=requested)
+        log.info("leased %s (backend %s)", lease.subnet, backend.name)
+        backend.setup(lease)
+        subnetenv.write(self.node_dir, subnetenv.SubnetEnv.for_lease(local.network, lease.subnet,
+                                                                     backend.mtu()))
+        self.backend, self.lease = backend, lease
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._follow_peers)
+            nursery.start_soon(self._renew)
+            nursery.start_soon(self._publish_stats)
+            await backend.run()
+
+    async def _follow_peers(self) -> None:
+        since = self.store.revision()
+        self._resync(leases.read_leases(self.store))
+        async for ev in self.store.watch(leases.SUBNETS, since):
+            try:
+                lease = Lease.from_json(ev.key[len(leases.SUBNETS):], ev.value)
+            except (KeyError, ValueError):
+                log.warning("ignoring malformed lease %s", ev.key)
+                continue
+            if lease.subnet == self.lease.subnet:
+                continue
+            if ev.type == "PUT":
+                self._add(lease)
+            else:
+                self._remove(lease)
+
+    def _resync(self, all_leases: list[Lease]) -> None:
+        current = {l.subnet: l for l in all_leases if l.subnet != self.lease.subnet}
+        for subnet, lease in list(self.peers.items()):
+            if subnet not in current:
+                self._remove(lease)
+        for lease in current.values():
+            self._add(lease)
+
+    def _add(self, lease: Lease) -> None:
+        old = self.peers.get(lease.subnet)
+        if old is not None and old.public_ip == lease.public_ip and old.backend_data == lease.backend_data:
+            return
+        if old is not None:
+            self.backend.remove_peer(old)
+        log.info("peer %s at %s (%s)", lease.subnet, lease.public_ip, lease.node)
+        self.backend.add_peer(lease)
+        self.peers[lease.subnet] = lease
+
+    def _remove(self, lease: Lease) -> None:
+        old = self.peers.pop(lease.subnet, None)
+        if old is not None:
+            log.info("peer %s gone", lease.subnet)
+            self.backend.remove_peer(old)
+
+    async def _renew(self) -> None:
+        while True:
+            await trio.sleep(leases.LEASE_TTL - leases.RENEW_MARGIN)
+            leases.renew(self.store, self.lease)
+
+    async def _publish_stats(self) -> None:
+        path = stats_path(self.node_dir)
+        while True:
+            data = {"node": self.node, "backend": self.backend.name, "subnet": str(self.lease.subnet),
+                    "peers": {str(s): str(l.public_ip) for s, l in sorted(self.peers.items())},
+                    "counters": dict(self.backend.counters), "pid": os.getpid()}
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(data, f)
+            os.replace(tmp, path)
+            await trio.sleep(STATS_PERIOD)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="netemu-overlay")
+    parser.add_argument("cluster")
+    parser.add_argument("node")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s overlay[{args.node}] %(levelname)s %(message)s")
+    netns.enter(names.node_ns(args.cluster, args.node))
+    store = SqliteStore(names.store_path(args.cluster))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        trio.run(OverlayDaemon(args.cluster, args.node, store).run)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Subnet leases, as flannel's subnet manager keeps them in etcd.
+
+The network config lives at <prefix>/config, each node's lease at
+<prefix>/subnets/<a.b.c.d>-<len> with a TTL. A lease is written only if no one
+holds that subnet (a conditional create in the store), and renewed before it
+expires. Peers learn of each other by watching <prefix>/subnets/.
+
+Which subnet a node gets, in order (flannel's rules, plus a topology hint):
+  1. the one in its subnet.env from a previous run, if still free or its own;
+  2. a lease already held for its public IP (flannel reuses those);
+  3. the subnet the topology requested for the node (podCIDR), if free;
+  4. a random free subnet between SubnetMin and SubnetMax.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from typing import Any
+
+from netemu.overlay.backend import Lease
+
+PREFIX = "/coreos.com/network"
+CONFIG_KEY = f"{PREFIX}/config"
+SUBNETS = f"{PREFIX}/subnets/"
+LEASE_TTL = 24 * 3600.0
+RENEW_MARGIN = 3600.0
+
+
+def network_config(network: ipaddress.IPv4Network, subnet_len: int, backend: dict[str, Any]) -> dict:
+    """flannel's network config object, with SubnetMin/Max as flannel defaults them:
+    the second subnet to the last one (the first is left out, as flannel does)."""
+    size = 2 ** (32 - subnet_len)
+    smin = network.network_address + size
+    smax = network.broadcast_address - size + 1
+    return {"Network": str(network), "SubnetLen": subnet_len,
+            "SubnetMin": str(smin), "SubnetMax": str(smax), "Backend": backend}
+
+
+def candidate_subnets(config: dict) -> list[ipaddress.IPv4Network]:
+    network = ipaddress.IPv4Network(config["Network"])
+    plen = int(config["SubnetLen"])
+    smin = ipaddress.IPv4Address(config.get("SubnetMin", network.network_address))
+    smax = ipaddress.IPv4Address(config.get("SubnetMax", network.broadcast_address))
+    return [s for s in network.subnets(new_prefix=plen) if smin <= s.network_address <= smax]
+
+
+def lease_key(subnet: ipaddress.IPv4Network) -> str:
+    return f"{SUBNETS}{subnet.network_address}-{subnet.prefixlen}"
+
+
+def read_leases(store) -> list[Lease]:
+    out = []
+    for kv in store.list(SUBNETS):
+        try:
+            out.append(Lease.from_json(kv.key[len(SUBNETS):], kv.value))
+        except (KeyError, ValueError):
+            continue
+    return out
+
+
+def preferred_subnets(config: dict, public_ip: ipaddress.IPv4Address, leases: list[Lease],
+                      previous: ipaddress.IPv4Network | None,
+                      requested: ipaddress.IPv4Network | None, rng: random.Random) -> list[ipaddress.IPv4Network]:
+    """Subnets to try, best first (pure: the caller creates the lease)."""
+    held = {l.subnet: l for l in leases}
+    choices: list[ipaddress.IPv4Network] = []
+
+    def free_or_ours(s):
+        lease = held.get(s)
+        return lease is None or lease.public_ip == public_ip
+
+    if previous is not None and free_or_ours(previous):
+        choices.append(previous)
+    choices += [l.subnet for l in leases if l.public_ip == public_ip]
+    if requested is not None and free_or_ours(requested):
+        choices.append(requested)
+    free = [s for s in candidate_subnets(config) if s not in held]
+    rng.shuffle(free)
+    choices += free
+    seen = []
+    for s in choices:
+        if s not in seen:
+            seen.append(s)
+    return seen
+
+
+def acquire(store, config: dict, public_ip, node: str, backend_type: str, backend_data: dict,
+            previous=None, requested=None, rng: random.Random | None = None) -> Lease:
+    """Lease a subnet for this node: create-if-absent, or take over our own lease."""
+    rng = rng or random.Random()
+    for subnet in preferred_subnets(config, public_ip, read_leases(store), previous, requested, rng):
+        lease = Lease(subnet=subnet, public_ip=public_ip, backend_type=backend_type,
+                      backend_data=backend_data, node=node)
+        key = lease_key(subnet)
+        current = store.get(key)
+        if current is None:
+            if store.create(key, lease.to_json(), ttl=LEASE_TTL) is not None:
+                return lease
+        elif current.value.get("PublicIP") == str(public_ip):
+            # Ours from an earlier run: rewrite it (new backend data), same subnet.
+            store.put(key, lease.to_json(), ttl=LEASE_TTL, expect_revision=current.mod_revision)
+            return lease
+    raise RuntimeError(f"no free subnet left in {config['Network']}")
+
+
+def renew(store, lease: Lease) -> None:
+    store.put(lease_key(lease.subnet), lease.to_json(), ttl=LEASE_TTL)
+
+
+def release(store, lease: Lease) -> None:
+    store.delete(lease_key(lease.subnet))

@@ -1,0 +1,176 @@
+"""Kubernetes objects in the store, keyed as the API server's registry keys them.
+
+An object is kept in its API shape (apiVersion, kind, metadata, spec, status) under
+/registry/<resource>/<namespace>/<name> (cluster-scoped kinds have no namespace).
+metadata.resourceVersion is the store revision of the object's last change, so a
+later API front end can serve these objects to the real kubectl unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import secrets
+import uuid
+from typing import Any
+
+from netemu.store.base import Conflict, Store
+
+# kind -> (registry resource path, namespaced, apiVersion, short names for the CLI)
+KINDS: dict[str, tuple[str, bool, str, tuple[str, ...]]] = {
+    "Pod": ("pods", True, "v1", ("pod", "pods", "po")),
+    "Service": ("services/specs", True, "v1", ("service", "services", "svc")),
+    "Endpoints": ("services/endpoints", True, "v1", ("endpoints", "ep")),
+    "ReplicationController": ("controllers", True, "v1",
+                              ("replicationcontroller", "replicationcontrollers", "rc")),
+    "ReplicaSet": ("replicasets", True, "apps/v1", ("replicaset", "replicasets", "rs")),
+    "Deployment": ("deployments", True, "apps/v1", ("deployment", "deployments", "deploy")),
+    "DaemonSet": ("daemonsets", True, "apps/v1", ("daemonset", "daemonsets", "ds")),
+    "Job": ("jobs", True, "batch/v1", ("job", "jobs")),
+    "Event": ("events", True, "v1", ("event", "events", "ev")),
+    # The API server keeps nodes under "minions", a name from Kubernetes' first days.
+    "Node": ("minions", False, "v1", ("node", "nodes", "no")),
+}
+
+SHORT_NAMES = {alias: kind for kind, (_, _, _, aliases) in KINDS.items() for alias in aliases}
+
+
+def kind_of(word: str) -> str:
+    """The kind a CLI word names (pods, po, svc, rc, ...). Raises KeyError."""
+    if word in KINDS:
+        return word
+    return SHORT_NAMES[word.lower()]
+
+
+def key(kind: str, namespace: str | None, name: str) -> str:
+    resource, namespaced, _, _ = KINDS[kind]
+    if namespaced:
+        return f"/registry/{resource}/{namespace or 'default'}/{name}"
+    return f"/registry/{resource}/{name}"
+
+
+def prefix(kind: str, namespace: str | None = None) -> str:
+    resource, namespaced, _, _ = KINDS[kind]
+    if namespaced and namespace:
+        return f"/registry/{resource}/{namespace}/"
+    return f"/registry/{resource}/"
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(stamp: str | None) -> datetime.datetime | None:
+    if not stamp:
+        return None
+    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+
+
+_SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"   # Kubernetes' rand.String alphabet
+
+
+def random_suffix(n: int = 5) -> str:
+    return "".join(secrets.choice(_SUFFIX_ALPHABET) for _ in range(n))
+
+
+def _with_version(obj: dict, rev: int) -> dict:
+    obj["metadata"]["resourceVersion"] = str(rev)
+    return obj
+
+
+def get(store: Store, kind: str, namespace: str | None, name: str) -> dict | None:
+    kv = store.get(key(kind, namespace, name))
+    if kv is None:
+        return None
+    return _with_version(kv.value, kv.mod_revision)
+
+
+def list_(store: Store, kind: str, namespace: str | None = None) -> list[dict]:
+    return [_with_version(kv.value, kv.mod_revision) for kv in store.list(prefix(kind, namespace))]
+
+
+def create(store: Store, obj: dict) -> dict:
+    """Store a new object, filling metadata as the API server does. Raises Conflict
+    if an object of that kind and name exists. generateName gets a random suffix."""
+    obj = copy.deepcopy(obj)
+    kind = obj["kind"]
+    meta = obj.setdefault("metadata", {})
+    if KINDS[kind][1]:
+        meta.setdefault("namespace", "default")
+    obj["apiVersion"] = KINDS[kind][2]
+    for _ in range(10):
+        if not meta.get("name"):
+            meta["name"] = meta["generateName"] + random_suffix()
+            generated = True
+        else:
+            generated = False
+        meta["uid"] = str(uuid.uuid4())
+        meta["creationTimestamp"] = now()
+        meta.pop("resourceVersion", None)
+        rev = store.create(key(kind, meta.get("namespace"), meta["name"]), obj)
+        if rev is not None:
+            return _with_version(obj, rev)
+        if not generated:
+            raise Conflict(f'{kind_word(kind)} "{meta["name"]}" already exists')
+        meta["name"] = ""
+    raise Conflict(f"could not generate a unique name from {meta['generateName']!r}")
+
+
+def update(store: Store, obj: dict, *, check_version: bool = True) -> dict:
+    """Write back an object read earlier; Conflict if it changed meanwhile."""
+    meta = obj["metadata"]
+    expect = int(meta["resourceVersion"]) if check_version and meta.get("resourceVersion") else None
+    body = copy.deepcopy(obj)
+    body["metadata"].pop("resourceVersion", None)
+    rev = store.put(key(obj["kind"], meta.get("namespace"), meta["name"]), body,
+                    expect_revision=expect)
+    return _with_version(obj, rev)
+
+
+def mutate(store: Store, kind: str, namespace: str | None, name: str, change) -> dict | None:
+    """Read-modify-write with retries: CHANGE(obj) edits obj in place. None if gone."""
+    for _ in range(20):
+        obj = get(store, kind, namespace, name)
+        if obj is None:
+            return None
+        change(obj)
+        try:
+            return update(store, obj)
+        except Conflict:
+            continue
+    raise Conflict(f"{kind} {namespace}/{name}: too many concurrent updates")
+
+
+def delete(store: Store, kind: str, namespace: str | None, name: str) -> bool:
+    return store.delete(key(kind, namespace, name))
+
+
+def kind_word(kind: str) -> str:
+    return KINDS[kind][3][0]
+
+
+def record_event(store: Store, involved: dict, reason: str, message: str, *,
+                 type_: str = "Normal", source: str = "") -> None:
+    """An Event about INVOLVED, as `kubectl describe` lists them."""
+    meta = involved["metadata"]
+    stamp = now()
+    event = {
+        "kind": "Event",
+        "metadata": {"generateName": meta["name"] + ".", "namespace": meta.get("namespace", "default")},
+        "involvedObject": {"kind": involved["kind"], "name": meta["name"],
+                           "namespace": meta.get("namespace", "default"), "uid": meta.get("uid")},
+        "reason": reason, "message": message, "type": type_,
+        "source": {"component": source}, "count": 1,
+        "firstTimestamp": stamp, "lastTimestamp": stamp,
+    }
+    create(store, event)
+
+
+def events_for(store: Store, obj: dict) -> list[dict]:
+    meta = obj["metadata"]
+    evs = [e for e in list_(store, "Event", meta.get("namespace", "default"))
+           if e["involvedObject"]["kind"] == obj["kind"] and e["involvedObject"]["name"] == meta["name"]
+           and e["involvedObject"].get("uid") in (None, meta.get("uid"))]
+    return sorted(evs, key=lambda e: (e["firstTimestamp"], int(e["metadata"]["resourceVersion"])))
+
+

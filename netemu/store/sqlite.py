@@ -1,0 +1,244 @@
+"""The embedded state store: one SQLite file per cluster, shared by all its processes.
+
+k3s keeps Kubernetes' state in SQLite by default; we do the same. The file lives
+at /run/netemu/<cluster>/state.db. SQLite's WAL mode lets many readers (every
+node's daemons) work beside one writer at a time; writes are short transactions.
+
+Layout:
+  kv(key, value JSON, create_rev, mod_rev, expires_at)   the current state
+  events(rev, type, key, value)                          the change log watchers read
+  meta(revision)                                         the global revision counter
+
+Watch is by polling the revision (a single indexed read) every few tens of
+milliseconds: SQLite has no notification across processes, and the poll costs far
+less than the work a change triggers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from netemu.store.base import Compacted, Conflict, Event, KeyValue
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL,
+    create_rev INTEGER NOT NULL,
+    mod_rev INTEGER NOT NULL,
+    expires_at REAL
+);
+CREATE INDEX IF NOT EXISTS kv_expiry ON kv(expires_at) WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS events (
+    rev INTEGER PRIMARY KEY,
+    type TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (id INTEGER PRIMARY KEY CHECK (id = 0), revision INTEGER NOT NULL,
+                                 compacted INTEGER NOT NULL DEFAULT 0);
+INSERT OR IGNORE INTO meta (id, revision) VALUES (0, 0);
+"""
+
+# How many events to keep for watchers that fall behind (etcd compacts too).
+EVENTS_KEPT = 50_000
+POLL_INTERVAL = 0.03
+
+
+class SqliteStore:
+    def __init__(self, path: str, *, create: bool = False):
+        if not create and not os.path.exists(path):
+            raise FileNotFoundError(f"state store {path} does not exist")
+        self.path = path
+        # One connection per store object, guarded by a lock so trio worker threads
+        # and the main thread can share it.
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._lock = threading.RLock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            if create:
+                self._db.executescript(SCHEMA)
+
+    # -- reads ---------------------------------------------------------------
+
+    def revision(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT revision FROM meta WHERE id = 0").fetchone()[0]
+
+    def get(self, key: str) -> KeyValue | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT key, value, mod_rev, create_rev, expires_at FROM kv WHERE key = ?",
+                (key,)).fetchone()
+        if row is None or _expired(row[4]):
+            return None
+        return _kv(row)
+
+    def list(self, prefix: str) -> list[KeyValue]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, value, mod_rev, create_rev, expires_at FROM kv "
+                "WHERE key >= ? AND key < ? ORDER BY key", (prefix, _prefix_end(prefix))).fetchall()
+        return [_kv(r) for r in rows if not _expired(r[4])]
+
+    def events_since(self, revision: int, prefix: str = "") -> list[Event]:
+        """Every change under PREFIX with a revision greater than REVISION."""
+        self.expire()
+        with self._lock:
+            compacted = self._db.execute("SELECT compacted FROM meta WHERE id = 0").fetchone()[0]
+            if revision < compacted:
+                raise Compacted(f"revision {revision} is compacted (oldest kept: {compacted})")
+            rows = self._db.execute(
+                "SELECT rev, type, key, value FROM events WHERE rev > ? AND key >= ? AND key < ? "
+                "ORDER BY rev", (revision, prefix, _prefix_end(prefix))).fetchall()
+        return [Event(type=t, key=k, value=json.loads(v), revision=r) for r, t, k, v in rows]
+
+    # -- writes --------------------------------------------------------------
+
+    def put(self, key: str, value: Any, *, ttl: float | None = None,
+            expect_revision: int | None = None) -> int:
+        data = json.dumps(value, sort_keys=True, separators=(",", ":"))
+        expires = time.time() + ttl if ttl is not None else None
+        with self._write() as db:
+            self._expire_locked(db)
+            row = db.execute("SELECT mod_rev, create_rev FROM kv WHERE key = ?", (key,)).fetchone()
+            current = row[0] if row else 0
+            if expect_revision is not None and expect_revision != current:
+                raise Conflict(f"{key}: expected revision {expect_revision}, found {current}")
+            rev = self._bump(db)
+            create_rev = row[1] if row else rev
+            db.execute("INSERT OR REPLACE INTO kv (key, value, create_rev, mod_rev, expires_at) "
+                       "VALUES (?, ?, ?, ?, ?)", (key, data, create_rev, rev, expires))
+            db.execute("INSERT INTO events (rev, type, key, value) VALUES (?, 'PUT', ?, ?)",
+                       (rev, key, data))
+            return rev
+
+    def create(self, key: str, value: Any, *, ttl: float | None = None) -> int | None:
+        """Write KEY only if it is absent; None if someone holds it."""
+        try:
+            return self.put(key, value, ttl=ttl, expect_revision=0)
+        except Conflict:
+            return None
+
+    def delete(self, key: str, *, expect_revision: int | None = None) -> bool:
+        with self._write() as db:
+            row = db.execute("SELECT mod_rev, value FROM kv WHERE key = ?", (key,)).fetchone()
+            if row is None:
+                if expect_revision not in (None, 0):
+                    raise Conflict(f"{key}: expected revision {expect_revision}, found none")
+                return False
+            if expect_revision is not None and expect_revision != row[0]:
+                raise Conflict(f"{key}: expected revision {expect_revision}, found {row[0]}")
+            self._delete_locked(db, key, row[1])
+            return True
+
+    def delete_prefix(self, prefix: str) -> int:
+        with self._write() as db:
+            rows = db.execute("SELECT key, value FROM kv WHERE key >= ? AND key < ?",
+                              (prefix, _prefix_end(prefix))).fetchall()
+            for key, value in rows:
+                self._delete_locked(db, key, value)
+            return len(rows)
+
+    def expire(self) -> None:
+        """Delete keys whose TTL ran out (any client may do it; deletions are events)."""
+        now = time.time()
+        with self._lock:
+            due = self._db.execute("SELECT 1 FROM kv WHERE expires_at IS NOT NULL AND expires_at <= ? "
+                                   "LIMIT 1", (now,)).fetchone()
+        if due:
+            with self._write() as db:
+                self._expire_locked(db)
+
+    # -- watch ---------------------------------------------------------------
+
+    async def watch(self, prefix: str, since: int) -> AsyncIterator[Event]:
+        """Yield every change under PREFIX after revision SINCE, forever."""
+        import trio
+
+        last = since
+        while True:
+            if self.revision() > last or self._has_due_expiry():
+                for ev in self.events_since(last, prefix):
+                    yield ev
+                # Skip past unrelated revisions too, so the next poll is cheap.
+                last = max(last, self.revision())
+            await trio.sleep(POLL_INTERVAL)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- internals -----------------------------------------------------------
+
+    def _has_due_expiry(self) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM kv WHERE expires_at IS NOT NULL AND expires_at <= ? "
+                                    "LIMIT 1", (time.time(),)).fetchone() is not None
+
+    def _write(self):
+        store = self
+
+        class _Tx:
+            def __enter__(self_inner):
+                store._lock.acquire()
+                try:
+                    store._db.execute("BEGIN IMMEDIATE")
+                except BaseException:
+                    store._lock.release()
+                    raise
+                return store._db
+
+            def __exit__(self_inner, exc_type, exc, tb):
+                try:
+                    store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+                finally:
+                    store._lock.release()
+                return False
+
+        return _Tx()
+
+    @staticmethod
+    def _bump(db) -> int:
+        db.execute("UPDATE meta SET revision = revision + 1 WHERE id = 0")
+        rev = db.execute("SELECT revision FROM meta WHERE id = 0").fetchone()[0]
+        if rev % 1000 == 0:
+            floor = rev - EVENTS_KEPT
+            if floor > 0:
+                db.execute("DELETE FROM events WHERE rev <= ?", (floor,))
+                db.execute("UPDATE meta SET compacted = ? WHERE id = 0", (floor,))
+        return rev
+
+    def _delete_locked(self, db, key: str, value: str) -> None:
+        rev = self._bump(db)
+        db.execute("DELETE FROM kv WHERE key = ?", (key,))
+        db.execute("INSERT INTO events (rev, type, key, value) VALUES (?, 'DELETE', ?, ?)",
+                   (rev, key, value))
+
+    def _expire_locked(self, db) -> None:
+        rows = db.execute("SELECT key, value FROM kv WHERE expires_at IS NOT NULL AND expires_at <= ?",
+                          (time.time(),)).fetchall()
+        for key, value in rows:
+            self._delete_locked(db, key, value)
+
+
+def _expired(expires_at: float | None) -> bool:
+    return expires_at is not None and expires_at <= time.time()
+
+
+def _kv(row) -> KeyValue:
+    key, value, mod_rev, create_rev, expires_at = row
+    return KeyValue(key=key, value=json.loads(value), mod_revision=mod_rev,
+                    create_revision=create_rev, expires_at=expires_at)
+
+
+def _prefix_end(prefix: str) -> str:
+    """The smallest string greater than every string that starts with PREFIX."""
+    return prefix + "\U0010ffff" if prefix else "\U0010ffff"

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install what netemu needs on a Debian machine (run as root):
+#   - Debian packages: iproute2, nftables (+ libnftables1), iptables, tcpdump,
+#     iperf3, iputils-ping, curl, busybox (the web-server stand-in), conntrack;
+#   - the Python package and its dependencies into a virtual environment at
+#     ./.venv (next to this repository's setup.cfg), with `netemu` linked into
+#     /usr/local/bin so that `sudo netemu ...` finds it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then echo "tools/install.sh: run as root (sudo)" >&2; exit 1; fi
+
+packages="iproute2 nftables libnftables1 iptables tcpdump iperf3 iputils-ping curl busybox conntrack python3-venv"
+missing=""
+for p in $packages; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+fi
+
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+ln -sf "$PWD/.venv/bin/netemu" /usr/local/bin/netemu
+echo "netemu installed: $(command -v netemu)"
