@@ -1,0 +1,59 @@
+"""Shared fixtures: root checks, throw-away clusters, and the machine's own namespace
+watched before and after the whole run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root (builds real network namespaces)")
+    for item in items:
+        if "root" in item.keywords or "integration" in str(item.fspath):
+            item.add_marker(skip)
+
+
+def root_snapshot() -> dict:
+    """What the machine's own network namespace looks like (read-only)."""
+    def run(*argv):
+        return subprocess.run(argv, capture_output=True, text=True).stdout
+
+    def links():
+        data = json.loads(run("ip", "-j", "link", "show") or "[]")
+        return sorted((l["ifname"], l.get("mtu"), tuple(l.get("flags", []))) for l in data)
+
+    sysctls = {}
+    for key in ("net/ipv4/ip_forward", "net/ipv4/conf/all/rp_filter", "net/ipv4/conf/default/rp_filter",
+                "net/ipv4/conf/all/route_localnet", "net/bridge/bridge-nf-call-iptables"):
+        try:
+            with open(f"/proc/sys/{key}") as f:
+                sysctls[key] = f.read().strip()
+        except FileNotFoundError:
+            sysctls[key] = None
+    return {
+        "links": links(),
+        "addrs": run("ip", "-o", "addr", "show"),
+        "routes": run("ip", "route", "show", "table", "all"),
+        "rules": run("ip", "rule", "show"),
+        "nft": run("nft", "list", "ruleset"),
+        "sysctls": sysctls,
+    }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_namespace_untouched():
+    """The whole suite must leave the machine's own namespace exactly as it was."""
+    if os.geteuid() != 0:
+        yield
+        return
+    before = root_snapshot()
+    yield
+    after = root_snapshot()
+    for key in before:
+        assert after[key] == before[key], f"the machine's own namespace changed: {key}"
