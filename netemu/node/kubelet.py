@@ -63,14 +63,16 @@ class Kubelet:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             since = self.store.revision()
-            self._sync_all()
-            async for _ in self._changes(since):
-                self._sync_all()
-
-    async def _changes(self, since):
-        # Pods change often; coalesce a burst of events into one resync.
-        async for _ in self.store.watch(registry.prefix("Pod"), since):
-            yield
+            for pod in registry.list_(self.store, "Pod"):
+                self._sync(pod["metadata"]["uid"], pod)
+            # Then one pod at a time, from the watch: a change to one pod never
+            # makes every kubelet re-read every pod.
+            async for ev in self.store.watch(registry.prefix("Pod"), since):
+                pod = ev.value
+                uid = pod.get("metadata", {}).get("uid")
+                if uid is None:
+                    continue
+                self._sync(uid, pod if ev.type == "PUT" else None)
 
     async def _wait_for_subnet_env(self) -> subnetenv.SubnetEnv:
         while True:
@@ -93,22 +95,17 @@ class Kubelet:
             node.setdefault("spec", {})["podCIDR"] = str(self.env.subnet.network)
         registry.mutate(self.store, "Node", None, self.node, change)
 
-    def _sync_all(self) -> None:
-        mine = {}
-        for pod in registry.list_(self.store, "Pod"):
-            if pod.get("spec", {}).get("nodeName") == self.node:
-                mine[pod["metadata"]["uid"]] = pod
-        for uid, pod in mine.items():
-            worker = self.workers.get(uid)
-            if worker is None:
+    def _sync(self, uid: str, pod: dict | None) -> None:
+        """Start, update or stop the worker of one pod (POD None: the object is gone)."""
+        worker = self.workers.get(uid)
+        mine = pod is not None and pod.get("spec", {}).get("nodeName") == self.node
+        if worker is None:
+            if mine and not pod["metadata"].get("deletionTimestamp"):
                 worker = PodWorker(self, pod)
                 self.workers[uid] = worker
                 self.nursery.start_soon(worker.run)
-            else:
-                worker.update(pod)
-        for uid, worker in list(self.workers.items()):
-            if uid not in mine:
-                worker.update(None)    # deleted outright: tear down
+            return
+        worker.update(pod if mine else None)
 
 
 class ContainerState:
