@@ -1,0 +1,142 @@
+"""Which manifest fields netemu reads, and which others Kubernetes knows.
+
+Each struct lists the fields netemu uses, with their types (checked on the way
+in), and the remaining field names of the same Kubernetes struct (taken from the
+Kubernetes 1.37 OpenAPI schema, as shipped by the kubernetes-validate package).
+A field in the second list is kept in the object but gets a warning ("not used
+by netemu"); a field in neither gets an "unknown field" warning and is dropped,
+as the API server does with fieldValidation=Warn (a typo is reported, the
+object still loads). Fields below a known-but-unused field are not looked at.
+
+Type notation: "string", "integer", "boolean", "number", "map[string]string",
+"[]string", "int-or-string", a struct name, or ("list", struct name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Struct:
+    name: str                       # the Kubernetes type name, for messages
+    used: dict                      # field -> type
+    unused: frozenset[str]          # fields Kubernetes accepts that netemu ignores
+
+
+def _s(name: str, used: dict, unused: str = "") -> Struct:
+    return Struct(name, used, frozenset(unused.split()))
+
+
+# Fields the API server sets itself: a manifest may carry them (copied from
+# `kubectl get -o yaml`), the loader drops them with a warning.
+SERVER_SET_METADATA = frozenset(
+    "uid resourceVersion creationTimestamp generation selfLink managedFields "
+    "deletionTimestamp deletionGracePeriodSeconds".split())
+
+STRUCTS: dict[str, Struct] = {s.name: s for s in [
+    _s("ObjectMeta",
+       {"name": "string", "namespace": "string", "labels": "map[string]string",
+        "annotations": "map[string]string"},
+       "generateName finalizers ownerReferences " + " ".join(SERVER_SET_METADATA)),
+    _s("LabelSelector",
+       {"matchLabels": "map[string]string", "matchExpressions": ("list", "LabelSelectorRequirement")}),
+    _s("LabelSelectorRequirement",
+       {"key": "string", "operator": "string", "values": "[]string"}),
+    _s("PodTemplateSpec", {"metadata": "ObjectMeta", "spec": "PodSpec"}),
+    _s("PodSpec",
+       {"containers": ("list", "Container"), "restartPolicy": "string",
+        "nodeName": "string", "nodeSelector": "map[string]string"},
+       "activeDeadlineSeconds affinity automountServiceAccountToken dnsConfig dnsPolicy "
+       "enableServiceLinks ephemeralContainers evictionResponders hostAliases hostIPC "
+       "hostNetwork hostPID hostUsers hostname hostnameOverride imagePullSecrets "
+       "initContainers os overhead preemptionPolicy priority priorityClassName "
+       "readinessGates resourceClaims resources runtimeClassName schedulerName "
+       "schedulingGates schedulingGroup securityContext serviceAccount serviceAccountName "
+       "setHostnameAsFQDN shareProcessNamespace subdomain terminationGracePeriodSeconds "
+       "tolerations topologySpreadConstraints volumes"),
+    _s("Container",
+       {"name": "string", "image": "string", "command": "[]string", "args": "[]string",
+        "env": ("list", "EnvVar"), "ports": ("list", "ContainerPort"), "workingDir": "string"},
+       "envFrom imagePullPolicy lifecycle livenessProbe readinessProbe resizePolicy "
+       "resources restartPolicy restartPolicyRules securityContext startupProbe stdin "
+       "stdinOnce terminationMessagePath terminationMessagePolicy tty volumeDevices volumeMounts"),
+    _s("EnvVar", {"name": "string", "value": "string"}, "valueFrom"),
+    _s("ContainerPort",
+       {"containerPort": "integer", "hostPort": "integer", "protocol": "string",
+        "name": "string", "hostIP": "string"}),
+    _s("ReplicationControllerSpec",
+       {"replicas": "integer", "selector": "map[string]string", "template": "PodTemplateSpec"},
+       "minReadySeconds"),
+    _s("ReplicaSetSpec",
+       {"replicas": "integer", "selector": "LabelSelector", "template": "PodTemplateSpec"},
+       "minReadySeconds"),
+    _s("DeploymentSpec",
+       {"replicas": "integer", "selector": "LabelSelector", "template": "PodTemplateSpec"},
+       "minReadySeconds paused progressDeadlineSeconds revisionHistoryLimit strategy"),
+    _s("DaemonSetSpec",
+       {"selector": "LabelSelector", "template": "PodTemplateSpec"},
+       "minReadySeconds revisionHistoryLimit updateStrategy"),
+    _s("JobSpec",
+       {"completions": "integer", "parallelism": "integer", "backoffLimit": "integer",
+        "selector": "LabelSelector", "manualSelector": "boolean", "template": "PodTemplateSpec"},
+       "activeDeadlineSeconds backoffLimitPerIndex completionMode managedBy maxFailedIndexes "
+       "podFailurePolicy podReplacementPolicy scheduling successPolicy suspend "
+       "ttlSecondsAfterFinished"),
+    _s("ServiceSpec",
+       {"type": "string", "selector": "map[string]string", "ports": ("list", "ServicePort"),
+        "clusterIP": "string", "sessionAffinity": "string",
+        "sessionAffinityConfig": "SessionAffinityConfig", "loadBalancerIP": "string",
+        "externalTrafficPolicy": "string"},
+       "allocateLoadBalancerNodePorts clusterIPs externalIPs externalName "
+       "healthCheckNodePort internalTrafficPolicy ipFamilies "
+       "ipFamilyPolicy loadBalancerClass loadBalancerSourceRanges publishNotReadyAddresses "
+       "trafficDistribution"),
+    _s("SessionAffinityConfig", {"clientIP": "ClientIPConfig"}),
+    _s("ClientIPConfig", {"timeoutSeconds": "integer"}),
+    _s("ServicePort",
+       {"name": "string", "port": "integer", "targetPort": "int-or-string",
+        "protocol": "string", "nodePort": "integer"},
+       "appProtocol"),
+    _s("NamespaceSpec", {}, "finalizers"),
+]}
+
+# kind -> (scope, spec struct). Every kind has apiVersion, kind, metadata, spec
+# and status at the top; status is dropped on the way in (the cluster writes it).
+KINDS: dict[str, tuple[bool, str]] = {
+    # kind: (namespaced, spec struct)
+    "Pod": (True, "PodSpec"),
+    "ReplicationController": (True, "ReplicationControllerSpec"),
+    "ReplicaSet": (True, "ReplicaSetSpec"),
+    "Deployment": (True, "DeploymentSpec"),
+    "DaemonSet": (True, "DaemonSetSpec"),
+    "Job": (True, "JobSpec"),
+    "Service": (True, "ServiceSpec"),
+    "Namespace": (False, "NamespaceSpec"),
+}
+
+# kind -> {apiVersion accepted on the way in: the current apiVersion it becomes}.
+# The old ones are those the API server once served for that kind (kubernetes
+# 1.2-1.15); apps/v1beta1 never had ReplicaSet or DaemonSet.
+API_VERSIONS: dict[str, dict[str, str]] = {
+    "Pod": {"v1": "v1"},
+    "ReplicationController": {"v1": "v1"},
+    "Service": {"v1": "v1"},
+    "Namespace": {"v1": "v1"},
+    "Deployment": {"apps/v1": "apps/v1", "apps/v1beta2": "apps/v1",
+                   "apps/v1beta1": "apps/v1", "extensions/v1beta1": "apps/v1"},
+    "ReplicaSet": {"apps/v1": "apps/v1", "apps/v1beta2": "apps/v1",
+                   "extensions/v1beta1": "apps/v1"},
+    "DaemonSet": {"apps/v1": "apps/v1", "apps/v1beta2": "apps/v1",
+                  "extensions/v1beta1": "apps/v1"},
+    "Job": {"batch/v1": "batch/v1", "extensions/v1beta1": "batch/v1"},
+}
+
+# Kinds Kubernetes has that netemu does not emulate, so the error can say so
+# instead of "unknown kind".
+KNOWN_UNSUPPORTED_KINDS = frozenset(
+    "StatefulSet CronJob ConfigMap Secret Ingress IngressClass NetworkPolicy Endpoints "
+    "EndpointSlice PersistentVolume PersistentVolumeClaim StorageClass ServiceAccount "
+    "Role RoleBinding ClusterRole ClusterRoleBinding HorizontalPodAutoscaler "
+    "PodDisruptionBudget LimitRange ResourceQuota PodTemplate Node Event "
+    "CustomResourceDefinition PriorityClass RuntimeClass".split())
