@@ -37,8 +37,12 @@ def stats_path(node_dir: str) -> str:
 
 
 def underlay_mtu(dev: str) -> int:
-    with open(f"/sys/class/net/{dev}/mtu") as f:
-        return int(f.read())
+    # Ask netlink, not /sys: sysfs shows the namespace it was mounted in (the
+    # machine's), not the one this process entered.
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return ipr.get_links(ifname=dev)[0].get_attr("IFLA_MTU")
 
 
 class OverlayDaemon:
@@ -71,15 +75,21 @@ class OverlayDaemon:
         lease = leases.acquire(self.store, config, local.public_ip, self.node, backend.name,
                                backend.backend_data(), previous=previous, requested=requested)
         log.info("leased %s (backend %s)", lease.subnet, backend.name)
-        backend.setup(lease)
-        subnetenv.write(self.node_dir, subnetenv.SubnetEnv.for_lease(local.network, lease.subnet,
-                                                                     backend.mtu()))
         self.backend, self.lease = backend, lease
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._follow_peers)
-            nursery.start_soon(self._renew)
-            nursery.start_soon(self._publish_stats)
-            await backend.run()
+        try:
+            backend.setup(lease)
+            subnetenv.write(self.node_dir, subnetenv.SubnetEnv.for_lease(local.network, lease.subnet,
+                                                                         backend.mtu()))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._follow_peers)
+                nursery.start_soon(self._renew)
+                nursery.start_soon(self._publish_stats)
+                await backend.run()
+        finally:
+            # Release what the backend holds (udp: the TUN fd and socket, so the
+            # namespace can go; vxlan: flannel.1). After a kill -9 nothing runs
+            # here, and the restarted daemon takes over what is left.
+            backend.teardown()
 
     async def _follow_peers(self) -> None:
         since = self.store.revision()
