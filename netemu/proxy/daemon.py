@@ -1,0 +1,126 @@
+"""The service proxy of one node: kube-proxy's role.
+
+    python -m netemu.proxy.daemon CLUSTER NODE
+
+Runs inside the node's network namespace (entered first thing, so the nft
+context and every iptables-restore it runs are the node's). It keeps a copy of
+all Services and Endpoints from the store's watch, and after each burst of
+changes makes the node's rules match them (one transaction; only the difference
+after the first sync). A periodic resync repairs anything changed behind its back.
+Each sync is logged and its figures written to proxy-stats.json for the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+import trio
+
+from netemu import controlplane, names, netns
+from netemu.proxy.proxier import make_proxier
+from netemu.store import registry
+from netemu.store.sqlite import SqliteStore
+
+log = logging.getLogger("netemu.proxy")
+
+RESYNC_PERIOD = 30.0
+BURST = 0.005           # wait this long for more changes before syncing
+
+
+class ProxyDaemon:
+    def __init__(self, cluster: str, node: str, store):
+        self.cluster, self.node, self.store = cluster, node, store
+        topology = controlplane.load_topology(cluster)
+        self.settings = topology.settings
+        node_obj = registry.get(store, "Node", None, node)
+        ips = [a["address"] for a in node_obj["status"]["addresses"] if a["type"] == "InternalIP"]
+        self.proxier = make_proxier(self.settings.proxy_mode, node, ips, str(self.settings.cluster_network))
+        self.services: dict[str, dict] = {}
+        self.endpoints: dict[str, dict] = {}
+        self.dirty = trio.Event()
+        self.stats_path = os.path.join(names.node_dir(cluster, node), "proxy-stats.json")
+        self.syncs = 0
+
+    async def run(self) -> None:
+        since = self.store.revision()
+        for kv in self.store.list(registry.prefix("Service")):
+            self.services[kv.key] = kv.value
+        for kv in self.store.list(registry.prefix("Endpoints")):
+            self.endpoints[kv.key] = kv.value
+        self.dirty.set()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch, registry.prefix("Service"), self.services, since)
+            nursery.start_soon(self._watch, registry.prefix("Endpoints"), self.endpoints, since)
+            nursery.start_soon(self._periodic)
+            await self._sync_loop()
+
+    async def _watch(self, prefix: str, cache: dict, since: int) -> None:
+        async for ev in self.store.watch(prefix, since):
+            if ev.type == "PUT":
+                cache[ev.key] = ev.value
+            else:
+                cache.pop(ev.key, None)
+            self.dirty.set()
+
+    async def _periodic(self) -> None:
+        while True:
+            await trio.sleep(RESYNC_PERIOD)
+            self.dirty.set()
+
+    async def _sync_loop(self) -> None:
+        while True:
+            await self.dirty.wait()
+            await trio.sleep(BURST)
+            self.dirty = trio.Event()
+            services, endpoints = list(self.services.values()), list(self.endpoints.values())
+            try:
+                # The proxier is bound to this process's namespace, which every
+                # thread shares (entered before any thread existed).
+                result = await trio.to_thread.run_sync(self.proxier.sync, services, endpoints)
+            except Exception:
+                log.exception("sync failed; the next one rewrites everything")
+                await trio.sleep(1)
+                self.dirty.set()
+                continue
+            self.syncs += 1
+            if result.applied:
+                log.info("synced %d service ports (%s, %s, %.1f ms, %d bytes)", result.service_ports,
+                         result.mode, "full" if result.full else "incremental", result.seconds * 1000,
+                         result.transaction_bytes)
+            self._write_stats(result)
+
+    def _write_stats(self, result) -> None:
+        data = {"node": self.node, "mode": result.mode, "syncs": self.syncs, "last_sync": time.time(),
+                "last_sync_ms": round(result.seconds * 1000, 2), "last_full": result.full,
+                "service_ports": result.service_ports, "pid": os.getpid()}
+        tmp = self.stats_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, self.stats_path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="netemu-proxy")
+    parser.add_argument("cluster")
+    parser.add_argument("node")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s proxy[{args.node}] %(levelname)s %(message)s")
+    netns.enter(names.node_ns(args.cluster, args.node))
+    store = SqliteStore(names.store_path(args.cluster))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        trio.run(ProxyDaemon(args.cluster, args.node, store).run)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

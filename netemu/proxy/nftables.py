@@ -1,0 +1,307 @@
+"""kube-proxy's nftables mode as pure rule generation: desired state and diffs.
+
+The table `ip kube-proxy` has a fixed skeleton (base chains hooked at dstnat /
+srcnat, the `services` dispatch chain, masquerading helpers, the verdict maps)
+and a per-service part: map elements, service/external/endpoint chains and
+affinity sets. `desired_state()` computes the per-service part from service
+ports (netemu.proxy.model); `full_transaction()` renders the whole table as one
+nft transaction, and `incremental_transaction()` renders only what differs
+between two desired states, also as one transaction. Applying it is
+netemu.proxy.proxier's job.
+
+Names, rule shapes and comments follow pkg/proxy/nftables/proxier.go:
+    ip daddr . meta l4proto . th dport vmap @service-ips
+    service-HASH-ns/name/tcp/port:  [masquerade off-cluster sources]
+                                    numgen random mod N vmap { 0 : goto endpoint-..., ... }
+    endpoint-HASH-ns/name/tcp/port__ip/port:
+                                    ip saddr <ip> jump mark-for-masquerade   (hairpin)
+                                    meta l4proto tcp dnat to ip:port
+Where we differ: no LoadBalancerSourceRanges (firewall-* chains), no
+nodeport-ips set (NodePorts answer on every local address, kube-proxy's
+default), priorities written as numbers (nft 1.0.6 accepts the `dstnat`
+keyword only on the prerouting hook), and stale chains are deleted in the same
+transaction that drops their last reference (safe on kernels >= 6.2; kube-proxy
+waits a second for older kernels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+from netemu.proxy.model import MASQUERADE_MARK, ServicePort, mark_string
+
+FAMILY = "ip"
+TABLE = "kube-proxy"
+T = f"{FAMILY} {TABLE}"
+
+SERVICE_IPS = "service-ips"
+SERVICE_NODEPORTS = "service-nodeports"
+NO_ENDPOINT_SERVICES = "no-endpoint-services"
+NO_ENDPOINT_NODEPORTS = "no-endpoint-nodeports"
+MAPS = (NO_ENDPOINT_SERVICES, NO_ENDPOINT_NODEPORTS, SERVICE_IPS, SERVICE_NODEPORTS)
+REJECT_CHAIN = "reject-chain"
+MARK_MASQ_CHAIN = "mark-for-masquerade"
+MASQUERADING_CHAIN = "masquerading"
+SERVICES_CHAIN = "services"
+ENDPOINTS_CHECK_CHAIN = "endpoints-check"
+NO_LOCALHOST = "ip daddr != 127.0.0.0/8"
+
+# (name, type, hook, priority). kube-proxy: filter at dstnat-10 so filtering sees
+# pre-DNAT addresses; nat at dstnat / srcnat.
+BASE_CHAINS = (
+    ("filter-input", "filter", "input", -110),
+    ("filter-forward", "filter", "forward", -110),
+    ("filter-output", "filter", "output", -110),
+    ("nat-prerouting", "nat", "prerouting", -100),
+    ("nat-output", "nat", "output", -100),
+    ("nat-postrouting", "nat", "postrouting", 100),
+)
+JUMPS = (
+    (ENDPOINTS_CHECK_CHAIN, "filter-input", "ct state new "),
+    (ENDPOINTS_CHECK_CHAIN, "filter-forward", "ct state new "),
+    (ENDPOINTS_CHECK_CHAIN, "filter-output", "ct state new "),
+    (SERVICES_CHAIN, "nat-output", ""),
+    (SERVICES_CHAIN, "nat-prerouting", ""),
+    (MASQUERADING_CHAIN, "nat-postrouting", ""),
+)
+MAP_TYPES = {
+    NO_ENDPOINT_SERVICES: ("ipv4_addr . inet_proto . inet_service : verdict",
+                           "vmap to drop or reject packets to services with no endpoints"),
+    NO_ENDPOINT_NODEPORTS: ("inet_proto . inet_service : verdict",
+                            "vmap to drop or reject packets to service nodeports with no endpoints"),
+    SERVICE_IPS: ("ipv4_addr . inet_proto . inet_service : verdict",
+                  "ClusterIP, ExternalIP and LoadBalancer IP traffic"),
+    SERVICE_NODEPORTS: ("inet_proto . inet_service : verdict", "NodePort traffic"),
+}
+ELEMENT_BATCH = 500   # elements per `add element` command: fewer commands parse faster
+
+
+@dataclasses.dataclass
+class NftState:
+    """The per-service part of the table (the skeleton is fixed).
+
+    maps:   map name -> element key ("10.96.0.10 . tcp . 80") -> (verdict, comment)
+    sets:   affinity set name -> timeout in seconds
+    chains: service/external/local/endpoint chain name -> its rules, in order
+    """
+
+    maps: dict[str, dict[str, tuple[str, str]]] = dataclasses.field(
+        default_factory=lambda: {m: {} for m in MAPS})
+    sets: dict[str, int] = dataclasses.field(default_factory=dict)
+    chains: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+
+def _q(text: str) -> str:
+    return '"' + text.replace('"', "'") + '"'
+
+
+def desired_state(service_ports: Iterable[ServicePort], node_name: str,
+                  cluster_cidr: str) -> NftState:
+    """What kube-proxy's syncProxyRules would put in the table for these ports."""
+    st = NftState()
+    for sp in service_ports:
+        _add_service_port(st, sp, node_name, cluster_cidr)
+    return st
+
+
+def _add_service_port(st: NftState, sp: ServicePort, node_name: str, cluster_cidr: str) -> None:
+    proto, name = sp.proto, sp.name_string
+    cluster_eps = sp.ready_endpoints
+    local_eps = sp.local_endpoints(node_name)
+    has_endpoints = bool(cluster_eps)
+    ext_local = sp.external_policy_local
+    has_external_eps = has_endpoints and (not ext_local or bool(local_eps))
+    svc_chain, local_chain, ext_chain = sp.nft_service_chain, sp.nft_local_chain, sp.nft_external_chain
+    ext_policy_chain = local_chain if ext_local else svc_chain
+    uses_ext_chain = has_endpoints and sp.externally_accessible
+
+    # With no endpoints at all: reject; with endpoints but none local under
+    # Local policy: drop external traffic that was not short-circuited.
+    ext_filter_verdict = f"goto {REJECT_CHAIN}" if not has_endpoints else "drop"
+
+    def vip_key(ip: str) -> str:
+        return f"{ip} . {proto} . {sp.port}"
+
+    if has_endpoints:
+        st.maps[SERVICE_IPS][vip_key(sp.cluster_ip)] = (f"goto {svc_chain}", name)
+    else:
+        st.maps[NO_ENDPOINT_SERVICES][vip_key(sp.cluster_ip)] = (f"goto {REJECT_CHAIN}", name)
+    for ip in (*sp.external_ips, *sp.load_balancer_ips):
+        if has_endpoints:
+            st.maps[SERVICE_IPS][vip_key(ip)] = (f"goto {ext_chain}", name)
+        if not has_external_eps:
+            st.maps[NO_ENDPOINT_SERVICES][vip_key(ip)] = (ext_filter_verdict, name)
+    if sp.node_port:
+        np_key = f"{proto} . {sp.node_port}"
+        if has_endpoints:
+            st.maps[SERVICE_NODEPORTS][np_key] = (f"goto {ext_chain}", name)
+        if not has_external_eps:
+            st.maps[NO_ENDPOINT_NODEPORTS][np_key] = (ext_filter_verdict, name)
+
+    if not has_endpoints:
+        return
+
+    if uses_ext_chain:
+        if not ext_local:
+            # Endpoints may be on other nodes: masquerade so replies come back here.
+            rules = [f"jump {MARK_MASQ_CHAIN}"]
+        else:
+            rules = [
+                f"ip saddr {cluster_cidr} goto {svc_chain} comment {_q('short-circuit pod traffic')}",
+                f"fib saddr type local jump {MARK_MASQ_CHAIN} comment {_q('masquerade local traffic')}",
+                f"fib saddr type local goto {svc_chain} comment {_q('short-circuit local traffic')}",
+            ]
+        if has_external_eps:
+            rules.append(f"goto {ext_policy_chain}")
+        st.chains[ext_chain] = tuple(rules)
+
+    if sp.affinity_timeout is not None:
+        for ep in cluster_eps:
+            st.sets[sp.nft_affinity_set(ep)] = sp.affinity_timeout
+
+    # Off-cluster sources reaching a cluster IP (a route to the service range via
+    # this node) are masqueraded so replies return through this node.
+    masq = (f"ip daddr {sp.cluster_ip} {proto} dport {sp.port} "
+            f"ip saddr != {cluster_cidr} jump {MARK_MASQ_CHAIN}")
+    st.chains[svc_chain] = (masq, *_to_endpoints_rules(sp, cluster_eps))
+    if ext_local and local_eps:
+        st.chains[local_chain] = tuple(_to_endpoints_rules(sp, local_eps))
+
+    for ep in cluster_eps:
+        rules = [f"ip saddr {ep.ip} jump {MARK_MASQ_CHAIN}"]   # hairpin: pod -> own service
+        if sp.affinity_timeout is not None:
+            rules.append(f"update @{sp.nft_affinity_set(ep)} {{ ip saddr }}")
+        rules.append(f"meta l4proto {proto} dnat to {ep.address}")
+        st.chains[sp.nft_endpoint_chain(ep)] = tuple(rules)
+
+
+def _to_endpoints_rules(sp: ServicePort, eps: Sequence) -> list[str]:
+    """writeServiceToEndpointRules: affinity lookups, then the random choice."""
+    rules = []
+    if sp.affinity_timeout is not None:
+        for ep in eps:
+            rules.append(f"ip saddr @{sp.nft_affinity_set(ep)} goto {sp.nft_endpoint_chain(ep)}")
+    choices = " , ".join(f"{i} : goto {sp.nft_endpoint_chain(ep)}" for i, ep in enumerate(eps))
+    rules.append(f"numgen random mod {len(eps)} vmap {{ {choices} }}")
+    return rules
+
+
+# -- rendering -----------------------------------------------------------------
+
+def skeleton_commands(mark: int = MASQUERADE_MARK) -> list[str]:
+    """The fixed part of the table (setupNFTables), assuming the table is empty."""
+    m = mark_string(mark)
+    cmds = [f"add table {T} {{ comment {_q('rules for kube-proxy')} ; }}"]
+    for name, ctype, hook, prio in BASE_CHAINS:
+        cmds.append(f"add chain {T} {name} {{ type {ctype} hook {hook} priority {prio} ; }}")
+    for chain in (ENDPOINTS_CHECK_CHAIN, SERVICES_CHAIN, MASQUERADING_CHAIN, MARK_MASQ_CHAIN):
+        cmds.append(f"add chain {T} {chain}")
+    cmds.append(f"add chain {T} {REJECT_CHAIN} "
+                f"{{ comment {_q('helper for @no-endpoint-services / @no-endpoint-nodeports')} ; }}")
+    for dst, src, extra in JUMPS:
+        cmds.append(f"add rule {T} {src} {extra}jump {dst}")
+    cmds += [
+        f"add rule {T} {MARK_MASQ_CHAIN} mark set mark or {m}",
+        f"add rule {T} {MASQUERADING_CHAIN} mark and {m} == 0 return",
+        f"add rule {T} {MASQUERADING_CHAIN} mark set mark xor {m}",
+        f"add rule {T} {MASQUERADING_CHAIN} masquerade fully-random",
+        f"add rule {T} {REJECT_CHAIN} reject",
+    ]
+    for name in MAPS:
+        mtype, comment = MAP_TYPES[name]
+        cmds.append(f"add map {T} {name} {{ type {mtype} ; comment {_q(comment)} ; }}")
+    cmds += [
+        f"add rule {T} {ENDPOINTS_CHECK_CHAIN} ip daddr . meta l4proto . th dport vmap @{NO_ENDPOINT_SERVICES}",
+        f"add rule {T} {ENDPOINTS_CHECK_CHAIN} fib daddr type local {NO_LOCALHOST} "
+        f"meta l4proto . th dport vmap @{NO_ENDPOINT_NODEPORTS}",
+        f"add rule {T} {SERVICES_CHAIN} ip daddr . meta l4proto . th dport vmap @{SERVICE_IPS}",
+        f"add rule {T} {SERVICES_CHAIN} fib daddr type local {NO_LOCALHOST} "
+        f"meta l4proto . th dport vmap @{SERVICE_NODEPORTS}",
+    ]
+    return cmds
+
+
+def _set_cmd(name: str, timeout: int) -> str:
+    # "dynamic" as kube-proxy: the kernel would add it anyway on first update.
+    return f"add set {T} {name} {{ type ipv4_addr ; flags dynamic,timeout ; timeout {timeout}s ; }}"
+
+
+def _element_cmds(verb: str, mapname: str, items: Sequence[tuple[str, tuple[str, str] | None]]) -> list[str]:
+    cmds = []
+    for i in range(0, len(items), ELEMENT_BATCH):
+        chunk = items[i:i + ELEMENT_BATCH]
+        if verb == "add":
+            body = ", ".join(f"{k} comment {_q(v[1])} : {v[0]}" for k, v in chunk)
+        else:
+            body = ", ".join(k for k, _ in chunk)
+        cmds.append(f"{verb} element {T} {mapname} {{ {body} }}")
+    return cmds
+
+
+def full_transaction(state: NftState, mark: int = MASQUERADE_MARK) -> str:
+    """One transaction that replaces whatever table exists with the desired one.
+
+    `add table` + `delete table` first makes it work whether or not a table was
+    left behind. The transaction is atomic: a packet sees the old table or the
+    new one, never an empty one. (Affinity sets start empty again, as after a
+    kube-proxy restart; established flows keep their conntrack entries.)
+    """
+    cmds = [f"add table {T}", f"delete table {T}"]
+    cmds += skeleton_commands(mark)
+    cmds += [_set_cmd(n, t) for n, t in sorted(state.sets.items())]
+    cmds += [f"add chain {T} {c}" for c in sorted(state.chains)]
+    for c in sorted(state.chains):
+        cmds += [f"add rule {T} {c} {r}" for r in state.chains[c]]
+    for m in MAPS:
+        cmds += _element_cmds("add", m, sorted(state.maps[m].items()))
+    return "\n".join(cmds) + "\n"
+
+
+def incremental_transaction(old: NftState, new: NftState) -> str:
+    """One transaction turning OLD into NEW; "" when they are the same.
+
+    Order matters inside the transaction: references must go before what they
+    reference is deleted, and must not point at something not yet created.
+    1. delete map elements that vanished or changed
+    2. flush chains that changed or vanished (drops their references)
+    3. delete affinity sets that vanished or changed; add new/changed ones
+    4. add new chains (empty), then the rules of new/changed chains
+    5. add map elements that are new or changed
+    6. delete the chains that vanished (nothing references them any more)
+    """
+    cmds: list[str] = []
+    add_elems: dict[str, list] = {}
+    for m in MAPS:
+        o, n = old.maps.get(m, {}), new.maps.get(m, {})
+        gone = sorted((k, None) for k in o if k not in n or o[k] != n[k])
+        cmds += _element_cmds("delete", m, gone)
+        add_elems[m] = sorted((k, v) for k, v in n.items() if o.get(k) != v)
+
+    changed_sets = {s for s in new.sets if s in old.sets and old.sets[s] != new.sets[s]}
+    removed_sets = {s for s in old.sets if s not in new.sets}
+    added_sets = {s for s in new.sets if s not in old.sets}
+    # A set cannot be deleted while a rule names it, even if that rule's text
+    # does not change: rebuild the chains that reference a changed set.
+    refs = tuple(f"@{s} " for s in changed_sets)
+    removed_chains = sorted(c for c in old.chains if c not in new.chains)
+    changed_chains = sorted(c for c in new.chains if c in old.chains and
+                            (old.chains[c] != new.chains[c] or
+                             (refs and any(r in rule + " " for rule in new.chains[c] for r in refs))))
+    added_chains = sorted(c for c in new.chains if c not in old.chains)
+
+    cmds += [f"flush chain {T} {c}" for c in (*changed_chains, *removed_chains)]
+    cmds += [f"delete set {T} {s}" for s in sorted(removed_sets | changed_sets)]
+    cmds += [_set_cmd(s, new.sets[s]) for s in sorted(added_sets | changed_sets)]
+    cmds += [f"add chain {T} {c}" for c in added_chains]
+    for c in (*changed_chains, *added_chains):
+        cmds += [f"add rule {T} {c} {r}" for r in new.chains[c]]
+    for m in MAPS:
+        cmds += _element_cmds("add", m, add_elems[m])
+    cmds += [f"delete chain {T} {c}" for c in removed_chains]
+    return "\n".join(cmds) + "\n" if cmds else ""
+
+
+def cleanup_transaction() -> str:
+    """Remove the whole table (CleanupLeftovers); safe if it is absent."""
+    return f"add table {T}\ndelete table {T}\n"
