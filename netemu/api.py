@@ -1,0 +1,642 @@
+"""The API server's admission role: what happens to an object on its way into the store.
+
+kubectl talks to the API server, which defaults and checks an object, allocates
+what the cluster must hand out (a Service's cluster IP and node ports, a load
+balancer address), stores it, and deletes it again with its dependents. This module
+does that for netemu's CLI (and, later, for an HTTP front end):
+
+  create_or_update  create, or update in place as `kubectl apply` does
+  delete            delete, cascading to owned objects as the garbage collector does
+  delete_pod        the one correct way to delete a pod (see there)
+  expose            `kubectl expose`
+  scale             `kubectl scale`
+  label             `kubectl label`
+
+Allocation is race-free across processes without a lock: every allocated address
+or port is one key under /registry/ranges/..., created only if absent (the store's
+conditional write), so two processes asking at once cannot both win the same one.
+(Kubernetes keeps one bitmap per range and updates it by compare-and-swap; one key
+per item is the same guarantee with simpler conflicts.) Keys are freed on delete.
+"""
+
+from __future__ import annotations
+
+import copy
+import ipaddress
+import random
+import re
+
+from netemu.controllers import selectors
+from netemu.store import registry
+from netemu.store.base import Conflict, Store
+
+SERVICE_IPS = "/registry/ranges/serviceips/"
+NODE_PORTS = "/registry/ranges/servicenodeports/"
+LB_IPS = "/registry/ranges/loadbalancerips/"
+
+DEFAULT_SERVICE_RANGE = "10.96.0.0/16"
+DEFAULT_NODE_PORTS = (30000, 32767)
+
+# Kinds whose pods (or ReplicaSets) are theirs to delete with them.
+OWNER_KINDS = ("ReplicationController", "ReplicaSet", "Deployment", "Job", "DaemonSet")
+
+
+class ApiError(Exception):
+    """A request the API server refuses. REASON is Kubernetes' status reason
+    (Invalid, AlreadyExists, NotFound, BadRequest); str() is kubectl's message."""
+
+    def __init__(self, message: str, reason: str = "Invalid"):
+        super().__init__(message)
+        self.reason = reason
+
+
+# -- settings ------------------------------------------------------------------
+
+def _service_range(settings) -> ipaddress.IPv4Network:
+    return ipaddress.ip_network(str(getattr(settings, "service_range", None) or DEFAULT_SERVICE_RANGE),
+                                strict=False)
+
+
+def _node_port_range(settings) -> tuple[int, int]:
+    value = getattr(settings, "node_port_range", None) or DEFAULT_NODE_PORTS
+    if isinstance(value, str):
+        low, _, high = value.partition("-")
+        return int(low), int(high)
+    if isinstance(value, range):
+        return value.start, value.stop - 1
+    low, high = value
+    return int(low), int(high)
+
+
+def _lb_pool(settings) -> list[str]:
+    """Addresses a LoadBalancer Service may get: a CIDR ("172.30.0.240/28": every
+    host address), a range ("172.30.0.240-172.30.0.250") or a list of either."""
+    pool = getattr(settings, "lb_pool", None)
+    if not pool:
+        return []
+    items = [pool] if isinstance(pool, str) else list(pool)
+    out: list[str] = []
+    for item in items:
+        item = str(item)
+        if "-" in item:
+            low, high = (ipaddress.ip_address(x.strip()) for x in item.split("-", 1))
+            out += [str(ipaddress.ip_address(i)) for i in range(int(low), int(high) + 1)]
+        elif "/" in item:
+            net = ipaddress.ip_network(item, strict=False)
+            hosts = list(net.hosts()) if net.num_addresses > 2 else list(net)
+            out += [str(h) for h in hosts]
+        else:
+            out.append(str(ipaddress.ip_address(item)))
+    return out
+
+
+# -- allocation ------------------------------------------------------------------
+
+def _claim(store: Store, key: str, owner: str) -> bool:
+    """Take KEY for OWNER ("namespace/name"); True when it is now ours."""
+    if store.create(key, {"service": owner}) is not None:
+        return True
+    held = store.get(key)
+    return held is not None and held.value.get("service") == owner
+
+
+def _release(store: Store, key: str, owner: str) -> None:
+    held = store.get(key)
+    if held is not None and held.value.get("service") == owner:
+        try:
+            store.delete(key, expect_revision=held.mod_revision)
+        except Conflict:
+            pass
+
+
+def _allocate_from(store: Store, prefix: str, size: int, item_at, owner: str) -> str | None:
+    """Claim a random free item ITEM_AT(i), 0 <= i < SIZE. Random, as Kubernetes
+    picks, so a deleted-then-recreated Service does not keep landing on the same
+    address; a few random probes, then a scan from a random start once the range
+    is nearly full."""
+    if size <= 0:
+        return None
+    taken = {kv.key[len(prefix):] for kv in store.list(prefix)}
+
+    def attempt(item: str) -> bool:
+        if item in taken:
+            return False
+        if store.create(prefix + item, {"service": owner}) is not None:
+            return True
+        taken.add(item)            # someone else just took it
+        return False
+
+    for _ in range(32):
+        item = item_at(random.randrange(size))
+        if attempt(item):
+            return item
+    start = random.randrange(size)
+    for k in range(size):
+        item = item_at((start + k) % size)
+        if attempt(item):
+            return item
+    return None
+
+
+def _service_ip_space(net: ipaddress.IPv4Network) -> tuple[int, object]:
+    """(count, index -> address) of the allocatable cluster IPs. Network and
+    broadcast addresses are unusable; the first host address is the `kubernetes`
+    service's (10.96.0.1), which the API server reserves."""
+    first = int(net.network_address) + 2
+    count = max(0, net.num_addresses - 3)
+    return count, lambda i: str(ipaddress.IPv4Address(first + i))
+
+
+def _valid_service_ip(net: ipaddress.IPv4Network, addr) -> bool:
+    count, _ = _service_ip_space(net)
+    return 0 <= int(addr) - (int(net.network_address) + 2) < count
+
+
+class _Allocation:
+    """What one Service request claimed, so a failure can give it all back."""
+
+    def __init__(self, store: Store, owner: str):
+        self.store, self.owner, self.keys = store, owner, []
+
+    def claim(self, key: str) -> bool:
+        """Take KEY; a key this Service already holds (its previous version's)
+        counts as ours but is not given back on rollback."""
+        held = self.store.get(key)
+        if held is not None:
+            return held.value.get("service") == self.owner
+        if _claim(self.store, key, self.owner):
+            self.keys.append(key)
+            return True
+        return False
+
+    def allocate(self, prefix: str, size: int, item_at) -> str | None:
+        item = _allocate_from(self.store, prefix, size, item_at, self.owner)
+        if item is not None:
+            self.keys.append(prefix + item)
+        return item
+
+    def rollback(self) -> None:
+        for key in self.keys:
+            _release(self.store, key, self.owner)
+
+
+def _allocate_service(store: Store, svc: dict, old: dict | None, settings) -> _Allocation:
+    """Fill svc.spec.clusterIP(s), nodePorts and the load balancer address."""
+    meta, spec = svc["metadata"], svc.setdefault("spec", {})
+    owner = f"{meta.get('namespace', 'default')}/{meta['name']}"
+    name = meta["name"]
+    alloc = _Allocation(store, owner)
+    old_spec = (old or {}).get("spec") or {}
+    try:
+        spec.setdefault("type", "ClusterIP")
+        spec.setdefault("sessionAffinity", "None")
+        svc_type = spec["type"]
+        if svc_type == "ExternalName":
+            return alloc
+        # -- cluster IP
+        net = _service_range(settings)
+        want = spec.get("clusterIP") or (spec.get("clusterIPs") or [None])[0]
+        if old_spec.get("clusterIP"):
+            if want and want != old_spec["clusterIP"]:
+                raise ApiError(f'Service "{name}" is invalid: spec.clusterIPs[0]: Invalid value: '
+                               f'[]string{{"{want}"}}: may not change once set')
+            want = old_spec["clusterIP"]
+        if want == "None":
+            pass                                  # headless: no virtual IP
+        elif want:
+            try:
+                addr = ipaddress.ip_address(want)
+            except ValueError:
+                raise ApiError(f'Service "{name}" is invalid: spec.clusterIPs[0]: Invalid value: '
+                               f'"{want}": must be a valid IP address') from None
+            if addr not in net or not _valid_service_ip(net, addr):
+                raise ApiError(
+                    f'Service "{name}" is invalid: spec.clusterIPs: Invalid value: []string{{"{want}"}}: '
+                    f"failed to allocate IP {want}: the provided IP ({want}) is not in the valid range. "
+                    f"The range of valid IPs is {net}")
+            if not alloc.claim(SERVICE_IPS + want):
+                raise ApiError(
+                    f'Service "{name}" is invalid: spec.clusterIPs: Invalid value: []string{{"{want}"}}: '
+                    f"failed to allocate IP {want}: provided IP is already allocated")
+        else:
+            want = alloc.allocate(SERVICE_IPS, *_service_ip_space(net))
+            if want is None:
+                raise ApiError(f'Service "{name}" is invalid: failed to allocate a serviceIP: range is full')
+        spec["clusterIP"] = want
+        spec["clusterIPs"] = [want]
+        if want != "None":
+            spec.setdefault("ipFamilies", ["IPv4"])
+            spec.setdefault("ipFamilyPolicy", "SingleStack")
+        # -- node ports
+        ports = spec.get("ports") or []
+        if svc_type in ("NodePort", "LoadBalancer"):
+            spec.setdefault("externalTrafficPolicy", "Cluster")
+            low, high = _node_port_range(settings)
+            previous = {(p.get("port"), p.get("protocol", "TCP")): p.get("nodePort")
+                        for p in old_spec.get("ports") or [] if p.get("nodePort")}
+            for i, port in enumerate(ports):
+                requested = port.get("nodePort") or previous.get((port.get("port"), port.get("protocol", "TCP")))
+                if requested:
+                    requested = int(requested)
+                    if not low <= requested <= high:
+                        raise ApiError(
+                            f'Service "{name}" is invalid: spec.ports[{i}].nodePort: Invalid value: '
+                            f"{requested}: provided port is not in the valid range. "
+                            f"The range of valid ports is {low}-{high}")
+                    if not alloc.claim(f"{NODE_PORTS}{requested}"):
+                        raise ApiError(
+                            f'Service "{name}" is invalid: spec.ports[{i}].nodePort: Invalid value: '
+                            f"{requested}: provided port is already allocated")
+                    port["nodePort"] = requested
+                else:
+                    got = alloc.allocate(NODE_PORTS, high - low + 1, lambda i: str(low + i))
+                    if got is None:
+                        raise ApiError(f'Service "{name}" is invalid: spec.ports[{i}].nodePort: '
+                                       "failed to allocate a nodePort: range is full")
+                    port["nodePort"] = int(got)
+        else:
+            for i, port in enumerate(ports):
+                if port.get("nodePort"):
+                    raise ApiError(f'Service "{name}" is invalid: spec.ports[{i}].nodePort: Forbidden: '
+                                   f"may not be used when `type` is '{svc_type}'")
+        # -- load balancer address (what a cloud provider's controller would assign)
+        if svc_type == "LoadBalancer":
+            pool = _lb_pool(settings)
+            old_ingress = (((old or {}).get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+            requested = spec.get("loadBalancerIP") or (old_ingress[0].get("ip") if old_ingress else None)
+            ip = None
+            if requested:
+                if pool and requested not in pool:
+                    raise ApiError(f'Service "{name}" is invalid: spec.loadBalancerIP: Invalid value: '
+                                   f'"{requested}": not in the load balancer pool')
+                if not alloc.claim(LB_IPS + requested):
+                    raise ApiError(f'Service "{name}" is invalid: spec.loadBalancerIP: Invalid value: '
+                                   f'"{requested}": provided IP is already allocated')
+                ip = requested
+            elif pool:
+                ip = alloc.allocate(LB_IPS, len(pool), pool.__getitem__)
+            # With no pool (or a full one) the address stays <pending>, as on a
+            # cluster without a cloud provider.
+            svc.setdefault("status", {})["loadBalancer"] = {"ingress": [{"ip": ip}]} if ip else {}
+        return alloc
+    except BaseException:
+        alloc.rollback()
+        raise
+
+
+def _service_keys(svc: dict) -> list[str]:
+    """The allocation keys a stored Service holds."""
+    spec = svc.get("spec") or {}
+    keys = []
+    if spec.get("clusterIP") and spec["clusterIP"] != "None":
+        keys.append(SERVICE_IPS + spec["clusterIP"])
+    keys += [f"{NODE_PORTS}{p['nodePort']}" for p in spec.get("ports") or [] if p.get("nodePort")]
+    for ing in ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []:
+        if ing.get("ip"):
+            keys.append(LB_IPS + ing["ip"])
+    return keys
+
+
+def _free_service(store: Store, svc: dict, keep: dict | None = None) -> None:
+    """Release SVC's allocations, except those KEEP (its new version) still holds."""
+    meta = svc["metadata"]
+    owner = f"{meta.get('namespace', 'default')}/{meta['name']}"
+    still = set(_service_keys(keep)) if keep else set()
+    for k in _service_keys(svc):
+        if k not in still:
+            _release(store, k, owner)
+
+
+# -- create / update -------------------------------------------------------------
+
+def create_or_update(store: Store, obj: dict, settings=None) -> tuple[dict, str]:
+    """Store OBJ (a defaulted object from the topology loader), as `kubectl apply`:
+    returns (stored object, "created" | "configured" | "unchanged")."""
+    obj = copy.deepcopy(obj)
+    kind = obj.get("kind")
+    if kind not in registry.KINDS:
+        raise ApiError(f'no matches for kind "{kind}"', reason="BadRequest")
+    meta = obj.setdefault("metadata", {})
+    if not meta.get("name"):
+        raise ApiError(f"{kind}: metadata.name: Required value: name is required")
+    if registry.KINDS[kind][1]:
+        meta.setdefault("namespace", "default")
+    ns = meta.get("namespace")
+    for _ in range(10):
+        old = registry.get(store, kind, ns, meta["name"])
+        if old is None:
+            try:
+                return _create(store, obj, settings), "created"
+            except Conflict:
+                continue                 # created meanwhile: update it instead
+        try:
+            return _update(store, old, obj, settings)
+        except Conflict:
+            continue                     # changed meanwhile: read again
+    raise ApiError(f'{registry.kind_word(kind)} "{meta["name"]}": too many concurrent changes',
+                   reason="Conflict")
+
+
+def _create(store: Store, obj: dict, settings) -> dict:
+    obj["metadata"]["generation"] = 1
+    alloc = _allocate_service(store, obj, None, settings) if obj["kind"] == "Service" else None
+    try:
+        return registry.create(store, obj)
+    except BaseException:
+        if alloc:
+            alloc.rollback()
+        raise
+
+
+# What an update may change, per part; the rest of the stored object is kept.
+_USER_META = ("labels", "annotations")
+
+
+def _update(store: Store, old: dict, new: dict, settings) -> tuple[dict, str]:
+    kind = old["kind"]
+    merged = copy.deepcopy(old)
+    for field in _USER_META:
+        if new["metadata"].get(field):
+            merged["metadata"][field] = new["metadata"][field]
+        else:
+            merged["metadata"].pop(field, None)
+    new_spec = copy.deepcopy(new.get("spec") or {})
+    if kind == "Pod":
+        # A pod's spec is immutable once created, apart from what its kubelet or
+        # scheduler set (nodeName); the API server refuses other changes.
+        comparable = {k: v for k, v in (old.get("spec") or {}).items() if k != "nodeName"}
+        if {k: v for k, v in new_spec.items() if k != "nodeName"} != comparable:
+            raise ApiError(f'Pod "{old["metadata"]["name"]}" is invalid: spec: Forbidden: pod updates '
+                           "may not change fields other than `spec.containers[*].image`, "
+                           "`spec.initContainers[*].image`, `spec.activeDeadlineSeconds`, "
+                           "`spec.tolerations` (only additions to existing tolerations) or "
+                           "`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)")
+        new_spec = old.get("spec") or {}
+    if kind == "Node":
+        # spec.podCIDR is set once; keep what the store has if the file omits it.
+        for k in ("podCIDR", "podCIDRs"):
+            if k in (old.get("spec") or {}) and k not in new_spec:
+                new_spec[k] = old["spec"][k]
+    if kind in ("Event", "Endpoints"):
+        merged = copy.deepcopy(new)
+        merged["metadata"].update({k: old["metadata"][k] for k in ("uid", "creationTimestamp",
+                                                                    "resourceVersion") if k in old["metadata"]})
+        if merged == old:
+            return old, "unchanged"
+        return registry.update(store, merged), "configured"
+    alloc = None
+    if kind == "Service":
+        candidate = copy.deepcopy(merged)
+        candidate["spec"] = new_spec
+        alloc = _allocate_service(store, candidate, old, settings)
+        new_spec = candidate["spec"]
+        if "status" in candidate:
+            merged["status"] = candidate["status"]
+    spec_changed = new_spec != (old.get("spec") or {})
+    merged["spec"] = new_spec
+    if spec_changed:
+        merged["metadata"]["generation"] = int(old["metadata"].get("generation") or 1) + 1
+    if merged == old:
+        return old, "unchanged"
+    try:
+        stored = registry.update(store, merged)
+    except BaseException:
+        if alloc:
+            alloc.rollback()
+        raise
+    if kind == "Service":
+        _free_service(store, old, keep=stored)
+    return stored, "configured"
+
+
+# -- delete ------------------------------------------------------------------------
+
+def delete_pod(store: Store, namespace: str, name: str, *, uid: str | None = None) -> bool:
+    """Delete a pod as the API server does: a pod bound to a node gets
+    metadata.deletionTimestamp (its kubelet stops the containers, tears down the
+    sandbox, then removes the key); a pod no node has taken is removed at once.
+    UID, when given, guards against deleting a new pod of the same name.
+    Returns False if the pod was already gone (or already terminating)."""
+    key = registry.key("Pod", namespace, name)
+    for _ in range(20):
+        kv = store.get(key)
+        if kv is None or (uid is not None and kv.value["metadata"].get("uid") != uid):
+            return False
+        pod = kv.value
+        if not pod.get("spec", {}).get("nodeName"):
+            try:
+                return store.delete(key, expect_revision=kv.mod_revision)
+            except Conflict:
+                continue             # bound (or changed) meanwhile: decide again
+        if pod["metadata"].get("deletionTimestamp"):
+            return False
+        pod["metadata"]["deletionTimestamp"] = registry.now()
+        pod["metadata"]["deletionGracePeriodSeconds"] = int(
+            pod["spec"].get("terminationGracePeriodSeconds", 30))
+        try:
+            store.put(key, pod, expect_revision=kv.mod_revision)
+            return True
+        except Conflict:
+            continue
+    raise Conflict(f"pod {namespace}/{name}: too many concurrent updates")
+
+
+def delete(store: Store, kind: str, namespace: str | None, name: str) -> dict:
+    """Delete one object and, as Kubernetes' garbage collector does in the
+    background, what it owns: a workload's pods (a Deployment's ReplicaSets and
+    their pods), a Service's Endpoints and allocations. Raises ApiError NotFound.
+
+    The owner goes first, so its controller stops creating pods; a pod it created
+    in the same instant is caught by the garbage collector controller."""
+    kind = registry.kind_of(kind)
+    obj = registry.get(store, kind, namespace, name)
+    if obj is None:
+        raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
+    if kind == "Pod":
+        delete_pod(store, namespace or "default", name)
+        return obj
+    if not registry.delete(store, kind, namespace, name):
+        raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
+    if kind == "Service":
+        _free_service(store, obj)
+        registry.delete(store, "Endpoints", namespace, name)
+    if kind in OWNER_KINDS:
+        delete_dependents(store, obj)
+    return obj
+
+
+def delete_dependents(store: Store, owner: dict) -> None:
+    ns = owner["metadata"].get("namespace", "default")
+    if owner["kind"] == "Deployment":
+        for rs in registry.list_(store, "ReplicaSet", ns):
+            if selectors.owned_by(rs, owner) and registry.delete(store, "ReplicaSet", ns, rs["metadata"]["name"]):
+                delete_dependents(store, rs)
+    for pod in registry.list_(store, "Pod", ns):
+        if selectors.owned_by(pod, owner):
+            delete_pod(store, ns, pod["metadata"]["name"], uid=pod["metadata"].get("uid"))
+
+
+def _resource(kind: str) -> str:
+    """The resource name kubectl's messages use: pods, services, endpoints."""
+    return "endpoints" if kind == "Endpoints" else kind.lower() + "s"
+
+
+# -- kubectl verbs -------------------------------------------------------------------
+
+def expose(store: Store, kind: str, name: str, port: int | None = None, target_port=None,
+           type_: str = "ClusterIP", name_override: str | None = None, protocol: str = "TCP",
+           *, namespace: str = "default", settings=None) -> dict:
+    """`kubectl expose KIND NAME --port=... [--target-port] [--type] [--name]`:
+    a Service selecting what KIND/NAME selects, labelled as it is."""
+    kind = registry.kind_of(kind)
+    src = registry.get(store, kind, namespace, name)
+    if src is None:
+        raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
+    spec = src.get("spec") or {}
+    template = spec.get("template") or {}
+    if kind == "Pod":
+        selector = src["metadata"].get("labels") or None
+        pod_spec = spec
+    elif kind == "Service":
+        selector = spec.get("selector") or None
+        pod_spec = {}
+    elif kind in ("ReplicationController", "ReplicaSet", "Deployment"):
+        raw = selectors.workload_selector(src)
+        selector = selectors.selector_as_map(raw)
+        if raw and selector is None:
+            raise ApiError(f"couldn't convert expressions in the selector of {registry.kind_word(kind)} "
+                           f'"{name}" to a map: kubectl expose needs a map selector', reason="BadRequest")
+        pod_spec = template.get("spec") or {}
+    else:
+        raise ApiError(f"cannot expose a {kind}", reason="BadRequest")
+    if not selector:
+        raise ApiError(f"couldn't retrieve selectors via --selector flag or introspection: "
+                       f'the {registry.kind_word(kind)} "{name}" has no selector', reason="BadRequest")
+    labels = src["metadata"].get("labels") or (
+        (template.get("metadata") or {}).get("labels") if kind == "ReplicationController" else None)
+    if port is not None:
+        ports = [{"port": int(port), "protocol": protocol,
+                  "targetPort": _port_value(target_port) if target_port is not None else int(port)}]
+    else:
+        # Introspection as kubectl does: every container port of the pod template.
+        found = [(c.get("name"), p) for c in pod_spec.get("containers") or [] for p in c.get("ports") or []]
+        if kind == "Service":
+            found = [(None, {"containerPort": p["port"], "protocol": p.get("protocol", "TCP"),
+                             "name": p.get("name")}) for p in spec.get("ports") or []]
+        if not found:
+            raise ApiError("couldn't find port via --port flag or introspection", reason="BadRequest")
+        ports = []
+        for i, (_, p) in enumerate(found):
+            entry = {"port": int(p["containerPort"]), "protocol": p.get("protocol", "TCP"),
+                     "targetPort": _port_value(target_port) if target_port is not None else int(p["containerPort"])}
+            if len(found) > 1:
+                entry["name"] = p.get("name") or f"port-{i + 1}"
+            ports.append(entry)
+    svc_name = name_override or name
+    svc = {"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": svc_name, "namespace": namespace},
+           "spec": {"ports": ports, "selector": dict(selector), "type": type_}}
+    if labels:
+        svc["metadata"]["labels"] = dict(labels)
+    if registry.get(store, "Service", namespace, svc_name) is not None:
+        raise ApiError(f'services "{svc_name}" already exists', reason="AlreadyExists")
+    try:
+        return _create(store, svc, settings)
+    except Conflict:
+        raise ApiError(f'services "{svc_name}" already exists', reason="AlreadyExists") from None
+
+
+def _port_value(value):
+    """A targetPort is a number or a container port's name."""
+    if isinstance(value, int):
+        return value
+    return int(value) if str(value).isdigit() else str(value)
+
+
+def scale(store: Store, kind: str, name: str, replicas: int, *, namespace: str = "default") -> dict:
+    """`kubectl scale KIND NAME --replicas=N` (Jobs scale their parallelism, as
+    older kubectl did)."""
+    kind = registry.kind_of(kind)
+    if replicas < 0:
+        raise ApiError("The --replicas=COUNT flag is required, and COUNT must be greater than or equal to 0",
+                       reason="BadRequest")
+    if kind not in ("ReplicationController", "ReplicaSet", "Deployment", "Job"):
+        raise ApiError(f"cannot scale a {kind}", reason="BadRequest")
+    field = "parallelism" if kind == "Job" else "replicas"
+
+    def change(obj: dict) -> None:
+        spec = obj.setdefault("spec", {})
+        if spec.get(field) != replicas:
+            spec[field] = replicas
+            obj["metadata"]["generation"] = int(obj["metadata"].get("generation") or 1) + 1
+
+    obj = registry.mutate(store, kind, namespace, name, change)
+    if obj is None:
+        raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
+    return obj
+
+
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+def parse_label_changes(changes: list[str]) -> tuple[dict[str, str], list[str]]:
+    """["disk=ssd", "gpu-"] -> ({"disk": "ssd"}, ["gpu"]), checked as kubectl does."""
+    sets: dict[str, str] = {}
+    removes: list[str] = []
+    for change in changes:
+        if "=" in change:
+            k, v = change.split("=", 1)
+            if not _LABEL_KEY.match(k):
+                raise ApiError(f"invalid label spec: {change}", reason="BadRequest")
+            if not _LABEL_VALUE.match(v):
+                raise ApiError(f"invalid label value: \"{change}\": a valid label must be an empty string "
+                               "or consist of alphanumeric characters, '-', '_' or '.', and must start "
+                               "and end with an alphanumeric character", reason="BadRequest")
+            sets[k] = v
+        elif change.endswith("-") and _LABEL_KEY.match(change[:-1]):
+            removes.append(change[:-1])
+        else:
+            raise ApiError(f"invalid label spec: {change}", reason="BadRequest")
+    both = set(sets) & set(removes)
+    if both:
+        raise ApiError(f"can not both modify and remove a label in the same command: {sorted(both)[0]}",
+                       reason="BadRequest")
+    return sets, removes
+
+
+def label(store: Store, kind: str, name: str, changes: list[str], *, overwrite: bool = False,
+          namespace: str = "default") -> tuple[dict, bool]:
+    """`kubectl label KIND NAME k=v k2-`: returns (object, whether it changed).
+    Changing an existing label's value needs overwrite=True, as kubectl's
+    --overwrite."""
+    kind = registry.kind_of(kind)
+    sets, removes = parse_label_changes(changes)
+    ns = namespace if registry.KINDS[kind][1] else None
+
+    def relabel(obj: dict) -> bool:
+        labels = dict(obj["metadata"].get("labels") or {})
+        for k, v in sets.items():
+            if k in labels and labels[k] != v and not overwrite:
+                raise ApiError(f"'{k}' already has a value ({labels[k]}), and --overwrite is false",
+                               reason="BadRequest")
+            labels[k] = v
+        for k in removes:
+            labels.pop(k, None)
+        changed = labels != (obj["metadata"].get("labels") or {})
+        if labels:
+            obj["metadata"]["labels"] = labels
+        else:
+            obj["metadata"].pop("labels", None)
+        return changed
+
+    current = registry.get(store, kind, ns, name)
+    if current is None:
+        raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
+    if not relabel(copy.deepcopy(current)):
+        return current, False          # kubectl: "not labeled"; nothing is written
+    obj = registry.mutate(store, kind, ns, name, relabel)
+    if obj is None:
+        raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
+    return obj, True

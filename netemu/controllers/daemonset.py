@@ -1,0 +1,120 @@
+"""The DaemonSet controller: one pod on every eligible node.
+
+A node is eligible when it matches the pod template's nodeSelector and required
+node affinity. Like Kubernetes, a cordoned node (spec.unschedulable) stays
+eligible: DaemonSet pods tolerate the node.kubernetes.io/unschedulable taint, so
+the tutorial's master marked unschedulable still runs the daemon unless the
+nodeSelector excludes it. Readiness is not a condition either (DaemonSet pods
+tolerate not-ready nodes; the pod simply starts when the node's kubelet does).
+
+The controller binds its pods itself (spec.nodeName), as Kubernetes did before
+1.12 moved DaemonSet pods to the scheduler through node affinity; the scheduler
+therefore never sees them, and hostPort conflicts are not checked for them.
+
+Per node: no live pod -> create one; more than one -> delete the extras; a pod
+that died (Failed/Succeeded) is deleted and replaced; a node that stops matching
+(or is deleted) loses its pod. Template changes roll out one node at a time
+(RollingUpdate with maxUnavailable 1; OnDelete waits for the user), tracked by
+the controller-revision-hash label.
+"""
+
+from __future__ import annotations
+
+from netemu.controllers import actions as act
+from netemu.controllers import selectors as sel
+from netemu.controllers.loop import guarded, run_reconciler
+from netemu.store import registry
+from netemu.store.base import Store
+
+SOURCE = "daemonset-controller"
+REVISION_LABEL = "controller-revision-hash"
+
+
+def eligible(ds: dict, node: dict) -> bool:
+    template_spec = ((ds.get("spec") or {}).get("template") or {}).get("spec") or {}
+    return sel.node_matches_pod(template_spec, node)
+
+
+def reconcile_daemonset(ds: dict, nodes: list[dict], pods: list[dict]) -> list:
+    """Actions that give each eligible node exactly one live, current pod of DS,
+    plus its new status. PODS: the pods of its namespace."""
+    spec = ds.get("spec") or {}
+    template = spec.get("template") or {}
+    revision = sel.template_hash(template)
+    node_names = {n["metadata"]["name"] for n in nodes}
+    wanted = sorted(n["metadata"]["name"] for n in nodes if eligible(ds, n))
+    wanted_set = set(wanted)
+    per_node: dict[str, list[dict]] = {}
+    for pod in pods:
+        if sel.owned_by(pod, ds) and not sel.terminating(pod):
+            per_node.setdefault((pod.get("spec") or {}).get("nodeName") or "", []).append(pod)
+
+    actions: list = []
+    deleting = bool(ds["metadata"].get("deletionTimestamp"))
+    misscheduled = 0
+    for node, node_pods in per_node.items():
+        if node not in wanted_set:
+            misscheduled += sum(1 for p in node_pods if sel.active(p)) if node in node_names else 0
+            actions += [act.DeletePod(p, ds) for p in node_pods]
+
+    current = ready = updated = 0
+    unavailable_now = 0
+    stale: list[dict] = []
+    for node in wanted:
+        node_pods = per_node.get(node, [])
+        live = [p for p in node_pods if sel.active(p)]
+        dead = [p for p in node_pods if sel.finished(p)]
+        actions += [act.DeletePod(p, ds) for p in dead]
+        if live:
+            current += 1
+            keep = sorted(live, key=lambda p: p["metadata"].get("creationTimestamp", ""))[0]
+            actions += [act.DeletePod(p, ds) for p in live if p is not keep]
+            if sel.ready(keep):
+                ready += 1
+            else:
+                unavailable_now += 1
+            if (keep["metadata"].get("labels") or {}).get(REVISION_LABEL) == revision:
+                updated += 1
+            else:
+                stale.append(keep)
+        else:
+            unavailable_now += 1
+            if not deleting:
+                actions.append(act.CreatePod(
+                    sel.pod_from_template(ds, template, extra_labels={REVISION_LABEL: revision},
+                                          node_name=node), ds))
+
+    # Rolling update: replace an out-of-date pod only while no node is without a
+    # ready daemon (maxUnavailable 1).
+    strategy = (spec.get("updateStrategy") or {}).get("type", "RollingUpdate")
+    if strategy == "RollingUpdate" and stale and unavailable_now == 0 and not deleting:
+        actions.append(act.DeletePod(stale[0], ds))
+
+    status = {
+        "desiredNumberScheduled": len(wanted),
+        "currentNumberScheduled": current,
+        "numberMisscheduled": misscheduled,
+        "numberReady": ready,
+        "updatedNumberScheduled": updated,
+        "numberAvailable": ready,
+        "observedGeneration": int(ds["metadata"].get("generation") or 1),
+    }
+    if len(wanted) - ready:
+        status["numberUnavailable"] = len(wanted) - ready
+    return actions + act.set_status(ds, status)
+
+
+def sync_once(store: Store) -> None:
+    pods = registry.list_(store, "Pod")
+    nodes = registry.list_(store, "Node")
+    for ds in registry.list_(store, "DaemonSet"):
+        ns = ds["metadata"].get("namespace", "default")
+        same_ns = [p for p in pods if p["metadata"].get("namespace", "default") == ns]
+        guarded("daemonset " + ds["metadata"]["name"],
+                lambda: act.apply(store, reconcile_daemonset(ds, nodes, same_ns), SOURCE))()
+
+
+async def run(store: Store, settings=None) -> None:
+    await run_reconciler(store, "daemonset",
+                         [registry.prefix(k) for k in ("Pod", "Node", "DaemonSet")],
+                         lambda: sync_once(store))

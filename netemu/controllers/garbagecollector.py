@@ -1,0 +1,60 @@
+"""The garbage collector: deletes pods and ReplicaSets whose controlling owner is gone.
+
+api.delete removes a workload's pods right after the workload, but a controller
+pass that read the workload just before it was deleted may still create a pod
+afterwards. Kubernetes' garbage collector catches exactly this by following
+ownerReferences; this one does the same for the kinds netemu's controllers own:
+an object whose controller ownerReference names a uid that no longer exists
+(the owner was deleted, or deleted and recreated under the same name) is deleted.
+"""
+
+from __future__ import annotations
+
+from netemu.controllers import actions as act
+from netemu.controllers import selectors as sel
+from netemu.controllers.loop import run_reconciler
+from netemu.store import registry
+from netemu.store.base import Store
+
+SOURCE = "garbage-collector"
+OWNER_KINDS = ("ReplicationController", "ReplicaSet", "Deployment", "Job", "DaemonSet")
+
+
+def orphans(dependents: list[dict], owners: list[dict]) -> list[dict]:
+    """DEPENDENTS whose controller owner is not among OWNERS (by uid)."""
+    alive = {o["metadata"].get("uid") for o in owners}
+    out = []
+    for obj in dependents:
+        ref = sel.controller_ref(obj)
+        if ref is not None and ref.get("kind") in OWNER_KINDS and ref.get("uid") not in alive:
+            out.append(obj)
+    return out
+
+
+def plan(pods: list[dict], replicasets: list[dict], owners: list[dict]) -> list:
+    actions: list = []
+    for rs in orphans(replicasets, owners):
+        meta = rs["metadata"]
+        actions.append(act.DeleteObject("ReplicaSet", meta.get("namespace", "default"), meta["name"]))
+    # A pod whose ReplicaSet is deleted in this same pass goes on the next one.
+    for pod in orphans(pods, owners + replicasets):
+        if not sel.terminating(pod):
+            actions.append(act.DeletePod(pod))
+    return actions
+
+
+def sync_once(store: Store) -> None:
+    # Dependents first, owners second: an owner created after the first read
+    # cannot have dependents in it, so no live owner looks missing.
+    pods = registry.list_(store, "Pod")
+    replicasets = registry.list_(store, "ReplicaSet")
+    owners = [o for kind in OWNER_KINDS if kind != "ReplicaSet" for o in registry.list_(store, kind)]
+    owners += registry.list_(store, "ReplicaSet")
+    act.apply(store, plan(pods, replicasets, owners), SOURCE)
+
+
+async def run(store: Store, settings=None) -> None:
+    await run_reconciler(store, "garbage-collector",
+                         [registry.prefix(k) for k in ("ReplicationController", "ReplicaSet", "Deployment",
+                                                       "Job", "DaemonSet")],
+                         lambda: sync_once(store), resync=5.0)
