@@ -1,0 +1,847 @@
+"""`netemu trace`: one probe, seen at every hop of its path and of its reply.
+
+How a trace runs:
+1. plan: from the store (pods' nodes, nodes' addresses, the overlay backend,
+   services and their endpoints) work out the capture points the probe crosses:
+   the source pod's eth0, its veth on the node, the node's docker0, the tunnel
+   device (flannel0 or flannel.1) and the node's eth0 when it crosses nodes, then
+   the same on the far side down to the destination pod's eth0. A Service's
+   endpoint is picked at random by the kernel, so every endpoint's path is
+   captured and the one the probe took is chosen afterwards.
+2. capture: a tcpdump on every point, all listening before anything is sent.
+3. probe: ONE probe from the source's namespace (a TCP connect, a UDP datagram, an
+   ICMP echo), each carrying something that survives NAT and encapsulation: the
+   TCP initial sequence number, or a random token in the payload.
+4. correlate: find the probe and its reply in each pcap (by that mark, whatever
+   NAT did to addresses and ports) and print them hop by hop, with the headers as
+   they were at each hop, so that DNAT, masquerade, encapsulation and TTL show.
+
+Steps 1 and 4 are pure (plan_*, classify, assign, annotate, format_trace) and
+tested without root; steps 2 and 3 touch namespaces (run_trace).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import os
+import random
+import re
+import select
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+from netemu import names
+from netemu.capture.targets import ClusterView, PodInfo, ServiceInfo, ServicePortInfo, TargetError
+
+PROBE_TIMEOUT = 2.0     # seconds to wait for the reply
+TOKEN_PREFIX = b"netemu-trace:"
+
+
+class TraceError(ValueError):
+    pass
+
+
+# --- the path -------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One place tcpdump listens: an interface in a namespace."""
+
+    netns: str
+    iface: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One hop of the planned path: a capture point, and what the probe should look
+    like there (encapsulated on the underlay between nodes, plain elsewhere)."""
+
+    point: Point
+    where: str            # "pod web1", "node node1", "client"
+    encapsulated: bool = False
+    note: str = ""        # said when the probe is not seen there
+
+    @property
+    def label(self) -> str:
+        return f"{self.where} {self.point.iface}"
+
+    @property
+    def key(self) -> tuple[Point, bool]:
+        return (self.point, self.encapsulated)
+
+
+BRIDGED_NOTE = ("not seen: the bridge forwards between its ports without passing "
+                "the packet up to docker0")
+
+
+def _pod_steps(pod: PodInfo, view: ClusterView) -> list[Step]:
+    """A pod's eth0 and the node side of its veth, from the pod outwards."""
+    node = view.nodes.get(pod.node or "")
+    if node is None:
+        raise TraceError(f"pod {pod.key} is not on a known node")
+    steps = [Step(Point(pod.netns, names.POD_IFACE), f"pod {pod.key}")]
+    if pod.veth:
+        steps.append(Step(Point(node.netns, pod.veth), f"node {node.name}"))
+    return steps
+
+
+def _bridge(view: ClusterView, node: str, note: str = "") -> Step:
+    return Step(Point(view.nodes[node].netns, names.NODE_BRIDGE), f"node {node}", note=note)
+
+
+def _between_nodes(view: ClusterView, a: str, b: str) -> list[Step]:
+    """From node A's IP stack to node B's: tunnel device, eth0, eth0, tunnel."""
+    na, nb = view.nodes[a], view.nodes[b]
+    tunnel = view.tunnel_device
+    encap = tunnel is not None
+    steps = []
+    if tunnel:
+        steps.append(Step(Point(na.netns, tunnel), f"node {a}"))
+    steps.append(Step(Point(na.netns, names.NODE_UPLINK), f"node {a}", encapsulated=encap))
+    steps.append(Step(Point(nb.netns, names.NODE_UPLINK), f"node {b}", encapsulated=encap))
+    if tunnel:
+        steps.append(Step(Point(nb.netns, tunnel), f"node {b}"))
+    return steps
+
+
+def _node_to_pod(view: ClusterView, node: str, pod: PodInfo, routed: bool = True) -> list[Step]:
+    """From NODE's IP stack down to POD's eth0 (crossing nodes if the pod is elsewhere)."""
+    steps = []
+    if pod.node != node:
+        steps += _between_nodes(view, node, pod.node)
+    steps.append(_bridge(view, pod.node, "" if routed else BRIDGED_NOTE))
+    return steps + list(reversed(_pod_steps(pod, view)))
+
+
+def _merge(steps: Iterable[Step]) -> list[Step]:
+    """Drop a step that repeats the one just before it (a leg ending where the next
+    begins), keeping the first one's note unless only the second has one."""
+    out: list[Step] = []
+    for s in steps:
+        if out and out[-1].key == s.key:
+            if not out[-1].note and s.note:
+                out[-1] = s
+            continue
+        out.append(s)
+    return out
+
+
+def plan_pod_to_pod(view: ClusterView, src: PodInfo, dst: PodInfo, dnat: bool = False) -> list[Step]:
+    """The hops of a packet from pod SRC to pod DST. DNAT says it was sent to a
+    service address, so it goes up to the node's IP stack even on the same node."""
+    out = _pod_steps(src, view)
+    same_node = src.node == dst.node
+    out.append(_bridge(view, src.node, "" if (dnat or not same_node) else BRIDGED_NOTE))
+    out += _node_to_pod(view, src.node, dst, routed=dnat or not same_node)
+    return _merge(out)
+
+
+def plan_client_to_pod(view: ClusterView, node: str, dst: PodInfo) -> list[Step]:
+    """The external client to a NodePort on NODE, forwarded to pod DST."""
+    out = [Step(Point(view.client_ns, "eth0"), "client"),
+           Step(Point(view.nodes[node].netns, names.NODE_UPLINK), f"node {node}")]
+    return _merge(out + _node_to_pod(view, node, dst))
+
+
+def plan_pod_to_node(view: ClusterView, src: PodInfo, node: str) -> list[Step]:
+    """Pod SRC to NODE's own address (a NodePort): routed out plainly, no tunnel."""
+    out = _pod_steps(src, view) + [_bridge(view, src.node)]
+    if node != src.node:
+        out += [Step(Point(view.nodes[src.node].netns, names.NODE_UPLINK), f"node {src.node}"),
+                Step(Point(view.nodes[node].netns, names.NODE_UPLINK), f"node {node}")]
+    return _merge(out)
+
+
+def plan_pod_to_external(view: ClusterView, src: PodInfo, address: str) -> list[Step]:
+    """Pod SRC to an address outside the cluster: out of its node's eth0
+    (masqueraded), into the client's eth0 when it is the client's address."""
+    out = _pod_steps(src, view) + [_bridge(view, src.node),
+                                   Step(Point(view.nodes[src.node].netns, names.NODE_UPLINK),
+                                        f"node {src.node}")]
+    if view.client_address == address:
+        out.append(Step(Point(view.client_ns, "eth0"), "client"))
+    return out
+
+
+# --- the destination ------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Destination:
+    kind: str                          # "pod", "service", "nodeport", "external"
+    address: str                       # where the probe is sent
+    port: int | None
+    proto: str                         # "tcp", "udp", "icmp"
+    description: str
+    service: ServiceInfo | None = None
+    service_port: ServicePortInfo | None = None
+    node: str | None = None            # the node addressed (nodeport)
+    candidates: tuple[PodInfo, ...] = ()   # pods the probe may end at
+
+
+def _service_port(svc: ServiceInfo, port: int | None, proto: str, node_port: int | None = None) -> ServicePortInfo:
+    for sp in svc.ports:
+        if sp.protocol.lower() != proto:
+            continue
+        if node_port is not None and sp.node_port == node_port:
+            return sp
+        if node_port is None and (port is None or sp.port == port):
+            return sp
+    want = f"nodePort {node_port}" if node_port else f"port {port}" if port else "a port"
+    raise TraceError(f"service {svc.key} has no {proto.upper()} {want}")
+
+
+def _service_dest(view: ClusterView, svc: ServiceInfo, port: int | None, proto: str) -> Destination:
+    if not svc.cluster_ip:
+        raise TraceError(f"service {svc.key} has no ClusterIP (headless): trace a pod instead")
+    sp = _service_port(svc, port, proto)
+    pods = tuple(p for p in (view.pod_by_ip(e.ip) for e in sp.endpoints) if p is not None)
+    return Destination("service", svc.cluster_ip, sp.port, proto,
+                       f"service {svc.key} {svc.cluster_ip}:{sp.port}", svc, sp, candidates=pods)
+
+
+def _nodeport_dest(view: ClusterView, node: str, node_port: int, proto: str) -> Destination:
+    for svc in view.services.values():
+        for sp in svc.ports:
+            if sp.node_port == node_port and sp.protocol.lower() == proto:
+                pods = tuple(p for p in (view.pod_by_ip(e.ip) for e in sp.endpoints) if p is not None)
+                address = view.nodes[node].address
+                return Destination("nodeport", address, node_port, proto,
+                                   f"NodePort {node}:{node_port} of service {svc.key}", svc, sp,
+                                   node=node, candidates=pods)
+    raise TraceError(f"no service has {proto.upper()} nodePort {node_port}")
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def resolve_destination(view: ClusterView, dest: str, port: int | None, proto: str,
+                        namespace: str = "default") -> Destination:
+    """What DEST names: pod/NAME or NAME (a pod, then a service), svc/NAME, an IP
+    (a pod's, a ClusterIP, a node's with --port a NodePort, or outside), NODE:PORT."""
+    proto = proto.lower()
+    if proto not in ("tcp", "udp", "icmp"):
+        raise TraceError(f"unknown protocol {proto} (tcp, udp or icmp)")
+    kind, _, name = dest.partition("/") if "/" in dest and not _is_ip(dest.split("/")[0]) else ("", "", dest)
+    host, sep, after = name.rpartition(":")
+    if not kind and sep and after.isdigit() and host:
+        node = host if host in view.nodes else getattr(view.node_by_address(host), "name", None)
+        if node is None:
+            raise TraceError(f'"{host}" is not a node name or address')
+        return _nodeport_dest(view, node, int(after), proto)
+    if kind in ("", "pod", "po", "pods"):
+        pod = view.pod(name, namespace)
+        if pod is None and _is_ip(name):
+            pod = view.pod_by_ip(name)
+        if pod is not None:
+            if not pod.ip:
+                raise TraceError(f"pod {pod.key} has no IP yet")
+            if proto != "icmp" and port is None:
+                raise TraceError(f"say which port of pod {pod.key} to probe: --port N")
+            return Destination("pod", pod.ip, port, proto, f"pod {pod.key} {pod.ip}", candidates=(pod,))
+        if kind:
+            raise TraceError(f'pods "{name}" not found')
+    if kind in ("", "svc", "service", "services"):
+        svc = view.services.get(name if "/" in name else f"{namespace}/{name}")
+        if svc is None and _is_ip(name):
+            svc = view.service_by_ip(name)
+        if svc is not None:
+            if proto == "icmp":
+                raise TraceError("a service answers TCP and UDP only (kube-proxy does not DNAT ICMP)")
+            return _service_dest(view, svc, port, proto)
+        if kind:
+            raise TraceError(f'services "{name}" not found')
+    if kind:
+        raise TraceError(f'unknown destination kind "{kind}" (pod/, svc/)')
+    if _is_ip(name):
+        node = view.node_by_address(name)
+        if node is not None and port is not None and proto != "icmp":
+            with contextlib.suppress(TraceError):
+                return _nodeport_dest(view, node.name, port, proto)
+        if proto != "icmp" and port is None:
+            raise TraceError(f"say which port of {name} to probe: --port N")
+        return Destination("external", name, port, proto, f"{name} (outside the cluster)")
+    raise TraceError(f'"{dest}" is not a pod, service, IP address or NODE:PORT')
+
+
+def plan(view: ClusterView, src: str, dest: Destination, namespace: str = "default") -> tuple[str, dict[str, list[Step]]]:
+    """The source namespace and, per possible end of the path (endpoint pod name,
+    or "" for one with no pod at the end), the planned forward steps."""
+    if src == "client":
+        if dest.kind != "nodeport":
+            raise TraceError("from the client, trace a NodePort (NODE:PORT): pod and service "
+                             "addresses are not routed outside the cluster")
+        return view.client_ns, {p.key: plan_client_to_pod(view, dest.node, p) for p in dest.candidates}
+    pod = view.pod(src.split("/", 1)[1] if src.startswith("pod/") else src, namespace)
+    if pod is None or not pod.ip:
+        raise TraceError(f'source "{src}" is not a running pod (or "client")')
+    if dest.kind == "pod":
+        return pod.netns, {dest.candidates[0].key: plan_pod_to_pod(view, pod, dest.candidates[0])}
+    if dest.kind == "service":
+        return pod.netns, {p.key: plan_pod_to_pod(view, pod, p, dnat=True) for p in dest.candidates}
+    if dest.kind == "nodeport":
+        return pod.netns, {p.key: _merge(plan_pod_to_node(view, pod, dest.node)
+                                         + _node_to_pod(view, dest.node, p)) for p in dest.candidates}
+    return pod.netns, {"": plan_pod_to_external(view, pod, dest.address)}
+
+
+def capture_points(plans: dict[str, list[Step]]) -> list[Point]:
+    seen: dict[Point, None] = {}
+    for steps in plans.values():
+        for s in steps:
+            seen.setdefault(s.point)
+    return list(seen)
+
+
+# --- what each capture saw ------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Seen:
+    """One packet at one capture point, as needed to follow the probe."""
+
+    time: float
+    inner: object                   # decode.IPHeader: the pod-level packet
+    outer: object | None = None     # decode.IPHeader of the encapsulating datagram
+    encapsulation: str | None = None
+    vni: int | None = None
+    ip_id: int | None = None
+    tcp_seq: int | None = None
+    tcp_ack: int | None = None
+    icmp_type: int | None = None
+    has_token: bool = False
+
+
+def seen_from_packet(pkt, token: bytes | None) -> Seen | None:
+    """A Seen from a scapy packet (None for ARP, IPv6 and undecodable packets)."""
+    from scapy.layers.inet import ICMP, IP, TCP
+    from netemu.capture import decode
+
+    d = decode.decode_packet(pkt)
+    if d.kind != "ipv4" or d.inner is None:
+        return None
+    inner_ip = None
+    layer = pkt
+    while layer is not None and layer.__class__.__name__ != "NoPayload":
+        if type(layer) is IP:       # not IPerror, the copy quoted by an ICMP error
+            inner_ip = layer
+        layer = layer.payload
+    fields: dict = {}
+    if inner_ip is not None:
+        fields["ip_id"] = inner_ip.id
+        l4 = inner_ip.payload
+        if type(l4) is TCP:
+            fields.update(tcp_seq=l4.seq, tcp_ack=l4.ack)
+        elif type(l4) is ICMP:
+            fields["icmp_type"] = l4.type
+    return Seen(time=d.time, inner=d.inner, outer=d.outer, encapsulation=d.encapsulation, vni=d.vni,
+                has_token=bool(token) and token in bytes(pkt), **fields)
+
+
+def read_seen(pcap_path: str, token: bytes | None) -> list[Seen]:
+    from netemu.capture import decode
+    out = []
+    for pkt in decode.read_pcap(pcap_path):
+        s = seen_from_packet(pkt, token)
+        if s is not None:
+            out.append(s)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeMark:
+    """What identifies the probe and its reply whatever NAT does to them."""
+
+    proto: str                # "tcp", "udp", "icmp"
+    isn: int | None = None    # TCP: the SYN's sequence number
+    token: bytes | None = None  # UDP/ICMP: in the payload (ICMP errors quote it)
+
+
+def classify(s: Seen, mark: ProbeMark) -> str | None:
+    """"forward" (the probe), "reply" (its answer) or None (other traffic)."""
+    h = s.inner
+    if mark.proto == "tcp":
+        if h.proto != "TCP" or mark.isn is None:
+            return None
+        if "S" in h.flags and "." not in h.flags and s.tcp_seq == mark.isn:
+            return "forward"
+        if ("S" in h.flags or "R" in h.flags) and "." in h.flags and s.tcp_ack == (mark.isn + 1) % 2**32:
+            return "reply"
+        return None
+    if not s.has_token:
+        return None
+    if h.proto == "ICMP":
+        if s.icmp_type == 8:
+            return "forward" if mark.proto == "icmp" else None
+        return "reply"          # echo reply, or an error quoting the probe
+    if h.proto == "UDP" and mark.proto == "udp":
+        return "forward"        # an echoed reply is told apart by its ports: see split_udp
+    return None
+
+
+def split(seen: Sequence[Seen], mark: ProbeMark) -> tuple[list[Seen], list[Seen]]:
+    """The probe's and the reply's packets among those seen at one point, by time.
+
+    A UDP reply that echoes the token looks like the probe: it is the one whose
+    destination is the probe's source at this point."""
+    fwd, rep = [], []
+    for s in sorted(seen, key=lambda s: s.time):
+        kind = classify(s, mark)
+        if kind == "forward" and mark.proto == "udp" and fwd:
+            first = fwd[0].inner
+            if (s.inner.dst, s.inner.dport) == (first.src, first.sport):
+                kind = "reply"
+        if kind == "forward":
+            fwd.append(s)
+        elif kind == "reply":
+            rep.append(s)
+    return fwd, rep
+
+
+@dataclasses.dataclass
+class Hop:
+    step: Step
+    seen: list[Seen]
+
+
+def assign(steps: Sequence[Step], packets: dict[Point, list[Seen]]) -> list[Hop]:
+    """Give each step the packets of its point, in time order.
+
+    A point can occur twice on one path (a NodePort's node eth0 takes the packet in
+    plain and sends it on encapsulated; docker0 may see it in and out after DNAT):
+    packets go to the steps that expect their form (encapsulated or not), the k-th
+    packet to the k-th such step, any surplus (retransmissions) to the last one."""
+    by_key: dict[tuple, list[int]] = {}
+    for i, s in enumerate(steps):
+        by_key.setdefault(s.key, []).append(i)
+    hops = [Hop(s, []) for s in steps]
+    for point, seen in packets.items():
+        for encapsulated in (False, True):
+            idx = by_key.get((point, encapsulated), [])
+            if not idx:
+                continue
+            matching = [s for s in sorted(seen, key=lambda s: s.time)
+                        if (s.encapsulation is not None) == encapsulated]
+            for k, s in enumerate(matching):
+                hops[idx[min(k, len(idx) - 1)]].seen.append(s)
+    return hops
+
+
+def hops_seen(hops: Sequence[Hop]) -> int:
+    return sum(1 for h in hops if h.seen)
+
+
+def choose_path(plans: dict[str, list[Step]], forward: dict[Point, list[Seen]]) -> str:
+    """The plan the probe actually took: the one whose last hop (the endpoint pod)
+    saw it; else the one with most hops seen."""
+    def score(item):
+        key, steps = item
+        hops = assign(steps, forward)
+        return (bool(hops and hops[-1].seen), hops_seen(hops))
+    return max(plans.items(), key=score)[0]
+
+
+# --- describing what changed between hops --------------------------------------
+
+def _ep(addr: str, port: int | None) -> str:
+    return addr if port is None else f"{addr}:{port}"
+
+
+def changes(prev: Seen | None, cur: Seen) -> list[str]:
+    """What happened to the packet between two hops where it was seen."""
+    notes = []
+    if prev is None:
+        return notes
+    a, b = prev.inner, cur.inner
+    if (a.dst, a.dport) != (b.dst, b.dport):
+        notes.append(f"DNAT {_ep(a.dst, a.dport)} -> {_ep(b.dst, b.dport)}")
+    if (a.src, a.sport) != (b.src, b.sport):
+        word = "SNAT (masquerade)" if a.dst == b.dst else "SNAT"
+        notes.append(f"{word} {_ep(a.src, a.sport)} -> {_ep(b.src, b.sport)}")
+    if prev.encapsulation is None and cur.encapsulation is not None:
+        o = cur.outer
+        tag = "UDP/flannel" if cur.encapsulation == "udp" else f"VXLAN vni {cur.vni}"
+        notes.append(f"encapsulated in {tag} {_ep(o.src, o.sport)} > {_ep(o.dst, o.dport)}")
+    if prev.encapsulation is not None and cur.encapsulation is None:
+        notes.append("decapsulated")
+    if b.ttl < a.ttl:
+        notes.append(f"ttl {a.ttl} -> {b.ttl}")
+    return notes
+
+
+def annotate(hops: Sequence[Hop]) -> list[list[str]]:
+    """Per hop, the changes since the last hop where the packet was seen."""
+    out, prev = [], None
+    for h in hops:
+        notes = []
+        for s in h.seen[:1]:
+            notes = changes(prev, s)
+            prev = h.seen[-1]
+        out.append(notes)
+    return out
+
+
+# --- the result and its text ----------------------------------------------------
+
+@dataclasses.dataclass
+class TraceResult:
+    source: str
+    destination: Destination
+    backend: str
+    probe: str                       # e.g. "TCP SYN from 10.244.1.2:40312"
+    outcome: str                     # what the probing socket saw
+    endpoint: str | None             # the pod the probe ended at (its key)
+    forward: list[Hop]
+    reply: list[Hop]
+    rule: str | None = None          # the DNAT rule that chose the endpoint
+    pcap_dir: str | None = None      # kept captures, if asked
+
+    @property
+    def reached(self) -> bool:
+        return bool(self.forward and self.forward[-1].seen)
+
+
+def _describe_seen(s: Seen) -> str:
+    h = s.inner
+    text = f"{_ep(h.src, h.sport)} > {_ep(h.dst, h.dport)} {h.proto}"
+    if h.flags:
+        text += f" [{h.flags}]" if h.proto == "TCP" else f" {h.flags}"
+    text += f" ttl {h.ttl}"
+    if s.outer is not None:
+        o = s.outer
+        tag = "UDP/flannel" if s.encapsulation == "udp" else f"VXLAN vni {s.vni}"
+        text = f"{_ep(o.src, o.sport)} > {_ep(o.dst, o.dport)} {tag} ttl {o.ttl} | " + text
+    return text
+
+
+def format_hops(hops: Sequence[Hop]) -> list[str]:
+    width = max((len(h.step.label) for h in hops), default=0)
+    lines = []
+    for n, (hop, notes) in enumerate(zip(hops, annotate(hops)), 1):
+        head = f"  {n:>2}  {hop.step.label:<{width}}  "
+        if not hop.seen:
+            lines.append(head + f"- {hop.step.note or 'not seen'}")
+            continue
+        lines.append(head + _describe_seen(hop.seen[0])
+                     + (f"  (seen {len(hop.seen)}x)" if len(hop.seen) > 1 else ""))
+        for note in notes:
+            lines.append(" " * (len(head) + 2) + "^ " + note)
+    return lines
+
+
+def format_trace(r: TraceResult) -> str:
+    d = r.destination
+    port = f":{d.port}" if d.port else ""
+    lines = [f"trace {r.source} -> {d.description} ({d.proto.upper()}{port}), backend {r.backend}",
+             f"probe: {r.probe}; {r.outcome}"]
+    if r.endpoint and d.kind in ("service", "nodeport"):
+        lines.append(f"endpoint chosen: pod {r.endpoint}")
+    if r.rule:
+        lines.append(f"DNAT rule: {r.rule}")
+    lines.append("")
+    lines.append(f"forward ({hops_seen(r.forward)}/{len(r.forward)} hops saw the probe):")
+    lines += format_hops(r.forward)
+    lines.append("")
+    if any(h.seen for h in r.reply):
+        lines.append(f"reply ({hops_seen(r.reply)}/{len(r.reply)} hops saw it):")
+        lines += format_hops(r.reply)
+    else:
+        lines.append("reply: not seen at any hop")
+    if r.pcap_dir:
+        lines.append(f"\ncaptures kept in {r.pcap_dir}")
+    return "\n".join(lines)
+
+
+# --- DNAT rules -------------------------------------------------------------------
+
+def find_nft_rule(listing: str, vip: str, proto: str, port: int, endpoint: str) -> str | None:
+    """In `nft -a list table ip kube-proxy` text, the service-ips element for
+    VIP . PROTO . PORT, and the endpoint chain's rule that DNATs to ENDPOINT (ip:port).
+
+    Returns e.g. "ip kube-proxy map service-ips: 10.96.0.10 . tcp . 80 -> service-X-ns/web/tcp/
+    -> chain endpoint-Y-ns/web/tcp/__10.244.1.2/80: meta l4proto tcp dnat to 10.244.1.2:80 # handle 12".
+    Also accepts nodeport elements written "tcp . 30080"."""
+    service_chain = None
+    key_re = re.compile(rf"(?<![\d.]){re.escape(vip)} \. {proto} \. {port}\b.*?:\s*goto\s+(\S+?)[,\s}}]"
+                        if vip else rf"(?<![\w.]){proto} \. {port}\b.*?:\s*goto\s+(\S+?)[,\s}}]")
+    m = key_re.search(listing)
+    if m:
+        service_chain = m.group(1).strip('"')
+    chain = None
+    found = None
+    for line in listing.splitlines():
+        cm = re.match(r"\s*chain\s+(\S+)\s*\{", line)
+        if cm:
+            chain = cm.group(1).strip('"')
+            continue
+        if chain and chain.startswith("endpoint-") and f"dnat to {endpoint}" in line:
+            if service_chain is None or chain.split("__")[0].split("-", 2)[-1] == service_chain.split("-", 2)[-1]:
+                found = (chain, line.strip())
+                break
+    if service_chain is None and found is None:
+        return None
+    text = "nftables table ip kube-proxy"
+    if service_chain:
+        text += f": {_ep(vip, None) + ' . ' if vip else ''}{proto} . {port} -> chain {service_chain}"
+    if found:
+        text += f" -> chain {found[0]}: {found[1]}"
+    return text
+
+
+def find_iptables_rule(save: str, vip: str | None, proto: str, port: int, endpoint: str) -> str | None:
+    """In `iptables-save -t nat` text, the KUBE-SERVICES (or KUBE-NODEPORTS) rule for
+    VIP:PORT and the KUBE-SEP chain's DNAT rule to ENDPOINT (ip:port)."""
+    svc_rule = svc_chain = None
+    for line in save.splitlines():
+        if not line.startswith("-A KUBE-SERVICES" if vip else "-A KUBE-NODEPORTS"):
+            continue
+        if vip and f"-d {vip}/32" not in line:
+            continue
+        if re.search(rf"--dport {port}\b", line) and f"-p {proto}" in line:
+            m = re.search(r"-j (KUBE-(?:SVC|EXT)-\S+)", line)
+            if m:
+                svc_rule, svc_chain = line, m.group(1)
+                break
+    seps = set()
+    if svc_chain:
+        for line in save.splitlines():
+            if line.startswith(f"-A {svc_chain} ") or (svc_chain.startswith("KUBE-EXT-")
+                                                       and line.startswith("-A KUBE-SVC-")):
+                m = re.search(r"-j (KUBE-SEP-\S+)", line)
+                if m:
+                    seps.add(m.group(1))
+    dnat = None
+    for line in save.splitlines():
+        m = re.match(r"-A (KUBE-SEP-\S+) ", line)
+        if m and f"--to-destination {endpoint}" in line and (not seps or m.group(1) in seps):
+            dnat = line
+            break
+    if svc_rule is None and dnat is None:
+        return None
+    parts = ["iptables -t nat"]
+    if svc_rule:
+        parts.append(svc_rule)
+    if dnat:
+        parts.append(dnat)
+    return " ; ".join(parts)
+
+
+def lookup_dnat_rule(view: ClusterView, node: str, dest: Destination, endpoint: str) -> str | None:
+    """Ask NODE's ruleset which rule sent DEST to ENDPOINT (ip:port)."""
+    from netemu import netns
+
+    ns = view.nodes[node].netns
+    vip = dest.address if dest.kind == "service" else None
+    port = dest.port
+    mode = view.proxy_mode or "nftables"
+    with contextlib.suppress(Exception):
+        if mode == "nftables":
+            out = netns.run(ns, ["nft", "-a", "list", "table", "ip", "kube-proxy"], check=False, timeout=10)
+            if out.returncode == 0:
+                return find_nft_rule(out.stdout, vip, dest.proto, port, endpoint)
+        out = netns.run(ns, ["iptables-save", "-t", "nat"], check=False, timeout=10)
+        if out.returncode == 0:
+            return find_iptables_rule(out.stdout, vip, dest.proto, port, endpoint)
+    return None
+
+
+# --- probes (in a namespace) --------------------------------------------------------
+
+def _socket_in(ns: str, *args) -> socket.socket:
+    from netemu import netns
+    with netns.inside(ns):
+        return socket.socket(*args)
+
+
+def _icmp_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    s = (s >> 16) + (s & 0xFFFF)
+    s += s >> 16
+    return ~s & 0xFFFF
+
+
+@dataclasses.dataclass
+class ProbeResult:
+    local: tuple[str, int] | None
+    outcome: str
+
+
+def probe_tcp(ns: str, address: str, port: int, timeout: float) -> ProbeResult:
+    s = _socket_in(ns, socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.setblocking(False)
+        s.connect_ex((address, port))
+        local = s.getsockname()
+        _, ready, _ = select.select([], [s], [], timeout)
+        if not ready:
+            return ProbeResult(local, f"no answer within {timeout:g} s")
+        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        return ProbeResult(local, "connected" if err == 0 else f"connect failed: {os.strerror(err)}")
+    finally:
+        # An RST instead of FIN: nothing lingers in TIME_WAIT in the pod.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+
+
+def probe_udp(ns: str, address: str, port: int, token: bytes, timeout: float) -> ProbeResult:
+    s = _socket_in(ns, socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect((address, port))
+        s.send(token)
+        local = s.getsockname()
+        s.settimeout(timeout)
+        try:
+            data = s.recv(65535)
+            return ProbeResult(local, f"answered with {len(data)} bytes")
+        except ConnectionRefusedError:
+            return ProbeResult(local, "ICMP port unreachable (nothing listens there)")
+        except socket.timeout:
+            return ProbeResult(local, f"no answer within {timeout:g} s")
+    finally:
+        s.close()
+
+
+def probe_icmp(ns: str, address: str, token: bytes, timeout: float) -> ProbeResult:
+    s = _socket_in(ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+    try:
+        ident = random.randrange(1, 0xFFFF)
+        header = struct.pack("!BBHHH", 8, 0, 0, ident, 1)
+        packet = struct.pack("!BBHHH", 8, 0, _icmp_checksum(header + token), ident, 1) + token
+        s.sendto(packet, (address, 0))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([s], [], [], left)
+            if not ready:
+                break
+            data, peer = s.recvfrom(65535)
+            ihl = (data[0] & 0x0F) * 4
+            icmp_type = data[ihl]
+            if token in data and icmp_type == 0:
+                return ProbeResult(None, f"echo reply from {peer[0]}")
+            if token in data and icmp_type in (3, 11):
+                return ProbeResult(None, f"ICMP error type {icmp_type} from {peer[0]}")
+        return ProbeResult(None, f"no answer within {timeout:g} s")
+    finally:
+        s.close()
+
+
+# --- running a trace ------------------------------------------------------------------
+
+@contextlib.contextmanager
+def capture_all(points: Sequence[Point], workdir: str, bpf_filter: str = "ip") -> Iterator[dict[Point, str]]:
+    """tcpdump on every point (started side by side, each listening before the
+    block runs); all stopped on leaving, whatever happens. Yields point -> pcap path."""
+    from netemu.capture import tcpdump
+
+    caps = {}
+    for i, p in enumerate(points):
+        path = os.path.join(workdir, f"{i:02d}-{p.netns}-{p.iface}.pcap")
+        caps[p] = tcpdump.Capture(ns=p.netns, iface=p.iface, pcap_path=path,
+                                  argv=tcpdump.tcpdump_argv(p.iface, path, bpf_filter,
+                                                            buffer_kib=4096))
+    errors: list[BaseException] = []
+
+    def start(c):
+        try:
+            c.start()
+        except BaseException as e:  # noqa: BLE001 - reported below, after all have started
+            errors.append(e)
+
+    def side_by_side(fn):
+        threads = [threading.Thread(target=fn, args=(c,)) for c in caps.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    try:
+        side_by_side(start)
+        if errors:
+            raise TraceError(f"capture failed: {errors[0]}")
+        yield {p: c.pcap_path for p, c in caps.items()}
+    finally:
+        side_by_side(lambda c: c.stop())
+        for c in caps.values():   # stop() is idempotent: make sure, in this thread too
+            c.stop()
+
+
+def _register_backend_ports(view: ClusterView) -> None:
+    from netemu.capture import decode
+    if view.backend == "udp" and view.backend_port:
+        decode.register_ports(udp_ports=[view.backend_port])
+    elif view.backend == "vxlan" and view.backend_port:
+        decode.register_ports(vxlan_ports=[view.backend_port])
+
+
+def run_trace(view: ClusterView, src: str, dest_word: str, *, port: int | None = None, proto: str = "tcp",
+              namespace: str = "default", timeout: float = PROBE_TIMEOUT,
+              keep_pcaps: str | None = None) -> TraceResult:
+    """Plan, capture, probe once, correlate. KEEP_PCAPS: a folder to keep the pcaps in."""
+    dest = resolve_destination(view, dest_word, port, proto, namespace)
+    if dest.kind in ("service", "nodeport") and not dest.candidates:
+        raise TraceError(f"{dest.description} has no ready endpoints to trace to")
+    src_ns, plans = plan(view, src, dest, namespace)
+    _register_backend_ports(view)
+    token = TOKEN_PREFIX + os.urandom(8).hex().encode()
+    workdir = keep_pcaps or tempfile.mkdtemp(prefix="netemu-trace-")
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        points = capture_points(plans)
+        with capture_all(points, workdir) as pcaps:
+            if dest.proto == "tcp":
+                result = probe_tcp(src_ns, dest.address, dest.port, timeout)
+            elif dest.proto == "udp":
+                result = probe_udp(src_ns, dest.address, dest.port, token, timeout)
+            else:
+                result = probe_icmp(src_ns, dest.address, token, timeout)
+        seen = {p: read_seen(path, token) for p, path in pcaps.items()}
+    finally:
+        if keep_pcaps is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    first = plans[next(iter(plans))][0].point
+    mark = ProbeMark(dest.proto, token=token)
+    if dest.proto == "tcp":
+        mark = ProbeMark("tcp", isn=find_isn(seen, first, result.local))
+    forward, reply = {}, {}
+    for p, packets in seen.items():
+        forward[p], reply[p] = split(packets, mark)
+    chosen = choose_path(plans, forward)
+    steps = plans[chosen]
+    fwd_hops = assign(steps, forward)
+    rep_hops = assign(list(reversed(steps)), reply)
+    probe = {"tcp": "TCP SYN", "udp": "UDP datagram", "icmp": "ICMP echo request"}[dest.proto]
+    if result.local:
+        probe += f" from {result.local[0]}:{result.local[1]}"
+    rule = None
+    if dest.kind in ("service", "nodeport") and fwd_hops[-1].seen:
+        last = fwd_hops[-1].seen[0].inner
+        dnat_node = dest.node or view.pod(src, namespace).node
+        rule = lookup_dnat_rule(view, dnat_node, dest, _ep(last.dst, last.dport))
+    return TraceResult(source=src, destination=dest, backend=view.backend, probe=probe,
+                       outcome=result.outcome, endpoint=chosen or None, forward=fwd_hops,
+                       reply=rep_hops, rule=rule, pcap_dir=keep_pcaps)
+
+
+def find_isn(seen: dict[Point, list[Seen]], first: Point, local: tuple[str, int] | None) -> int | None:
+    """The probe SYN's sequence number, from the capture nearest the source."""
+    if local is None:
+        return None
+    for point in [first] + [p for p in seen if p != first]:
+        for s in seen.get(point, []):
+            h = s.inner
+            if h.proto == "TCP" and h.flags == "S" and (h.src, h.sport) == tuple(local):
+                return s.tcp_seq
+    return None
