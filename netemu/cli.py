@@ -31,8 +31,18 @@ def main(argv: list[str] | None = None) -> int:
     # `netemu up FILE`; `netemu FILE.yaml` is taken the same way.
     if argv and argv[0].endswith((".yaml", ".yml")) and os.path.isfile(argv[0]):
         argv.insert(0, "up")
+    # Everything after the first "--" is the command to run (exec, client exec),
+    # whatever options it has: argparse must not see it.
+    trailing = None
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, trailing = argv[:cut], argv[cut + 1:]
     parser = build_parser()
     args = parser.parse_args(argv)
+    if trailing is not None:
+        if not hasattr(args, "command"):
+            parser.error("unexpected arguments after --")
+        args.command = list(args.command) + trailing
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -102,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-n", "--namespace", default="default")
     sp.add_argument("-i", "--stdin", action="store_true", help="accepted for kubectl compatibility")
     sp.add_argument("-t", "--tty", action="store_true", help="accepted for kubectl compatibility")
-    sp.add_argument("command", nargs=argparse.REMAINDER)
+    sp.add_argument("command", nargs="*", help="the command (after --)")
 
     sp = with_cluster(verb("logs", cmd_logs, "print a container's output, or a node daemon's log "
                                              "(logs node/NAME overlay|proxy|kubelet)"))
@@ -116,10 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("node", nargs="?")
     sp.add_argument("-o", "--output", choices=["json"])
 
+    sp = with_cluster(verb("node", cmd_node, "add a node to a running cluster, or remove one: "
+                                             "netemu node add NAME [--label k=v] | netemu node remove NAME"))
+    sp.add_argument("action", choices=["add", "remove"])
+    sp.add_argument("name")
+    sp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--address", help="fixed underlay address")
+    sp.add_argument("--pod-cidr", help="subnet to ask the overlay for")
+    sp.add_argument("--unschedulable", action="store_true")
+
+    from netemu.capture import cli as capture_cli
+    capture_cli.register(sub, verb, with_cluster)
+
     sp = with_cluster(verb("client", cmd_client, "run a command on the external client (outside the cluster): "
                                                  "netemu client exec -- CMD"))
     sp.add_argument("action", choices=["exec"])
-    sp.add_argument("command", nargs=argparse.REMAINDER)
+    sp.add_argument("command", nargs="*", help="the command (after --)")
     return p
 
 
@@ -302,7 +324,7 @@ def cmd_exec(args) -> int:
     from netemu import netns
     from netemu.node.sandbox import Sandbox
 
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.command
     if not command:
         raise CliError("you must specify at least one command for the container (netemu exec POD -- CMD)")
     cluster, store = _store(args)
@@ -371,10 +393,32 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_node(args) -> int:
+    name = clusters.resolve(args.cluster)
+    if args.action == "remove":
+        clusters.remove_node(name, args.name)
+        print(f'node "{args.name}" removed')
+        return 0
+    labels = {}
+    for item in args.label:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"--label {item}: expected KEY=VALUE")
+        labels[key] = value
+    address = clusters.add_node(name, args.name, labels, args.address, args.pod_cidr, args.unschedulable)
+    store = clusters.open_store(name)
+    try:
+        node = clusters.wait_node_ready(store, args.name)
+    finally:
+        store.close()
+    print(f'node "{args.name}" added: eth0 {address}, pod CIDR {node["spec"].get("podCIDR")}')
+    return 0
+
+
 def cmd_client(args) -> int:
     from netemu import netns
 
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    command = args.command
     if not command:
         raise CliError("usage: netemu client exec -- CMD")
     cluster = clusters.resolve(args.cluster)

@@ -29,6 +29,7 @@ from netemu.store.sqlite import SqliteStore
 from netemu.supervisor import daemon_env, python_argv
 
 READY_TIMEOUT = 120.0
+UNSCHEDULABLE_GRACE = 5.0
 
 
 class ClusterError(RuntimeError):
@@ -75,7 +76,7 @@ def plan_addresses(topology) -> tuple[list[NodePlan], ipaddress.IPv4Interface]:
     net = topology.settings.underlay
     reserved = {n.address for n in topology.nodes if n.address is not None}
     reserved |= set(topology.settings.lb_pool)
-    client_ip = getattr(topology.settings, "client_address", None)
+    client_ip = topology.settings.effective_client_address()
     reserved.add(client_ip)
     hosts = [ip for ip in net.hosts() if ip not in reserved]
     client = client_ip if client_ip is not None else hosts.pop()
@@ -142,7 +143,7 @@ def _build(topology, progress, fail_after) -> None:
     fabric.create(cluster, settings.underlay_mtu)
     for plan in plans:
         progress(f"node {plan.name}: eth0 {plan.address}")
-        host.create(cluster, plan.name, plan.address, settings.underlay_mtu)
+        host.create(cluster, plan.name, plan.address, settings.underlay_mtu, client.ip)
         os.makedirs(names.node_dir(cluster, plan.name), exist_ok=True)
         if fail_after == "node":
             raise ClusterError("failure injected after the first node (test)")
@@ -197,12 +198,18 @@ def wait_ready(cluster: str, progress, timeout: float = READY_TIMEOUT) -> dict:
     store = open_store(cluster)
     deadline = time.monotonic() + timeout
     last = None
+    nodes_ready_at = None
     try:
         while True:
             nodes = registry.list_(store, "Node")
             pods = registry.list_(store, "Pod")
             ready_nodes = [n for n in nodes if _condition(n, "Ready")]
-            settled = [p for p in pods if _settled(p)]
+            if len(ready_nodes) == len(nodes) and nodes_ready_at is None:
+                nodes_ready_at = time.monotonic()
+            # A pod the scheduler could not place counts as settled only once the
+            # scheduler has had a while to retry with every node ready.
+            patient = nodes_ready_at is not None and time.monotonic() - nodes_ready_at > UNSCHEDULABLE_GRACE
+            settled = [p for p in pods if _settled(p, patient)]
             line = f"nodes ready {len(ready_nodes)}/{len(nodes)}, pods settled {len(settled)}/{len(pods)}"
             if line != last:
                 progress(line)
@@ -217,6 +224,17 @@ def wait_ready(cluster: str, progress, timeout: float = READY_TIMEOUT) -> dict:
             time.sleep(0.1)
     finally:
         store.close()
+
+
+def wait_node_ready(store, name: str, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        node = registry.get(store, "Node", None, name)
+        if node is not None and _condition(node, "Ready"):
+            return node
+        if time.monotonic() > deadline:
+            raise ClusterError(f"node {name} not ready after {timeout:.0f} s")
+        time.sleep(0.05)
 
 
 def _controllers_done(store) -> bool:
@@ -235,15 +253,15 @@ def _condition(obj: dict, kind: str) -> bool:
                for c in obj.get("status", {}).get("conditions", []))
 
 
-def _settled(pod: dict) -> bool:
+def _settled(pod: dict, unschedulable_counts: bool) -> bool:
     status = pod.get("status", {})
     phase = status.get("phase")
     if phase in ("Succeeded", "Failed"):
         return True
     if phase == "Running" and (_condition(pod, "Ready") or _restarting(pod)):
         return True
-    return any(c.get("type") == "PodScheduled" and c.get("status") == "False"
-               for c in status.get("conditions", []))
+    return unschedulable_counts and any(c.get("type") == "PodScheduled" and c.get("status") == "False"
+                                        for c in status.get("conditions", []))
 
 
 def _restarting(pod: dict) -> bool:
@@ -334,3 +352,104 @@ def require_root() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit("use the netemu command")
+
+
+# -- nodes joining and leaving a running cluster ----------------------------------
+
+def add_node(cluster: str, name: str, labels: dict | None = None, address: str | None = None,
+             pod_cidr: str | None = None, unschedulable: bool = False) -> ipaddress.IPv4Interface:
+    """Build a new node and register it; the control plane starts its kubelet and
+    overlay daemon, which leases a subnet like any other node's."""
+    from netemu.topology.model import NodeSpec
+
+    topology = controlplane.load_topology(cluster)
+    settings = topology.settings
+    if any(n.name == name for n in topology.nodes):
+        raise ClusterError(f'node "{name}" already exists')
+    if not _dns_label(name):
+        raise ClusterError(f'node name "{name}": must be a lowercase DNS label (a-z, 0-9, "-")')
+    store = open_store(cluster)
+    try:
+        used = {ipaddress.IPv4Address(a["address"]) for n in registry.list_(store, "Node")
+                for a in n["status"]["addresses"] if a["type"] == "InternalIP"}
+        used |= set(settings.lb_pool)
+        used.add(settings.effective_client_address())
+        if address is not None:
+            ip = ipaddress.IPv4Address(address)
+            if ip not in settings.underlay or ip in used:
+                raise ClusterError(f"address {ip} is outside {settings.underlay} or already in use")
+        else:
+            free = [ip for ip in settings.underlay.hosts() if ip not in used]
+            if not free:
+                raise ClusterError(f"no free address left on the underlay {settings.underlay}")
+            ip = free[0]
+        iface = ipaddress.IPv4Interface(f"{ip}/{settings.underlay.prefixlen}")
+        spec = NodeSpec(name=name, labels=dict(labels or {}), address=ip,
+                        pod_cidr=ipaddress.IPv4Network(pod_cidr) if pod_cidr else None,
+                        unschedulable=unschedulable)
+        try:
+            host.create(cluster, name, iface, settings.underlay_mtu,
+                        settings.effective_client_address())
+        except BaseException:
+            netns.delete(names.node_ns(cluster, name))
+            raise
+        os.makedirs(names.node_dir(cluster, name), exist_ok=True)
+        topology.nodes.append(spec)
+        controlplane.save_topology(topology)
+        registry.create(store, node_object(spec, iface))
+        return iface
+    finally:
+        store.close()
+
+
+def remove_node(cluster: str, name: str, timeout: float = 30.0) -> None:
+    """Drain a node (its pods go), release its lease, and remove its namespace."""
+    topology = controlplane.load_topology(cluster)
+    store = open_store(cluster)
+    try:
+        if registry.get(store, "Node", None, name) is None:
+            raise ClusterError(f'nodes "{name}" not found')
+        # Cordon first, so the scheduler places nothing new there.
+        registry.mutate(store, "Node", None, name, lambda n: n["spec"].update(unschedulable=True))
+        for pod in registry.list_(store, "Pod"):
+            if pod.get("spec", {}).get("nodeName") == name:
+                registry.mutate(store, "Pod", pod["metadata"]["namespace"], pod["metadata"]["name"],
+                                lambda p: p["metadata"].setdefault("deletionTimestamp", registry.now()))
+        deadline = time.monotonic() + timeout
+        while any(p.get("spec", {}).get("nodeName") == name for p in registry.list_(store, "Pod")):
+            if time.monotonic() > deadline:
+                raise ClusterError(f"pods on node {name} did not stop within {timeout:.0f} s")
+            time.sleep(0.1)
+        for lease in leases.read_leases(store):
+            if lease.node == name:
+                leases.release(store, lease)
+        registry.delete(store, "Node", None, name)
+    finally:
+        store.close()
+    # The control plane stops the node's daemons when its object goes; wait for them.
+    node_namespace = names.node_ns(cluster, name)
+    inode = netns.inode(node_namespace)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and inode is not None and _processes_in(inode):
+        time.sleep(0.05)
+    netns.delete(node_namespace)
+    shutil.rmtree(names.node_dir(cluster, name), ignore_errors=True)
+    topology.nodes = [n for n in topology.nodes if n.name != name]
+    controlplane.save_topology(topology)
+
+
+def _processes_in(inode: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}/ns/net").st_ino == inode:
+                    out.append(int(entry))
+            except (FileNotFoundError, PermissionError):
+                continue
+    return out
+
+
+def _dns_label(name: str) -> bool:
+    import re
+    return bool(re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", name))

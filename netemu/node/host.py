@@ -14,11 +14,18 @@ from netemu import fabric, journal, names, netns
 from netemu.overlay.subnetenv import SubnetEnv
 
 
-def create(cluster: str, node: str, address: ipaddress.IPv4Interface, mtu: int) -> str:
+def create(cluster: str, node: str, address: ipaddress.IPv4Interface, mtu: int,
+           gateway: ipaddress.IPv4Address | None = None) -> str:
     ns = names.node_ns(cluster, node)
     journal.record(cluster, "netns", ns)
     netns.create(ns)
     fabric.plug(cluster, ns, names.fabric_port(node), address, mtu)
+    if gateway is not None:
+        # A node has a default route, as every real one does; without it the
+        # node's own connections to a ClusterIP fail the route lookup that comes
+        # before kube-proxy's DNAT. The gateway is the external client: "the
+        # rest of the world" of this datacenter, which forwards nothing.
+        netns.ip_batch(ns, [f"route add default via {gateway} dev {names.NODE_UPLINK}"])
     for key, value in (("net.ipv4.ip_forward", 1),
                        ("net.ipv4.conf.all.rp_filter", 2),
                        ("net.ipv4.conf.default.rp_filter", 2),

@@ -41,23 +41,22 @@ def chain_name(pod_key: str) -> str:
 
 def base_table() -> str:
     # `fib daddr type local`: only packets addressed to this node are mapped, as
-    # portmap does with its "-m addrtype --dst-type LOCAL" match.
+    # portmap does with its "-m addrtype --dst-type LOCAL" match. Node-local
+    # clients (127.0.0.1) need SNAT so that the pod's reply comes back to the node.
     return (f"table ip {TABLE} {{\n"
-            f"  chain hostports {{ }}\n"
-            f"  chain prerouting {{ type nat hook prerouting priority dstnat; policy accept;\n"
-            f"    fib daddr type local jump hostports }}\n"
-            f"  chain output {{ type nat hook output priority dstnat; policy accept;\n"
-            f"    fib daddr type local jump hostports }}\n"
-            f"  chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;\n"
-            # Node-local clients (127.0.0.1 or the node's own address) need SNAT so
-            # the pod's reply comes back through the node.
-            f"    ct status dnat ip saddr 127.0.0.0/8 masquerade }}\n"
+            f"  chain hostports {{\n  }}\n"
+            f"  chain prerouting {{\n    type nat hook prerouting priority -100; policy accept;\n"
+            f"    fib daddr type local jump hostports\n  }}\n"
+            f"  chain output {{\n    type nat hook output priority -100; policy accept;\n"
+            f"    fib daddr type local jump hostports\n  }}\n"
+            f"  chain postrouting {{\n    type nat hook postrouting priority 100; policy accept;\n"
+            f"    ct status dnat ip saddr 127.0.0.0/8 masquerade\n  }}\n"
             f"}}\n")
 
 
 def add_script(pod_key: str, maps: list[PortMapping]) -> str:
     chain = chain_name(pod_key)
-    lines = [base_table(), f"add chain ip {TABLE} {chain}", f"flush chain ip {TABLE} {chain}"]
+    lines = [f"add chain ip {TABLE} {chain}", f"flush chain ip {TABLE} {chain}"]
     for m in maps:
         comment = f'"{pod_key} {m.container} hostPort {m.host_port}/{m.protocol}"'
         lines.append(f"add rule ip {TABLE} {chain} {m.protocol} dport {m.host_port} "
@@ -67,6 +66,10 @@ def add_script(pod_key: str, maps: list[PortMapping]) -> str:
 
 
 def add(node_ns: str, pod_key: str, maps: list[PortMapping]) -> None:
+    # The base chains and their rules are written once, when the table is new
+    # (declaring them again would append their rules again).
+    if netns.run(node_ns, ["nft", "list", "table", "ip", TABLE], check=False).returncode != 0:
+        netns.run(node_ns, ["nft", "-f", "-"], input=base_table())
     netns.run(node_ns, ["nft", "-f", "-"], input=add_script(pod_key, maps))
     # Pods and the node reach hostPorts via 127.0.0.1 only with route_localnet.
     netns.write_sysctl(node_ns, "net.ipv4.conf.all.route_localnet", 1)

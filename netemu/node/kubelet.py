@@ -148,12 +148,7 @@ class PodWorker:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._publish_loop)
-                try:
-                    await self._start_sandbox(nursery)
-                except Exception as e:
-                    log.exception("pod %s/%s: sandbox failed", self.ns, self.name)
-                    self._event("FailedCreatePodSandBox", f"Failed to create pod sandbox: {e}", "Warning")
-                    await self.stop.wait()
+                if not await self._sandbox_with_retries(nursery):
                     nursery.cancel_scope.cancel()
                     return
                 for c in self.containers:
@@ -164,6 +159,23 @@ class PodWorker:
         finally:
             with trio.CancelScope(shield=True):
                 await self._teardown()
+
+    async def _sandbox_with_retries(self, nursery) -> bool:
+        """Build the sandbox; on failure undo the partial one and retry with
+        back-off, as the kubelet does. False if the pod was deleted meanwhile."""
+        delay = 1.0
+        while not self.stop.is_set():
+            try:
+                await self._start_sandbox(nursery)
+                return True
+            except Exception as e:
+                log.exception("pod %s/%s: sandbox failed", self.ns, self.name)
+                self._event("FailedCreatePodSandBox", f"Failed to create pod sandbox: {e}", "Warning")
+                await self._remove_sandbox()
+            with trio.move_on_after(delay):
+                await self.stop.wait()
+            delay = min(delay * 2, 30.0)
+        return False
 
     async def _start_sandbox(self, nursery) -> None:
         k = self.k
@@ -367,13 +379,7 @@ class PodWorker:
         for c in self.containers:
             if c.process is not None and c.process.returncode is None:
                 await _stop_process(c.process)
-        if getattr(self, "pause", None) is not None and self.pause.returncode is None:
-            await _stop_process(self.pause)
-        with contextlib.suppress(Exception):
-            await trio.to_thread.run_sync(hostport.remove, k.node_ns, self._key())
-        if self.sandbox is not None:
-            with contextlib.suppress(Exception):
-                await trio.to_thread.run_sync(sandboxes.destroy_network, k.cluster, k.node, self.sandbox)
+        await self._remove_sandbox()
         k.ipam.release(self.uid)
         k.workers.pop(self.uid, None)
         # The object goes last, so whoever waits for it to vanish knows the pod is gone.
@@ -381,6 +387,19 @@ class PodWorker:
         if current is not None and current["metadata"]["uid"] == self.uid \
                 and current["metadata"].get("deletionTimestamp"):
             registry.delete(k.store, "Pod", self.ns, self.name)
+
+    async def _remove_sandbox(self) -> None:
+        k = self.k
+        pause = getattr(self, "pause", None)
+        if pause is not None and pause.returncode is None:
+            await _stop_process(pause)
+        self.pause = None
+        with contextlib.suppress(Exception):
+            await trio.to_thread.run_sync(hostport.remove, k.node_ns, self._key())
+        if self.sandbox is not None:
+            with contextlib.suppress(Exception):
+                await trio.to_thread.run_sync(sandboxes.destroy_network, k.cluster, k.node, self.sandbox)
+        self.sandbox = None
 
 
 async def _stop_process(proc) -> None:
