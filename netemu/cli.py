@@ -57,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"netemu: error: {e}", file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001 - one line for the user, the trace in the log
+        from netemu.api import ApiError
+        if isinstance(e, ApiError):
+            # kubectl's own wording: "Error from server (NotFound): pods "x" not found"
+            print(f"Error from server ({e.reason}): {e}", file=sys.stderr)
+            return 1
         if isinstance(e, _topology_error()):
             print(f"netemu: error: {e}", file=sys.stderr)
             return 1
@@ -233,6 +238,13 @@ def _overlay_stats(cluster: str, node: str) -> dict | None:
 
 
 def cmd_get(args) -> int:
+    if "," in args.kind:
+        # kubectl get svc,ep: one table per kind, a blank line between them
+        for i, word in enumerate(args.kind.split(",")):
+            if i:
+                print()
+            cmd_get(argparse.Namespace(**{**vars(args), "kind": word}))
+        return 0
     if "/" in args.kind and not args.names:
         args.kind, name = args.kind.split("/", 1)
         args.names = [name]

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from netemu import controlplane, fabric, journal, names, netns
+from netemu import controlplane, fabric, journal, loadbalancer, names, netns
 from netemu.node import host
 from netemu.overlay import leases
 from netemu.store import registry
@@ -152,6 +152,10 @@ def _build(topology, progress, fail_after) -> None:
     netns.create(cns)
     fabric.plug(cluster, cns, "client", client, settings.underlay_mtu)
     progress(f"external client {cns}: eth0 {client}")
+    loadbalancer.create_namespace(cluster, settings.underlay_mtu)
+    progress(f"cloud load balancer {names.lb_ns(cluster)}: external IPs from "
+             f"{settings.lb_pool[0]}-{settings.lb_pool[-1]}" if settings.lb_pool else
+             f"cloud load balancer {names.lb_ns(cluster)}: no address pool")
 
     store = SqliteStore(names.store_path(cluster), create=True)
     try:

@@ -62,6 +62,7 @@ class ControlPlane:
                 self.start_node(node["metadata"]["name"])
             nursery.start_soon(self._controllers)
             nursery.start_soon(self._follow_nodes)
+            nursery.start_soon(self._load_balancer)
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -77,6 +78,15 @@ class ControlPlane:
             log.warning("controllers are not available in this build")
             return
         await manager.run_all(self.store, self.settings)
+
+    async def _load_balancer(self) -> None:
+        from netemu.loadbalancer import LoadBalancerController
+        while True:
+            try:
+                await LoadBalancerController(self.cluster, self.store, self.settings).run()
+            except Exception:
+                log.exception("load balancer controller failed; restarting")
+                await trio.sleep(1)
 
     async def _follow_nodes(self) -> None:
         """Nodes added or removed while the cluster runs (netemu node add/remove)."""
