@@ -1,0 +1,372 @@
+"""The workload verbs of the netemu command: apply, create, delete, expose, scale, label.
+
+netemu.cli's build_parser calls `register(sub, verb, with_cluster)`. Each verb is
+a thin layer over netemu.api (the API server's admission: create_or_update,
+delete, expose, scale, label) on a running cluster's store, printing what
+kubectl prints:
+
+    netemu apply -f FILE|DIR [-f ...]        pod/nginxpod created | service/x configured | ... unchanged
+    netemu create -f FILE|DIR                 Error from server (AlreadyExists): ... if it exists
+    netemu delete -f FILE | KIND NAME...      pod "x" deleted  (waits until gone; --wait=false not)
+    netemu expose KIND NAME [--port N] ...    service/NAME exposed
+    netemu scale KIND NAME --replicas N       replicationcontroller/NAME scaled
+    netemu label KIND NAME k=v k2- [--overwrite]   node/n1 labeled | unlabeled | not labeled
+
+Manifests go through the topology loader (decode, convert old apiVersions,
+default, validate) against the running cluster's settings and nodes, and every
+object of every file is validated before the first one is stored, so a bad file
+leaves the cluster as it was. Refusals of the API server are printed as kubectl
+prints them (`Error from server (NotFound): pods "x" not found`) and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from netemu import api, cluster as clusters
+from netemu.store import registry
+
+DELETE_TIMEOUT = 60.0
+
+
+class WorkloadCliError(ValueError):
+    """Bad input to a workload verb (netemu.cli prints ValueErrors as one line)."""
+
+
+def register(sub, verb, with_cluster) -> None:
+    """Add apply, create, delete, expose, scale and label to the netemu command."""
+    for name, func, help_ in (
+            ("apply", cmd_apply, "create or update objects from manifest files (kubectl apply -f)"),
+            ("create", cmd_create, "create objects from manifest files; existing ones are an error")):
+        sp = with_cluster(verb(name, func, help_))
+        sp.add_argument("-f", "--filename", action="append", required=True, metavar="FILE",
+                        help="a manifest file, or a directory of them (repeatable)")
+        _namespace(sp)
+
+    sp = with_cluster(verb("delete", cmd_delete, "delete objects: netemu delete KIND NAME... | -f FILE"))
+    sp.add_argument("args", nargs="*", metavar="KIND NAME", help="KIND NAME [NAME...] or KIND/NAME...")
+    sp.add_argument("-f", "--filename", action="append", default=[], metavar="FILE")
+    sp.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                    help="wait until the objects are gone (default: yes, as kubectl)")
+    sp.add_argument("--timeout", type=float, default=DELETE_TIMEOUT, metavar="SECONDS")
+    _namespace(sp)
+
+    sp = with_cluster(verb("expose", cmd_expose, "make a Service for a pod, rc, rs or deployment"))
+    sp.add_argument("kind")
+    sp.add_argument("name", nargs="?")
+    sp.add_argument("--port", type=int)
+    sp.add_argument("--target-port")
+    sp.add_argument("--type", default="ClusterIP", choices=["ClusterIP", "NodePort", "LoadBalancer"])
+    sp.add_argument("--name", dest="service_name")
+    sp.add_argument("--protocol", default="TCP", choices=["TCP", "UDP", "SCTP"])
+    _namespace(sp)
+
+    sp = with_cluster(verb("scale", cmd_scale, "set the replicas of an rc, rs or deployment"))
+    sp.add_argument("kind")
+    sp.add_argument("name", nargs="?")
+    sp.add_argument("--replicas", type=int, required=True)
+    _namespace(sp)
+
+    sp = with_cluster(verb("label", cmd_label, "add (key=value) or remove (key-) labels of an object"))
+    sp.add_argument("kind")
+    sp.add_argument("rest", nargs="+", metavar="NAME KEY=VALUE|KEY-")
+    sp.add_argument("--overwrite", action="store_true")
+    _namespace(sp)
+
+
+def _namespace(sp) -> None:
+    sp.add_argument("-n", "--namespace", default=None)
+
+
+# -- names kubectl prints ---------------------------------------------------------
+
+def _group(kind: str) -> str:
+    api_version = registry.KINDS[kind][2]
+    return "." + api_version.split("/")[0] if "/" in api_version else ""
+
+
+def resource_ref(kind: str, name: str) -> str:
+    """`pod/x`, `replicationcontroller/x`, `deployment.apps/x`, `job.batch/x`."""
+    return f"{registry.kind_word(kind)}{_group(kind)}/{name}"
+
+
+def resource_plural(kind: str) -> str:
+    """The resource in kubectl's error messages: pods, endpoints, deployments.apps."""
+    plural = "endpoints" if kind == "Endpoints" else kind.lower() + "s"
+    return plural + _group(kind)
+
+
+def _kind(word: str) -> str:
+    try:
+        return registry.kind_of(word)
+    except KeyError:
+        raise WorkloadCliError(f'the server doesn\'t have a resource type "{word}"') from None
+
+
+def _server_error(e: api.ApiError) -> str:
+    """kubectl's line for a refusal: client-side checks say `error:`, the API
+    server's `Error from server (Reason):`."""
+    if e.reason == "BadRequest":
+        return f"error: {e}"
+    return f"Error from server ({e.reason}): {e}"
+
+
+def _kind_name(kind: str, name: str | None, verb: str) -> tuple[str, str]:
+    """KIND NAME or KIND/NAME, as kubectl takes both."""
+    if "/" in kind and name is None:
+        kind, name = kind.split("/", 1)
+    if not name:
+        raise WorkloadCliError(f"{verb}: expected KIND NAME or KIND/NAME")
+    return _kind(kind), name
+
+
+# -- loading manifests -------------------------------------------------------------
+
+def _cluster_context(cluster: str, store):
+    """(settings, nodes) to validate manifests against: the cluster's settings
+    from its topology, the nodes as the store has them now (nodes added with
+    `netemu node add` included)."""
+    from netemu.controlplane import load_topology
+    from netemu.topology.model import NodeSpec
+
+    settings = load_topology(cluster).settings
+    nodes = [NodeSpec(name=n["metadata"]["name"], labels=dict(n["metadata"].get("labels") or {}),
+                      address=None, pod_cidr=None, unschedulable=bool((n.get("spec") or {}).get("unschedulable")))
+             for n in registry.list_(store, "Node")]
+    return settings, nodes
+
+
+def load_files(paths: list[str], settings=None, nodes=None) -> list[dict]:
+    """Every object of the files (directories: their manifests), validated alone
+    and together before anything is stored. Warnings go to stderr. Raises
+    TopologyError."""
+    from netemu.topology import manifests
+
+    entries = []
+    for given in paths:
+        path = Path(given)
+        if not path.exists():
+            raise WorkloadCliError(f'the path "{given}" does not exist')
+        files = manifests.manifest_files(path)
+        if path.is_dir() and not files:
+            raise WorkloadCliError(f'no manifest (.yaml, .yml, .json) in the directory "{given}"')
+        for file in files:
+            entries.extend(manifests.read_manifest_file(file))
+    if not entries:
+        raise WorkloadCliError("no objects passed to apply")
+    for warning in manifests.check_batch(entries, settings, nodes):
+        print(f"Warning: {warning}", file=sys.stderr)
+    return [e.obj for e in entries]
+
+
+def _in_namespace(objs: list[dict], namespace: str | None) -> list[dict]:
+    """-n NS puts objects that name no namespace (the loader defaulted them to
+    "default") into NS."""
+    if namespace and namespace != "default":
+        for obj in objs:
+            if registry.KINDS.get(obj.get("kind"), (None, False))[1] and \
+                    obj["metadata"].get("namespace", "default") == "default":
+                obj["metadata"]["namespace"] = namespace
+    return objs
+
+
+def _open(args):
+    cluster = clusters.resolve(args.cluster)
+    return cluster, clusters.open_store(cluster)
+
+
+# -- verbs ---------------------------------------------------------------------------
+
+def cmd_apply(args) -> int:
+    cluster, store = _open(args)
+    try:
+        settings, nodes = _cluster_context(cluster, store)
+        objs = _in_namespace(load_files(args.filename, settings, nodes), args.namespace)
+        failed = False
+        for obj in objs:
+            try:
+                stored, verb = api.create_or_update(store, obj, settings)
+            except api.ApiError as e:
+                print(_server_error(e), file=sys.stderr)
+                failed = True
+                continue
+            print(f"{resource_ref(stored['kind'], stored['metadata']['name'])} {verb}")
+        return 1 if failed else 0
+    finally:
+        store.close()
+
+
+def cmd_create(args) -> int:
+    cluster, store = _open(args)
+    try:
+        settings, nodes = _cluster_context(cluster, store)
+        objs = _in_namespace(load_files(args.filename, settings, nodes), args.namespace)
+        failed = False
+        for obj in objs:
+            kind, meta = obj["kind"], obj["metadata"]
+            source = args.filename[0] if len(args.filename) == 1 else "manifest"
+            if kind in registry.KINDS and registry.get(store, kind, meta.get("namespace"), meta["name"]):
+                print(f'Error from server (AlreadyExists): error when creating "{source}": '
+                      f'{resource_plural(kind)} "{meta["name"]}" already exists', file=sys.stderr)
+                failed = True
+                continue
+            try:
+                stored, verb = api.create_or_update(store, obj, settings)
+            except api.ApiError as e:
+                print(_server_error(e), file=sys.stderr)
+                failed = True
+                continue
+            if verb != "created":      # someone created it between our check and our write
+                print(f'Error from server (AlreadyExists): {resource_plural(kind)} "{meta["name"]}" '
+                      "already exists", file=sys.stderr)
+                failed = True
+                continue
+            print(f"{resource_ref(kind, stored['metadata']['name'])} created")
+        return 1 if failed else 0
+    finally:
+        store.close()
+
+
+def _delete_targets(args) -> list[tuple[str, str | None, str]]:
+    """(kind, namespace, name) for each object the command names."""
+    ns = args.namespace or "default"
+    targets = []
+    if args.filename:
+        if args.args:
+            raise WorkloadCliError("delete: give either -f FILE or KIND NAME, not both")
+        for obj in _in_namespace(load_files(args.filename), args.namespace):
+            kind = _kind(obj["kind"])
+            targets.append((kind, obj["metadata"].get("namespace") if registry.KINDS[kind][1] else None,
+                            obj["metadata"]["name"]))
+        return targets
+    if not args.args:
+        raise WorkloadCliError("delete: expected KIND NAME [NAME...], KIND/NAME... or -f FILE")
+    if "/" in args.args[0]:
+        pairs = []
+        for item in args.args:
+            if "/" not in item:
+                raise WorkloadCliError(f"there is no need to specify a resource type as a separate argument "
+                                       f"when passing arguments in resource/name form (e.g. 'netemu delete "
+                                       f"pod/NAME' instead of 'netemu delete pod NAME'): {item}")
+            pairs.append(tuple(item.split("/", 1)))
+    else:
+        if len(args.args) < 2:
+            raise WorkloadCliError(f'delete: which {args.args[0]}? (netemu delete {args.args[0]} NAME)')
+        pairs = [(args.args[0], name) for name in args.args[1:]]
+    for word, name in pairs:
+        kind = _kind(word)
+        targets.append((kind, ns if registry.KINDS[kind][1] else None, name))
+    return targets
+
+
+def cmd_delete(args) -> int:
+    targets = _delete_targets(args)
+    cluster, store = _open(args)
+    try:
+        failed = False
+        deleted = []
+        for kind, ns, name in targets:
+            try:
+                obj = api.delete(store, kind, ns, name)
+            except api.ApiError as e:
+                if e.reason == "NotFound":
+                    print(f'Error from server (NotFound): {resource_plural(kind)} "{name}" not found',
+                          file=sys.stderr)
+                else:
+                    print(_server_error(e), file=sys.stderr)
+                failed = True
+                continue
+            # kubectl prints this once the API server accepted the delete; with
+            # --wait it then blocks until the object is gone.
+            print(f'{registry.kind_word(kind)}{_group(kind)} "{name}" deleted')
+            deleted.append((kind, ns, name, obj["metadata"].get("uid")))
+        if args.wait:
+            for kind, ns, name, uid in deleted:
+                if not wait_gone(store, kind, ns, name, uid, args.timeout):
+                    print(f"error: timed out waiting for the condition on {resource_plural(kind)}/{name}",
+                          file=sys.stderr)
+                    failed = True
+        return 1 if failed else 0
+    finally:
+        store.close()
+
+
+def wait_gone(store, kind: str, namespace: str | None, name: str, uid: str | None, timeout: float) -> bool:
+    """Wait until the object of that UID is no longer in the store: for a pod on a
+    node, until its kubelet has stopped the containers, torn down the sandbox
+    and removed the key. A new object of the same name (a StatefulSet would
+    make one; a user may) does not count as the old one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        obj = registry.get(store, kind, namespace, name)
+        if obj is None or (uid is not None and obj["metadata"].get("uid") != uid):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+def cmd_expose(args) -> int:
+    kind, name = _kind_name(args.kind, args.name, "expose")
+    cluster, store = _open(args)
+    try:
+        from netemu.controlplane import load_topology
+        settings = load_topology(cluster).settings
+        try:
+            svc = api.expose(store, kind, name, args.port, args.target_port, args.type, args.service_name,
+                             args.protocol, namespace=args.namespace or "default", settings=settings)
+        except api.ApiError as e:
+            print(_not_found_or(e, kind, name), file=sys.stderr)
+            return 1
+        print(f"service/{svc['metadata']['name']} exposed")
+        return 0
+    finally:
+        store.close()
+
+
+def _not_found_or(e: api.ApiError, kind: str, name: str) -> str:
+    if e.reason == "NotFound":
+        return f'Error from server (NotFound): {resource_plural(kind)} "{name}" not found'
+    return _server_error(e)
+
+
+def cmd_scale(args) -> int:
+    kind, name = _kind_name(args.kind, args.name, "scale")
+    cluster, store = _open(args)
+    try:
+        try:
+            api.scale(store, kind, name, args.replicas, namespace=args.namespace or "default")
+        except api.ApiError as e:
+            print(_not_found_or(e, kind, name), file=sys.stderr)
+            return 1
+        print(f"{resource_ref(kind, name)} scaled")
+        return 0
+    finally:
+        store.close()
+
+
+def cmd_label(args) -> int:
+    if "/" in args.kind:
+        kind, name = _kind_name(args.kind, None, "label")
+        changes = args.rest
+    else:
+        kind, name, changes = _kind(args.kind), args.rest[0], args.rest[1:]
+    if not changes:
+        raise WorkloadCliError("at least one label update is required (KEY=VALUE or KEY-)")
+    cluster, store = _open(args)
+    try:
+        try:
+            _, changed = api.label(store, kind, name, changes, overwrite=args.overwrite,
+                                   namespace=args.namespace or "default")
+        except api.ApiError as e:
+            print(_not_found_or(e, kind, name), file=sys.stderr)
+            return 1
+        only_removals = all(c.endswith("-") and "=" not in c for c in changes)
+        word = "not labeled" if not changed else ("unlabeled" if only_removals else "labeled")
+        print(f"{resource_ref(kind, name)} {word}")
+        return 0
+    finally:
+        store.close()
