@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from netemu.capture import cli as capture_cli
     capture_cli.register(sub, verb, with_cluster)
+    from netemu import workloads_cli
+    workloads_cli.register(sub, verb, with_cluster)
 
     sp = with_cluster(verb("client", cmd_client, "run a command on the external client (outside the cluster): "
                                                  "netemu client exec -- CMD"))

@@ -223,8 +223,7 @@ def wait_ready(cluster: str, progress, timeout: float = READY_TIMEOUT) -> dict:
             if not _control_plane_alive(cluster):
                 raise ClusterError(f"the control plane died; see {names.state_dir(cluster)}/controlplane.log")
             if time.monotonic() > deadline:
-                raise ClusterError(f"cluster not ready after {timeout:.0f} s ({line}); "
-                                   f"logs in {names.state_dir(cluster)}")
+                raise ClusterError(f"cluster not ready after {timeout:.0f} s ({line})" + _diagnosis(cluster))
             time.sleep(0.1)
     finally:
         store.close()
@@ -239,6 +238,26 @@ def wait_node_ready(store, name: str, timeout: float = 30.0) -> dict:
         if time.monotonic() > deadline:
             raise ClusterError(f"node {name} not ready after {timeout:.0f} s")
         time.sleep(0.05)
+
+
+def _diagnosis(cluster: str) -> str:
+    """The last error a daemon logged, so a failed up says why (its logs go with
+    the rollback)."""
+    logs = [os.path.join(names.state_dir(cluster), "controlplane.log")]
+    nodes_dir = os.path.join(names.state_dir(cluster), "nodes")
+    for node in sorted(os.listdir(nodes_dir)) if os.path.isdir(nodes_dir) else []:
+        logs += [os.path.join(nodes_dir, node, f"{d}.log") for d in ("overlay", "proxy")]
+    for path in logs:
+        try:
+            with open(path, errors="replace") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            continue
+        errors = [l for l in lines if l and not l.startswith((" ", "Traceback")) and
+                  ("Error" in l or "ERROR" in l or "Exception" in l)]
+        if errors:
+            return f"; {os.path.relpath(path, names.state_dir(cluster))}: {errors[-1].strip()[:300]}"
+    return ""
 
 
 def _controllers_done(store) -> bool:

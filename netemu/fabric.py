@@ -33,8 +33,10 @@ def plug(cluster: str, host_ns: str, port: str, address: ipaddress.IPv4Interface
     bridge and whose other end is IFACE in HOST_NS with ADDRESS."""
     fab = names.fabric_ns(cluster)
     netns.ip_batch(fab, [
-        f"link add {port} mtu {mtu} type veth peer name {iface} mtu {mtu} netns {host_ns}",
-        f"link set {port} master {names.FABRIC_BRIDGE} up",
+        # "name" before each interface name: a node called "master" or "up" must
+        # not be read as one of ip's keywords.
+        f"link add name {port} mtu {mtu} type veth peer name {iface} mtu {mtu} netns {host_ns}",
+        f"link set dev {port} master {names.FABRIC_BRIDGE} up",
     ])
     netns.ip_batch(host_ns, [
         "link set lo up",

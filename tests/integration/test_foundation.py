@@ -66,9 +66,10 @@ def test_tutorial_step1_containers_share_localhost_and_hostports(tmp_path):
 
 
 def test_pods_get_addresses_hostnames_and_logs(tmp_path):
+    # A node named after one of ip's keywords ("master") must work too.
     path = write_topology(tmp_path, "tf-basic", {
-        "nodes": [{"name": "n1"}, {"name": "n2"}],
-        "workloads": [pod("a", "n1"), pod("b", "n1"), pod("c", "n2")]})
+        "nodes": [{"name": "master"}, {"name": "n2"}],
+        "workloads": [pod("a", "master"), pod("b", "master"), pod("c", "n2")]})
     with running(path) as (name, summary):
         pods = {p["metadata"]["name"]: p for p in summary["pods"]}
         ips = {n: p["status"]["podIP"] for n, p in pods.items()}
