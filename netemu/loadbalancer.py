@@ -36,7 +36,7 @@ def create_namespace(cluster: str, mtu: int) -> str:
     journal.record(cluster, "netns", ns)
     netns.create(ns)
     netns.ip_batch(names.fabric_ns(cluster), [
-        f"link add lb mtu {mtu} type veth peer name {names.NODE_UPLINK} mtu {mtu} netns {ns}",
+        f"link add name lb mtu {mtu} type veth peer name {names.NODE_UPLINK} mtu {mtu} netns {ns}",
         f"link set lb master {names.FABRIC_BRIDGE} up"])
     netns.ip_batch(ns, ["link set lo up", f"link set {names.NODE_UPLINK} up"])
     netns.write_sysctl(ns, "net.ipv4.ip_forward", 1)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
 import subprocess
 
@@ -31,6 +30,7 @@ from netemu.node.host import configure_bridge
 from netemu.node.ipam import HostLocalIPAM
 from netemu.overlay import subnetenv
 from netemu.store import registry
+from netemu.supervisor import stop as stop_process
 
 log = logging.getLogger("netemu.kubelet")
 
@@ -404,12 +404,7 @@ class PodWorker:
 
 async def _stop_process(proc) -> None:
     """SIGTERM the container's process group, SIGKILL after the grace period."""
-    for sig, wait in ((signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, 5)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with trio.move_on_after(wait):
-            await proc.wait()
-            return
+    await stop_process(proc, STOP_GRACE)
 
 
 def node_address_of(node: dict) -> str:

@@ -174,3 +174,29 @@ def test_bad_manifest_builds_nothing(tmp_path):
     assert "containerPort" in proc.stderr and "tf-bad.yaml" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert_gone("tf-bad")
+
+
+def test_cluster_is_sealed_from_the_machine(tmp_path):
+    """No interface of the cluster has its other end outside the cluster's own
+    namespaces, so no emulated packet can reach the machine's network; a pod
+    cannot reach the machine's own address."""
+    from netemu import journal
+
+    path = write_topology(tmp_path, "tf-seal", {"nodes": [{"name": "n1"}, {"name": "n2"}],
+                                                "workloads": [pod("p", "n1")]})
+    with running(path) as (name, _):
+        own = [ns for kind, ns in journal.entries(name) if kind == "netns"]
+        assert names.pod_ns(name, "default", "p") in own
+        for ns in own:
+            ids = {e["nsid"]: e.get("name") for e in json.loads(
+                netns.run(ns, ["ip", "-j", "netns", "list-id"]).stdout or "[]")}
+            for link in json.loads(netns.run(ns, ["ip", "-j", "-d", "link", "show"]).stdout):
+                if "link_netnsid" in link:
+                    peer = ids.get(link["link_netnsid"])
+                    assert peer in own, f"{ns}: {link['ifname']} leads to namespace {peer!r}"
+        machine = [a["local"] for l in json.loads(subprocess.run(["ip", "-j", "addr"], capture_output=True,
+                                                                 text=True).stdout)
+                   for a in l.get("addr_info", []) if a.get("family") == "inet" and l["ifname"] != "lo"]
+        for addr in machine:
+            out = cli("exec", "--cluster", name, "p", "--", "ping", "-c", "1", "-W", "1", addr, check=False)
+            assert out.returncode != 0 and " 0 received" in out.stdout
