@@ -24,7 +24,6 @@ import sys
 import trio
 
 from netemu import names
-from netemu.node.kubelet import Kubelet
 from netemu.store import registry
 from netemu.store.sqlite import SqliteStore
 from netemu.supervisor import python_argv, supervise
@@ -120,6 +119,10 @@ class ControlPlane:
                 nursery.start_soon(self._kubelet, node)
 
     async def _kubelet(self, node: str) -> None:
+        # Imported here: the node daemons read this module's topology helpers and
+        # should not pay for the kubelet's imports.
+        from netemu.node.kubelet import Kubelet
+
         while True:
             try:
                 await Kubelet(self.cluster, node, self.store, self.settings).run()
