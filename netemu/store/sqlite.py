@@ -165,11 +165,16 @@ class SqliteStore:
 
         last = since
         while True:
-            if self.revision() > last or self._has_due_expiry():
-                for ev in self.events_since(last, prefix):
+            # Read the revision first: every write up to it is in the events read
+            # next (one query, one snapshot), so moving `last` up to it skips only
+            # revisions outside PREFIX. Reading it after the events would lose a
+            # write that landed in between.
+            current = self.revision()
+            if current > last or self._has_due_expiry():
+                events = self.events_since(last, prefix)
+                for ev in events:
                     yield ev
-                # Skip past unrelated revisions too, so the next poll is cheap.
-                last = max(last, self.revision())
+                last = max([last, current] + [ev.revision for ev in events])
             await trio.sleep(POLL_INTERVAL)
 
     def close(self) -> None:
