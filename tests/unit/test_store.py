@@ -46,24 +46,30 @@ def test_ttl_expiry_is_a_delete_event(store):
     assert [e.type for e in events] == ["DELETE"]
 
 
+@pytest.mark.timeout(120)
 def test_watch_sees_every_write_under_concurrent_writers(store, tmp_path):
     """No event may be skipped, however the writers interleave with the poll."""
     n_writers, per_writer = 3, 150
     seen = []
+    errors = []
 
     def writer(i):
         other = SqliteStore(str(tmp_path / "state.db"))
-        for k in range(per_writer):
-            other.put(f"/w/{i}/{k}", k)
-            other.put(f"/noise/{i}/{k}", k)   # writes outside the watched prefix
-        other.close()
+        try:
+            for k in range(per_writer):
+                other.put(f"/w/{i}/{k}", k)
+                other.put(f"/noise/{i}/{k}", k)   # writes outside the watched prefix
+        except Exception as e:  # reported below rather than lost in the thread
+            errors.append(repr(e))
+        finally:
+            other.close()
 
     async def main():
         since = store.revision()
         threads = [threading.Thread(target=writer, args=(i,)) for i in range(n_writers)]
         for t in threads:
             t.start()
-        with trio.move_on_after(30):
+        with trio.move_on_after(60):
             async for ev in store.watch("/w/", since):
                 seen.append(ev.key)
                 if len(seen) == n_writers * per_writer:
@@ -72,4 +78,5 @@ def test_watch_sees_every_write_under_concurrent_writers(store, tmp_path):
             t.join()
 
     trio.run(main)
+    assert not errors
     assert len(seen) == len(set(seen)) == n_writers * per_writer
