@@ -203,9 +203,10 @@ def trace_svg(result) -> str:
     svg.text(x0, y0 + 12, f"trace {result.source} -> {d.description} ({d.proto.upper()}"
              f"{':' + str(d.port) if d.port else ''}), backend {result.backend}", bold=True)
     svg.text(x0, y0 + 12 + LINE_H, f"{result.probe}; {result.outcome}")
-    y = y0 + 12 + LINE_H * 2 + (LINE_H if result.rule else 0)
-    if result.rule:
-        svg.text(x0, y0 + 12 + LINE_H * 2, f"DNAT: {result.rule}"[:160])
+    y = y0 + 12 + LINE_H * 2
+    for line in result.rules:
+        svg.text(x0, y, line[:160])
+        y += LINE_H
     col_x = {w: x0 + i * (col_w + 40) for i, w in enumerate(wheres)}
     for w, cx in col_x.items():
         svg.text(cx + col_w / 2, y + 20, w, bold=True, anchor="middle")

@@ -23,6 +23,12 @@ Facts that shape the argv (see /work/shared/REFERENCE.md):
   kernel's ring block fills or times out; without it the last packets before a stop
   may never reach the file.
 - `-c N` that is never reached never exits: every wait here has a deadline.
+- tcpdump puts the interface in promiscuous mode unless told `-p`. On a bridge
+  (docker0) with br_netfilter that changes what happens to packets: a promiscuous
+  bridge also passes every forwarded frame up to its own IP stack, where a frame
+  that DNAT rewrote in the bridge (a pod reaching a Service whose endpoint is on
+  the same node) is routed a second time and delivered twice. Observers that must
+  not disturb the path (`netemu trace`) pass promiscuous=False.
 """
 
 from __future__ import annotations
@@ -58,13 +64,15 @@ def tcpdump_argv(iface: str = "any", pcap_path: str | None = None,
                  bpf_filter: str | Sequence[str] | None = None, *, count: int | None = None,
                  snaplen: int | None = None, line_buffered: bool = False,
                  immediate: bool = True, verbose: bool = False,
-                 buffer_kib: int | None = None) -> list[str]:
+                 buffer_kib: int | None = None, promiscuous: bool = True) -> list[str]:
     """tcpdump's own argv (run it in a namespace with netns.exec_argv).
 
     pcap_path "-" writes the pcap stream to stdout. bpf_filter is a filter
     expression as one string ("udp port 8285") or as words.
     """
     argv = [TCPDUMP, "-i", iface, "-n", "-Z", "root"]
+    if not promiscuous:
+        argv.append("-p")
     if immediate:
         argv.append("--immediate-mode")
     if pcap_path is not None:

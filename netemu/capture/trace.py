@@ -79,6 +79,13 @@ class Step:
 
 BRIDGED_NOTE = ("not seen: the bridge forwards between its ports without passing "
                 "the packet up to docker0")
+# A pod reaching a Service (or its node's NodePort) whose endpoint is on the same
+# node: the frame is addressed to docker0 (the gateway), but br_netfilter runs the
+# nat PREROUTING hook inside the bridge, the DNAT makes the endpoint the
+# destination, and the bridge forwards the frame straight to the endpoint's port
+# (kubernetes/kubernetes#38802 is what happens without br_netfilter).
+DNAT_BRIDGED_NOTE = ("not seen: DNAT happened inside the bridge (br_netfilter), which then "
+                     "forwarded the frame straight to the endpoint's port")
 
 
 def _pod_steps(pod: PodInfo, view: ClusterView) -> list[Step]:
@@ -96,6 +103,10 @@ def _bridge(view: ClusterView, node: str, note: str = "") -> Step:
     return Step(Point(view.nodes[node].netns, names.NODE_BRIDGE), f"node {node}", note=note)
 
 
+def _uplink(view: ClusterView, node: str, encapsulated: bool = False) -> Step:
+    return Step(Point(view.nodes[node].netns, names.NODE_UPLINK), f"node {node}", encapsulated=encapsulated)
+
+
 def _between_nodes(view: ClusterView, a: str, b: str) -> list[Step]:
     """From node A's IP stack to node B's: tunnel device, eth0, eth0, tunnel."""
     na, nb = view.nodes[a], view.nodes[b]
@@ -104,19 +115,20 @@ def _between_nodes(view: ClusterView, a: str, b: str) -> list[Step]:
     steps = []
     if tunnel:
         steps.append(Step(Point(na.netns, tunnel), f"node {a}"))
-    steps.append(Step(Point(na.netns, names.NODE_UPLINK), f"node {a}", encapsulated=encap))
-    steps.append(Step(Point(nb.netns, names.NODE_UPLINK), f"node {b}", encapsulated=encap))
+    steps.append(_uplink(view, a, encap))
+    steps.append(_uplink(view, b, encap))
     if tunnel:
         steps.append(Step(Point(nb.netns, tunnel), f"node {b}"))
     return steps
 
 
-def _node_to_pod(view: ClusterView, node: str, pod: PodInfo, routed: bool = True) -> list[Step]:
+def _node_to_pod(view: ClusterView, node: str, pod: PodInfo, bridge_note: str = "") -> list[Step]:
     """From NODE's IP stack down to POD's eth0 (crossing nodes if the pod is elsewhere)."""
     steps = []
     if pod.node != node:
         steps += _between_nodes(view, node, pod.node)
-    steps.append(_bridge(view, pod.node, "" if routed else BRIDGED_NOTE))
+        bridge_note = ""
+    steps.append(_bridge(view, pod.node, bridge_note))
     return steps + list(reversed(_pod_steps(pod, view)))
 
 
@@ -135,36 +147,48 @@ def _merge(steps: Iterable[Step]) -> list[Step]:
 
 def plan_pod_to_pod(view: ClusterView, src: PodInfo, dst: PodInfo, dnat: bool = False) -> list[Step]:
     """The hops of a packet from pod SRC to pod DST. DNAT says it was sent to a
-    service address, so it goes up to the node's IP stack even on the same node."""
+    service address and rewritten on SRC's node (in the bridge, when DST is there too)."""
     out = _pod_steps(src, view)
-    same_node = src.node == dst.node
-    out.append(_bridge(view, src.node, "" if (dnat or not same_node) else BRIDGED_NOTE))
-    out += _node_to_pod(view, src.node, dst, routed=dnat or not same_node)
+    note = DNAT_BRIDGED_NOTE if dnat else BRIDGED_NOTE
+    out.append(_bridge(view, src.node, note if src.node == dst.node else ""))
+    out += _node_to_pod(view, src.node, dst, note)
     return _merge(out)
 
 
 def plan_client_to_pod(view: ClusterView, node: str, dst: PodInfo) -> list[Step]:
     """The external client to a NodePort on NODE, forwarded to pod DST."""
-    out = [Step(Point(view.client_ns, "eth0"), "client"),
-           Step(Point(view.nodes[node].netns, names.NODE_UPLINK), f"node {node}")]
+    out = [Step(Point(view.client_ns, "eth0"), "client"), _uplink(view, node)]
     return _merge(out + _node_to_pod(view, node, dst))
 
 
-def plan_pod_to_node(view: ClusterView, src: PodInfo, node: str) -> list[Step]:
-    """Pod SRC to NODE's own address (a NodePort): routed out plainly, no tunnel."""
-    out = _pod_steps(src, view) + [_bridge(view, src.node)]
-    if node != src.node:
-        out += [Step(Point(view.nodes[src.node].netns, names.NODE_UPLINK), f"node {src.node}"),
-                Step(Point(view.nodes[node].netns, names.NODE_UPLINK), f"node {node}")]
-    return _merge(out)
+def plan_client_via_lb(view: ClusterView, node: str, dst: PodInfo) -> list[Step]:
+    """The external client to a LoadBalancer's external IP: into the balancer's
+    eth0, out of the same eth0 to NODE's NodePort (DNAT + masquerade there), then
+    as a NodePort packet on to pod DST."""
+    if view.lb_ns is None:
+        raise TraceError(f'cluster "{view.name}" has no load balancer namespace')
+    lb = Point(view.lb_ns, names.NODE_UPLINK)
+    # Not merged: the balancer's eth0 sees the probe twice, in and out.
+    return [Step(Point(view.client_ns, "eth0"), "client"), Step(lb, "lb"), Step(lb, "lb"),
+            *_merge([_uplink(view, node)] + _node_to_pod(view, node, dst))]
+
+
+def plan_pod_to_node(view: ClusterView, src: PodInfo, node: str, dst: PodInfo) -> list[Step]:
+    """Pod SRC to NODE's own address (a NodePort), forwarded to pod DST: routed out
+    of SRC's node plainly, no tunnel, when NODE is another node; DNATed on SRC's
+    node when NODE is its own."""
+    out = _pod_steps(src, view)
+    if node == src.node:
+        note = DNAT_BRIDGED_NOTE if dst.node == node else ""
+        return _merge(out + [_bridge(view, node, note)] + _node_to_pod(view, node, dst, note))
+    out += [_bridge(view, src.node), _uplink(view, src.node), _uplink(view, node)]
+    return _merge(out + _node_to_pod(view, node, dst))
 
 
 def plan_pod_to_external(view: ClusterView, src: PodInfo, address: str) -> list[Step]:
     """Pod SRC to an address outside the cluster: out of its node's eth0
     (masqueraded), into the client's eth0 when it is the client's address."""
-    out = _pod_steps(src, view) + [_bridge(view, src.node),
-                                   Step(Point(view.nodes[src.node].netns, names.NODE_UPLINK),
-                                        f"node {src.node}")]
+    out = _pod_steps(src, view) + [_bridge(view, src.node), _uplink(view, src.node)]
     if view.client_address == address:
         out.append(Step(Point(view.client_ns, "eth0"), "client"))
     return out
@@ -174,7 +198,7 @@ def plan_pod_to_external(view: ClusterView, src: PodInfo, address: str) -> list[
 
 @dataclasses.dataclass(frozen=True)
 class Destination:
-    kind: str                          # "pod", "service", "nodeport", "external"
+    kind: str                          # "pod", "service", "nodeport", "loadbalancer", "external"
     address: str                       # where the probe is sent
     port: int | None
     proto: str                         # "tcp", "udp", "icmp"
@@ -197,11 +221,16 @@ def _service_port(svc: ServiceInfo, port: int | None, proto: str, node_port: int
     raise TraceError(f"service {svc.key} has no {proto.upper()} {want}")
 
 
-def _service_dest(view: ClusterView, svc: ServiceInfo, port: int | None, proto: str) -> Destination:
+def _service_dest(view: ClusterView, svc: ServiceInfo, port: int | None, proto: str,
+                  address: str | None = None) -> Destination:
+    """The service's ClusterIP, or ADDRESS when it is one of its external IPs."""
     if not svc.cluster_ip:
         raise TraceError(f"service {svc.key} has no ClusterIP (headless): trace a pod instead")
     sp = _service_port(svc, port, proto)
     pods = tuple(p for p in (view.pod_by_ip(e.ip) for e in sp.endpoints) if p is not None)
+    if address and address in svc.load_balancer_ips:
+        return Destination("loadbalancer", address, sp.port, proto,
+                           f"external IP {address}:{sp.port} of service {svc.key}", svc, sp, candidates=pods)
     return Destination("service", svc.cluster_ip, sp.port, proto,
                        f"service {svc.key} {svc.cluster_ip}:{sp.port}", svc, sp, candidates=pods)
 
@@ -259,7 +288,7 @@ def resolve_destination(view: ClusterView, dest: str, port: int | None, proto: s
         if svc is not None:
             if proto == "icmp":
                 raise TraceError("a service answers TCP and UDP only (kube-proxy does not DNAT ICMP)")
-            return _service_dest(view, svc, port, proto)
+            return _service_dest(view, svc, port, proto, name if _is_ip(name) else None)
         if kind:
             raise TraceError(f'services "{name}" not found')
     if kind:
@@ -275,31 +304,51 @@ def resolve_destination(view: ClusterView, dest: str, port: int | None, proto: s
     raise TraceError(f'"{dest}" is not a pod, service, IP address or NODE:PORT')
 
 
-def plan(view: ClusterView, src: str, dest: Destination, namespace: str = "default") -> tuple[str, dict[str, list[Step]]]:
-    """The source namespace and, per possible end of the path (endpoint pod name,
-    or "" for one with no pod at the end), the planned forward steps."""
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One way the probe may go. A Service's endpoint (and a load balancer's node)
+    is chosen at random by the kernel, so a trace plans every route, captures on
+    all of their points, and afterwards keeps the one the probe took."""
+
+    steps: tuple[Step, ...]
+    endpoint: PodInfo | None = None     # the pod at the end (None: outside the cluster)
+    dnat_node: str | None = None        # the node whose kube-proxy rules DNAT the probe
+    lb_node: str | None = None          # the node the load balancer forwards to
+
+
+def plan(view: ClusterView, src: str, dest: Destination, namespace: str = "default") -> tuple[str, dict[str, Route]]:
+    """The source namespace and the possible routes, keyed by endpoint pod (and,
+    through a load balancer, the node it picked: "n1/b"), or "" for no pod."""
     if src == "client":
-        if dest.kind != "nodeport":
-            raise TraceError("from the client, trace a NodePort (NODE:PORT): pod and service "
-                             "addresses are not routed outside the cluster")
-        return view.client_ns, {p.key: plan_client_to_pod(view, dest.node, p) for p in dest.candidates}
+        if dest.kind == "nodeport":
+            return view.client_ns, {p.key: Route(tuple(plan_client_to_pod(view, dest.node, p)), p, dest.node)
+                                    for p in dest.candidates}
+        if dest.kind == "loadbalancer":
+            return view.client_ns, {f"{n}/{p.key}": Route(tuple(plan_client_via_lb(view, n, p)), p, n, n)
+                                    for n in sorted(view.nodes) for p in dest.candidates}
+        raise TraceError("from the client, trace a NodePort (NODE:PORT) or a LoadBalancer's external "
+                         "IP: pod and service addresses are not routed outside the cluster")
     pod = view.pod(src.split("/", 1)[1] if src.startswith("pod/") else src, namespace)
     if pod is None or not pod.ip:
         raise TraceError(f'source "{src}" is not a running pod (or "client")')
     if dest.kind == "pod":
-        return pod.netns, {dest.candidates[0].key: plan_pod_to_pod(view, pod, dest.candidates[0])}
-    if dest.kind == "service":
-        return pod.netns, {p.key: plan_pod_to_pod(view, pod, p, dnat=True) for p in dest.candidates}
+        target = dest.candidates[0]
+        return pod.netns, {target.key: Route(tuple(plan_pod_to_pod(view, pod, target)), target)}
+    if dest.kind in ("service", "loadbalancer"):
+        # kube-proxy puts external IPs in the same map as ClusterIPs: from inside the
+        # cluster the packet never goes to the balancer, the pod's node DNATs it.
+        return pod.netns, {p.key: Route(tuple(plan_pod_to_pod(view, pod, p, dnat=True)), p, pod.node)
+                           for p in dest.candidates}
     if dest.kind == "nodeport":
-        return pod.netns, {p.key: _merge(plan_pod_to_node(view, pod, dest.node)
-                                         + _node_to_pod(view, dest.node, p)) for p in dest.candidates}
-    return pod.netns, {"": plan_pod_to_external(view, pod, dest.address)}
+        return pod.netns, {p.key: Route(tuple(plan_pod_to_node(view, pod, dest.node, p)), p, dest.node)
+                           for p in dest.candidates}
+    return pod.netns, {"": Route(tuple(plan_pod_to_external(view, pod, dest.address)))}
 
 
-def capture_points(plans: dict[str, list[Step]]) -> list[Point]:
+def capture_points(routes: dict[str, Route]) -> list[Point]:
     seen: dict[Point, None] = {}
-    for steps in plans.values():
-        for s in steps:
+    for route in routes.values():
+        for s in route.steps:
             seen.setdefault(s.point)
     return list(seen)
 
@@ -441,14 +490,15 @@ def hops_seen(hops: Sequence[Hop]) -> int:
     return sum(1 for h in hops if h.seen)
 
 
-def choose_path(plans: dict[str, list[Step]], forward: dict[Point, list[Seen]]) -> str:
-    """The plan the probe actually took: the one whose last hop (the endpoint pod)
-    saw it; else the one with most hops seen."""
+def choose_path(routes: dict[str, Route], forward: dict[Point, list[Seen]]) -> str:
+    """The route the probe actually took: the one whose last hop (the endpoint pod)
+    saw it; among those (or if none did), the one with most hops seen and fewest
+    not seen (through a load balancer, every node's route ends at the same pod)."""
     def score(item):
-        key, steps = item
-        hops = assign(steps, forward)
-        return (bool(hops and hops[-1].seen), hops_seen(hops))
-    return max(plans.items(), key=score)[0]
+        hops = assign(item[1].steps, forward)
+        seen = hops_seen(hops)
+        return (bool(hops and hops[-1].seen), seen - (len(hops) - seen))
+    return max(routes.items(), key=score)[0]
 
 
 # --- describing what changed between hops --------------------------------------
@@ -457,17 +507,64 @@ def _ep(addr: str, port: int | None) -> str:
     return addr if port is None else f"{addr}:{port}"
 
 
-def changes(prev: Seen | None, cur: Seen) -> list[str]:
-    """What happened to the packet between two hops where it was seen."""
+def address_names(view: ClusterView) -> dict[str, str]:
+    """Who owns each address a trace may show, to say whose address NAT put in
+    ("10.244.1.0" -> "node n1 flannel0"): pods, nodes' eth0, tunnel and docker0
+    addresses, ClusterIPs, external IPs, the client and the load balancer."""
+    out: dict[str, str] = {}
+    for node in view.nodes.values():
+        if node.subnet and view.tunnel_device:
+            # flannel gives its device the subnet's network address (udp: with the
+            # whole network's prefix; vxlan: /32); masquerade out of it uses it.
+            out[str(ipaddress.IPv4Network(node.subnet, strict=False).network_address)] = \
+                f"node {node.name} {view.tunnel_device}"
+        if node.bridge_ip:
+            out[node.bridge_ip] = f"node {node.name} {names.NODE_BRIDGE}"
+        out[node.address] = f"node {node.name} {names.NODE_UPLINK}"
+    for svc in view.services.values():
+        if svc.cluster_ip:
+            out[svc.cluster_ip] = f"ClusterIP of {svc.key}"
+        for ip in svc.load_balancer_ips:
+            out[ip] = f"external IP of {svc.key}"
+    if view.lb_address:
+        # The balancer's masquerade uses its eth0's first address, an external IP.
+        out[view.lb_address] = "load balancer"
+    if view.client_address:
+        out[view.client_address] = "client"
+    for pod in view.pods.values():
+        if pod.ip:
+            out[pod.ip] = f"pod {pod.key}"
+    return out
+
+
+def changes(prev: Seen | None, cur: Seen, reply: bool = False, owners: dict[str, str] | None = None) -> list[str]:
+    """What happened to the packet between two hops where it was seen.
+
+    On the way there, a new destination is DNAT and a new source is SNAT
+    (masquerade). On the way back conntrack undoes both for the reply: its
+    source is restored to what the probe was sent to, its destination to who sent it."""
     notes = []
     if prev is None:
         return notes
+    owners = owners or {}
+
+    def to(addr: str, port: int | None) -> str:
+        who = owners.get(addr)
+        return _ep(addr, port) + (f" ({who})" if who else "")
+
     a, b = prev.inner, cur.inner
     if (a.dst, a.dport) != (b.dst, b.dport):
-        notes.append(f"DNAT {_ep(a.dst, a.dport)} -> {_ep(b.dst, b.dport)}")
+        if reply:
+            notes.append(f"destination restored {_ep(a.dst, a.dport)} -> {to(b.dst, b.dport)}"
+                         " (conntrack undoes the masquerade)")
+        else:
+            notes.append(f"DNAT {_ep(a.dst, a.dport)} -> {to(b.dst, b.dport)}")
     if (a.src, a.sport) != (b.src, b.sport):
-        word = "SNAT (masquerade)" if a.dst == b.dst else "SNAT"
-        notes.append(f"{word} {_ep(a.src, a.sport)} -> {_ep(b.src, b.sport)}")
+        if reply:
+            notes.append(f"source restored {_ep(a.src, a.sport)} -> {to(b.src, b.sport)}"
+                         " (conntrack undoes the DNAT)")
+        else:
+            notes.append(f"SNAT (masquerade) {_ep(a.src, a.sport)} -> {to(b.src, b.sport)}")
     if prev.encapsulation is None and cur.encapsulation is not None:
         o = cur.outer
         tag = "UDP/flannel" if cur.encapsulation == "udp" else f"VXLAN vni {cur.vni}"
@@ -479,13 +576,13 @@ def changes(prev: Seen | None, cur: Seen) -> list[str]:
     return notes
 
 
-def annotate(hops: Sequence[Hop]) -> list[list[str]]:
+def annotate(hops: Sequence[Hop], reply: bool = False, owners: dict[str, str] | None = None) -> list[list[str]]:
     """Per hop, the changes since the last hop where the packet was seen."""
     out, prev = [], None
     for h in hops:
         notes = []
         for s in h.seen[:1]:
-            notes = changes(prev, s)
+            notes = changes(prev, s, reply, owners)
             prev = h.seen[-1]
         out.append(notes)
     return out
@@ -503,8 +600,10 @@ class TraceResult:
     endpoint: str | None             # the pod the probe ended at (its key)
     forward: list[Hop]
     reply: list[Hop]
-    rule: str | None = None          # the DNAT rule that chose the endpoint
+    rules: list[str] = dataclasses.field(default_factory=list)   # the NAT rules met, as lines
     pcap_dir: str | None = None      # kept captures, if asked
+    owners: dict[str, str] = dataclasses.field(default_factory=dict)   # address -> who has it
+    lb_node: str | None = None       # the node a load balancer forwarded the probe to
 
     @property
     def reached(self) -> bool:
@@ -524,10 +623,10 @@ def _describe_seen(s: Seen) -> str:
     return text
 
 
-def format_hops(hops: Sequence[Hop]) -> list[str]:
+def format_hops(hops: Sequence[Hop], reply: bool = False, owners: dict[str, str] | None = None) -> list[str]:
     width = max((len(h.step.label) for h in hops), default=0)
     lines = []
-    for n, (hop, notes) in enumerate(zip(hops, annotate(hops)), 1):
+    for n, (hop, notes) in enumerate(zip(hops, annotate(hops, reply, owners)), 1):
         head = f"  {n:>2}  {hop.step.label:<{width}}  "
         if not hop.seen:
             lines.append(head + f"- {hop.step.note or 'not seen'}")
@@ -544,17 +643,19 @@ def format_trace(r: TraceResult) -> str:
     port = f":{d.port}" if d.port else ""
     lines = [f"trace {r.source} -> {d.description} ({d.proto.upper()}{port}), backend {r.backend}",
              f"probe: {r.probe}; {r.outcome}"]
-    if r.endpoint and d.kind in ("service", "nodeport"):
-        lines.append(f"endpoint chosen: pod {r.endpoint}")
-    if r.rule:
-        lines.append(f"DNAT rule: {r.rule}")
+    if r.endpoint and d.kind != "pod":
+        via = f"node {r.lb_node} (by the load balancer), then " if r.lb_node else ""
+        lines.append(f"endpoint chosen: {via}pod {r.endpoint}")
+    if r.rules:
+        lines.append("NAT rules that chose it:")
+        lines += ["  " + line for line in r.rules]
     lines.append("")
     lines.append(f"forward ({hops_seen(r.forward)}/{len(r.forward)} hops saw the probe):")
-    lines += format_hops(r.forward)
+    lines += format_hops(r.forward, False, r.owners)
     lines.append("")
     if any(h.seen for h in r.reply):
         lines.append(f"reply ({hops_seen(r.reply)}/{len(r.reply)} hops saw it):")
-        lines += format_hops(r.reply)
+        lines += format_hops(r.reply, True, r.owners)
     else:
         lines.append("reply: not seen at any hop")
     if r.pcap_dir:
@@ -562,97 +663,31 @@ def format_trace(r: TraceResult) -> str:
     return "\n".join(lines)
 
 
-# --- DNAT rules -------------------------------------------------------------------
+# --- NAT rules -------------------------------------------------------------------
 
-def find_nft_rule(listing: str, vip: str, proto: str, port: int, endpoint: str) -> str | None:
-    """In `nft -a list table ip kube-proxy` text, the service-ips element for
-    VIP . PROTO . PORT, and the endpoint chain's rule that DNATs to ENDPOINT (ip:port).
+def lookup_rules(view: ClusterView, dest: Destination, route: Route, endpoint: str) -> list[str]:
+    """The rules that sent the probe to ENDPOINT ("ip:port") along ROUTE, read from
+    the namespaces that applied them (netemu.capture.rules), headed by where."""
+    from netemu.capture import rules
 
-    Returns e.g. "ip kube-proxy map service-ips: 10.96.0.10 . tcp . 80 -> service-X-ns/web/tcp/
-    -> chain endpoint-Y-ns/web/tcp/__10.244.1.2/80: meta l4proto tcp dnat to 10.244.1.2:80 # handle 12".
-    Also accepts nodeport elements written "tcp . 30080"."""
-    service_chain = None
-    key_re = re.compile(rf"(?<![\d.]){re.escape(vip)} \. {proto} \. {port}\b.*?:\s*goto\s+(\S+?)[,\s}}]"
-                        if vip else rf"(?<![\w.]){proto} \. {port}\b.*?:\s*goto\s+(\S+?)[,\s}}]")
-    m = key_re.search(listing)
-    if m:
-        service_chain = m.group(1).strip('"')
-    chain = None
-    found = None
-    for line in listing.splitlines():
-        cm = re.match(r"\s*chain\s+(\S+)\s*\{", line)
-        if cm:
-            chain = cm.group(1).strip('"')
-            continue
-        if chain and chain.startswith("endpoint-") and f"dnat to {endpoint}" in line:
-            if service_chain is None or chain.split("__")[0].split("-", 2)[-1] == service_chain.split("-", 2)[-1]:
-                found = (chain, line.strip())
-                break
-    if service_chain is None and found is None:
-        return None
-    text = "nftables table ip kube-proxy"
-    if service_chain:
-        text += f": {_ep(vip, None) + ' . ' if vip else ''}{proto} . {port} -> chain {service_chain}"
-    if found:
-        text += f" -> chain {found[0]}: {found[1]}"
-    return text
-
-
-def find_iptables_rule(save: str, vip: str | None, proto: str, port: int, endpoint: str) -> str | None:
-    """In `iptables-save -t nat` text, the KUBE-SERVICES (or KUBE-NODEPORTS) rule for
-    VIP:PORT and the KUBE-SEP chain's DNAT rule to ENDPOINT (ip:port)."""
-    svc_rule = svc_chain = None
-    for line in save.splitlines():
-        if not line.startswith("-A KUBE-SERVICES" if vip else "-A KUBE-NODEPORTS"):
-            continue
-        if vip and f"-d {vip}/32" not in line:
-            continue
-        if re.search(rf"--dport {port}\b", line) and f"-p {proto}" in line:
-            m = re.search(r"-j (KUBE-(?:SVC|EXT)-\S+)", line)
-            if m:
-                svc_rule, svc_chain = line, m.group(1)
-                break
-    seps = set()
-    if svc_chain:
-        for line in save.splitlines():
-            if line.startswith(f"-A {svc_chain} ") or (svc_chain.startswith("KUBE-EXT-")
-                                                       and line.startswith("-A KUBE-SVC-")):
-                m = re.search(r"-j (KUBE-SEP-\S+)", line)
-                if m:
-                    seps.add(m.group(1))
-    dnat = None
-    for line in save.splitlines():
-        m = re.match(r"-A (KUBE-SEP-\S+) ", line)
-        if m and f"--to-destination {endpoint}" in line and (not seps or m.group(1) in seps):
-            dnat = line
-            break
-    if svc_rule is None and dnat is None:
-        return None
-    parts = ["iptables -t nat"]
-    if svc_rule:
-        parts.append(svc_rule)
-    if dnat:
-        parts.append(dnat)
-    return " ; ".join(parts)
-
-
-def lookup_dnat_rule(view: ClusterView, node: str, dest: Destination, endpoint: str) -> str | None:
-    """Ask NODE's ruleset which rule sent DEST to ENDPOINT (ip:port)."""
-    from netemu import netns
-
-    ns = view.nodes[node].netns
-    vip = dest.address if dest.kind == "service" else None
+    out = []
     port = dest.port
-    mode = view.proxy_mode or "nftables"
-    with contextlib.suppress(Exception):
-        if mode == "nftables":
-            out = netns.run(ns, ["nft", "-a", "list", "table", "ip", "kube-proxy"], check=False, timeout=10)
-            if out.returncode == 0:
-                return find_nft_rule(out.stdout, vip, dest.proto, port, endpoint)
-        out = netns.run(ns, ["iptables-save", "-t", "nat"], check=False, timeout=10)
-        if out.returncode == 0:
-            return find_iptables_rule(out.stdout, vip, dest.proto, port, endpoint)
-    return None
+    try:
+        if route.lb_node is not None and view.lb_ns:
+            node_address = view.nodes[route.lb_node].address
+            found = rules.lookup_lb(view.lb_ns, dest.address, dest.proto, dest.port, node_address)
+            if found:
+                out += [f"at the load balancer ({view.lb_ns}), {found[0]}"] + found[1:]
+            port = dest.service_port.node_port
+        if route.dnat_node is not None:
+            vip = dest.address if dest.kind in ("service", "loadbalancer") and route.lb_node is None else None
+            found = rules.lookup(view.nodes[route.dnat_node].netns, view.proxy_mode or "nftables",
+                                 vip, dest.proto, port, endpoint)
+            if found:
+                out += [f"at node {route.dnat_node}, {found[0]}"] + found[1:]
+    except Exception as e:  # noqa: BLE001 - the rules are an explanation; the trace stands without them
+        out.append(f"(could not read the rules: {e})")
+    return out
 
 
 # --- probes (in a namespace) --------------------------------------------------------
@@ -750,7 +785,7 @@ def capture_all(points: Sequence[Point], workdir: str, bpf_filter: str = "ip") -
         path = os.path.join(workdir, f"{i:02d}-{p.netns}-{p.iface}.pcap")
         caps[p] = tcpdump.Capture(ns=p.netns, iface=p.iface, pcap_path=path,
                                   argv=tcpdump.tcpdump_argv(p.iface, path, bpf_filter,
-                                                            buffer_kib=4096))
+                                                            buffer_kib=4096, promiscuous=False))
     errors: list[BaseException] = []
 
     def start(c):
@@ -790,15 +825,15 @@ def run_trace(view: ClusterView, src: str, dest_word: str, *, port: int | None =
               keep_pcaps: str | None = None) -> TraceResult:
     """Plan, capture, probe once, correlate. KEEP_PCAPS: a folder to keep the pcaps in."""
     dest = resolve_destination(view, dest_word, port, proto, namespace)
-    if dest.kind in ("service", "nodeport") and not dest.candidates:
+    if dest.kind in ("service", "nodeport", "loadbalancer") and not dest.candidates:
         raise TraceError(f"{dest.description} has no ready endpoints to trace to")
-    src_ns, plans = plan(view, src, dest, namespace)
+    src_ns, routes = plan(view, src, dest, namespace)
     _register_backend_ports(view)
     token = TOKEN_PREFIX + os.urandom(8).hex().encode()
     workdir = keep_pcaps or tempfile.mkdtemp(prefix="netemu-trace-")
     os.makedirs(workdir, exist_ok=True)
     try:
-        points = capture_points(plans)
+        points = capture_points(routes)
         with capture_all(points, workdir) as pcaps:
             if dest.proto == "tcp":
                 result = probe_tcp(src_ns, dest.address, dest.port, timeout)
@@ -811,28 +846,29 @@ def run_trace(view: ClusterView, src: str, dest_word: str, *, port: int | None =
         if keep_pcaps is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    first = plans[next(iter(plans))][0].point
+    first = next(iter(routes.values())).steps[0].point
     mark = ProbeMark(dest.proto, token=token)
     if dest.proto == "tcp":
         mark = ProbeMark("tcp", isn=find_isn(seen, first, result.local))
     forward, reply = {}, {}
     for p, packets in seen.items():
         forward[p], reply[p] = split(packets, mark)
-    chosen = choose_path(plans, forward)
-    steps = plans[chosen]
+    chosen = choose_path(routes, forward)
+    route = routes[chosen]
+    steps = route.steps
     fwd_hops = assign(steps, forward)
     rep_hops = assign(list(reversed(steps)), reply)
     probe = {"tcp": "TCP SYN", "udp": "UDP datagram", "icmp": "ICMP echo request"}[dest.proto]
     if result.local:
         probe += f" from {result.local[0]}:{result.local[1]}"
-    rule = None
-    if dest.kind in ("service", "nodeport") and fwd_hops[-1].seen:
+    rules = []
+    if route.dnat_node is not None and fwd_hops[-1].seen:
         last = fwd_hops[-1].seen[0].inner
-        dnat_node = dest.node or view.pod(src, namespace).node
-        rule = lookup_dnat_rule(view, dnat_node, dest, _ep(last.dst, last.dport))
+        rules = lookup_rules(view, dest, route, _ep(last.dst, last.dport))
     return TraceResult(source=src, destination=dest, backend=view.backend, probe=probe,
-                       outcome=result.outcome, endpoint=chosen or None, forward=fwd_hops,
-                       reply=rep_hops, rule=rule, pcap_dir=keep_pcaps)
+                       outcome=result.outcome, endpoint=route.endpoint.key if route.endpoint else None,
+                       forward=fwd_hops, reply=rep_hops, rules=rules, pcap_dir=keep_pcaps,
+                       owners=address_names(view), lb_node=route.lb_node)
 
 
 def find_isn(seen: dict[Point, list[Seen]], first: Point, local: tuple[str, int] | None) -> int | None:
