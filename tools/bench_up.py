@@ -12,6 +12,7 @@ median; also the control plane's resident memory with everything running.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import statistics
 import sys
@@ -45,7 +46,17 @@ def main() -> int:
     ap.add_argument("--pods-per-node", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--backend", default="udp")
+    ap.add_argument("--wait-lock", action="store_true", help="wait for another benchmark to finish")
     args = ap.parse_args()
+    # One benchmark at a time on this machine (the lock `netemu bench` takes too).
+    lock = open("/run/netemu-bench.lock", "w")
+    if args.wait_lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    else:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit("another benchmark is running (/run/netemu-bench.lock); try --wait-lock")
     name = "bench-up"
     nodes = [{"name": f"n{i}"} for i in range(args.nodes)]
     pods = [{"apiVersion": "v1", "kind": "Pod",

@@ -101,6 +101,7 @@ def test_restart_policies_and_statuses(tmp_path):
                 restart="Never"),
             pod("succeeds", "n1", [{"name": "c", "image": "busybox", "command": ["sh", "-c", "echo done"]}],
                 restart="Never"),
+            pod("unknown-image", "n1", [{"name": "c", "image": "example.com/team/app:1.2"}]),
         ]})
     with running(path) as (name, summary):
         store = clusters.open_store(name)
@@ -119,6 +120,11 @@ def test_restart_policies_and_statuses(tmp_path):
         assert table["fails-onfailure"][2] in ("CrashLoopBackOff", "Error", "Running")
         assert int(table["fails-onfailure"][3]) >= 2
         assert cli("logs", "--cluster", name, "succeeds").stdout == "done\n"
+        # An image netemu does not emulate, with no command: an idle process, and
+        # a warning event that says so.
+        assert table["unknown-image"][2] == "Running"
+        described = cli("describe", "--cluster", name, "pod", "unknown-image").stdout
+        assert "ImageNotEmulated" in described and "example.com/team/app:1.2" in described
 
 
 def test_down_removes_only_its_own_cluster(tmp_path):
