@@ -1,8 +1,10 @@
 """The service proxy (kube-proxy): DNAT rules that send service traffic to endpoints.
 
 - model:     services + endpoints (API shape) -> service ports; kube-proxy's chain names
-- nftables:  desired `ip kube-proxy` table and incremental nft transactions (pure)
-- iptables:  iptables-restore --noflush input for the nat and filter tables (pure)
+- nftables:  desired `ip kube-proxy` table, per-service fragments, nft transactions (pure)
+- iptables:  per-service fragments, iptables-restore --noflush input for nat and filter (pure)
 - libnft:    in-process libnftables runner (ctypes), `nft -f -` fallback
-- proxier:   NftablesProxier / IptablesProxier: apply, diff, clean up, flush UDP conntrack
+- proxier:   NftablesProxier / IptablesProxier: keep per-service state, recompute and
+             apply only changed services, clean up, flush UDP conntrack
+- daemon:    the per-node process: store watch -> changed objects -> proxier
 """

@@ -3,10 +3,14 @@
     python -m netemu.proxy.daemon CLUSTER NODE
 
 Runs inside the node's network namespace (entered first thing, so the nft
-context and every iptables-restore it runs are the node's). It keeps a copy of
-all Services and Endpoints from the store's watch, and after each burst of
-changes makes the node's rules match them (one transaction; only the difference
-after the first sync). A periodic resync repairs anything changed behind its back.
+context and every iptables-restore it runs are the node's). It lists all
+Services and Endpoints once, then follows the store's watch, collecting the
+changed objects by (namespace, name); after each burst of changes it hands
+only those to the proxier, which recomputes and rewrites only those services'
+rules (one transaction). The first sync, and the one after a failure, write
+everything (the proxier decides). A periodic sync rewrites iptables mode's
+top-level chains; in nftables mode it is a no-op when nothing changed (a full
+rewrite would also empty the ClientIP affinity sets).
 Each sync is logged and its figures written to proxy-stats.json for the CLI.
 """
 
@@ -33,6 +37,13 @@ RESYNC_PERIOD = 30.0
 BURST = 0.005           # wait this long for more changes before syncing
 
 
+def _service_key(store_key: str) -> tuple[str, str]:
+    """(namespace, name) from the registry key /registry/<resource>/<namespace>/<name>,
+    the key a Service and its Endpoints share."""
+    namespace, name = store_key.rstrip("/").split("/")[-2:]
+    return namespace, name
+
+
 class ProxyDaemon:
     def __init__(self, cluster: str, node: str, store):
         self.cluster, self.node, self.store = cluster, node, store
@@ -41,8 +52,9 @@ class ProxyDaemon:
         node_obj = registry.get(store, "Node", None, node)
         ips = [a["address"] for a in node_obj["status"]["addresses"] if a["type"] == "InternalIP"]
         self.proxier = make_proxier(self.settings.proxy_mode, node, ips, str(self.settings.cluster_network))
-        self.services: dict[str, dict] = {}
-        self.endpoints: dict[str, dict] = {}
+        # Changes not yet handed to the proxier: (namespace, name) -> object, or None if deleted.
+        self.pending_services: dict = {}
+        self.pending_endpoints: dict = {}
         self.dirty = trio.Event()
         self.stats_path = os.path.join(names.node_dir(cluster, node), "proxy-stats.json")
         self.syncs = 0
@@ -50,22 +62,19 @@ class ProxyDaemon:
     async def run(self) -> None:
         since = self.store.revision()
         for kv in self.store.list(registry.prefix("Service")):
-            self.services[kv.key] = kv.value
+            self.pending_services[_service_key(kv.key)] = kv.value
         for kv in self.store.list(registry.prefix("Endpoints")):
-            self.endpoints[kv.key] = kv.value
+            self.pending_endpoints[_service_key(kv.key)] = kv.value
         self.dirty.set()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch, registry.prefix("Service"), self.services, since)
-            nursery.start_soon(self._watch, registry.prefix("Endpoints"), self.endpoints, since)
+            nursery.start_soon(self._watch, registry.prefix("Service"), self.pending_services, since)
+            nursery.start_soon(self._watch, registry.prefix("Endpoints"), self.pending_endpoints, since)
             nursery.start_soon(self._periodic)
             await self._sync_loop()
 
-    async def _watch(self, prefix: str, cache: dict, since: int) -> None:
+    async def _watch(self, prefix: str, pending: dict, since: int) -> None:
         async for ev in self.store.watch(prefix, since):
-            if ev.type == "PUT":
-                cache[ev.key] = ev.value
-            else:
-                cache.pop(ev.key, None)
+            pending[_service_key(ev.key)] = ev.value if ev.type == "PUT" else None
             self.dirty.set()
 
     async def _periodic(self) -> None:
@@ -78,21 +87,26 @@ class ProxyDaemon:
             await self.dirty.wait()
             await trio.sleep(BURST)
             self.dirty = trio.Event()
-            services, endpoints = list(self.services.values()), list(self.endpoints.values())
+            # Copy and empty in place: the watch tasks hold these very dicts.
+            services, endpoints = dict(self.pending_services), dict(self.pending_endpoints)
+            self.pending_services.clear()
+            self.pending_endpoints.clear()
             try:
                 # The proxier is bound to this process's namespace, which every
                 # thread shares (entered before any thread existed).
-                result = await trio.to_thread.run_sync(self.proxier.sync, services, endpoints)
+                result = await trio.to_thread.run_sync(self.proxier.sync_changes, services, endpoints)
             except Exception:
+                # The proxier kept the objects it was given and marked the kernel
+                # as unknown: the next sync rewrites everything.
                 log.exception("sync failed; the next one rewrites everything")
                 await trio.sleep(1)
                 self.dirty.set()
                 continue
             self.syncs += 1
             if result.applied:
-                log.info("synced %d service ports (%s, %s, %.1f ms, %d bytes)", result.service_ports,
-                         result.mode, "full" if result.full else "incremental", result.seconds * 1000,
-                         result.transaction_bytes)
+                log.info("synced %d service ports (%s, %s, %d services changed, %.1f ms, %d bytes)",
+                         result.service_ports, result.mode, "full" if result.full else "incremental",
+                         result.changed_services, result.seconds * 1000, result.transaction_bytes)
             self._write_stats(result)
 
     def _write_stats(self, result) -> None:

@@ -5,7 +5,9 @@ Like pkg/proxy/iptables/proxier.go, the rules are written as one
 - the top-level chains (KUBE-SERVICES, KUBE-NODEPORTS, KUBE-POSTROUTING,
   KUBE-MARK-MASQ in nat; KUBE-SERVICES, KUBE-EXTERNAL-SERVICES, KUBE-FORWARD,
   KUBE-NODEPORTS, KUBE-PROXY-FIREWALL in filter) are declared, which flushes
-  them under --noflush, and refilled completely on every sync;
+  them under --noflush, and refilled completely, on a full sync and on later
+  syncs only when their rules changed (kube-proxy refills them every time;
+  the resulting rules are the same, it just costs more at 10,000 services);
 - a per-service chain (KUBE-SVC-*, KUBE-SVL-*, KUBE-EXT-*, KUBE-SEP-*) is
   written only when it is new or its rules changed (kube-proxy's "partial
   sync"); unchanged ones are not mentioned and stay as they are;
@@ -84,9 +86,27 @@ class IptablesState:
     nat_chains: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
-def desired_state(service_ports: Iterable[ServicePort], node_name: str, cluster_cidr: str,
-                  mark: int = MASQUERADE_MARK) -> IptablesState:
-    """What kube-proxy's syncProxyRules would write for these service ports."""
+@dataclasses.dataclass
+class IptablesFragment:
+    """The rules that belong to some service ports (one service's), before assembly."""
+
+    filter_rules: list[str] = dataclasses.field(default_factory=list)
+    nat_rules: list[str] = dataclasses.field(default_factory=list)       # KUBE-SERVICES
+    nodeport_rules: list[str] = dataclasses.field(default_factory=list)  # KUBE-NODEPORTS
+    nat_chains: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+
+def service_port_rules(service_ports: Iterable[ServicePort], node_name: str,
+                       cluster_cidr: str) -> IptablesFragment:
+    """The fragment for these service ports; a proxier keeps one per service."""
+    frag = IptablesFragment()
+    for sp in service_ports:
+        _add_service_port(frag, frag.nodeport_rules, sp, node_name, cluster_cidr)
+    return frag
+
+
+def assemble(fragments: Iterable[IptablesFragment], mark: int = MASQUERADE_MARK) -> IptablesState:
+    """The whole desired state from the fragments, in the order given (kube-proxy's)."""
     m = mark_string(mark)
     st = IptablesState()
     st.nat_rules += [
@@ -98,8 +118,11 @@ def desired_state(service_ports: Iterable[ServicePort], node_name: str, cluster_
         f"-A {KUBE_MARK_MASQ} -j MARK --or-mark {m}",
     ]
     nodeport_rules: list[str] = []
-    for sp in service_ports:
-        _add_service_port(st, nodeport_rules, sp, node_name, cluster_cidr)
+    for frag in fragments:
+        st.filter_rules += frag.filter_rules
+        st.nat_rules += frag.nat_rules
+        nodeport_rules += frag.nodeport_rules
+        st.nat_chains.update(frag.nat_chains)
     st.nat_rules += nodeport_rules
     st.nat_rules.append(
         f'-A {KUBE_SERVICES} -m comment --comment "kubernetes service nodeports; NOTE: this must '
@@ -113,7 +136,13 @@ def desired_state(service_ports: Iterable[ServicePort], node_name: str, cluster_
     return st
 
 
-def _add_service_port(st: IptablesState, nodeport_rules: list[str], sp: ServicePort,
+def desired_state(service_ports: Iterable[ServicePort], node_name: str, cluster_cidr: str,
+                  mark: int = MASQUERADE_MARK) -> IptablesState:
+    """What kube-proxy's syncProxyRules would write for these service ports."""
+    return assemble([service_port_rules(service_ports, node_name, cluster_cidr)], mark)
+
+
+def _add_service_port(st: IptablesFragment, nodeport_rules: list[str], sp: ServicePort,
                       node_name: str, cluster_cidr: str) -> None:
     proto, name = sp.proto, sp.name_string
     cluster_eps = sp.ready_endpoints
@@ -248,6 +277,9 @@ def missing_jumps(saved: str | None) -> list[tuple[str, str]]:
 
 # -- rendering -------------------------------------------------------------------
 
+EMPTY_RESTORE = "*filter\nCOMMIT\n*nat\nCOMMIT\n"   # restore_input when nothing changed
+
+
 def restore_input(new: IptablesState, old: IptablesState | None = None,
                   saved: str | None = None) -> str:
     """iptables-restore --noflush input turning OLD (None: unknown) into NEW.
@@ -266,20 +298,42 @@ def restore_input(new: IptablesState, old: IptablesState | None = None,
         stale = sorted(c for c in old.nat_chains if c not in new.nat_chains)
         jumps = []
 
+    # Top-level chains: all of them on a full sync; afterwards only those whose
+    # rules changed. kube-proxy rewrites them on every sync, which at 10,000
+    # services is 10,000+ rules re-sent for an endpoint change that leaves
+    # KUBE-SERVICES as it was; the installed rules are the same either way.
+    filter_new, nat_new = _rules_by_chain(new.filter_rules), _rules_by_chain(new.nat_rules)
+    if old is None:
+        filter_top, nat_top = FILTER_TOP_CHAINS, NAT_TOP_CHAINS
+    else:
+        filter_old, nat_old = _rules_by_chain(old.filter_rules), _rules_by_chain(old.nat_rules)
+        filter_top = [c for c in FILTER_TOP_CHAINS if filter_new.get(c) != filter_old.get(c)]
+        nat_top = [c for c in NAT_TOP_CHAINS if nat_new.get(c) != nat_old.get(c)]
+
     lines = ["*filter"]
-    lines += [f":{c} - [0:0]" for c in FILTER_TOP_CHAINS]
+    lines += [f":{c} - [0:0]" for c in filter_top]
     lines += [j for t, j in jumps if t == "filter"]
-    lines += new.filter_rules
+    for c in filter_top:
+        lines += filter_new.get(c, ())
     lines.append("COMMIT")
     lines.append("*nat")
-    lines += [f":{c} - [0:0]" for c in (*NAT_TOP_CHAINS, *write, *stale)]
+    lines += [f":{c} - [0:0]" for c in (*nat_top, *write, *stale)]
     lines += [j for t, j in jumps if t == "nat"]
-    lines += new.nat_rules
+    for c in nat_top:
+        lines += nat_new.get(c, ())
     for c in write:
         lines += new.nat_chains[c]
     lines += [f"-X {c}" for c in stale]
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+def _rules_by_chain(rules: Sequence[str]) -> dict[str, list[str]]:
+    """"-A CHAIN ..." lines grouped by chain, in order."""
+    out: dict[str, list[str]] = {}
+    for rule in rules:
+        out.setdefault(rule.split(" ", 2)[1], []).append(rule)
+    return out
 
 
 def cleanup_input(saved: str) -> str:

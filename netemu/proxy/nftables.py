@@ -7,16 +7,43 @@ affinity sets. `desired_state()` computes the per-service part from service
 ports (netemu.proxy.model); `full_transaction()` renders the whole table as one
 nft transaction, and `incremental_transaction()` renders only what differs
 between two desired states, also as one transaction. Applying it is
-netemu.proxy.proxier's job.
+netemu.proxy.proxier's job. The per-service part is computed service port by
+service port (`service_port_state()`), so that a proxier can keep one fragment
+per service and recompute only the services that changed; `merge_states()`
+joins fragments, and a diff of the fragments of the changed services alone is a
+valid transaction for the whole table (names and map keys are per service).
 
 Names, rule shapes and comments follow pkg/proxy/nftables/proxier.go:
     ip daddr . meta l4proto . th dport vmap @service-ips
     service-HASH-ns/name/tcp/port:  [masquerade off-cluster sources]
-                                    numgen random mod N vmap { 0 : goto endpoint-..., ... }
+                                    numgen random mod 2 0 goto endpoint-...   (see below)
+                                    goto endpoint-...
     endpoint-HASH-ns/name/tcp/port__ip/port:
                                     ip saddr <ip> jump mark-for-masquerade   (hairpin)
                                     meta l4proto tcp dnat to ip:port
-Where we differ: no LoadBalancerSourceRanges (firewall-* chains), no
+Where we differ, on purpose, for speed: kube-proxy spreads over N endpoints
+with one rule `numgen random mod N vmap { 0 : goto endpoint-A , 1 : goto
+endpoint-B , ... }`; we write kube-proxy's iptables-mode cascade in nftables
+terms instead: rule i of n is `numgen random mod (n-i) 0 goto endpoint-i`
+(probability 1/(n-i) of the packets that reach it: uniform overall), the last
+one a plain `goto`. Same chains, same names, same uniform choice; the
+difference is N rules instead of one rule with an anonymous map. Why: each
+anonymous map is a set in the kernel, and nft 1.0.6 + kernel 6.18 load them
+super-linearly (10,000 services x 2 endpoints: ~40 s with the maps, ~4 s
+without, measured under load; named per-service maps ~18 s); every later
+transaction also lists every set of the table first. See tools/bench_proxy.py.
+The per-service chains of a full load are written as one `table { chain { } }`
+block, which nft parses faster than one `add rule` command per rule.
+
+What a one-service change still costs at 10,000 services (perf, kernel 6.18):
+any transaction that adds a jump/goto makes the kernel re-validate the whole
+table (nft_chain_validate walks every chain reachable from the base chains,
+through every @service-ips element), and nft 1.0.6 lists every chain of the
+ruleset before evaluating an `add rule` / `add element` / `delete chain` (only
+`add chain`, `add set`, `flush chain` need no listing). Both grow with the
+number of chains, so the one-change cost is not flat; one transaction per
+sync (not chunks) keeps it to one validation.
+Other differences: no LoadBalancerSourceRanges (firewall-* chains), no
 nodeport-ips set (NodePorts answer on every local address, kube-proxy's
 default), priorities written as numbers (nft 1.0.6 accepts the `dstnat`
 keyword only on the prerouting hook), and stale chains are deleted in the same
@@ -105,6 +132,24 @@ def desired_state(service_ports: Iterable[ServicePort], node_name: str,
     return st
 
 
+def service_port_state(service_ports: Iterable[ServicePort], node_name: str,
+                       cluster_cidr: str) -> NftState:
+    """The fragment of the table that belongs to these service ports (one service's)."""
+    return desired_state(service_ports, node_name, cluster_cidr)
+
+
+def merge_states(fragments: Iterable[NftState]) -> NftState:
+    """One state holding every fragment (fragments never share a name or map key)."""
+    st = NftState()
+    for frag in fragments:
+        for m, elems in frag.maps.items():
+            if elems:
+                st.maps[m].update(elems)
+        st.sets.update(frag.sets)
+        st.chains.update(frag.chains)
+    return st
+
+
 def _add_service_port(st: NftState, sp: ServicePort, node_name: str, cluster_cidr: str) -> None:
     proto, name = sp.proto, sp.name_string
     cluster_eps = sp.ready_endpoints
@@ -156,34 +201,45 @@ def _add_service_port(st: NftState, sp: ServicePort, node_name: str, cluster_cid
             rules.append(f"goto {ext_policy_chain}")
         st.chains[ext_chain] = tuple(rules)
 
-    if sp.affinity_timeout is not None:
+    # Chain and set names cost a hash each: compute them once per endpoint.
+    ep_chain = {ep: sp.nft_endpoint_chain(ep) for ep in cluster_eps}
+    aff_set = ({ep: sp.nft_affinity_set(ep) for ep in cluster_eps}
+               if sp.affinity_timeout is not None else None)
+    if aff_set is not None:
         for ep in cluster_eps:
-            st.sets[sp.nft_affinity_set(ep)] = sp.affinity_timeout
+            st.sets[aff_set[ep]] = sp.affinity_timeout
 
     # Off-cluster sources reaching a cluster IP (a route to the service range via
     # this node) are masqueraded so replies return through this node.
     masq = (f"ip daddr {sp.cluster_ip} {proto} dport {sp.port} "
             f"ip saddr != {cluster_cidr} jump {MARK_MASQ_CHAIN}")
-    st.chains[svc_chain] = (masq, *_to_endpoints_rules(sp, cluster_eps))
+    st.chains[svc_chain] = (masq, *_to_endpoints_rules(cluster_eps, ep_chain, aff_set))
     if ext_local and local_eps:
-        st.chains[local_chain] = tuple(_to_endpoints_rules(sp, local_eps))
+        st.chains[local_chain] = tuple(_to_endpoints_rules(local_eps, ep_chain, aff_set))
 
     for ep in cluster_eps:
-        rules = [f"ip saddr {ep.ip} jump {MARK_MASQ_CHAIN}"]   # hairpin: pod -> own service
-        if sp.affinity_timeout is not None:
-            rules.append(f"update @{sp.nft_affinity_set(ep)} {{ ip saddr }}")
-        rules.append(f"meta l4proto {proto} dnat to {ep.address}")
-        st.chains[sp.nft_endpoint_chain(ep)] = tuple(rules)
+        hairpin = f"ip saddr {ep.ip} jump {MARK_MASQ_CHAIN}"   # a pod reaching its own service
+        dnat = f"meta l4proto {proto} dnat to {ep.ip}:{ep.port}"
+        if aff_set is not None:
+            st.chains[ep_chain[ep]] = (hairpin, f"update @{aff_set[ep]} {{ ip saddr }}", dnat)
+        else:
+            st.chains[ep_chain[ep]] = (hairpin, dnat)
 
 
-def _to_endpoints_rules(sp: ServicePort, eps: Sequence) -> list[str]:
-    """writeServiceToEndpointRules: affinity lookups, then the random choice."""
+def _to_endpoints_rules(eps: Sequence, ep_chain: dict, aff_set: dict | None) -> list[str]:
+    """writeServiceToEndpointRules: affinity lookups, then the random choice.
+
+    The random choice is a cascade (see the module docstring): rule i of n
+    takes 1/(n-i) of what reaches it, the last takes the rest.
+    """
     rules = []
-    if sp.affinity_timeout is not None:
+    if aff_set is not None:
         for ep in eps:
-            rules.append(f"ip saddr @{sp.nft_affinity_set(ep)} goto {sp.nft_endpoint_chain(ep)}")
-    choices = " , ".join(f"{i} : goto {sp.nft_endpoint_chain(ep)}" for i, ep in enumerate(eps))
-    rules.append(f"numgen random mod {len(eps)} vmap {{ {choices} }}")
+            rules.append(f"ip saddr @{aff_set[ep]} goto {ep_chain[ep]}")
+    n = len(eps)
+    for i, ep in enumerate(eps[:-1]):
+        rules.append(f"numgen random mod {n - i} 0 goto {ep_chain[ep]}")
+    rules.append(f"goto {ep_chain[eps[-1]]}")
     return rules
 
 
@@ -239,6 +295,23 @@ def _element_cmds(verb: str, mapname: str, items: Sequence[tuple[str, tuple[str,
     return cmds
 
 
+def _chain_block(chains: dict[str, tuple[str, ...]]) -> list[str]:
+    """Chains with their rules as one `table { chain { ... } }` block.
+
+    nft expands a block into "add chain" for every chain first, then the
+    rules, so a rule may jump to a chain written further down.
+    """
+    if not chains:
+        return []
+    lines = [f"table {T} {{"]
+    for c in sorted(chains):
+        lines.append(f"chain {c} {{")
+        lines += chains[c]
+        lines.append("}")
+    lines.append("}")
+    return lines
+
+
 def full_transaction(state: NftState, mark: int = MASQUERADE_MARK) -> str:
     """One transaction that replaces whatever table exists with the desired one.
 
@@ -250,9 +323,7 @@ def full_transaction(state: NftState, mark: int = MASQUERADE_MARK) -> str:
     cmds = [f"add table {T}", f"delete table {T}"]
     cmds += skeleton_commands(mark)
     cmds += [_set_cmd(n, t) for n, t in sorted(state.sets.items())]
-    cmds += [f"add chain {T} {c}" for c in sorted(state.chains)]
-    for c in sorted(state.chains):
-        cmds += [f"add rule {T} {c} {r}" for r in state.chains[c]]
+    cmds += _chain_block(state.chains)
     for m in MAPS:
         cmds += _element_cmds("add", m, sorted(state.maps[m].items()))
     return "\n".join(cmds) + "\n"

@@ -4,13 +4,16 @@ Used by the per-node proxy daemon, which has already entered the node's network
 namespace: everything here acts on the namespace of the calling thread (nft
 contexts are bound at creation, child processes inherit the thread's namespace).
 
-Each proxier remembers what it last applied. The first sync installs
-everything in one transaction; later syncs compute the new desired state, diff
-it against the remembered one, and apply only the difference, again as one
-transaction (an nft transaction, or one iptables-restore --noflush run). A
-failed apply forgets the remembered state, so the next sync is a full one, as
-kube-proxy's needFullSync. After the rules change, stale UDP conntrack entries
-are deleted with the `conntrack` tool (see model.conntrack_cleanup).
+As kube-proxy's ServiceChangeTracker / EndpointsChangeTracker, a proxier keeps
+the Services and Endpoints it was given and, per service, the service ports and
+the rule fragment computed from them. A sync is told which services changed
+(`sync_changes`), or given the full lists and finds the changed ones itself by
+resourceVersion (`sync`); only the changed services are recomputed, and only
+their rules are sent to the kernel, as one transaction (an nft transaction, or
+one iptables-restore --noflush run). The first sync, and any sync after a
+failed apply, installs everything (kube-proxy's needFullSync). After the rules
+change, stale UDP conntrack entries of the changed services are deleted with
+the `conntrack` tool (see model.conntrack_cleanup).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from netemu.proxy import libnft
 from netemu.proxy import nftables as nft
 from netemu.proxy.model import MASQUERADE_MARK, ServicePort, build_service_ports, conntrack_cleanup
 
+ServiceKey = tuple[str, str]          # (namespace, name), shared by a Service and its Endpoints
+
 
 class ProxyError(RuntimeError):
     pass
@@ -40,6 +45,20 @@ class SyncResult:
     transaction_bytes: int      # size of the nft / iptables-restore input
     service_ports: int
     conntrack_commands: list[list[str]] = dataclasses.field(default_factory=list)
+    changed_services: int = 0   # services whose rules were recomputed
+
+
+def object_key(obj: Mapping[str, Any]) -> ServiceKey:
+    meta = obj.get("metadata") or {}
+    return (meta.get("namespace") or "default", meta["name"])
+
+
+def _fingerprint(obj: Mapping[str, Any]) -> str:
+    """What tells two versions of an object apart: its resourceVersion, as
+    kube-proxy's informers do, or (objects built by hand, no resourceVersion)
+    its whole content."""
+    rv = (obj.get("metadata") or {}).get("resourceVersion")
+    return f"rv:{rv}" if rv else repr(obj)
 
 
 class _Proxier:
@@ -54,33 +73,105 @@ class _Proxier:
         self.node_ips = tuple(node_ips)
         self.cluster_cidr = cluster_cidr
         self.mark = masquerade_mark
-        self._ports: list[ServicePort] = []
-        self._state = None
+        self._services: dict[ServiceKey, Mapping[str, Any]] = {}
+        self._endpoints: dict[ServiceKey, Mapping[str, Any]] = {}
+        self._fp_services: dict[ServiceKey, str] = {}
+        self._fp_endpoints: dict[ServiceKey, str] = {}
+        self._ports: dict[ServiceKey, list[ServicePort]] = {}
+        self._fragments: dict[ServiceKey, Any] = {}    # per service: the mode's rule fragment
+        self._installed = False                         # the kernel holds what _fragments say
 
+    # -- input -----------------------------------------------------------------
     def sync(self, services: Iterable[Mapping[str, Any]], endpoints: Iterable[Mapping[str, Any]],
              full: bool = False) -> SyncResult:
-        """Make the kernel's rules match SERVICES + ENDPOINTS (API-shaped dicts)."""
+        """Make the kernel's rules match SERVICES + ENDPOINTS (API-shaped dicts, all of them).
+
+        The changed services are found by comparing each object's
+        resourceVersion (or content) with the previous sync's.
+        """
+        svc_changes: dict[ServiceKey, Mapping[str, Any] | None] = {}
+        eps_changes: dict[ServiceKey, Mapping[str, Any] | None] = {}
+        for objs, fps, changes in ((services, self._fp_services, svc_changes),
+                                   (endpoints, self._fp_endpoints, eps_changes)):
+            seen = set()
+            for obj in objs:
+                key = object_key(obj)
+                seen.add(key)
+                if fps.get(key) != _fingerprint(obj):
+                    changes[key] = obj
+            for key in fps.keys() - seen:
+                changes[key] = None
+        return self.sync_changes(svc_changes, eps_changes, full=full)
+
+    def sync_changes(self, services: Mapping[ServiceKey, Mapping[str, Any] | None] | None = None,
+                     endpoints: Mapping[ServiceKey, Mapping[str, Any] | None] | None = None,
+                     full: bool = False) -> SyncResult:
+        """Apply changed objects: {(namespace, name): object, or None when deleted}.
+
+        Objects are kept by reference: the caller must not modify one after
+        handing it over (pass a new object instead, as a watch does).
+        """
         t0 = time.perf_counter()
-        ports = build_service_ports(services, endpoints)
-        if full:
-            self._state = None
-        was_full = self._state is None
+        changed: set[ServiceKey] = set()
+        for changes, store, fps in ((services or {}, self._services, self._fp_services),
+                                    (endpoints or {}, self._endpoints, self._fp_endpoints)):
+            for key, obj in changes.items():
+                if obj is None:
+                    store.pop(key, None)
+                    fps.pop(key, None)
+                else:
+                    store[key] = obj
+                    fps[key] = _fingerprint(obj)
+                changed.add(key)
+
+        old_ports = {k: self._ports.get(k, []) for k in changed}
+        old_fragments = {k: self._fragments.get(k) for k in changed}
+        was_full = full or not self._installed
         try:
-            new_state, size = self._apply(ports)
+            for key in changed:
+                svc = self._services.get(key)
+                eps = [self._endpoints[key]] if key in self._endpoints else []
+                ports = build_service_ports([svc], eps) if svc is not None else []
+                if ports:
+                    self._ports[key] = ports
+                    self._fragments[key] = self._fragment(ports)
+                else:
+                    self._ports.pop(key, None)
+                    self._fragments.pop(key, None)
+            size = self._apply_full() if was_full else self._apply_changes(
+                {k: v for k, v in old_fragments.items() if v is not None},
+                {k: self._fragments[k] for k in changed if k in self._fragments})
         except Exception:
-            self._state = None   # unknown kernel state: next sync rewrites everything
+            # Unknown kernel state: the next sync rewrites everything (a service
+            # whose rules could not be computed keeps its previous fragment).
+            self._installed = False
             raise
-        self._state = new_state
-        cmds = conntrack_cleanup(self._ports, ports)
+        self._installed = True
+
+        cmds = conntrack_cleanup([sp for k in sorted(changed) for sp in old_ports[k]],
+                                 [sp for k in sorted(changed) for sp in self._ports.get(k, ())])
         for argv in cmds:
             # Exit status 1 means "0 entries deleted": not an error.
             subprocess.run(argv, capture_output=True)
-        self._ports = ports
         return SyncResult(self.mode, was_full, size > 0, time.perf_counter() - t0, size,
-                          len(ports), cmds)
+                          sum(len(p) for p in self._ports.values()), cmds, len(changed))
 
-    def _apply(self, ports: list[ServicePort]):
+    # -- per mode ----------------------------------------------------------------
+    def _fragment(self, ports: list[ServicePort]):
         raise NotImplementedError
+
+    def _apply_full(self) -> int:
+        raise NotImplementedError
+
+    def _apply_changes(self, old: dict, new: dict) -> int:
+        raise NotImplementedError
+
+    def _forget(self) -> None:
+        """After a clean-up: nothing installed, nothing known."""
+        for d in (self._services, self._endpoints, self._fp_services, self._fp_endpoints,
+                  self._ports, self._fragments):
+            d.clear()
+        self._installed = False
 
     def cleanup(self) -> None:
         raise NotImplementedError
@@ -97,22 +188,30 @@ class NftablesProxier(_Proxier):
         # Opened now: from here on it acts on the namespace we are in at this moment.
         self.nft = libnft.open_nft(prefer_library)
 
-    def _apply(self, ports):
-        new = nft.desired_state(ports, self.node_name, self.cluster_cidr)
-        if self._state is None:
-            text = nft.full_transaction(new, self.mark)
-        else:
-            text = nft.incremental_transaction(self._state, new)
+    def _fragment(self, ports):
+        return nft.service_port_state(ports, self.node_name, self.cluster_cidr)
+
+    def _run(self, text: str) -> int:
         if text:
             try:
                 self.nft.run(text)
             except libnft.NftError as e:
                 raise ProxyError(f"nft transaction failed: {e}") from e
-        return new, len(text)
+        return len(text)
+
+    def _apply_full(self) -> int:
+        state = nft.merge_states(self._fragments[k] for k in sorted(self._fragments))
+        return self._run(nft.full_transaction(state, self.mark))
+
+    def _apply_changes(self, old, new) -> int:
+        # Fragments never share a name or a map key, so the diff of the changed
+        # services' fragments alone is the diff of the whole table.
+        return self._run(nft.incremental_transaction(nft.merge_states(old.values()),
+                                                     nft.merge_states(new.values())))
 
     def cleanup(self) -> None:
         self.nft.run(nft.cleanup_transaction())
-        self._state, self._ports = None, []
+        self._forget()
 
     def close(self) -> None:
         self.nft.close()
@@ -127,6 +226,7 @@ class IptablesProxier(_Proxier):
     """
 
     mode = "iptables"
+    _last: ipt.IptablesState | None = None    # what the last restore installed
     RESTORE = ("iptables-restore", "-w", "--noflush")
     SAVE = ("iptables-save",)
 
@@ -144,18 +244,33 @@ class IptablesProxier(_Proxier):
         if proc.returncode != 0:
             raise ProxyError(f"iptables-restore: {proc.stderr.strip()}")
 
-    def _apply(self, ports):
-        new = ipt.desired_state(ports, self.node_name, self.cluster_cidr, self.mark)
-        if self._state is None:
-            text = ipt.restore_input(new, None, self._save())
-        else:
-            text = ipt.restore_input(new, self._state)
+    def _fragment(self, ports):
+        return ipt.service_port_rules(ports, self.node_name, self.cluster_cidr)
+
+    def _state(self) -> ipt.IptablesState:
+        # The top-level chains (KUBE-SERVICES, KUBE-NODEPORTS, filter) list every
+        # service in kube-proxy's order and are rewritten on each sync.
+        return ipt.assemble((self._fragments[k] for k in sorted(self._fragments)), self.mark)
+
+    def _apply_full(self) -> int:
+        state = self._state()
+        text = ipt.restore_input(state, None, self._save())
         self._restore(text)
-        return new, len(text)
+        self._last = state
+        return len(text)
+
+    def _apply_changes(self, old, new) -> int:
+        state = self._state()
+        text = ipt.restore_input(state, self._last)
+        if text == ipt.EMPTY_RESTORE:
+            return 0
+        self._restore(text)
+        self._last = state
+        return len(text)
 
     def cleanup(self) -> None:
         self._restore(ipt.cleanup_input(self._save()))
-        self._state, self._ports = None, []
+        self._forget()
 
     def close(self) -> None:
         pass

@@ -1,8 +1,8 @@
-"""The service proxy's rules doing real DNAT, in both modes (root; namespaces hp-*).
+"""The service proxy's rules doing real DNAT, in both modes (root; namespaces hs-*).
 
 Topology (all namespaces created here, deleted at the end):
 
-    hp-ep1..hp-ep4, hp-pod  --veth--  [cni0 10.244.1.1/24]  hp-node  eth1 172.30.0.10 --veth-- hp-client 172.30.0.100
+    hs-ep1..hs-ep4, hs-pod  --veth--  [cni0 10.244.1.1/24]  hs-node  eth1 172.30.0.10 --veth-- hs-client 172.30.0.100
 
 The endpoint "pods" answer their own name on TCP 8080 and UDP 5353. Their
 listening sockets are opened inside each pod namespace but served by one thread
@@ -24,8 +24,8 @@ from netemu.proxy.proxier import make_proxier
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
-NODE, POD, CLIENT = "hp-node", "hp-pod", "hp-client"
-EPS = [f"hp-ep{i}" for i in range(1, 5)]
+NODE, POD, CLIENT = "hs-node", "hs-pod", "hs-client"
+EPS = [f"hs-ep{i}" for i in range(1, 5)]
 EP_IP = {name: f"10.244.1.1{i}" for i, name in enumerate(EPS, 1)}
 POD_IP, NODE_IP, CLIENT_IP, LB_IP = "10.244.1.20", "172.30.0.10", "172.30.0.100", "172.30.0.200"
 CIDR = "10.244.0.0/16"
@@ -64,7 +64,7 @@ SERVICES = [
 
 def endpoints(web=EPS, dns=EPS[:2]):
     return [eps("web", web, 8080), eps("sticky", EPS, 8080), eps("empty", [], 8080),
-            eps("self", ["hp-ep1"], 8080), eps("dns", dns, 5353, "UDP")]
+            eps("self", ["hs-ep1"], 8080), eps("dns", dns, 5353, "UDP")]
 
 
 # -- topology ----------------------------------------------------------------------
@@ -161,7 +161,7 @@ def topology():
 
 
 class Proxy:
-    """A proxier living in hp-node, driven from the test thread."""
+    """A proxier living in hs-node, driven from the test thread."""
 
     def __init__(self, mode):
         self.mode = mode
@@ -232,7 +232,7 @@ def test_client_ip_affinity_sends_all_to_one(proxy):
 
 @pytest.mark.timeout(60)
 def test_hairpin_pod_reaches_itself_through_its_service(proxy):
-    assert ask_tcp("hp-ep1", "10.96.0.13", 80, 3) == ["hp-ep1"] * 3
+    assert ask_tcp("hs-ep1", "10.96.0.13", 80, 3) == ["hs-ep1"] * 3
 
 
 @pytest.mark.timeout(60)
@@ -240,8 +240,42 @@ def test_removing_an_endpoint_takes_it_out(proxy):
     result = proxy.sync(endpoints(web=EPS[:3]))
     assert not result.full and result.applied
     counts = count(ask_tcp(POD, "10.96.0.10", 80, 150))
-    assert counts["hp-ep4"] == 0 and all(counts[p] > 0 for p in EPS[:3])
-    assert proxy.sync(endpoints(web=EPS[:3])).applied is (proxy.mode == "iptables")
+    assert counts["hs-ep4"] == 0 and all(counts[p] > 0 for p in EPS[:3])
+    assert not proxy.sync(endpoints(web=EPS[:3])).applied   # nothing changed, nothing sent
+
+
+@pytest.mark.timeout(60)
+def test_changed_objects_alone_are_rewritten(proxy):
+    """The daemon's path: only the changed Endpoints are handed over."""
+    with netns.inside(NODE):
+        result = proxy.p.sync_changes(endpoints={("default", "web"): eps("web", EPS[:2], 8080)})
+    assert not result.full and result.applied and result.changed_services == 1
+    assert set(ask_tcp(POD, "10.96.0.10", 80, 60)) == set(EPS[:2])
+    assert set(ask_tcp(POD, "10.96.0.11", 80, 5)) <= set(EPS)      # others untouched
+    with netns.inside(NODE):                                          # Endpoints deleted
+        result = proxy.p.sync_changes(endpoints={("default", "self"): None})
+    assert result.changed_services == 1
+    with pytest.raises(ConnectionRefusedError):
+        ask_tcp(POD, "10.96.0.13", 80)
+
+
+@pytest.mark.timeout(60)
+def test_full_lists_are_compared_by_resource_version(proxy):
+    def versioned(objs, rv):
+        out = []
+        for o in objs:
+            o = dict(o, metadata=dict(o["metadata"], resourceVersion=str(rv)))
+            out.append(o)
+        return out
+    with netns.inside(NODE):
+        first = proxy.p.sync(versioned(SERVICES, 5), versioned(endpoints(), 5))
+        assert first.changed_services == len(SERVICES)        # new versions of every object
+        # Same resourceVersions: the content is not looked at, as an informer would not.
+        same_rv = proxy.p.sync(versioned(SERVICES, 5), versioned(endpoints(web=EPS[:1]), 5))
+        assert same_rv.changed_services == 0
+        moved = proxy.p.sync(versioned(SERVICES, 5), versioned(endpoints(web=EPS[:1]), 6))
+        assert moved.changed_services == len(SERVICES) and not moved.full
+    assert set(ask_tcp(POD, "10.96.0.10", 80, 20)) == {EPS[0]}
 
 
 @pytest.mark.timeout(30)
@@ -294,7 +328,7 @@ def test_cleanup_removes_everything(topology):
 
 @pytest.mark.timeout(30)
 def test_libnft_context_acts_on_namespace_of_creation():
-    a, b = "hp-nft-a", "hp-nft-b"
+    a, b = "hs-nft-a", "hs-nft-b"
     if not libnft.available():
         pytest.skip("libnftables not installed")
     try:
@@ -303,10 +337,10 @@ def test_libnft_context_acts_on_namespace_of_creation():
         with netns.inside(a):
             ctx = libnft.LibNft()
         with netns.inside(b):              # used from another namespace
-            ctx.run("add table ip hp_probe\n")
+            ctx.run("add table ip hs_probe\n")
         ctx.close()
-        assert "hp_probe" in netns.run(a, ["nft", "list", "tables"]).stdout
-        assert "hp_probe" not in netns.run(b, ["nft", "list", "tables"]).stdout
+        assert "hs_probe" in netns.run(a, ["nft", "list", "tables"]).stdout
+        assert "hs_probe" not in netns.run(b, ["nft", "list", "tables"]).stdout
         with netns.inside(b):
             with pytest.raises(libnft.NftError):
                 libnft.LibNft().run("add rule ip nosuch x drop\n")

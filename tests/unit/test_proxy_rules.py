@@ -96,7 +96,8 @@ def test_nft_clusterip_two_endpoints():
     assert st.maps["service-ips"] == {"10.96.0.10 . tcp . 80": (f"goto {sp.nft_service_chain}", "default/web:http")}
     assert st.chains[sp.nft_service_chain] == (
         "ip daddr 10.96.0.10 tcp dport 80 ip saddr != 10.244.0.0/16 jump mark-for-masquerade",
-        f"numgen random mod 2 vmap {{ 0 : goto {sp.nft_endpoint_chain(e1)} , 1 : goto {sp.nft_endpoint_chain(e2)} }}",
+        f"numgen random mod 2 0 goto {sp.nft_endpoint_chain(e1)}",
+        f"goto {sp.nft_endpoint_chain(e2)}",
     )
     assert st.chains[sp.nft_endpoint_chain(e1)] == (
         "ip saddr 10.244.1.11 jump mark-for-masquerade",
@@ -111,6 +112,39 @@ def test_nft_clusterip_two_endpoints():
     assert "add chain ip kube-proxy nat-prerouting { type nat hook prerouting priority -100 ; }" in text
     assert (f'add element ip kube-proxy service-ips {{ 10.96.0.10 . tcp . 80 comment "default/web:http" '
             f": goto {sp.nft_service_chain} }}") in text
+
+
+def test_nft_random_cascade_for_four_endpoints():
+    ips = [f"10.244.1.1{i}" for i in range(1, 5)]
+    st = nft_state([svc("web", "10.96.0.10", HTTP)], [eps("web", ips, HTTP_EP)])
+    [sp] = ports_of([svc("web", "10.96.0.10", HTTP)], [eps("web", ips, HTTP_EP)])
+    chains = [sp.nft_endpoint_chain(ep) for ep in sp.endpoints]
+    # rule i of n takes 1/(n-i) of what reaches it: 1/4, then 1/3 of 3/4, ... uniform
+    assert st.chains[sp.nft_service_chain][1:] == (
+        f"numgen random mod 4 0 goto {chains[0]}", f"numgen random mod 3 0 goto {chains[1]}",
+        f"numgen random mod 2 0 goto {chains[2]}", f"goto {chains[3]}")
+    one = nft_state([svc("web", "10.96.0.10", HTTP)], [eps("web", ips[:1], HTTP_EP)])
+    assert one.chains[sp.nft_service_chain][1:] == (f"goto {chains[0]}",)
+    assert "vmap {" not in nft.full_transaction(st)       # no anonymous maps anywhere
+
+
+def test_nft_full_transaction_writes_chains_as_one_block():
+    st = nft_state([svc("web", "10.96.0.10", HTTP)], [eps("web", ["10.244.1.11"], HTTP_EP)])
+    [sp] = ports_of([svc("web", "10.96.0.10", HTTP)], [eps("web", ["10.244.1.11"], HTTP_EP)])
+    lines = nft.full_transaction(st).splitlines()
+    start = lines.index("table ip kube-proxy {")
+    assert lines[start + 1] == f"chain {sp.nft_endpoint_chain(sp.endpoints[0])} {{"
+    assert lines[start + 2:start + 5] == ["ip saddr 10.244.1.11 jump mark-for-masquerade",
+                                          "meta l4proto tcp dnat to 10.244.1.11:8080", "}"]
+    assert lines[start + 5] == f"chain {sp.nft_service_chain} {{"
+
+
+def test_nft_fragments_merge_to_the_whole_state():
+    services = [svc("web", "10.96.0.10", HTTP), svc("api", "10.96.0.20", HTTP, type="NodePort")]
+    services[1]["spec"]["ports"] = [dict(HTTP[0], nodePort=30080)]
+    e = [eps("web", ["10.244.1.11"], HTTP_EP), eps("api", ["10.244.1.13"], HTTP_EP)]
+    frags = [nft.service_port_state(ports_of([s], e), NODE, CIDR) for s in services]
+    assert nft.merge_states(frags) == nft_state(services, e)
 
 
 def test_nft_nodeport_and_loadbalancer():
@@ -289,6 +323,21 @@ def test_ipt_partial_restore_writes_only_changed_chains_and_deletes_stale():
     api_chains = [c for c, rules in after.nat_chains.items() if "default/api" in rules[0]]
     assert api_chains and not any(f":{c} " in text for c in api_chains)
     assert "-I " not in text                                 # jump rules only on full syncs
+    # KUBE-SERVICES is unchanged (both services still have endpoints): not rewritten
+    assert ":KUBE-SERVICES " not in text and "-A KUBE-SERVICES " not in text
+    assert ipt.restore_input(after, after) == ipt.EMPTY_RESTORE
+
+
+def test_ipt_top_level_chain_rewritten_whole_when_a_service_appears():
+    web = svc("web", "10.96.0.10", HTTP)
+    e = [eps("web", ["10.244.1.11"], HTTP_EP), eps("api", ["10.244.1.13"], HTTP_EP)]
+    text = ipt.restore_input(ipt_state([web, svc("api", "10.96.0.20", HTTP)], e), ipt_state([web], e))
+    nat = text.split("*nat\n")[1]
+    assert ":KUBE-SERVICES - [0:0]" in nat                   # flushed, then every rule again
+    assert '-A KUBE-SERVICES -m comment --comment "default/web:http cluster IP"' in nat
+    assert '-A KUBE-SERVICES -m comment --comment "default/api:http cluster IP"' in nat
+    assert "kubernetes service nodeports; NOTE" in nat       # and its last rule stays last
+    assert ":KUBE-POSTROUTING" not in nat
 
 
 def test_ipt_jump_rules_not_duplicated_when_present():
@@ -312,3 +361,25 @@ def test_conntrack_flush_for_removed_udp_endpoint_only():
         ["conntrack", "-D", "-p", "udp", "--orig-dst", "10.96.0.53", "--orig-port-dst", "53",
          "--reply-src", "10.244.1.12"]]
     assert conntrack_cleanup(new, new) == []
+
+
+def test_nft_diff_of_changed_fragments_equals_diff_of_whole_tables():
+    """What the proxier relies on to send only the changed services' rules."""
+    services = [svc("web", "10.96.0.10", HTTP), svc("api", "10.96.0.20", HTTP, affinity=60),
+                svc("db", "10.96.0.30", HTTP)]
+    before = [eps("web", ["10.244.1.11", "10.244.1.12"], HTTP_EP), eps("api", ["10.244.1.13"], HTTP_EP),
+              eps("db", ["10.244.1.14"], HTTP_EP)]
+    after = [before[0], eps("api", ["10.244.1.15", "10.244.1.16"], HTTP_EP), before[2]]
+    whole = nft.incremental_transaction(nft_state(services, before), nft_state(services, after))
+    old_api = nft.service_port_state(ports_of([services[1]], before), NODE, CIDR)
+    new_api = nft.service_port_state(ports_of([services[1]], after), NODE, CIDR)
+    assert nft.incremental_transaction(old_api, new_api) == whole != ""
+
+
+def test_ipt_fragments_assemble_to_the_whole_state():
+    services = [svc("web", "10.96.0.10", [dict(HTTP[0], nodePort=30080)], type="NodePort"),
+                svc("api", "10.96.0.20", HTTP), svc("none", "10.96.0.30", HTTP)]
+    e = [eps("web", ["10.244.1.11"], HTTP_EP), eps("api", ["10.244.1.13"], HTTP_EP)]
+    frags = [ipt.service_port_rules(ports_of([s], e), NODE, CIDR)
+             for s in sorted(services, key=lambda s: s["metadata"]["name"])]
+    assert ipt.assemble(frags) == ipt_state(services, e)
