@@ -22,7 +22,7 @@ import logging
 
 import trio
 
-from netemu import fabric, journal, names, netns
+from netemu import journal, names, netns
 from netemu.store import registry
 
 log = logging.getLogger("netemu.loadbalancer")

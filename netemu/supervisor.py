@@ -64,3 +64,43 @@ async def supervise(cluster: str, name: str, argv: list[str], log_path: str,
             with open(restarts_path, "w") as f:
                 f.write(str(restarts))
         await trio.sleep(RESTART_DELAY)
+
+
+def run_node_daemon(role: str, factory, argv: list[str] | None = None) -> int:
+    """The common main() of the per-node daemons (overlay, proxy):
+
+        python -m netemu.<part>.daemon CLUSTER NODE
+
+    Enters the node's namespace before any thread exists (so every socket,
+    device and nft context the daemon makes is the node's), opens the store, and
+    runs FACTORY(cluster, node, store).run() under trio until SIGTERM or SIGINT,
+    which cancel it cleanly so its finally-blocks release what it holds.
+    """
+    import argparse
+
+    from netemu import netns
+    from netemu.store.sqlite import SqliteStore
+
+    parser = argparse.ArgumentParser(prog=f"netemu-{role}")
+    parser.add_argument("cluster")
+    parser.add_argument("node")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s {role}[{args.node}] %(levelname)s %(message)s")
+    netns.enter(names.node_ns(args.cluster, args.node))
+    store = SqliteStore(names.store_path(args.cluster))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            async def stop_on_signal():
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for _ in signals:
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(stop_on_signal)
+            await factory(args.cluster, args.node, store).run()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    return 0

@@ -33,7 +33,6 @@ as its daemon did. Namespaces: hs-bench-*, deleted at the end.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fcntl
 import os
 import selectors

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
-import os
 import subprocess
 
 from netemu import names

@@ -27,7 +27,6 @@ import dataclasses
 import ipaddress
 import os
 import random
-import re
 import select
 import shutil
 import socket
@@ -38,7 +37,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 
 from netemu import names
-from netemu.capture.targets import ClusterView, PodInfo, ServiceInfo, ServicePortInfo, TargetError
+from netemu.capture.targets import ClusterView, PodInfo, ServiceInfo, ServicePortInfo
 
 PROBE_TIMEOUT = 2.0     # seconds to wait for the reply
 TOKEN_PREFIX = b"netemu-trace:"

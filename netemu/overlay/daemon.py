@@ -11,21 +11,19 @@ lease, and publishes its counters for `netemu stats` / `describe node`.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import logging
 import os
-import signal
 import sys
 
 import trio
 
-from netemu import names, netns
+from netemu import names
 from netemu.overlay import backend as backends, leases, subnetenv
 from netemu.overlay.backend import Lease, LocalConfig
 from netemu.store import registry
-from netemu.store.sqlite import SqliteStore
+from netemu.supervisor import run_node_daemon
 
 log = logging.getLogger("netemu.overlay")
 
@@ -150,20 +148,7 @@ class OverlayDaemon:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="netemu-overlay")
-    parser.add_argument("cluster")
-    parser.add_argument("node")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s overlay[{args.node}] %(levelname)s %(message)s")
-    netns.enter(names.node_ns(args.cluster, args.node))
-    store = SqliteStore(names.store_path(args.cluster))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        trio.run(OverlayDaemon(args.cluster, args.node, store).run)
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return run_node_daemon("overlay", OverlayDaemon, argv)
 
 
 if __name__ == "__main__":

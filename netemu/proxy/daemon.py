@@ -16,20 +16,18 @@ Each sync is logged and its figures written to proxy-stats.json for the CLI.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import time
 
 import trio
 
-from netemu import controlplane, names, netns
+from netemu import controlplane, names
 from netemu.proxy.proxier import make_proxier
 from netemu.store import registry
-from netemu.store.sqlite import SqliteStore
+from netemu.supervisor import run_node_daemon
 
 log = logging.getLogger("netemu.proxy")
 
@@ -120,20 +118,7 @@ class ProxyDaemon:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="netemu-proxy")
-    parser.add_argument("cluster")
-    parser.add_argument("node")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s proxy[{args.node}] %(levelname)s %(message)s")
-    netns.enter(names.node_ns(args.cluster, args.node))
-    store = SqliteStore(names.store_path(args.cluster))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        trio.run(ProxyDaemon(args.cluster, args.node, store).run)
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return run_node_daemon("proxy", ProxyDaemon, argv)
 
 
 if __name__ == "__main__":

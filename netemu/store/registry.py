@@ -12,7 +12,6 @@ import copy
 import datetime
 import secrets
 import uuid
-from typing import Any
 
 from netemu.store.base import Conflict, Store
 

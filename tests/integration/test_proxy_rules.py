@@ -12,7 +12,6 @@ of the test process (a socket stays in the namespace it was created in).
 import os
 import selectors
 import socket
-import subprocess
 import threading
 
 import pytest

@@ -3,7 +3,6 @@
 import base64
 import hashlib
 
-import pytest
 
 from netemu.proxy import iptables as ipt
 from netemu.proxy import nftables as nft
