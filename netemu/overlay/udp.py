@@ -10,13 +10,24 @@ flannel's C proxy (pkg/backend/udp/proxy_amd64.c) does.
 
 The per-packet decisions live in netemu.overlay.packet; this module holds the
 devices, the peer table and the two trio loops (one per direction).
+
+Fast path: when the kernel offers TUN offloads, the data path runs instead in
+two worker processes (netemu.overlay.fastudp: TCP super-packets from the TUN,
+UDP GSO sends, UDP GRO receives) with the very same wire format. It is on by
+default; switch it off with `"Backend": {"Type": "udp", "Offload": false}` in
+the network config, or for some nodes with the environment variable
+NETEMU_UDP_NO_OFFLOAD=node1,node2 ("*" for all) in the daemons' environment.
+The per-packet path below is then used, as it is when negotiation fails.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import trio
 
@@ -24,6 +35,11 @@ from netemu.overlay.backend import Backend, IPv4Network, Lease, LocalConfig, reg
 from netemu.overlay.packet import (RouteTable, decrement_ttl, ipv4_destination, ipv4_problem,
                                    looks_like_ipv4, net_unreachable)
 from netemu.overlay.tun import open_tun
+
+try:
+    from netemu.overlay import fastudp               # needs numpy
+except ImportError:                                  # then only the per-packet path exists
+    fastudp = None
 
 DEFAULT_PORT = 8285
 DEVICE = "flannel0"
@@ -40,7 +56,17 @@ COUNTERS = (
     "icmp_unreachable_sent",           # ... and we wrote a net unreachable back
     "drop_not_ipv4",                   # TUN handed us something else (IPv6 chatter)
     "tx_errors", "rx_errors",          # socket / TUN errors (peer gone, buffers full)
+    "rx_coalesced",                    # fast path: super-packets written (rx_packets merged into them)
 )
+NO_OFFLOAD_ENV = "NETEMU_UDP_NO_OFFLOAD"
+
+
+def offload_wanted(node: str, backend_conf: dict, environ=os.environ) -> bool:
+    """Whether this node should try the fast path (see the module docstring)."""
+    if fastudp is None or backend_conf.get("Offload", True) is False:
+        return False
+    listed = {n.strip() for n in environ.get(NO_OFFLOAD_ENV, "").split(",") if n.strip()}
+    return not ({"*", node} & listed)
 
 
 @register
@@ -58,6 +84,10 @@ class UdpBackend(Backend):
         self._tun_fd: int | None = None
         self._sock: socket.socket | None = None
         self._tun_address = b""                      # flannel0's address, ICMP errors' source
+        self.offload = offload_wanted(local.node, local.backend_conf)
+        self.fast = False                            # offloads negotiated: workers run the data path
+        self.features: dict[str, bool] = {}
+        self._workers: list[subprocess.Popen] = []
 
     # -- control plane -------------------------------------------------------
 
@@ -68,10 +98,15 @@ class UdpBackend(Backend):
         super().setup(lease)
         address = lease.subnet.network_address
         self._tun_address = address.packed
-        self._tun_fd = open_tun(DEVICE)
+        self._tun_fd = fastudp.open_offload_tun(DEVICE) if self.offload else None
+        self.fast = self._tun_fd is not None
+        if not self.fast:
+            self._tun_fd = open_tun(DEVICE)
         with IPRoute() as ipr:
             index = ipr.link_lookup(ifname=DEVICE)[0]
             ipr.link("set", index=index, mtu=self.mtu())
+            if self.fast:
+                ipr.link("set", index=index, txqlen=fastudp.TXQUEUELEN)
             # The lease's address with the whole network's prefix: bringing the
             # device up makes the kernel add the route 10.244.0.0/16 dev flannel0,
             # while docker0's narrower /24 keeps local pods local.
@@ -86,6 +121,9 @@ class UdpBackend(Backend):
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.setblocking(False)
         self._sock.bind((str(self.local.public_ip), self.port))
+        if self.fast:
+            self.features = {"tun_offload": True, **fastudp.tune_socket(self._sock)}
+            self.features.update(fastudp.tune_uplink(self.local.underlay_dev))
 
     def add_peer(self, lease: Lease) -> None:
         if self.lease is not None and lease.subnet == self.lease.subnet:
@@ -93,11 +131,22 @@ class UdpBackend(Backend):
         self._peers[lease.subnet] = str(lease.public_ip)
         self.routes.set(lease.subnet, str(lease.public_ip))
         self._known_sources = frozenset(self._peers.values())
+        self._tell_workers()
 
     def remove_peer(self, lease: Lease) -> None:
         if self._peers.pop(lease.subnet, None) is not None:
             self.routes.delete(lease.subnet)
             self._known_sources = frozenset(self._peers.values())
+            self._tell_workers()
+
+    def _tell_workers(self) -> None:
+        line = json.dumps({"peers": {str(s): a for s, a in self._peers.items()}}) + "\n"
+        for worker in self._workers:
+            try:
+                worker.stdin.write(line.encode())
+                worker.stdin.flush()
+            except OSError:
+                pass                                 # it died: run() notices and fails
 
     def teardown(self) -> None:
         """Close the socket and the TUN fd; flannel0 and its route vanish with it."""
@@ -114,6 +163,9 @@ class UdpBackend(Backend):
         """Move packets both ways until cancelled."""
         if self._tun_fd is None or self._sock is None:
             raise RuntimeError("udp backend: run() before setup()")
+        if self.fast:
+            await self._run_workers()
+            return
         # The stream gets its own fd so that closing it (when run is cancelled)
         # and teardown's close of the original never close the same number twice.
         tun = trio.lowlevel.FdStream(os.dup(self._tun_fd))
@@ -122,6 +174,43 @@ class UdpBackend(Backend):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._tun_to_udp, tun, sock)
                 nursery.start_soon(self._udp_to_tun, tun, sock)
+
+    async def _run_workers(self) -> None:
+        """The fast path: one worker process per direction, fed peer tables on
+        stdin, counting in shared memory (see `counters`)."""
+        self._counters_fd = fastudp.counters_memory()
+        try:
+            for direction in fastudp.DIRECTIONS:
+                argv = [sys.executable, "-m", "netemu.overlay.fastudp", direction, str(self._tun_fd),
+                        str(self._sock.fileno()), str(self._counters_fd), str(self.port),
+                        str(self.lease.subnet.network_address)]
+                if self.features.get("gso"):
+                    argv.append("--gso")
+                self._workers.append(subprocess.Popen(
+                    argv, stdin=subprocess.PIPE, pass_fds=(self._tun_fd, self._sock.fileno(), self._counters_fd)))
+            self._tell_workers()
+            while all(w.poll() is None for w in self._workers):
+                await trio.sleep(0.5)
+            raise RuntimeError("udp fast path: a worker exited: "
+                               f"{[w.returncode for w in self._workers]}")
+        finally:
+            for worker in self._workers:
+                worker.kill()
+                worker.wait()
+            self._workers = []
+            self._counters = self.counters           # keep the last figures
+            os.close(self._counters_fd)
+            self._counters_fd = None
+
+    @property
+    def counters(self) -> dict[str, int]:
+        if getattr(self, "_counters_fd", None) is not None:
+            return fastudp.read_counters(self._counters_fd)
+        return self._counters
+
+    @counters.setter
+    def counters(self, value: dict[str, int]) -> None:
+        self._counters = value
 
     async def _tun_to_udp(self, tun: trio.lowlevel.FdStream, sock) -> None:
         counters = self.counters

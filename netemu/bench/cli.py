@@ -1,0 +1,73 @@
+"""The `netemu bench` verb: a thin layer over netemu.bench.runner.
+
+netemu.cli's build_parser calls `register(sub, verb, with_cluster)`.
+
+    netemu bench [--backends udp,vxlan,host-gw] [--tests tcp,tcp-parallel,udp-rate,latency]
+                 [--rounds N] [--duration S] [--mtu M] [--wait S] [-o DIR]
+"""
+
+from __future__ import annotations
+
+import os
+
+from netemu.bench import report
+
+
+def register(sub, verb, with_cluster) -> None:
+    sp = verb("bench", cmd_bench, "measure pod-to-pod throughput, packet rate and latency of each "
+                                  "overlay backend on throw-away two-node clusters (ratios to host-gw)")
+    sp.add_argument("--backends", default=",".join(report.BACKENDS), help="comma-separated backends")
+    sp.add_argument("--tests", default=",".join(report.TESTS), help="comma-separated tests")
+    sp.add_argument("--rounds", type=int, default=3)
+    sp.add_argument("--duration", type=float, default=5.0, metavar="S", help="seconds per test")
+    sp.add_argument("--mtu", type=int, default=1500, help="underlay MTU (1500; 9000 for jumbo frames)")
+    sp.add_argument("--wait", type=float, default=0, metavar="S",
+                    help="wait up to S seconds for another benchmark to finish (default: refuse at once)")
+    sp.add_argument("-o", "--output", default="bench-results", metavar="DIR",
+                    help="folder for bench.json, bench.md and bench.png")
+
+
+def cmd_bench(args) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from netemu.bench import runner
+
+    backends = report.parse_list(args.backends, report.BACKENDS, "backend")
+    if "host-gw" not in backends:
+        backends.append("host-gw")           # every ratio needs it, in the same round
+    opts = runner.Options(backends=backends, tests=report.parse_list(args.tests, report.TESTS, "test"),
+                          rounds=args.rounds, duration=args.duration, mtu=args.mtu, output=args.output,
+                          lock_wait=args.wait)
+    if opts.rounds < 1 or opts.duration <= 0:
+        raise ValueError("--rounds must be ≥ 1 and --duration > 0")
+    console = Console(stderr=True)
+    steps = runner.plan(opts)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("setting up", total=len(steps))
+
+        def on_step(text: str, first=[True]) -> None:
+            if not first[0]:
+                progress.advance(task)
+            first[0] = False
+            progress.update(task, description=text)
+
+        try:
+            results = runner.run(opts, on_step=on_step,
+                                 on_setup=lambda t: progress.update(task, description=t))
+        except runner.BenchError as e:
+            raise ValueError(str(e)) from None
+        progress.update(task, completed=len(steps), description="done")
+    table = Table(title=f"netemu bench — underlay MTU {opts.mtu}, {opts.rounds} rounds of {opts.duration:g} s")
+    for header in report.HEADERS:
+        table.add_column(header)
+    for row in results["summary"]:
+        table.add_row(*report.cells(row))
+    Console().print(table)
+    for failure in results["failures"]:
+        print(f"failed: round {failure['round'] + 1} {failure['backend']} {failure['test']} {failure['path']}: "
+              f"{failure['error'][:200]}")
+    print(f"results: {os.path.join(opts.output, 'bench.json')}, bench.md, bench.png")
+    return 0

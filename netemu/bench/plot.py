@@ -1,0 +1,36 @@
+"""The PNG of `netemu bench`: cross-node throughput and latency per backend
+(median bars, min-max whiskers), drawn with matplotlib's file-only Agg backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def draw(rows: list[dict[str, Any]], config: dict[str, Any], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("Throughput, cross-node (Gbit/s)", ["tcp", "tcp-parallel"]),
+              ("Packet rate, 64 B, cross-node (kpps)", ["udp-rate"]),
+              ("Latency, cross-node (µs)", ["latency-p50", "latency-p99"])]
+    panels = [(t, tests) for t, tests in panels if any(r["test"] in tests for r in rows)]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 4), squeeze=False)
+    backends = list(dict.fromkeys(r["backend"] for r in rows))
+    for ax, (title, tests) in zip(axes[0], panels):
+        width = 0.8 / len(tests)
+        for k, test in enumerate(tests):
+            got = {r["backend"]: r for r in rows if r["test"] == test and r["path"] == "cross-node"}
+            xs = [i + k * width for i, b in enumerate(backends) if b in got]
+            meds = [got[b]["median"] for b in backends if b in got]
+            errs = [[got[b]["median"] - got[b]["min"] for b in backends if b in got],
+                    [got[b]["max"] - got[b]["median"] for b in backends if b in got]]
+            ax.bar(xs, meds, width, yerr=errs, capsize=3, label=test)
+        ax.set_xticks([i + width * (len(tests) - 1) / 2 for i in range(len(backends))], backends)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"netemu bench — underlay MTU {config.get('mtu')}, {config.get('rounds')} rounds, "
+                 f"kernel {config.get('kernel')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,139 @@
+"""Pure logic of `netemu bench`: turning tool output into figures, and figures into
+the summary (median, min-max, ratio to host-gw in the same round), Markdown and
+JSON. No processes, no namespaces: tested without root.
+
+A *sample* is one measurement: (round, backend, test, path, value) plus its
+side figures (daemon CPU, retransmits, drops). The ratio of a sample is its value
+divided by host-gw's value for the same test, path and round, so that the
+machine's noise between rounds cancels out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Any
+
+BACKENDS = ("udp", "vxlan", "host-gw")
+TESTS = ("tcp", "tcp-parallel", "udp-rate", "latency")
+REFERENCE = "host-gw"
+
+# test -> (figure name, unit, higher is better)
+FIGURES = {
+    "tcp": ("throughput", "Gbit/s", True),
+    "tcp-parallel": ("throughput", "Gbit/s", True),
+    "udp-rate": ("rate", "kpps", True),
+    "latency-p50": ("rtt p50", "µs", False),
+    "latency-p99": ("rtt p99", "µs", False),
+}
+
+
+@dataclasses.dataclass
+class Sample:
+    round: int
+    backend: str
+    test: str               # tcp, tcp-parallel, udp-rate, latency-p50, latency-p99
+    path: str               # "cross-node" or "same-node"
+    value: float
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def parse_list(text: str, known: tuple[str, ...], what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in known]
+    if bad or not items:
+        raise ValueError(f"unknown {what} {', '.join(bad) or '(none given)'} (known: {', '.join(known)})")
+    return list(dict.fromkeys(items))
+
+
+def iperf_tcp(result: dict) -> tuple[float, int]:
+    """(Gbit/s received, retransmits) from `iperf3 -J` of a TCP run."""
+    end = result["end"]
+    return end["sum_received"]["bits_per_second"] / 1e9, int(end["sum_sent"].get("retransmits", 0))
+
+
+def iperf_udp_received(result: dict) -> tuple[int, float]:
+    """(packets that arrived, seconds) from `iperf3 -u -J` (the client's copy of the
+    server's report: sum.packets - sum.lost_packets)."""
+    s = result["end"]["sum"]
+    return int(s["packets"]) - int(s.get("lost_packets", 0)), float(s["seconds"])
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1]
+
+
+def ratios(samples: list[Sample]) -> dict[int, float]:
+    """index in SAMPLES -> value / host-gw's value (same round, test, path)."""
+    ref = {(s.round, s.test, s.path): s.value for s in samples if s.backend == REFERENCE}
+    out = {}
+    for i, s in enumerate(samples):
+        base = ref.get((s.round, s.test, s.path))
+        if base:
+            out[i] = s.value / base
+    return out
+
+
+def summarize(samples: list[Sample]) -> list[dict[str, Any]]:
+    """One row per (test, path, backend): median and min-max of value and ratio,
+    and the medians of the side figures."""
+    r = ratios(samples)
+    groups: dict[tuple[str, str, str], list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault((s.test, s.path, s.backend), []).append(i)
+    rows = []
+    for (test, path, backend), idx in groups.items():
+        values = [samples[i].value for i in idx]
+        rat = [r[i] for i in idx if i in r]
+        name, unit, _ = FIGURES[test]
+        row = {"test": test, "path": path, "backend": backend, "figure": name, "unit": unit,
+               "rounds": len(values), "median": statistics.median(values),
+               "min": min(values), "max": max(values)}
+        if rat:
+            row.update(ratio=statistics.median(rat), ratio_min=min(rat), ratio_max=max(rat))
+        keys = sorted({k for i in idx for k in samples[i].extra})
+        row["extra"] = {k: statistics.median([samples[i].extra[k] for i in idx if k in samples[i].extra])
+                        for k in keys}
+        rows.append(row)
+    order = {t: n for n, t in enumerate(FIGURES)}
+    border = {b: n for n, b in enumerate(BACKENDS)}
+    rows.sort(key=lambda x: (order.get(x["test"], 99), x["path"] != "cross-node",
+                             border.get(x["backend"], 99)))
+    return rows
+
+
+def fmt(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+
+
+def cells(row: dict[str, Any]) -> list[str]:
+    """A summary row as table cells (shared by the Markdown and the terminal table)."""
+    ratio = (f"{row['ratio']:.3f}× ({row['ratio_min']:.3f}–{row['ratio_max']:.3f})"
+             if "ratio" in row else "")
+    extra = row["extra"]
+    side = []
+    if "cpu_daemon_s" in extra:
+        side.append(f"daemon CPU {extra['cpu_daemon_s']:.2f} s")
+    if extra.get("retransmits"):
+        side.append(f"retr {extra['retransmits']:.0f}")
+    drops = sum(v for k, v in extra.items() if k.startswith("drop"))
+    if drops:
+        side.append(f"drops {drops:.0f}")
+    return [row["test"], row["path"], row["backend"],
+            f"{fmt(row['median'])} {row['unit']}", f"{fmt(row['min'])}–{fmt(row['max'])}", ratio,
+            ", ".join(side)]
+
+
+HEADERS = ["test", "path", "backend", "median", "min–max", "ratio to host-gw", "notes"]
+
+
+def markdown(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
+    lines = [f"# netemu bench: underlay MTU {config.get('mtu')}, {config.get('rounds')} rounds "
+             f"of {config.get('duration')} s", "",
+             "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    for row in rows:
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells(row)) + " |")
+    return "\n".join(lines) + "\n"

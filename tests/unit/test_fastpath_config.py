@@ -1,0 +1,40 @@
+"""The udp fast path's switches and shared counters (no root needed)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+from netemu.overlay import fastudp, udp
+
+
+def test_offload_switches():
+    assert udp.offload_wanted("node1", {"Type": "udp"}, environ={})
+    assert not udp.offload_wanted("node1", {"Type": "udp", "Offload": False}, environ={})
+    env = {udp.NO_OFFLOAD_ENV: "node2, node3"}
+    assert udp.offload_wanted("node1", {}, environ=env)
+    assert not udp.offload_wanted("node3", {}, environ=env)
+    assert not udp.offload_wanted("node1", {}, environ={udp.NO_OFFLOAD_ENV: "*"})
+
+
+def test_both_paths_count_the_same_things():
+    assert set(udp.COUNTERS) == set(fastudp.COUNTERS)
+
+
+def test_counters_are_summed_over_both_directions():
+    fd = fastudp.counters_memory()
+    try:
+        shared = mmap.mmap(fd, fastudp.BLOCK * len(fastudp.DIRECTIONS))
+        blocks = [memoryview(shared)[i * fastudp.BLOCK:(i + 1) * fastudp.BLOCK].cast("q")
+                  for i in range(len(fastudp.DIRECTIONS))]
+        tx = fastudp.COUNTERS.index("tx_packets")
+        blocks[0][tx] += 5
+        blocks[1][tx] += 2
+        blocks[1][fastudp.COUNTERS.index("rx_coalesced")] += 1
+        got = fastudp.read_counters(fd)
+        assert got["tx_packets"] == 7 and got["rx_coalesced"] == 1 and got["drop_ttl"] == 0
+        for b in blocks:
+            b.release()
+        shared.close()
+    finally:
+        os.close(fd)

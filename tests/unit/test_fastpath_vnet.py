@@ -1,0 +1,105 @@
+"""The udp fast path's super-packet logic (netemu.overlay.vnet), checked against
+scapy's own dissection and checksums."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+
+from netemu.overlay import vnet
+from netemu.overlay.packet import internet_checksum, ipv4_problem
+
+
+def super_packet(payload: bytes, flags="PA", seq=1000, ttl=64, ident=7) -> bytearray:
+    pkt = IP(src="10.244.1.2", dst="10.244.2.2", ttl=ttl, id=ident, flags="DF") / \
+        TCP(sport=40000, dport=5201, seq=seq, ack=555, flags=flags, window=501,
+            options=[("NOP", None), ("NOP", None), ("Timestamp", (1, 2))]) / payload
+    return bytearray(bytes(pkt))
+
+
+def split(buffer: bytes, size: int) -> list[bytes]:
+    return [buffer[i:i + size] for i in range(0, len(buffer), size)]
+
+
+def assert_valid(raw: bytes) -> IP:
+    assert ipv4_problem(raw) is None
+    ip = IP(raw)
+    again = IP(raw)
+    del again[IP].chksum, again[TCP].chksum
+    again = IP(bytes(again))
+    assert ip[TCP].chksum == again[TCP].chksum, "bad TCP checksum"
+    return ip
+
+
+@pytest.mark.parametrize("length,mss", [(10_000, 1420), (1420 * 44, 1420), (1, 1420), (2841, 1418)])
+def test_segment_gives_valid_contiguous_packets(length, mss):
+    payload = os.urandom(length)
+    buffer, size, count = vnet.segment(super_packet(payload, flags="FPA"), mss)
+    parts = split(buffer, size)
+    assert len(parts) == count == -(-length // mss)
+    assert all(len(p) == size for p in parts[:-1]) and len(parts[-1]) <= size
+    data = b""
+    for k, raw in enumerate(parts):
+        ip = assert_valid(raw)
+        assert ip.id == 7 + k and ip.ttl == 64
+        assert ip[TCP].seq == 1000 + k * mss
+        want = "FPA" if k == count - 1 else "A"
+        assert str(ip[TCP].flags) == want
+        data += bytes(ip[TCP].payload)
+    assert data == payload
+
+
+def test_coalesce_rebuilds_the_super_packet_with_ttl_decremented():
+    payload = os.urandom(20_000)
+    buffer, size, count = vnet.segment(super_packet(payload), 1420)
+    result = vnet.coalesce(buffer, size)
+    assert result.singles == [] and result.merged == count and len(result.super_packets) == 1
+    out = result.super_packets[0]
+    hdr = vnet.VnetHeader.parse(out)
+    assert (hdr.flags, hdr.gso_type, hdr.gso_size, hdr.csum_start, hdr.csum_offset) == \
+        (vnet.VNET_F_NEEDS_CSUM, vnet.GSO_TCPV4, 1420, 20, 16)
+    packet = bytearray(out[vnet.VNET_HDR_LEN:])
+    assert hdr.hdr_len == 20 + 32
+    assert internet_checksum(packet[:20]) == 0
+    vnet.finish_checksum(packet, hdr.csum_start, hdr.csum_offset)
+    ip = assert_valid(bytes(packet))
+    assert ip.ttl == 63 and ip[TCP].seq == 1000 and bytes(ip[TCP].payload) == payload
+    assert str(ip[TCP].flags) == "PA"
+
+
+def test_coalesce_leaves_out_what_it_must_not_merge():
+    a, size, _ = vnet.segment(super_packet(os.urandom(1420 * 3)), 1420)
+    parts = split(a, size)
+    corrupt = bytearray(parts[1])
+    corrupt[-1] ^= 0xFF                                     # bad TCP checksum
+    gap = bytes(super_packet(os.urandom(1420), seq=999_999, flags="A"))  # not contiguous
+    udp = bytes(IP(src="10.244.1.2", dst="10.244.2.2") / UDP() / os.urandom(1472 - 28))
+    assert len(udp) == size == len(gap)
+    buffer = parts[0] + bytes(corrupt) + parts[2] + gap + udp
+    result = vnet.coalesce(buffer, size)
+    assert result.super_packets == [] and result.merged == 0
+    assert result.singles == [parts[0], bytes(corrupt), parts[2], gap, udp]
+
+
+def test_coalesce_merges_runs_and_keeps_the_rest():
+    a, size, _ = vnet.segment(super_packet(os.urandom(1420 * 3), seq=5000), 1420)
+    b, _, _ = vnet.segment(super_packet(os.urandom(1420 * 2), seq=90_000), 1420)
+    result = vnet.coalesce(a + b, size)
+    assert result.merged == 5 and len(result.super_packets) == 2 and result.singles == []
+
+
+def test_coalesce_does_not_merge_expiring_ttl():
+    a, size, _ = vnet.segment(super_packet(os.urandom(1420 * 2), ttl=1), 1420)
+    result = vnet.coalesce(a, size)
+    assert result.merged == 0 and len(result.singles) == 2
+
+
+def test_finish_checksum_of_a_partial_ack():
+    pkt = super_packet(b"", flags="A")
+    ip = IP(bytes(pkt))
+    ihl = 20
+    pkt[ihl + 16:ihl + 18] = vnet.pseudo_sum(pkt, len(pkt) - ihl).to_bytes(2, "big")
+    vnet.finish_checksum(pkt, ihl, 16)
+    assert IP(bytes(pkt))[TCP].chksum == ip[TCP].chksum
