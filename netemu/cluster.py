@@ -144,6 +144,8 @@ def _build(topology, progress, fail_after) -> None:
     for plan in plans:
         progress(f"node {plan.name}: eth0 {plan.address}")
         host.create(cluster, plan.name, plan.address, settings.underlay_mtu, client.ip)
+        if settings.backend == "udp":
+            fabric.disable_tso(cluster, names.fabric_port(plan.name))
         os.makedirs(names.node_dir(cluster, plan.name), exist_ok=True)
         if fail_after == "node":
             raise ClusterError("failure injected after the first node (test)")
@@ -413,6 +415,8 @@ def add_node(cluster: str, name: str, labels: dict | None = None, address: str |
         try:
             host.create(cluster, name, iface, settings.underlay_mtu,
                         settings.effective_client_address())
+            if settings.backend == "udp":
+                fabric.disable_tso(cluster, names.fabric_port(name))
         except BaseException:
             netns.delete(names.node_ns(cluster, name))
             raise

@@ -43,3 +43,30 @@ def plug(cluster: str, host_ns: str, port: str, address: ipaddress.IPv4Interface
         f"addr add {address.with_prefixlen} dev {iface}",
         f"link set {iface} up",
     ])
+
+
+# TCP segmentation offloads of a fabric port (the switch side of a node's link).
+TSO_FEATURES = ("tx-tcp-segmentation", "tx-tcp-ecn-segmentation", "tx-tcp-mangleid-segmentation",
+                "tx-tcp6-segmentation")
+
+
+def disable_tso(cluster: str, port: str) -> None:
+    """Turn TCP segmentation offload off on a fabric port.
+
+    For the udp backend: a veth hands the receiving side's GRO (and so the
+    overlay daemon's UDP GRO socket) merged datagrams only when the sending end
+    has TSO off; measured here, this more than doubles the udp backend's TCP
+    throughput (0.021x -> 0.048x host-gw). The frames on the wire are the same.
+    """
+    from pyroute2.ethtool import Ethtool
+
+    with netns.inside(names.fabric_ns(cluster)):
+        ethtool = Ethtool()
+        try:
+            features = ethtool.get_features(port)
+            for name in TSO_FEATURES:
+                if name in features.features:
+                    features.features[name].enable = False
+            ethtool.set_features(port, features)
+        finally:
+            ethtool.close()

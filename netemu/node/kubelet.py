@@ -184,7 +184,8 @@ class PodWorker:
         sb = sandboxes.Sandbox(namespace=names.pod_ns(k.cluster, self.ns, self.name),
                                veth=names.pod_veth(self.ns, self.name, self.uid), ip=str(ip),
                                gateway=str(k.env.subnet.ip), prefixlen=k.env.subnet.network.prefixlen,
-                               mtu=k.env.mtu)
+                               mtu=k.env.mtu,
+                               gso_max_segs=44 if k.settings.backend == "udp" else 0)
         self.sandbox = sb
         await trio.to_thread.run_sync(sandboxes.create_network, k.cluster, k.node, sb)
         pause = await trio.lowlevel.open_process(
