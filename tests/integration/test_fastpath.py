@@ -94,8 +94,11 @@ def set_udp_segmentation(ns: str, on: bool) -> None:
 @pytest.mark.timeout(150)
 def test_fast_path_wire_format_and_byte_exact_transfer(tmp_path):
     from scapy.layers.inet import IP, TCP, UDP
-    from scapy.packet import bind_layers
     from scapy.utils import rdpcap
+
+    # Dissect UDP/8285 payloads as IP (dissection only: scapy's bind_layers would
+    # also change what UDP()/IP() builds, for every later test in this process).
+    from netemu.capture import decode  # noqa: F401 - registers 8285 on import
 
     with running(topology(tmp_path, "hb-fp1")) as (cluster, _):
         assert fast_path_running(cluster, "node1") and fast_path_running(cluster, "node2")
@@ -117,8 +120,6 @@ def test_fast_path_wire_format_and_byte_exact_transfer(tmp_path):
             dump.wait(timeout=10)
             server.kill()
             server.wait()
-        bind_layers(UDP, IP, dport=8285)
-        bind_layers(UDP, IP, sport=8285)
         outer = [p[IP] for p in rdpcap(str(pcap)) if IP in p]
         assert len(outer) > 100
         data_segments = 0
