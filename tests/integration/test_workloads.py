@@ -6,8 +6,7 @@ two nodes, with timeScale 0.01 so that Job back-offs and container restart
 back-offs take milliseconds instead of seconds. It is torn down in `running()`'s
 finally. Each test uses object names of its own.
 
-The verbs are run through the netemu command; until netemu.cli registers them
-itself (netemu.workloads_cli.register), SHIM registers them the same way.
+The verbs are run through the netemu command (python -m netemu.cli).
 """
 
 from __future__ import annotations
@@ -30,27 +29,6 @@ pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TUTORIAL = os.path.join(REPO, "topologies", "tutorial")
 
-SHIM = """
-import argparse, sys
-from netemu import cli
-from netemu import workloads_cli
-_orig = cli.build_parser
-def build_parser():
-    p = _orig()
-    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-    if "apply" not in sub.choices:
-        def verb(name, func, help_, root=True):
-            sp = sub.add_parser(name, help=help_, description=help_)
-            sp.set_defaults(func=func, needs_root=root)
-            return sp
-        def with_cluster(sp):
-            sp.add_argument("--cluster")
-            return sp
-        workloads_cli.register(sub, verb, with_cluster)
-    return p
-cli.build_parser = build_parser
-sys.exit(cli.main(sys.argv[1:]))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +46,7 @@ def cluster(tmp_path_factory):
 
 
 def netemu(cluster, *args, check=True, timeout=90):
-    proc = subprocess.run([sys.executable, "-c", SHIM, *args, "--cluster", cluster],
+    proc = subprocess.run([sys.executable, "-m", "netemu.cli", *args, "--cluster", cluster],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"netemu {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
