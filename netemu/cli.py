@@ -291,11 +291,9 @@ def tabulate(cluster: str, store, kind: str, objs: list[dict], wide: bool):
     if kind == "Node":
         return (printers.NODE_HEADERS + (printers.NODE_WIDE if wide else []),
                 [printers.node_row(o, wide, _overlay_stats(cluster, o["metadata"]["name"])) for o in objs])
-    try:
-        from netemu import kubectl_tables
-    except ImportError:
-        kubectl_tables = None
-    if kubectl_tables is not None and kubectl_tables.supports(kind):
+    from netemu import kubectl_tables
+
+    if kubectl_tables.supports(kind):
         return kubectl_tables.tabulate(kind, objs, wide, store)
     return (["NAME", "AGE"], [[o["metadata"]["name"], printers.age(o["metadata"].get("creationTimestamp"))]
                              for o in objs])
@@ -320,10 +318,11 @@ def cmd_describe(args) -> int:
                 and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")]
         print(printers.describe_node(obj, pods, _overlay_stats(cluster, args.name), events))
     else:
+        from netemu import kubectl_tables
+
         try:
-            from netemu import kubectl_tables
             print(kubectl_tables.describe(kind, obj, events, store))
-        except (ImportError, KeyError):
+        except KeyError:           # a kind with no describer: its YAML and events
             print(printers.dump([obj], "yaml", single=True))
             print(printers.format_events(events))
     return 0

@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from netemu import controlplane, fabric, journal, loadbalancer, names, netns
+from netemu import api, controlplane, fabric, journal, loadbalancer, names, netns
 from netemu.node import host
 from netemu.overlay import leases
 from netemu.store import registry
@@ -167,24 +167,13 @@ def _build(topology, progress, fail_after) -> None:
         for plan in plans:
             registry.create(store, node_object(by_name[plan.name], plan.address))
         for obj in topology.objects:
-            _create_object(store, obj, settings)
+            api.create_or_update(store, obj, settings)
     finally:
         store.close()
     if fail_after == "store":
         raise ClusterError("failure injected after the store was written (test)")
     start_control_plane(cluster)
     progress("control plane started")
-
-
-def _create_object(store, obj: dict, settings) -> None:
-    try:
-        from netemu import api
-    except ImportError:
-        api = None
-    if api is not None:
-        api.create_or_update(store, obj, settings)
-    else:
-        registry.create(store, obj)
 
 
 def start_control_plane(cluster: str) -> int:

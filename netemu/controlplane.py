@@ -71,11 +71,8 @@ class ControlPlane:
                 return
 
     async def _controllers(self) -> None:
-        try:
-            from netemu.controllers import manager
-        except ImportError:
-            log.warning("controllers are not available in this build")
-            return
+        from netemu.controllers import manager
+
         await manager.run_all(self.store, self.settings)
 
     async def _load_balancer(self) -> None:
@@ -111,11 +108,10 @@ class ControlPlane:
                                    python_argv("netemu.overlay.daemon", self.cluster, node),
                                    os.path.join(node_dir, "overlay.log"),
                                    os.path.join(node_dir, "overlay.restarts"))
-                if _has_module("netemu.proxy.daemon"):
-                    nursery.start_soon(supervise, self.cluster, f"proxy[{node}]",
-                                       python_argv("netemu.proxy.daemon", self.cluster, node),
-                                       os.path.join(node_dir, "proxy.log"),
-                                       os.path.join(node_dir, "proxy.restarts"))
+                nursery.start_soon(supervise, self.cluster, f"proxy[{node}]",
+                                   python_argv("netemu.proxy.daemon", self.cluster, node),
+                                   os.path.join(node_dir, "proxy.log"),
+                                   os.path.join(node_dir, "proxy.restarts"))
                 nursery.start_soon(self._kubelet, node)
 
     async def _kubelet(self, node: str) -> None:
@@ -130,10 +126,6 @@ class ControlPlane:
                 log.exception("kubelet on %s failed; restarting", node)
                 await trio.sleep(1)
 
-
-def _has_module(name: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(name) is not None
 
 
 def main(argv: list[str] | None = None) -> int:
