@@ -22,7 +22,6 @@ can be tested without root.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import functools
 import hashlib
@@ -52,12 +51,20 @@ NFT_BASE_MAX = NFT_NAME_MAX - 16   # chainNameBaseLengthMax
 # Names are asked for many times per sync (10,000 services: ~100,000 times), so
 # remember them. kube-proxy uses at most the first 16 characters of the base32
 # text, which are exactly the base32 of the first 10 bytes (5 bytes -> 8
-# characters): encoding 10 bytes instead of 32 makes Python's slow pure-Python
-# b32encode three times cheaper.
+# characters). Python's b32encode is pure Python (~9 us for 10 bytes here);
+# the 80 bits as one integer, cut into eight 10-bit pairs of base32
+# characters, cost a fifth of that.
+_B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_B32_PAIRS = [a + b for a in _B32 for b in _B32]          # 10 bits -> 2 characters
+_SHIFTS = (70, 60, 50, 40, 30, 20, 10, 0)
+
+
 @functools.lru_cache(maxsize=1 << 17)
 def _b32_sha256(text: str) -> str:
     """The first 16 characters of base32(sha256(text))."""
-    return base64.b32encode(hashlib.sha256(text.encode()).digest()[:10]).decode()
+    n = int.from_bytes(hashlib.sha256(text.encode()).digest()[:10], "big")
+    pairs = _B32_PAIRS
+    return "".join([pairs[(n >> s) & 1023] for s in _SHIFTS])
 
 
 def mark_string(mark: int = MASQUERADE_MARK) -> str:
@@ -144,7 +151,7 @@ class ServicePort:
         return iptables_endpoint_chain(self.name_string, self.proto, ep.address)
 
     # -- nftables chain names ----------------------------------------------
-    @property
+    @functools.cached_property   # three chain names per service port start with it
     def nft_base(self) -> str:
         return nft_service_port_base(self.namespace, self.name, self.proto, self.port_name)
 
