@@ -329,24 +329,44 @@ def full_transaction(state: NftState, mark: int = MASQUERADE_MARK) -> str:
     return "\n".join(cmds) + "\n"
 
 
-def incremental_transaction(old: NftState, new: NftState) -> str:
-    """One transaction turning OLD into NEW; "" when they are the same.
+@dataclasses.dataclass
+class NftDiff:
+    """What turns one per-service state into another, in the order it must be applied.
+
+    1. del_elements: map elements that vanished or changed (map -> keys)
+    2. flush_chains: chains that changed or vanished (drops their references)
+    3. del_sets, then add_sets: affinity sets that vanished or changed / are new or changed
+    4. add_chains (empty), then rules: the rules of the new and changed chains
+    5. add_elements: map elements that are new or changed (map -> [(key, (verdict, comment))])
+    6. del_chains: chains that vanished (nothing references them any more)
+    """
+
+    del_elements: dict[str, list[str]]
+    flush_chains: list[str]
+    del_sets: list[str]
+    add_sets: list[tuple[str, int]]
+    add_chains: list[str]
+    rules: list[tuple[str, tuple[str, ...]]]
+    add_elements: dict[str, list[tuple[str, tuple[str, str]]]]
+    del_chains: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(any(self.del_elements.values()) or self.flush_chains or self.del_sets or
+                    self.add_sets or self.add_chains or self.rules or
+                    any(self.add_elements.values()) or self.del_chains)
+
+
+def state_diff(old: NftState, new: NftState) -> NftDiff:
+    """The changes turning OLD into NEW (see NftDiff for the order).
 
     Order matters inside the transaction: references must go before what they
     reference is deleted, and must not point at something not yet created.
-    1. delete map elements that vanished or changed
-    2. flush chains that changed or vanished (drops their references)
-    3. delete affinity sets that vanished or changed; add new/changed ones
-    4. add new chains (empty), then the rules of new/changed chains
-    5. add map elements that are new or changed
-    6. delete the chains that vanished (nothing references them any more)
     """
-    cmds: list[str] = []
+    del_elems: dict[str, list[str]] = {}
     add_elems: dict[str, list] = {}
     for m in MAPS:
         o, n = old.maps.get(m, {}), new.maps.get(m, {})
-        gone = sorted((k, None) for k in o if k not in n or o[k] != n[k])
-        cmds += _element_cmds("delete", m, gone)
+        del_elems[m] = sorted(k for k in o if k not in n or o[k] != n[k])
         add_elems[m] = sorted((k, v) for k, v in n.items() if o.get(k) != v)
 
     changed_sets = {s for s in new.sets if s in old.sets and old.sets[s] != new.sets[s]}
@@ -360,16 +380,37 @@ def incremental_transaction(old: NftState, new: NftState) -> str:
                             (old.chains[c] != new.chains[c] or
                              (refs and any(r in rule + " " for rule in new.chains[c] for r in refs))))
     added_chains = sorted(c for c in new.chains if c not in old.chains)
+    return NftDiff(
+        del_elements=del_elems,
+        flush_chains=[*changed_chains, *removed_chains],
+        del_sets=sorted(removed_sets | changed_sets),
+        add_sets=[(s, new.sets[s]) for s in sorted(added_sets | changed_sets)],
+        add_chains=added_chains,
+        rules=[(c, new.chains[c]) for c in (*changed_chains, *added_chains)],
+        add_elements=add_elems,
+        del_chains=removed_chains)
 
-    cmds += [f"flush chain {T} {c}" for c in (*changed_chains, *removed_chains)]
-    cmds += [f"delete set {T} {s}" for s in sorted(removed_sets | changed_sets)]
-    cmds += [_set_cmd(s, new.sets[s]) for s in sorted(added_sets | changed_sets)]
-    cmds += [f"add chain {T} {c}" for c in added_chains]
-    for c in (*changed_chains, *added_chains):
-        cmds += [f"add rule {T} {c} {r}" for r in new.chains[c]]
+
+def full_diff(state: NftState) -> NftDiff:
+    """STATE as changes to an empty per-service part (a full load after the skeleton)."""
+    return state_diff(NftState(), state)
+
+
+def incremental_transaction(old: NftState, new: NftState) -> str:
+    """One transaction turning OLD into NEW; "" when they are the same."""
+    d = state_diff(old, new)
+    cmds: list[str] = []
     for m in MAPS:
-        cmds += _element_cmds("add", m, add_elems[m])
-    cmds += [f"delete chain {T} {c}" for c in removed_chains]
+        cmds += _element_cmds("delete", m, [(k, None) for k in d.del_elements[m]])
+    cmds += [f"flush chain {T} {c}" for c in d.flush_chains]
+    cmds += [f"delete set {T} {s}" for s in d.del_sets]
+    cmds += [_set_cmd(s, t) for s, t in d.add_sets]
+    cmds += [f"add chain {T} {c}" for c in d.add_chains]
+    for c, rules in d.rules:
+        cmds += [f"add rule {T} {c} {r}" for r in rules]
+    for m in MAPS:
+        cmds += _element_cmds("add", m, d.add_elements[m])
+    cmds += [f"delete chain {T} {c}" for c in d.del_chains]
     return "\n".join(cmds) + "\n" if cmds else ""
 
 

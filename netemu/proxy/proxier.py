@@ -19,6 +19,7 @@ the `conntrack` tool (see model.conntrack_cleanup).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,7 +28,10 @@ from typing import Any
 from netemu.proxy import iptables as ipt
 from netemu.proxy import libnft
 from netemu.proxy import nftables as nft
+from netemu.proxy import nftnl
 from netemu.proxy.model import MASQUERADE_MARK, ServicePort, build_service_ports, conntrack_cleanup
+
+log = logging.getLogger("netemu.proxy")
 
 ServiceKey = tuple[str, str]          # (namespace, name), shared by a Service and its Endpoints
 
@@ -178,15 +182,42 @@ class _Proxier:
 
 
 class NftablesProxier(_Proxier):
-    """kube-proxy's nftables mode: table `ip kube-proxy`, incremental transactions."""
+    """kube-proxy's nftables mode: table `ip kube-proxy`, incremental transactions.
+
+    Two ways to the kernel, same table (netemu.proxy.nftnl):
+    - netlink (the default): the per-service part as nf_tables messages that
+      nftnl encodes, one NFNL batch per sync; nft (libnftables) only writes
+      the fixed skeleton, and removes the table.
+    - text: the whole transaction as nft text (nftables.full_transaction /
+      incremental_transaction), through libnftables or `nft -f`. Used when
+      the netlink socket cannot be opened, when a rule has a shape nftnl does
+      not encode, and for a batch the kernel refused (retried as text, and
+      the netlink path is left for good if the text is accepted: the fault
+      was ours). Each fallback is logged.
+
+    What is atomic: a change (sync of changed services) is one transaction
+    either way. A full sync replacing an existing table (the daemon restarted,
+    or the previous sync failed) is one text transaction, as before: packets
+    see the old table or the new one. A full sync on a node without the table
+    is two transactions: the skeleton (empty maps: no service answers yet),
+    then every service in one batch; so a packet sees no services, then all
+    of them, and never part of one.
+    """
 
     mode = "nftables"
 
     def __init__(self, node_name: str, node_ips: Sequence[str], cluster_cidr: str,
-                 masquerade_mark: int = MASQUERADE_MARK, prefer_library: bool = True) -> None:
+                 masquerade_mark: int = MASQUERADE_MARK, prefer_library: bool = True,
+                 netlink: bool = True) -> None:
         super().__init__(node_name, node_ips, cluster_cidr, masquerade_mark)
-        # Opened now: from here on it acts on the namespace we are in at this moment.
+        # Opened now: from here on they act on the namespace we are in at this moment.
         self.nft = libnft.open_nft(prefer_library)
+        self.netlink: nftnl.NftNetlink | None = None
+        if netlink:
+            try:
+                self.netlink = nftnl.NftNetlink()
+            except OSError as e:
+                log.warning("nf_tables netlink socket unavailable (%s); writing rules as nft text", e)
 
     def _fragment(self, ports):
         return nft.service_port_state(ports, self.node_name, self.cluster_cidr)
@@ -199,15 +230,62 @@ class NftablesProxier(_Proxier):
                 raise ProxyError(f"nft transaction failed: {e}") from e
         return len(text)
 
+    def _send(self, diff: nft.NftDiff) -> tuple[int | None, bool]:
+        """DIFF as one netlink batch: (bytes sent, or None when it must go as
+        text instead; whether the kernel refused the batch)."""
+        if self.netlink is None:
+            return None, False
+        try:
+            batch = nftnl.diff_batch(diff)
+        except nftnl.Unsupported as e:
+            log.warning("rule not encodable as netlink (%s); this sync goes as nft text", e)
+            return None, False
+        try:
+            return self.netlink.send(batch), False
+        except (nftnl.NetlinkError, OSError) as e:
+            log.warning("netlink batch failed (%s); retrying as nft text", e)
+            return None, True
+
+    def _text_fallback(self, text: str, refused: bool) -> int:
+        size = self._run(text)
+        if refused and self.netlink is not None:
+            # The kernel took the text but not our batch: our encoding is at
+            # fault. Stop using it rather than failing every sync twice.
+            log.warning("nft accepted what the netlink batch could not apply; "
+                        "writing rules as nft text from now on")
+            self.netlink.close()
+            self.netlink = None
+        return size
+
     def _apply_full(self) -> int:
         state = nft.merge_states(self._fragments[k] for k in sorted(self._fragments))
-        return self._run(nft.full_transaction(state, self.mark))
+        refused = False
+        if self.netlink is not None:
+            try:
+                fresh = not self.netlink.table_exists()
+            except (nftnl.NetlinkError, OSError) as e:
+                log.warning("netlink table lookup failed (%s); full sync as nft text", e)
+                fresh = False
+            if fresh:
+                diff = nft.full_diff(state)
+                size = self._run("\n".join(nft.skeleton_commands(self.mark)) + "\n")
+                sent, refused = self._send(diff)
+                if sent is not None:
+                    return size + sent
+        # Replaces whatever table is there (the skeleton just written too).
+        return self._text_fallback(nft.full_transaction(state, self.mark), refused)
 
     def _apply_changes(self, old, new) -> int:
         # Fragments never share a name or a map key, so the diff of the changed
         # services' fragments alone is the diff of the whole table.
-        return self._run(nft.incremental_transaction(nft.merge_states(old.values()),
-                                                     nft.merge_states(new.values())))
+        old_st, new_st = nft.merge_states(old.values()), nft.merge_states(new.values())
+        diff = nft.state_diff(old_st, new_st)
+        if not diff:
+            return 0
+        sent, refused = self._send(diff)
+        if sent is not None:
+            return sent
+        return self._text_fallback(nft.incremental_transaction(old_st, new_st), refused)
 
     def cleanup(self) -> None:
         self.nft.run(nft.cleanup_transaction())
@@ -215,6 +293,8 @@ class NftablesProxier(_Proxier):
 
     def close(self) -> None:
         self.nft.close()
+        if self.netlink is not None:
+            self.netlink.close()
 
 
 class IptablesProxier(_Proxier):
