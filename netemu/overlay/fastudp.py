@@ -169,9 +169,13 @@ class Worker:
     def count(self, name: str, n: int = 1) -> None:
         self.counters[self.index[name]] += n
 
-    def write_tun(self, data: bytes) -> bool:
+    def write_tun(self, data) -> bool:
+        """Write one packet (bytes, or a list of buffers gathered by writev)."""
         try:
-            os.write(self.tun, data)
+            if isinstance(data, list):
+                os.writev(self.tun, data)
+            else:
+                os.write(self.tun, data)
             return True
         except OSError:
             self.count("rx_errors")
@@ -180,17 +184,19 @@ class Worker:
     # -- TUN -> UDP ------------------------------------------------------------
 
     def tx_loop(self) -> None:
+        buffer = bytearray(READ_SIZE)              # reused: every send copies out of it
+        view = memoryview(buffer)
         while True:
-            data = os.read(self.tun, READ_SIZE)
-            flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = vnet.VNET_HDR.unpack_from(data)
-            packet = bytearray(memoryview(data)[vnet.VNET_HDR_LEN:])
+            n = os.readv(self.tun, [buffer])
+            flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = vnet.VNET_HDR.unpack_from(buffer)
+            packet = view[vnet.VNET_HDR_LEN:n]
             if not looks_like_ipv4(packet):
                 self.count("drop_not_ipv4")
                 continue
             next_hop = self.peers.routes.lookup(ipv4_destination(packet))
             if next_hop is None:
                 self.count("drop_no_route")
-                reply = net_unreachable(packet, self.tun_address)
+                reply = net_unreachable(bytes(packet), self.tun_address)
                 if reply is not None:
                     # Counted first: the pod may see the error before write() returns.
                     self.count("icmp_unreachable_sent")

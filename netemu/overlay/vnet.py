@@ -74,16 +74,6 @@ def ones_sum(data) -> int:
     return s % _M
 
 
-def _rows_sum(rows: np.ndarray) -> np.ndarray:
-    """ones_sum of each row of a uint8 array whose width is a multiple of 4."""
-    words = rows.view("<u4")
-    return ((words.sum(axis=1, dtype=np.uint64) % _M) * 256 % _M).astype(np.int64)
-
-
-def _pad4(n: int) -> int:
-    return (n + 3) & ~3
-
-
 def pseudo_sum(packet, length: int) -> int:
     """ones_sum of the IPv4 pseudo-header (addresses, protocol, L4 LENGTH)."""
     return (ones_sum(packet[12:20]) + packet[9] + length) % _M
@@ -102,7 +92,13 @@ def finish_checksum(packet: bytearray, csum_start: int, csum_offset: int) -> Non
     packet[where + 1] = csum & 0xFF
 
 
-def segment(packet, mss: int) -> tuple[bytes, int, int]:
+def _word_sums(words: np.ndarray) -> np.ndarray:
+    """ones_sum of each row of a 2-D array of little-endian u4 (or u2) words, as int64:
+    the plain sum of a row times 256 is congruent to its big-endian 16-bit sum."""
+    return (np.einsum("ij->i", words, dtype=np.uint64) % _M * 256 % _M).astype(np.int64)
+
+
+def segment(packet, mss: int) -> tuple[memoryview, int, int]:
     """Split a TCP/IPv4 super-packet into MSS-sized packets.
 
     Returns (buffer, size, count): COUNT complete IPv4 packets back to back, all
@@ -115,55 +111,77 @@ def segment(packet, mss: int) -> tuple[bytes, int, int]:
     payload = len(packet) - hdr
     count = max(1, -(-payload // mss))
     size = hdr + mss
-    width = _pad4(size)
-    rows = np.zeros((count, width), np.uint8)
-    rows[:, :hdr] = np.frombuffer(packet, np.uint8, hdr)
-    body = np.zeros(count * mss, np.uint8)
-    body[:payload] = np.frombuffer(packet, np.uint8, payload, hdr)
-    rows[:, hdr:size] = body.reshape(count, mss)
+    last = payload - (count - 1) * mss
+    rows = np.empty((count, size), np.uint8)
+    src = np.frombuffer(packet, np.uint8)
+    rows[:, :hdr] = src[:hdr]
+    full = count if last == mss else count - 1
+    rows[:full, hdr:] = src[hdr:hdr + full * mss].reshape(full, mss)
+    if full < count:
+        rows[-1, hdr:hdr + last] = src[hdr + full * mss:]
+        rows[-1, hdr + last:] = 0        # not sent; zeros leave the row's sum alone
 
-    # int64 throughout: negating an unsigned array would wrap (2^32 ≡ 1 mod 0xFFFF).
+    # IP: total length, id += k, checksum from a base sum without those fields.
     k = np.arange(count, dtype=np.int64)
     lengths = np.full(count, size, np.int64)
-    lengths[-1] = hdr + payload - (count - 1) * mss
-    # IP: total length, id += k, checksum from a base sum without those fields.
-    ident0 = (packet[4] << 8) | packet[5]
-    idents = (ident0 + k) & _M
+    lengths[-1] = hdr + last
+    idents = (((packet[4] << 8) | packet[5]) + k) & _M
     base = ones_sum(bytes(packet[:2]) + b"\0\0\0\0" + bytes(packet[6:10]) + b"\0\0"
                     + bytes(packet[12:ihl]))
-    ip_csum = (-(base + lengths + idents)) % _M
-    rows[:, 2:4] = lengths.astype(">u2").view(np.uint8).reshape(count, 2)
-    rows[:, 4:6] = idents.astype(">u2").view(np.uint8).reshape(count, 2)
-    rows[:, 10:12] = ip_csum.astype(">u2").view(np.uint8).reshape(count, 2)
+    fields = np.empty((count, 3), ">u2")
+    fields[:, 0] = lengths
+    fields[:, 1] = idents
+    fields[:, 2] = (-(base + lengths + idents)) % _M
+    octets = fields.view(np.uint8)
+    rows[:, 2:6] = octets[:, 0:4]
+    rows[:, 10:12] = octets[:, 4:6]
     # TCP: seq += k*mss; FIN and PSH only on the last, CWR only on the first.
     seq0 = int.from_bytes(packet[ihl + 4:ihl + 8], "big")
-    seqs = ((seq0 + k * mss) & 0xFFFFFFFF).astype(">u4")
-    rows[:, ihl + 4:ihl + 8] = seqs.view(np.uint8).reshape(count, 4)
+    rows[:, ihl + 4:ihl + 8] = ((seq0 + k * mss) & 0xFFFFFFFF).astype(">u4").view(np.uint8).reshape(count, 4)
     flags = ihl + 13
-    rows[:-1, flags] &= ~(TCP_FIN | TCP_PSH) & 0xFF
-    rows[1:, flags] &= ~TCP_CWR & 0xFF
+    if count > 1:
+        rows[:-1, flags] &= ~(TCP_FIN | TCP_PSH) & 0xFF
+        rows[1:, flags] &= ~TCP_CWR & 0xFF
     csum_at = ihl + TCP_CSUM_OFFSET
     rows[:, csum_at:csum_at + 2] = 0
-    tcp_len = lengths - ihl
-    pseudo = (ones_sum(packet[12:20]) + IPPROTO_TCP + tcp_len) % _M
-    tcp_csum = (-(_rows_sum(rows[:, ihl:]) + pseudo)) % _M
-    rows[:, csum_at:csum_at + 2] = tcp_csum.astype(">u2").view(np.uint8).reshape(count, 2)
-
-    if width != size:
-        rows = rows[:, :size]
-    out = rows.tobytes()
-    return out[:(count - 1) * size + int(lengths[-1])], size, count
+    # TCP checksum: the whole row's sum is its TCP part's (a valid IP header sums
+    # to 0), plus the pseudo-header.
+    if size % 4 == 0:
+        sums = _word_sums(rows.view("<u4"))
+    elif size % 2 == 0:
+        sums = _word_sums(rows.view("<u2"))
+    else:                                 # an odd MSS: rare, one row at a time
+        sums = np.array([ones_sum(row.tobytes()) for row in rows], np.int64)
+    pseudo = ones_sum(packet[12:20]) + IPPROTO_TCP + lengths - ihl
+    rows[:, csum_at:csum_at + 2] = ((-(sums + pseudo)) % _M).astype(">u2").view(np.uint8).reshape(count, 2)
+    return memoryview(rows).cast("B")[:(count - 1) * size + hdr + last], size, count
 
 
 @dataclasses.dataclass
 class Coalesced:
-    """What a GRO buffer turned into: super-packets (vnet header included, ready
-    for the TUN) and the leftover datagrams, each to go the per-packet way."""
+    """What a GRO buffer turned into: super-packets, each a list of buffers for
+    one writev to the TUN (vnet header included), and the leftover datagrams,
+    each to go the per-packet way."""
 
-    super_packets: list[bytes]
+    super_packets: list[list]
     merged: int                       # datagrams inside super_packets
     singles: list[bytes]
     dropped_ttl: int = 0
+
+
+_VARIABLE: dict[int, np.ndarray] = {}
+
+
+def _var_mask(hdr: int) -> np.ndarray:
+    """Bytes of a TCP/IPv4 header (no IP options) that may differ between consecutive
+    segments of one flow: total length, id, IP checksum, seq, flags, TCP checksum."""
+    m = _VARIABLE.get(hdr)
+    if m is None:
+        m = np.zeros(hdr, bool)
+        for lo, hi in ((2, 6), (10, 12), (24, 28), (33, 34), (36, 38)):
+            m[lo:hi] = True
+        _VARIABLE[hdr] = m
+    return m
 
 
 def coalesce(buffer, size: int) -> Coalesced:
@@ -176,71 +194,81 @@ def coalesce(buffer, size: int) -> Coalesced:
     ports, TOS, TTL, ack, window and TCP options, sequence number following on,
     and the previous one without PSH. Runs of 2+ become one super-packet with the
     TTL decremented, checksum left to the kernel (NEEDS_CSUM, pseudo-header sum
-    in the field). Everything else is returned as is in `singles`.
+    in the field), given as scatter-gather buffers for one writev: the vnet and
+    IP/TCP headers, then slices of BUFFER (BUFFER must stay unchanged until they
+    are written). Everything else is returned as is in `singles`.
     """
     n_bytes = len(buffer)
     count = -(-n_bytes // size)
-    if count < 2 or size < 40 or buffer[9] != IPPROTO_TCP:
-        # Nothing to merge (the usual case for UDP inner traffic): no numpy at all.
+    if count < 2 or size < 40 or size % 2 or buffer[9] != IPPROTO_TCP or buffer[0] != 0x45:
         return Coalesced([], 0, [bytes(buffer[i:i + size]) for i in range(0, n_bytes, size)])
-    width = _pad4(size)
-    flat = np.zeros(count * width, np.uint8)
-    rows = flat.reshape(count, width)
-    src = np.frombuffer(buffer, np.uint8)
+    hdr = 20 + (buffer[32] >> 4) * 4
+    if hdr >= size:
+        return Coalesced([], 0, [bytes(buffer[i:i + size]) for i in range(0, n_bytes, size)])
     full = n_bytes // size
-    rows[:full, :size] = src[:full * size].reshape(full, size)
-    last_len = n_bytes - (count - 1) * size
-    rows[count - 1, :last_len] = src[(count - 1) * size:]
+    rows = np.frombuffer(buffer, np.uint8, full * size).reshape(full, size)
+    heads = np.zeros((count, hdr), np.uint8)
+    heads[:full] = rows[:, :hdr]
     lengths = np.full(count, size, np.int64)
-    lengths[-1] = last_len
-
-    first = rows[0]
-    doff = int(first[32]) >> 4
-    hdr = 20 + doff * 4
-    tl = rows[:, 2].astype(np.int64) * 256 + rows[:, 3]
-    flags = rows[:, 33]
-    valid = ((rows[:, 0] == 0x45) & (rows[:, 9] == IPPROTO_TCP) & (tl == lengths)
-             & ((rows[:, 6] & 0x3F) == 0) & (rows[:, 7] == 0) & (rows[:, 8] > 1)
-             & (rows[:, 32] == first[32]) & ((flags == TCP_ACK) | (flags == TCP_ACK | TCP_PSH))
-             & (lengths > hdr) & (_rows_sum(rows[:, :20]) == 0))
-    # TCP checksum: the segment plus its pseudo-header sums to 0 when valid.
-    pseudo = (_rows_sum(np.ascontiguousarray(rows[:, 12:20])) + IPPROTO_TCP + (lengths - 20)) % _M
-    valid &= (_rows_sum(rows[:, 20:]) + pseudo) % _M == 0
-
-    seq = rows[:, 24:28].copy().view(">u4").reshape(count).astype(np.int64)
-    same = np.ones(count, bool)
-    same[0] = False
-    for lo, hi in ((1, 2), (8, 9), (12, 24), (28, 33), (34, 36), (38, hdr)):
-        same[1:] &= (rows[1:, lo:hi] == rows[:-1, lo:hi]).all(axis=1)
+    sums = np.empty(count, np.int64)
+    sums[:full] = _word_sums(rows.view("<u4" if size % 4 == 0 else "<u2"))
+    if full < count:
+        tail = buffer[full * size:]
+        lengths[-1] = len(tail)
+        if len(tail) >= hdr:
+            heads[-1] = np.frombuffer(tail, np.uint8, hdr)
+        sums[-1] = ones_sum(tail)
+    # Consecutive datagrams of one flow: equal but for the variable bytes.
+    same = np.zeros(count, bool)
+    same[1:] = ((heads[1:] == heads[:-1]) | _var_mask(hdr)).all(axis=1)
+    w = heads.view(">u2")                  # hdr is a multiple of 4
+    tl = w[:, 1].astype(np.int64)
+    seq = (w[:, 12].astype(np.int64) << 16) | w[:, 13]
+    flags = heads[:, 33]
+    # Each datagram on its own: its length, its IP header sum (0 when valid; then the
+    # datagram's sum is its TCP part's), its TCP checksum with the pseudo-header
+    # (addresses are the first datagram's: a datagram of another flow is not "same").
+    ip_sum = np.einsum("ij->i", w[:, :10].astype(np.int64)) % _M
+    pseudo = ones_sum(bytes(buffer[12:20])) + IPPROTO_TCP + lengths - 20
+    valid = ((tl == lengths) & (ip_sum == 0) & ((sums + pseudo) % _M == 0)
+             & ((flags == TCP_ACK) | (flags == TCP_ACK | TCP_PSH)))
     follows = np.zeros(count, bool)
     follows[1:] = ((seq[1:] - seq[:-1]) & 0xFFFFFFFF) == (lengths[:-1] - hdr)
     joins = valid & same & follows
     joins[1:] &= valid[:-1] & (flags[:-1] == TCP_ACK)
     joins[0] = False
-
-    result = Coalesced([], 0, [])
-    start = 0
-    for end in [int(i) for i in np.flatnonzero(~joins)[1:]] + [count]:
-        if end - start >= 2:
-            result.super_packets.append(_merge(rows, lengths, start, end, hdr, size))
-            result.merged += end - start
+    view = memoryview(buffer)
+    supers, merged, singles = [], 0, []
+    starts = np.flatnonzero(~joins).tolist() + [count]
+    for start, end in zip(starts, starts[1:]):
+        h = heads[start]
+        # A run shares these bytes with its first datagram ("same"): check them once.
+        if (end - start >= 2 and h[0] == 0x45 and h[6] & 0x3F == 0 and h[7] == 0 and h[8] > 1
+                and h[9] == IPPROTO_TCP):
+            supers.append(_merge(view, heads, lengths, start, end, hdr, size))
+            merged += end - start
         else:
-            result.singles.append(bytes(buffer[start * size:start * size + int(lengths[start])]))
-        start = end
-    return result
+            for i in range(start, end):
+                singles.append(bytes(view[i * size:i * size + int(lengths[i])]))
+    return Coalesced(supers, merged, singles)
 
 
-def _merge(rows: np.ndarray, lengths: np.ndarray, start: int, end: int, hdr: int, mss_size: int) -> bytes:
-    """One super-packet (vnet header first) from rows START..END-1 of a run."""
-    header = bytearray(rows[start, :hdr].tobytes())
+def _merge(view, heads: np.ndarray, lengths: np.ndarray, start: int, end: int, hdr: int,
+           size: int) -> list:
+    """One super-packet from datagrams START..END-1 of a run: [vnet + headers, payloads...]."""
+    header = bytearray(heads[start].tobytes())
     payload_len = int(lengths[start:end].sum()) - (end - start) * hdr
-    body = rows[start:end, hdr:mss_size].reshape(-1)[:payload_len].tobytes()
     total = hdr + payload_len
     header[2:4] = total.to_bytes(2, "big")
     header[8] -= 1                                  # TTL, checked > 1 above
-    header[33] = rows[end - 1, 33]                  # PSH of the last segment
+    header[33] = heads[end - 1, 33]                 # PSH of the last segment
     header[10:12] = b"\0\0"
     header[10:12] = (-ones_sum(header[:20]) % _M).to_bytes(2, "big")
     header[36:38] = pseudo_sum(header, total - 20).to_bytes(2, "big")
-    vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_TCPV4, hdr, mss_size - hdr, 20, TCP_CSUM_OFFSET)
-    return vnet + bytes(header) + body
+    vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_TCPV4, hdr, size - hdr, 20, TCP_CSUM_OFFSET)
+    iov = [vnet + bytes(header)]
+    for i in range(start, end):
+        at = i * size
+        iov.append(view[at + hdr:at + int(lengths[i])])
+    return iov
+

@@ -19,6 +19,11 @@ def super_packet(payload: bytes, flags="PA", seq=1000, ttl=64, ident=7) -> bytea
     return bytearray(bytes(pkt))
 
 
+def segment(packet, mss: int) -> tuple[bytes, int, int]:
+    buffer, size, count = vnet.segment(packet, mss)
+    return bytes(buffer), size, count
+
+
 def split(buffer: bytes, size: int) -> list[bytes]:
     return [buffer[i:i + size] for i in range(0, len(buffer), size)]
 
@@ -33,10 +38,10 @@ def assert_valid(raw: bytes) -> IP:
     return ip
 
 
-@pytest.mark.parametrize("length,mss", [(10_000, 1420), (1420 * 44, 1420), (1, 1420), (2841, 1418)])
+@pytest.mark.parametrize("length,mss", [(10_000, 1420), (1420 * 44, 1420), (1, 1420), (2841, 1418), (5000, 1419)])
 def test_segment_gives_valid_contiguous_packets(length, mss):
     payload = os.urandom(length)
-    buffer, size, count = vnet.segment(super_packet(payload, flags="FPA"), mss)
+    buffer, size, count = segment(super_packet(payload, flags="FPA"), mss)
     parts = split(buffer, size)
     assert len(parts) == count == -(-length // mss)
     assert all(len(p) == size for p in parts[:-1]) and len(parts[-1]) <= size
@@ -53,10 +58,10 @@ def test_segment_gives_valid_contiguous_packets(length, mss):
 
 def test_coalesce_rebuilds_the_super_packet_with_ttl_decremented():
     payload = os.urandom(20_000)
-    buffer, size, count = vnet.segment(super_packet(payload), 1420)
+    buffer, size, count = segment(super_packet(payload), 1420)
     result = vnet.coalesce(buffer, size)
     assert result.singles == [] and result.merged == count and len(result.super_packets) == 1
-    out = result.super_packets[0]
+    out = b"".join(result.super_packets[0])
     hdr = vnet.VnetHeader.parse(out)
     assert (hdr.flags, hdr.gso_type, hdr.gso_size, hdr.csum_start, hdr.csum_offset) == \
         (vnet.VNET_F_NEEDS_CSUM, vnet.GSO_TCPV4, 1420, 20, 16)
@@ -70,7 +75,7 @@ def test_coalesce_rebuilds_the_super_packet_with_ttl_decremented():
 
 
 def test_coalesce_leaves_out_what_it_must_not_merge():
-    a, size, _ = vnet.segment(super_packet(os.urandom(1420 * 3)), 1420)
+    a, size, _ = segment(super_packet(os.urandom(1420 * 3)), 1420)
     parts = split(a, size)
     corrupt = bytearray(parts[1])
     corrupt[-1] ^= 0xFF                                     # bad TCP checksum
@@ -84,14 +89,14 @@ def test_coalesce_leaves_out_what_it_must_not_merge():
 
 
 def test_coalesce_merges_runs_and_keeps_the_rest():
-    a, size, _ = vnet.segment(super_packet(os.urandom(1420 * 3), seq=5000), 1420)
-    b, _, _ = vnet.segment(super_packet(os.urandom(1420 * 2), seq=90_000), 1420)
+    a, size, _ = segment(super_packet(os.urandom(1420 * 3), seq=5000), 1420)
+    b, _, _ = segment(super_packet(os.urandom(1420 * 2), seq=90_000), 1420)
     result = vnet.coalesce(a + b, size)
     assert result.merged == 5 and len(result.super_packets) == 2 and result.singles == []
 
 
 def test_coalesce_does_not_merge_expiring_ttl():
-    a, size, _ = vnet.segment(super_packet(os.urandom(1420 * 2), ttl=1), 1420)
+    a, size, _ = segment(super_packet(os.urandom(1420 * 2), ttl=1), 1420)
     result = vnet.coalesce(a, size)
     assert result.merged == 0 and len(result.singles) == 2
 
@@ -103,3 +108,19 @@ def test_finish_checksum_of_a_partial_ack():
     pkt[ihl + 16:ihl + 18] = vnet.pseudo_sum(pkt, len(pkt) - ihl).to_bytes(2, "big")
     vnet.finish_checksum(pkt, ihl, 16)
     assert IP(bytes(pkt))[TCP].chksum == ip[TCP].chksum
+
+
+@pytest.mark.parametrize("mss", [1420, 1418, 1419])
+def test_coalesce_of_segment_is_the_identity_whatever_the_mss(mss):
+    payload = os.urandom(mss * 7 + 11)
+    buffer, size, count = segment(super_packet(payload), mss)
+    result = vnet.coalesce(bytearray(buffer), size)
+    if size % 2:
+        # An odd datagram size is not merged: every datagram goes its own way.
+        assert result.merged == 0 and len(result.singles) == count
+        return
+    assert result.merged == count and result.singles == []
+    packet = bytearray(b"".join(result.super_packets[0])[vnet.VNET_HDR_LEN:])
+    vnet.finish_checksum(packet, 20, 16)
+    ip = assert_valid(bytes(packet))
+    assert bytes(ip[TCP].payload) == payload and ip.ttl == 63
