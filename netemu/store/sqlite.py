@@ -11,7 +11,10 @@ Layout:
 
 Watch is by polling the revision (a single indexed read) every few tens of
 milliseconds: SQLite has no notification across processes, and the poll costs far
-less than the work a change triggers.
+less than the work a change triggers. All the watches of one store object share
+one poll (one timer, one read per period): a process with many watches (the
+control plane has one per controller and kubelet) wakes once per period, not
+once per watch. Expired keys are looked for once a second.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ INSERT OR IGNORE INTO meta (id, revision) VALUES (0, 0);
 # How many events to keep for watchers that fall behind (etcd compacts too).
 EVENTS_KEPT = 50_000
 POLL_INTERVAL = 0.03
+EXPIRY_CHECK_INTERVAL = 1.0
 
 
 class SqliteStore:
@@ -65,6 +69,10 @@ class SqliteStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             if create:
                 self._db.executescript(SCHEMA)
+        # The shared poll of the watches (see watch()).
+        self._tick: Any = None                 # trio.Event of the poll in progress
+        self._ticked_revision = 0
+        self._next_expiry_check = 0.0
 
     # -- reads ---------------------------------------------------------------
 
@@ -161,21 +169,49 @@ class SqliteStore:
 
     async def watch(self, prefix: str, since: int) -> AsyncIterator[Event]:
         """Yield every change under PREFIX after revision SINCE, forever."""
-        import trio
-
         last = since
+        # Read the revision first: every write up to it is in the events read
+        # next (one query, one snapshot), so moving `last` up to it skips only
+        # revisions outside PREFIX. Reading it after the events would lose a
+        # write that landed in between.
+        current = self.revision()
         while True:
-            # Read the revision first: every write up to it is in the events read
-            # next (one query, one snapshot), so moving `last` up to it skips only
-            # revisions outside PREFIX. Reading it after the events would lose a
-            # write that landed in between.
-            current = self.revision()
-            if current > last or self._has_due_expiry():
+            if current > last or self._expiry_due():
                 events = self.events_since(last, prefix)
                 for ev in events:
                     yield ev
                 last = max([last, current] + [ev.revision for ev in events])
+            current = await self._next_poll()
+
+    async def _next_poll(self) -> int:
+        """Wait one poll period; return the revision read at its end.
+
+        The first watch to ask sleeps and reads; the others wait for it. If it
+        is cancelled, the others wake early with the previous revision and one
+        of them takes over on its next call."""
+        import trio
+
+        tick = self._tick
+        if tick is not None:
+            await tick.wait()
+            return self._ticked_revision
+        self._tick = tick = trio.Event()
+        try:
             await trio.sleep(POLL_INTERVAL)
+            self._ticked_revision = self.revision()
+        finally:
+            self._tick = None
+            tick.set()
+        return self._ticked_revision
+
+    def _expiry_due(self) -> bool:
+        """True, at most once a second per store object, when some key's TTL ran out
+        (the watch that sees it expires the keys: the deletions wake the others)."""
+        now = time.monotonic()
+        if now < self._next_expiry_check:
+            return False
+        self._next_expiry_check = now + EXPIRY_CHECK_INTERVAL
+        return self._has_due_expiry()
 
     def close(self) -> None:
         with self._lock:
