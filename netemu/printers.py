@@ -213,6 +213,8 @@ def describe_node(node: dict, pods: list[dict], overlay: dict | None, events: li
     out.append(f"PodCIDR:            {spec.get('podCIDR', '<none>')}")
     if overlay:
         out.append(f"Overlay:            backend {overlay.get('backend')}, lease {overlay.get('subnet')}")
+        if overlay.get("data_path"):
+            out.append(f"  data path: {overlay['data_path']}")
         for subnet, ip in overlay.get("peers", {}).items():
             out.append(f"  peer {subnet} via {ip}")
         counters = overlay.get("counters") or {}

@@ -77,6 +77,10 @@ class Backend:
         """BackendData to publish in this node's lease (vxlan: VtepMAC)."""
         return {}
 
+    def data_path(self) -> str:
+        """Who moves the packets, for `netemu describe node` / `netemu stats`."""
+        return "kernel"
+
     def setup(self, lease: Lease) -> None:
         """Create devices and routes for our own lease (flannel0, flannel.1 ...)."""
         self.lease = lease

@@ -137,7 +137,8 @@ class OverlayDaemon:
     async def _publish_stats(self) -> None:
         path = stats_path(self.node_dir)
         while True:
-            data = {"node": self.node, "backend": self.backend.name, "subnet": str(self.lease.subnet),
+            data = {"node": self.node, "backend": self.backend.name, "data_path": self.backend.data_path(),
+                    "subnet": str(self.lease.subnet),
                     "peers": {str(s): str(l.public_ip) for s, l in sorted(self.peers.items())},
                     "counters": dict(self.backend.counters), "pid": os.getpid()}
             tmp = path + ".tmp"

@@ -1,25 +1,29 @@
-"""The udp backend's fast data path: offloads, and one worker process per direction.
+"""The udp backend's data path: one worker process per direction.
 
-Same wire format as the per-packet path (netemu.overlay.udp): every UDP/8285
-datagram holds one complete, valid inner IPv4 packet that fits the underlay.
-What changes is how many packets each system call moves:
+Every UDP/8285 datagram holds one complete, valid inner IPv4 packet that fits
+the underlay (flannel's wire format). Each direction runs in its own process,
+a plain blocking loop (no event loop, no GIL shared with the other direction or
+with the daemon). Two modes:
 
-- flannel0 is opened with IFF_VNET_HDR and TUNSETOFFLOAD(CSUM|TSO4): the kernel
+- per-packet (`--plain`, flannel's C proxy in Python): flannel0 is a plain TUN;
+  one packet per read, per sendto, per receive, per write. The fallback when the
+  kernel refuses TUN offloads, or when offloads are switched off.
+- fast (the default): offloads move many packets per system call:
+
+  flannel0 is opened with IFF_VNET_HDR and TUNSETOFFLOAD(CSUM|TSO4): the kernel
   hands over TCP super-packets of up to 64 KB and takes them back;
-- TUN -> UDP (worker "tx"): a super-packet is split into MSS-sized packets
+  TUN -> UDP (worker "tx"): a super-packet is split into MSS-sized packets
   (netemu.overlay.vnet.segment) and sent with one UDP GSO send (UDP_SEGMENT),
   which the kernel cuts into one datagram per packet;
-- UDP -> TUN (worker "rx"): UDP GRO hands over many datagrams per receive;
+  UDP -> TUN (worker "rx"): UDP GRO hands over many datagrams per receive;
   contiguous TCP segments of one flow are merged back into one super-packet
-  (vnet.coalesce) and written with one TUN write;
-- each direction runs in its own process (no GIL shared), with big socket
-  buffers.
+  (vnet.coalesce) and written with one TUN write; big socket buffers.
 
 Every offload is negotiated at start-up and the backend falls back to the
 per-packet path when the kernel refuses one it needs (TUN offloads); UDP GSO
 and GRO are each optional.
 
-    python -m netemu.overlay.fastudp {tx|rx} TUN_FD SOCK_FD COUNTERS_FD PORT TUN_ADDRESS [--gso]
+    python -m netemu.overlay.fastudp {tx|rx} TUN_FD SOCK_FD COUNTERS_FD PORT TUN_ADDRESS [--gso] [--plain]
 
 A worker reads its peer table as JSON lines on stdin ({"peers": {subnet: ip}})
 and exits when stdin closes (its daemon is gone). Its counters live in a shared
@@ -72,13 +76,18 @@ def open_offload_tun(name: str) -> int | None:
     return fd
 
 
-def tune_socket(sock: socket.socket) -> dict[str, bool]:
-    """Big buffers, DF on GSO segments, GRO on; says which of GSO and GRO we have."""
+def enlarge_buffers(sock: socket.socket) -> None:
+    """Socket buffers that absorb a burst of 64 KB batches (or of small packets)."""
     for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
         try:
             sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+
+
+def tune_socket(sock: socket.socket) -> dict[str, bool]:
+    """Big buffers, DF on GSO segments, GRO on; says which of GSO and GRO we have."""
+    enlarge_buffers(sock)
     # Without this, the segments of a GSO send leave without DF (plain sends get it
     # from the route's PMTU default), and an oversized one would be fragmented.
     sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
@@ -159,9 +168,12 @@ class Peers:
 
 class Worker:
     def __init__(self, tun_fd: int, sock: socket.socket, port: int, tun_address: bytes, gso: bool,
-                 counters: memoryview):
+                 counters: memoryview, vnet_hdr: bool = True):
         self.tun, self.sock, self.port = tun_fd, sock, port
         self.tun_address, self.gso = tun_address, gso
+        # With offloads every TUN read and write starts with a virtio-net header.
+        self.hdr_len = vnet.VNET_HDR_LEN if vnet_hdr else 0
+        self.plain_hdr = vnet.PLAIN_HDR if vnet_hdr else b""
         self.peers = Peers()
         self.counters = counters                      # int64 view of our block of the memfd
         self.index = {name: i for i, name in enumerate(COUNTERS)}
@@ -188,8 +200,11 @@ class Worker:
         view = memoryview(buffer)
         while True:
             n = os.readv(self.tun, [buffer])
-            flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = vnet.VNET_HDR.unpack_from(buffer)
-            packet = view[vnet.VNET_HDR_LEN:n]
+            if self.hdr_len:
+                flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = vnet.VNET_HDR.unpack_from(buffer)
+            else:
+                flags = gso_type = 0
+            packet = view[self.hdr_len:n]
             if not looks_like_ipv4(packet):
                 self.count("drop_not_ipv4")
                 continue
@@ -200,7 +215,7 @@ class Worker:
                 if reply is not None:
                     # Counted first: the pod may see the error before write() returns.
                     self.count("icmp_unreachable_sent")
-                    if not self.write_tun(vnet.PLAIN_HDR + reply):
+                    if not self.write_tun(self.plain_hdr + reply):
                         self.count("icmp_unreachable_sent", -1)
                 continue
             if not decrement_ttl(packet):
@@ -276,7 +291,7 @@ class Worker:
         if not decrement_ttl(packet):
             self.count("drop_ttl")
             return
-        if self.write_tun(vnet.PLAIN_HDR + packet):
+        if self.write_tun(self.plain_hdr + packet):
             self.count("rx_packets")
             self.count("rx_bytes", len(packet))
 
@@ -308,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("port", type=int)
     parser.add_argument("tun_address")
     parser.add_argument("--gso", action="store_true")
+    parser.add_argument("--plain", action="store_true", help="a plain TUN: no virtio-net header")
     args = parser.parse_args(argv)
     os.set_blocking(args.tun_fd, True)
     sock = socket.socket(fileno=args.sock_fd)
@@ -316,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     offset = BLOCK * DIRECTIONS.index(args.direction)
     counters = memoryview(block)[offset:offset + BLOCK].cast("q")
     worker = Worker(args.tun_fd, sock, args.port, ipaddress.IPv4Address(args.tun_address).packed, args.gso,
-                    counters)
+                    counters, vnet_hdr=not args.plain)
     # The daemon sends the peer table first thing: wait for it, or the packets
     # queued in flannel0 meanwhile would all be answered "net unreachable".
     if not worker.read_control():

@@ -9,20 +9,20 @@ from where its kernel delivers it to the pod. Both sides decrement the TTL, as
 flannel's C proxy (pkg/backend/udp/proxy_amd64.c) does.
 
 The per-packet decisions live in netemu.overlay.packet; this module holds the
-devices, the peer table and the two trio loops (one per direction).
+devices and the peer table. The data path runs in two worker processes, one per
+direction (netemu.overlay.fastudp), fed the peer table on stdin.
 
-Fast path: when the kernel offers TUN offloads, the data path runs instead in
-two worker processes (netemu.overlay.fastudp: TCP super-packets from the TUN,
-UDP GSO sends, UDP GRO receives) with the very same wire format. It is on by
-default; switch it off with `"Backend": {"Type": "udp", "Offload": false}` in
-the network config, or for some nodes with the environment variable
-NETEMU_UDP_NO_OFFLOAD=node1,node2 ("*" for all) in the daemons' environment.
-The per-packet path below is then used, as it is when negotiation fails.
+Fast path: when the kernel offers TUN offloads, the workers move TCP
+super-packets from the TUN with UDP GSO sends and UDP GRO receives, with the
+very same wire format. It is on by default; switch it off with
+`"Backend": {"Type": "udp", "Offload": false}` in the network config, or for
+some nodes with the environment variable NETEMU_UDP_NO_OFFLOAD=node1,node2
+("*" for all) in the daemons' environment. The workers then run per packet on
+a plain TUN, as they do when negotiation fails.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import socket
@@ -31,39 +31,28 @@ import sys
 
 import trio
 
+from netemu.overlay import fastudp
 from netemu.overlay.backend import Backend, IPv4Network, Lease, LocalConfig, register
-from netemu.overlay.packet import (RouteTable, decrement_ttl, ipv4_destination, ipv4_problem,
-                                   looks_like_ipv4, net_unreachable)
+from netemu.overlay.packet import RouteTable
 from netemu.overlay.tun import open_tun
-
-try:
-    from netemu.overlay import fastudp               # needs numpy
-except ImportError:                                  # then only the per-packet path exists
-    fastudp = None
 
 DEFAULT_PORT = 8285
 DEVICE = "flannel0"
-# Large enough for any IPv4 packet: a shorter buffer would truncate silently.
-READ_SIZE = 65536
-
-COUNTERS = (
-    "tx_packets", "tx_bytes",          # TUN -> UDP, sent to a peer
-    "rx_packets", "rx_bytes",          # UDP -> TUN, written for local delivery
-    "drop_unknown_source",             # datagram not from a peer node's address
-    "drop_malformed",                  # datagram is not one valid IPv4 packet
-    "drop_ttl",                        # TTL reached 0 (flannel drops silently)
-    "drop_no_route",                   # no peer leases the destination
-    "icmp_unreachable_sent",           # ... and we wrote a net unreachable back
-    "drop_not_ipv4",                   # TUN handed us something else (IPv6 chatter)
-    "tx_errors", "rx_errors",          # socket / TUN errors (peer gone, buffers full)
-    "rx_coalesced",                    # fast path: super-packets written (rx_packets merged into them)
-)
+# tx_packets/tx_bytes: TUN -> UDP, sent to a peer; rx_*: UDP -> TUN, written for
+# local delivery; drop_unknown_source: datagram not from a peer node's address;
+# drop_malformed: not one valid IPv4 packet; drop_ttl: TTL reached 0 (flannel
+# drops silently); drop_no_route: no peer leases the destination, and
+# icmp_unreachable_sent: we wrote a net unreachable back; drop_not_ipv4: the TUN
+# handed us something else (IPv6 chatter); tx_errors/rx_errors: socket or TUN
+# errors; rx_coalesced: fast path super-packets written (their datagrams count in
+# rx_packets).
+COUNTERS = fastudp.COUNTERS
 NO_OFFLOAD_ENV = "NETEMU_UDP_NO_OFFLOAD"
 
 
 def offload_wanted(node: str, backend_conf: dict, environ=os.environ) -> bool:
     """Whether this node should try the fast path (see the module docstring)."""
-    if fastudp is None or backend_conf.get("Offload", True) is False:
+    if backend_conf.get("Offload", True) is False:
         return False
     listed = {n.strip() for n in environ.get(NO_OFFLOAD_ENV, "").split(",") if n.strip()}
     return not ({"*", node} & listed)
@@ -119,11 +108,18 @@ class UdpBackend(Backend):
         with open(f"/proc/sys/net/ipv4/conf/{DEVICE}/accept_local", "w") as f:
             f.write("1\n")
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._sock.setblocking(False)
         self._sock.bind((str(self.local.public_ip), self.port))
         if self.fast:
             self.features = {"tun_offload": True, **fastudp.tune_socket(self._sock)}
             self.features.update(fastudp.tune_uplink(self.local.underlay_dev))
+        else:
+            fastudp.enlarge_buffers(self._sock)
+
+    def data_path(self) -> str:
+        if not self.fast:
+            return "per-packet workers (plain TUN)"
+        used = ["TUN TSO4+CSUM"] + [f"UDP {f.upper()}" for f in ("gso", "gro") if self.features.get(f)]
+        return "offload workers (" + ", ".join(used) + ")"
 
     def add_peer(self, lease: Lease) -> None:
         if self.lease is not None and lease.subnet == self.lease.subnet:
@@ -160,24 +156,14 @@ class UdpBackend(Backend):
     # -- data plane ----------------------------------------------------------
 
     async def run(self) -> None:
-        """Move packets both ways until cancelled."""
+        """Run the two workers until cancelled (or until one dies: an error)."""
         if self._tun_fd is None or self._sock is None:
             raise RuntimeError("udp backend: run() before setup()")
-        if self.fast:
-            await self._run_workers()
-            return
-        # The stream gets its own fd so that closing it (when run is cancelled)
-        # and teardown's close of the original never close the same number twice.
-        tun = trio.lowlevel.FdStream(os.dup(self._tun_fd))
-        sock = trio.socket.from_stdlib_socket(self._sock)
-        async with tun:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._tun_to_udp, tun, sock)
-                nursery.start_soon(self._udp_to_tun, tun, sock)
+        await self._run_workers()
 
     async def _run_workers(self) -> None:
-        """The fast path: one worker process per direction, fed peer tables on
-        stdin, counting in shared memory (see `counters`)."""
+        """One worker process per direction, fed peer tables on stdin, counting
+        in shared memory (see `counters`)."""
         self._counters_fd = fastudp.counters_memory()
         try:
             for direction in fastudp.DIRECTIONS:
@@ -186,12 +172,14 @@ class UdpBackend(Backend):
                         str(self.lease.subnet.network_address)]
                 if self.features.get("gso"):
                     argv.append("--gso")
+                if not self.fast:
+                    argv.append("--plain")
                 self._workers.append(subprocess.Popen(
                     argv, stdin=subprocess.PIPE, pass_fds=(self._tun_fd, self._sock.fileno(), self._counters_fd)))
             self._tell_workers()
             while all(w.poll() is None for w in self._workers):
                 await trio.sleep(0.5)
-            raise RuntimeError("udp fast path: a worker exited: "
+            raise RuntimeError("udp data path: a worker exited: "
                                f"{[w.returncode for w in self._workers]}")
         finally:
             for worker in self._workers:
@@ -211,65 +199,3 @@ class UdpBackend(Backend):
     @counters.setter
     def counters(self, value: dict[str, int]) -> None:
         self._counters = value
-
-    async def _tun_to_udp(self, tun: trio.lowlevel.FdStream, sock) -> None:
-        counters = self.counters
-        while True:
-            packet = bytearray(await tun.receive_some(READ_SIZE))
-            if not looks_like_ipv4(packet):
-                counters["drop_not_ipv4"] += 1
-                continue
-            next_hop = self.routes.lookup(ipv4_destination(packet))
-            if next_hop is None:
-                counters["drop_no_route"] += 1
-                reply = net_unreachable(packet, self._tun_address)
-                if reply is not None and await self._write_tun(tun, reply):
-                    counters["icmp_unreachable_sent"] += 1
-                continue
-            if not decrement_ttl(packet):
-                counters["drop_ttl"] += 1
-                continue
-            try:
-                await sock.sendto(packet, (next_hop, self.port))
-            except OSError:
-                counters["tx_errors"] += 1
-                continue
-            counters["tx_packets"] += 1
-            counters["tx_bytes"] += len(packet)
-
-    async def _udp_to_tun(self, tun: trio.lowlevel.FdStream, sock) -> None:
-        counters = self.counters
-        while True:
-            try:
-                data, (source, _port) = await sock.recvfrom(READ_SIZE)
-            except OSError:
-                counters["rx_errors"] += 1
-                continue
-            if source not in self._known_sources:
-                counters["drop_unknown_source"] += 1
-                continue
-            if ipv4_problem(data) is not None:
-                counters["drop_malformed"] += 1
-                continue
-            packet = bytearray(data)
-            if not decrement_ttl(packet):
-                counters["drop_ttl"] += 1
-                continue
-            if await self._write_tun(tun, packet):
-                counters["rx_packets"] += 1
-                counters["rx_bytes"] += len(packet)
-
-    async def _write_tun(self, tun: trio.lowlevel.FdStream, packet: bytes) -> bool:
-        """Write one packet into flannel0; both loops write, so no FdStream.send_all
-        (it refuses concurrent senders). A TUN write takes the whole packet or fails."""
-        while True:
-            try:
-                os.write(tun.fileno(), packet)
-                return True
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(tun.fileno())
-            except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                self.counters["rx_errors"] += 1
-                return False

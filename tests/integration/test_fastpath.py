@@ -72,12 +72,19 @@ def transfer(cluster: str, src: str, dst: str, nbytes: int, port: int = 9100) ->
 
 
 def fast_path_running(cluster: str, node: str) -> bool:
+    """The node's udp workers run with offloads (not --plain)."""
     import json
     with open(os.path.join(names.node_dir(cluster, node), "overlay-stats.json")) as f:
-        pid = json.load(f)["pid"]
+        stats = json.load(f)
+    pid = stats["pid"]
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         kids = f.read().split()
-    return any(b"netemu.overlay.fastudp" in open(f"/proc/{k}/cmdline", "rb").read() for k in kids)
+    argvs = [open(f"/proc/{k}/cmdline", "rb").read().split(b"\0") for k in kids]
+    workers = [a for a in argvs if b"netemu.overlay.fastudp" in a]
+    assert len(workers) == 2, argvs                    # one per direction, in both modes
+    fast = all(b"--plain" not in a for a in workers)
+    assert stats["data_path"].startswith("offload" if fast else "per-packet"), stats
+    return fast
 
 
 def set_udp_segmentation(ns: str, on: bool) -> None:
