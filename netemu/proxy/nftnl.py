@@ -90,6 +90,7 @@ class NetlinkError(RuntimeError):
 
 # -- attributes ----------------------------------------------------------------
 _pack = struct.pack
+_join = b"".join
 _HH = struct.Struct("<HH").pack
 
 
@@ -174,19 +175,21 @@ _CODE = {v: _u32(1, v) for v in (NF_DROP, NF_ACCEPT, NFT_JUMP, NFT_GOTO, NFT_RET
 _HHHH = struct.Struct("<HHHH").pack
 
 
+_PAD = (b"", b"\0", b"\0\0", b"\0\0\0")
+_IMM_L2 = 4 + len(_IMM_DREG0) + 4        # NFTA_EXPR_DATA = this + verdict data length
+_IMM_L1 = 4 + len(_IMM_NAME) + _IMM_L2   # the list element = this + verdict data length
+
+
 def _e_verdict(code: int, chain: str | None = None) -> bytes:
     """immediate reg 0 <verdict> [-> chain], lengths packed in one go."""
     tail = _CODE[code]
     if chain is not None:
         name = chain.encode() + b"\0"
         n = 4 + len(name)
-        tail += _HH(n, 2) + name + b"\0" * (-n & 3)
-    l4 = 4 + len(tail)                   # NFTA_DATA_VERDICT
-    l3 = 4 + l4                          # NFTA_IMMEDIATE_DATA
-    l2 = 4 + len(_IMM_DREG0) + l3        # NFTA_EXPR_DATA
-    l1 = 4 + len(_IMM_NAME) + l2         # the list element
-    return (_HH(l1, 1 | NLA_F_NESTED) + _IMM_NAME + _HH(l2, 2 | NLA_F_NESTED) + _IMM_DREG0 +
-            _HHHH(l3, 2 | NLA_F_NESTED, l4, 2 | NLA_F_NESTED) + tail)
+        tail = _join((tail, _HH(n, 2), name, _PAD[-n & 3]))
+    l4 = 4 + len(tail)                   # NFTA_DATA_VERDICT (inside NFTA_IMMEDIATE_DATA)
+    return _join((_HH(_IMM_L1 + l4, 1 | NLA_F_NESTED), _IMM_NAME, _HH(_IMM_L2 + l4, 2 | NLA_F_NESTED),
+                  _IMM_DREG0, _HHHH(4 + l4, 2 | NLA_F_NESTED, l4, 2 | NLA_F_NESTED), tail))
 
 
 # Verdicts to the helper chains recur in every service's rules.
@@ -255,11 +258,21 @@ def e_addr_match(offset: int, cidr: str, op: int) -> bytes:
     return b
 
 
+_PORTS: dict[str, bytes] = {}
+
+
 def _port(text: str) -> bytes:
-    p = int(text)
-    if not 0 <= p <= 0xFFFF:
-        raise Unsupported(f"port {text!r}")
-    return _pack(">H", p)
+    """A port as a register value: 2 bytes, big endian, and 2 bytes of padding
+    (what follows it in a cmp/immediate value attribute)."""
+    b = _PORTS.get(text)
+    if b is None:
+        p = int(text)
+        if not 0 <= p <= 0xFFFF:
+            raise Unsupported(f"port {text!r}")
+        b = _pack(">H", p) + b"\0\0"
+        if len(_PORTS) < 65536:
+            _PORTS[text] = b
+    return b
 
 
 _VERBS = {"jump": NFT_JUMP, "goto": NFT_GOTO}
@@ -267,7 +280,10 @@ _VERBS = {"jump": NFT_JUMP, "goto": NFT_GOTO}
 
 def rule_expressions(rule: str) -> tuple[bytes, bytes]:
     """(NFTA_RULE_EXPRESSIONS contents, NFTA_RULE_USERDATA value or b"") of a
-    rule text of one of the shapes netemu.proxy.nftables writes."""
+    rule text of one of the shapes netemu.proxy.nftables writes.
+
+    The hot path of a full load (70,000 rules at 10,000 services): one
+    split, and one b"".join of precomputed pieces per rule."""
     comment = None
     i = rule.find(' comment "')
     if i >= 0:
@@ -278,29 +294,28 @@ def rule_expressions(rule: str) -> tuple[bytes, bytes]:
     first = t[0] if t else ""
     if n == 2 and first in _VERBS:                               # goto|jump CHAIN
         ex = e_verdict(_VERBS[first], t[1])
-    elif first == "numgen" and n == 7 and t[1] == "random" and t[2] == "mod" and t[4] == "0" \
-            and t[5] == "goto":                                  # numgen random mod N 0 goto C
-        ex = e_numgen(int(t[3])) + E_CMP_ZERO + e_verdict(NFT_GOTO, t[6])
+    elif first == "meta" and n == 6 and t[1] == "l4proto" and t[2] in PROTOCOLS and t[3] == "dnat" \
+            and t[4] == "to":                                    # meta l4proto P dnat to IP:PORT
+        ip, _, port = t[5].rpartition(":")
+        ex = _join((E_L4PROTO, E_CMP_PROTO[t[2]], _IMM_REG1, _ip(ip), _IMM_REG2, _port(port), _E_NAT))
     elif first == "ip" and n == 5 and t[1] == "saddr" and t[3] in _VERBS:
         if t[2][0] == "@":                                       # ip saddr @SET goto C
-            ex = E_SADDR + e_lookup(t[2][1:])
+            ex = _join((E_SADDR, e_lookup(t[2][1:]), e_verdict(_VERBS[t[3]], t[4])))
         else:                                                    # ip saddr ADDR[/LEN] jump|goto C
-            ex = e_addr_match(12, t[2], _CMP_EQ)
-        ex += e_verdict(_VERBS[t[3]], t[4])
-    elif first == "ip" and n == 12 and t[1] == "daddr" and t[4] == "dport" and t[6:9] == ["ip", "saddr", "!="] \
-            and t[3] in PROTOCOLS and t[10] in _VERBS:
+            ex = e_addr_match(12, t[2], _CMP_EQ) + e_verdict(_VERBS[t[3]], t[4])
+    elif first == "numgen" and n == 7 and t[1] == "random" and t[2] == "mod" and t[4] == "0" \
+            and t[5] == "goto":                                  # numgen random mod N 0 goto C
+        ex = _join((e_numgen(int(t[3])), E_CMP_ZERO, e_verdict(NFT_GOTO, t[6])))
+    elif first == "ip" and n == 12 and t[1] == "daddr" and t[4] == "dport" and t[6] == "ip" \
+            and t[7] == "saddr" and t[8] == "!=" and t[3] in PROTOCOLS and t[10] in _VERBS:
         # ip daddr VIP PROTO dport PORT ip saddr != CIDR jump C
-        ex = (E_DADDR + _CMP4[_CMP_EQ] + _ip(t[2]) + E_L4PROTO + E_CMP_PROTO[t[3]] +
-              E_TH_DPORT + _CMP2_EQ + _port(t[5]) + b"\0\0" +
-              e_addr_match(12, t[9], _CMP_NEQ) + e_verdict(_VERBS[t[10]], t[11]))
+        ex = _join((E_DADDR, _CMP4[_CMP_EQ], _ip(t[2]), E_L4PROTO, E_CMP_PROTO[t[3]],
+                    E_TH_DPORT, _CMP2_EQ, _port(t[5]),
+                    e_addr_match(12, t[9], _CMP_NEQ), e_verdict(_VERBS[t[10]], t[11])))
     elif first == "fib" and n == 6 and t[1:4] == ["saddr", "type", "local"] and t[4] in _VERBS:
-        ex = E_FIB_SADDR_TYPE + E_CMP_LOCAL + e_verdict(_VERBS[t[4]], t[5])
+        ex = _join((E_FIB_SADDR_TYPE, E_CMP_LOCAL, e_verdict(_VERBS[t[4]], t[5])))
     elif first == "update" and n == 6 and t[1][0] == "@" and t[2:] == ["{", "ip", "saddr", "}"]:
         ex = E_SADDR + e_dynset_update(t[1][1:])
-    elif first == "meta" and n == 6 and t[1] == "l4proto" and t[2] in PROTOCOLS and t[3:5] == ["dnat", "to"]:
-        ip, _, port = t[5].rpartition(":")
-        ex = (E_L4PROTO + E_CMP_PROTO[t[2]] + _IMM_REG1 + _ip(ip) +
-              _IMM_REG2 + _port(port) + b"\0\0" + _E_NAT)
     else:
         raise Unsupported(f"rule shape not encoded: {rule!r}")
     return ex, (_comment_udata(comment) if comment is not None else b"")
@@ -360,8 +375,8 @@ class Batch:
             ex, udata = rule_expressions(rule)
             tail = _attr(7, udata) if udata else b""
             labels.append((MSG_NEWRULE, chain, rule))
-            parts.append(_HDR(size + len(ex) + len(tail), MSG_NEWRULE, _RULE_FLAGS, len(labels), 0, AF_INET, 0, 0)
-                         + head + _HH(4 + len(ex), 4 | NLA_F_NESTED) + ex + tail)
+            parts.append(_join((_HDR(size + len(ex) + len(tail), MSG_NEWRULE, _RULE_FLAGS, len(labels), 0,
+                                     AF_INET, 0, 0), head, _HH(4 + len(ex), 4 | NLA_F_NESTED), ex, tail)))
 
     # affinity sets
     def add_set(self, name: str, timeout: int) -> None:
@@ -406,9 +421,10 @@ class Batch:
             i = j
 
     def encode(self) -> bytes:
-        """BATCH_BEGIN, the messages, BATCH_END."""
+        """BATCH_BEGIN, the messages, BATCH_END (asking for an ACK of the end:
+        kernels since 6.10 send it once the transaction is committed)."""
         begin = _HDR(20, NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 0, 0, 0, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
-        end = _HDR(20, NFNL_MSG_BATCH_END, NLM_F_REQUEST,
+        end = _HDR(20, NFNL_MSG_BATCH_END, NLM_F_REQUEST | NLM_F_ACK,
                    len(self.parts) + 1, 0, 0, 0, socket.htons(NFNL_SUBSYS_NFTABLES))
         return b"".join((begin, *self.parts, end))
 
@@ -433,10 +449,10 @@ def _map_key(mapname: str, key: str) -> bytes:
     if mapname in (SERVICE_NODEPORTS, NO_ENDPOINT_NODEPORTS):
         if len(parts) != 2 or parts[0] not in PROTOCOLS:
             raise Unsupported(f"{mapname} key {key!r}")
-        return bytes((PROTOCOLS[parts[0]], 0, 0, 0)) + _port(parts[1]) + b"\0\0"
+        return bytes((PROTOCOLS[parts[0]], 0, 0, 0)) + _port(parts[1])
     if len(parts) != 3 or parts[1] not in PROTOCOLS:
         raise Unsupported(f"{mapname} key {key!r}")
-    return _ip(parts[0]) + bytes((PROTOCOLS[parts[1]], 0, 0, 0)) + _port(parts[2]) + b"\0\0"
+    return _ip(parts[0]) + bytes((PROTOCOLS[parts[1]], 0, 0, 0)) + _port(parts[2])
 
 
 _ELEM_VERDICTS = {"drop": NF_DROP, "accept": NF_ACCEPT, "return": NFT_RETURN}
@@ -498,6 +514,7 @@ class NftNetlink:
             self.sock.close()
             raise
         self._sndbuf = 0
+        self.last_acked = False
 
     def table_exists(self, family: int = AF_INET, table: str = TABLE) -> bool:
         """Whether the table exists (NFT_MSG_GETTABLE, outside any batch)."""
@@ -521,8 +538,10 @@ class NftNetlink:
         """Send BATCH as one transaction; raise NetlinkError if the kernel refused it.
 
         The kernel handles a batch inside sendmsg() and queues its answers
-        (an error per refused message, or for the commit) before the call
-        returns, so they are read without waiting: none means applied.
+        (an error per refused message, or for the commit; the ACK of
+        BATCH_END on kernels >= 6.10) before the call returns, so they are
+        read without waiting. No error means applied; `last_acked` says
+        whether the kernel also confirmed it.
         """
         if not len(batch):
             return 0
@@ -532,6 +551,7 @@ class NftNetlink:
             # The whole batch must fit in one skb (one transaction).
             self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, need)
             self._sndbuf = need
+        self.last_acked = False
         self.sock.send(data)
         errors: list[tuple[int, int, str]] = []
         while True:
@@ -547,6 +567,7 @@ class NftNetlink:
                     continue
                 err = -struct.unpack_from("<i", payload)[0]
                 if err == 0:
+                    self.last_acked = self.last_acked or seq == len(batch) + 1
                     continue
                 errors.append((err, struct.unpack_from("<I", payload, 12)[0], _ext_ack_msg(flags, payload)))
         if errors:

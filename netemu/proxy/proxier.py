@@ -19,6 +19,7 @@ the `conntrack` tool (see model.conntrack_cleanup).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import subprocess
 import time
@@ -115,6 +116,20 @@ class _Proxier:
         Objects are kept by reference: the caller must not modify one after
         handing it over (pass a new object instead, as a watch does).
         """
+        # A full sync allocates millions of small objects, almost all freed by
+        # reference counting; with the cyclic collector on, its collections
+        # (walking every object the proxier keeps) took a third of the Python
+        # time of a 10,000-service full sync. None of our objects form cycles
+        # that need it, so it waits until the sync is done.
+        gc_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._sync_changes(services, endpoints, full)
+        finally:
+            if gc_enabled:
+                gc.enable()
+
+    def _sync_changes(self, services, endpoints, full: bool) -> SyncResult:
         t0 = time.perf_counter()
         changed: set[ServiceKey] = set()
         for changes, store, fps in ((services or {}, self._services, self._fp_services),

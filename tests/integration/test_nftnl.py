@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
 TEXT_NS, NL_NS = "nl-text", "nl-netlink"
+KERNEL = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", os.uname().release).groups())
 NODE = "node-1"
 
 
@@ -127,7 +128,9 @@ def send(ns, diff):
     with netns.inside(ns):
         sock = nftnl.NftNetlink()
     try:
-        return sock.send(nftnl.diff_batch(diff))
+        size = sock.send(nftnl.diff_batch(diff))
+        assert sock.last_acked or KERNEL < (6, 10)     # the kernel confirmed the commit
+        return size
     finally:
         sock.close()
 
