@@ -18,9 +18,11 @@ underlay. So the fast path does, in userspace, what a NIC does in hardware:
   pseudo-header sum in their checksum field (NEEDS_CSUM): finish it.
 
 Checksums of many segments are computed at once with numpy: the sum of the
-little-endian 32-bit words of a row, times 256, is congruent mod 0xFFFF to the
-big-endian 16-bit one's-complement sum (2^16 ≡ 1 mod 0xFFFF). Everything here
-works on bytes and returns bytes; nothing touches a socket or a device.
+little-endian 16-bit words of a row (a 32-bit accumulator is enough for 64 KB),
+times 256, is congruent mod 0xFFFF to the big-endian one's-complement sum
+(2^16 ≡ 1 mod 0xFFFF). numpy's cost here is per operation far more than per
+byte, so both directions use few operations over all segments at once.
+Everything here works on bytes; nothing touches a socket or a device.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ UDP_CSUM_OFFSET = 6
 TCP_FIN, TCP_PSH, TCP_ACK, TCP_CWR = 0x01, 0x08, 0x10, 0x80
 
 _M = 0xFFFF
+_ARANGE = np.arange(1 << 16, dtype=np.int64)    # segment numbers (a super-packet has < 64 K of them)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +95,6 @@ def finish_checksum(packet: bytearray, csum_start: int, csum_offset: int) -> Non
     packet[where + 1] = csum & 0xFF
 
 
-def _word_sums(words: np.ndarray) -> np.ndarray:
-    """ones_sum of each row of a 2-D array of little-endian u4 (or u2) words, as int64:
-    the plain sum of a row times 256 is congruent to its big-endian 16-bit sum."""
-    return (np.einsum("ij->i", words, dtype=np.uint64) % _M * 256 % _M).astype(np.int64)
-
-
 def segment(packet, mss: int) -> tuple[memoryview, int, int]:
     """Split a TCP/IPv4 super-packet into MSS-sized packets.
 
@@ -122,7 +119,7 @@ def segment(packet, mss: int) -> tuple[memoryview, int, int]:
         rows[-1, hdr + last:] = 0        # not sent; zeros leave the row's sum alone
 
     # IP: total length, id += k, checksum from a base sum without those fields.
-    k = np.arange(count, dtype=np.int64)
+    k = _ARANGE[:count]
     lengths = np.full(count, size, np.int64)
     lengths[-1] = hdr + last
     idents = (((packet[4] << 8) | packet[5]) + k) & _M
@@ -145,11 +142,10 @@ def segment(packet, mss: int) -> tuple[memoryview, int, int]:
     csum_at = ihl + TCP_CSUM_OFFSET
     rows[:, csum_at:csum_at + 2] = 0
     # TCP checksum: the whole row's sum is its TCP part's (a valid IP header sums
-    # to 0), plus the pseudo-header.
-    if size % 4 == 0:
-        sums = _word_sums(rows.view("<u4"))
-    elif size % 2 == 0:
-        sums = _word_sums(rows.view("<u2"))
+    # to 0), plus the pseudo-header. Rows are summed as little-endian 16-bit words
+    # (x 256: the big-endian sum), an odd last byte being its own.
+    if size % 2 == 0:
+        sums = rows.view("<u2").sum(axis=1, dtype=np.uint32).astype(np.int64) * 256
     else:                                 # an odd MSS: rare, one row at a time
         sums = np.array([ones_sum(row.tobytes()) for row in rows], np.int64)
     pseudo = ones_sum(packet[12:20]) + IPPROTO_TCP + lengths - ihl
@@ -169,19 +165,24 @@ class Coalesced:
     dropped_ttl: int = 0
 
 
-_VARIABLE: dict[int, np.ndarray] = {}
+_INVARIANT: dict[int, np.ndarray] = {}
 
 
-def _var_mask(hdr: int) -> np.ndarray:
-    """Bytes of a TCP/IPv4 header (no IP options) that may differ between consecutive
-    segments of one flow: total length, id, IP checksum, seq, flags, TCP checksum."""
-    m = _VARIABLE.get(hdr)
-    if m is None:
-        m = np.zeros(hdr, bool)
+def _invariant_words(hdr: int) -> np.ndarray:
+    """A mask over a TCP/IPv4 header (no IP options) as little-endian 32-bit words:
+    ones on the bytes that segments of one flow share, zeros on those that differ
+    (total length, id, IP checksum, seq, flags, TCP checksum)."""
+    mask = _INVARIANT.get(hdr)
+    if mask is None:
+        octets = np.full(hdr, 0xFF, np.uint8)
         for lo, hi in ((2, 6), (10, 12), (24, 28), (33, 34), (36, 38)):
-            m[lo:hi] = True
-        _VARIABLE[hdr] = m
-    return m
+            octets[lo:hi] = 0
+        mask = _INVARIANT[hdr] = octets.view("<u4")
+    return mask
+
+
+def _singles(buffer, size: int) -> Coalesced:
+    return Coalesced([], 0, [bytes(buffer[i:i + size]) for i in range(0, len(buffer), size)])
 
 
 def coalesce(buffer, size: int) -> Coalesced:
@@ -197,67 +198,77 @@ def coalesce(buffer, size: int) -> Coalesced:
     in the field), given as scatter-gather buffers for one writev: the vnet and
     IP/TCP headers, then slices of BUFFER (BUFFER must stay unchanged until they
     are written). Everything else is returned as is in `singles`.
+
+    Few numpy operations, each over all datagrams at once (numpy's cost here is
+    per operation, not per byte): a header matrix, one masked comparison of
+    each header with the previous one, one sum per datagram.
     """
     n_bytes = len(buffer)
     count = -(-n_bytes // size)
-    if count < 2 or size < 40 or size % 2 or buffer[9] != IPPROTO_TCP or buffer[0] != 0x45:
-        return Coalesced([], 0, [bytes(buffer[i:i + size]) for i in range(0, n_bytes, size)])
+    if count < 2 or size < 40 or size % 2 or buffer[0] != 0x45 or buffer[9] != IPPROTO_TCP:
+        return _singles(buffer, size)        # nothing to merge (e.g. UDP inside): no numpy
     hdr = 20 + (buffer[32] >> 4) * 4
     if hdr >= size:
-        return Coalesced([], 0, [bytes(buffer[i:i + size]) for i in range(0, n_bytes, size)])
+        return _singles(buffer, size)
     full = n_bytes // size
     rows = np.frombuffer(buffer, np.uint8, full * size).reshape(full, size)
-    heads = np.zeros((count, hdr), np.uint8)
-    heads[:full] = rows[:, :hdr]
     lengths = np.full(count, size, np.int64)
-    sums = np.empty(count, np.int64)
-    sums[:full] = _word_sums(rows.view("<u4" if size % 4 == 0 else "<u2"))
-    if full < count:
+    # Sum of each datagram's little-endian 16-bit words (32-bit accumulator: a
+    # datagram has at most 32767 words).
+    sums = np.zeros(count, np.uint32)
+    sums[:full] = rows.view("<u2").sum(axis=1, dtype=np.uint32)
+    if full == count:
+        heads = np.ascontiguousarray(rows[:, :hdr])
+    else:                                     # a shorter last datagram
+        heads = np.zeros((count, hdr), np.uint8)
+        heads[:full] = rows[:, :hdr]
         tail = buffer[full * size:]
         lengths[-1] = len(tail)
         if len(tail) >= hdr:
             heads[-1] = np.frombuffer(tail, np.uint8, hdr)
-        sums[-1] = ones_sum(tail)
-    # Consecutive datagrams of one flow: equal but for the variable bytes.
+        sums[-1] = ones_sum(tail)             # big-endian already: see below
+    words = heads.view("<u4")
     same = np.zeros(count, bool)
-    same[1:] = ((heads[1:] == heads[:-1]) | _var_mask(hdr)).all(axis=1)
-    w = heads.view(">u2")                  # hdr is a multiple of 4
-    tl = w[:, 1].astype(np.int64)
-    seq = (w[:, 12].astype(np.int64) << 16) | w[:, 13]
+    same[1:] = ~(((words[1:] ^ words[:-1]) & _invariant_words(hdr)).any(axis=1))
+    be16 = heads.view(">u2")
     flags = heads[:, 33]
-    # Each datagram on its own: its length, its IP header sum (0 when valid; then the
-    # datagram's sum is its TCP part's), its TCP checksum with the pseudo-header
-    # (addresses are the first datagram's: a datagram of another flow is not "same").
-    ip_sum = np.einsum("ij->i", w[:, :10].astype(np.int64)) % _M
-    pseudo = ones_sum(bytes(buffer[12:20])) + IPPROTO_TCP + lengths - 20
-    valid = ((tl == lengths) & (ip_sum == 0) & ((sums + pseudo) % _M == 0)
-             & ((flags == TCP_ACK) | (flags == TCP_ACK | TCP_PSH)))
-    follows = np.zeros(count, bool)
-    follows[1:] = ((seq[1:] - seq[:-1]) & 0xFFFFFFFF) == (lengths[:-1] - hdr)
-    joins = valid & same & follows
-    joins[1:] &= valid[:-1] & (flags[:-1] == TCP_ACK)
+    # A valid IP header sums to 0 (mod 0xFFFF, in either byte order); then the
+    # datagram's sum is its TCP part's, and with the pseudo-header (addresses of
+    # the first datagram: one of another flow is not "same" anyway) a valid TCP
+    # segment sums to 0 too. Little-endian sums x 256 are the big-endian ones.
+    le = sums.astype(np.int64) * 256
+    if full < count:
+        le[-1] = int(sums[-1])
+    pseudo = ones_sum(bytes(buffer[12:20])) + IPPROTO_TCP - 20
+    valid = ((be16[:, 1] == lengths)
+             & (heads.view("<u2")[:, :10].sum(axis=1, dtype=np.uint32) % _M == 0)
+             & ((le + pseudo + lengths) % _M == 0)
+             & ((flags | TCP_PSH) == (TCP_ACK | TCP_PSH)))
+    seq = heads.view(">u4")[:, 6].astype(np.int64)
+    joins = valid & same
+    joins[1:] &= (((seq[1:] - seq[:-1]) & 0xFFFFFFFF) == (lengths[:-1] - hdr)) & valid[:-1] & (flags[:-1] == TCP_ACK)
     joins[0] = False
+
     view = memoryview(buffer)
-    supers, merged, singles = [], 0, []
+    result = Coalesced([], 0, [])
     starts = np.flatnonzero(~joins).tolist() + [count]
     for start, end in zip(starts, starts[1:]):
         h = heads[start]
         # A run shares these bytes with its first datagram ("same"): check them once.
         if (end - start >= 2 and h[0] == 0x45 and h[6] & 0x3F == 0 and h[7] == 0 and h[8] > 1
                 and h[9] == IPPROTO_TCP):
-            supers.append(_merge(view, heads, lengths, start, end, hdr, size))
-            merged += end - start
+            result.super_packets.append(_merge(view, heads, int(lengths[end - 1]), start, end, hdr, size))
+            result.merged += end - start
         else:
-            for i in range(start, end):
-                singles.append(bytes(view[i * size:i * size + int(lengths[i])]))
-    return Coalesced(supers, merged, singles)
+            result.singles += [bytes(view[i * size:i * size + int(lengths[i])]) for i in range(start, end)]
+    return result
 
 
-def _merge(view, heads: np.ndarray, lengths: np.ndarray, start: int, end: int, hdr: int,
-           size: int) -> list:
-    """One super-packet from datagrams START..END-1 of a run: [vnet + headers, payloads...]."""
+def _merge(view, heads: np.ndarray, last_len: int, start: int, end: int, hdr: int, size: int) -> list:
+    """One super-packet from datagrams START..END-1 of a run (all SIZE bytes but the
+    last, LAST_LEN): [vnet header + IP/TCP header, payload slices...]."""
     header = bytearray(heads[start].tobytes())
-    payload_len = int(lengths[start:end].sum()) - (end - start) * hdr
+    payload_len = (end - start - 1) * (size - hdr) + last_len - hdr
     total = hdr + payload_len
     header[2:4] = total.to_bytes(2, "big")
     header[8] -= 1                                  # TTL, checked > 1 above
@@ -267,8 +278,6 @@ def _merge(view, heads: np.ndarray, lengths: np.ndarray, start: int, end: int, h
     header[36:38] = pseudo_sum(header, total - 20).to_bytes(2, "big")
     vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_TCPV4, hdr, size - hdr, 20, TCP_CSUM_OFFSET)
     iov = [vnet + bytes(header)]
-    for i in range(start, end):
-        at = i * size
-        iov.append(view[at + hdr:at + int(lengths[i])])
+    iov += [view[i * size + hdr:(i + 1) * size] for i in range(start, end - 1)]
+    iov.append(view[(end - 1) * size + hdr:(end - 1) * size + last_len])
     return iov
-
