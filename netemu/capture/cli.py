@@ -68,6 +68,10 @@ def _capture_options(sp, suppress: bool = False) -> None:
     sp.add_argument("-w", "--write", metavar="FILE.pcap", default=default, help="write packets to a pcap file")
     sp.add_argument("-c", "--count", type=int, default=default, help="stop after this many packets")
     sp.add_argument("--duration", type=float, metavar="S", default=default, help="stop after S seconds")
+    sp.add_argument("-p", "--no-promiscuous-mode", dest="promiscuous", action="store_false",
+                    default=argparse.SUPPRESS if suppress else True,
+                    help="as tcpdump -p: do not put the interface in promiscuous mode (on a bridge "
+                         "such as docker0, promiscuous mode changes what br_netfilter delivers)")
     sp.add_argument("--decode", action="store_true", default=argparse.SUPPRESS if suppress else False,
                     help="show encapsulated packets as outer + inner headers (flannel udp, vxlan)")
     sp.add_argument("-n", "--namespace", default=argparse.SUPPRESS if suppress else "default")
@@ -129,7 +133,7 @@ def cmd_capture(args) -> int:
         except tcpdump.CaptureError as e:
             raise CaptureCliError(str(e)) from None
     rc = tcpdump.run_live(target.netns, iface, bpf, pcap_path=args.write, count=args.count,
-                          duration=args.duration)
+                          duration=args.duration, promiscuous=args.promiscuous)
     if args.write and args.decode:
         _print_decoded(view, args.write)
     # tcpdump exits 0 on SIGINT after a clean flush; anything else is its error.
@@ -141,7 +145,8 @@ def _capture_decoded(view, ns: str, iface: str, bpf, args) -> int:
 
     _register_cluster_ports(view)
     table = decode.FlowTable()
-    packets = tcpdump.live_decoded(ns, iface, bpf, count=args.count, duration=args.duration)
+    packets = tcpdump.live_decoded(ns, iface, bpf, count=args.count, duration=args.duration,
+                                   promiscuous=args.promiscuous)
     try:
         for d in packets:
             table.add(d)

@@ -250,7 +250,8 @@ class Capture:
 @contextlib.contextmanager
 def capture(ns: str, iface: str, pcap_path: str, bpf_filter: str | Sequence[str] | None = None, *,
             count: int | None = None, snaplen: int | None = None, buffer_kib: int | None = BUFFER_KIB,
-            start_timeout: float = START_TIMEOUT, stop_timeout: float = STOP_TIMEOUT) -> Iterator[Capture]:
+            start_timeout: float = START_TIMEOUT, stop_timeout: float = STOP_TIMEOUT,
+            promiscuous: bool = True) -> Iterator[Capture]:
     """Capture on IFACE in namespace NS into PCAP_PATH while the with-block runs.
 
     The block starts only once tcpdump listens; on leaving it (normally or by an
@@ -260,7 +261,7 @@ def capture(ns: str, iface: str, pcap_path: str, bpf_filter: str | Sequence[str]
     """
     cap = Capture(ns=ns, iface=iface, pcap_path=pcap_path,
                   argv=tcpdump_argv(iface, pcap_path, bpf_filter, count=count, snaplen=snaplen,
-                                    buffer_kib=buffer_kib))
+                                    buffer_kib=buffer_kib, promiscuous=promiscuous))
     try:
         cap.start(start_timeout)
         yield cap
@@ -287,7 +288,7 @@ def _forward_sigint(proc: subprocess.Popen) -> Iterator[None]:
 def run_live(ns: str, iface: str = "any", bpf_filter: str | Sequence[str] | None = None, *,
              pcap_path: str | None = None, count: int | None = None, duration: float | None = None,
              snaplen: int | None = None, verbose: bool = False, stdout: IO | None = None,
-             stop_timeout: float = STOP_TIMEOUT) -> int:
+             stop_timeout: float = STOP_TIMEOUT, promiscuous: bool = True) -> int:
     """tcpdump in the foreground (the CLI's live mode); returns its exit status.
 
     Its text goes to STDOUT (default: ours, line-buffered). tcpdump runs in its own
@@ -296,7 +297,7 @@ def run_live(ns: str, iface: str = "any", bpf_filter: str | Sequence[str] | None
     `-c` may never be reached). It then prints its statistics and exits.
     """
     argv = tcpdump_argv(iface, pcap_path, bpf_filter, count=count, snaplen=snaplen,
-                        line_buffered=pcap_path is None, verbose=verbose)
+                        line_buffered=pcap_path is None, verbose=verbose, promiscuous=promiscuous)
     proc = subprocess.Popen(netns.exec_argv(ns, argv), stdin=subprocess.DEVNULL, stdout=stdout,
                             process_group=0)
     try:
@@ -313,7 +314,7 @@ def run_live(ns: str, iface: str = "any", bpf_filter: str | Sequence[str] | None
 def live_decoded(ns: str, iface: str = "any", bpf_filter: str | Sequence[str] | None = None, *,
                  count: int | None = None, duration: float | None = None,
                  snaplen: int | None = None, buffer_kib: int | None = BUFFER_KIB,
-                 stop_timeout: float = STOP_TIMEOUT):
+                 stop_timeout: float = STOP_TIMEOUT, promiscuous: bool = True):
     """Decoded packets as tcpdump captures them (pcap through a pipe), so the CLI
     can show what is inside flannel's encapsulation live.
 
@@ -322,7 +323,7 @@ def live_decoded(ns: str, iface: str = "any", bpf_filter: str | Sequence[str] | 
     after that many packets.
     """
     with capture(ns, iface, "-", bpf_filter, count=count, snaplen=snaplen,
-                 buffer_kib=buffer_kib, stop_timeout=stop_timeout) as cap:
+                 buffer_kib=buffer_kib, stop_timeout=stop_timeout, promiscuous=promiscuous) as cap:
         timer = None
         if duration is not None:
             proc = cap.proc

@@ -46,3 +46,18 @@ def test_decode_needs_no_root_and_trace_defaults():
     assert p.parse_args(["decode", "f.pcap"]).needs_root is False
     a = p.parse_args(["trace", "a", "b"])
     assert (a.proto, a.port, a.output, a.needs_root) == ("tcp", None, None, True)
+
+
+@pytest.mark.parametrize("argv,promiscuous", [
+    (["capture", "n1", "udp"], True),
+    (["capture", "n1", "-p", "udp"], False),
+    (["capture", "n1", "udp", "--no-promiscuous-mode"], False),
+])
+def test_capture_promiscuous_mode_is_tcpdumps_default_and_p_turns_it_off(argv, promiscuous):
+    from netemu.capture import tcpdump
+
+    args = parser().parse_args(argv)
+    capture_cli.split_filter(args)
+    assert args.promiscuous is promiscuous and args.filter == ["udp"]
+    assert ("-p" in tcpdump.tcpdump_argv("docker0", None, args.filter, promiscuous=args.promiscuous)) \
+        is not promiscuous
