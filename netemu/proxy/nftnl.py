@@ -514,16 +514,21 @@ class NftNetlink:
             self.sock.close()
             raise
         self._sndbuf = 0
+        self._seq = 0
         self.last_acked = False
 
     def table_exists(self, family: int = AF_INET, table: str = TABLE) -> bool:
         """Whether the table exists (NFT_MSG_GETTABLE, outside any batch)."""
-        msg = _HDR(20 + len(_str(1, table)), MSG_GETTABLE, NLM_F_REQUEST | NLM_F_ACK, 1, 0, family, 0, 0)
+        self._seq = (self._seq + 1) & 0x7FFFFFFF
+        seq_sent = 0x80000000 | self._seq          # never a batch's (those count from 0)
+        msg = _HDR(20 + len(_str(1, table)), MSG_GETTABLE, NLM_F_REQUEST | NLM_F_ACK, seq_sent, 0, family, 0, 0)
         self.sock.send(msg + _str(1, table))
         found = False
         while True:
             data = self.sock.recv(65536)
             for mtype, _flags, seq, payload in _messages(data):
+                if seq != seq_sent:
+                    continue
                 if mtype == NLMSG_ERROR:
                     err = -struct.unpack_from("<i", payload)[0]
                     if err == 0:

@@ -316,3 +316,42 @@ def test_batches_are_the_messages_nft_sends(two_nodes):
         assert len(ours) == len(theirs)
         for a, b in zip(ours, theirs):
             assert a == b
+
+
+def test_full_sync_over_an_existing_table_is_one_text_transaction(two_nodes, monkeypatch):
+    with netns.inside(NL_NS):
+        first = NftablesProxier(NODE, ["172.30.0.10"], "10.244.0.0/16")
+        second = NftablesProxier(NODE, ["172.30.0.10"], "10.244.0.0/16")
+    try:
+        with netns.inside(NL_NS):
+            first.sync(SERVICES, endpoints())
+            # A restarted daemon replaces the table atomically: no netlink batch.
+            monkeypatch.setattr(nftnl.NftNetlink, "send", lambda *a: pytest.fail("netlink used"))
+            second.sync(SERVICES, endpoints(web=("10.244.3.3",)))
+    finally:
+        first.close()
+        second.close()
+    run_text(TEXT_NS, nft.full_transaction(state(endpoints(web=("10.244.3.3",)))))
+    assert listing(NL_NS) == listing(TEXT_NS)
+
+
+def test_refused_batch_is_retried_as_text_and_netlink_left(two_nodes, caplog, monkeypatch):
+    real = nftnl.rule_expressions
+
+    def wrong(rule):          # an encoding the kernel refuses: a goto to a chain that is not there
+        return real("goto no-such-chain" if rule.startswith("goto endpoint-") else rule)
+    with netns.inside(NL_NS):
+        p = NftablesProxier(NODE, ["172.30.0.10"], "10.244.0.0/16")
+    try:
+        with netns.inside(NL_NS):
+            p.sync(SERVICES, endpoints())
+            assert p.netlink is not None
+            monkeypatch.setattr(nftnl, "rule_expressions", wrong)
+            p.sync(SERVICES, endpoints(web=("10.244.3.3",)))
+        assert p.netlink is None
+    finally:
+        p.close()
+    assert "retrying as nft text" in caplog.text and "No such file or directory" in caplog.text
+    run_text(TEXT_NS, nft.full_transaction(state(endpoints())))
+    run_text(TEXT_NS, nft.incremental_transaction(state(endpoints()), state(endpoints(web=("10.244.3.3",)))))
+    assert listing(NL_NS) == listing(TEXT_NS)
