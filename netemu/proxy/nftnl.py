@@ -69,6 +69,7 @@ TYPE_IPV4_ADDR = 7                  # nft's datatype id, stored as NFTA_SET_KEY_
 BYTEORDER_BIG_ENDIAN = 2            # nft's enum byteorder, in the set's userdata
 RTN_LOCAL = 2
 PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
+COMMENT_MAX = 128                   # nft refuses longer comments (NFTNL_UDATA_COMMENT_MAXLEN)
 
 # Message names for errors.
 MSG_NAMES = {MSG_NEWCHAIN: "add chain", MSG_DELCHAIN: "delete chain", MSG_NEWRULE: "add rule",
@@ -213,14 +214,14 @@ def e_dynset_update(set_: str) -> bytes:
 
 
 def _ip(text: str) -> bytes:
+    """A dotted-quad IPv4 address (inet_pton: no short or octal forms)."""
     try:
-        return socket.inet_aton(text) if text.count(".") == 3 else _bad(text)
+        return _inet_pton(AF_INET, text)
     except OSError:
         raise Unsupported(f"not an IPv4 address: {text!r}") from None
 
 
-def _bad(text: str) -> bytes:
-    raise Unsupported(f"not an IPv4 address: {text!r}")
+_inet_pton = socket.inet_pton
 
 
 _PREFIX_CACHE: dict[tuple, bytes] = {}
@@ -323,10 +324,10 @@ def rule_expressions(rule: str) -> tuple[bytes, bytes]:
 
 def _comment_udata(text: str) -> bytes:
     """The comment TLV nft stores in a rule's or element's userdata (type 0)."""
-    raw = text.encode() + b"\0"
-    if len(raw) > 255:
-        raise Unsupported(f"comment too long: {text!r}")
-    return bytes((0, len(raw))) + raw
+    raw = text.encode()
+    if len(raw) > COMMENT_MAX:
+        raise Unsupported(f"comment longer than nft accepts: {text!r}")
+    return bytes((0, len(raw) + 1)) + raw + b"\0"
 
 
 # -- messages ------------------------------------------------------------------

@@ -9,11 +9,12 @@ the Services and Endpoints it was given and, per service, the service ports and
 the rule fragment computed from them. A sync is told which services changed
 (`sync_changes`), or given the full lists and finds the changed ones itself by
 resourceVersion (`sync`); only the changed services are recomputed, and only
-their rules are sent to the kernel, as one transaction (an nft transaction, or
-one iptables-restore --noflush run). The first sync, and any sync after a
-failed apply, installs everything (kube-proxy's needFullSync). After the rules
-change, stale UDP conntrack entries of the changed services are deleted with
-the `conntrack` tool (see model.conntrack_cleanup).
+their rules are sent to the kernel, as one transaction (an nf_tables netlink
+batch or an nft transaction, or one iptables-restore --noflush run). The first
+sync, and any sync after a failed apply, installs everything (kube-proxy's
+needFullSync). After the rules change, stale UDP conntrack entries of the
+changed services are deleted with the `conntrack` tool (see
+model.conntrack_cleanup).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class SyncResult:
     full: bool                  # the whole table/chains were (re)written
     applied: bool               # something was sent to the kernel
     seconds: float              # time for the whole sync, conntrack included
-    transaction_bytes: int      # size of the nft / iptables-restore input
+    transaction_bytes: int      # size of what was sent: netlink batch, nft text, iptables-restore input
     service_ports: int
     conntrack_commands: list[list[str]] = dataclasses.field(default_factory=list)
     changed_services: int = 0   # services whose rules were recomputed

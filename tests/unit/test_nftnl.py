@@ -147,9 +147,16 @@ def test_element_lists_split_below_the_16_bit_attribute_length():
     assert count == 3000
 
 
+def test_comments_up_to_nft_limit():
+    _, udata = nftnl.rule_expressions('goto x comment "' + "c" * 128 + '"')
+    assert udata == bytes((0, 129)) + b"c" * 128 + b"\0"
+
+
 def test_unknown_shapes_are_refused():
     for rule in ("ip daddr 10.0.0.1 accept", "numgen inc mod 2 0 goto x", "meta l4proto icmp dnat to 1.2.3.4:5",
-                 "ip saddr 10.244.0.1/16 goto x", "counter", "ip saddr 2001:db8::1 jump x"):
+                 "ip saddr 10.244.0.1/16 goto x", "counter", "ip saddr 2001:db8::1 jump x",
+                 "ip saddr 010.1.1.1 jump x", "ip saddr 10.1 jump x",
+                 'goto x comment "' + "c" * 129 + '"'):
         with pytest.raises(nftnl.Unsupported):
             nftnl.rule_expressions(rule)
     with pytest.raises(nftnl.Unsupported):
