@@ -39,6 +39,7 @@ import ipaddress
 import json
 import mmap
 import os
+import select
 import socket
 import struct
 import sys
@@ -175,6 +176,8 @@ class Worker:
         self.hdr_len = vnet.VNET_HDR_LEN if vnet_hdr else 0
         self.plain_hdr = vnet.PLAIN_HDR if vnet_hdr else b""
         self.peers = Peers()
+        self.held = bytearray()                       # small packets waiting for one send
+        self.held_hop, self.held_size, self.held_count = "", 0, 0
         self.counters = counters                      # int64 view of our block of the memfd
         self.index = {name: i for i, name in enumerate(COUNTERS)}
 
@@ -196,9 +199,21 @@ class Worker:
     # -- TUN -> UDP ------------------------------------------------------------
 
     def tx_loop(self) -> None:
+        """TUN -> UDP. Small packets (not TCP super-packets) of one size for one
+        peer, read back to back, are held and leave together in one UDP GSO send
+        (each still its own datagram on the wire) as soon as the TUN has nothing
+        more queued, the size or the peer changes, or the batch is full. Order is
+        kept: a held batch leaves before anything read after it. (The TUN fd is
+        shared with the rx worker, so it stays blocking; poll(0) tells whether
+        more is queued.)"""
         buffer = bytearray(READ_SIZE)              # reused: every send copies out of it
         view = memoryview(buffer)
+        batching = self.gso and bool(self.hdr_len)
+        queued = select.poll()
+        queued.register(self.tun, select.POLLIN)
         while True:
+            if self.held and not queued.poll(0):
+                self.flush_held()
             n = os.readv(self.tun, [buffer])
             if self.hdr_len:
                 flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = vnet.VNET_HDR.unpack_from(buffer)
@@ -223,13 +238,38 @@ class Worker:
                 continue
             gso_type &= ~vnet.GSO_ECN
             if gso_type == vnet.GSO_TCPV4:
+                self.flush_held()
                 self.send(*vnet.segment(packet, gso_size), next_hop)
             elif gso_type != vnet.GSO_NONE:
                 self.count("drop_malformed")     # not offered by us: cannot happen
             else:
                 if flags & vnet.VNET_F_NEEDS_CSUM:
                     vnet.finish_checksum(packet, csum_start, csum_offset)
-                self.send(packet, len(packet), 1, next_hop)
+                if batching:
+                    self.hold(packet, next_hop)
+                else:
+                    self.send(packet, len(packet), 1, next_hop)
+
+    def hold(self, packet, next_hop: str) -> None:
+        """Add a small packet to the held batch (see tx_loop), sending first what
+        it cannot join."""
+        size = len(packet)
+        if self.held and (next_hop != self.held_hop or size > self.held_size
+                          or self.held_count >= MAX_GSO_SEGMENTS
+                          or len(self.held) + size > MAX_UDP_PAYLOAD):
+            self.flush_held()
+        if not self.held:
+            self.held_hop, self.held_size = next_hop, size
+        self.held += packet
+        self.held_count += 1
+        if size < self.held_size:                # a shorter one can only be the last
+            self.flush_held()
+
+    def flush_held(self) -> None:
+        if self.held:
+            self.send(self.held, self.held_size, self.held_count, self.held_hop)
+            self.held = bytearray()
+            self.held_count = 0
 
     def send(self, buffer: bytes, size: int, count: int, next_hop: str) -> None:
         """COUNT packets of SIZE bytes (the last may be shorter), back to back in
@@ -271,14 +311,16 @@ class Worker:
                 self.count("drop_unknown_source", -(-n // size) if size else 1)
                 continue
             if size < n:
-                merged = vnet.coalesce(view[:n], size)
-                for super_packet in merged.super_packets:
-                    if self.write_tun(super_packet):
-                        self.count("rx_coalesced", 1)
+                inner_udp = buffer[9] == vnet.IPPROTO_UDP and self.hdr_len
+                merged = vnet.coalesce_udp(view[:n], size) if inner_udp else vnet.coalesce(view[:n], size)
+                for item in merged.sequence:
+                    if isinstance(item, list):
+                        if self.write_tun(item):
+                            self.count("rx_coalesced", 1)
+                    else:
+                        self.deliver(item)
                 self.count("rx_packets", merged.merged)
                 self.count("rx_bytes", n - sum(len(s) for s in merged.singles))
-                for single in merged.singles:
-                    self.deliver(single)
             else:
                 self.deliver(view[:n])
 

@@ -124,3 +124,61 @@ def test_coalesce_of_segment_is_the_identity_whatever_the_mss(mss):
     vnet.finish_checksum(packet, 20, 16)
     ip = assert_valid(bytes(packet))
     assert bytes(ip[TCP].payload) == payload and ip.ttl == 63
+
+
+def udp_datagram(payload: bytes, ident: int, sport=40000, dst="10.244.2.2", ttl=64) -> bytes:
+    return bytes(IP(src="10.244.1.2", dst=dst, ttl=ttl, id=ident, flags="DF") /
+                 UDP(sport=sport, dport=5202) / payload)
+
+
+def kernel_segments(iov: list) -> list[bytes]:
+    """What the kernel's UDP GSO makes of a super-packet written to the TUN: one
+    datagram per gso_size of payload, ids counting up, lengths and checksums redone."""
+    raw = b"".join(iov)
+    hdr = vnet.VnetHeader.parse(raw)
+    assert (hdr.flags, hdr.gso_type, hdr.hdr_len, hdr.csum_start, hdr.csum_offset) == \
+        (vnet.VNET_F_NEEDS_CSUM, vnet.GSO_UDP_L4, 28, 20, 6)
+    packet = raw[vnet.VNET_HDR_LEN:]
+    template, payload = IP(packet[:28]), packet[28:]
+    out = []
+    for k, at in enumerate(range(0, len(payload), hdr.gso_size)):
+        seg = IP(src=template.src, dst=template.dst, ttl=template.ttl, id=template.id + k,
+                 flags=template.flags, tos=template.tos) / \
+            UDP(sport=template[UDP].sport, dport=template[UDP].dport) / payload[at:at + hdr.gso_size]
+        out.append(bytes(seg))
+    return out
+
+
+def forwarded(datagram: bytes) -> bytes:
+    packet = bytearray(datagram)
+    from netemu.overlay.packet import decrement_ttl
+    assert decrement_ttl(packet)
+    return bytes(packet)
+
+
+def test_coalesce_udp_gives_back_the_same_datagrams_through_the_kernels_gso():
+    # Two flows interleaved (as from two senders); the last datagram shorter.
+    a = [udp_datagram(os.urandom(64), 100 + i) for i in range(5)]
+    b = [udp_datagram(os.urandom(64), 7000 + i, sport=40001) for i in range(3)]
+    short = udp_datagram(os.urandom(30), 105)
+    datagrams = [a[0], b[0], a[1], a[2], b[1], a[3], b[2], a[4], short]
+    size = len(a[0])
+    result = vnet.coalesce_udp(b"".join(datagrams), size)
+    assert result.merged == 9 and result.singles == [] and len(result.super_packets) == 2
+    assert kernel_segments(result.super_packets[0]) == [forwarded(d) for d in a + [short]]
+    assert kernel_segments(result.super_packets[1]) == [forwarded(d) for d in b]
+
+
+def test_coalesce_udp_leaves_out_what_it_must_not_merge():
+    size = len(udp_datagram(b"x" * 64, 1))
+    good = [udp_datagram(os.urandom(64), 10 + i) for i in range(2)]
+    gap = udp_datagram(os.urandom(64), 50)                       # not the next id
+    bad = bytearray(udp_datagram(os.urandom(64), 51))
+    bad[-1] ^= 0xFF                                              # bad UDP checksum
+    dying = [udp_datagram(os.urandom(64), 60 + i, sport=1, ttl=1) for i in range(2)]
+    buffer = b"".join(good + [gap, bytes(bad)] + dying)
+    result = vnet.coalesce_udp(buffer, size)
+    assert result.merged == 2 and len(result.super_packets) == 1
+    assert result.singles == [gap, bytes(bad)] + dying
+    # In arrival order: the run where its first datagram came, then the rest.
+    assert [type(x) for x in result.sequence] == [list, bytes, bytes, bytes, bytes]
