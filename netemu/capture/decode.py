@@ -133,6 +133,9 @@ class Decoded:
     captured_len: int = 0              # bytes the capture kept (snaplen)
     ifindex: int | None = None         # from a cooked (-i any) capture
     direction: str | None = None       # "In", "Out", ... from a cooked capture
+    # flannel udp: the capture saw N same-size datagrams merged by the receiving
+    # uplink's GRO into one; each became its own record, as it was on the wire.
+    gro_merged: int = 0
     summary: str = ""                  # for ARP and other non-IP packets
     error: str | None = None           # why decoding stopped early, if it did
 
@@ -320,10 +323,43 @@ def read_pcap(source: str | BinaryIO) -> Iterator[Packet]:
             yield pkt
 
 
+def decode_packets(pkt: Packet) -> list[Decoded]:
+    """decode_packet, except that a flannel udp datagram holding several inner
+    packets back to back gives one record per inner packet.
+
+    On the wire every UDP/8285 datagram holds exactly one inner packet; a capture
+    on an arriving node's uplink sees them after GRO, which merges same-size
+    datagrams of one node pair for a UDP GRO socket (the fast udp path's) into
+    one. The records carry the outer header of each original datagram (length
+    28 + inner length) and `gro_merged`."""
+    d = decode_packet(pkt)
+    if d.encapsulation != "udp" or d.inner is None or d.outer is None:
+        return [d]
+    try:
+        payload = bytes(pkt[UDP].payload)
+    except (IndexError, AttributeError):
+        return [d]
+    chunks, at = [], 0
+    while at + 20 <= len(payload) and payload[at] >> 4 == 4:
+        length = int.from_bytes(payload[at + 2:at + 4], "big")
+        if length < 20 or at + length > len(payload):
+            break
+        chunks.append(payload[at:at + length])
+        at += length
+    if len(chunks) < 2 or at != len(payload):
+        return [d]
+    out = []
+    for chunk in chunks:
+        inner = _ipv4_header(IP(chunk))
+        outer = dataclasses.replace(d.outer, length=inner.length + 28)
+        out.append(dataclasses.replace(d, inner=inner, outer=outer, overhead=28, gro_merged=len(chunks)))
+    return out
+
+
 def decode_pcap(path: str) -> Iterator[Decoded]:
-    """decode_packet over every packet of a capture file."""
+    """decode_packets over every packet of a capture file."""
     for pkt in read_pcap(path):
-        yield decode_packet(pkt)
+        yield from decode_packets(pkt)
 
 
 # --- printing one packet ----------------------------------------------------
@@ -369,6 +405,8 @@ def format_decoded(d: Decoded, with_time: bool = False) -> str:
     line = " ".join(parts)
     if d.truncated:
         line += f" [captured {d.captured_len} of {d.wire_len}]"
+    if d.gro_merged:
+        line += f" [1 of {d.gro_merged} datagrams merged by GRO before the capture]"
     if d.error:
         line += f" [{d.error}]"
     return line

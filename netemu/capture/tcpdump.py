@@ -185,7 +185,7 @@ class Capture:
         if not self.streaming or self.proc is None or self.proc.stdout is None:
             raise CaptureError("packets() needs a running capture to '-'")
         for pkt in decode.read_pcap(self.proc.stdout):
-            yield decode.decode_packet(pkt)
+            yield from decode.decode_packets(pkt)
 
     @property
     def stats(self) -> dict[str, int]:

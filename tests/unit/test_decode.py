@@ -275,3 +275,26 @@ def test_torn_and_empty_files(tmp_path):
     empty = tmp_path / "empty.pcap"
     empty.write_bytes(b"")
     assert list(decode.decode_pcap(str(empty))) == []
+
+
+def test_flannel_udp_datagrams_merged_by_gro_are_split_again(tmp_path):
+    # What tcpdump sees on an arriving node's uplink: GRO merged two same-size
+    # datagrams (two inner packets of different flows) into one.
+    a = bytes(IP(src=POD1, dst=POD2, ttl=62, id=1) / TCP(sport=5201, dport=42112, flags="A") / (b"a" * 12))
+    b = bytes(IP(src=POD1, dst=POD2, ttl=62, id=9) / UDP(sport=999, dport=53) / (b"b" * 24))
+    assert len(a) == len(b)
+    merged = Ether(src=MAC1, dst=MAC2) / IP(src=NODE1, dst=NODE2) / UDP(sport=8285, dport=8285) / Raw(a + b)
+    merged.time = 5.0
+    first, second = roundtrip(tmp_path, [merged])
+    assert (first.inner.proto, first.inner.sport, second.inner.proto, second.inner.sport) == ("TCP", 5201, "UDP", 999)
+    assert first.outer.length == second.outer.length == 28 + len(a)
+    assert first.gro_merged == second.gro_merged == 2 and first.overhead == 28
+    assert decode.format_decoded(second).endswith("[1 of 2 datagrams merged by GRO before the capture]")
+    table = decode.FlowTable()
+    for d in (first, second):
+        table.add(d)
+    assert sorted(f.packets for f in table.flows()) == [1, 1]
+    # One inner packet with trailing bytes that are not a packet: left whole.
+    (odd,) = roundtrip(tmp_path, [Ether() / IP(src=NODE1, dst=NODE2) / UDP(sport=8285, dport=8285)
+                                  / Raw(a + b"\x00" * 7)], name="odd.pcap")
+    assert odd.gro_merged == 0 and odd.inner.proto == "TCP"
