@@ -43,9 +43,9 @@ nft's parsing and the listing of every chain that nft 1.0.6 does before an
 checks that both give the same `nft list table` output.
 
 What a sync costs at 10,000 services x 2 endpoints (tools/bench_proxy.py,
-kernel 6.18, 2 shared vCPUs; before the netlink path: full 4.5 s, one change
-138 ms median):
-- full sync ~2.8 s: ~1.1 s in the kernel (one batch of ~100,000 messages,
+kernel 6.18, 2 shared vCPUs, medians of 3 rounds; through nft text: full
+3.7-4.5 s, one change 130-138 ms):
+- full sync 2.8-3.5 s: ~1.1 s in the kernel (one batch of ~100,000 messages,
   26 MB: for each expression a look-up of its type by name in a list
   (__nft_expr_type_get), chain look-ups by name, allocations, the commit),
   the rest Python: service ports and desired state ~0.7 s, netlink encoding
