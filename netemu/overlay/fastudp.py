@@ -204,17 +204,29 @@ class Worker:
         (each still its own datagram on the wire) as soon as the TUN has nothing
         more queued, the size or the peer changes, or the batch is full. Order is
         kept: a held batch leaves before anything read after it. (The TUN fd is
-        shared with the rx worker, so it stays blocking; poll(0) tells whether
-        more is queued.)"""
+        shared with the rx worker, so it stays blocking: while packets are held,
+        reads ask not to wait (preadv2 RWF_NOWAIT), or poll(0) first where the
+        kernel refuses that.)"""
         buffer = bytearray(READ_SIZE)              # reused: every send copies out of it
         view = memoryview(buffer)
         batching = self.gso and bool(self.hdr_len)
         queued = select.poll()
         queued.register(self.tun, select.POLLIN)
+        nowait = hasattr(os, "RWF_NOWAIT")
         while True:
-            if self.held and not queued.poll(0):
-                self.flush_held()
-            n = os.readv(self.tun, [buffer])
+            n = 0
+            if self.held:
+                if nowait:
+                    try:
+                        n = os.preadv(self.tun, [buffer], -1, os.RWF_NOWAIT)
+                    except BlockingIOError:
+                        self.flush_held()
+                    except OSError:
+                        nowait = False             # not for this kernel/device: poll
+                if not nowait and not queued.poll(0):
+                    self.flush_held()
+            if not n:
+                n = os.readv(self.tun, [buffer])
             if self.hdr_len:
                 flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = vnet.VNET_HDR.unpack_from(buffer)
             else:

@@ -156,17 +156,29 @@ def forwarded(datagram: bytes) -> bytes:
     return bytes(packet)
 
 
-def test_coalesce_udp_gives_back_the_same_datagrams_through_the_kernels_gso():
+def delivered(result) -> list[bytes]:
+    """What reaches the pods, in order: super-packets cut by the kernel, singles
+    forwarded one by one (TTL decremented)."""
+    out = []
+    for item in result.sequence:
+        out += kernel_segments(item) if isinstance(item, list) else [forwarded(item)]
+    return out
+
+
+@pytest.mark.parametrize("coalesce", [vnet.coalesce_udp, vnet._coalesce_udp_each])
+def test_coalesce_udp_gives_back_the_same_datagrams_through_the_kernels_gso(coalesce):
     # Two flows interleaved (as from two senders); the last datagram shorter.
     a = [udp_datagram(os.urandom(64), 100 + i) for i in range(5)]
     b = [udp_datagram(os.urandom(64), 7000 + i, sport=40001) for i in range(3)]
     short = udp_datagram(os.urandom(30), 105)
     datagrams = [a[0], b[0], a[1], a[2], b[1], a[3], b[2], a[4], short]
-    size = len(a[0])
-    result = vnet.coalesce_udp(b"".join(datagrams), size)
-    assert result.merged == 9 and result.singles == [] and len(result.super_packets) == 2
-    assert kernel_segments(result.super_packets[0]) == [forwarded(d) for d in a + [short]]
-    assert kernel_segments(result.super_packets[1]) == [forwarded(d) for d in b]
+    result = coalesce(b"".join(datagrams), len(a[0]))
+    assert len(result.super_packets) == 2 and result.merged >= 8
+    out = delivered(result)
+    assert [d for d in out if UDP in IP(d) and IP(d)[UDP].sport == 40000] == [forwarded(d) for d in a + [short]]
+    assert [d for d in out if IP(d)[UDP].sport == 40001] == [forwarded(d) for d in b]
+    if coalesce is vnet._coalesce_udp_each:
+        assert result.merged == 9           # the careful way takes the shorter last one in too
 
 
 def test_coalesce_udp_leaves_out_what_it_must_not_merge():
@@ -182,3 +194,11 @@ def test_coalesce_udp_leaves_out_what_it_must_not_merge():
     assert result.singles == [gap, bytes(bad)] + dying
     # In arrival order: the run where its first datagram came, then the rest.
     assert [type(x) for x in result.sequence] == [list, bytes, bytes, bytes, bytes]
+
+
+@pytest.mark.parametrize("coalesce", [vnet.coalesce_udp, vnet._coalesce_udp_each])
+def test_coalesce_udp_cuts_a_flow_into_runs_at_an_id_gap(coalesce):
+    datagrams = [udp_datagram(os.urandom(64), i) for i in (1, 2, 3, 9, 10, 12)]
+    result = coalesce(b"".join(datagrams), len(datagrams[0]))
+    assert result.merged == 5 and len(result.super_packets) == 2 and len(result.singles) == 1
+    assert delivered(result) == [forwarded(d) for d in datagrams]
