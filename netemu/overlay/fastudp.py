@@ -18,6 +18,10 @@ with the daemon). Two modes:
   UDP -> TUN (worker "rx"): UDP GRO hands over many datagrams per receive;
   contiguous TCP segments of one flow are merged back into one super-packet
   (vnet.coalesce) and written with one TUN write; big socket buffers.
+  Small packets too: tx holds those read back to back (same size, same peer)
+  and sends them with one UDP GSO send; rx merges the UDP datagrams of one
+  inner flow into a UDP GSO super-packet (vnet.coalesce_udp) that the kernel
+  cuts back into the same datagrams on the way to the pod.
 
 Every offload is negotiated at start-up and the backend falls back to the
 per-packet path when the kernel refuses one it needs (TUN offloads); UDP GSO
