@@ -38,8 +38,15 @@ import socket
 import struct
 from collections.abc import Iterable, Sequence
 
-from netemu.proxy.nftables import (MAPS, MARK_MASQ_CHAIN, NO_ENDPOINT_NODEPORTS, REJECT_CHAIN,
-                                    SERVICE_NODEPORTS, TABLE, NftDiff)
+from netemu.proxy.nftables import (
+    MAPS,
+    MARK_MASQ_CHAIN,
+    NO_ENDPOINT_NODEPORTS,
+    REJECT_CHAIN,
+    SERVICE_NODEPORTS,
+    TABLE,
+    NftDiff,
+)
 
 # -- numbers (linux/netfilter/nf_tables.h, nfnetlink.h, netlink.h) -------------
 NETLINK_NETFILTER = 12

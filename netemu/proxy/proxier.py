@@ -28,10 +28,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from netemu.proxy import iptables as ipt
-from netemu.proxy import libnft
+from netemu.proxy import libnft, nftnl
 from netemu.proxy import nftables as nft
-from netemu.proxy import nftnl
-from netemu.proxy.model import MASQUERADE_MARK, ServicePort, build_service_ports, conntrack_cleanup
+from netemu.proxy.model import (
+    MASQUERADE_MARK,
+    ServicePort,
+    build_service_ports,
+    conntrack_cleanup,
+)
 
 log = logging.getLogger("netemu.proxy")
 

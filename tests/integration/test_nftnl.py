@@ -110,7 +110,7 @@ def canonical(text):
     out = [lines[0]]
     for b in sorted(blocks):
         body = "\n".join(b)
-        m = re.search(r"elements = \{ (.*?) \}$", body, re.S | re.M)
+        m = re.search(r"elements = \{ (.*?) \}$", body, re.DOTALL | re.MULTILINE)
         if m:
             elems = sorted(re.split(r",\s*\n\s*", m.group(1)))
             body = body[:m.start(1)] + "\n".join(elems) + body[m.end(1):]
@@ -119,9 +119,8 @@ def canonical(text):
 
 
 def run_text(ns, text):
-    with netns.inside(ns):
-        with libnft.LibNft() as ctx:
-            ctx.run(text)
+    with netns.inside(ns), libnft.LibNft() as ctx:
+        ctx.run(text)
 
 
 def send(ns, diff):
