@@ -44,7 +44,7 @@ checks that both give the same `nft list table` output.
 
 What a sync costs at 10,000 services x 2 endpoints (tools/bench_proxy.py,
 kernel 6.18, 2 shared vCPUs, medians of 3 rounds; through nft text: full
-3.7-4.5 s, one change 130-138 ms):
+3.7-4.5 s, one change 130-150 ms):
 - full sync 2.8-3.5 s: ~1.1 s in the kernel (one batch of ~100,000 messages,
   26 MB: for each expression a look-up of its type by name in a list
   (__nft_expr_type_get), chain look-ups by name, allocations, the commit),
