@@ -9,19 +9,26 @@ Layout:
   events(rev, type, key, value)                          the change log watchers read
   meta(revision)                                         the global revision counter
 
-Watch is by polling the revision (a single indexed read) every few tens of
-milliseconds: SQLite has no notification across processes, and the poll costs far
-less than the work a change triggers. All the watches of one store object share
-one poll (one timer, one read per period): a process with many watches (the
-control plane has one per controller and kubelet) wakes once per period, not
-once per watch. Expired keys are looked for once a second.
+Watch: SQLite has no notification across processes, but every commit appends to
+the write-ahead log (state.db-wal), so a watch waits on inotify for writes to
+that file in the store's directory, then reads the revision (a single indexed
+read). An idle cluster's processes therefore sleep instead of polling. A burst of
+commits is taken in one read (a short pause after the first event), and the
+revision is read at least once a second anyway (a missed event costs a second,
+not correctness). Without inotify, the revision is polled every few tens of
+milliseconds. All the watches of one store object share one wait (one read per
+wake-up): a process with many watches (the control plane has one per controller
+and kubelet) wakes once, not once per watch. Expired keys are looked for once a
+second.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -51,8 +58,49 @@ INSERT OR IGNORE INTO meta (id, revision) VALUES (0, 0);
 
 # How many events to keep for watchers that fall behind (etcd compacts too).
 EVENTS_KEPT = 50_000
-POLL_INTERVAL = 0.03
+POLL_INTERVAL = 0.03            # without inotify
+SETTLE = 0.01                   # after a write is seen: let the rest of a burst land
+SAFETY_INTERVAL = 1.0           # read the revision at least this often anyway
 EXPIRY_CHECK_INTERVAL = 1.0
+
+IN_MODIFY, IN_MOVED_TO, IN_CREATE = 0x2, 0x80, 0x100
+_INOTIFY_EVENT = struct.Struct("iIII")       # wd, mask, cookie, len; then the name
+
+
+class WalWatch:
+    """inotify on a store's directory, reporting writes to its files (the WAL)."""
+
+    def __init__(self, db_path: str) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        directory = os.path.dirname(os.path.abspath(db_path))
+        if libc.inotify_add_watch(fd, os.fsencode(directory), IN_MODIFY | IN_MOVED_TO | IN_CREATE) < 0:
+            err = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(err, f"inotify_add_watch {directory}")
+        self.fd = fd
+        base = os.fsencode(os.path.basename(db_path))
+        self.names = {base, base + b"-wal"}
+
+    def drain(self) -> bool:
+        """Read every pending event; True if one was about the store's files."""
+        hit = False
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return hit
+            at = 0
+            while at + _INOTIFY_EVENT.size <= len(data):
+                length = _INOTIFY_EVENT.unpack_from(data, at)[3]
+                name = data[at + _INOTIFY_EVENT.size:at + _INOTIFY_EVENT.size + length].split(b"\0", 1)[0]
+                hit = hit or name in self.names
+                at += _INOTIFY_EVENT.size + length
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class SqliteStore:
@@ -69,10 +117,11 @@ class SqliteStore:
             self._db.execute("PRAGMA synchronous=NORMAL")
             if create:
                 self._db.executescript(SCHEMA)
-        # The shared poll of the watches (see watch()).
-        self._tick: Any = None                 # trio.Event of the poll in progress
+        # The shared wait of the watches (see watch()).
+        self._tick: Any = None                 # trio.Event of the wait in progress
         self._ticked_revision = 0
         self._next_expiry_check = 0.0
+        self._wal_watch: WalWatch | None | bool = None   # False: inotify unavailable
 
     # -- reads ---------------------------------------------------------------
 
@@ -184,9 +233,9 @@ class SqliteStore:
             current = await self._next_poll()
 
     async def _next_poll(self) -> int:
-        """Wait one poll period; return the revision read at its end.
+        """Wait for the next write (or a poll period); return the revision read then.
 
-        The first watch to ask sleeps and reads; the others wait for it. If it
+        The first watch to ask waits and reads; the others wait for it. If it
         is cancelled, the others wake early with the previous revision and one
         of them takes over on its next call."""
         import trio
@@ -197,12 +246,28 @@ class SqliteStore:
             return self._ticked_revision
         self._tick = tick = trio.Event()
         try:
-            await trio.sleep(POLL_INTERVAL)
+            watch = self._watcher()
+            if watch is None:
+                await trio.sleep(POLL_INTERVAL)
+            else:
+                with trio.move_on_after(SAFETY_INTERVAL):
+                    while not watch.drain():
+                        await trio.lowlevel.wait_readable(watch.fd)
+                    await trio.sleep(SETTLE)
+                watch.drain()
             self._ticked_revision = self.revision()
         finally:
             self._tick = None
             tick.set()
         return self._ticked_revision
+
+    def _watcher(self) -> WalWatch | None:
+        if self._wal_watch is None:
+            try:
+                self._wal_watch = WalWatch(self.path)
+            except OSError:
+                self._wal_watch = False
+        return self._wal_watch or None
 
     def _expiry_due(self) -> bool:
         """True, at most once a second per store object, when some key's TTL ran out
@@ -216,6 +281,9 @@ class SqliteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        if self._wal_watch:
+            self._wal_watch.close()
+            self._wal_watch = False
 
     # -- internals -----------------------------------------------------------
 

@@ -80,3 +80,43 @@ def test_watch_sees_every_write_under_concurrent_writers(store, tmp_path):
     trio.run(main)
     assert not errors
     assert len(seen) == len(set(seen)) == n_writers * per_writer
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_watch_waits_for_writes_instead_of_polling(store, tmp_path):
+    """Watches wake on the WAL's inotify events: while nothing is written the store
+    is read about once a second (the safety read), and a write from another
+    connection (another process in a cluster) is still seen."""
+    from netemu.store import sqlite
+
+    other = SqliteStore(str(tmp_path / "state.db"))
+    reads = []
+    real_revision = store.revision
+
+    def counted():
+        reads.append(1)
+        return real_revision()
+
+    store.revision = counted
+    seen = []
+
+    async def main():
+        since = real_revision()
+        async with trio.open_nursery() as nursery:
+            async def watch():
+                async for ev in store.watch("/w/", since):
+                    seen.append(ev.key)
+                    nursery.cancel_scope.cancel()
+            nursery.start_soon(watch)
+            await trio.sleep(2.5)
+            idle_reads = len(reads)
+            other.put("/w/x", 1)
+            await trio.sleep(60)            # cancelled by the watch
+        return idle_reads
+
+    idle_reads = trio.run(main)
+    other.close()
+    assert isinstance(store._wal_watch, sqlite.WalWatch), "inotify unavailable here"
+    # 2.5 s idle: the first read, then one safety read a second (polling: ~80).
+    assert idle_reads <= 5
+    assert seen == ["/w/x"]
