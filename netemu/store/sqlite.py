@@ -12,10 +12,11 @@ Layout:
 Watch: SQLite has no notification across processes, but every commit appends to
 the write-ahead log (state.db-wal), so a watch waits on inotify for writes to
 that file in the store's directory, then reads the revision (a single indexed
-read). An idle cluster's processes therefore sleep instead of polling. A burst of
-commits is taken in one read (a short pause after the first event), and the
-revision is read at least once a second anyway (a missed event costs a second,
-not correctness). Without inotify, the revision is polled every few tens of
+read). An idle cluster's processes therefore sleep instead of polling, and a
+write after a quiet spell is seen at once. While writes keep coming (a cluster
+coming up), reads are at least POLL_INTERVAL apart, as when polling, so a burst
+is taken in few reads; the revision is read at least once a second anyway (a
+missed event costs a second, not correctness). Without inotify, the revision is polled every few tens of
 milliseconds. All the watches of one store object share one wait (one read per
 wake-up): a process with many watches (the control plane has one per controller
 and kubelet) wakes once, not once per watch. Expired keys are looked for once a
@@ -58,8 +59,8 @@ INSERT OR IGNORE INTO meta (id, revision) VALUES (0, 0);
 
 # How many events to keep for watchers that fall behind (etcd compacts too).
 EVENTS_KEPT = 50_000
-POLL_INTERVAL = 0.03            # without inotify
-SETTLE = 0.01                   # after a write is seen: let the rest of a burst land
+POLL_INTERVAL = 0.03            # without inotify; with it, the shortest time between reads
+SETTLE = 0.002                  # after a write is seen: let the rest of its burst land
 SAFETY_INTERVAL = 1.0           # read the revision at least this often anyway
 EXPIRY_CHECK_INTERVAL = 1.0
 
@@ -122,6 +123,7 @@ class SqliteStore:
         self._ticked_revision = 0
         self._next_expiry_check = 0.0
         self._wal_watch: WalWatch | None | bool = None   # False: inotify unavailable
+        self._last_read = 0.0                  # time.monotonic() of the last shared read
 
     # -- reads ---------------------------------------------------------------
 
@@ -253,9 +255,10 @@ class SqliteStore:
                 with trio.move_on_after(SAFETY_INTERVAL):
                     while not watch.drain():
                         await trio.lowlevel.wait_readable(watch.fd)
-                    await trio.sleep(SETTLE)
+                    await trio.sleep(max(SETTLE, self._last_read + POLL_INTERVAL - time.monotonic()))
                 watch.drain()
             self._ticked_revision = self.revision()
+            self._last_read = time.monotonic()
         finally:
             self._tick = None
             tick.set()
