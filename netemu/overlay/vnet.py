@@ -256,7 +256,7 @@ def coalesce(buffer, size: int) -> Coalesced:
     if full < count:
         le[-1] = int(sums[-1])
     pseudo = ones_sum(bytes(buffer[12:20])) + IPPROTO_TCP - 20
-    valid = ((be16[:, 1] == lengths)
+    valid = ((be16[:, 1] == lengths) & (lengths > hdr)      # data: pure ACKs are never merged
              & (heads.view("<u2")[:, :10].sum(axis=1, dtype=np.uint32) % _M == 0)
              & ((le + pseudo + lengths) % _M == 0)
              & ((flags | TCP_PSH) == (TCP_ACK | TCP_PSH)))

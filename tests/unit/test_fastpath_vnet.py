@@ -202,3 +202,15 @@ def test_coalesce_udp_cuts_a_flow_into_runs_at_an_id_gap(coalesce):
     result = coalesce(b"".join(datagrams), len(datagrams[0]))
     assert result.merged == 5 and len(result.super_packets) == 2 and len(result.singles) == 1
     assert delivered(result) == [forwarded(d) for d in datagrams]
+
+
+def test_coalesce_never_merges_pure_acks():
+    # A pure ACK can only be the shorter last datagram of a GRO receive; right after
+    # data segments of its flow it would "follow on" (no payload): it must stay on
+    # its own (a super-packet carries data, and an ACK may be a duplicate ACK).
+    data, size, count = segment(super_packet(os.urandom(1420 * 3), flags="A"), 1420)
+    ack = bytes(IP(src="10.244.1.2", dst="10.244.2.2", id=7 + count, flags="DF") /
+                TCP(sport=40000, dport=5201, seq=1000 + 3 * 1420, ack=555, flags="A", window=501,
+                    options=[("NOP", None), ("NOP", None), ("Timestamp", (1, 2))]))
+    result = vnet.coalesce(data + ack, size)
+    assert result.merged == 3 and result.singles == [ack]
