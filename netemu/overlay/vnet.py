@@ -322,10 +322,10 @@ class _UdpRun:
 
 
 def _valid_udp(d) -> bool:
-    """A whole, valid UDP/IPv4 datagram without IP options, not a fragment, TTL > 1,
-    with a non-zero UDP checksum that checks out."""
+    """A whole, valid UDP/IPv4 datagram with a payload, without IP options, not a
+    fragment, TTL > 1, with a non-zero UDP checksum that checks out."""
     n = len(d)
-    return (n >= 28 and d[0] == 0x45 and d[9] == IPPROTO_UDP and (d[2] << 8 | d[3]) == n
+    return (n > 28 and d[0] == 0x45 and d[9] == IPPROTO_UDP and (d[2] << 8 | d[3]) == n
             and not (d[6] & 0x3F or d[7]) and d[8] > 1 and (d[24] << 8 | d[25]) == n - 20
             and bool(d[26] or d[27]) and ones_sum(d[:20]) == 0
             and (ones_sum(d[12:20]) + IPPROTO_UDP + n - 20 + ones_sum(d[20:])) % _M == 0)
@@ -343,7 +343,7 @@ def _coalesce_udp_all(buffer, size: int) -> Coalesced | None:
     the careful way). Each inner flow's datagrams, in arrival order, are cut
     into runs where one does not carry on the previous one."""
     full = len(buffer) // size
-    if size % 2 or size < 28 or full < 2:
+    if size % 2 or size <= 28 or full < 2:
         return None
     rows = np.frombuffer(buffer, np.uint8, full * size).reshape(full, size)
     heads = np.ascontiguousarray(rows[:, :28])

@@ -214,3 +214,16 @@ def test_coalesce_never_merges_pure_acks():
                     options=[("NOP", None), ("NOP", None), ("Timestamp", (1, 2))]))
     result = vnet.coalesce(data + ack, size)
     assert result.merged == 3 and result.singles == [ack]
+
+
+@pytest.mark.parametrize("coalesce", [vnet.coalesce_udp, vnet._coalesce_udp_each])
+def test_coalesce_udp_leaves_empty_datagrams_alone(coalesce):
+    # A UDP GSO super-packet needs a payload per datagram: an empty one would vanish.
+    full = [udp_datagram(os.urandom(8), 1 + i) for i in range(3)]
+    empty = udp_datagram(b"", 4)
+    result = coalesce(b"".join(full + [empty]), len(full[0]))
+    assert result.merged == 3 and result.singles == [empty]
+    assert delivered(result) == [forwarded(d) for d in full + [empty]]
+    empties = [udp_datagram(b"", 10 + i) for i in range(3)]
+    result = coalesce(b"".join(empties), 28)
+    assert result.merged == 0 and result.singles == empties
