@@ -383,9 +383,8 @@ def _coalesce_udp_all(buffer, size: int) -> Coalesced | None:
                 at = order[lo] * size
                 result.add_single(bytes(view[at:at + size]))
                 continue
-            run = _UdpRun(view[order[lo] * size:order[lo] * size + size], 0)
-            run.members = [view[i * size:i * size + size] for i in order[lo:hi]]
-            result.add_super(_merge_udp(run), hi - lo)
+            result.add_super(_merge_udp([view[i * size:i * size + size] for i in order[lo:hi]], size),
+                             hi - lo)
     if full * size < len(buffer):                          # a shorter last one: on its own, after
         result.add_single(bytes(view[full * size:]))
     return result
@@ -428,13 +427,13 @@ def _coalesce_udp_each(buffer, size: int) -> Coalesced:
         elif len(item.members) == 1:
             result.add_single(bytes(item.members[0]))
         else:
-            result.add_super(_merge_udp(item), len(item.members))
+            result.add_super(_merge_udp(item.members, item.size), len(item.members))
     return result
 
 
-def _merge_udp(run: _UdpRun) -> list:
-    """[vnet header + IP/UDP header, payloads...] of one UDP GSO super-packet."""
-    members = run.members
+def _merge_udp(members: list, size: int) -> list:
+    """[vnet header + IP/UDP header, payloads...] of one UDP GSO super-packet made of
+    MEMBERS (datagrams of SIZE bytes, the last possibly shorter)."""
     total = 28 + sum(len(m) for m in members) - 28 * len(members)
     header = bytearray(members[0][:28])
     header[2:4] = total.to_bytes(2, "big")
@@ -443,5 +442,5 @@ def _merge_udp(run: _UdpRun) -> list:
     header[10:12] = (-ones_sum(header[:20]) % _M).to_bytes(2, "big")
     header[24:26] = (total - 20).to_bytes(2, "big")
     header[26:28] = pseudo_sum(header, total - 20).to_bytes(2, "big")
-    vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_UDP_L4, 28, run.size - 28, 20, UDP_CSUM_OFFSET)
+    vnet = VNET_HDR.pack(VNET_F_NEEDS_CSUM, GSO_UDP_L4, 28, size - 28, 20, UDP_CSUM_OFFSET)
     return [vnet + bytes(header)] + [m[28:] for m in members]
