@@ -81,6 +81,17 @@ def open_offload_tun(name: str) -> int | None:
     return fd
 
 
+def udp_gso_writes(release: str | None = None) -> bool:
+    """Whether a TUN takes UDP GSO super-packets (virtio gso_type UDP_L4) written to
+    it: Linux 6.2 and later (USO for TUN/virtio). Older kernels refuse the write."""
+    parts = (release or os.uname().release).split(".")
+    try:
+        major, minor = int(parts[0]), int("".join(c for c in parts[1].split("-")[0] if c.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return False
+    return (major, minor) >= (6, 2)
+
+
 def enlarge_buffers(sock: socket.socket) -> None:
     """Socket buffers that absorb a burst of 64 KB batches (or of small packets)."""
     for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
@@ -179,6 +190,7 @@ class Worker:
         # With offloads every TUN read and write starts with a virtio-net header.
         self.hdr_len = vnet.VNET_HDR_LEN if vnet_hdr else 0
         self.plain_hdr = vnet.PLAIN_HDR if vnet_hdr else b""
+        self.udp_merge = vnet_hdr and udp_gso_writes()
         self.peers = Peers()
         self.held = bytearray()                       # small packets waiting for one send
         self.held_hop, self.held_size, self.held_count = "", 0, 0
@@ -327,12 +339,14 @@ class Worker:
                 self.count("drop_unknown_source", -(-n // size) if size else 1)
                 continue
             if size < n:
-                inner_udp = buffer[9] == vnet.IPPROTO_UDP and self.hdr_len
+                inner_udp = buffer[9] == vnet.IPPROTO_UDP and self.udp_merge
                 merged = vnet.coalesce_udp(view[:n], size) if inner_udp else vnet.coalesce(view[:n], size)
                 for item in merged.sequence:
                     if isinstance(item, list):
                         if self.write_tun(item):
                             self.count("rx_coalesced", 1)
+                        elif inner_udp:
+                            self.udp_merge = False  # refused after all: per datagram from now on
                     else:
                         self.deliver(item)
                 self.count("rx_packets", merged.merged)

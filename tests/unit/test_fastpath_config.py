@@ -5,6 +5,8 @@ from __future__ import annotations
 import mmap
 import os
 
+import pytest
+
 from netemu.overlay import fastudp, udp
 
 
@@ -38,3 +40,11 @@ def test_counters_are_summed_over_both_directions():
         shared.close()
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("release,expected", [
+    ("6.18.44-fc-v782", True), ("6.2.0", True), ("6.1.0-13-amd64", False), ("5.15.0", False),
+    ("7.0", True), ("weird", False),
+])
+def test_udp_gso_writes_into_the_tun_need_linux_6_2(release, expected):
+    assert fastudp.udp_gso_writes(release) is expected
