@@ -306,10 +306,16 @@ def _alive(pid: int) -> bool:
 
 # -- teardown ------------------------------------------------------------------
 
-def cluster_processes(cluster: str) -> list[int]:
+def namespace_inodes(cluster: str) -> set[int]:
+    """The inodes of the cluster's network namespaces that exist now."""
+    return {netns.inode(ns) for kind, ns in journal.entries(cluster) if kind == "netns"} - {None}
+
+
+def cluster_processes(cluster: str, own: set[int] | None = None) -> list[int]:
     """Every process of the cluster: tagged with its name in the environment, or
-    living in one of its network namespaces."""
-    own = {netns.inode(ns) for kind, ns in journal.entries(cluster) if kind == "netns"} - {None}
+    living in one of its network namespaces (OWN: their inodes, if taken
+    earlier; a namespace already deleted by its pod still holds its processes)."""
+    own = (own or set()) | namespace_inodes(cluster)
     tag = f"{names.CLUSTER_ENV}={cluster}".encode()
     me = os.getpid()
     pids = []
@@ -331,7 +337,11 @@ def cluster_processes(cluster: str) -> list[int]:
 
 
 def teardown(cluster: str, graceful: bool = True) -> None:
-    """Remove every process, namespace and file of CLUSTER (idempotent)."""
+    """Remove every process, namespace and file of CLUSTER (idempotent).
+
+    Also processes started by hand in its namespaces (`ip netns exec`): the
+    namespaces are noted first, because a graceful stop deletes the pods' own."""
+    own = namespace_inodes(cluster)
     pid = _read_pid(cluster)
     if graceful and pid is not None and _alive(pid):
         with contextlib.suppress(ProcessLookupError):
@@ -340,7 +350,7 @@ def teardown(cluster: str, graceful: bool = True) -> None:
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
     for _ in range(5):
-        pids = cluster_processes(cluster)
+        pids = cluster_processes(cluster, own)
         if not pids:
             break
         for p in pids:

@@ -144,6 +144,25 @@ def test_down_removes_only_its_own_cluster(tmp_path):
             clusters.teardown("tf-side-a", graceful=False)
 
 
+def test_down_stops_processes_started_by_hand_in_its_namespaces(tmp_path):
+    # `ip netns exec <pod namespace> ...` leaves no tag in the environment; the
+    # pod's namespace is deleted by the graceful stop, but the process would keep
+    # it alive, invisible, if it were not found by its namespace first.
+    path = write_topology(tmp_path, "tf-stray", {"nodes": [{"name": "n1"}], "workloads": [pod("p", "n1")]})
+    with running(path) as (name, _):
+        stray = subprocess.Popen(["ip", "netns", "exec", names.pod_ns(name, "default", "p"), "sleep", "300"])
+        node_stray = subprocess.Popen(["ip", "netns", "exec", names.node_ns(name, "n1"), "sleep", "300"])
+        try:
+            time.sleep(0.3)
+            cli("down", name)
+            assert stray.wait(timeout=10) == -signal.SIGKILL
+            assert node_stray.wait(timeout=10) == -signal.SIGKILL
+        finally:
+            for proc in (stray, node_stray):
+                proc.kill()
+                proc.wait()
+
+
 def test_clean_after_kill_9(tmp_path):
     path = write_topology(tmp_path, "tf-crash", {"nodes": [{"name": "n1"}, {"name": "n2"}],
                                                  "workloads": [pod("p1", "n1"), pod("p2", "n2")]})
