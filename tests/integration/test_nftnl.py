@@ -19,6 +19,8 @@ from netemu.proxy import libnft, nftnl
 from netemu.proxy import nftables as nft
 from netemu.proxy.model import build_service_ports
 from netemu.proxy.proxier import NftablesProxier
+from tests.unit.test_nftnl import tree
+from tests.unit.test_proxy_rules import svc
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
@@ -26,17 +28,6 @@ pytestmark = [pytest.mark.root,
 TEXT_NS, NL_NS = "nl-text", "nl-netlink"
 KERNEL = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", os.uname().release).groups())
 NODE = "node-1"
-
-
-def svc(name, cip, ports, type="ClusterIP", affinity=None, lb=(), ext=(), policy="Cluster"):
-    s = {"metadata": {"name": name, "namespace": "default"},
-         "spec": {"type": type, "clusterIP": cip, "ports": ports, "externalIPs": list(ext),
-                  "sessionAffinity": "ClientIP" if affinity else "None",
-                  "externalTrafficPolicy": policy},
-         "status": {"loadBalancer": {"ingress": [{"ip": i} for i in lb]}}}
-    if affinity:
-        s["spec"]["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": affinity}}
-    return s
 
 
 def eps(name, ips, ports, node=NODE):
@@ -260,16 +251,6 @@ def _split(data):
     return out
 
 
-def _tree(b):
-    out, off = [], 0
-    while off + 4 <= len(b):
-        length, t = struct.unpack_from("<HH", b, off)
-        data = b[off + 4:off + length]
-        out.append((t, _tree(data) if t & nftnl.NLA_F_NESTED else data))
-        off += (length + 3) & ~3
-    return out
-
-
 # nft refers to sets by name and by its id for them; we send the name only.
 _SET_ID = {nftnl.MSG_NEWSET: 10, nftnl.MSG_NEWSETELEM: 4, nftnl.MSG_DELSETELEM: 4}
 _EXPR_SET_ID = {b"lookup\0": 4, b"dynset\0": 2}
@@ -282,19 +263,19 @@ def _normalise(msgs):
     for mtype, flags, body in msgs:
         if mtype in (nftnl.NFNL_MSG_BATCH_BEGIN, nftnl.NFNL_MSG_BATCH_END):
             continue
-        tree = [a for a in _tree(body[4:]) if a[0] != _SET_ID.get(mtype)]
+        attrs = [a for a in tree(body[4:]) if a[0] != _SET_ID.get(mtype)]
         if mtype == nftnl.MSG_NEWRULE:
-            for a in tree:
+            for a in attrs:
                 if a[0] == 4 | nftnl.NLA_F_NESTED:
                     for _, (name_attr, data_attr) in a[1]:
                         drop = _EXPR_SET_ID.get(name_attr[1])
                         data_attr[1][:] = [x for x in data_attr[1] if x[0] != drop]
         if mtype in (nftnl.MSG_NEWSETELEM, nftnl.MSG_DELSETELEM):
-            head = [a for a in tree if a[0] != 3 | nftnl.NLA_F_NESTED]
-            elems = next(a[1] for a in tree if a[0] == 3 | nftnl.NLA_F_NESTED)
+            head = [a for a in attrs if a[0] != 3 | nftnl.NLA_F_NESTED]
+            elems = next(a[1] for a in attrs if a[0] == 3 | nftnl.NLA_F_NESTED)
             out += [(mtype, flags, head, e[1]) for e in elems]
             continue
-        out.append((mtype, flags, body[:4], tree))
+        out.append((mtype, flags, body[:4], attrs))
     return out
 
 

@@ -12,9 +12,9 @@ CIDR = "10.244.0.0/16"
 NODE = "node-1"
 
 
-def svc(name, cip, ports, type="ClusterIP", affinity=None, lb=(), policy="Cluster", ns="default"):
+def svc(name, cip, ports, type="ClusterIP", affinity=None, lb=(), policy="Cluster", ns="default", ext=()):
     s = {"metadata": {"name": name, "namespace": ns},
-         "spec": {"type": type, "clusterIP": cip, "ports": ports,
+         "spec": {"type": type, "clusterIP": cip, "ports": ports, "externalIPs": list(ext),
                   "sessionAffinity": "ClientIP" if affinity else "None",
                   "externalTrafficPolicy": policy},
          "status": {"loadBalancer": {"ingress": [{"ip": i} for i in lb]}}}
