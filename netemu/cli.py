@@ -233,12 +233,8 @@ def _kind(word: str) -> str:
 
 
 def _overlay_stats(cluster: str, node: str) -> dict | None:
-    from netemu.overlay.daemon import stats_path
-    try:
-        with open(stats_path(names.node_dir(cluster, node))) as f:
-            return json.load(f)
-    except (FileNotFoundError, ValueError):
-        return None
+    from netemu.overlay.daemon import read_stats
+    return read_stats(names.node_dir(cluster, node))
 
 
 def cmd_get(args) -> int:

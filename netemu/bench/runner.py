@@ -132,14 +132,9 @@ class BenchCluster:
     # -- the side figures ------------------------------------------------------
 
     def daemon_stats(self) -> dict[str, dict]:
-        out = {}
-        for node in NODES:
-            try:
-                with open(os.path.join(names.node_dir(self.name, node), "overlay-stats.json")) as f:
-                    out[node] = json.load(f)
-            except (OSError, ValueError):
-                out[node] = {}
-        return out
+        from netemu.overlay.daemon import read_stats
+
+        return {node: read_stats(names.node_dir(self.name, node)) or {} for node in NODES}
 
     def snapshot(self) -> dict[str, float]:
         """Cumulative figures whose differences around a run we report."""

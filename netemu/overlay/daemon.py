@@ -34,6 +34,16 @@ def stats_path(node_dir: str) -> str:
     return os.path.join(node_dir, "overlay-stats.json")
 
 
+def read_stats(node_dir: str) -> dict | None:
+    """What the node's overlay daemon last published (see _publish_stats), or
+    None when there is nothing (yet) to read."""
+    try:
+        with open(stats_path(node_dir)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def underlay_mtu(dev: str) -> int:
     # Ask netlink, not /sys: sysfs shows the namespace it was mounted in (the
     # machine's), not the one this process entered.

@@ -14,6 +14,7 @@ import pytest
 
 from netemu import names, netns
 from netemu.overlay import udp
+from netemu.overlay.daemon import read_stats
 from tests.integration.clusters import running, write_topology
 
 pytestmark = [pytest.mark.root]
@@ -123,16 +124,12 @@ def udp_blast(cluster: str, src: str, dst: str, count: int, port: int = 9200) ->
 
 
 def rx_counters(cluster: str, node: str) -> dict:
-    import json
-    with open(os.path.join(names.node_dir(cluster, node), "overlay-stats.json")) as f:
-        return json.load(f)["counters"]
+    return read_stats(names.node_dir(cluster, node))["counters"]
 
 
 def fast_path_running(cluster: str, node: str) -> bool:
     """The node's udp workers run with offloads (not --plain)."""
-    import json
-    with open(os.path.join(names.node_dir(cluster, node), "overlay-stats.json")) as f:
-        stats = json.load(f)
+    stats = read_stats(names.node_dir(cluster, node))
     pid = stats["pid"]
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         kids = f.read().split()

@@ -15,6 +15,7 @@ from netemu import cluster as clusters, names, netns
 from netemu.capture.decode import decode_pcap
 from netemu.capture.tcpdump import capture
 from netemu.overlay import subnetenv
+from netemu.overlay.daemon import read_stats
 from netemu.store import registry
 
 from .clusters import cli, running, wait_for, write_topology
@@ -126,17 +127,13 @@ def test_daemon_killed_is_restarted_and_keeps_its_subnet(tmp_path):
         store = clusters.open_store(cluster)
         ips = pod_ips(store)
         env_before = subnetenv.read(names.node_dir(cluster, "n2"))
-        stats = os.path.join(names.node_dir(cluster, "n2"), "overlay-stats.json")
-        pid = json.load(open(stats))["pid"]
+        pid = read_stats(names.node_dir(cluster, "n2"))["pid"]
         t0 = time.monotonic()
         os.kill(pid, signal.SIGKILL)
 
         def back():
-            try:
-                data = json.load(open(stats))
-            except (OSError, ValueError):
-                return False
-            return data["pid"] != pid and data["pid"]
+            data = read_stats(names.node_dir(cluster, "n2"))
+            return data is not None and data["pid"] != pid and data["pid"]
         wait_for(back, timeout=20, what="overlay daemon restart")
         ok = wait_for(lambda: "pod b1" in pexec(cluster, "a1", "curl", "-s", "-m", "2", ips["b1"],
                                                 check=False).stdout, timeout=20, what="traffic to resume")
