@@ -149,7 +149,7 @@ def _add_service_port(st: IptablesFragment, nodeport_rules: list[str], sp: Servi
     local_eps = sp.local_endpoints(node_name)
     has_endpoints = bool(cluster_eps)
     ext_local = sp.external_policy_local
-    has_external_eps = has_endpoints and (not ext_local or bool(local_eps))
+    has_external_eps = sp.has_external_endpoints(node_name)
     svc_chain, svl_chain, ext_chain = sp.ipt_svc_chain, sp.ipt_svl_chain, sp.ipt_ext_chain
     ext_policy_chain = svl_chain if ext_local else svc_chain
     match = f"-m {proto} -p {proto}"

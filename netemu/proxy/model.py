@@ -134,6 +134,13 @@ class ServicePort:
     def local_endpoints(self, node_name: str) -> tuple[Endpoint, ...]:
         return tuple(ep for ep in self.ready_endpoints if ep.node_name == node_name)
 
+    def has_external_endpoints(self, node_name: str) -> bool:
+        """External traffic arriving at NODE_NAME has somewhere to go: any ready
+        endpoint (policy Cluster), or one on this node (policy Local)."""
+        if self.external_policy_local:
+            return bool(self.local_endpoints(node_name))
+        return bool(self.ready_endpoints)
+
     # -- iptables chain names ----------------------------------------------
     @property
     def ipt_svc_chain(self) -> str:

@@ -172,7 +172,7 @@ def _add_service_port(st: NftState, sp: ServicePort, node_name: str, cluster_cid
     local_eps = sp.local_endpoints(node_name)
     has_endpoints = bool(cluster_eps)
     ext_local = sp.external_policy_local
-    has_external_eps = has_endpoints and (not ext_local or bool(local_eps))
+    has_external_eps = sp.has_external_endpoints(node_name)
     svc_chain, local_chain, ext_chain = sp.nft_service_chain, sp.nft_local_chain, sp.nft_external_chain
     ext_policy_chain = local_chain if ext_local else svc_chain
     uses_ext_chain = has_endpoints and sp.externally_accessible
