@@ -13,7 +13,7 @@ with the daemon). Two modes:
   flannel0 is opened with IFF_VNET_HDR and TUNSETOFFLOAD(CSUM|TSO4): the kernel
   hands over TCP super-packets of up to 64 KB and takes them back;
   TUN -> UDP (worker "tx"): a super-packet is split into MSS-sized packets
-  (netemu.overlay.vnet.segment) and sent with one UDP GSO send (UDP_SEGMENT),
+  (netemu.overlay.vnet.segment; compiled, _vnetc, where it was built) and sent with one UDP GSO send (UDP_SEGMENT),
   which the kernel cuts into one datagram per packet;
   UDP -> TUN (worker "rx"): UDP GRO hands over many datagrams per receive;
   contiguous TCP segments of one flow are merged back into one super-packet
@@ -66,6 +66,7 @@ MAX_UDP_PAYLOAD = 65507
 MAX_GSO_SEGMENTS = 64                        # the kernel's UDP_MAX_SEGMENTS is at least 64
 READ_SIZE = 65536 + vnet.VNET_HDR_LEN
 RECV_SIZE = 1 << 17                          # a GRO receive holds up to 64 KB of datagrams
+SEGMENTS_SIZE = 1 << 17                      # a 64 KB super-packet cut at any usual MSS fits
 
 
 def open_offload_tun(name: str) -> int | None:
@@ -191,6 +192,12 @@ class Worker:
         self.hdr_len = vnet.VNET_HDR_LEN if vnet_hdr else 0
         self.plain_hdr = vnet.PLAIN_HDR if vnet_hdr else b""
         self.udp_merge = vnet_hdr and udp_gso_writes()
+        # The compiled helper writes into buffers reused for every packet (each
+        # send or write copies out of them before the next one).
+        self.compiled = vnet.COMPILED and vnet_hdr
+        self.segments = bytearray(SEGMENTS_SIZE)
+        self.merged_out = bytearray(2 * RECV_SIZE + vnet.VNET_HDR_LEN)     # see vnet.coalesced_room
+        self.merged_view = memoryview(self.merged_out)
         self.peers = Peers()
         self.held = bytearray()                       # small packets waiting for one send
         self.held_hop, self.held_size, self.held_count = "", 0, 0
@@ -267,7 +274,7 @@ class Worker:
             gso_type &= ~vnet.GSO_ECN
             if gso_type == vnet.GSO_TCPV4:
                 self.flush_held()
-                self.send(*vnet.segment(packet, gso_size), next_hop)
+                self.send(*self.segment(packet, gso_size), next_hop)
             elif gso_type != vnet.GSO_NONE:
                 self.count("drop_malformed")     # not offered by us: cannot happen
             else:
@@ -277,6 +284,15 @@ class Worker:
                     self.hold(packet, next_hop)
                 else:
                     self.send(packet, len(packet), 1, next_hop)
+
+    def segment(self, packet, mss: int) -> tuple:
+        if self.compiled:
+            try:
+                n, size, count = vnet._vnetc.segment_into(packet, mss, self.segments)
+                return memoryview(self.segments)[:n], size, count
+            except ValueError:           # does not fit our buffer (a tiny MSS): a new one
+                pass
+        return vnet.segment(packet, mss)
 
     def hold(self, packet, next_hop: str) -> None:
         """Add a small packet to the held batch (see tx_loop), sending first what
@@ -339,20 +355,37 @@ class Worker:
                 self.count("drop_unknown_source", -(-n // size) if size else 1)
                 continue
             if size < n:
-                inner_udp = buffer[9] == vnet.IPPROTO_UDP and self.udp_merge
-                merged = vnet.coalesce_udp(view[:n], size) if inner_udp else vnet.coalesce(view[:n], size)
-                for item in merged.sequence:
-                    if isinstance(item, list):
-                        if self.write_tun(item):
-                            self.count("rx_coalesced", 1)
-                        elif inner_udp:
-                            self.udp_merge = False  # refused after all: per datagram from now on
-                    else:
-                        self.deliver(item)
-                self.count("rx_packets", merged.merged)
-                self.count("rx_bytes", n - sum(len(s) for s in merged.singles))
+                self.receive_batch(view[:n], size)
             else:
                 self.deliver(view[:n])
+
+    def receive_batch(self, batch, size: int) -> None:
+        """A GRO receive: many datagrams of SIZE bytes (the last may be shorter).
+        Runs of one inner flow go into flannel0 merged (TCP or UDP GSO
+        super-packets), the rest one by one; in arrival order."""
+        inner_udp = batch[9] == vnet.IPPROTO_UDP and self.udp_merge
+        if self.compiled:
+            merge = vnet._vnetc.coalesce_udp_into if inner_udp else vnet._vnetc.coalesce_into
+            items = merge(batch, size, self.merged_out)
+            sequence = [(self.merged_view[start:end], True) if merged else (batch[start:end], False)
+                        for merged, start, end in items]
+            merged = sum(item[0] for item in items)
+        else:
+            result = vnet.coalesce_udp(batch, size) if inner_udp else vnet.coalesce(batch, size)
+            sequence = [(item, isinstance(item, list)) for item in result.sequence]
+            merged = result.merged
+        single_bytes = 0
+        for data, is_merged in sequence:
+            if is_merged:
+                if self.write_tun(data):
+                    self.count("rx_coalesced", 1)
+                elif inner_udp:
+                    self.udp_merge = False      # refused after all: per datagram from now on
+            else:
+                single_bytes += len(data)
+                self.deliver(data)
+        self.count("rx_packets", merged)
+        self.count("rx_bytes", len(batch) - single_bytes)
 
     def deliver(self, datagram) -> None:
         """The per-packet way in: validate, TTL, write with an empty vnet header."""

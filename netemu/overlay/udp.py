@@ -31,7 +31,7 @@ import sys
 
 import trio
 
-from netemu.overlay import fastudp
+from netemu.overlay import fastudp, vnet
 from netemu.overlay.backend import Backend, IPv4Network, Lease, LocalConfig, register
 from netemu.overlay.packet import RouteTable
 from netemu.overlay.tun import open_tun
@@ -119,6 +119,7 @@ class UdpBackend(Backend):
         if not self.fast:
             return "per-packet workers (plain TUN)"
         used = ["TUN TSO4+CSUM"] + [f"UDP {f.upper()}" for f in ("gso", "gro") if self.features.get(f)]
+        used.append("compiled segmentation" if vnet.COMPILED else "numpy segmentation")
         return "offload workers (" + ", ".join(used) + ")"
 
     def add_peer(self, lease: Lease) -> None:

@@ -17,12 +17,18 @@ underlay. So the fast path does, in userspace, what a NIC does in hardware:
 - `finish_checksum`: small packets (ACKs) come from the TUN with only the
   pseudo-header sum in their checksum field (NEEDS_CSUM): finish it.
 
-Checksums of many segments are computed at once with numpy: the sum of the
-little-endian 16-bit words of a row (a 32-bit accumulator is enough for 64 KB),
-times 256, is congruent mod 0xFFFF to the big-endian one's-complement sum
-(2^16 ≡ 1 mod 0xFFFF). numpy's cost here is per operation far more than per
-byte, so both directions use few operations over all segments at once.
-Everything here works on bytes; nothing touches a socket or a device.
+Each of the three exists twice: compiled (netemu/overlay/_vnetc.c, built at
+install when a C compiler is there) and in numpy/Python (`*_numpy`, `*_each`),
+with the same results byte for byte; `segment`, `coalesce` and `coalesce_udp`
+use the compiled one when it was built (COMPILED). The worker calls the
+compiled `*_into` functions directly with buffers it reuses. In numpy,
+checksums of many segments are computed at once: the sum of the little-endian
+16-bit words of a row (a 32-bit accumulator is enough for 64 KB), times 256, is
+congruent mod 0xFFFF to the big-endian one's-complement sum (2^16 ≡ 1 mod
+0xFFFF). numpy's cost here is per operation far more than per byte (~80-100 µs
+per 64 KB super-packet, few operations over all segments at once); compiled,
+it is one pass over the bytes. Everything here works on bytes; nothing
+touches a socket or a device.
 """
 
 from __future__ import annotations
@@ -31,6 +37,13 @@ import dataclasses
 import struct
 
 import numpy as np
+
+try:
+    from netemu.overlay import _vnetc
+except ImportError:                   # installed without a C compiler: numpy only
+    _vnetc = None
+
+COMPILED = _vnetc is not None
 
 VNET_HDR = struct.Struct("<BBHHHH")   # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 VNET_HDR_LEN = VNET_HDR.size          # 10
@@ -96,7 +109,23 @@ def finish_checksum(packet: bytearray, csum_start: int, csum_offset: int) -> Non
     packet[where + 1] = csum & 0xFF
 
 
+def segmented_length(packet, mss: int) -> int:
+    """An upper bound of segment's output size for PACKET (a TCP/IPv4 super-packet)."""
+    ihl = (packet[0] & 0x0F) * 4
+    hdr = ihl + (packet[ihl + 12] >> 4) * 4
+    return max(1, -(-(len(packet) - hdr) // mss)) * (hdr + mss)
+
+
 def segment(packet, mss: int) -> tuple[memoryview, int, int]:
+    """Split a TCP/IPv4 super-packet into MSS-sized packets (see segment_numpy)."""
+    if _vnetc is None:
+        return segment_numpy(packet, mss)
+    out = bytearray(segmented_length(packet, mss))
+    n, size, count = _vnetc.segment_into(packet, mss, out)
+    return memoryview(out)[:n], size, count
+
+
+def segment_numpy(packet, mss: int) -> tuple[memoryview, int, int]:
     """Split a TCP/IPv4 super-packet into MSS-sized packets.
 
     Returns (buffer, size, count): COUNT complete IPv4 packets back to back, all
@@ -201,7 +230,32 @@ def _singles(buffer, size: int) -> Coalesced:
     return result
 
 
+def _from_items(items: list, buffer, out: bytearray) -> Coalesced:
+    """A Coalesced from the compiled functions' items (see _vnetc.coalesce_into)."""
+    result = Coalesced([], 0, [])
+    for merged, start, end in items:
+        if merged:
+            result.add_super([bytes(out[start:end])], merged)
+        else:
+            result.add_single(bytes(buffer[start:end]))
+    return result
+
+
+def coalesced_room(buffer) -> int:
+    """Enough room for the compiled coalescing of BUFFER: every super-packet is
+    at most its datagrams plus one vnet header, and holds at least two of 29+ bytes."""
+    return 2 * len(buffer) + VNET_HDR_LEN
+
+
 def coalesce(buffer, size: int) -> Coalesced:
+    """See coalesce_numpy."""
+    if _vnetc is None:
+        return coalesce_numpy(buffer, size)
+    out = bytearray(coalesced_room(buffer))
+    return _from_items(_vnetc.coalesce_into(buffer, size, out), buffer, out)
+
+
+def coalesce_numpy(buffer, size: int) -> Coalesced:
     """Merge the datagrams of a UDP GRO receive (each SIZE bytes but the last)
     into TCP super-packets where they are contiguous segments of one flow.
 
@@ -249,13 +303,12 @@ def coalesce(buffer, size: int) -> Coalesced:
     be16 = heads.view(">u2")
     flags = heads[:, 33]
     # A valid IP header sums to 0 (mod 0xFFFF, in either byte order); then the
-    # datagram's sum is its TCP part's, and with the pseudo-header (addresses of
-    # the first datagram: one of another flow is not "same" anyway) a valid TCP
+    # datagram's sum is its TCP part's, and with its pseudo-header a valid TCP
     # segment sums to 0 too. Little-endian sums x 256 are the big-endian ones.
     le = sums.astype(np.int64) * 256
     if full < count:
         le[-1] = int(sums[-1])
-    pseudo = ones_sum(bytes(buffer[12:20])) + IPPROTO_TCP - 20
+    pseudo = be16[:, 6:10].sum(axis=1, dtype=np.uint32).astype(np.int64) + IPPROTO_TCP - 20
     valid = ((be16[:, 1] == lengths) & (lengths > hdr)      # data: pure ACKs are never merged
              & (heads.view("<u2")[:, :10].sum(axis=1, dtype=np.uint32) % _M == 0)
              & ((le + pseudo + lengths) % _M == 0)
@@ -332,6 +385,14 @@ def _valid_udp(d) -> bool:
 
 
 def coalesce_udp(buffer, size: int) -> Coalesced:
+    """See _coalesce_udp_each (whose rules and order the compiled one follows)."""
+    if _vnetc is None:
+        return coalesce_udp_numpy(buffer, size)
+    out = bytearray(coalesced_room(buffer))
+    return _from_items(_vnetc.coalesce_udp_into(buffer, size, out), buffer, out)
+
+
+def coalesce_udp_numpy(buffer, size: int) -> Coalesced:
     """See _coalesce_udp_each; the common case (every full datagram valid) is
     checked with a few numpy operations over all datagrams at once."""
     result = _coalesce_udp_all(buffer, size)
