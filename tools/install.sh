@@ -2,7 +2,9 @@
 # Install what netemu needs on a Debian machine (run as root):
 #   - Debian packages: iproute2, nftables (+ libnftables1), iptables, tcpdump,
 #     iperf3, iputils-ping, curl, busybox (the web-server stand-in), conntrack,
-#     strace (a test compares our nf_tables netlink batches with what nft sends);
+#     strace (a test compares our nf_tables netlink batches with what nft sends),
+#     gcc, libc6-dev and python3-dev (pip builds the udp fast path's C helper; without them
+#     the package installs anyway and the fast path uses numpy, slower);
 #   - the Python package and its dependencies into a virtual environment at
 #     ./.venv (next to this repository's setup.cfg), with `netemu` linked into
 #     /usr/local/bin so that `sudo netemu ...` finds it.
@@ -10,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then echo "tools/install.sh: run as root (sudo)" >&2; exit 1; fi
 
-packages="iproute2 nftables libnftables1 iptables tcpdump iperf3 iputils-ping curl busybox conntrack strace python3-venv"
+packages="iproute2 nftables libnftables1 iptables tcpdump iperf3 iputils-ping curl busybox conntrack strace python3-venv python3-dev gcc libc6-dev"
 missing=""
 for p in $packages; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -445,7 +445,49 @@ fail:
     return NULL;
 }
 
+/* ---- one small packet ------------------------------------------------------ */
+
+PyDoc_STRVAR(forward_doc,
+"forward(packet, flags, csum_start, csum_offset) -> bool\n\n"
+"packet.decrement_ttl, then (FLAGS has NEEDS_CSUM) vnet.finish_checksum, in\n"
+"place on PACKET (writable), with the same bytes as a result. False, packet\n"
+"untouched, if the TTL would reach 0.");
+
+static PyObject *forward(PyObject *self, PyObject *args)
+{
+    Py_buffer pb;
+    int flags;
+    Py_ssize_t csum_start, csum_offset;
+    if (!PyArg_ParseTuple(args, "w*inn", &pb, &flags, &csum_start, &csum_offset))
+        return NULL;
+    uint8_t *p = pb.buf;
+    Py_ssize_t n = pb.len;
+    PyObject *result = Py_False;
+    if (n < 20 || p[8] <= 1)
+        goto done;
+    /* RFC 1624 eqn. 3 over the TTL/protocol word, as packet.decrement_ttl */
+    uint32_t old_word = ((uint32_t)p[8] << 8) | p[9], new_word = old_word - 0x100;
+    uint32_t total = (~get16(p + 10) & M) + (~old_word & M) + new_word;
+    total = (total & M) + (total >> 16);
+    total = (total & M) + (total >> 16);
+    p[8] -= 1;
+    put16(p + 10, ~total & M);
+    Py_ssize_t where = csum_start + csum_offset;
+    if ((flags & VNET_F_NEEDS_CSUM) && csum_start >= 0 && csum_offset >= 0 && where + 2 <= n) {
+        uint32_t csum = negate(ones_sum(p + csum_start, n - csum_start));
+        if (csum == 0 && p[9] == IPPROTO_UDP_)
+            csum = M;                       /* UDP: 0 would mean "no checksum" */
+        put16(p + where, csum);
+    }
+    result = Py_True;
+done:
+    PyBuffer_Release(&pb);
+    Py_INCREF(result);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"forward", forward, METH_VARARGS, forward_doc},
     {"segment_into", segment_into, METH_VARARGS, segment_into_doc},
     {"coalesce_into", coalesce_into, METH_VARARGS, coalesce_into_doc},
     {"coalesce_udp_into", coalesce_udp_into, METH_VARARGS, coalesce_udp_into_doc},

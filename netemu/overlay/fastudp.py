@@ -170,17 +170,34 @@ def read_counters(fd: int) -> dict[str, int]:
 
 
 class Peers:
-    """The worker's view of the peer table, replaced whole by the control thread."""
+    """The worker's view of the peer table, replaced whole by the control thread.
+
+    Next hops found are remembered per destination address (most traffic goes to
+    few pods); the memory belongs to one table and is replaced with it, so a
+    look-up racing a replacement can only fill the old one."""
+
+    CACHE_LIMIT = 4096
 
     def __init__(self) -> None:
-        self.routes = RouteTable()
+        self.table: tuple[RouteTable, dict[int, str | None]] = (RouteTable(), {})
         self.sources: frozenset[str] = frozenset()
 
     def replace(self, peers: dict[str, str]) -> None:
         routes = RouteTable()
         for subnet, address in peers.items():
             routes.set(ipaddress.IPv4Network(subnet), address)
-        self.routes, self.sources = routes, frozenset(peers.values())
+        self.table, self.sources = (routes, {}), frozenset(peers.values())
+
+    def next_hop(self, destination: int) -> str | None:
+        routes, cache = self.table
+        try:
+            return cache[destination]
+        except KeyError:
+            pass
+        if len(cache) >= self.CACHE_LIMIT:
+            cache.clear()
+        hop = cache[destination] = routes.lookup(destination)
+        return hop
 
 
 class Worker:
@@ -253,12 +270,12 @@ class Worker:
             if self.hdr_len:
                 flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = vnet.VNET_HDR.unpack_from(buffer)
             else:
-                flags = gso_type = 0
+                flags = gso_type = gso_size = csum_start = csum_offset = 0
             packet = view[self.hdr_len:n]
             if not looks_like_ipv4(packet):
                 self.count("drop_not_ipv4")
                 continue
-            next_hop = self.peers.routes.lookup(ipv4_destination(packet))
+            next_hop = self.peers.next_hop(ipv4_destination(packet))
             if next_hop is None:
                 self.count("drop_no_route")
                 reply = net_unreachable(bytes(packet), self.tun_address)
@@ -268,22 +285,22 @@ class Worker:
                     if not self.write_tun(self.plain_hdr + reply):
                         self.count("icmp_unreachable_sent", -1)
                 continue
-            if not decrement_ttl(packet):
-                self.count("drop_ttl")
-                continue
             gso_type &= ~vnet.GSO_ECN
-            if gso_type == vnet.GSO_TCPV4:
-                self.flush_held()
-                self.send(*self.segment(packet, gso_size), next_hop)
-            elif gso_type != vnet.GSO_NONE:
-                self.count("drop_malformed")     # not offered by us: cannot happen
-            else:
-                if flags & vnet.VNET_F_NEEDS_CSUM:
-                    vnet.finish_checksum(packet, csum_start, csum_offset)
-                if batching:
+            if gso_type == vnet.GSO_NONE:
+                # TTL, and the checksum the kernel left to us (NEEDS_CSUM)
+                if not vnet.forward(packet, flags, csum_start, csum_offset):
+                    self.count("drop_ttl")
+                elif batching:
                     self.hold(packet, next_hop)
                 else:
                     self.send(packet, len(packet), 1, next_hop)
+            elif gso_type != vnet.GSO_TCPV4:
+                self.count("drop_malformed")     # not offered by us: cannot happen
+            elif not decrement_ttl(packet):
+                self.count("drop_ttl")
+            else:
+                self.flush_held()
+                self.send(*self.segment(packet, gso_size), next_hop)
 
     def segment(self, packet, mss: int) -> tuple:
         if self.compiled:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import mmap
 import os
 
@@ -48,3 +49,20 @@ def test_counters_are_summed_over_both_directions():
 ])
 def test_udp_gso_writes_into_the_tun_need_linux_6_2(release, expected):
     assert fastudp.udp_gso_writes(release) is expected
+
+
+def test_a_workers_next_hops_follow_the_peer_table():
+    peers = fastudp.Peers()
+    pod = int(ipaddress.IPv4Address("10.244.2.5"))
+    assert peers.next_hop(pod) is None
+    peers.replace({"10.244.2.0/24": "172.30.0.12", "10.244.3.0/24": "172.30.0.13"})
+    assert peers.next_hop(pod) == "172.30.0.12"
+    assert peers.next_hop(pod) == "172.30.0.12"            # remembered
+    peers.replace({"10.244.2.0/24": "172.30.0.14"})         # the subnet moved: nothing stale
+    assert peers.next_hop(pod) == "172.30.0.14"
+    peers.replace({})
+    assert peers.next_hop(pod) is None
+    base = int(ipaddress.IPv4Address("10.0.0.0"))
+    for i in range(fastudp.Peers.CACHE_LIMIT + 100):         # a scan of many addresses: bounded
+        peers.next_hop(base + i)
+    assert len(peers.table[1]) <= fastudp.Peers.CACHE_LIMIT

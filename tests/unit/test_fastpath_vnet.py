@@ -11,7 +11,7 @@ import shutil
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 
-from netemu.overlay import vnet
+from netemu.overlay import vnet, vnet_numpy
 from netemu.overlay.packet import internet_checksum, ipv4_problem
 
 
@@ -126,6 +126,36 @@ def test_finish_checksum_of_a_partial_ack():
     pkt[ihl + 16:ihl + 18] = vnet.pseudo_sum(pkt, len(pkt) - ihl).to_bytes(2, "big")
     vnet.finish_checksum(pkt, ihl, 16)
     assert IP(bytes(pkt))[TCP].chksum == ip[TCP].chksum
+
+
+def test_forward_decrements_ttl_and_finishes_the_checksum():
+    for payload, proto in ((b"", "tcp"), (b"q" * 37, "tcp"), (b"hello", "udp")):
+        packet = bytearray(bytes(IP(src="10.244.1.2", dst="10.244.2.2", ttl=9) /
+                                 (TCP(flags="A") if proto == "tcp" else UDP(sport=5, dport=6)) / payload))
+        want = IP(bytes(packet))
+        offset = 16 if proto == "tcp" else 6
+        where = 20 + offset
+        packet[where:where + 2] = vnet.pseudo_sum(packet, len(packet) - 20).to_bytes(2, "big")
+        assert vnet.forward(packet, vnet.VNET_F_NEEDS_CSUM, 20, offset)
+        got = IP(bytes(packet))
+        assert got.ttl == 8 and ipv4_problem(bytes(packet)) is None
+        layer = TCP if proto == "tcp" else UDP
+        assert got[layer].chksum == want[layer].chksum
+    # Without NEEDS_CSUM the rest is left alone; at TTL 1 nothing changes.
+    packet = bytearray(bytes(IP(src="10.244.1.2", dst="10.244.2.2", ttl=2) / UDP(chksum=0x1234) / b"x"))
+    assert vnet.forward(packet, 0, 20, 6) and packet[26:28] == b"\x12\x34" and packet[8] == 1
+    before = bytes(packet)
+    assert not vnet.forward(packet, vnet.VNET_F_NEEDS_CSUM, 20, 6) and bytes(packet) == before
+
+
+def test_forward_writes_a_zero_udp_checksum_as_ffff():
+    # A 2-byte payload chosen so that the UDP checksum comes out 0: UDP must send 0xFFFF.
+    packet = bytearray(bytes(IP(src="10.244.1.2", dst="10.244.2.2") / UDP(sport=5, dport=6) / b"\0\0"))
+    packet[26:28] = vnet.pseudo_sum(packet, len(packet) - 20).to_bytes(2, "big")
+    packet[28:30] = (-vnet.ones_sum(memoryview(packet)[20:]) % 0xFFFF).to_bytes(2, "big")
+    assert vnet.ones_sum(memoryview(packet)[20:]) == 0
+    assert vnet.forward(packet, vnet.VNET_F_NEEDS_CSUM, 20, 6)
+    assert packet[26:28] == b"\xff\xff"
 
 
 @pytest.mark.parametrize("mss", [1420, 1418, 1419])
@@ -273,7 +303,7 @@ def test_compiled_and_numpy_agree_byte_for_byte(implementation):
         payload = rng.randbytes(rng.randrange(1, 30_000))
         packet = super_packet(payload, flags=rng.choice(["A", "PA", "FPA", "CA"]), seq=rng.getrandbits(32),
                               ident=rng.getrandbits(16))
-        compiled, numpy_way = vnet.segment(packet, mss), vnet.segment_numpy(packet, mss)
+        compiled, numpy_way = vnet.segment(packet, mss), vnet_numpy.segment(packet, mss)
         assert (bytes(compiled[0]), compiled[1:]) == (bytes(numpy_way[0]), numpy_way[1:])
         # What GRO may hand over: segments of two flows, with damage here and there.
         buffer = bytearray(compiled[0])
@@ -282,7 +312,7 @@ def test_compiled_and_numpy_agree_byte_for_byte(implementation):
             buffer[rng.randrange(len(buffer))] ^= 0x40
         if rng.random() < 0.3 and len(buffer) > size:
             buffer[8] = 1                                            # TTL about to expire
-        assert _normalised(vnet.coalesce(buffer, size)) == _normalised(vnet.coalesce_numpy(buffer, size))
+        assert _normalised(vnet.coalesce(buffer, size)) == _normalised(vnet_numpy.coalesce(buffer, size))
     for _ in range(60):
         flows = [rng.randrange(40000, 40004) for _ in range(rng.randrange(2, 40))]
         ids = {}
