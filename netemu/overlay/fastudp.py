@@ -13,8 +13,9 @@ with the daemon). Two modes:
   flannel0 is opened with IFF_VNET_HDR and TUNSETOFFLOAD(CSUM|TSO4): the kernel
   hands over TCP super-packets of up to 64 KB and takes them back;
   TUN -> UDP (worker "tx"): a super-packet is split into MSS-sized packets
-  (netemu.overlay.vnet.segment; compiled, _vnetc, where it was built) and sent with one UDP GSO send (UDP_SEGMENT),
-  which the kernel cuts into one datagram per packet;
+  (netemu.overlay.vnet.segment: compiled, _vnetc.c, where it was built) and
+  sent with one UDP GSO send (UDP_SEGMENT), which the kernel cuts into one
+  datagram per packet;
   UDP -> TUN (worker "rx"): UDP GRO hands over many datagrams per receive;
   contiguous TCP segments of one flow are merged back into one super-packet
   (vnet.coalesce) and written with one TUN write; big socket buffers.
@@ -305,7 +306,7 @@ class Worker:
     def segment(self, packet, mss: int) -> tuple:
         if self.compiled:
             try:
-                n, size, count = vnet._vnetc.segment_into(packet, mss, self.segments)
+                n, size, count = vnet.native.segment_into(packet, mss, self.segments)
                 return memoryview(self.segments)[:n], size, count
             except ValueError:           # does not fit our buffer (a tiny MSS): a new one
                 pass
@@ -382,7 +383,7 @@ class Worker:
         super-packets), the rest one by one; in arrival order."""
         inner_udp = batch[9] == vnet.IPPROTO_UDP and self.udp_merge
         if self.compiled:
-            merge = vnet._vnetc.coalesce_udp_into if inner_udp else vnet._vnetc.coalesce_into
+            merge = vnet.native.coalesce_udp_into if inner_udp else vnet.native.coalesce_into
             items = merge(batch, size, self.merged_out)
             sequence = [(self.merged_view[start:end], True) if merged else (batch[start:end], False)
                         for merged, start, end in items]

@@ -18,12 +18,12 @@ underlay. So the fast path does, in userspace, what a NIC does in hardware:
   pseudo-header sum in their checksum field (NEEDS_CSUM): finish it.
 
 Each of the three exists twice, with the same results byte for byte: compiled
-(netemu/overlay/_vnetc.c, built at install when a C compiler is there: one pass
+(netemu/overlay/native.c, built at install when a C compiler is there: one pass
 over the bytes, ~8 µs per 64 KB super-packet here) and in numpy
 (netemu/overlay/vnet_numpy.py, ~100-150 µs: numpy's cost is per operation, not
 per byte), plus the per-datagram Python rules of UDP coalescing that both
 follow (`_coalesce_udp_each`). `segment`, `coalesce` and `coalesce_udp` use the
-compiled one when it was built (COMPILED); the worker calls its `*_into`
+compiled one when it was built (`native`, COMPILED); the worker calls its `*_into`
 functions directly, with buffers it reuses. Everything here works on bytes;
 nothing touches a socket or a device.
 """
@@ -36,11 +36,11 @@ import struct
 from netemu.overlay.packet import decrement_ttl
 
 try:
-    from netemu.overlay import _vnetc
+    from netemu.overlay import _vnetc as native     # the compiled helper
 except ImportError:                   # installed without a C compiler: numpy only
-    _vnetc = None
+    native = None
 
-COMPILED = _vnetc is not None
+COMPILED = native is not None
 
 VNET_HDR = struct.Struct("<BBHHHH")   # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 VNET_HDR_LEN = VNET_HDR.size          # 10
@@ -116,8 +116,8 @@ def forward(packet, flags: int, csum_start: int, csum_offset: int) -> bool:
     """A small packet read from the TUN, made ready for the wire in place: TTL
     decremented (False, packet untouched, if it would reach 0), and the checksum
     finished if the kernel left it to us (FLAGS has NEEDS_CSUM)."""
-    if _vnetc is not None:
-        return _vnetc.forward(packet, flags, csum_start, csum_offset)
+    if native is not None:
+        return native.forward(packet, flags, csum_start, csum_offset)
     if not decrement_ttl(packet):
         return False
     if flags & VNET_F_NEEDS_CSUM:
@@ -127,11 +127,11 @@ def forward(packet, flags: int, csum_start: int, csum_offset: int) -> bool:
 
 def segment(packet, mss: int) -> tuple[memoryview, int, int]:
     """Split a TCP/IPv4 super-packet into MSS-sized packets (see vnet_numpy.segment)."""
-    if _vnetc is None:
+    if native is None:
         from netemu.overlay import vnet_numpy
         return vnet_numpy.segment(packet, mss)
     out = bytearray(segmented_length(packet, mss))
-    n, size, count = _vnetc.segment_into(packet, mss, out)
+    n, size, count = native.segment_into(packet, mss, out)
     return memoryview(out)[:n], size, count
 
 
@@ -167,7 +167,7 @@ def _singles(buffer, size: int) -> Coalesced:
 
 
 def _from_items(items: list, buffer, out: bytearray) -> Coalesced:
-    """A Coalesced from the compiled functions' items (see _vnetc.coalesce_into)."""
+    """A Coalesced from the compiled functions' items (see native.coalesce_into)."""
     result = Coalesced([], 0, [])
     for merged, start, end in items:
         if merged:
@@ -185,11 +185,11 @@ def coalesced_room(buffer) -> int:
 
 def coalesce(buffer, size: int) -> Coalesced:
     """See vnet_numpy.coalesce."""
-    if _vnetc is None:
+    if native is None:
         from netemu.overlay import vnet_numpy
         return vnet_numpy.coalesce(buffer, size)
     out = bytearray(coalesced_room(buffer))
-    return _from_items(_vnetc.coalesce_into(buffer, size, out), buffer, out)
+    return _from_items(native.coalesce_into(buffer, size, out), buffer, out)
 
 
 class _UdpRun:
@@ -226,11 +226,11 @@ def _valid_udp(d) -> bool:
 
 def coalesce_udp(buffer, size: int) -> Coalesced:
     """See _coalesce_udp_each (whose rules and order the compiled one follows)."""
-    if _vnetc is None:
+    if native is None:
         from netemu.overlay import vnet_numpy
         return vnet_numpy.coalesce_udp(buffer, size)
     out = bytearray(coalesced_room(buffer))
-    return _from_items(_vnetc.coalesce_udp_into(buffer, size, out), buffer, out)
+    return _from_items(native.coalesce_udp_into(buffer, size, out), buffer, out)
 
 
 def _coalesce_udp_each(buffer, size: int) -> Coalesced:

@@ -18,7 +18,7 @@ from netemu.overlay.packet import internet_checksum, ipv4_problem
 @pytest.fixture(autouse=True, params=["compiled", "numpy"])
 def implementation(request, monkeypatch):
     if request.param == "numpy":
-        monkeypatch.setattr(vnet, "_vnetc", None)
+        monkeypatch.setattr(vnet, "native", None)
     elif not vnet.COMPILED:
         pytest.skip("netemu.overlay._vnetc was not built (no C compiler at install)")
     return request.param
@@ -225,7 +225,7 @@ def test_coalesce_udp_gives_back_the_same_datagrams_through_the_kernels_gso(coal
     out = delivered(result)
     assert [d for d in out if UDP in IP(d) and IP(d)[UDP].sport == 40000] == [forwarded(d) for d in a + [short]]
     assert [d for d in out if IP(d)[UDP].sport == 40001] == [forwarded(d) for d in b]
-    if coalesce is vnet._coalesce_udp_each or vnet._vnetc is not None:
+    if coalesce is vnet._coalesce_udp_each or vnet.native is not None:
         assert result.merged == 9           # the careful way takes the shorter last one in too
 
 
