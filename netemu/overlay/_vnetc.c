@@ -264,10 +264,10 @@ static PyObject *coalesce_into(PyObject *self, PyObject *args)
         while (end < count && joins[end])
             end++;
         const uint8_t *h = b + start * size;
-        if (end - start >= 2 && h[0] == 0x45 && (h[6] & 0x3F) == 0 && h[7] == 0 && h[8] > 1
+        Py_ssize_t merged_len = hdr + (end - start - 1) * (size - hdr) + LEN(end - 1) - hdr;
+        if (end - start >= 2 && merged_len <= 0xFFFF && h[0] == 0x45 && (h[6] & 0x3F) == 0 && h[7] == 0 && h[8] > 1
                 && h[9] == IPPROTO_TCP_) {
-            Py_ssize_t last_len = LEN(end - 1);
-            Py_ssize_t total = hdr + (end - start - 1) * (size - hdr) + last_len - hdr;
+            Py_ssize_t total = merged_len;
             Py_ssize_t at = it.used;
             uint8_t *o = reserve(&it, VNET_HDR_LEN + total);
             if (o == NULL)
@@ -409,6 +409,12 @@ static PyObject *coalesce_udp_into(PyObject *self, PyObject *args)
         Py_ssize_t total = 28;
         for (Py_ssize_t i = run->first; i >= 0; i = next[i])
             total += LEN(i) - 28;
+        if (total > 0xFFFF) {                  /* cannot be one IPv4 packet: one by one */
+            for (Py_ssize_t i = run->first; i >= 0; i = next[i])
+                if (add_item(&it, 0, i * size, i * size + LEN(i)) < 0)
+                    goto fail;
+            continue;
+        }
         Py_ssize_t at = it.used;
         uint8_t *o = reserve(&it, VNET_HDR_LEN + total);
         if (o == NULL)

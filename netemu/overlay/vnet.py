@@ -52,6 +52,7 @@ GSO_UDP_L4 = 5                        # UDP segmentation (USO): gso_size is the 
 GSO_ECN = 0x80
 PLAIN_HDR = bytes(VNET_HDR_LEN)       # "nothing to do": a complete packet
 
+MAX_IP_LEN = 0xFFFF                   # a merged super-packet is one IPv4 packet
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 TCP_CSUM_OFFSET = 16
@@ -267,8 +268,9 @@ def _coalesce_udp_each(buffer, size: int) -> Coalesced:
     for item in order:
         if isinstance(item, memoryview):
             result.add_single(bytes(item))
-        elif len(item.members) == 1:
-            result.add_single(bytes(item.members[0]))
+        elif len(item.members) == 1 or 28 + sum(len(m) - 28 for m in item.members) > MAX_IP_LEN:
+            for member in item.members:              # (too long for one IPv4 packet: one by one)
+                result.add_single(bytes(member))
         else:
             result.add_super(_merge_udp(item.members, item.size), len(item.members))
     return result

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from netemu.overlay.vnet import (GSO_TCPV4, IPPROTO_TCP, IPPROTO_UDP, TCP_ACK, TCP_CSUM_OFFSET, TCP_CWR,
-                                 TCP_FIN, TCP_PSH, VNET_F_NEEDS_CSUM, VNET_HDR, Coalesced, _coalesce_udp_each,
-                                 _merge_udp, _singles, ones_sum, pseudo_sum)
+from netemu.overlay.vnet import (GSO_TCPV4, IPPROTO_TCP, IPPROTO_UDP, MAX_IP_LEN, TCP_ACK, TCP_CSUM_OFFSET,
+                                 TCP_CWR, TCP_FIN, TCP_PSH, VNET_F_NEEDS_CSUM, VNET_HDR, Coalesced,
+                                 _coalesce_udp_each, _merge_udp, _singles, ones_sum, pseudo_sum)
 
 _M = 0xFFFF
 _ARANGE = np.arange(1 << 16, dtype=np.int64)    # segment numbers (a super-packet has < 64 K of them)
@@ -147,8 +147,9 @@ def coalesce(buffer, size: int) -> Coalesced:
     starts = np.flatnonzero(~joins).tolist() + [count]
     for start, end in zip(starts, starts[1:]):
         h = heads[start]
+        merged_len = (end - start - 1) * (size - hdr) + int(lengths[end - 1])
         # A run shares these bytes with its first datagram ("same"): check them once.
-        if (end - start >= 2 and h[0] == 0x45 and h[6] & 0x3F == 0 and h[7] == 0 and h[8] > 1
+        if (end - start >= 2 and merged_len <= MAX_IP_LEN and h[0] == 0x45 and h[6] & 0x3F == 0 and h[7] == 0 and h[8] > 1
                 and h[9] == IPPROTO_TCP):
             result.add_super(_merge(view, heads, int(lengths[end - 1]), start, end, hdr, size), end - start)
         else:
@@ -240,9 +241,9 @@ def _coalesce_udp_all(buffer, size: int) -> Coalesced | None:
         starts = np.flatnonzero(breaks).tolist() + [len(members)]
         order = members.tolist()
         for lo, hi in zip(starts, starts[1:]):
-            if hi - lo == 1:
-                at = order[lo] * size
-                result.add_single(bytes(view[at:at + size]))
+            if hi - lo == 1 or 28 + (hi - lo) * (size - 28) > MAX_IP_LEN:
+                for i in order[lo:hi]:
+                    result.add_single(bytes(view[i * size:i * size + size]))
                 continue
             result.add_super(_merge_udp([view[i * size:i * size + size] for i in order[lo:hi]], size),
                              hi - lo)

@@ -328,3 +328,16 @@ def test_compiled_and_numpy_agree_byte_for_byte(implementation):
         buffer = b"".join(datagrams)
         size = len(datagrams[0])
         assert _normalised(vnet.coalesce_udp(buffer, size)) == _normalised(vnet._coalesce_udp_each(buffer, size))
+
+
+def test_no_merged_packet_is_longer_than_ipv4_allows():
+    # A GRO receive holds at most 64 KB, but the merging does not rely on it:
+    # a run that would not fit one IPv4 packet goes one by one.
+    first, size, count = segment(super_packet(os.urandom(1420 * 40), flags="A"), 1420)
+    then, _, more = segment(super_packet(os.urandom(1420 * 10), flags="A", seq=1000 + 1420 * 40,
+                                         ident=7 + count), 1420)
+    result = vnet.coalesce(first + then, size)
+    assert result.merged == 0 and len(result.singles) == count + more
+    datagrams = [udp_datagram(os.urandom(1400), 100 + i) for i in range(50)]
+    result = vnet.coalesce_udp(b"".join(datagrams), len(datagrams[0]))
+    assert result.merged == 0 and result.singles == datagrams
