@@ -188,6 +188,10 @@ static int add_item(Items *it, Py_ssize_t merged, Py_ssize_t start, Py_ssize_t e
     return r;
 }
 
+/* In tcp_items and udp_items: the length of datagram I of the receive (COUNT
+ * datagrams in N bytes, each SIZE bytes but the last). */
+#define LEN(i) ((i) == count - 1 ? n - (i) * size : size)
+
 static uint8_t *reserve(Items *it, Py_ssize_t n)
 {
     if (it->used + n > it->out_len) {
@@ -205,39 +209,29 @@ PyDoc_STRVAR(coalesce_into_doc,
 "payloads) into OUT. Items in arrival order: merged == 0 is a single datagram,\n"
 "buffer[start:end]; merged >= 2 a super-packet of that many, out[start:end].");
 
-static PyObject *coalesce_into(PyObject *self, PyObject *args)
+/* The items of coalesce_into (see its doc) for the datagrams B[0:N] of SIZE
+ * bytes each but the last; 0, or -1 with an exception set. */
+static int tcp_items(Items *it, const uint8_t *b, Py_ssize_t n, Py_ssize_t size)
 {
-    Py_buffer in, outb;
-    Py_ssize_t size;
-    if (!PyArg_ParseTuple(args, "y*nw*", &in, &size, &outb))
-        return NULL;
-    const uint8_t *b = in.buf;
-    Py_ssize_t n = in.len;
-    Items it = {PyList_New(0), outb.buf, outb.len, 0};
     uint8_t *valid = NULL, *joins = NULL;
-    if (it.list == NULL)
-        goto fail;
-    if (size < 1) {
-        PyErr_SetString(PyExc_ValueError, "size must be positive");
-        goto fail;
-    }
+    int status = -1;
     Py_ssize_t count = (n + size - 1) / size;
     Py_ssize_t hdr = n >= 33 ? 20 + (b[32] >> 4) * 4 : 0;
     if (count < 2 || size < 40 || size % 2 || b[0] != 0x45 || b[9] != IPPROTO_TCP_ || hdr >= size) {
         for (Py_ssize_t i = 0; i < count; i++) {
             Py_ssize_t end = (i + 1) * size < n ? (i + 1) * size : n;
-            if (add_item(&it, 0, i * size, end) < 0)
-                goto fail;
+            if (add_item(it, 0, i * size, end) < 0)
+                goto out;
         }
-        goto done;
+        status = 0;
+        goto out;
     }
     valid = PyMem_Calloc(count, 1);
     joins = PyMem_Calloc(count, 1);
     if (valid == NULL || joins == NULL) {
         PyErr_NoMemory();
-        goto fail;
+        goto out;
     }
-#define LEN(i) ((i) == count - 1 ? n - (i) * size : size)
     for (Py_ssize_t i = 0; i < count; i++) {
         const uint8_t *d = b + i * size;
         Py_ssize_t len = LEN(i);
@@ -268,10 +262,10 @@ static PyObject *coalesce_into(PyObject *self, PyObject *args)
         if (end - start >= 2 && merged_len <= 0xFFFF && h[0] == 0x45 && (h[6] & 0x3F) == 0 && h[7] == 0 && h[8] > 1
                 && h[9] == IPPROTO_TCP_) {
             Py_ssize_t total = merged_len;
-            Py_ssize_t at = it.used;
-            uint8_t *o = reserve(&it, VNET_HDR_LEN + total);
+            Py_ssize_t at = it->used;
+            uint8_t *o = reserve(it, VNET_HDR_LEN + total);
             if (o == NULL)
-                goto fail;
+                goto out;
             put_vnet(o, GSO_TCPV4, (uint32_t)hdr, (uint32_t)(size - hdr), 16);
             uint8_t *head = o + VNET_HDR_LEN, *w = head + hdr;
             memcpy(head, h, hdr);
@@ -286,29 +280,20 @@ static PyObject *coalesce_into(PyObject *self, PyObject *args)
             ip_checksum(head, 20);
             /* TCP checksum field: the pseudo-header sum, for the kernel to finish */
             put16(head + 36, (ones_sum(head + 12, 8) + IPPROTO_TCP_ + (uint32_t)(total - 20)) % M);
-            if (add_item(&it, end - start, at, at + VNET_HDR_LEN + total) < 0)
-                goto fail;
+            if (add_item(it, end - start, at, at + VNET_HDR_LEN + total) < 0)
+                goto out;
         } else {
             for (Py_ssize_t i = start; i < end; i++)
-                if (add_item(&it, 0, i * size, i * size + LEN(i)) < 0)
-                    goto fail;
+                if (add_item(it, 0, i * size, i * size + LEN(i)) < 0)
+                    goto out;
         }
         start = end;
     }
-#undef LEN
-done:
+    status = 0;
+out:
     PyMem_Free(valid);
     PyMem_Free(joins);
-    PyBuffer_Release(&in);
-    PyBuffer_Release(&outb);
-    return it.list;
-fail:
-    PyMem_Free(valid);
-    PyMem_Free(joins);
-    Py_XDECREF(it.list);
-    PyBuffer_Release(&in);
-    PyBuffer_Release(&outb);
-    return NULL;
+    return status;
 }
 
 /* ---- coalesce_udp --------------------------------------------------------- */
@@ -334,32 +319,20 @@ PyDoc_STRVAR(coalesce_udp_into_doc,
 "vnet.coalesce_udp (the per-datagram way's rules and order) with UDP GSO\n"
 "super-packets written whole into OUT; items as coalesce_into's.");
 
-static PyObject *coalesce_udp_into(PyObject *self, PyObject *args)
+/* The items of coalesce_udp_into, as tcp_items. */
+static int udp_items(Items *it, const uint8_t *b, Py_ssize_t n, Py_ssize_t size)
 {
-    Py_buffer in, outb;
-    Py_ssize_t size;
-    if (!PyArg_ParseTuple(args, "y*nw*", &in, &size, &outb))
-        return NULL;
-    const uint8_t *b = in.buf;
-    Py_ssize_t n = in.len;
-    Items it = {PyList_New(0), outb.buf, outb.len, 0};
     Run *runs = NULL;
     Py_ssize_t *order = NULL, *next = NULL;   /* order: run number, or -1 - datagram (invalid) */
-    if (it.list == NULL)
-        goto fail;
-    if (size < 1) {
-        PyErr_SetString(PyExc_ValueError, "size must be positive");
-        goto fail;
-    }
+    int status = -1;
     Py_ssize_t count = (n + size - 1) / size, nruns = 0, norder = 0;
     runs = PyMem_Calloc(count ? count : 1, sizeof(Run));
     order = PyMem_Calloc(count ? count : 1, sizeof(Py_ssize_t));
     next = PyMem_Calloc(count ? count : 1, sizeof(Py_ssize_t));   /* next member of a run, -1 at the end */
     if (runs == NULL || order == NULL || next == NULL) {
         PyErr_NoMemory();
-        goto fail;
+        goto out;
     }
-#define LEN(i) ((i) == count - 1 ? n - (i) * size : size)
     for (Py_ssize_t i = 0; i < count; i++) {
         const uint8_t *d = b + i * size;
         Py_ssize_t len = LEN(i);
@@ -396,14 +369,14 @@ static PyObject *coalesce_udp_into(PyObject *self, PyObject *args)
     for (Py_ssize_t k = 0; k < norder; k++) {
         if (order[k] < 0) {
             Py_ssize_t i = -1 - order[k];
-            if (add_item(&it, 0, i * size, i * size + LEN(i)) < 0)
-                goto fail;
+            if (add_item(it, 0, i * size, i * size + LEN(i)) < 0)
+                goto out;
             continue;
         }
         Run *run = &runs[order[k]];
         if (run->members == 1) {
-            if (add_item(&it, 0, run->first * size, run->first * size + LEN(run->first)) < 0)
-                goto fail;
+            if (add_item(it, 0, run->first * size, run->first * size + LEN(run->first)) < 0)
+                goto out;
             continue;
         }
         Py_ssize_t total = 28;
@@ -411,14 +384,14 @@ static PyObject *coalesce_udp_into(PyObject *self, PyObject *args)
             total += LEN(i) - 28;
         if (total > 0xFFFF) {                  /* cannot be one IPv4 packet: one by one */
             for (Py_ssize_t i = run->first; i >= 0; i = next[i])
-                if (add_item(&it, 0, i * size, i * size + LEN(i)) < 0)
-                    goto fail;
+                if (add_item(it, 0, i * size, i * size + LEN(i)) < 0)
+                    goto out;
             continue;
         }
-        Py_ssize_t at = it.used;
-        uint8_t *o = reserve(&it, VNET_HDR_LEN + total);
+        Py_ssize_t at = it->used;
+        uint8_t *o = reserve(it, VNET_HDR_LEN + total);
         if (o == NULL)
-            goto fail;
+            goto out;
         put_vnet(o, GSO_UDP_L4, 28, (uint32_t)(run->size - 28), 6);
         uint8_t *head = o + VNET_HDR_LEN, *w = head + 28;
         memcpy(head, b + run->first * size, 28);
@@ -431,25 +404,38 @@ static PyObject *coalesce_udp_into(PyObject *self, PyObject *args)
         ip_checksum(head, 20);
         put16(head + 24, (uint32_t)(total - 20));
         put16(head + 26, (ones_sum(head + 12, 8) + IPPROTO_UDP_ + (uint32_t)(total - 20)) % M);
-        if (add_item(&it, run->members, at, at + VNET_HDR_LEN + total) < 0)
-            goto fail;
+        if (add_item(it, run->members, at, at + VNET_HDR_LEN + total) < 0)
+            goto out;
     }
-#undef LEN
+    status = 0;
+out:
     PyMem_Free(runs);
     PyMem_Free(order);
     PyMem_Free(next);
-    PyBuffer_Release(&in);
-    PyBuffer_Release(&outb);
-    return it.list;
-fail:
-    PyMem_Free(runs);
-    PyMem_Free(order);
-    PyMem_Free(next);
-    Py_XDECREF(it.list);
-    PyBuffer_Release(&in);
-    PyBuffer_Release(&outb);
-    return NULL;
+    return status;
 }
+
+/* Parse (buffer, size, out), collect the items with MERGE. */
+static PyObject *coalesce_with(PyObject *args, int (*merge)(Items *, const uint8_t *, Py_ssize_t, Py_ssize_t))
+{
+    Py_buffer in, out;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "y*nw*", &in, &size, &out))
+        return NULL;
+    Items it = {PyList_New(0), out.buf, out.len, 0};
+    if (it.list != NULL && size < 1) {
+        PyErr_SetString(PyExc_ValueError, "size must be positive");
+        Py_CLEAR(it.list);
+    }
+    if (it.list != NULL && merge(&it, in.buf, in.len, size) < 0)
+        Py_CLEAR(it.list);
+    PyBuffer_Release(&in);
+    PyBuffer_Release(&out);
+    return it.list;
+}
+
+static PyObject *coalesce_into(PyObject *self, PyObject *args) { return coalesce_with(args, tcp_items); }
+static PyObject *coalesce_udp_into(PyObject *self, PyObject *args) { return coalesce_with(args, udp_items); }
 
 /* ---- one small packet ------------------------------------------------------ */
 
