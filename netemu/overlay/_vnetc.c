@@ -258,10 +258,9 @@ static int tcp_items(Items *it, const uint8_t *b, Py_ssize_t n, Py_ssize_t size)
         while (end < count && joins[end])
             end++;
         const uint8_t *h = b + start * size;
-        Py_ssize_t merged_len = hdr + (end - start - 1) * (size - hdr) + LEN(end - 1) - hdr;
-        if (end - start >= 2 && merged_len <= 0xFFFF && h[0] == 0x45 && (h[6] & 0x3F) == 0 && h[7] == 0 && h[8] > 1
-                && h[9] == IPPROTO_TCP_) {
-            Py_ssize_t total = merged_len;
+        Py_ssize_t total = (end - start - 1) * (size - hdr) + LEN(end - 1);   /* merged */
+        if (end - start >= 2 && total <= 0xFFFF && h[0] == 0x45 && (h[6] & 0x3F) == 0 && h[7] == 0
+                && h[8] > 1 && h[9] == IPPROTO_TCP_) {
             Py_ssize_t at = it->used;
             uint8_t *o = reserve(it, VNET_HDR_LEN + total);
             if (o == NULL)
