@@ -18,7 +18,7 @@ underlay. So the fast path does, in userspace, what a NIC does in hardware:
   pseudo-header sum in their checksum field (NEEDS_CSUM): finish it.
 
 Each of the three exists twice, with the same results byte for byte: compiled
-(netemu/overlay/native.c, built at install when a C compiler is there: one pass
+(netemu/overlay/_vnetc.c, built at install when a C compiler is there: one pass
 over the bytes, ~8 µs per 64 KB super-packet here) and in numpy
 (netemu/overlay/vnet_numpy.py, ~100-150 µs: numpy's cost is per operation, not
 per byte), plus the per-datagram Python rules of UDP coalescing that both
@@ -168,7 +168,7 @@ def _singles(buffer, size: int) -> Coalesced:
 
 
 def _from_items(items: list, buffer, out: bytearray) -> Coalesced:
-    """A Coalesced from the compiled functions' items (see native.coalesce_into)."""
+    """A Coalesced from the compiled functions' items (see _vnetc.c, coalesce_into)."""
     result = Coalesced([], 0, [])
     for merged, start, end in items:
         if merged:
