@@ -33,7 +33,6 @@ import trio
 
 from netemu.overlay import fastudp, vnet
 from netemu.overlay.backend import Backend, IPv4Network, Lease, LocalConfig, register
-from netemu.overlay.packet import RouteTable
 from netemu.overlay.tun import open_tun
 
 DEFAULT_PORT = 8285
@@ -67,9 +66,7 @@ class UdpBackend(Backend):
         super().__init__(local)
         self.port = int(local.backend_conf.get("Port", DEFAULT_PORT))
         self.counters = dict.fromkeys(COUNTERS, 0)
-        self.routes = RouteTable()
-        self._peers: dict[IPv4Network, str] = {}     # subnet -> peer's underlay address
-        self._known_sources: frozenset[str] = frozenset()
+        self._peers: dict[IPv4Network, str] = {}     # subnet -> peer's underlay address (the workers route)
         self._tun_fd: int | None = None
         self._sock: socket.socket | None = None
         self._tun_address = b""                      # flannel0's address, ICMP errors' source
@@ -126,14 +123,10 @@ class UdpBackend(Backend):
         if self.lease is not None and lease.subnet == self.lease.subnet:
             return                                   # our own lease: docker0 delivers it
         self._peers[lease.subnet] = str(lease.public_ip)
-        self.routes.set(lease.subnet, str(lease.public_ip))
-        self._known_sources = frozenset(self._peers.values())
         self._tell_workers()
 
     def remove_peer(self, lease: Lease) -> None:
         if self._peers.pop(lease.subnet, None) is not None:
-            self.routes.delete(lease.subnet)
-            self._known_sources = frozenset(self._peers.values())
             self._tell_workers()
 
     def _tell_workers(self) -> None:
