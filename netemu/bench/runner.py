@@ -37,6 +37,7 @@ import yaml
 from netemu import cluster as clusters, names, netns
 from netemu.bench import report
 from netemu.bench.report import Sample
+from netemu.node.sandbox import Sandbox
 
 LOCK_PATH = "/run/netemu-bench.lock"
 NODES = ("node1", "node2")
@@ -106,8 +107,10 @@ class BenchCluster:
                 yaml.safe_dump(topology(self.name, self.backend, self.mtu), f)
             clusters.up(load_topology(path))
         for pod in (CLIENT, SERVER, LOCAL):
-            with open(os.path.join(names.pod_dir(self.name, "default", pod), "sandbox.json")) as f:
-                self.ips[pod] = json.load(f)["ip"]
+            sandbox = Sandbox.load(names.pod_dir(self.name, "default", pod))
+            if sandbox is None:
+                raise BenchError(f"{self.name}: pod {pod} has no sandbox")
+            self.ips[pod] = sandbox.ip
         for pod in (SERVER, LOCAL):
             ns = self.ns(pod)
             for port in (TCP_PORT, *UDP_SENDERS):

@@ -5,7 +5,6 @@ plain per-packet path. Correctness only: no timing assertions."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import time
 import pytest
 
 from netemu import names, netns
+from netemu.node.sandbox import Sandbox
 from netemu.overlay import udp
 from netemu.overlay.daemon import read_stats
 from tests.integration.clusters import running, write_topology
@@ -85,9 +85,9 @@ def topology(tmp_path, name: str) -> str:
 
 
 def pod_ip(cluster: str, pod: str) -> str:
-    import json
-    with open(os.path.join(names.pod_dir(cluster, "default", pod), "sandbox.json")) as f:
-        return json.load(f)["ip"]
+    sandbox = Sandbox.load(names.pod_dir(cluster, "default", pod))
+    assert sandbox is not None, f"pod {pod} has no sandbox"
+    return sandbox.ip
 
 
 def transfer(cluster: str, src: str, dst: str, nbytes: int, port: int = 9100) -> None:
