@@ -11,6 +11,9 @@ rules (one transaction). The first sync, and the one after a failure, write
 everything (the proxier decides). A periodic sync rewrites iptables mode's
 top-level chains; in nftables mode it is a no-op when nothing changed (a full
 rewrite would also empty the ClientIP affinity sets).
+Stale UDP conntrack entries are deleted by a task of their own, after the
+sync that made them stale: rules never wait for a conntrack clean-up (one
+netlink dump per round, however many endpoints went; see proxy.conntrack).
 Each sync is logged and its figures written to proxy-stats.json for the CLI.
 """
 
@@ -54,6 +57,9 @@ class ProxyDaemon:
         self.pending_services: dict = {}
         self.pending_endpoints: dict = {}
         self.dirty = trio.Event()
+        # Stale UDP flows of the syncs done, not yet cleaned (model.StaleFlow).
+        self.pending_flows: set = set()
+        self.conntrack_dirty = trio.Event()
         self.stats_path = os.path.join(names.node_dir(cluster, node), "proxy-stats.json")
         self.syncs = 0
 
@@ -68,6 +74,7 @@ class ProxyDaemon:
             nursery.start_soon(self._watch, registry.prefix("Service"), self.pending_services, since)
             nursery.start_soon(self._watch, registry.prefix("Endpoints"), self.pending_endpoints, since)
             nursery.start_soon(self._periodic)
+            nursery.start_soon(self._conntrack_loop)
             await self._sync_loop()
 
     async def _watch(self, prefix: str, pending: dict, since: int) -> None:
@@ -92,7 +99,8 @@ class ProxyDaemon:
             try:
                 # The proxier is bound to this process's namespace, which every
                 # thread shares (entered before any thread existed).
-                result = await trio.to_thread.run_sync(self.proxier.sync_changes, services, endpoints)
+                result = await trio.to_thread.run_sync(
+                    lambda: self.proxier.sync_changes(services, endpoints, clean_conntrack=False))
             except Exception:
                 # The proxier kept the objects it was given and marked the kernel
                 # as unknown: the next sync rewrites everything.
@@ -101,11 +109,35 @@ class ProxyDaemon:
                 self.dirty.set()
                 continue
             self.syncs += 1
+            if result.stale_flows:
+                self.pending_flows.update(result.stale_flows)
+                self.conntrack_dirty.set()
             if result.applied:
                 log.info("synced %d service ports (%s, %s, %d services changed, %.1f ms, %d bytes)",
                          result.service_ports, result.mode, "full" if result.full else "incremental",
                          result.changed_services, result.seconds * 1000, result.transaction_bytes)
             self._write_stats(result)
+
+    async def _conntrack_loop(self) -> None:
+        """Delete the stale UDP entries the syncs left, all pending flows in one
+        clean-up (one dump), while the sync loop goes on with the next change."""
+        while True:
+            await self.conntrack_dirty.wait()
+            self.conntrack_dirty = trio.Event()
+            flows = sorted(self.pending_flows, key=lambda f: (f.dst or "", f.dport, f.endpoint or ""))
+            self.pending_flows.clear()
+            try:
+                res = await trio.to_thread.run_sync(self.proxier.clean_conntrack, flows)
+            except Exception:
+                # Entries left behind keep a UDP client on a gone endpoint
+                # until they expire: try again a second later.
+                log.exception("conntrack clean-up failed; retrying")
+                self.pending_flows.update(flows)
+                await trio.sleep(1)
+                self.conntrack_dirty.set()
+                continue
+            log.info("conntrack: %d stale flows, %d entries deleted (%.1f ms)",
+                     res.flows, res.deleted, res.seconds * 1000)
 
     def _write_stats(self, result) -> None:
         data = {"node": self.node, "mode": result.mode, "syncs": self.syncs, "last_sync": time.time(),

@@ -16,8 +16,8 @@ shape, and computes the chain names kube-proxy derives from them:
   endpoints use "ns/name/tcp/port__ip/port".
 
 The UDP conntrack clean-up that must follow a change (kube-proxy's
-conntrack.CleanStaleEntries) is also decided here, as argv lists, so that it
-can be tested without root.
+conntrack.CleanStaleEntries) is also decided here, as filters and the
+entries of a dump they select, so that it can be tested without root.
 """
 
 from __future__ import annotations
@@ -285,19 +285,51 @@ def build_service_ports(services: Iterable[Mapping[str, Any]],
 
 # -- UDP conntrack clean-up ----------------------------------------------------
 
-def conntrack_cleanup(old: Sequence[ServicePort], new: Sequence[ServicePort]) -> list[list[str]]:
-    """`conntrack` argv lists to run after OLD was replaced by NEW.
+@dataclasses.dataclass(frozen=True, order=True)
+class StaleFlow:
+    """UDP conntrack entries to delete: those whose original destination is
+    DST:DPORT (DST None: any address, as for a node port) and whose reply comes
+    from ENDPOINT (None: from anyone)."""
+
+    dst: str | None
+    dport: int
+    endpoint: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ConntrackEntry:
+    """The part of a kernel conntrack entry the clean-up looks at (IPv4)."""
+
+    proto: int                 # IPPROTO_*
+    src: str                   # original direction: the client ...
+    dst: str                   # ... and the address it sent to (a VIP, a node IP)
+    sport: int
+    dport: int
+    reply_src: str             # who answers: the endpoint after DNAT, else dst
+    id: int = 0                # CTA_ID: deleting by tuple and id removes this entry only
+    zone: int = 0
+
+
+IPPROTO_UDP = 17
+
+
+def stale_udp_flows(old: Sequence[ServicePort], new: Sequence[ServicePort]) -> list[StaleFlow]:
+    """The UDP conntrack entries to delete after OLD was replaced by NEW.
 
     UDP has no connection to close, so a client that keeps sending from one
     socket keeps matching the conntrack entry that was DNATed to an endpoint
     that is now gone (kubernetes#19029, #48370). As kube-proxy does:
-    - for each UDP endpoint that was removed, delete the entries to the
-      cluster IP / external IPs / node port whose reply comes from it;
-    - for a UDP service port that had no endpoints and now has some, delete
-      the entries to its cluster IP, which recorded the rejected flows.
+    - for each UDP endpoint that was removed, the entries to the cluster IP /
+      external IPs / LB IPs / node port whose reply comes from it;
+    - for a UDP service port that had no endpoints and now has some, the
+      entries to its cluster IP, which recorded the rejected flows;
+    - for a UDP service port that vanished (or moved), the entries of its
+      endpoints to its old cluster IP.
+    Returned as filters, not commands: the caller lists the table once and
+    deletes what any filter selects (select_stale), however many there are.
     """
     old_by_key = {sp.key: sp for sp in old}
-    cmds: list[list[str]] = []
+    flows: set[StaleFlow] = set()
     for sp in new:
         if sp.protocol != "UDP":
             continue
@@ -307,21 +339,44 @@ def conntrack_cleanup(old: Sequence[ServicePort], new: Sequence[ServicePort]) ->
         if before.cluster_ip != sp.cluster_ip or before.port != sp.port:
             continue  # a different service now; its old VIP entries are handled below
         gone = {ep.ip for ep in before.ready_endpoints} - {ep.ip for ep in sp.ready_endpoints}
-        for ip in sorted(gone):
+        for ip in gone:
             for vip in (sp.cluster_ip, *sp.external_ips, *sp.load_balancer_ips):
-                cmds.append(["conntrack", "-D", "-p", "udp", "--orig-dst", vip,
-                             "--orig-port-dst", str(sp.port), "--reply-src", ip])
+                flows.add(StaleFlow(vip, sp.port, ip))
             if sp.node_port:
-                cmds.append(["conntrack", "-D", "-p", "udp", "--orig-port-dst", str(sp.node_port),
-                             "--reply-src", ip])
+                flows.add(StaleFlow(None, sp.node_port, ip))
         if not before.ready_endpoints and sp.ready_endpoints:
-            cmds.append(["conntrack", "-D", "-p", "udp", "--orig-dst", sp.cluster_ip,
-                         "--orig-port-dst", str(sp.port)])
-    # UDP service ports that vanished (or moved): their endpoints are gone too.
+            flows.add(StaleFlow(sp.cluster_ip, sp.port, None))
     new_keys = {(sp.key, sp.cluster_ip, sp.port) for sp in new}
     for sp in old:
         if sp.protocol == "UDP" and (sp.key, sp.cluster_ip, sp.port) not in new_keys:
             for ep in sp.ready_endpoints:
-                cmds.append(["conntrack", "-D", "-p", "udp", "--orig-dst", sp.cluster_ip,
-                             "--orig-port-dst", str(sp.port), "--reply-src", ep.ip])
-    return cmds
+                flows.add(StaleFlow(sp.cluster_ip, sp.port, ep.ip))
+    return sorted(flows, key=lambda f: (f.dst or "", f.dport, f.endpoint or ""))
+
+
+_ANY = None
+
+
+def select_stale(entries: Iterable[ConntrackEntry], flows: Iterable[StaleFlow]) -> list[ConntrackEntry]:
+    """The ENTRIES (one dump of the table) that any of FLOWS selects.
+
+    One pass over the entries with the filters indexed by destination, so
+    29 services x 200 removed endpoints cost one lookup per entry, not one
+    table scan (or one `conntrack -D` process) per endpoint.
+    """
+    by_vip: dict[tuple[str, int], set[str | None]] = {}
+    by_port: dict[int, set[str | None]] = {}
+    for f in flows:
+        if f.dst is None:
+            by_port.setdefault(f.dport, set()).add(f.endpoint)
+        else:
+            by_vip.setdefault((f.dst, f.dport), set()).add(f.endpoint)
+    out = []
+    for e in entries:
+        if e.proto != IPPROTO_UDP:
+            continue
+        for senders in (by_vip.get((e.dst, e.dport)), by_port.get(e.dport)):
+            if senders is not None and (_ANY in senders or e.reply_src in senders):
+                out.append(e)
+                break
+    return out

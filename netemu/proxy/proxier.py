@@ -13,8 +13,10 @@ their rules are sent to the kernel, as one transaction (an nf_tables netlink
 batch or an nft transaction, or one iptables-restore --noflush run). The first
 sync, and any sync after a failed apply, installs everything (kube-proxy's
 needFullSync). After the rules change, stale UDP conntrack entries of the
-changed services are deleted with the `conntrack` tool (see
-model.conntrack_cleanup).
+changed services are deleted over ctnetlink: one dump of the table, the
+selected entries deleted in batches (netemu.proxy.conntrack). Rules always go
+first; a caller that must not wait for the clean-up (the daemon) asks for the
+stale flows instead and cleans them after, off the sync path.
 """
 
 from __future__ import annotations
@@ -23,18 +25,21 @@ import dataclasses
 import gc
 import logging
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from netemu.proxy import conntrack as ct
 from netemu.proxy import iptables as ipt
 from netemu.proxy import libnft, nftnl
 from netemu.proxy import nftables as nft
 from netemu.proxy.model import (
     MASQUERADE_MARK,
     ServicePort,
+    StaleFlow,
     build_service_ports,
-    conntrack_cleanup,
+    stale_udp_flows,
 )
 
 log = logging.getLogger("netemu.proxy")
@@ -51,11 +56,23 @@ class SyncResult:
     mode: str                   # "nftables" | "iptables"
     full: bool                  # the whole table/chains were (re)written
     applied: bool               # something was sent to the kernel
-    seconds: float              # time for the whole sync, conntrack included
+    seconds: float              # time for the whole sync, conntrack clean-up included if done
     transaction_bytes: int      # size of what was sent: netlink batch, nft text, iptables-restore input
     service_ports: int
-    conntrack_commands: list[list[str]] = dataclasses.field(default_factory=list)
+    # UDP conntrack filters this change made necessary (model.stale_udp_flows);
+    # cleaned here unless the caller asked to do it itself (clean_conntrack=False)
+    stale_flows: list[StaleFlow] = dataclasses.field(default_factory=list)
     changed_services: int = 0   # services whose rules were recomputed
+    rules_seconds: float = 0.0  # until the rules were in the kernel
+    conntrack: "ConntrackResult | None" = None
+
+
+@dataclasses.dataclass
+class ConntrackResult:
+    flows: int                  # filters asked for
+    selected: int               # entries of the dump they matched
+    deleted: int                # entries the kernel deleted
+    seconds: float
 
 
 def object_key(obj: Mapping[str, Any]) -> ServiceKey:
@@ -90,6 +107,11 @@ class _Proxier:
         self._ports: dict[ServiceKey, list[ServicePort]] = {}
         self._fragments: dict[ServiceKey, Any] = {}    # per service: the mode's rule fragment
         self._installed = False                         # the kernel holds what _fragments say
+        # Opened now, like the nft contexts: bound to the namespace we are in.
+        # The daemon cleans from another thread than the one syncing: one
+        # clean-up at a time on the socket.
+        self._conntrack = ct.ConntrackNetlink()
+        self._conntrack_lock = threading.Lock()
 
     # -- input -----------------------------------------------------------------
     def sync(self, services: Iterable[Mapping[str, Any]], endpoints: Iterable[Mapping[str, Any]],
@@ -115,11 +137,14 @@ class _Proxier:
 
     def sync_changes(self, services: Mapping[ServiceKey, Mapping[str, Any] | None] | None = None,
                      endpoints: Mapping[ServiceKey, Mapping[str, Any] | None] | None = None,
-                     full: bool = False) -> SyncResult:
+                     full: bool = False, clean_conntrack: bool = True) -> SyncResult:
         """Apply changed objects: {(namespace, name): object, or None when deleted}.
 
         Objects are kept by reference: the caller must not modify one after
         handing it over (pass a new object instead, as a watch does).
+        With CLEAN_CONNTRACK false, the stale UDP flows are only returned
+        (result.stale_flows), for the caller to pass to clean_conntrack()
+        after the rules are in: the next sync need not wait for them.
         """
         # A full sync allocates millions of small objects, almost all freed by
         # reference counting; with the cyclic collector on, its collections
@@ -129,10 +154,22 @@ class _Proxier:
         gc_enabled = gc.isenabled()
         gc.disable()
         try:
-            return self._sync_changes(services, endpoints, full)
+            result = self._sync_changes(services, endpoints, full)
         finally:
             if gc_enabled:
                 gc.enable()
+        if clean_conntrack and result.stale_flows:
+            result.conntrack = self.clean_conntrack(result.stale_flows)
+            result.seconds += result.conntrack.seconds
+        return result
+
+    def clean_conntrack(self, flows: Sequence[StaleFlow]) -> ConntrackResult:
+        """Delete the UDP conntrack entries FLOWS select: one dump of the
+        node's table and batched deletes, whatever the number of flows."""
+        t0 = time.perf_counter()
+        with self._conntrack_lock:
+            selected, deleted = self._conntrack.clean(flows)
+        return ConntrackResult(len(flows), selected, deleted, time.perf_counter() - t0)
 
     def _sync_changes(self, services, endpoints, full: bool) -> SyncResult:
         t0 = time.perf_counter()
@@ -171,14 +208,15 @@ class _Proxier:
             self._installed = False
             raise
         self._installed = True
+        rules_seconds = time.perf_counter() - t0
 
-        cmds = conntrack_cleanup([sp for k in sorted(changed) for sp in old_ports[k]],
-                                 [sp for k in sorted(changed) for sp in self._ports.get(k, ())])
-        for argv in cmds:
-            # Exit status 1 means "0 entries deleted": not an error.
-            subprocess.run(argv, capture_output=True)
+        # Computed only now that the rules no longer send new flows to the
+        # removed endpoints: an entry deleted earlier could come straight back.
+        flows = stale_udp_flows([sp for k in changed for sp in old_ports[k]],
+                                [sp for k in changed for sp in self._ports.get(k, ())])
         return SyncResult(self.mode, was_full, size > 0, time.perf_counter() - t0, size,
-                          sum(len(p) for p in self._ports.values()), cmds, len(changed))
+                          sum(len(p) for p in self._ports.values()), flows, len(changed),
+                          rules_seconds)
 
     # -- per mode ----------------------------------------------------------------
     def _fragment(self, ports: list[ServicePort]):
@@ -199,6 +237,9 @@ class _Proxier:
 
     def cleanup(self) -> None:
         raise NotImplementedError
+
+    def close(self) -> None:
+        self._conntrack.close()
 
 
 class NftablesProxier(_Proxier):
@@ -312,6 +353,7 @@ class NftablesProxier(_Proxier):
         self._forget()
 
     def close(self) -> None:
+        super().close()
         self.nft.close()
         if self.netlink is not None:
             self.netlink.close()
@@ -371,9 +413,6 @@ class IptablesProxier(_Proxier):
     def cleanup(self) -> None:
         self._restore(ipt.cleanup_input(self._save()))
         self._forget()
-
-    def close(self) -> None:
-        pass
 
 
 def make_proxier(mode: str, node_name: str, node_ips: Sequence[str], cluster_cidr: str,

@@ -2,11 +2,14 @@
 
 import base64
 import hashlib
+import socket
+import struct
 
 
 from netemu.proxy import iptables as ipt
 from netemu.proxy import nftables as nft
-from netemu.proxy.model import build_service_ports, conntrack_cleanup
+from netemu.proxy import conntrack as ct
+from netemu.proxy.model import ConntrackEntry, StaleFlow, build_service_ports, select_stale, stale_udp_flows
 
 CIDR = "10.244.0.0/16"
 NODE = "node-1"
@@ -356,10 +359,82 @@ def test_conntrack_flush_for_removed_udp_endpoint_only():
     old = ports_of([dns, web], [eps("dns", ["10.244.1.11", "10.244.1.12"], udp_ep),
                                 eps("web", ["10.244.1.11", "10.244.1.12"], HTTP_EP)])
     new = ports_of([dns, web], [eps("dns", ["10.244.1.11"], udp_ep), eps("web", ["10.244.1.11"], HTTP_EP)])
-    assert conntrack_cleanup(old, new) == [
-        ["conntrack", "-D", "-p", "udp", "--orig-dst", "10.96.0.53", "--orig-port-dst", "53",
-         "--reply-src", "10.244.1.12"]]
-    assert conntrack_cleanup(new, new) == []
+    assert stale_udp_flows(old, new) == [StaleFlow("10.96.0.53", 53, "10.244.1.12")]
+    assert stale_udp_flows(new, new) == []
+
+
+UDP53 = [{"name": "dns", "protocol": "UDP", "port": 53}]
+UDP_EP = [{"name": "dns", "port": 5353, "protocol": "UDP"}]
+
+
+def test_stale_flows_cover_nodeport_external_ips_first_endpoint_and_deleted_service():
+    np = svc("np", "10.96.0.54", [dict(UDP53[0], nodePort=30053)], type="LoadBalancer",
+             lb=["172.30.0.200"], ext=["172.30.0.201"])
+    gone = svc("gone", "10.96.0.55", UDP53)
+    first = svc("first", "10.96.0.56", UDP53)
+    old = ports_of([np, gone, first], [eps("np", ["10.244.1.11", "10.244.1.12"], UDP_EP),
+                                       eps("gone", ["10.244.1.13"], UDP_EP), eps("first", [], UDP_EP)])
+    new = ports_of([np, first], [eps("np", ["10.244.1.11"], UDP_EP),
+                                 eps("first", ["10.244.1.14"], UDP_EP)])
+    assert set(stale_udp_flows(old, new)) == {
+        StaleFlow("10.96.0.54", 53, "10.244.1.12"), StaleFlow("172.30.0.200", 53, "10.244.1.12"),
+        StaleFlow("172.30.0.201", 53, "10.244.1.12"), StaleFlow(None, 30053, "10.244.1.12"),
+        StaleFlow("10.96.0.55", 53, "10.244.1.13"),        # service deleted: its endpoints' flows
+        StaleFlow("10.96.0.56", 53, None)}                 # first endpoint: the rejected flows
+
+
+def _entry(dst, dport, reply_src, proto=17, src="10.244.1.20", sport=40000):
+    return ConntrackEntry(proto, src, dst, sport, dport, reply_src)
+
+
+def test_select_stale_picks_exactly_the_flows_entries():
+    flows = [StaleFlow("10.96.0.53", 53, "10.244.1.12"), StaleFlow(None, 30053, "10.244.1.12"),
+             StaleFlow("10.96.0.56", 53, None)]
+    hit = [_entry("10.96.0.53", 53, "10.244.1.12"),
+           _entry("172.30.0.10", 30053, "10.244.1.12"),      # node port: any node address
+           _entry("10.96.0.56", 53, "10.96.0.56"),           # a rejected flow (no DNAT)
+           _entry("10.96.0.56", 53, "10.244.1.14")]
+    miss = [_entry("10.96.0.53", 53, "10.244.1.11"),         # an endpoint still there
+            _entry("10.96.0.53", 54, "10.244.1.12"),         # another port
+            _entry("10.96.0.54", 53, "10.244.1.12"),         # another VIP
+            _entry("10.96.0.53", 53, "10.244.1.12", proto=6),  # TCP is left alone
+            _entry("172.30.0.10", 30054, "10.244.1.12")]
+    assert select_stale(miss + hit, flows) == hit
+    assert select_stale(hit, []) == []
+
+
+def test_mass_removal_is_one_filter_set_and_one_pass():
+    """29 UDP services x 200 endpoints deleted: every flow to a removed endpoint is
+    selected from one list of entries, and the others are left."""
+    services = [svc(f"u{i}", f"10.96.1.{i}", UDP53) for i in range(29)]
+    ips = [f"10.244.{2 + j // 250}.{j % 250 + 1}" for j in range(200)]
+    old = ports_of(services, [eps(f"u{i}", ips, UDP_EP) for i in range(29)])
+    flows = stale_udp_flows(old, [])
+    assert len(flows) == 29 * 200
+    entries = [_entry(f"10.96.1.{i}", 53, ips[(i * 7 + k) % 200], sport=1000 + k)
+               for i in range(29) for k in range(50)]
+    keep = [_entry("10.96.2.1", 53, ips[0]), _entry("10.96.1.1", 53, "10.244.9.9")]
+    assert select_stale(entries + keep, flows) == entries
+
+
+def test_conntrack_delete_message_and_dump_entry_round_trip():
+    e = ConntrackEntry(17, "10.244.1.20", "10.96.0.53", 40000, 53, "10.244.1.12", id=0x1234, zone=0)
+    msg = ct.delete_request(e, seq=7)
+    length, mtype, flags, seq, _ = struct.unpack_from("<IHHII", msg)
+    assert (length, mtype, flags, seq) == (len(msg), 0x102, 0x5, 7)
+    # A kernel dump entry: the same layout plus a reply tuple and other attributes.
+    reply = ct._nest(ct.CTA_TUPLE_REPLY,
+                     ct._nest(ct.CTA_TUPLE_IP, ct._attr(1, socket.inet_aton("10.244.1.12")),
+                              ct._attr(2, socket.inet_aton("10.244.1.20"))),
+                     ct._nest(ct.CTA_TUPLE_PROTO, ct._attr(1, b"\x11"), ct._attr(2, b"\x14\xe9"),
+                              ct._attr(3, b"\x9c\x40")))
+    status = ct._attr(3, struct.pack(">I", 0x1aa))
+    payload = msg[16:] + reply + status
+    assert ct.parse_entry(payload) == e
+    assert ct.parse_entry(payload[:-len(reply + status)]) is None     # no reply tuple
+    # Lengths that overrun the message are not read past.
+    for cut in range(4, len(payload)):
+        ct.parse_entry(payload[:cut])
 
 
 def test_nft_diff_of_changed_fragments_equals_diff_of_whole_tables():
