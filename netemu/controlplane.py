@@ -51,6 +51,9 @@ class ControlPlane:
         self.topology = load_topology(cluster)
         self.settings = self.topology.settings
         self.store = SqliteStore(names.store_path(cluster))
+        # Every Event is written by this process (controllers and kubelets), so
+        # its TTL is set here: Kubernetes' 1 h, scaled like the other delays.
+        self.store.event_ttl = registry.EVENT_TTL * self.settings.time_scale
         self.nodes: dict[str, trio.CancelScope] = {}
 
     async def run(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import hashlib
 import secrets
 import uuid
 
@@ -88,9 +89,10 @@ def list_(store: Store, kind: str, namespace: str | None = None) -> list[dict]:
     return [_with_version(kv.value, kv.mod_revision) for kv in store.list(prefix(kind, namespace))]
 
 
-def create(store: Store, obj: dict) -> dict:
+def create(store: Store, obj: dict, *, ttl: float | None = None) -> dict:
     """Store a new object, filling metadata as the API server does. Raises Conflict
-    if an object of that kind and name exists. generateName gets a random suffix."""
+    if an object of that kind and name exists. generateName gets a random suffix.
+    TTL: seconds until the store drops the object (Events)."""
     obj = copy.deepcopy(obj)
     kind = obj["kind"]
     meta = obj.setdefault("metadata", {})
@@ -106,7 +108,7 @@ def create(store: Store, obj: dict) -> dict:
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = now()
         meta.pop("resourceVersion", None)
-        rev = store.create(key(kind, meta.get("namespace"), meta["name"]), obj)
+        rev = store.create(key(kind, meta.get("namespace"), meta["name"]), obj, ttl=ttl)
         if rev is not None:
             return _with_version(obj, rev)
         if not generated:
@@ -148,21 +150,64 @@ def kind_word(kind: str) -> str:
     return KINDS[kind][3][0]
 
 
+# kube-apiserver's --event-ttl default: an Event lives this long after its last
+# write. The control plane scales it by the cluster's timeScale (store.event_ttl).
+EVENT_TTL = 3600.0
+_EVENT_UPDATE_TRIES = 20
+
+
+def event_name(involved: dict, reason: str, message: str, type_: str, source: str) -> str:
+    """The Event's name: the object's name and a digest of what makes two events the
+    same one (Kubernetes' EventCorrelator key: object, reason, message, type, source)."""
+    meta = involved["metadata"]
+    identity = "\0".join([involved["kind"], meta.get("namespace", "default"), meta["name"],
+                          meta.get("uid") or "", reason, message, type_, source])
+    return meta["name"] + "." + hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
 def record_event(store: Store, involved: dict, reason: str, message: str, *,
                  type_: str = "Normal", source: str = "") -> None:
-    """An Event about INVOLVED, as `kubectl describe` lists them."""
+    """An Event about INVOLVED, as `kubectl describe` lists them.
+
+    As Kubernetes' recorder does, a repeat of an event already stored (same
+    object, reason, message, type and source) bumps its count and
+    lastTimestamp instead of adding an object: a crash-looping pod keeps one
+    BackOff event with a growing count, not one object per restart. Every write
+    gives the event a fresh TTL (store.event_ttl, else EVENT_TTL), after which
+    the store drops it: events never pile up.
+    """
     meta = involved["metadata"]
-    stamp = now()
-    event = {
-        "kind": "Event",
-        "metadata": {"generateName": meta["name"] + ".", "namespace": meta.get("namespace", "default")},
-        "involvedObject": {"kind": involved["kind"], "name": meta["name"],
-                           "namespace": meta.get("namespace", "default"), "uid": meta.get("uid")},
-        "reason": reason, "message": message, "type": type_,
-        "source": {"component": source}, "count": 1,
-        "firstTimestamp": stamp, "lastTimestamp": stamp,
-    }
-    create(store, event)
+    namespace = meta.get("namespace", "default")
+    name = event_name(involved, reason, message, type_, source)
+    ttl = getattr(store, "event_ttl", None) or EVENT_TTL
+    k = key("Event", namespace, name)
+    for _ in range(_EVENT_UPDATE_TRIES):
+        stamp = now()
+        kv = store.get(k)
+        if kv is None:
+            event = {
+                "kind": "Event",
+                "metadata": {"name": name, "namespace": namespace},
+                "involvedObject": {"kind": involved["kind"], "name": meta["name"],
+                                   "namespace": namespace, "uid": meta.get("uid")},
+                "reason": reason, "message": message, "type": type_,
+                "source": {"component": source}, "count": 1,
+                "firstTimestamp": stamp, "lastTimestamp": stamp,
+            }
+            try:
+                create(store, event, ttl=ttl)
+                return
+            except Conflict:        # another writer recorded it first: count this one on top
+                continue
+        event = kv.value
+        event["count"] = int(event.get("count") or 1) + 1
+        event["lastTimestamp"] = stamp
+        try:
+            store.put(k, event, ttl=ttl, expect_revision=kv.mod_revision)
+            return
+        except Conflict:
+            continue
+    raise Conflict(f"Event {namespace}/{name}: too many concurrent updates")
 
 
 def events_for(store: Store, obj: dict) -> list[dict]:

@@ -105,6 +105,11 @@ class WalWatch:
 
 
 class SqliteStore:
+    # Seconds an Event lives after its last write (registry.record_event), the
+    # API server's --event-ttl; the control plane sets it from the cluster's
+    # timeScale. None: registry.EVENT_TTL.
+    event_ttl: float | None = None
+
     def __init__(self, path: str, *, create: bool = False):
         if not create and not os.path.exists(path):
             raise FileNotFoundError(f"state store {path} does not exist")
