@@ -13,9 +13,11 @@ kubectl prints:
     netemu label KIND NAME k=v k2- [--overwrite]   node/n1 labeled | unlabeled | not labeled
 
 Manifests go through the topology loader (decode, convert old apiVersions,
-default, validate) against the running cluster's settings and nodes, and every
-object of every file is validated before the first one is stored, so a bad file
-leaves the cluster as it was. Refusals of the API server are printed as kubectl
+default, validate) against the running cluster's settings and nodes. apply and
+create go on past what is bad, as kubectl does: every object that is valid
+(alone, and with the valid objects before it) is stored and printed; each file
+that cannot be read or parsed and each invalid object is one `error: ` line on
+stderr after them, and the exit status is 1. Refusals of the API server are printed as kubectl
 prints them (`Error from server (NotFound): pods "x" not found`) and exit 1.
 """
 
@@ -162,6 +164,62 @@ def load_files(paths: list[str], settings=None, nodes=None) -> list[dict]:
     return [e.obj for e in entries]
 
 
+def load_each(paths: list[str], settings=None, nodes=None) -> tuple[list, list[str]]:
+    """kubectl's -f for apply and create (its builder continues on error):
+    (entries that passed, one error line per file or object that did not).
+
+    A file that cannot be read or parsed is one error; in a readable file,
+    each object is checked alone, then with the accepted objects before it
+    (duplicates, clusterIPs, nodePorts, hostPorts), so the first of two
+    conflicting objects is kept and the second refused, as the API server
+    would. Warnings go to stderr. Raises WorkloadCliError only for what
+    kubectl refuses before reading anything: a missing path, an empty
+    directory, and no object at all.
+    """
+    from netemu.topology import manifests
+    from netemu.topology.model import TopologyError
+
+    files = []
+    for given in paths:
+        path = Path(given)
+        if not path.exists():
+            raise WorkloadCliError(f'the path "{given}" does not exist')
+        found = manifests.manifest_files(path)
+        if path.is_dir() and not found:
+            raise WorkloadCliError(f'no manifest (.yaml, .yml, .json) in the directory "{given}"')
+        files.extend(found)
+    entries, errors = [], []
+    for file in files:
+        problems: list[TopologyError] = []
+        try:
+            entries.extend(manifests.read_manifest_file(file, errors=problems))
+        except TopologyError as e:
+            problems.append(e)
+        errors.extend(str(e) for e in problems)
+    if not entries and not errors:
+        raise WorkloadCliError("no objects passed to apply")
+    warnings: list[str] = []
+    try:
+        # The usual case, all valid together: one pass.
+        warnings = manifests.check_batch(entries, settings, nodes)
+        accepted = entries
+    except TopologyError:
+        accepted = []
+        for e in entries:
+            try:
+                more = manifests.check_batch(accepted + [e], settings, nodes)
+            except TopologyError as err:
+                errors.append(str(err))
+                continue
+            accepted.append(e)
+            for w in more:          # each pass repeats the earlier objects' warnings
+                if w not in warnings:
+                    warnings.append(w)
+    for warning in warnings:
+        print(f"Warning: {warning}", file=sys.stderr)
+    return accepted, errors
+
+
 def _in_namespace(objs: list[dict], namespace: str | None) -> list[dict]:
     """-n NS puts objects that name no namespace (the loader defaulted them to
     "default") into NS."""
@@ -184,9 +242,10 @@ def cmd_apply(args) -> int:
     cluster, store = _open(args)
     try:
         settings, nodes = _cluster_context(cluster, store)
-        objs = _in_namespace(load_files(args.filename, settings, nodes), args.namespace)
-        failed = False
-        for obj in objs:
+        entries, errors = load_each(args.filename, settings, nodes)
+        failed = bool(errors)
+        for entry in entries:
+            [obj] = _in_namespace([entry.obj], args.namespace)
             try:
                 stored, verb = api.create_or_update(store, obj, settings)
             except api.ApiError as e:
@@ -194,22 +253,29 @@ def cmd_apply(args) -> int:
                 failed = True
                 continue
             print(f"{resource_ref(stored['kind'], stored['metadata']['name'])} {verb}")
+        _print_load_errors(errors)
         return 1 if failed else 0
     finally:
         store.close()
+
+
+def _print_load_errors(errors: list[str]) -> None:
+    # kubectl prints what it could not read or validate after what it applied.
+    for line in errors:
+        print(f"error: {line}", file=sys.stderr)
 
 
 def cmd_create(args) -> int:
     cluster, store = _open(args)
     try:
         settings, nodes = _cluster_context(cluster, store)
-        objs = _in_namespace(load_files(args.filename, settings, nodes), args.namespace)
-        failed = False
-        for obj in objs:
+        entries, errors = load_each(args.filename, settings, nodes)
+        failed = bool(errors)
+        for entry in entries:
+            [obj] = _in_namespace([entry.obj], args.namespace)
             kind, meta = obj["kind"], obj["metadata"]
-            source = args.filename[0] if len(args.filename) == 1 else "manifest"
             if kind in registry.KINDS and registry.get(store, kind, meta.get("namespace"), meta["name"]):
-                print(f'Error from server (AlreadyExists): error when creating "{source}": '
+                print(f'Error from server (AlreadyExists): error when creating "{entry.origin.file}": '
                       f'{resource_plural(kind)} "{meta["name"]}" already exists', file=sys.stderr)
                 failed = True
                 continue
@@ -225,6 +291,7 @@ def cmd_create(args) -> int:
                 failed = True
                 continue
             print(f"{resource_ref(kind, stored['metadata']['name'])} created")
+        _print_load_errors(errors)
         return 1 if failed else 0
     finally:
         store.close()

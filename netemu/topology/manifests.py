@@ -760,17 +760,25 @@ def _check_nodes(entries: list[Entry], nodes: list[NodeSpec]) -> None:
 # ---------------------------------------------------------------------------
 # Reading manifest files
 
-def _entries_from_data(data: Any, file: str, where: str) -> list[Entry]:
-    """A decoded document -> entries; a `kind: List` is flattened as kubectl does."""
-    if isinstance(data, dict) and data.get("kind") == "List" and "items" in data:
-        items = data["items"]
-        if not isinstance(items, list):
-            raise TopologyError(file, f"{where} (List): items", f"must be a list, got {describe(items)}")
-        out = []
-        for i, item in enumerate(items):
-            out.extend(_entries_from_data(item, file, f"{where} items[{i}]"))
-        return out
-    obj, warnings = normalize_object(data, file, where)
+def _entries_from_data(data: Any, file: str, where: str,
+                       errors: list[TopologyError] | None = None) -> list[Entry]:
+    """A decoded document -> entries; a `kind: List` is flattened as kubectl does.
+    With ERRORS, an object that fails is added there instead of raising."""
+    try:
+        if isinstance(data, dict) and data.get("kind") == "List" and "items" in data:
+            items = data["items"]
+            if not isinstance(items, list):
+                raise TopologyError(file, f"{where} (List): items", f"must be a list, got {describe(items)}")
+            out = []
+            for i, item in enumerate(items):
+                out.extend(_entries_from_data(item, file, f"{where} items[{i}]", errors))
+            return out
+        obj, warnings = normalize_object(data, file, where)
+    except TopologyError as e:
+        if errors is None:
+            raise
+        errors.append(e)
+        return []
     origin = Origin(file, where + object_label(obj["kind"], obj["metadata"]), warnings)
     return [Entry(obj, origin)]
 
@@ -782,14 +790,20 @@ def manifest_files(path: Path) -> list[Path]:
     return [path]
 
 
-def read_manifest_file(path: Path, display: str | None = None, where: str = "") -> list[Entry]:
-    """Every object of one (multi-document) manifest file, normalised."""
+def read_manifest_file(path: Path, display: str | None = None, where: str = "",
+                       errors: list[TopologyError] | None = None) -> list[Entry]:
+    """Every object of one (multi-document) manifest file, normalised.
+
+    With ERRORS, an object that fails validation alone is added there and the
+    others are still returned (kubectl's -f goes on past a bad object); a file
+    that cannot be read or parsed raises either way.
+    """
     display = display if display is not None else str(path)
     entries: list[Entry] = []
     for doc in load_documents(read_text(path, display, where), display):
         if doc.data is None:        # empty document, e.g. after a trailing ---
             continue
-        entries.extend(_entries_from_data(doc.data, display, f"document {doc.index}"))
+        entries.extend(_entries_from_data(doc.data, display, f"document {doc.index}", errors))
     return entries
 
 

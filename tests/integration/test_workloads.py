@@ -203,8 +203,9 @@ def test_tutorial_job_completes_and_logs_dpkg(cluster):
 
 # -- refusals --------------------------------------------------------------------------
 
-def test_invalid_manifests_are_refused_and_nothing_is_created(cluster, tmp_path):
-    good_pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "hk-should-not-exist"},
+def test_invalid_objects_are_refused_and_the_valid_ones_applied(cluster, tmp_path):
+    """As kubectl: the valid object of the file is applied, the invalid one reported."""
+    good_pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "hk-valid-beside"},
                 "spec": {"containers": [{"name": "c", "image": "busybox", "command": ["sleep", "60"]}]}}
     always = job("hk-bad-job", ["true"], restart="Always")
     mismatch = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "metadata": {"name": "hk-bad-rs"},
@@ -219,14 +220,14 @@ def test_invalid_manifests_are_refused_and_nothing_is_created(cluster, tmp_path)
                       '"OnFailure", "Never"'),
              (mismatch, "selector does not match template labels"),
              (negative, "spec.replicas: Invalid value: -1: must be greater than or equal to 0")]
-    for bad, message in cases:
+    for i, (bad, message) in enumerate(cases):
         path = write(tmp_path, f"{bad['metadata']['name']}.yaml", good_pod, bad)
         proc = netemu(cluster, "apply", "-f", path, check=False)
         assert proc.returncode == 1, proc.stdout + proc.stderr
-        assert message in proc.stderr
-        assert proc.stdout == ""
+        assert f"error: {path}: document 2" in proc.stderr and message in proc.stderr
+        assert proc.stdout == f"pod/hk-valid-beside {'unchanged' if i else 'created'}\n"
         assert get_obj(cluster, bad["kind"], bad["metadata"]["name"]) is None
-        assert get_obj(cluster, "Pod", "hk-should-not-exist") is None
+    netemu(cluster, "delete", "pod", "hk-valid-beside", "--wait=false")
 
 
 def test_create_existing_and_delete_missing_fail_as_kubectl(cluster, tmp_path):
