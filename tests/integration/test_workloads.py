@@ -227,7 +227,7 @@ def test_invalid_objects_are_refused_and_the_valid_ones_applied(cluster, tmp_pat
         assert f"error: {path}: document 2" in proc.stderr and message in proc.stderr
         assert proc.stdout == f"pod/hk-valid-beside {'unchanged' if i else 'created'}\n"
         assert get_obj(cluster, bad["kind"], bad["metadata"]["name"]) is None
-    netemu(cluster, "delete", "pod", "hk-valid-beside", "--wait=false")
+    netemu(cluster, "delete", "pod", "hk-valid-beside", "--no-wait")
 
 
 def test_create_existing_and_delete_missing_fail_as_kubectl(cluster, tmp_path):
