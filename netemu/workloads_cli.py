@@ -164,7 +164,7 @@ def load_files(paths: list[str], settings=None, nodes=None) -> list[dict]:
     return [e.obj for e in entries]
 
 
-def load_each(paths: list[str], settings=None, nodes=None) -> tuple[list, list[str]]:
+def load_each(paths: list[str], settings=None, nodes=None, verb: str = "apply") -> tuple[list, list[str]]:
     """kubectl's -f for apply and create (its builder continues on error):
     (entries that passed, one error line per file or object that did not).
 
@@ -197,7 +197,7 @@ def load_each(paths: list[str], settings=None, nodes=None) -> tuple[list, list[s
             problems.append(e)
         errors.extend(str(e) for e in problems)
     if not entries and not errors:
-        raise WorkloadCliError("no objects passed to apply")
+        raise WorkloadCliError(f"no objects passed to {verb}")
     warnings: list[str] = []
     try:
         # The usual case, all valid together: one pass.
@@ -269,7 +269,7 @@ def cmd_create(args) -> int:
     cluster, store = _open(args)
     try:
         settings, nodes = _cluster_context(cluster, store)
-        entries, errors = load_each(args.filename, settings, nodes)
+        entries, errors = load_each(args.filename, settings, nodes, verb="create")
         failed = bool(errors)
         for entry in entries:
             [obj] = _in_namespace([entry.obj], args.namespace)

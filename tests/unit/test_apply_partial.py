@@ -116,6 +116,25 @@ def test_all_valid_is_exit_0_and_nothing_but_the_created_lines(store, tmp_path, 
     assert run("apply", path, capsys) == (0, ["pod/ok1 created", "service/ok2 created"], [])
 
 
+def test_list_items_and_documents_are_taken_one_by_one(store, tmp_path, capsys):
+    path = tmp_path / "list.yaml"
+    path.write_text(yaml.safe_dump_all([
+        {"apiVersion": "v1", "kind": "List", "items": [pod("li1"), pod("li2", restart="Sometimes"), "junk"]},
+        pod("doc2")], sort_keys=False))
+    code, out, err = run("create", path, capsys)
+    assert code == 1 and out == ["pod/li1 created", "pod/doc2 created"]
+    assert [e.split(": ")[1] for e in err] == [f"{path}", f"{path}"]
+    assert "document 1 items[1] (Pod li2): spec.restartPolicy" in err[0]
+    assert "document 1 items[2]: expected a Kubernetes object" in err[1]
+
+
+def test_nothing_at_all_is_an_error_naming_the_verb(store, tmp_path, capsys):
+    path = tmp_path / "empty.yaml"
+    path.write_text("---\n")
+    with pytest.raises(wl.WorkloadCliError, match="no objects passed to create"):
+        run("create", path, capsys)
+
+
 def test_a_missing_path_stops_before_anything_is_applied(store, manifests, capsys):
     with pytest.raises(wl.WorkloadCliError, match='the path ".*nope" does not exist'):
         wl.cmd_apply(argparse.Namespace(filename=[str(manifests), str(manifests / "nope")],
