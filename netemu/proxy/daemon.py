@@ -124,7 +124,7 @@ class ProxyDaemon:
         while True:
             await self.conntrack_dirty.wait()
             self.conntrack_dirty = trio.Event()
-            flows = sorted(self.pending_flows, key=lambda f: (f.dst or "", f.dport, f.endpoint or ""))
+            flows = list(self.pending_flows)
             self.pending_flows.clear()
             try:
                 res = await trio.to_thread.run_sync(self.proxier.clean_conntrack, flows)

@@ -289,7 +289,9 @@ def build_service_ports(services: Iterable[Mapping[str, Any]],
 class StaleFlow:
     """UDP conntrack entries to delete: those whose original destination is
     DST:DPORT (DST None: any address, as for a node port) and whose reply comes
-    from ENDPOINT (None: from anyone)."""
+    from ENDPOINT; ENDPOINT None: from DST itself, i.e. a flow that was not
+    DNATed (rejected while the service had no endpoints). A flow DNATed since
+    to a new endpoint is left alone, however late the clean-up runs."""
 
     dst: str | None
     dport: int
@@ -354,9 +356,6 @@ def stale_udp_flows(old: Sequence[ServicePort], new: Sequence[ServicePort]) -> l
     return sorted(flows, key=lambda f: (f.dst or "", f.dport, f.endpoint or ""))
 
 
-_ANY = None
-
-
 def select_stale(entries: Iterable[ConntrackEntry], flows: Iterable[StaleFlow]) -> list[ConntrackEntry]:
     """The ENTRIES (one dump of the table) that any of FLOWS selects.
 
@@ -375,8 +374,10 @@ def select_stale(entries: Iterable[ConntrackEntry], flows: Iterable[StaleFlow]) 
     for e in entries:
         if e.proto != IPPROTO_UDP:
             continue
+        # Not DNATed: the reply comes from the address the client sent to.
+        sender = None if e.reply_src == e.dst else e.reply_src
         for senders in (by_vip.get((e.dst, e.dport)), by_port.get(e.dport)):
-            if senders is not None and (_ANY in senders or e.reply_src in senders):
+            if senders is not None and sender in senders:
                 out.append(e)
                 break
     return out

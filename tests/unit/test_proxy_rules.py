@@ -392,9 +392,9 @@ def test_select_stale_picks_exactly_the_flows_entries():
              StaleFlow("10.96.0.56", 53, None)]
     hit = [_entry("10.96.0.53", 53, "10.244.1.12"),
            _entry("172.30.0.10", 30053, "10.244.1.12"),      # node port: any node address
-           _entry("10.96.0.56", 53, "10.96.0.56"),           # a rejected flow (no DNAT)
-           _entry("10.96.0.56", 53, "10.244.1.14")]
-    miss = [_entry("10.96.0.53", 53, "10.244.1.11"),         # an endpoint still there
+           _entry("10.96.0.56", 53, "10.96.0.56")]           # a rejected flow (no DNAT)
+    miss = [_entry("10.96.0.56", 53, "10.244.1.14"),         # DNATed to the new endpoint since
+            _entry("10.96.0.53", 53, "10.244.1.11"),         # an endpoint still there
             _entry("10.96.0.53", 54, "10.244.1.12"),         # another port
             _entry("10.96.0.54", 53, "10.244.1.12"),         # another VIP
             _entry("10.96.0.53", 53, "10.244.1.12", proto=6),  # TCP is left alone
