@@ -17,8 +17,9 @@ default, validate) against the running cluster's settings and nodes. apply and
 create go on past what is bad, as kubectl does: every object that is valid
 (alone, and with the valid objects before it) is stored and printed; each file
 that cannot be read or parsed and each invalid object is one `error: ` line on
-stderr after them, and the exit status is 1. Refusals of the API server are printed as kubectl
-prints them (`Error from server (NotFound): pods "x" not found`) and exit 1.
+stderr after them, and the exit status is 1. Refusals of the API server are
+printed as kubectl prints them (`Error from server (NotFound): pods "x" not
+found`) and exit 1.
 """
 
 from __future__ import annotations
