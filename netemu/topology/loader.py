@@ -158,9 +158,12 @@ def _network(f: _File, value: Any, where: str) -> IPv4Network:
         raise f.error(where, f'invalid CIDR "{value}": host bits are set (did you mean {loose}?)') from None
 
 
-def _unicast_network(f: _File, value: Any, where: str) -> IPv4Network:
-    """A CIDR for addresses the cluster gives out (underlay, pods, services)."""
+def _unicast_network(f: _File, value: Any, where: str, min_prefix: int = 0) -> IPv4Network:
+    """A CIDR for addresses the cluster gives out (underlay, pods, services), of
+    prefix MIN_PREFIX or longer."""
     net = _network(f, value, where)
+    if net.prefixlen < min_prefix:
+        raise f.error(where, f"{net} is too large: use a /{min_prefix} or smaller")
     for special, what in SPECIAL_NETWORKS:
         if net.overlaps(special):
             raise f.error(where, f"{net} overlaps {what}: use a private range such as 10.0.0.0/8, "
@@ -241,10 +244,8 @@ def parse_settings(f: _File, cluster: Any, *, backend: str | None = None,
     c = _mapping(f, cluster, "cluster") if cluster is not None else {}
     _unknown_keys(f, c, CLUSTER_KEYS, "cluster")
     if "underlay" in c:
-        s.underlay = _unicast_network(f, c["underlay"], "cluster.underlay")
-    if s.underlay.prefixlen < UNDERLAY_MIN_PREFIX:
-        raise f.error("cluster.underlay", f"{s.underlay} is too large: use a /{UNDERLAY_MIN_PREFIX} or smaller "
-                      f"(it holds the nodes, the client and load-balancer addresses)")
+        # The nodes, the client and the load-balancer addresses live on it.
+        s.underlay = _unicast_network(f, c["underlay"], "cluster.underlay", UNDERLAY_MIN_PREFIX)
     if s.underlay.prefixlen > 30:
         raise f.error("cluster.underlay", f"{s.underlay} is too small: use a /30 or larger "
                       "(nodes, the client and load-balancer addresses live on it)")
