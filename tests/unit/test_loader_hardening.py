@@ -382,6 +382,8 @@ def test_random_structures_give_one_line_errors_never_a_traceback(tmp_path):
                        kind=kind)
             if rng.random() < 0.7:
                 doc["metadata"] = {"name": "n"}
+            if rng.random() < 0.1:
+                doc[rng.choice(["apiVersion", "kind"])] = _random_yaml(rng, 4)
         manifest = tmp_path / "m.yaml"
         manifest.write_text(yaml.safe_dump(doc))
         try:
