@@ -11,9 +11,13 @@ never silently ignored). Example with every key:
                                        # default: the file's name without .yaml
     cluster:                           # every key optional; defaults shown
       underlay: 172.30.0.0/24          # node uplinks + client + load balancer IPs
+                                       # (a /16 at most)
       underlayMTU: 1500
       clusterNetwork: 10.244.0.0/16    # pod addresses; one subnet per node
-      subnetLen: 24                    # prefix of each node's subnet
+      subnetLen: 24                    # prefix of each node's subnet: 16..30, and
+                                       # at most 16 bits longer than clusterNetwork's
+                                       # (underlay, clusterNetwork and serviceRange
+                                       # avoid 0/8, 127/8, 169.254/16, 224/4, 240/4)
       serviceRange: 10.96.0.0/16       # Service cluster IPs (prefix /12 or longer)
       nodePortRange: 30000-32767       # or [30000, 32767]
       backend: udp                     # udp | vxlan | host-gw, or a mapping:
