@@ -314,8 +314,9 @@ def parse_settings(f: _File, cluster: Any, *, backend: str | None = None,
         s.proxy_mode = _choice(f, proxy_mode, "--proxy-mode", PROXY_MODES, "proxy mode")
     if "timeScale" in c:
         t = c["timeScale"]
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
-            raise f.error("cluster.timeScale", f"must be a number greater than 0, got {describe(t)}")
+        # Finite: an infinite scale (YAML's .inf) would make every delay infinite.
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise f.error("cluster.timeScale", f"must be a finite number greater than 0, got {describe(t)}")
         s.time_scale = float(t)
     if "clientAddress" in c:
         s.client_address = _address(f, c["clientAddress"], "cluster.clientAddress")

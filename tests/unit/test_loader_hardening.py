@@ -226,6 +226,7 @@ def test_recursive_aliases_and_deep_nesting_are_refused():
     ("{clusterNetwork: 10.0.0.0/9, subnetLen: 30}",
      "cluster.subnetLen: /30 cuts clusterNetwork 10.0.0.0/9 into 2097152 node subnets, more than 65536"),
     ("{clusterNetwork: 10.0.0.0/8, subnetLen: 12}", "cluster.subnetLen: must be between 16 and 30, got 12"),
+    ("{timeScale: .inf}", "cluster.timeScale: must be a finite number greater than 0, got number inf"),
 ])
 def test_address_spaces_are_bounded(tmp_path, cluster, expected):
     topo = tmp_path / "t.yaml"
