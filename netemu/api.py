@@ -330,8 +330,7 @@ def admit(obj: dict) -> dict:
     except TopologyError as err:
         meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
         name = meta.get("name") if isinstance(meta.get("name"), str) else ""
-        field = getattr(err, "field", "")
-        detail = f"{field}: {err.problem}" if field else err.problem
+        detail = f"{err.field}: {err.problem}" if err.field else err.problem
         raise ApiError(f'{kind} "{name}" is invalid: {detail}') from None
     return admitted
 

@@ -44,6 +44,11 @@ class TopologyError(ValueError):
     """Bad input. str(e) is one line: "<file>: <where>: <problem>", each part
     cut to a sane length (one_line)."""
 
+    # The field path alone ("spec.replicas") when the error is about one field of
+    # a Kubernetes object, for messages in the API server's form; set by the
+    # manifest checks (manifests.Origin.error).
+    field = ""
+
     def __init__(self, file, where, problem):
         self.file = one_line(file, WHERE_MAX)
         self.where = one_line(where, WHERE_MAX)
