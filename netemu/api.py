@@ -29,6 +29,8 @@ import re
 from netemu.controllers import selectors
 from netemu.store import registry
 from netemu.store.base import Conflict, Store
+from netemu.topology import manifests, schema
+from netemu.topology.model import TopologyError
 
 SERVICE_IPS = "/registry/ranges/serviceips/"
 NODE_PORTS = "/registry/ranges/servicenodeports/"
@@ -319,9 +321,6 @@ def admit(obj: dict) -> dict:
     argv would otherwise reach a kubelet and crash it. Kinds the manifest schema
     does not describe (Node, Event, Endpoints: written by netemu itself) pass as
     they are. Raises ApiError (Invalid) with the API server's wording."""
-    from netemu.topology import manifests, schema
-    from netemu.topology.model import TopologyError
-
     kind = obj.get("kind")
     if kind not in schema.KINDS:
         return obj
