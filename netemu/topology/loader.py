@@ -499,6 +499,9 @@ def _workload_entries(f: _File, value: Any, base: Path) -> list[Entry]:
     for i, item in enumerate(value):
         where = f"workloads[{i}]"
         if isinstance(item, str):
+            if "\0" in item:
+                shown = item.replace("\0", "\\x00")
+                raise f.error(where, f'Invalid value: "{shown}": a path must not contain a NUL character')
             path = Path(os.path.normpath(base / item))     # shown in messages: keep it short
             files = manifest_files(path) if path.exists() else [path]
             if not files:

@@ -63,6 +63,8 @@ def file_problem(path: Path) -> str | None:
         return "no such file"
     except OSError as exc:
         return f"cannot read: {exc.strerror or exc}"
+    except ValueError:                  # a NUL in the path: no file can have that name
+        return "invalid path: it contains a NUL character"
     if stat.S_ISDIR(st.st_mode):
         return "is a directory, not a file"
     if not stat.S_ISREG(st.st_mode):

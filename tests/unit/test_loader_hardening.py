@@ -413,3 +413,11 @@ def test_job_labels_default_from_the_template(tmp_path):
     assert stored["metadata"]["labels"] == {"mine": "yes"}
     stored, _ = api.create_or_update(store, controller("Job") | {"metadata": {"name": "j2"}}, settings())
     assert stored["metadata"]["labels"] == {"app": "x"}
+
+
+def test_a_nul_in_a_workload_path_is_an_error_not_a_traceback(tmp_path):
+    topo = tmp_path / "t.yaml"
+    topo.write_text(TOPOLOGY + 'workloads: ["a\\0b.yaml"]\n')
+    assert one_line_error(load_topology, topo, host_networks=[]) == (
+        f'{topo}: workloads[0]: Invalid value: "a\\x00b.yaml": a path must not contain a NUL character')
+    assert one_line_error(load_manifests, "a\0b.yaml") == "a\0b.yaml: invalid path: it contains a NUL character"
