@@ -421,3 +421,23 @@ def test_a_nul_in_a_workload_path_is_an_error_not_a_traceback(tmp_path):
     assert one_line_error(load_topology, topo, host_networks=[]) == (
         f'{topo}: workloads[0]: Invalid value: "a\\x00b.yaml": a path must not contain a NUL character')
     assert one_line_error(load_manifests, "a\0b.yaml") == "a\0b.yaml: invalid path: it contains a NUL character"
+
+
+def test_random_cluster_settings_and_nodes_give_one_line_errors(tmp_path):
+    from netemu.topology.loader import CLUSTER_KEYS, NODE_KEYS
+    rng = random.Random(11)
+    values = [None, True, -1, 0, 1, 24, 30, 65536, 2 ** 70, 0.5, float("nan"), float("inf"), "", "udp",
+              "vxlan", "host-gw", "nftables", "10.0.0.0/8", "10.1.0.0/16", "10.1.0.0/33", "224.0.0.0/24",
+              "10.1.0.5", "10.1.0.1-10.1.0.9", "10.1.0.9-10.1.0.1", "1-2", "30000-32767", "a" * 300,
+              [], [1, 2], ["10.1.0.1"], {"type": "vxlan", "vni": 2 ** 30}, {"type": "udp", "port": 0}, {}]
+    for _ in range(600):
+        cluster = {k: rng.choice(values) for k in rng.sample(CLUSTER_KEYS, rng.randrange(4))}
+        nodes = [{k: rng.choice(values + ["n1", "n2"]) for k in rng.sample(NODE_KEYS, rng.randrange(4))}
+                 for _ in range(rng.randrange(3))]
+        topo = tmp_path / "t.yaml"
+        topo.write_text(yaml.safe_dump({"name": rng.choice(["t", 7, "T!", None]), "cluster": cluster,
+                                        "nodes": nodes}))
+        try:
+            load_topology(topo, host_networks=[])
+        except TopologyError as err:
+            assert "\n" not in str(err) and len(str(err)) < 1500
