@@ -397,10 +397,11 @@ def _int_or_percent(origin: Origin, path: str, value) -> None:
         raise origin.error(path, f'Invalid value: "{value}": {problem}')
 
 
-def _update_strategy(strategy: dict | None, path: str, types: tuple[str, ...], other: str,
+def _update_strategy(strategy: dict | None, path: str, types: tuple[str, ...], other: str | None,
                      origin: Origin) -> None:
     """A Deployment's strategy or a DaemonSet's updateStrategy, as
-    ValidateDeploymentStrategy / ValidateDaemonSetUpdateStrategy check them."""
+    ValidateDeploymentStrategy / ValidateDaemonSetUpdateStrategy check them.
+    OTHER: the type that forbids a rollingUpdate block (a Deployment's Recreate)."""
     if not strategy:
         return
     stype = strategy.get("type", "RollingUpdate")
@@ -409,7 +410,7 @@ def _update_strategy(strategy: dict | None, path: str, types: tuple[str, ...], o
     rolling = strategy.get("rollingUpdate")
     if rolling is None:
         return
-    if stype == other:
+    if other is not None and stype == other:
         raise origin.error(f"{path}.rollingUpdate", f"Forbidden: may not be specified when strategy "
                            f"`type` is '{other}'")
     rpath = f"{path}.rollingUpdate"
@@ -449,7 +450,7 @@ def _controller(obj: dict, origin: Origin) -> None:
         _update_strategy(spec.get("strategy"), "spec.strategy", ("Recreate", "RollingUpdate"), "Recreate", origin)
     elif kind == "DaemonSet":
         _update_strategy(spec.get("updateStrategy"), "spec.updateStrategy", ("OnDelete", "RollingUpdate"),
-                         "OnDelete", origin)
+                         None, origin)
 
     if kind == "ReplicationController":
         # RC defaulting (pkg/apis/core/v1/defaults.go): selector and the RC's own
