@@ -29,6 +29,8 @@ import re
 from netemu.controllers import selectors
 from netemu.store import registry
 from netemu.store.base import Conflict, Store
+from netemu.topology import manifests, schema
+from netemu.topology.model import TopologyError
 
 SERVICE_IPS = "/registry/ranges/serviceips/"
 NODE_PORTS = "/registry/ranges/servicenodeports/"
@@ -309,13 +311,38 @@ def _free_service(store: Store, svc: dict, keep: dict | None = None) -> None:
 
 # -- create / update -------------------------------------------------------------
 
+INT32_MAX = 2 ** 31 - 1
+
+
+def admit(obj: dict) -> dict:
+    """OBJ defaulted and validated as the API server does on every write, so no
+    writer (the CLI, `up`, code building objects, a future HTTP front end) can
+    store what the loader would refuse: an env var name with '=' or a NUL in
+    argv would otherwise reach a kubelet and crash it. Kinds the manifest schema
+    does not describe (Node, Event, Endpoints: written by netemu itself) pass as
+    they are. Raises ApiError (Invalid) with the API server's wording."""
+    kind = obj.get("kind")
+    if kind not in schema.KINDS:
+        return obj
+    try:
+        admitted, _ = manifests.normalize_object(obj, "", "")
+    except TopologyError as err:
+        meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+        name = meta.get("name") if isinstance(meta.get("name"), str) else ""
+        detail = f"{err.field}: {err.problem}" if err.field else err.problem
+        raise ApiError(f'{kind} "{name}" is invalid: {detail}') from None
+    return admitted
+
+
 def create_or_update(store: Store, obj: dict, settings=None) -> tuple[dict, str]:
-    """Store OBJ (a defaulted object from the topology loader), as `kubectl apply`:
-    returns (stored object, "created" | "configured" | "unchanged")."""
+    """Store OBJ, as `kubectl apply`: defaulted and validated first (admit), so
+    a raw manifest object is fine as well as one from the topology loader.
+    Returns (stored object, "created" | "configured" | "unchanged")."""
     obj = copy.deepcopy(obj)
     kind = obj.get("kind")
     if kind not in registry.KINDS:
         raise ApiError(f'no matches for kind "{kind}"', reason="BadRequest")
+    obj = admit(obj)
     meta = obj.setdefault("metadata", {})
     if not meta.get("name"):
         raise ApiError(f"{kind}: metadata.name: Required value: name is required")
@@ -559,6 +586,11 @@ def scale(store: Store, kind: str, name: str, replicas: int, *, namespace: str =
     kind = registry.kind_of(kind)
     if replicas < 0:
         raise ApiError("The --replicas=COUNT flag is required, and COUNT must be greater than or equal to 0",
+                       reason="BadRequest")
+    if replicas > INT32_MAX:
+        # spec.replicas is an int32: the API server cannot even decode more.
+        raise ApiError(f'Scale in version "v1" cannot be handled as a Scale: json: cannot unmarshal number '
+                       f"{replicas} into Go struct field ScaleSpec.spec.replicas of type int32",
                        reason="BadRequest")
     if kind not in ("ReplicationController", "ReplicaSet", "Deployment", "Job"):
         raise ApiError(f"cannot scale a {kind}", reason="BadRequest")

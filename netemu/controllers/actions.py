@@ -5,6 +5,14 @@ these actions. `apply` carries them out against the state store, records the
 Events Kubernetes' controllers record (`Created pod: web-x7k2p`), and isolates
 failures: an action that loses a race (the object changed or vanished meanwhile)
 is skipped, because the next reconcile pass sees the new state and decides again.
+
+Pod creation is bounded as in kube-controller-manager: a controller asks for at
+most BURST_REPLICAS pods per pass (its reconcile function never builds more, so a
+Job or RC asking for 2^31 pods costs 500 pod objects of memory, not 2^31), and
+`apply` creates them in slow-start batches of 1, 2, 4, ... pods
+(controller.slowStartBatch): once a batch had a failure the rest are skipped and
+a FailedCreate event says why, so a request that fails for every pod (a full
+store, a refused object) is tried a handful of times per pass, not 500.
 """
 
 from __future__ import annotations
@@ -17,6 +25,11 @@ from netemu.store import registry
 from netemu.store.base import Conflict, Store
 
 log = logging.getLogger(__name__)
+
+# kube-controller-manager's burstReplicas (replication, replicaset) and the Job
+# controller's MaxPodCreateDeletePerSync: pods one pass creates or deletes.
+BURST_REPLICAS = 500
+SLOW_START_INITIAL_BATCH = 1
 
 
 @dataclasses.dataclass
@@ -85,14 +98,64 @@ def set_status(obj: dict, status: dict) -> list:
 
 
 def apply(store: Store, actions: list, source: str) -> None:
-    """Carry out ACTIONS in order; SOURCE names the controller in Events."""
+    """Carry out ACTIONS in order; SOURCE names the controller in Events.
+    Consecutive CreatePod actions for one owner go in slow-start batches."""
     from netemu import api
 
-    for action in actions:
+    i = 0
+    while i < len(actions):
+        action = actions[i]
+        if isinstance(action, CreatePod):
+            run = i + 1
+            while run < len(actions) and isinstance(actions[run], CreatePod) \
+                    and actions[run].owner is action.owner:
+                run += 1
+            _create_slow_start(store, actions[i:run], source)
+            i = run
+            continue
         try:
             _apply_one(store, action, source, api)
         except Conflict as err:
             log.debug("%s: %s lost a race: %s", source, type(action).__name__, err)
+        i += 1
+
+
+def _create_slow_start(store: Store, creates: list, source: str) -> int:
+    """Create the pods of CREATES (one owner) in batches of 1, 2, 4, ...; stop
+    after the first batch with a failure. Returns how many were created.
+
+    Kubernetes runs a batch's requests in parallel; netemu's store takes one
+    write at a time, so a batch runs in order, but which pods are tried is the
+    same: every pod of a batch, and no further batch once one failed.
+    """
+    created, batch, done = 0, SLOW_START_INITIAL_BATCH, 0
+    while done < len(creates):
+        failed = False
+        for action in creates[done:done + batch]:
+            try:
+                pod = registry.create(store, action.pod)
+            except Exception as err:    # any refusal: the next pass tries again
+                failed = True
+                log.warning("%s: creating a pod for %s failed: %s", source,
+                            action.owner["metadata"].get("name"), err)
+                try:
+                    registry.record_event(store, action.owner, "FailedCreate", f"Error creating: {err}",
+                                          type_="Warning", source=source)
+                except Exception:       # the store itself is failing: the log has it
+                    pass
+                continue
+            created += 1
+            registry.record_event(store, action.owner, "SuccessfulCreate",
+                                  f"Created pod: {pod['metadata']['name']}", source=source)
+        done += batch
+        if failed:
+            skipped = len(creates) - done
+            if skipped > 0:
+                log.warning("%s: skipped creating %d pod(s) for %s after a failure", source, skipped,
+                            creates[0].owner["metadata"].get("name"))
+            break
+        batch *= 2
+    return created
 
 
 def _apply_one(store: Store, action, source: str, api) -> None:

@@ -59,6 +59,7 @@ def reconcile_daemonset(ds: dict, nodes: list[dict], pods: list[dict]) -> list:
 
     current = ready = updated = 0
     unavailable_now = 0
+    creating = 0
     stale: list[dict] = []
     for node in wanted:
         node_pods = per_node.get(node, [])
@@ -79,7 +80,9 @@ def reconcile_daemonset(ds: dict, nodes: list[dict], pods: list[dict]) -> list:
                 stale.append(keep)
         else:
             unavailable_now += 1
-            if not deleting:
+            # At most BURST_REPLICAS new pods per pass, as for the other controllers.
+            if not deleting and creating < act.BURST_REPLICAS:
+                creating += 1
                 actions.append(act.CreatePod(
                     sel.pod_from_template(ds, template, extra_labels={REVISION_LABEL: revision},
                                           node_name=node), ds))

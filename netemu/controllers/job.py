@@ -158,7 +158,8 @@ def reconcile_job(job: dict, pods: list[dict], now: float, time_scale: float = 1
                           "batch.kubernetes.io/controller-uid": meta["uid"],
                           "batch.kubernetes.io/job-name": meta["name"]}
                 template = spec.get("template") or {}
-                for _ in range(wanted - len(active)):
+                # At most BURST_REPLICAS per pass (MaxPodCreateDeletePerSync).
+                for _ in range(min(wanted - len(active), act.BURST_REPLICAS)):
                     actions.append(act.CreatePod(sel.pod_from_template(job, template, extra_labels=labels), job))
             else:
                 wake = ready_at - now

@@ -117,11 +117,13 @@ def reconcile_replicas(owner: dict, pods: list[dict], now: float | None = None) 
     mine, actions = _claim_pods(owner, pods)
     live = [p for p in mine if sel.active(p)]
     if not owner["metadata"].get("deletionTimestamp"):
+        # At most BURST_REPLICAS per pass, as manageReplicas caps its diff: the
+        # next pass (woken by these pods' own writes) does the next batch.
         if len(live) < want:
-            for _ in range(want - len(live)):
+            for _ in range(min(want - len(live), act.BURST_REPLICAS)):
                 actions.append(act.CreatePod(sel.pod_from_template(owner, template), owner))
         elif len(live) > want:
-            for pod in sorted(live, key=deletion_rank)[:len(live) - want]:
+            for pod in sorted(live, key=deletion_rank)[:min(len(live) - want, act.BURST_REPLICAS)]:
                 actions.append(act.DeletePod(pod, owner))
     template_labels = (template.get("metadata") or {}).get("labels") or {}
     min_ready = int(spec.get("minReadySeconds") or 0)

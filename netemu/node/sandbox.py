@@ -15,6 +15,7 @@ import json
 import os
 
 from netemu import journal, names, netns
+from netemu.topology.names import pod_hostname
 
 
 @dataclasses.dataclass
@@ -71,9 +72,11 @@ def create_network(cluster: str, node: str, sb: Sandbox) -> None:
 
 def pause_argv(sb: Sandbox, hostname: str) -> list[str]:
     """The pause process: joins the pod's network namespace, makes a UTS namespace
-    with the pod's hostname, then sleeps under the name "pause"."""
+    with the pod's hostname, then sleeps under the name "pause". A pod name longer
+    than a hostname may be is cut as the kubelet cuts it (pod_hostname)."""
     return netns.exec_argv(sb.namespace, [
-        "unshare", "--uts", "bash", "-c", 'hostname "$0" && exec -a pause sleep infinity', hostname])
+        "unshare", "--uts", "bash", "-c", 'hostname "$0" && exec -a pause sleep infinity',
+        pod_hostname(hostname)])
 
 
 def destroy_network(cluster: str, node: str, sb: Sandbox) -> None:

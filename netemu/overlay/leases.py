@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
-from typing import Any
+from typing import Any, Iterator
 
 from netemu.overlay.backend import Lease
 
@@ -37,12 +37,58 @@ def network_config(network: ipaddress.IPv4Network, subnet_len: int, backend: dic
             "SubnetMin": str(smin), "SubnetMax": str(smax), "Backend": backend}
 
 
-def candidate_subnets(config: dict) -> list[ipaddress.IPv4Network]:
+def _subnet_space(config: dict) -> tuple[int, int, int, int]:
+    """(first index, last index, network address, subnet size) of the subnets
+    between SubnetMin and SubnetMax: subnet i starts at network + i * size."""
     network = ipaddress.IPv4Network(config["Network"])
     plen = int(config["SubnetLen"])
-    smin = ipaddress.IPv4Address(config.get("SubnetMin", network.network_address))
-    smax = ipaddress.IPv4Address(config.get("SubnetMax", network.broadcast_address))
-    return [s for s in network.subnets(new_prefix=plen) if smin <= s.network_address <= smax]
+    size = 2 ** (32 - plen)
+    base = int(network.network_address)
+    smin = int(ipaddress.IPv4Address(config.get("SubnetMin", network.network_address)))
+    smax = int(ipaddress.IPv4Address(config.get("SubnetMax", network.broadcast_address)))
+    first = max(0, -(-(smin - base) // size))                 # round up: start at or after SubnetMin
+    last = min(network.num_addresses // size - 1, (smax - base) // size)
+    return first, last, base, size
+
+
+def _subnet_at(config: dict, index: int) -> ipaddress.IPv4Network:
+    _, _, base, size = _subnet_space(config)
+    return ipaddress.IPv4Network((base + index * size, int(config["SubnetLen"])))
+
+
+def candidate_subnets(config: dict) -> list[ipaddress.IPv4Network]:
+    first, last, _, _ = _subnet_space(config)
+    return [_subnet_at(config, i) for i in range(first, last + 1)]
+
+
+# Random probes before the ordered scan: with a few leases in a large network
+# nearly every probe is free, so a node finds its subnet without the daemon ever
+# listing the network's subnets (a /9 cut into /30s holds two million).
+RANDOM_PROBES = 64
+
+
+def free_subnets(config: dict, held, rng: random.Random) -> Iterator[ipaddress.IPv4Network]:
+    """Subnets no lease in HELD holds, in random order: RANDOM_PROBES random
+    picks, then every subnet once from a random start (so a nearly full network
+    is still searched to the end). Lazy: nothing is listed up front."""
+    first, last, _, _ = _subnet_space(config)
+    count = last - first + 1
+    if count <= 0:
+        return
+    tried = set()
+    for _ in range(min(RANDOM_PROBES, count)):
+        i = first + rng.randrange(count)
+        subnet = _subnet_at(config, i)
+        if i not in tried and subnet not in held:
+            yield subnet
+        tried.add(i)
+    start = rng.randrange(count)
+    for k in range(count):
+        i = first + (start + k) % count
+        if i not in tried:
+            subnet = _subnet_at(config, i)
+            if subnet not in held:
+                yield subnet
 
 
 def lease_key(subnet: ipaddress.IPv4Network) -> str:
@@ -61,8 +107,9 @@ def read_leases(store) -> list[Lease]:
 
 def preferred_subnets(config: dict, public_ip: ipaddress.IPv4Address, leases: list[Lease],
                       previous: ipaddress.IPv4Network | None,
-                      requested: ipaddress.IPv4Network | None, rng: random.Random) -> list[ipaddress.IPv4Network]:
-    """Subnets to try, best first (pure: the caller creates the lease)."""
+                      requested: ipaddress.IPv4Network | None,
+                      rng: random.Random) -> Iterator[ipaddress.IPv4Network]:
+    """Subnets to try, best first, lazily (pure: the caller creates the lease)."""
     held = {l.subnet: l for l in leases}
     choices: list[ipaddress.IPv4Network] = []
 
@@ -75,14 +122,15 @@ def preferred_subnets(config: dict, public_ip: ipaddress.IPv4Address, leases: li
     choices += [l.subnet for l in leases if l.public_ip == public_ip]
     if requested is not None and free_or_ours(requested):
         choices.append(requested)
-    free = [s for s in candidate_subnets(config) if s not in held]
-    rng.shuffle(free)
-    choices += free
-    seen = []
+    seen = set()
     for s in choices:
         if s not in seen:
-            seen.append(s)
-    return seen
+            seen.add(s)
+            yield s
+    for s in free_subnets(config, held, rng):
+        if s not in seen:
+            seen.add(s)
+            yield s
 
 
 def acquire(store, config: dict, public_ip, node: str, backend_type: str, backend_data: dict,

@@ -11,9 +11,13 @@ never silently ignored). Example with every key:
                                        # default: the file's name without .yaml
     cluster:                           # every key optional; defaults shown
       underlay: 172.30.0.0/24          # node uplinks + client + load balancer IPs
+                                       # (a /16 at most)
       underlayMTU: 1500
       clusterNetwork: 10.244.0.0/16    # pod addresses; one subnet per node
-      subnetLen: 24                    # prefix of each node's subnet
+      subnetLen: 24                    # prefix of each node's subnet: 16..30, and
+                                       # at most 16 bits longer than clusterNetwork's
+                                       # (underlay, clusterNetwork and serviceRange
+                                       # avoid 0/8, 127/8, 169.254/16, 224/4, 240/4)
       serviceRange: 10.96.0.0/16       # Service cluster IPs (prefix /12 or longer)
       nodePortRange: 30000-32767       # or [30000, 32767]
       backend: udp                     # udp | vxlan | host-gw, or a mapping:
@@ -73,7 +77,7 @@ from .manifests import (Entry, Origin, check_batch, describe, manifest_files, no
                         object_label, read_manifest_file)
 from .model import (BACKENDS, DEFAULT_LB_POOL_SPAN, PROXY_MODES, ClusterSettings, NodeSpec,
                     Topology, TopologyError)
-from .yamlsource import load_documents, read_text
+from .yamlsource import file_problem, load_documents, read_text
 
 TOP_KEYS = ("name", "cluster", "nodes", "workloads")
 CLUSTER_KEYS = ("underlay", "underlayMTU", "clusterNetwork", "subnetLen", "serviceRange",
@@ -83,6 +87,25 @@ BACKEND_KEYS = ("type", "port", "vni")
 NODE_KEYS = ("name", "labels", "address", "podCIDR", "unschedulable")
 CLUSTER_NAME_MAX = 20
 LB_POOL_MAX = 65536          # a pool is expanded to a list; refuse absurd ones
+# The underlay's addresses are listed when nodes are placed on it; a /16 holds
+# 65,534 nodes, far more than one machine runs, and keeps that list small.
+UNDERLAY_MIN_PREFIX = 16
+# A node's pod subnet is listed by its IPAM: at most a /16 (65,534 pods).
+SUBNET_LEN_MIN = 16
+# kube-controller-manager refuses a node CIDR size more than 16 bits longer than
+# the cluster CIDR's (clusterSubnetMaxDiff: "the node CIDR size is too big"): at
+# most 65,536 node subnets, which every overlay daemon chooses its lease among.
+SUBNET_BITS_MAX = 16
+# Ranges that are not unicast addresses a network can route between namespaces:
+# the kernel refuses them as interface addresses or routes (multicast, class E),
+# or gives them a meaning of their own (this-network, loopback, link-local).
+SPECIAL_NETWORKS = (
+    (IPv4Network("0.0.0.0/8"), 'the "this network" range 0.0.0.0/8'),
+    (IPv4Network("127.0.0.0/8"), "the loopback range 127.0.0.0/8"),
+    (IPv4Network("169.254.0.0/16"), "the link-local range 169.254.0.0/16"),
+    (IPv4Network("224.0.0.0/4"), "the multicast range 224.0.0.0/4"),
+    (IPv4Network("240.0.0.0/4"), "the reserved range 240.0.0.0/4"),
+)
 
 
 class _File:
@@ -139,6 +162,19 @@ def _network(f: _File, value: Any, where: str) -> IPv4Network:
         raise f.error(where, f'invalid CIDR "{value}": host bits are set (did you mean {loose}?)') from None
 
 
+def _unicast_network(f: _File, value: Any, where: str, min_prefix: int = 0) -> IPv4Network:
+    """A CIDR for addresses the cluster gives out (underlay, pods, services), of
+    prefix MIN_PREFIX or longer."""
+    net = _network(f, value, where)
+    if net.prefixlen < min_prefix:
+        raise f.error(where, f"{net} is too large: use a /{min_prefix} or smaller")
+    for special, what in SPECIAL_NETWORKS:
+        if net.overlaps(special):
+            raise f.error(where, f"{net} overlaps {what}: use a private range such as 10.0.0.0/8, "
+                          "172.16.0.0/12 or 192.168.0.0/16")
+    return net
+
+
 def _address(f: _File, value: Any, where: str) -> IPv4Address:
     if not isinstance(value, str):
         raise f.error(where, f"must be an IPv4 address, got {describe(value)}")
@@ -154,7 +190,9 @@ def _address(f: _File, value: Any, where: str) -> IPv4Address:
 def _port_range(f: _File, value: Any, where: str) -> tuple[int, int]:
     malformed = f.error(where, f'must be "FIRST-LAST" like "30000-32767" or [FIRST, LAST], got {describe(value)}')
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value)
+        # At most 10 digits: int() of a longer one is slow or refused (Python's
+        # int-string limit), and no port has more than 5.
+        m = re.fullmatch(r"\s*(\d{1,10})\s*-\s*(\d{1,10})\s*", value)
         if not m:
             raise malformed
         first, last = int(m.group(1)), int(m.group(2))
@@ -210,21 +248,28 @@ def parse_settings(f: _File, cluster: Any, *, backend: str | None = None,
     c = _mapping(f, cluster, "cluster") if cluster is not None else {}
     _unknown_keys(f, c, CLUSTER_KEYS, "cluster")
     if "underlay" in c:
-        s.underlay = _network(f, c["underlay"], "cluster.underlay")
+        # The nodes, the client and the load-balancer addresses live on it.
+        s.underlay = _unicast_network(f, c["underlay"], "cluster.underlay", UNDERLAY_MIN_PREFIX)
     if s.underlay.prefixlen > 30:
         raise f.error("cluster.underlay", f"{s.underlay} is too small: use a /30 or larger "
                       "(nodes, the client and load-balancer addresses live on it)")
     if "underlayMTU" in c:
         s.underlay_mtu = _int(f, c["underlayMTU"], "cluster.underlayMTU", 576, 65535)
     if "clusterNetwork" in c:
-        s.cluster_network = _network(f, c["clusterNetwork"], "cluster.clusterNetwork")
+        s.cluster_network = _unicast_network(f, c["clusterNetwork"], "cluster.clusterNetwork")
     if "subnetLen" in c:
-        s.subnet_len = _int(f, c["subnetLen"], "cluster.subnetLen", 1, 30)
+        s.subnet_len = _int(f, c["subnetLen"], "cluster.subnetLen", SUBNET_LEN_MIN, 30)
     if s.subnet_len <= s.cluster_network.prefixlen:
         raise f.error("cluster.subnetLen", f"must be longer than clusterNetwork's prefix "
                       f"({s.cluster_network}), got {s.subnet_len}")
+    if s.subnet_len - s.cluster_network.prefixlen > SUBNET_BITS_MAX:
+        raise f.error("cluster.subnetLen", f"/{s.subnet_len} cuts clusterNetwork {s.cluster_network} into "
+                      f"{s.subnet_count()} node subnets, more than {2 ** SUBNET_BITS_MAX}: the node "
+                      f"subnet may be at most {SUBNET_BITS_MAX} bits longer than clusterNetwork's prefix "
+                      f"(use subnetLen {s.cluster_network.prefixlen + SUBNET_BITS_MAX} or less, or a "
+                      "smaller clusterNetwork)")
     if "serviceRange" in c:
-        s.service_range = _network(f, c["serviceRange"], "cluster.serviceRange")
+        s.service_range = _unicast_network(f, c["serviceRange"], "cluster.serviceRange")
     if s.service_range.prefixlen < 12:
         # kube-apiserver: "specified --service-cluster-ip-range is too large"
         raise f.error("cluster.serviceRange", f"{s.service_range} is too large: the prefix must be /12 or longer")
@@ -269,8 +314,9 @@ def parse_settings(f: _File, cluster: Any, *, backend: str | None = None,
         s.proxy_mode = _choice(f, proxy_mode, "--proxy-mode", PROXY_MODES, "proxy mode")
     if "timeScale" in c:
         t = c["timeScale"]
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
-            raise f.error("cluster.timeScale", f"must be a number greater than 0, got {describe(t)}")
+        # Finite: an infinite scale (YAML's .inf) would make every delay infinite.
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            raise f.error("cluster.timeScale", f"must be a finite number greater than 0, got {describe(t)}")
         s.time_scale = float(t)
     if "clientAddress" in c:
         s.client_address = _address(f, c["clientAddress"], "cluster.clientAddress")
@@ -453,13 +499,19 @@ def _workload_entries(f: _File, value: Any, base: Path) -> list[Entry]:
     for i, item in enumerate(value):
         where = f"workloads[{i}]"
         if isinstance(item, str):
+            if "\0" in item:
+                shown = item.replace("\0", "\\x00")
+                raise f.error(where, f'Invalid value: "{shown}": a path must not contain a NUL character')
             path = Path(os.path.normpath(base / item))     # shown in messages: keep it short
             files = manifest_files(path) if path.exists() else [path]
             if not files:
                 raise f.error(where, f"{path} holds no .yaml, .yml or .json file")
             for file in files:
-                if not file.exists():
-                    raise f.error(where, f"{file}: no such file")
+                # Refused from stat() alone, before an open() could block on a
+                # FIFO or a read never end (/dev/zero).
+                problem = file_problem(file)
+                if problem:
+                    raise f.error(where, f"{file}: {problem}")
                 entries.extend(read_manifest_file(file))
         elif isinstance(item, dict):
             obj, warnings = normalize_object(item, f.display, where)

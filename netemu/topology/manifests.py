@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import names
-from .model import ClusterSettings, NodeSpec, TopologyError
+from .model import PROBLEM_MAX, WHERE_MAX, ClusterSettings, NodeSpec, TopologyError, one_line
 from .schema import API_VERSIONS, KINDS, KNOWN_UNSUPPORTED_KINDS, SERVER_SET_METADATA, STRUCTS
 from .yamlsource import load_documents, read_text
 
 CONTROLLER_KINDS = ("ReplicationController", "ReplicaSet", "Deployment", "DaemonSet", "Job")
+NODE_SELECTOR_OPERATORS = ("DoesNotExist", "Exists", "Gt", "In", "Lt", "NotIn")
 PROTOCOLS = ("SCTP", "TCP", "UDP")          # Kubernetes' order in its messages
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 EXTERNAL_TRAFFIC_POLICIES = ("Cluster", "Local")
@@ -58,11 +59,13 @@ class Origin:
     warnings: list[str] = field(default_factory=list)
 
     def error(self, path: str, problem: str) -> TopologyError:
-        return TopologyError(self.file, f"{self.where}: {path}" if path else self.where, problem)
+        err = TopologyError(self.file, f"{self.where}: {path}" if path else self.where, problem)
+        err.field = path            # the field path alone, for the API server's message
+        return err
 
     def warn(self, path: str, message: str) -> None:
-        where = f"{self.where}: {path}" if path else self.where
-        self.warnings.append(f"{self.file}: {where}: {message}")
+        where = one_line(f"{self.where}: {path}" if path else self.where, WHERE_MAX)
+        self.warnings.append(f"{self.file}: {where}: {one_line(message, PROBLEM_MAX)}")
 
 
 def describe(value: Any) -> str:
@@ -76,7 +79,7 @@ def describe(value: Any) -> str:
     if isinstance(value, float):
         return f"number {value}"
     if isinstance(value, str):
-        return f'string "{value}"'
+        return f'string "{one_line(value, 80)}"'
     if isinstance(value, list):
         return "a list"
     if isinstance(value, dict):
@@ -94,23 +97,44 @@ def object_label(kind: Any, metadata: Any) -> str:
 # ---------------------------------------------------------------------------
 # Step 1: decode (types and field names)
 
-_TYPE_WORDS = {"string": "a string", "integer": "an integer", "boolean": "a boolean (true or false)",
+_TYPE_WORDS = {"string": "a string", "integer": "an integer", "int64": "an integer",
+               "boolean": "a boolean (true or false)",
                "number": "a number", "map[string]string": "a mapping of strings to strings",
                "[]string": "a list of strings", "int-or-string": "an integer or a string"}
 
 
-def _decode(value: Any, typ: Any, path: str, origin: Origin) -> Any:
-    """Type-check `value` against `typ` (schema notation) and return a copy."""
+# Go's integer types of Kubernetes' fields: a number outside them fails to
+# decode in the API server, before any validation.
+_INT_BITS = {"integer": 32, "int64": 64}
+
+
+def _no_nul(origin: Origin, path: str, value: str) -> None:
+    """NUL ends a C string: in argv, an environment or a file name it would cut
+    the value short, or make exec fail in the kubelet. No field may hold one."""
+    if "\x00" in value:
+        shown = value.replace("\x00", "\\x00")
+        raise origin.error(path, f'Invalid value: "{shown}": must not contain a NUL character')
+
+
+def _decode(value: Any, typ: Any, path: str, origin: Origin, owner: str = "") -> Any:
+    """Type-check `value` against `typ` (schema notation) and return a copy.
+    OWNER: the struct holding the field, for Go's decoding message."""
     def wrong(expected: str) -> TopologyError:
         return origin.error(path, f"must be {expected}, got {describe(value)}")
 
     if typ == "string":
         if not isinstance(value, str):
             raise wrong(_TYPE_WORDS[typ])
+        _no_nul(origin, path, value)
         return value
-    if typ == "integer":
+    if typ in _INT_BITS:
         if isinstance(value, bool) or not isinstance(value, int):
             raise wrong(_TYPE_WORDS[typ])
+        bits = _INT_BITS[typ]
+        if not -2 ** (bits - 1) <= value < 2 ** (bits - 1):
+            # The API server's words (encoding/json, decoding into the Go struct).
+            raise origin.error(path, f"cannot unmarshal number {value} into Go struct field "
+                               f"{owner}.{path} of type int{bits}")
         return value
     if typ == "boolean":
         if not isinstance(value, bool):
@@ -119,6 +143,11 @@ def _decode(value: Any, typ: Any, path: str, origin: Origin) -> Any:
     if typ == "int-or-string":
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise wrong(_TYPE_WORDS[typ])
+        if isinstance(value, int) and not -2 ** 31 <= value < 2 ** 31:
+            raise origin.error(path, f"cannot unmarshal number {value} into Go struct field "
+                               f"{owner}.{path} of type int32")
+        if isinstance(value, str):
+            _no_nul(origin, path, value)
         return value
     if typ == "map[string]string":
         if not isinstance(value, dict):
@@ -129,6 +158,8 @@ def _decode(value: Any, typ: Any, path: str, origin: Origin) -> Any:
             if not isinstance(v, str):
                 # The usual cause: `version: 1` or `enabled: true` unquoted.
                 raise origin.error(f"{path}.{k}", f"must be a string, got {describe(v)} (quote it)")
+            _no_nul(origin, path, k)
+            _no_nul(origin, f"{path}.{k}", v)
         return dict(value)
     if typ == "[]string":
         if not isinstance(value, list):
@@ -136,11 +167,12 @@ def _decode(value: Any, typ: Any, path: str, origin: Origin) -> Any:
         for i, item in enumerate(value):
             if not isinstance(item, str):
                 raise origin.error(f"{path}[{i}]", f"must be a string, got {describe(item)}")
+            _no_nul(origin, f"{path}[{i}]", item)
         return list(value)
     if isinstance(typ, tuple) and typ[0] == "list":
         if not isinstance(value, list):
             raise wrong("a list")
-        return [_decode(item, typ[1], f"{path}[{i}]", origin) for i, item in enumerate(value)]
+        return [_decode(item, typ[1], f"{path}[{i}]", origin, owner) for i, item in enumerate(value)]
     return _decode_struct(value, STRUCTS[typ], path, origin)
 
 
@@ -153,7 +185,7 @@ def _decode_struct(value: Any, struct, path: str, origin: Origin) -> dict:
         if item is None:            # null means "not set", as in the API
             continue
         if key in struct.used:
-            out[key] = _decode(item, struct.used[key], sub, origin)
+            out[key] = _decode(item, struct.used[key], sub, origin, struct.name)
         elif key in struct.unused:
             origin.warn(sub, "field is not used by netemu (ignored)")
             out[key] = copy.deepcopy(item)
@@ -277,6 +309,7 @@ def _pod_spec(spec: dict, path: str, origin: Origin, *,
         for j, env in enumerate(container.get("env", [])):
             if not env.get("name"):
                 raise origin.error(f"{cpath}.env[{j}].name", "Required value")
+            _check_name(origin, f"{cpath}.env[{j}].name", env["name"], names.env_var_name)
         for j, port in enumerate(container.get("ports", [])):
             ppath = f"{cpath}.ports[{j}]"
             if "containerPort" not in port:
@@ -316,6 +349,20 @@ def _pod_spec(spec: dict, path: str, origin: Origin, *,
     if "nodeName" in spec:
         _check_name(origin, f"{path}.nodeName", spec["nodeName"], names.dns1123_subdomain)
     _check_labels(origin, f"{path}.nodeSelector", spec.get("nodeSelector", {}))
+    if "terminationGracePeriodSeconds" in spec:
+        _check_non_negative(origin, f"{path}.terminationGracePeriodSeconds", spec["terminationGracePeriodSeconds"])
+    required = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution")
+    for i, term in enumerate((required or {}).get("nodeSelectorTerms", [])):
+        for part in ("matchExpressions", "matchFields"):
+            for j, req in enumerate(term.get(part, [])):
+                rpath = (f"{path}.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+                         f".nodeSelectorTerms[{i}].{part}[{j}]")
+                if not req.get("key"):
+                    raise origin.error(f"{rpath}.key", "Required value")
+                if req.get("operator") not in NODE_SELECTOR_OPERATORS:
+                    raise _unsupported(origin, f"{rpath}.operator", str(req.get("operator")),
+                                       NODE_SELECTOR_OPERATORS)
 
 
 def _label_selector(selector: dict | None, path: str, kind: str, origin: Origin) -> dict:
@@ -340,6 +387,44 @@ def _label_selector(selector: dict | None, path: str, kind: str, origin: Origin)
     return selector
 
 
+def _int_or_percent(origin: Origin, path: str, value) -> None:
+    """ValidatePositiveIntOrPercent: a number >= 0 or a percentage like "25%"."""
+    if isinstance(value, int):
+        _check_non_negative(origin, path, value)
+        return
+    problem = names.percent(value)
+    if problem:
+        raise origin.error(path, f'Invalid value: "{value}": {problem}')
+
+
+def _update_strategy(strategy: dict | None, path: str, types: tuple[str, ...], other: str | None,
+                     origin: Origin) -> None:
+    """A Deployment's strategy or a DaemonSet's updateStrategy, as
+    ValidateDeploymentStrategy / ValidateDaemonSetUpdateStrategy check them.
+    OTHER: the type that forbids a rollingUpdate block (a Deployment's Recreate)."""
+    if not strategy:
+        return
+    stype = strategy.get("type", "RollingUpdate")
+    if stype not in types:
+        raise _unsupported(origin, f"{path}.type", stype, types)
+    rolling = strategy.get("rollingUpdate")
+    if rolling is None:
+        return
+    if other is not None and stype == other:
+        raise origin.error(f"{path}.rollingUpdate", f"Forbidden: may not be specified when strategy "
+                           f"`type` is '{other}'")
+    rpath = f"{path}.rollingUpdate"
+    for key in ("maxUnavailable", "maxSurge"):
+        if key in rolling:
+            _int_or_percent(origin, f"{rpath}.{key}", rolling[key])
+    unavailable = rolling.get("maxUnavailable")
+    if isinstance(unavailable, str) and int(unavailable[:-1]) > 100:
+        raise origin.error(f"{rpath}.maxUnavailable", f'Invalid value: "{unavailable}": must not be greater than 100%')
+    if rolling.get("maxSurge") in (0, "0%") and unavailable in (0, "0%"):
+        raise origin.error(f"{rpath}.maxUnavailable", f"Invalid value: {names.go_repr(unavailable)}: "
+                           "may not be 0 when `maxSurge` is 0")
+
+
 def _template_labels(spec: dict, origin: Origin) -> dict:
     template = spec.get("template")
     if template is None:
@@ -359,6 +444,13 @@ def _controller(obj: dict, origin: Origin) -> None:
     if kind != "DaemonSet" and kind != "Job":
         spec.setdefault("replicas", 1)
         _check_non_negative(origin, "spec.replicas", spec["replicas"])
+    if "minReadySeconds" in spec:
+        _check_non_negative(origin, "spec.minReadySeconds", spec["minReadySeconds"])
+    if kind == "Deployment":
+        _update_strategy(spec.get("strategy"), "spec.strategy", ("Recreate", "RollingUpdate"), "Recreate", origin)
+    elif kind == "DaemonSet":
+        _update_strategy(spec.get("updateStrategy"), "spec.updateStrategy", ("OnDelete", "RollingUpdate"),
+                         None, origin)
 
     if kind == "ReplicationController":
         # RC defaulting (pkg/apis/core/v1/defaults.go): selector and the RC's own
@@ -373,11 +465,17 @@ def _controller(obj: dict, origin: Origin) -> None:
         if not names.map_selector_matches(spec["selector"], labels):
             raise _selector_mismatch(origin, labels)
     elif kind == "Job":
+        # batch/v1 SetDefaults_Job: the Job's labels come from its template's
+        # when it has none (kubectl get jobs --show-labels shows them).
+        if not obj["metadata"].get("labels") and labels:
+            obj["metadata"]["labels"] = dict(labels)
         spec.setdefault("completions", 1)
         spec.setdefault("parallelism", 1)
         spec.setdefault("backoffLimit", 6)
-        for key in ("completions", "parallelism", "backoffLimit"):
-            _check_non_negative(origin, f"spec.{key}", spec[key])
+        for key in ("completions", "parallelism", "backoffLimit", "activeDeadlineSeconds",
+                    "ttlSecondsAfterFinished"):
+            if key in spec:
+                _check_non_negative(origin, f"spec.{key}", spec[key])
         if spec.get("selector") is not None:
             if not spec.get("manualSelector"):
                 raise origin.error("spec.selector", f"Invalid value: {spec['selector']}: `selector` not "
@@ -477,6 +575,8 @@ def _service(obj: dict, origin: Origin) -> None:
                 raise origin.error(f"{ppath}.nodePort", f'Duplicate value: "{port["nodePort"]}/{protocol}"')
             seen_node_ports.add((port["nodePort"], protocol))
 
+    for i, ip in enumerate(spec.get("externalIPs", [])):
+        _external_ip(origin, f"spec.externalIPs[{i}]", ip)
     if "selector" in spec:
         _check_labels(origin, "spec.selector", spec["selector"])
     else:
@@ -491,6 +591,26 @@ def _service(obj: dict, origin: Origin) -> None:
                      client_ip["timeoutSeconds"], 1, 86400)
     elif "sessionAffinityConfig" in spec:
         raise origin.error("spec.sessionAffinityConfig", "Forbidden: must not be set when `sessionAffinity` is None")
+
+
+def _external_ip(origin: Origin, path: str, value: str) -> None:
+    """ValidateNonSpecialIP, as the API server checks spec.externalIPs; netemu's
+    cluster is IPv4 only, so an IPv6 address is refused too."""
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        raise origin.error(path, f'Invalid value: "{value}": must be a valid IP address, '
+                           "(e.g. 10.9.8.7 or 2001:db8::ffff)") from None
+    if addr.version != 4:
+        raise origin.error(path, f'Invalid value: "{value}": must be an IPv4 address (netemu\'s cluster is IPv4 only)')
+    for bad, problem in ((addr.is_unspecified, "may not be unspecified (0.0.0.0, ::)"),
+                         (addr.is_loopback, "may not be in the loopback range (127.0.0.0/8, ::1/128)"),
+                         (addr in ipaddress.ip_network("169.254.0.0/16"),
+                          "may not be in the link-local range (169.254.0.0/16, fe80::/10)"),
+                         (addr in ipaddress.ip_network("224.0.0.0/24"),
+                          "may not be in the link-local multicast range (224.0.0.0/24, ff02::/10)")):
+        if bad:
+            raise origin.error(path, f'Invalid value: "{value}": {problem}')
 
 
 def normalize_object(raw: Any, file: str, where: str) -> tuple[dict, list[str]]:
@@ -516,6 +636,8 @@ def normalize_object(raw: Any, file: str, where: str) -> tuple[dict, list[str]]:
         raise origin.error("kind", f'unknown kind "{kind}" (supported kinds: {supported})')
     if api_version is None:
         raise origin.error("apiVersion", "Required value")
+    if not isinstance(api_version, str):
+        raise origin.error("apiVersion", f"must be a string, got {describe(api_version)}")
     versions = API_VERSIONS[kind]
     if api_version not in versions:
         raise origin.error("apiVersion", f'no kind "{kind}" is registered for version "{api_version}" '

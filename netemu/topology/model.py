@@ -24,13 +24,35 @@ DEFAULT_BACKEND_PORTS = {"udp": 8285, "vxlan": 8472}
 DEFAULT_LB_POOL_SPAN = 16
 
 
+# Longest part of an error or warning line. Messages quote the offending value
+# (a name, a key, a string), and the value may be a megabyte long: the line is
+# cut so that one bad field cannot flood a terminal or a log.
+WHERE_MAX = 300
+PROBLEM_MAX = 500
+
+
+def one_line(text, limit: int) -> str:
+    """TEXT on one line (whitespace runs become one space), at most about LIMIT
+    characters: a longer text is cut and says how much was left out."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 class TopologyError(ValueError):
-    """Bad input. str(e) is one line: "<file>: <where>: <problem>"."""
+    """Bad input. str(e) is one line: "<file>: <where>: <problem>", each part
+    cut to a sane length (one_line)."""
+
+    # The field path alone ("spec.replicas") when the error is about one field of
+    # a Kubernetes object, for messages in the API server's form; set by the
+    # manifest checks (manifests.Origin.error).
+    field = ""
 
     def __init__(self, file, where, problem):
-        self.file = str(file)
-        self.where = str(where)
-        self.problem = " ".join(str(problem).split())  # one line, whatever PyYAML said
+        self.file = one_line(file, WHERE_MAX)
+        self.where = one_line(where, WHERE_MAX)
+        self.problem = one_line(problem, PROBLEM_MAX)  # one line, whatever PyYAML said
         parts = [p for p in (self.file, self.where, self.problem) if p]
         super().__init__(": ".join(parts))
 

@@ -51,6 +51,39 @@ def dns1035_label(value: str) -> str | None:
     return None
 
 
+def env_var_name(value: str) -> str | None:
+    """IsRelaxedEnvVarName, Kubernetes' rule since RelaxedEnvironmentVariableValidation
+    (GA in 1.34): any printable ASCII character but '='. A '=' would split the
+    name in the process's environment (NAME=VALUE) and put another variable there."""
+    if value and all(" " <= ch <= "~" and ch != "=" for ch in value):
+        return None
+    return "a valid environment variable name must consist only of printable ASCII characters other than '='"
+
+
+_PERCENT = re.compile(r"^[0-9]+%$")
+
+
+def percent(value: str) -> str | None:
+    """IsValidPercent, for int-or-string fields such as maxSurge."""
+    if _PERCENT.match(value):
+        return None
+    return ("a valid percent string must be a numeric string followed by an ending '%' "
+            "(e.g. '1%',  or '93%', regex used for validation is '[0-9]+%')")
+
+
+HOSTNAME_MAX = 63
+
+
+def pod_hostname(pod_name: str) -> str:
+    """The hostname a pod's sandbox gets: its name, cut to 63 characters (a DNS
+    label) with trailing '-' and '.' removed, as the kubelet does
+    (truncatePodHostnameIfNeeded). A pod name may be a 253-character subdomain,
+    which Linux refuses as a hostname (64 bytes at most)."""
+    if len(pod_name) <= HOSTNAME_MAX:
+        return pod_name
+    return pod_name[:HOSTNAME_MAX].rstrip("-.")
+
+
 def port_name(value: str) -> str | None:
     """IANA_SVC_NAME: the rule for container and service port names."""
     if len(value) > 15:

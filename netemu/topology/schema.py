@@ -8,8 +8,11 @@ by netemu"); a field in neither gets an "unknown field" warning and is dropped,
 as the API server does with fieldValidation=Warn (a typo is reported, the
 object still loads). Fields below a known-but-unused field are not looked at.
 
-Type notation: "string", "integer", "boolean", "number", "map[string]string",
-"[]string", "int-or-string", a struct name, or ("list", struct name).
+Type notation: "string", "integer" (int32, as nearly every Kubernetes number),
+"int64", "boolean", "number", "map[string]string", "[]string", "int-or-string", a
+struct name, or ("list", struct name). A field netemu reads anywhere (a
+controller, the proxy, the scheduler) is a used field, so that its type is
+checked before that code sees it.
 """
 
 from __future__ import annotations
@@ -46,15 +49,23 @@ STRUCTS: dict[str, Struct] = {s.name: s for s in [
     _s("PodTemplateSpec", {"metadata": "ObjectMeta", "spec": "PodSpec"}),
     _s("PodSpec",
        {"containers": ("list", "Container"), "restartPolicy": "string",
-        "nodeName": "string", "nodeSelector": "map[string]string"},
-       "activeDeadlineSeconds affinity automountServiceAccountToken dnsConfig dnsPolicy "
+        "nodeName": "string", "nodeSelector": "map[string]string", "affinity": "Affinity",
+        "terminationGracePeriodSeconds": "int64"},
+       "activeDeadlineSeconds automountServiceAccountToken dnsConfig dnsPolicy "
        "enableServiceLinks ephemeralContainers evictionResponders hostAliases hostIPC "
        "hostNetwork hostPID hostUsers hostname hostnameOverride imagePullSecrets "
        "initContainers os overhead preemptionPolicy priority priorityClassName "
        "readinessGates resourceClaims resources runtimeClassName schedulerName "
        "schedulingGates schedulingGroup securityContext serviceAccount serviceAccountName "
-       "setHostnameAsFQDN shareProcessNamespace subdomain terminationGracePeriodSeconds "
+       "setHostnameAsFQDN shareProcessNamespace subdomain "
        "tolerations topologySpreadConstraints volumes"),
+    _s("Affinity", {"nodeAffinity": "NodeAffinity"}, "podAffinity podAntiAffinity"),
+    _s("NodeAffinity", {"requiredDuringSchedulingIgnoredDuringExecution": "NodeSelector"},
+       "preferredDuringSchedulingIgnoredDuringExecution"),
+    _s("NodeSelector", {"nodeSelectorTerms": ("list", "NodeSelectorTerm")}),
+    _s("NodeSelectorTerm", {"matchExpressions": ("list", "NodeSelectorRequirement"),
+                            "matchFields": ("list", "NodeSelectorRequirement")}),
+    _s("NodeSelectorRequirement", {"key": "string", "operator": "string", "values": "[]string"}),
     _s("Container",
        {"name": "string", "image": "string", "command": "[]string", "args": "[]string",
         "env": ("list", "EnvVar"), "ports": ("list", "ContainerPort"), "workingDir": "string"},
@@ -66,31 +77,38 @@ STRUCTS: dict[str, Struct] = {s.name: s for s in [
        {"containerPort": "integer", "hostPort": "integer", "protocol": "string",
         "name": "string", "hostIP": "string"}),
     _s("ReplicationControllerSpec",
-       {"replicas": "integer", "selector": "map[string]string", "template": "PodTemplateSpec"},
-       "minReadySeconds"),
+       {"replicas": "integer", "selector": "map[string]string", "template": "PodTemplateSpec",
+        "minReadySeconds": "integer"}),
     _s("ReplicaSetSpec",
-       {"replicas": "integer", "selector": "LabelSelector", "template": "PodTemplateSpec"},
-       "minReadySeconds"),
+       {"replicas": "integer", "selector": "LabelSelector", "template": "PodTemplateSpec",
+        "minReadySeconds": "integer"}),
     _s("DeploymentSpec",
-       {"replicas": "integer", "selector": "LabelSelector", "template": "PodTemplateSpec"},
-       "minReadySeconds paused progressDeadlineSeconds revisionHistoryLimit strategy"),
+       {"replicas": "integer", "selector": "LabelSelector", "template": "PodTemplateSpec",
+        "minReadySeconds": "integer", "paused": "boolean", "strategy": "DeploymentStrategy"},
+       "progressDeadlineSeconds revisionHistoryLimit"),
+    _s("DeploymentStrategy", {"type": "string", "rollingUpdate": "RollingUpdateDeployment"}),
+    _s("RollingUpdateDeployment", {"maxUnavailable": "int-or-string", "maxSurge": "int-or-string"}),
     _s("DaemonSetSpec",
-       {"selector": "LabelSelector", "template": "PodTemplateSpec"},
-       "minReadySeconds revisionHistoryLimit updateStrategy"),
+       {"selector": "LabelSelector", "template": "PodTemplateSpec", "minReadySeconds": "integer",
+        "updateStrategy": "DaemonSetUpdateStrategy"},
+       "revisionHistoryLimit"),
+    _s("DaemonSetUpdateStrategy", {"type": "string", "rollingUpdate": "RollingUpdateDaemonSet"}),
+    _s("RollingUpdateDaemonSet", {"maxUnavailable": "int-or-string", "maxSurge": "int-or-string"}),
     _s("JobSpec",
        {"completions": "integer", "parallelism": "integer", "backoffLimit": "integer",
-        "selector": "LabelSelector", "manualSelector": "boolean", "template": "PodTemplateSpec"},
-       "activeDeadlineSeconds backoffLimitPerIndex completionMode managedBy maxFailedIndexes "
-       "podFailurePolicy podReplacementPolicy scheduling successPolicy suspend "
-       "ttlSecondsAfterFinished"),
+        "selector": "LabelSelector", "manualSelector": "boolean", "template": "PodTemplateSpec",
+        "activeDeadlineSeconds": "int64", "suspend": "boolean", "ttlSecondsAfterFinished": "integer"},
+       "backoffLimitPerIndex completionMode managedBy maxFailedIndexes "
+       "podFailurePolicy podReplacementPolicy scheduling successPolicy"),
     _s("ServiceSpec",
        {"type": "string", "selector": "map[string]string", "ports": ("list", "ServicePort"),
         "clusterIP": "string", "sessionAffinity": "string",
         "sessionAffinityConfig": "SessionAffinityConfig", "loadBalancerIP": "string",
-        "externalTrafficPolicy": "string"},
-       "allocateLoadBalancerNodePorts clusterIPs externalIPs externalName "
+        "externalTrafficPolicy": "string", "externalIPs": "[]string",
+        "publishNotReadyAddresses": "boolean"},
+       "allocateLoadBalancerNodePorts clusterIPs externalName "
        "healthCheckNodePort internalTrafficPolicy ipFamilies "
-       "ipFamilyPolicy loadBalancerClass loadBalancerSourceRanges publishNotReadyAddresses "
+       "ipFamilyPolicy loadBalancerClass loadBalancerSourceRanges "
        "trafficDistribution"),
     _s("SessionAffinityConfig", {"clientIP": "ClientIPConfig"}),
     _s("ClientIPConfig", {"timeoutSeconds": "integer"}),

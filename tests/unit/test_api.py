@@ -71,8 +71,8 @@ def test_failed_request_gives_back_what_it_claimed(tmp_path):
     store = open_store(tmp_path)
     api.create_or_update(store, service("a", type_="NodePort",
                                         ports=[{"port": 80, "protocol": "TCP", "nodePort": 30001}]), settings())
-    two = service("b", type_="NodePort", ports=[{"port": 80, "protocol": "TCP", "nodePort": 30002},
-                                                {"port": 81, "protocol": "TCP", "nodePort": 30001}])
+    two = service("b", type_="NodePort", ports=[{"name": "a", "port": 80, "protocol": "TCP", "nodePort": 30002},
+                                                {"name": "b", "port": 81, "protocol": "TCP", "nodePort": 30001}])
     with pytest.raises(api.ApiError, match=r"spec.ports\[1\].nodePort"):
         api.create_or_update(store, two, settings())
     assert store.get(api.NODE_PORTS + "30002") is None

@@ -220,7 +220,7 @@ def test_bad_cluster_name(tmp_path):
 def test_wrong_field_types(tmp_path):
     assert "cluster.underlayMTU: must be an integer, got string" in error(
         tmp_path, MINIMAL + "cluster: {underlayMTU: '1500'}\n")
-    assert "cluster.timeScale: must be a number greater than 0" in error(tmp_path, MINIMAL + "cluster: {timeScale: 0}\n")
+    assert "cluster.timeScale: must be a finite number greater than 0" in error(tmp_path, MINIMAL + "cluster: {timeScale: 0}\n")
     assert "nodes[0].unschedulable: must be true or false" in error(
         tmp_path, "name: t\nnodes: [{name: a, unschedulable: 'no'}]\n")
     assert "nodes: must be a list" in error(tmp_path, "name: t\nnodes: {a: 1}\n")
