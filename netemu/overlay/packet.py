@@ -79,6 +79,11 @@ def ipv4_destination(packet: bytes) -> int:
     return int.from_bytes(packet[16:20], "big")
 
 
+def ipv4_source(packet: bytes) -> int:
+    """The source address as an integer (PACKET holds at least a minimal header)."""
+    return int.from_bytes(packet[12:16], "big")
+
+
 def decrement_ttl(packet: bytearray) -> bool:
     """Decrement the TTL in place and patch the header checksum; False if it hits 0.
 
