@@ -97,8 +97,8 @@ def finish_checksum(packet: bytearray, csum_start: int, csum_offset: int) -> Non
     """Complete a NEEDS_CSUM packet in place: the field holds the pseudo-header
     sum; the checksum covers it and everything from csum_start on."""
     where = csum_start + csum_offset
-    if where + 2 > len(packet):
-        return
+    if csum_start < 0 or csum_offset < 0 or where + 2 > len(packet):
+        return                         # (as _vnetc.c's forward: not ours to guess)
     csum = -ones_sum(memoryview(packet)[csum_start:]) % _M
     if csum == 0 and packet[9] == IPPROTO_UDP:
         csum = _M                      # UDP: 0 would mean "no checksum"
