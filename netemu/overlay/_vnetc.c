@@ -450,6 +450,36 @@ static PyObject *coalesce_with(PyObject *args, int (*merge)(Items *, const uint8
 static PyObject *coalesce_into(PyObject *self, PyObject *args) { return coalesce_with(args, tcp_items); }
 static PyObject *coalesce_udp_into(PyObject *self, PyObject *args) { return coalesce_with(args, udp_items); }
 
+/* ---- inner sources ---------------------------------------------------------- */
+
+PyDoc_STRVAR(sources_within_doc,
+"sources_within(buffer, size, network, netmask) -> bool\n\n"
+"Whether every datagram of a GRO receive (SIZE >= 20 bytes each, the last\n"
+"possibly shorter) long enough to hold an IPv4 header has its source address\n"
+"(bytes 12-15) in NETWORK/NETMASK (32-bit integers). fastudp.Worker.sources_leased\n"
+"the Python way.");
+
+static PyObject *sources_within(PyObject *self, PyObject *args)
+{
+    Py_buffer in;
+    Py_ssize_t size;
+    unsigned long network, mask;
+    if (!PyArg_ParseTuple(args, "y*nkk", &in, &size, &network, &mask))
+        return NULL;
+    if (size < 20) {
+        PyBuffer_Release(&in);
+        PyErr_SetString(PyExc_ValueError, "size must be at least an IPv4 header (20)");
+        return NULL;
+    }
+    const uint8_t *b = in.buf;
+    int ok = 1;
+    /* each datagram at AT has AT + 20 <= N bytes before its end: 12-15 are its own */
+    for (Py_ssize_t at = 0; ok && at + 20 <= in.len; at += size)
+        ok = (get32(b + at + 12) & (uint32_t)mask) == (uint32_t)network;
+    PyBuffer_Release(&in);
+    return PyBool_FromLong(ok);
+}
+
 /* ---- one small packet ------------------------------------------------------ */
 
 PyDoc_STRVAR(forward_doc,
@@ -498,6 +528,7 @@ static PyMethodDef methods[] = {
     {"segment_into", segment_into, METH_VARARGS, segment_into_doc},
     {"coalesce_into", coalesce_into, METH_VARARGS, coalesce_into_doc},
     {"coalesce_udp_into", coalesce_udp_into, METH_VARARGS, coalesce_udp_into_doc},
+    {"sources_within", sources_within, METH_VARARGS, sources_within_doc},
     {NULL, NULL, 0, NULL},
 };
 

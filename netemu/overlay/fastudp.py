@@ -564,13 +564,17 @@ class Worker:
 
     def sources_leased(self, batch, size: int, source: str) -> bool:
         """Whether every datagram of BATCH (SIZE >= 20 bytes each, the last
-        possibly shorter) has an inner source that SOURCE leases. One pass per
-        address byte over all datagrams at once (bytes.translate/count run in
-        C): a batch is up to 64 KB and this is the hot path."""
+        possibly shorter) has an inner source that SOURCE leases (a last one
+        too short for a header is malformed, and dropped for that). Compiled
+        (_vnetc.c, sources_within), or one pass per address byte over all
+        datagrams at once (bytes.translate/count run in C): a batch is up to
+        64 KB and this is the hot path."""
         leases = self.peers.sources.get(source, ())
         if len(leases) != 1:
             return False                        # (several leases: the per-datagram way)
         network, mask = leases[0]
+        if self.compiled:
+            return vnet.native.sources_within(batch, size, network, mask)
         full = len(batch) // size * size
         for i in range(4):
             shift = 24 - 8 * i

@@ -387,3 +387,24 @@ def test_the_tx_side_drops_what_it_cannot_cut(implementation):
         assert worker.counters[fastudp.COUNTERS.index("tx_packets")] == 0
     finally:
         rx.close()
+
+
+def test_the_compiled_source_check_agrees_with_the_python_one():
+    if not vnet.COMPILED:
+        pytest.skip("netemu.overlay._vnetc was not built (no C compiler at install)")
+    rng = random.Random(12_403)
+    rx = Rx("compiled")
+    try:
+        for _ in range(3000):
+            size = rng.randrange(20, 120)
+            flows = Flows(rng)
+            sent = [flows.udp(size) or rng.randbytes(size) for _ in range(rng.randrange(1, 6))]
+            if rng.random() < 0.5:
+                sent[rng.randrange(len(sent))] = rng.randbytes(size)
+            batch = b"".join(sent)[:rng.randrange(1, size * len(sent) + 1)]
+            rx.worker.compiled = True
+            compiled = rx.worker.sources_leased(memoryview(batch), size, PEER)
+            rx.worker.compiled = False
+            assert rx.worker.sources_leased(memoryview(batch), size, PEER) == compiled
+    finally:
+        rx.close()
