@@ -130,6 +130,8 @@ class VxlanBackend(Backend):
 
     def _allow(self, address: str, allowed: bool) -> None:
         """Add ADDRESS to the filter's peers, or take it out when no peer has it any more."""
+        if not self._filtering:
+            return                              # before setup: setup's table starts empty, add_peer fills it
         if allowed:
             nft(f"add element ip {FILTER_TABLE} peers {{ {address} }}\n")
         elif all(ip != address for _mac, ip in self._peers.values()):
