@@ -191,6 +191,8 @@ class VxlanBackend(Backend):
             ipr.link("set", index=index, state="up")
         nft(filter_ruleset(self.port))
         self._filtering = True
+        for address in sorted({ip for _mac, ip in self._peers.values()}):
+            self._allow(address, True)             # peers added before setup, if any
 
     # -- peers ----------------------------------------------------------------
 
