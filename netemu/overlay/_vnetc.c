@@ -225,8 +225,9 @@ static int tcp_items(Items *it, const uint8_t *b, Py_ssize_t n, Py_ssize_t size)
     Py_ssize_t count = n / size + (n % size != 0);     /* not (n + size - 1): no overflow */
     Py_ssize_t hdr = n >= 33 ? 20 + (b[32] >> 4) * 4 : 0;
     /* count >= 2 means the first datagram is whole: SIZE (>= 40) bytes, so
-     * b[0], b[9] and b[32] are its own. From here on, HDR < SIZE. */
-    if (count < 2 || size < 40 || size % 2 || b[0] != 0x45 || b[9] != IPPROTO_TCP_ || hdr >= size) {
+     * b[0], b[9] and b[32] are its own. From here on, 40 <= HDR < SIZE (a TCP
+     * data offset under 5 is no TCP header: nothing is merged). */
+    if (count < 2 || size < 40 || size % 2 || b[0] != 0x45 || b[9] != IPPROTO_TCP_ || hdr < 40 || hdr >= size) {
         for (Py_ssize_t i = 0; i < count; i++) {
             Py_ssize_t end = (i + 1) * size < n ? (i + 1) * size : n;
             if (add_item(it, 0, i * size, end) < 0)
