@@ -408,3 +408,23 @@ def test_vxlan_counters_survive_a_kill_9_of_the_daemon(vxlan: Cluster):
     wait_for(lambda: vxlan.counters("n1")["drop_unknown_source"] >= 3, timeout=5, what="drops counted")
     after = kill_daemon_and_compare(vxlan, "n1", gauges=("peers", "peers_ignored"))
     assert after["counters"]["drop_unknown_source"] >= 3
+
+
+def test_vxlan_filter_follows_the_leases(vxlan: Cluster):
+    """A node that joins is let in by the others' filters; once it is removed,
+    it is not any more."""
+    def allowed(node: str) -> list[str]:
+        out = json.loads(netns.run(vxlan.node_ns(node), ["nft", "-j", "list", "set", "ip", "netemu-vxlan",
+                                                         "peers"]).stdout)
+        return sorted(e for item in out["nftables"] if "set" in item for e in item["set"].get("elem", []))
+
+    cli("node", "--cluster", vxlan.name, "add", "n3")
+    try:
+        n3 = registry.get(clusters.open_store(vxlan.name), "Node", None, "n3")
+        n3_ip = next(a["address"] for a in n3["status"]["addresses"] if a["type"] == "InternalIP")
+        wait_for(lambda: allowed("n1") == sorted([vxlan.node_ip["n2"], n3_ip]), timeout=30,
+                 what="n1's filter to let n3 in")
+    finally:
+        cli("node", "--cluster", vxlan.name, "remove", "n3")
+    wait_for(lambda: allowed("n1") == [vxlan.node_ip["n2"]], timeout=30, what="n1's filter to shut n3 out")
+    assert vxlan.ping("a1", vxlan.pod_ip["b1"]) == 1
