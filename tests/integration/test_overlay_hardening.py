@@ -234,6 +234,7 @@ def test_udp_hostile_gso_datagrams_from_a_peer_do_not_restart_the_worker(udp: Cl
             ping.kill()
             ping.wait()
     received = int(re.search(r"(\d+) received", out).group(1))
+    print(f"pings during the hostile datagrams: {received}/30 answered")
     assert udp.stats("n1")["pid"] == before["pid"], "the overlay daemon restarted"
     assert udp.workers("n1") == workers, "a worker was replaced"
     assert received >= 27, out                             # the issue saw 68% lost
@@ -374,6 +375,19 @@ def test_a_stopped_worker_is_replaced_and_traffic_resumes(udp: Cluster, directio
             os.kill(stopped, signal.SIGCONT)
     log = cli("logs", "--cluster", udp.name, f"node/{node}", "overlay", check=False).stdout
     assert f"the {direction} worker (pid {stopped}) made no progress" in log, log[-2000:]
+
+
+def test_a_worker_that_dies_is_replaced_alone(udp: Cluster):
+    """A worker killed outright: the daemon replaces that worker and keeps
+    running (before, the whole daemon exited and the node's overlay restarted)."""
+    before = udp.stats("n1")
+    killed = udp.workers("n1")["rx"]
+    os.kill(killed, signal.SIGKILL)
+    wait_for(lambda: udp.workers("n1").get("rx") not in (None, killed), timeout=10, what="a new rx worker")
+    assert udp.stats("n1")["pid"] == before["pid"]
+    wait_for(lambda: udp.ping("b1", udp.pod_ip["a1"]) == 1, timeout=10, interval=0, what="b1 -> a1 pings")
+    wait_for(lambda: udp.counters("n1")["worker_restarts"] == before["counters"]["worker_restarts"] + 1,
+             timeout=5, what="the restart to be counted")
 
 
 # -- item 12: counters survive a kill -9 ----------------------------------------------------------
