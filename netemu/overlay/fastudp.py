@@ -313,6 +313,8 @@ class Worker:
         # The compiled helper writes into buffers reused for every packet (each
         # send or write copies out of them before the next one).
         self.compiled = vnet.COMPILED and vnet_hdr
+        # (A helper built from an older _vnetc.c lacks sources_within: the Python way then.)
+        self.compiled_sources = self.compiled and hasattr(vnet.native, "sources_within")
         self.segments = bytearray(SEGMENTS_SIZE)
         self.merged_out = bytearray(2 * RECV_SIZE + vnet.VNET_HDR_LEN)     # see vnet.coalesced_room
         self.merged_view = memoryview(self.merged_out)
@@ -573,7 +575,7 @@ class Worker:
         if len(leases) != 1:
             return False                        # (several leases: the per-datagram way)
         network, mask = leases[0]
-        if self.compiled:
+        if self.compiled and self.compiled_sources:
             return vnet.native.sources_within(batch, size, network, mask)
         full = len(batch) // size * size
         for i in range(4):

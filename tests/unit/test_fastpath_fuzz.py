@@ -49,6 +49,7 @@ class Rx:
         self.counters = memoryview(bytearray(fastudp.BLOCK)).cast("q")
         self.worker = fastudp.Worker(self.tun.fileno(), None, 8285, bytes(4), True, self.counters)
         self.worker.compiled = implementation == "compiled"
+        assert self.worker.compiled_sources == self.worker.compiled or implementation == "numpy"
         self.worker.udp_merge = udp_merge
         self.worker.peers.replace({str(PEER_SUBNET): PEER, "10.244.3.0/24": "172.31.9.13"})
 
