@@ -103,6 +103,7 @@ class VxlanBackend(Backend):
         # subnet -> (VtepMAC, underlay address) as programmed, to undo exactly that.
         self._peers: dict[IPv4Network, tuple[str, str]] = {}
         self._filtering = False                 # FILTER_TABLE is ours (setup made it)
+        self._last_dropped = 0
 
     gauges = frozenset({"peers", "peers_ignored"})   # both recomputed from the leases on start
 
@@ -115,18 +116,19 @@ class VxlanBackend(Backend):
         self._counts = dict(value)
 
     def _dropped(self) -> int:
-        """The filter's count of VXLAN datagrams from non-peers (0 before setup)."""
+        """The filter's count of VXLAN datagrams from non-peers (0 before setup;
+        the last figure read if nft cannot say now: a counter never goes down)."""
         if not self._filtering:
-            return 0
+            return self._last_dropped
         proc = subprocess.run(["nft", "-j", "list", "counter", "ip", FILTER_TABLE, UNKNOWN_SOURCE_COUNTER],
                               capture_output=True, text=True, timeout=10)
         try:
             for item in json.loads(proc.stdout)["nftables"]:
                 if "counter" in item:
-                    return int(item["counter"]["packets"])
+                    self._last_dropped = max(self._last_dropped, int(item["counter"]["packets"]))
         except (ValueError, KeyError, TypeError):
             pass
-        return 0
+        return self._last_dropped
 
     def _allow(self, address: str, allowed: bool) -> None:
         """Add ADDRESS to the filter's peers, or take it out when no peer has it any more."""
