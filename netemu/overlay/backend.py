@@ -94,6 +94,11 @@ class Backend:
     def remove_peer(self, lease: Lease) -> None:
         """A remote node's lease expired or was deleted."""
 
+    def peers_synced(self) -> None:
+        """Every lease in the store has been through add_peer: what the backend
+        still holds for a peer it was not told about is stale (left by a
+        daemon before this one)."""
+
     async def run(self) -> None:
         """The data path, for backends that have one in userspace (udp). Runs until
         cancelled; the kernel backends return at once."""

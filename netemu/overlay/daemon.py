@@ -144,6 +144,7 @@ class OverlayDaemon:
                 self._remove(lease)
         for lease in current.values():
             self._add(lease)
+        self.backend.peers_synced()
 
     def _add(self, lease: Lease) -> None:
         old = self.peers.get(lease.subnet)

@@ -44,16 +44,18 @@ FILTER_TABLE = "netemu-vxlan"          # nft table (family ip) in the node's nam
 UNKNOWN_SOURCE_COUNTER = "unknown-source"
 
 
-def filter_ruleset(port: int) -> str:
-    """The nft transaction that (re)creates FILTER_TABLE with no peers: VXLAN
-    datagrams to PORT from a source outside the set `peers` are counted and
-    dropped. Replacing the table (add, delete, create: one transaction) leaves
-    no moment without the rule."""
+def filter_ruleset(port: int, peers=()) -> str:
+    """The nft transaction that (re)creates FILTER_TABLE with the set `peers`
+    holding PEERS (underlay addresses): VXLAN datagrams to PORT from a source
+    outside the set are counted and dropped. Replacing the table (add, delete,
+    create: one transaction) leaves no moment without the rule."""
+    elements = f"    elements = {{ {', '.join(sorted(peers))} }}\n" if peers else ""
     return (f"add table ip {FILTER_TABLE}\n"
             f"delete table ip {FILTER_TABLE}\n"
             f"table ip {FILTER_TABLE} {{\n"
             f"  set peers {{\n    type ipv4_addr\n"
-            f"    comment \"netemu overlay: underlay addresses of the nodes that hold a vxlan lease\"\n  }}\n"
+            f"    comment \"netemu overlay: underlay addresses of the nodes that hold a vxlan lease\"\n"
+            f"{elements}  }}\n"
             f"  counter {UNKNOWN_SOURCE_COUNTER} {{\n"
             f"    comment \"netemu overlay: VXLAN datagrams from a non-peer, dropped\"\n  }}\n"
             f"  chain input {{\n    type filter hook input priority filter; policy accept;\n"
@@ -130,6 +132,22 @@ class VxlanBackend(Backend):
             pass
         return self._last_dropped
 
+    def _allowed(self) -> set[str]:
+        """The addresses in the filter's set now (none when there is no table)."""
+        proc = subprocess.run(["nft", "-j", "list", "set", "ip", FILTER_TABLE, "peers"],
+                              capture_output=True, text=True, timeout=10)
+        if proc.returncode != 0:
+            return set()
+        try:
+            return {str(e) for item in json.loads(proc.stdout)["nftables"] if "set" in item
+                    for e in item["set"].get("elem", []) if isinstance(e, str)}
+        except (ValueError, KeyError, TypeError):
+            return set()
+
+    def peers_synced(self) -> None:
+        for address in self._allowed() - {ip for _mac, ip in self._peers.values()}:
+            nft(f"delete element ip {FILTER_TABLE} peers {{ {address} }}\n")
+
     def _allow(self, address: str, allowed: bool) -> None:
         """Add ADDRESS to the filter's peers, or take it out when no peer has it any more."""
         if not self._filtering:
@@ -191,10 +209,12 @@ class VxlanBackend(Backend):
                 if exc.code != errno.EEXIST:
                     raise
             ipr.link("set", index=index, state="up")
-        nft(filter_ruleset(self.port))
+        # A daemon before us (killed) may have left the table: its peers stay let
+        # in until the leases have been read again (peers_synced), so that a
+        # restart drops nothing of theirs.
+        kept = self._allowed() | {ip for _mac, ip in self._peers.values()}
+        nft(filter_ruleset(self.port, kept))
         self._filtering = True
-        for address in sorted({ip for _mac, ip in self._peers.values()}):
-            self._allow(address, True)             # peers added before setup, if any
 
     # -- peers ----------------------------------------------------------------
 

@@ -424,21 +424,44 @@ def test_vxlan_counters_survive_a_kill_9_of_the_daemon(vxlan: Cluster):
     assert after["counters"]["drop_unknown_source"] >= 3
 
 
+def allowed(cluster: Cluster, node: str) -> list[str]:
+    """The underlay addresses NODE's VXLAN filter lets in."""
+    out = json.loads(netns.run(cluster.node_ns(node), ["nft", "-j", "list", "set", "ip", "netemu-vxlan",
+                                                       "peers"]).stdout)
+    return sorted(e for item in out["nftables"] if "set" in item for e in item["set"].get("elem", []))
+
+
 def test_vxlan_filter_follows_the_leases(vxlan: Cluster):
     """A node that joins is let in by the others' filters; once it is removed,
     it is not any more."""
-    def allowed(node: str) -> list[str]:
-        out = json.loads(netns.run(vxlan.node_ns(node), ["nft", "-j", "list", "set", "ip", "netemu-vxlan",
-                                                         "peers"]).stdout)
-        return sorted(e for item in out["nftables"] if "set" in item for e in item["set"].get("elem", []))
-
     cli("node", "--cluster", vxlan.name, "add", "n3")
     try:
         n3 = registry.get(clusters.open_store(vxlan.name), "Node", None, "n3")
         n3_ip = next(a["address"] for a in n3["status"]["addresses"] if a["type"] == "InternalIP")
-        wait_for(lambda: allowed("n1") == sorted([vxlan.node_ip["n2"], n3_ip]), timeout=30,
+        wait_for(lambda: allowed(vxlan, "n1") == sorted([vxlan.node_ip["n2"], n3_ip]), timeout=30,
                  what="n1's filter to let n3 in")
     finally:
         cli("node", "--cluster", vxlan.name, "remove", "n3")
-    wait_for(lambda: allowed("n1") == [vxlan.node_ip["n2"]], timeout=30, what="n1's filter to shut n3 out")
+    wait_for(lambda: allowed(vxlan, "n1") == [vxlan.node_ip["n2"]], timeout=30, what="n1's filter to shut n3 out")
     assert vxlan.ping("a1", vxlan.pod_ip["b1"]) == 1
+
+
+def test_vxlan_filter_left_by_a_killed_daemon_is_brought_up_to_date(vxlan: Cluster):
+    """n3 leaves while n1's daemon is stopped; the daemon is then killed. The
+    new one keeps the old filter's peers until it has read the leases (no
+    drop of theirs meanwhile), then shuts n3 out."""
+    cli("node", "--cluster", vxlan.name, "add", "n3")
+    daemon = vxlan.stats("n1")["pid"]
+    try:
+        n3 = registry.get(clusters.open_store(vxlan.name), "Node", None, "n3")
+        n3_ip = next(a["address"] for a in n3["status"]["addresses"] if a["type"] == "InternalIP")
+        wait_for(lambda: n3_ip in allowed(vxlan, "n1"), timeout=30, what="n1's filter to let n3 in")
+        os.kill(daemon, signal.SIGSTOP)
+    finally:
+        cli("node", "--cluster", vxlan.name, "remove", "n3")
+        os.kill(daemon, signal.SIGKILL)
+    assert n3_ip in allowed(vxlan, "n1")
+    wait_for(lambda: (vxlan.stats("n1") or {}).get("pid") not in (None, daemon), timeout=30,
+             what="n1's overlay daemon to come back")
+    wait_for(lambda: allowed(vxlan, "n1") == [vxlan.node_ip["n2"]], timeout=30, what="n1's filter to shut n3 out")
+    vxlan.settled()
