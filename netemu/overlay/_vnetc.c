@@ -12,6 +12,13 @@
  * Sums follow vnet.ones_sum: the big-endian 16-bit one's-complement sum,
  * reduced mod 0xFFFF (0..0xFFFE), so that every header written here is the
  * very one the Python code writes.
+ *
+ * The buffers of coalesce_into and coalesce_udp_into come from the underlay:
+ * any length, any bytes, any segment size. Every read below is within the
+ * datagram it belongs to; where that rests on an earlier check, the comment
+ * next to the read names it (tests/unit/test_fastpath_fuzz.py throws garbage
+ * of every length at both). Bad input gives ValueError or single datagrams
+ * (which the worker validates one by one), never a read out of bounds.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -118,7 +125,7 @@ static PyObject *segment_into(PyObject *self, PyObject *args)
         goto done;
     }
     Py_ssize_t payload = n - hdr;
-    Py_ssize_t count = payload > 0 ? (payload + mss - 1) / mss : 1;
+    Py_ssize_t count = payload > 0 ? payload / mss + (payload % mss != 0) : 1;
     Py_ssize_t size = hdr + mss, last = payload - (count - 1) * mss;
     Py_ssize_t total = (count - 1) * size + hdr + last;
     if (count > 0xFFFF || size > 0xFFFF || out.len < total) {
@@ -189,7 +196,7 @@ static int add_item(Items *it, Py_ssize_t merged, Py_ssize_t start, Py_ssize_t e
 }
 
 /* In tcp_items and udp_items: the length of datagram I of the receive (COUNT
- * datagrams in N bytes, each SIZE bytes but the last). */
+ * datagrams in N bytes, each SIZE bytes but the last: 1 to SIZE bytes). */
 #define LEN(i) ((i) == count - 1 ? n - (i) * size : size)
 
 static uint8_t *reserve(Items *it, Py_ssize_t n)
@@ -215,9 +222,12 @@ static int tcp_items(Items *it, const uint8_t *b, Py_ssize_t n, Py_ssize_t size)
 {
     uint8_t *valid = NULL, *joins = NULL;
     int status = -1;
-    Py_ssize_t count = (n + size - 1) / size;
+    Py_ssize_t count = n / size + (n % size != 0);     /* not (n + size - 1): no overflow */
     Py_ssize_t hdr = n >= 33 ? 20 + (b[32] >> 4) * 4 : 0;
-    if (count < 2 || size < 40 || size % 2 || b[0] != 0x45 || b[9] != IPPROTO_TCP_ || hdr >= size) {
+    /* count >= 2 means the first datagram is whole: SIZE (>= 40) bytes, so
+     * b[0], b[9] and b[32] are its own. From here on, 40 <= HDR < SIZE (a TCP
+     * data offset under 5 is no TCP header: nothing is merged). */
+    if (count < 2 || size < 40 || size % 2 || b[0] != 0x45 || b[9] != IPPROTO_TCP_ || hdr < 40 || hdr >= size) {
         for (Py_ssize_t i = 0; i < count; i++) {
             Py_ssize_t end = (i + 1) * size < n ? (i + 1) * size : n;
             if (add_item(it, 0, i * size, end) < 0)
@@ -237,7 +247,8 @@ static int tcp_items(Items *it, const uint8_t *b, Py_ssize_t n, Py_ssize_t size)
         Py_ssize_t len = LEN(i);
         uint8_t fl = len > 33 ? d[33] : 0;
         /* whole and valid (IP and TCP checksums with its own pseudo-header), with
-         * data (pure ACKs are never merged), flags ACK or ACK|PSH */
+         * data (pure ACKs are never merged), flags ACK or ACK|PSH. LEN > HDR
+         * (>= 40) comes first: every later read is within the datagram. */
         valid[i] = len > hdr && get16(d + 2) == (uint32_t)len
                    && ones_sum(d, 20) == 0
                    && ((uint64_t)ones_sum(d + 12, 8) + IPPROTO_TCP_ + (len - 20) + ones_sum(d + 20, len - 20)) % M == 0
@@ -245,7 +256,7 @@ static int tcp_items(Items *it, const uint8_t *b, Py_ssize_t n, Py_ssize_t size)
     }
     for (Py_ssize_t i = 1; i < count; i++) {
         const uint8_t *d = b + i * size, *prev = d - size;
-        if (!valid[i] || !valid[i - 1] || prev[33] != TCP_ACK)
+        if (!valid[i] || !valid[i - 1] || prev[33] != TCP_ACK)   /* valid: longer than HDR */
             continue;
         int same = 1;
         for (Py_ssize_t j = 0; j < hdr && same; j++)
@@ -257,6 +268,9 @@ static int tcp_items(Items *it, const uint8_t *b, Py_ssize_t n, Py_ssize_t size)
         Py_ssize_t end = start + 1;
         while (end < count && joins[end])
             end++;
+        /* A run of 2+ starts with a valid datagram (joins needs valid[i - 1]):
+         * h[0..HDR) is its own. A run of one may be the short last datagram,
+         * so END - START >= 2 is tested before any read of h. */
         const uint8_t *h = b + start * size;
         Py_ssize_t total = (end - start - 1) * (size - hdr) + LEN(end - 1);   /* merged */
         if (end - start >= 2 && total <= 0xFFFF && h[0] == 0x45 && (h[6] & 0x3F) == 0 && h[7] == 0
@@ -297,6 +311,7 @@ out:
 
 /* ---- coalesce_udp --------------------------------------------------------- */
 
+/* N > 28 is tested first: every later read is within the datagram. */
 static int valid_udp(const uint8_t *d, Py_ssize_t n)
 {
     return n > 28 && d[0] == 0x45 && d[9] == IPPROTO_UDP_ && get16(d + 2) == (uint32_t)n
@@ -324,7 +339,7 @@ static int udp_items(Items *it, const uint8_t *b, Py_ssize_t n, Py_ssize_t size)
     Run *runs = NULL;
     Py_ssize_t *order = NULL, *next = NULL;   /* order: run number, or -1 - datagram (invalid) */
     int status = -1;
-    Py_ssize_t count = (n + size - 1) / size, nruns = 0, norder = 0;
+    Py_ssize_t count = n / size + (n % size != 0), nruns = 0, norder = 0;   /* no overflow */
     runs = PyMem_Calloc(count ? count : 1, sizeof(Run));
     order = PyMem_Calloc(count ? count : 1, sizeof(Py_ssize_t));
     next = PyMem_Calloc(count ? count : 1, sizeof(Py_ssize_t));   /* next member of a run, -1 at the end */
@@ -436,6 +451,36 @@ static PyObject *coalesce_with(PyObject *args, int (*merge)(Items *, const uint8
 static PyObject *coalesce_into(PyObject *self, PyObject *args) { return coalesce_with(args, tcp_items); }
 static PyObject *coalesce_udp_into(PyObject *self, PyObject *args) { return coalesce_with(args, udp_items); }
 
+/* ---- inner sources ---------------------------------------------------------- */
+
+PyDoc_STRVAR(sources_within_doc,
+"sources_within(buffer, size, network, netmask) -> bool\n\n"
+"Whether every datagram of a GRO receive (SIZE >= 20 bytes each, the last\n"
+"possibly shorter) long enough to hold an IPv4 header has its source address\n"
+"(bytes 12-15) in NETWORK/NETMASK (32-bit integers). fastudp.Worker.sources_leased\n"
+"the Python way.");
+
+static PyObject *sources_within(PyObject *self, PyObject *args)
+{
+    Py_buffer in;
+    Py_ssize_t size;
+    unsigned long network, mask;
+    if (!PyArg_ParseTuple(args, "y*nkk", &in, &size, &network, &mask))
+        return NULL;
+    if (size < 20) {
+        PyBuffer_Release(&in);
+        PyErr_SetString(PyExc_ValueError, "size must be at least an IPv4 header (20)");
+        return NULL;
+    }
+    const uint8_t *b = in.buf;
+    int ok = 1;
+    /* each datagram at AT has AT + 20 <= N bytes before its end: 12-15 are its own */
+    for (Py_ssize_t at = 0; ok && at + 20 <= in.len; at += size)
+        ok = (get32(b + at + 12) & (uint32_t)mask) == (uint32_t)network;
+    PyBuffer_Release(&in);
+    return PyBool_FromLong(ok);
+}
+
 /* ---- one small packet ------------------------------------------------------ */
 
 PyDoc_STRVAR(forward_doc,
@@ -456,6 +501,9 @@ static PyObject *forward(PyObject *self, PyObject *args)
     PyObject *result = Py_False;
     if (n < 20 || p[8] <= 1)
         goto done;
+    /* Each bounded first, so that their sum cannot overflow. */
+    int checksum = (flags & VNET_F_NEEDS_CSUM) && csum_start >= 0 && csum_offset >= 0
+                   && csum_start <= n && csum_offset <= n && csum_start + csum_offset + 2 <= n;
     /* RFC 1624 eqn. 3 over the TTL/protocol word, as packet.decrement_ttl */
     uint32_t old_word = ((uint32_t)p[8] << 8) | p[9], new_word = old_word - 0x100;
     uint32_t total = (~get16(p + 10) & M) + (~old_word & M) + new_word;
@@ -463,12 +511,11 @@ static PyObject *forward(PyObject *self, PyObject *args)
     total = (total & M) + (total >> 16);
     p[8] -= 1;
     put16(p + 10, ~total & M);
-    Py_ssize_t where = csum_start + csum_offset;
-    if ((flags & VNET_F_NEEDS_CSUM) && csum_start >= 0 && csum_offset >= 0 && where + 2 <= n) {
+    if (checksum) {
         uint32_t csum = negate(ones_sum(p + csum_start, n - csum_start));
         if (csum == 0 && p[9] == IPPROTO_UDP_)
             csum = M;                       /* UDP: 0 would mean "no checksum" */
-        put16(p + where, csum);
+        put16(p + csum_start + csum_offset, csum);
     }
     result = Py_True;
 done:
@@ -482,6 +529,7 @@ static PyMethodDef methods[] = {
     {"segment_into", segment_into, METH_VARARGS, segment_into_doc},
     {"coalesce_into", coalesce_into, METH_VARARGS, coalesce_into_doc},
     {"coalesce_udp_into", coalesce_udp_into, METH_VARARGS, coalesce_udp_into_doc},
+    {"sources_within", sources_within, METH_VARARGS, sources_within_doc},
     {NULL, NULL, 0, NULL},
 };
 

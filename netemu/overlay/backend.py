@@ -64,6 +64,9 @@ class Backend:
 
     name: ClassVar[str] = ""
     overhead: ClassVar[int] = 0     # bytes of encapsulation (udp 28, vxlan 50, host-gw 0)
+    # Names in `counters` that say how things are (how many peers), not how
+    # often something happened: the daemon carries the others over a restart.
+    gauges: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, local: LocalConfig):
         self.local = local
@@ -91,9 +94,18 @@ class Backend:
     def remove_peer(self, lease: Lease) -> None:
         """A remote node's lease expired or was deleted."""
 
+    def peers_synced(self) -> None:
+        """Every lease in the store has been through add_peer: what the backend
+        still holds for a peer it was not told about is stale (left by a
+        daemon before this one)."""
+
     async def run(self) -> None:
         """The data path, for backends that have one in userspace (udp). Runs until
         cancelled; the kernel backends return at once."""
+
+    def worker_pids(self) -> dict[str, int]:
+        """Process ids of the backend's data path workers, by role (udp: tx, rx)."""
+        return {}
 
     def teardown(self) -> None:
         """Remove what setup/add_peer made (the namespace goes anyway on `down`)."""

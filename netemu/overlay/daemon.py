@@ -7,6 +7,8 @@ thread exists, so every socket and device it makes is the node's). It reads the
 network config from the state store, leases a subnet, writes subnet.env, sets up
 its backend, keeps the backend in step with the other nodes' leases, renews its
 lease, and publishes its counters for `netemu stats` / `describe node`.
+Counters survive a restart of the daemon (a crash, kill -9): the new one
+starts from the figures its predecessor last published.
 """
 
 from __future__ import annotations
@@ -44,6 +46,24 @@ def read_stats(node_dir: str) -> dict | None:
         return None
 
 
+def carried_counters(previous: dict | None, backend: str, gauges) -> dict[str, int]:
+    """The counters to start from: those a previous daemon of this node
+    published (PREVIOUS, read_stats) for the same BACKEND, gauges left out
+    (the new daemon measures those afresh)."""
+    if not previous or previous.get("backend") != backend or not isinstance(previous.get("counters"), dict):
+        return {}
+    return {name: value for name, value in previous["counters"].items()
+            if name not in gauges and isinstance(value, int) and not isinstance(value, bool) and value >= 0}
+
+
+def add_counters(base: dict[str, int], live: dict[str, int], gauges) -> dict[str, int]:
+    """LIVE on top of BASE (carried_counters): counters add up, gauges are LIVE's."""
+    total = dict(base)
+    for name, value in live.items():
+        total[name] = value if name in gauges else total.get(name, 0) + value
+    return total
+
+
 def underlay_mtu(dev: str) -> int:
     # Ask netlink, not /sys: sysfs shows the namespace it was mounted in (the
     # machine's), not the one this process entered.
@@ -58,6 +78,7 @@ class OverlayDaemon:
         self.cluster, self.node, self.store = cluster, node, store
         self.node_dir = names.node_dir(cluster, node)
         self.peers: dict[ipaddress.IPv4Network, Lease] = {}
+        self.carried: dict[str, int] = {}          # counters of the daemons before us (see carried_counters)
 
     def _local_config(self, config: dict) -> tuple[LocalConfig, ipaddress.IPv4Network | None]:
         node = registry.get(self.store, "Node", None, self.node)
@@ -78,6 +99,7 @@ class OverlayDaemon:
         config = kv.value
         local, requested = self._local_config(config)
         backend = backends.load(config["Backend"]["Type"], local)
+        self.carried = carried_counters(read_stats(self.node_dir), backend.name, backend.gauges)
         previous_env = subnetenv.read(self.node_dir)
         previous = previous_env.subnet.network if previous_env else None
         lease = leases.acquire(self.store, config, local.public_ip, self.node, backend.name,
@@ -122,6 +144,7 @@ class OverlayDaemon:
                 self._remove(lease)
         for lease in current.values():
             self._add(lease)
+        self.backend.peers_synced()
 
     def _add(self, lease: Lease) -> None:
         old = self.peers.get(lease.subnet)
@@ -150,7 +173,8 @@ class OverlayDaemon:
             data = {"node": self.node, "backend": self.backend.name, "data_path": self.backend.data_path(),
                     "subnet": str(self.lease.subnet),
                     "peers": {str(s): str(l.public_ip) for s, l in sorted(self.peers.items())},
-                    "counters": dict(self.backend.counters), "pid": os.getpid()}
+                    "counters": add_counters(self.carried, dict(self.backend.counters), self.backend.gauges),
+                    "pid": os.getpid(), "workers": self.backend.worker_pids()}
             tmp = path + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(data, f)

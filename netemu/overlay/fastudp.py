@@ -34,6 +34,17 @@ A worker reads its peer table as JSON lines on stdin ({"peers": {subnet: ip}})
 and exits when stdin closes (its daemon is gone). Its counters live in a shared
 memory file (COUNTERS_FD, a memfd of the daemon's): one int64 per name of
 COUNTERS, one block per direction, so the daemon reads them fresh at any time.
+After the blocks, one int64 per direction is the worker's heartbeat: it counts
+the turns of its loop. An idle worker is not blocked for good: it wakes every
+WAKE seconds (rx: SO_RCVTIMEO; tx: poll with a timeout), so a heartbeat that
+stops moving means a stopped or hung worker, never an idle one (udp.py's
+daemon side replaces such a worker).
+
+Everything read from the underlay is hostile until checked: the GRO segment
+size in the control message, each datagram's length and IPv4 header
+(packet.ipv4_problem), and its inner source against the sending peer's lease
+(a peer may only speak for its own pods). What fails is dropped and counted by
+reason; nothing a datagram holds may raise.
 """
 
 from __future__ import annotations
@@ -49,10 +60,11 @@ import socket
 import struct
 import sys
 import threading
+import traceback
 
 from netemu.overlay import vnet
-from netemu.overlay.packet import (RouteTable, decrement_ttl, ipv4_destination, ipv4_problem,
-                                   looks_like_ipv4, net_unreachable)
+from netemu.overlay.packet import (IPV4_MIN_HEADER, RouteTable, decrement_ttl, ipv4_destination,
+                                   ipv4_problem, ipv4_source, looks_like_ipv4, net_unreachable)
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -68,6 +80,7 @@ MAX_GSO_SEGMENTS = 64                        # the kernel's UDP_MAX_SEGMENTS is 
 READ_SIZE = 65536 + vnet.VNET_HDR_LEN
 RECV_SIZE = 1 << 17                          # a GRO receive holds up to 64 KB of datagrams
 SEGMENTS_SIZE = 1 << 17                      # a 64 KB super-packet cut at any usual MSS fits
+WAKE = 0.2                                   # an idle worker's loop turns at least this often (s)
 
 
 def open_offload_tun(name: str) -> int | None:
@@ -148,17 +161,30 @@ def tune_uplink(dev: str) -> dict[str, bool]:
     return done
 
 
+# Why a datagram was malformed (packet.ipv4_problem's reasons, and a GRO
+# segment size that is no size): each is counted on its own as well as in
+# drop_malformed.
+MALFORMED = ("truncated", "version", "header length", "total length", "checksum", "segment size")
+
+
+def malformed_counter(reason: str) -> str:
+    return "malformed_" + reason.replace(" ", "_")
+
+
 COUNTERS = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "drop_unknown_source", "drop_malformed",
             "drop_ttl", "drop_no_route", "icmp_unreachable_sent", "drop_not_ipv4", "tx_errors",
-            "rx_errors", "rx_coalesced")
+            "rx_errors", "rx_coalesced", "drop_spoofed_source", "drop_internal_error",
+            *(malformed_counter(r) for r in MALFORMED))
 DIRECTIONS = ("tx", "rx")
 BLOCK = 8 * len(COUNTERS)
+HEARTBEATS = BLOCK * len(DIRECTIONS)         # offset of the heartbeats, one int64 per direction
 
 
 def counters_memory() -> int:
-    """The shared counters file: a memfd of one block per direction."""
+    """The shared counters file: a memfd of one block per direction, then the
+    heartbeats."""
     fd = os.memfd_create("netemu-udp-counters")
-    os.ftruncate(fd, BLOCK * len(DIRECTIONS))
+    os.ftruncate(fd, HEARTBEATS + 8 * len(DIRECTIONS))
     return fd
 
 
@@ -168,6 +194,67 @@ def read_counters(fd: int) -> dict[str, int]:
     values = memoryview(data).cast("q")
     n = len(COUNTERS)
     return {name: values[i] + values[n + i] for i, name in enumerate(COUNTERS)}
+
+
+def read_heartbeat(fd: int, direction: str) -> int:
+    """How many turns DIRECTION's worker loop has made (see the module docstring)."""
+    data = os.pread(fd, 8, HEARTBEATS + 8 * DIRECTIONS.index(direction))
+    return int.from_bytes(data, sys.byteorder, signed=True)
+
+
+def reset_heartbeat(fd: int, direction: str) -> None:
+    """Zero DIRECTION's heartbeat, for a new worker: 0 means "not started yet"."""
+    os.pwrite(fd, bytes(8), HEARTBEATS + 8 * DIRECTIONS.index(direction))
+
+
+def gro_segment_size(ancillary, n: int) -> int | None:
+    """The datagram size of a receive of N bytes: the UDP_GRO control message's
+    segment size, N without one; None if the message holds no usable size
+    (shorter than an int, or not positive)."""
+    for level, kind, cdata in ancillary:
+        if level == SOL_UDP and kind == UDP_GRO:
+            if len(cdata) < 4:
+                return None
+            size = int.from_bytes(cdata[:4], sys.byteorder, signed=True)
+            return size if size > 0 else None
+    return n
+
+
+class Watchdog:
+    """Tells a stopped or hung worker from an idle one by its heartbeat.
+
+    The worker's loop turns at least every WAKE seconds even with nothing to
+    do, so a heartbeat that has not moved for TIMEOUT seconds (many WAKEs)
+    means the loop is not running: stopped (SIGSTOP), or stuck. Before its
+    first beat a worker is starting (Python imports, waiting for the peer
+    table): it gets GRACE instead. If the watcher itself was not scheduled for
+    TIMEOUT (a loaded machine), it has seen nothing and blames no one. Pure
+    logic, on the caller's clock."""
+
+    def __init__(self, now: float, timeout: float = 2.0, grace: float = 15.0):
+        self.timeout, self.grace = timeout, grace
+        self.value = 0
+        self.changed = self.checked = now
+
+    def hung(self, value: int, now: float) -> bool:
+        if now - self.checked > self.timeout:
+            self.changed = now                     # we were away: start counting again
+        self.checked = now
+        if value != self.value:
+            self.value, self.changed = value, now
+            return False
+        return now - self.changed > (self.timeout if value else self.grace)
+
+
+_AND_TABLES: dict[int, bytes] = {}
+
+
+def _and_table(mask: int) -> bytes:
+    """A bytes.translate table mapping each byte to byte & MASK."""
+    table = _AND_TABLES.get(mask)
+    if table is None:
+        table = _AND_TABLES[mask] = bytes(b & mask for b in range(256))
+    return table
 
 
 class Peers:
@@ -181,13 +268,26 @@ class Peers:
 
     def __init__(self) -> None:
         self.table: tuple[RouteTable, dict[int, str | None]] = (RouteTable(), {})
-        self.sources: frozenset[str] = frozenset()
+        # peer's underlay address -> its leases, as (network, netmask) integers
+        self.sources: dict[str, tuple[tuple[int, int], ...]] = {}
 
     def replace(self, peers: dict[str, str]) -> None:
         routes = RouteTable()
+        sources: dict[str, tuple[tuple[int, int], ...]] = {}
         for subnet, address in peers.items():
-            routes.set(ipaddress.IPv4Network(subnet), address)
-        self.table, self.sources = (routes, {}), frozenset(peers.values())
+            network = ipaddress.IPv4Network(subnet)
+            routes.set(network, address)
+            sources[address] = sources.get(address, ()) + ((int(network.network_address), int(network.netmask)),)
+        self.table, self.sources = (routes, {}), sources
+
+    def leased_by(self, peer: str, inner_source: int) -> bool:
+        """Whether INNER_SOURCE lies in a subnet that PEER (an underlay address) leases.
+
+        A peer forwards only what its own pods and its own stack send: pods have
+        addresses of its subnet, and the node's own packets to remote pods leave
+        through flannel0, whose address is the subnet's first one. Anything
+        else it sends is forged, whatever the outer source."""
+        return any(inner_source & mask == network for network, mask in self.sources.get(peer, ()))
 
     def next_hop(self, destination: int) -> str | None:
         routes, cache = self.table
@@ -203,7 +303,7 @@ class Peers:
 
 class Worker:
     def __init__(self, tun_fd: int, sock: socket.socket, port: int, tun_address: bytes, gso: bool,
-                 counters: memoryview, vnet_hdr: bool = True):
+                 counters: memoryview, vnet_hdr: bool = True, heartbeat: memoryview | None = None):
         self.tun, self.sock, self.port = tun_fd, sock, port
         self.tun_address, self.gso = tun_address, gso
         # With offloads every TUN read and write starts with a virtio-net header.
@@ -213,6 +313,8 @@ class Worker:
         # The compiled helper writes into buffers reused for every packet (each
         # send or write copies out of them before the next one).
         self.compiled = vnet.COMPILED and vnet_hdr
+        # (A helper built from an older _vnetc.c lacks sources_within: the Python way then.)
+        self.compiled_sources = self.compiled and hasattr(vnet.native, "sources_within")
         self.segments = bytearray(SEGMENTS_SIZE)
         self.merged_out = bytearray(2 * RECV_SIZE + vnet.VNET_HDR_LEN)     # see vnet.coalesced_room
         self.merged_view = memoryview(self.merged_out)
@@ -221,9 +323,18 @@ class Worker:
         self.held_hop, self.held_size, self.held_count = "", 0, 0
         self.counters = counters                      # int64 view of our block of the memfd
         self.index = {name: i for i, name in enumerate(COUNTERS)}
+        self.heartbeat = heartbeat if heartbeat is not None else memoryview(bytearray(8)).cast("q")
+        self.internal_errors_logged = 0
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[self.index[name]] += n
+
+    def drop_malformed(self, reason: str, n: int = 1) -> None:
+        self.count("drop_malformed", n)
+        self.count(malformed_counter(reason), n)
+
+    def beat(self) -> None:
+        self.heartbeat[0] += 1
 
     def write_tun(self, data) -> bool:
         """Write one packet (bytes, or a list of buffers gathered by writev)."""
@@ -245,65 +356,79 @@ class Worker:
         (each still its own datagram on the wire) as soon as the TUN has nothing
         more queued, the size or the peer changes, or the batch is full. Order is
         kept: a held batch leaves before anything read after it. (The TUN fd is
-        shared with the rx worker, so it stays blocking: while packets are held,
-        reads ask not to wait (preadv2 RWF_NOWAIT), or poll(0) first where the
-        kernel refuses that.)"""
+        shared with the rx worker, so it stays blocking: reads ask not to wait
+        (preadv2 RWF_NOWAIT), and when nothing is queued the loop waits in poll
+        for at most WAKE, so that its heartbeat moves while it is idle; where the
+        kernel refuses RWF_NOWAIT, poll says first whether a read would wait.)"""
         buffer = bytearray(READ_SIZE)              # reused: every send copies out of it
         view = memoryview(buffer)
         batching = self.gso and bool(self.hdr_len)
         queued = select.poll()
         queued.register(self.tun, select.POLLIN)
         nowait = hasattr(os, "RWF_NOWAIT")
+        wake_ms = int(WAKE * 1000)
         while True:
+            self.beat()
             n = 0
-            if self.held:
-                if nowait:
-                    try:
-                        n = os.preadv(self.tun, [buffer], -1, os.RWF_NOWAIT)
-                    except BlockingIOError:
-                        self.flush_held()
-                    except OSError:
-                        nowait = False             # not for this kernel/device: poll
-                if not nowait and not queued.poll(0):
-                    self.flush_held()
+            if nowait:
+                try:
+                    n = os.preadv(self.tun, [buffer], -1, os.RWF_NOWAIT)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    nowait = False                 # not for this kernel/device: poll
             if not n:
+                if self.held and not queued.poll(0):
+                    self.flush_held()              # nothing more queued: the held batch leaves
+                if not queued.poll(wake_ms):
+                    continue                       # idle: beat, and wait again
                 n = os.readv(self.tun, [buffer])
-            if self.hdr_len:
-                flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = vnet.VNET_HDR.unpack_from(buffer)
-            else:
-                flags = gso_type = gso_size = csum_start = csum_offset = 0
-            packet = view[self.hdr_len:n]
-            if not looks_like_ipv4(packet):
-                self.count("drop_not_ipv4")
-                continue
-            next_hop = self.peers.next_hop(ipv4_destination(packet))
-            if next_hop is None:
-                self.count("drop_no_route")
-                reply = net_unreachable(bytes(packet), self.tun_address)
-                if reply is not None:
-                    # Counted first: the pod may see the error before write() returns.
-                    self.count("icmp_unreachable_sent")
-                    if not self.write_tun(self.plain_hdr + reply):
-                        self.count("icmp_unreachable_sent", -1)
-                continue
-            gso_type &= ~vnet.GSO_ECN
-            if gso_type == vnet.GSO_NONE:
-                # TTL, and the checksum the kernel left to us (NEEDS_CSUM)
-                if not vnet.forward(packet, flags, csum_start, csum_offset):
-                    self.count("drop_ttl")
-                elif batching:
-                    self.hold(packet, next_hop)
-                else:
-                    self.send(packet, len(packet), 1, next_hop)
-            elif gso_type != vnet.GSO_TCPV4:
-                self.count("drop_malformed")     # not offered by us: cannot happen
-            elif not decrement_ttl(packet):
+            self.forward_one(view, n, batching)
+
+    def forward_one(self, view: memoryview, n: int, batching: bool) -> None:
+        """One read from the TUN (N bytes of VIEW): route it and send or hold it."""
+        if n < self.hdr_len:
+            self.count("drop_not_ipv4")
+            return
+        if self.hdr_len:
+            flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = vnet.VNET_HDR.unpack_from(view)
+        else:
+            flags = gso_type = gso_size = csum_start = csum_offset = 0
+        packet = view[self.hdr_len:n]
+        if not looks_like_ipv4(packet):
+            self.count("drop_not_ipv4")
+            return
+        next_hop = self.peers.next_hop(ipv4_destination(packet))
+        if next_hop is None:
+            self.count("drop_no_route")
+            reply = net_unreachable(bytes(packet), self.tun_address)
+            if reply is not None:
+                # Counted first: the pod may see the error before write() returns.
+                self.count("icmp_unreachable_sent")
+                if not self.write_tun(self.plain_hdr + reply):
+                    self.count("icmp_unreachable_sent", -1)
+            return
+        gso_type &= ~vnet.GSO_ECN
+        if gso_type == vnet.GSO_NONE:
+            # TTL, and the checksum the kernel left to us (NEEDS_CSUM)
+            if not vnet.forward(packet, flags, csum_start, csum_offset):
                 self.count("drop_ttl")
+            elif batching:
+                self.hold(packet, next_hop)
             else:
-                self.flush_held()
-                self.send(*self.segment(packet, gso_size), next_hop)
+                self.send(packet, len(packet), 1, next_hop)
+        elif gso_type != vnet.GSO_TCPV4 or not vnet.segmentable(packet, gso_size):
+            # Not offered by us, or a super-packet we could not cut: the kernel
+            # builds these, so this cannot happen; counted, never a crash.
+            self.drop_malformed("header length")
+        elif not decrement_ttl(packet):
+            self.count("drop_ttl")
+        else:
+            self.flush_held()
+            self.send(*self.segment(packet, gso_size), next_hop)
 
     def segment(self, packet, mss: int) -> tuple:
+        """PACKET (vnet.segmentable) cut for one GSO send: (buffer, size, count)."""
         if self.compiled:
             try:
                 n, size, count = vnet.native.segment_into(packet, mss, self.segments)
@@ -356,32 +481,66 @@ class Worker:
     # -- UDP -> TUN ------------------------------------------------------------
 
     def rx_loop(self) -> None:
+        """UDP -> TUN, one receive (one datagram, or a GRO batch) at a time. The
+        socket has a receive timeout (SO_RCVTIMEO, WAKE): an idle loop still
+        turns, and beats."""
         buffer = bytearray(RECV_SIZE)
         view = memoryview(buffer)
         cmsg_space = socket.CMSG_SPACE(4)
         while True:
+            self.beat()
             try:
-                n, ancillary, _flags, (source, _port) = self.sock.recvmsg_into([buffer], cmsg_space)
+                n, ancillary, _flags, address = self.sock.recvmsg_into([buffer], cmsg_space)
+            except BlockingIOError:                # the receive timeout: idle
+                continue
             except OSError:
                 self.count("rx_errors")
                 continue
-            size = n
-            for level, kind, cdata in ancillary:
-                if level == SOL_UDP and kind == UDP_GRO:
-                    size = struct.unpack("i", cdata[:4])[0]
-            if source not in self.peers.sources:
-                self.count("drop_unknown_source", -(-n // size) if size else 1)
-                continue
-            if size < n:
-                self.receive_batch(view[:n], size)
-            else:
-                self.deliver(view[:n])
+            self.receive(view[:n], ancillary, address[0])
 
-    def receive_batch(self, batch, size: int) -> None:
-        """A GRO receive: many datagrams of SIZE bytes (the last may be shorter).
-        Runs of one inner flow go into flannel0 merged (TCP or UDP GSO
-        super-packets), the rest one by one; in arrival order."""
-        inner_udp = batch[9] == vnet.IPPROTO_UDP and self.udp_merge
+    def receive(self, data, ancillary, source: str) -> None:
+        """One receive from SOURCE (an underlay address): DATA, with the control
+        messages ANCILLARY. Every check is made so that nothing here raises; if a
+        bug slips through anyway, the receive is dropped and counted
+        (drop_internal_error) and the worker goes on: one datagram must not take
+        the node's data path down."""
+        try:
+            self._receive(data, ancillary, source)
+        except Exception:
+            self.count("drop_internal_error")
+            if self.internal_errors_logged < 10:       # say it, but do not let a flood fill the log
+                self.internal_errors_logged += 1
+                traceback.print_exc(file=sys.stderr)
+
+    def _receive(self, data, ancillary, source: str) -> None:
+        n = len(data)
+        size = gro_segment_size(ancillary, n)
+        if source not in self.peers.sources:
+            self.count("drop_unknown_source", -(-n // size) if size else 1)
+            return
+        if size is None:
+            self.drop_malformed("segment size")
+        elif size < n:
+            self.receive_batch(data, size, source)
+        else:
+            self.deliver(data, source)
+
+    def receive_batch(self, batch, size: int, source: str) -> None:
+        """A GRO receive from SOURCE: many datagrams of SIZE bytes (the last may
+        be shorter). Runs of one inner flow go into flannel0 merged (TCP or UDP
+        GSO super-packets), the rest one by one; in arrival order. The merging
+        validates each datagram it merges; the inner sources are checked here
+        first, all at once (the common case: all the peer's own), or one by one
+        where one is not."""
+        if size < IPV4_MIN_HEADER:
+            # Not one of them can hold an IPv4 header.
+            self.drop_malformed("truncated", -(-len(batch) // size))
+            return
+        if not self.sources_leased(batch, size, source):
+            for at in range(0, len(batch), size):
+                self.deliver(batch[at:at + size], source)
+            return
+        inner_udp = batch[9] == vnet.IPPROTO_UDP and self.udp_merge     # size >= 20: a whole header
         if self.compiled:
             merge = vnet.native.coalesce_udp_into if inner_udp else vnet.native.coalesce_into
             items = merge(batch, size, self.merged_out)
@@ -401,14 +560,47 @@ class Worker:
                     self.udp_merge = False      # refused after all: per datagram from now on
             else:
                 single_bytes += len(data)
-                self.deliver(data)
+                self.deliver(data, None)
         self.count("rx_packets", merged)
         self.count("rx_bytes", len(batch) - single_bytes)
 
-    def deliver(self, datagram) -> None:
-        """The per-packet way in: validate, TTL, write with an empty vnet header."""
-        if ipv4_problem(datagram) is not None:
-            self.count("drop_malformed")
+    def sources_leased(self, batch, size: int, source: str) -> bool:
+        """Whether every datagram of BATCH (SIZE >= 20 bytes each, the last
+        possibly shorter) has an inner source that SOURCE leases (a last one
+        too short for a header is malformed, and dropped for that). Compiled
+        (_vnetc.c, sources_within), or one pass per address byte over all
+        datagrams at once (bytes.translate/count run in C): a batch is up to
+        64 KB and this is the hot path."""
+        leases = self.peers.sources.get(source, ())
+        if len(leases) != 1:
+            return False                        # (several leases: the per-datagram way)
+        network, mask = leases[0]
+        if self.compiled and self.compiled_sources:
+            return vnet.native.sources_within(batch, size, network, mask)
+        full = len(batch) // size * size
+        for i in range(4):
+            shift = 24 - 8 * i
+            byte_mask, want = (mask >> shift) & 0xFF, (network >> shift) & 0xFF
+            if not byte_mask:
+                continue
+            column = bytes(batch[12 + i:full:size])
+            if byte_mask != 0xFF:
+                column = column.translate(_and_table(byte_mask))
+            if column.count(want) != len(column):
+                return False
+        tail = batch[full:]
+        return len(tail) < IPV4_MIN_HEADER or ipv4_source(tail) & mask == network
+
+    def deliver(self, datagram, source: str | None) -> None:
+        """The per-packet way in: validate, check the inner source against
+        SOURCE's lease (None: checked already), TTL, write with an empty vnet
+        header."""
+        problem = ipv4_problem(datagram)
+        if problem is not None:
+            self.drop_malformed(problem)
+            return
+        if source is not None and not self.peers.leased_by(source, ipv4_source(datagram)):
+            self.count("drop_spoofed_source")
             return
         packet = bytearray(datagram)
         if not decrement_ttl(packet):
@@ -451,11 +643,19 @@ def main(argv: list[str] | None = None) -> int:
     os.set_blocking(args.tun_fd, True)
     sock = socket.socket(fileno=args.sock_fd)
     sock.setblocking(True)
-    block = mmap.mmap(args.counters_fd, BLOCK * len(DIRECTIONS))
-    offset = BLOCK * DIRECTIONS.index(args.direction)
-    counters = memoryview(block)[offset:offset + BLOCK].cast("q")
+    if args.direction == "rx":
+        # A receive timeout, not a non-blocking socket: O_NONBLOCK would be
+        # shared with the tx worker's sends (one socket, two processes), and
+        # SO_RCVTIMEO touches receives only. It makes an idle loop turn (beat).
+        seconds = int(WAKE)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("ll", seconds, int((WAKE - seconds) * 1_000_000)))
+    block = mmap.mmap(args.counters_fd, HEARTBEATS + 8 * len(DIRECTIONS))
+    index = DIRECTIONS.index(args.direction)
+    counters = memoryview(block)[BLOCK * index:BLOCK * (index + 1)].cast("q")
+    heartbeat = memoryview(block)[HEARTBEATS + 8 * index:HEARTBEATS + 8 * (index + 1)].cast("q")
     worker = Worker(args.tun_fd, sock, args.port, ipaddress.IPv4Address(args.tun_address).packed, args.gso,
-                    counters, vnet_hdr=not args.plain)
+                    counters, vnet_hdr=not args.plain, heartbeat=heartbeat)
     # The daemon sends the peer table first thing: wait for it, or the packets
     # queued in flannel0 meanwhile would all be answered "net unreachable".
     if not worker.read_control():

@@ -21,6 +21,7 @@ from netemu.overlay.backend import Backend, IPv4Network, Lease, LocalConfig, reg
 class HostGwBackend(Backend):
     name = "host-gw"
     overhead = 0
+    gauges = frozenset({"peers", "peers_ignored"})   # both recomputed from the leases on start
 
     def __init__(self, local: LocalConfig):
         super().__init__(local)

@@ -79,6 +79,11 @@ def ipv4_destination(packet: bytes) -> int:
     return int.from_bytes(packet[16:20], "big")
 
 
+def ipv4_source(packet: bytes) -> int:
+    """The source address as an integer (PACKET holds at least a minimal header)."""
+    return int.from_bytes(packet[12:16], "big")
+
+
 def decrement_ttl(packet: bytearray) -> bool:
     """Decrement the TTL in place and patch the header checksum; False if it hits 0.
 
@@ -86,8 +91,11 @@ def decrement_ttl(packet: bytearray) -> bool:
     over the 16-bit word that holds TTL and protocol, as flannel's proxy does,
     instead of summing the whole header again. When the TTL reaches 0 the packet
     is left untouched and must be dropped (a TTL of 0 on arrival, which flannel's
-    8-bit decrement would wrap to 255, is dropped too).
+    8-bit decrement would wrap to 255, is dropped too). A packet shorter than
+    an IPv4 header is left alone too (False): it has no TTL to speak of.
     """
+    if len(packet) < IPV4_MIN_HEADER:
+        return False
     ttl = packet[8]
     if ttl <= 1:
         return False

@@ -10,7 +10,9 @@ flannel's C proxy (pkg/backend/udp/proxy_amd64.c) does.
 
 The per-packet decisions live in netemu.overlay.packet; this module holds the
 devices and the peer table. The data path runs in two worker processes, one per
-direction (netemu.overlay.fastudp), fed the peer table on stdin.
+direction (netemu.overlay.fastudp), fed the peer table on stdin. A worker that
+exits, or whose heartbeat stops (stopped by a signal, or hung), is killed and
+replaced on its own, in about WATCH_TIMEOUT seconds; the daemon goes on.
 
 Fast path: when the kernel offers TUN offloads, the workers move TCP
 super-packets from the TUN with UDP GSO sends and UDP GRO receives, with the
@@ -23,11 +25,14 @@ a plain TUN, as they do when negotiation fails.
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import trio
 
@@ -44,9 +49,17 @@ DEVICE = "flannel0"
 # icmp_unreachable_sent: we wrote a net unreachable back; drop_not_ipv4: the TUN
 # handed us something else (IPv6 chatter); tx_errors/rx_errors: socket or TUN
 # errors; rx_coalesced: fast path super-packets written (their datagrams count in
-# rx_packets).
+# rx_packets); drop_spoofed_source: from a peer, but the inner source is outside
+# that peer's lease; malformed_<reason>: drop_malformed by reason;
+# drop_internal_error: a receive the worker failed to handle (a bug, logged);
+# and, from the daemon, worker_restarts: workers replaced (exited or hung).
 COUNTERS = fastudp.COUNTERS
 NO_OFFLOAD_ENV = "NETEMU_UDP_NO_OFFLOAD"
+WATCH_PERIOD = 0.25               # how often the daemon looks at its workers (s)
+WATCH_TIMEOUT = 2.0               # a heartbeat still for this long: a stopped or hung worker (s)
+RESTART_LIMIT = (5, 30.0)         # more restarts than this in that many seconds: give up (the daemon restarts)
+
+log = logging.getLogger("netemu.overlay")
 
 
 def offload_wanted(node: str, backend_conf: dict, environ=os.environ) -> bool:
@@ -73,7 +86,9 @@ class UdpBackend(Backend):
         self.offload = offload_wanted(local.node, local.backend_conf)
         self.fast = False                            # offloads negotiated: workers run the data path
         self.features: dict[str, bool] = {}
-        self._workers: list[subprocess.Popen] = []
+        self._workers: dict[str, tuple[subprocess.Popen, fastudp.Watchdog]] = {}     # by direction
+        self._counters_fd: int | None = None
+        self.worker_restarts = 0
 
     # -- control plane -------------------------------------------------------
 
@@ -130,13 +145,16 @@ class UdpBackend(Backend):
             self._tell_workers()
 
     def _tell_workers(self) -> None:
+        for worker, _watch in self._workers.values():
+            self._tell(worker)
+
+    def _tell(self, worker: subprocess.Popen) -> None:
         line = json.dumps({"peers": {str(s): a for s, a in self._peers.items()}}) + "\n"
-        for worker in self._workers:
-            try:
-                worker.stdin.write(line.encode())
-                worker.stdin.flush()
-            except OSError:
-                pass                                 # it died: run() notices and fails
+        try:
+            worker.stdin.write(line.encode())
+            worker.stdin.flush()
+        except OSError:
+            pass                                     # it died: _run_workers replaces it
 
     def teardown(self) -> None:
         """Close the socket and the TUN fd; flannel0 and its route vanish with it."""
@@ -157,37 +175,71 @@ class UdpBackend(Backend):
 
     async def _run_workers(self) -> None:
         """One worker process per direction, fed peer tables on stdin, counting
-        in shared memory (see `counters`)."""
+        in shared memory (see `counters`), watched: one that exits or stops
+        beating (fastudp.Watchdog) is killed and replaced, alone."""
         self._counters_fd = fastudp.counters_memory()
+        restarts: collections.deque[float] = collections.deque()
         try:
             for direction in fastudp.DIRECTIONS:
-                argv = [sys.executable, "-m", "netemu.overlay.fastudp", direction, str(self._tun_fd),
-                        str(self._sock.fileno()), str(self._counters_fd), str(self.port),
-                        str(self.lease.subnet.network_address)]
-                if self.features.get("gso"):
-                    argv.append("--gso")
-                if not self.fast:
-                    argv.append("--plain")
-                self._workers.append(subprocess.Popen(
-                    argv, stdin=subprocess.PIPE, pass_fds=(self._tun_fd, self._sock.fileno(), self._counters_fd)))
-            self._tell_workers()
-            while all(w.poll() is None for w in self._workers):
-                await trio.sleep(0.5)
-            raise RuntimeError("udp data path: a worker exited: "
-                               f"{[w.returncode for w in self._workers]}")
+                self._start_worker(direction)
+            while True:
+                await trio.sleep(WATCH_PERIOD)
+                now = time.monotonic()
+                for direction, (worker, watch) in list(self._workers.items()):
+                    if worker.poll() is not None:
+                        why = f"exited with status {worker.returncode}"
+                    elif watch.hung(fastudp.read_heartbeat(self._counters_fd, direction), now):
+                        why = f"made no progress for {WATCH_TIMEOUT:g} s (stopped or hung)"
+                    else:
+                        continue
+                    log.warning("udp data path: the %s worker (pid %d) %s: replacing it", direction,
+                                worker.pid, why)
+                    self._stop_worker(worker)
+                    restarts.append(now)
+                    while restarts and restarts[0] < now - RESTART_LIMIT[1]:
+                        restarts.popleft()
+                    if len(restarts) > RESTART_LIMIT[0]:
+                        raise RuntimeError(f"udp data path: {len(restarts)} worker restarts in "
+                                           f"{RESTART_LIMIT[1]:g} s: giving up")
+                    self.worker_restarts += 1
+                    self._start_worker(direction)
         finally:
-            for worker in self._workers:
-                worker.kill()
-                worker.wait()
-            self._workers = []
+            for worker, _watch in self._workers.values():
+                self._stop_worker(worker)
+            self._workers = {}
             self._counters = self.counters           # keep the last figures
             os.close(self._counters_fd)
             self._counters_fd = None
 
+    def _start_worker(self, direction: str) -> None:
+        fastudp.reset_heartbeat(self._counters_fd, direction)
+        argv = [sys.executable, "-m", "netemu.overlay.fastudp", direction, str(self._tun_fd),
+                str(self._sock.fileno()), str(self._counters_fd), str(self.port),
+                str(self.lease.subnet.network_address)]
+        if self.features.get("gso"):
+            argv.append("--gso")
+        if not self.fast:
+            argv.append("--plain")
+        worker = subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                  pass_fds=(self._tun_fd, self._sock.fileno(), self._counters_fd))
+        self._workers[direction] = (worker, fastudp.Watchdog(time.monotonic(), timeout=WATCH_TIMEOUT))
+        self._tell(worker)
+
+    @staticmethod
+    def _stop_worker(worker: subprocess.Popen) -> None:
+        worker.kill()                                # SIGKILL ends a stopped process too
+        worker.wait()
+        if worker.stdin is not None:
+            worker.stdin.close()
+
+    def worker_pids(self) -> dict[str, int]:
+        """The workers' process ids by direction (for overlay-stats.json)."""
+        return {direction: worker.pid for direction, (worker, _watch) in self._workers.items()}
+
     @property
     def counters(self) -> dict[str, int]:
         if getattr(self, "_counters_fd", None) is not None:
-            return fastudp.read_counters(self._counters_fd)
+            return {**fastudp.read_counters(self._counters_fd), "worker_restarts": self.worker_restarts}
         return self._counters
 
     @counters.setter

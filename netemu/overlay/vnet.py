@@ -97,13 +97,27 @@ def finish_checksum(packet: bytearray, csum_start: int, csum_offset: int) -> Non
     """Complete a NEEDS_CSUM packet in place: the field holds the pseudo-header
     sum; the checksum covers it and everything from csum_start on."""
     where = csum_start + csum_offset
-    if where + 2 > len(packet):
-        return
+    if csum_start < 0 or csum_offset < 0 or where + 2 > len(packet):
+        return                         # (as _vnetc.c's forward: not ours to guess)
     csum = -ones_sum(memoryview(packet)[csum_start:]) % _M
     if csum == 0 and packet[9] == IPPROTO_UDP:
         csum = _M                      # UDP: 0 would mean "no checksum"
     packet[where] = csum >> 8
     packet[where + 1] = csum & 0xFF
+
+
+def segmentable(packet, mss: int) -> bool:
+    """Whether PACKET is a TCP/IPv4 packet that `segment` can cut at MSS: its
+    IP and TCP header lengths fit in it, and 1 <= MSS <= 65535 (what _vnetc.c's
+    segment_into checks too)."""
+    n = len(packet)
+    if n < 40 or not 1 <= mss <= 0xFFFF or packet[0] >> 4 != 4 or packet[9] != IPPROTO_TCP:
+        return False
+    ihl = (packet[0] & 0x0F) * 4
+    if ihl < 20 or ihl + 20 > n:
+        return False
+    thl = (packet[ihl + 12] >> 4) * 4
+    return thl >= 20 and ihl + thl <= n
 
 
 def segmented_length(packet, mss: int) -> int:
@@ -127,7 +141,10 @@ def forward(packet, flags: int, csum_start: int, csum_offset: int) -> bool:
 
 
 def segment(packet, mss: int) -> tuple[memoryview, int, int]:
-    """Split a TCP/IPv4 super-packet into MSS-sized packets (see vnet_numpy.segment)."""
+    """Split a TCP/IPv4 super-packet into MSS-sized packets (see vnet_numpy.segment).
+    ValueError if PACKET is not `segmentable`."""
+    if not segmentable(packet, mss):
+        raise ValueError("not a TCP/IPv4 super-packet that can be cut at this MSS")
     if native is None:
         from netemu.overlay import vnet_numpy
         return vnet_numpy.segment(packet, mss)
@@ -184,8 +201,14 @@ def coalesced_room(buffer) -> int:
     return 2 * len(buffer) + VNET_HDR_LEN
 
 
+def _check_size(size: int) -> None:
+    if size < 1:
+        raise ValueError("size must be positive")       # as _vnetc.c says it
+
+
 def coalesce(buffer, size: int) -> Coalesced:
     """See vnet_numpy.coalesce."""
+    _check_size(size)
     if native is None:
         from netemu.overlay import vnet_numpy
         return vnet_numpy.coalesce(buffer, size)
@@ -227,6 +250,7 @@ def _valid_udp(d) -> bool:
 
 def coalesce_udp(buffer, size: int) -> Coalesced:
     """See _coalesce_udp_each (whose rules and order the compiled one follows)."""
+    _check_size(size)
     if native is None:
         from netemu.overlay import vnet_numpy
         return vnet_numpy.coalesce_udp(buffer, size)

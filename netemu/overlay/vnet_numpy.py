@@ -102,7 +102,7 @@ def coalesce(buffer, size: int) -> Coalesced:
     if count < 2 or size < 40 or size % 2 or buffer[0] != 0x45 or buffer[9] != IPPROTO_TCP:
         return _singles(buffer, size)        # nothing to merge (e.g. UDP inside): no numpy
     hdr = 20 + (buffer[32] >> 4) * 4
-    if hdr >= size:
+    if hdr < 40 or hdr >= size:              # a TCP data offset under 5 is no TCP header
         return _singles(buffer, size)
     full = n_bytes // size
     rows = np.frombuffer(buffer, np.uint8, full * size).reshape(full, size)

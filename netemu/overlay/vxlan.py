@@ -13,12 +13,20 @@ The route's gateway resolves through the neighbour entry to the peer's VTEP MAC,
 and the FDB entry maps that MAC to the peer's underlay address. Nothing is
 learned or flooded. The device's MAC is published in our lease (VtepMAC), so
 the device is created before the lease is written.
+
+Unlike flannel, whose VXLAN port takes datagrams from anyone on the underlay
+(the kernel decapsulates whatever arrives), we accept VXLAN only from peer
+nodes: an nftables table in the node's namespace (FILTER_TABLE) drops UDP/8472
+from any source not in its set of peers' underlay addresses, kept in step with
+the leases by add_peer/remove_peer, and counts the drops (drop_unknown_source).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import subprocess
 from typing import Any
 
 from netemu.overlay.backend import Backend, IPv4Network, Lease, LocalConfig, register
@@ -32,6 +40,36 @@ RTNH_F_ONLINK = 0x04
 # What flannel's netlink library puts on its routes (and `ip route` too); pyroute2
 # would say "static".
 RTPROT_BOOT = 3
+FILTER_TABLE = "netemu-vxlan"          # nft table (family ip) in the node's namespace
+UNKNOWN_SOURCE_COUNTER = "unknown-source"
+
+
+def filter_ruleset(port: int, peers=()) -> str:
+    """The nft transaction that (re)creates FILTER_TABLE with the set `peers`
+    holding PEERS (underlay addresses): VXLAN datagrams to PORT from a source
+    outside the set are counted and dropped. Replacing the table (add, delete,
+    create: one transaction) leaves no moment without the rule."""
+    elements = f"    elements = {{ {', '.join(sorted(peers))} }}\n" if peers else ""
+    return (f"add table ip {FILTER_TABLE}\n"
+            f"delete table ip {FILTER_TABLE}\n"
+            f"table ip {FILTER_TABLE} {{\n"
+            f"  set peers {{\n    type ipv4_addr\n"
+            f"    comment \"netemu overlay: underlay addresses of the nodes that hold a vxlan lease\"\n"
+            f"{elements}  }}\n"
+            f"  counter {UNKNOWN_SOURCE_COUNTER} {{\n"
+            f"    comment \"netemu overlay: VXLAN datagrams from a non-peer, dropped\"\n  }}\n"
+            f"  chain input {{\n    type filter hook input priority filter; policy accept;\n"
+            f"    udp dport {port} ip saddr != @peers counter name \"{UNKNOWN_SOURCE_COUNTER}\" drop "
+            f"comment \"netemu overlay: VXLAN only from peer nodes (leases)\"\n  }}\n"
+            f"}}\n")
+
+
+def nft(script: str) -> str:
+    """Run an nft script in our namespace (the daemon's); its output."""
+    proc = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nft: {proc.stderr.strip()}")
+    return proc.stdout
 
 
 def random_vtep_mac() -> str:
@@ -63,9 +101,61 @@ class VxlanBackend(Backend):
         self.port = int(local.backend_conf.get("Port", DEFAULT_PORT))
         self.device = f"flannel.{self.vni}"
         self.vtep_mac: str | None = None
-        self.counters = {"peers": 0, "peers_ignored": 0}
+        self._counts = {"peers": 0, "peers_ignored": 0}
         # subnet -> (VtepMAC, underlay address) as programmed, to undo exactly that.
         self._peers: dict[IPv4Network, tuple[str, str]] = {}
+        self._filtering = False                 # FILTER_TABLE is ours (setup made it)
+        self._last_dropped = 0
+
+    gauges = frozenset({"peers", "peers_ignored"})   # both recomputed from the leases on start
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return {**self._counts, "drop_unknown_source": self._dropped()}
+
+    @counters.setter
+    def counters(self, value: dict[str, int]) -> None:
+        self._counts = dict(value)
+
+    def _dropped(self) -> int:
+        """The filter's count of VXLAN datagrams from non-peers (0 before setup;
+        the last figure read if nft cannot say now: a counter never goes down)."""
+        if not self._filtering:
+            return self._last_dropped
+        proc = subprocess.run(["nft", "-j", "list", "counter", "ip", FILTER_TABLE, UNKNOWN_SOURCE_COUNTER],
+                              capture_output=True, text=True, timeout=10)
+        try:
+            for item in json.loads(proc.stdout)["nftables"]:
+                if "counter" in item:
+                    self._last_dropped = max(self._last_dropped, int(item["counter"]["packets"]))
+        except (ValueError, KeyError, TypeError):
+            pass
+        return self._last_dropped
+
+    def _allowed(self) -> set[str]:
+        """The addresses in the filter's set now (none when there is no table)."""
+        proc = subprocess.run(["nft", "-j", "list", "set", "ip", FILTER_TABLE, "peers"],
+                              capture_output=True, text=True, timeout=10)
+        if proc.returncode != 0:
+            return set()
+        try:
+            return {str(e) for item in json.loads(proc.stdout)["nftables"] if "set" in item
+                    for e in item["set"].get("elem", []) if isinstance(e, str)}
+        except (ValueError, KeyError, TypeError):
+            return set()
+
+    def peers_synced(self) -> None:
+        for address in self._allowed() - {ip for _mac, ip in self._peers.values()}:
+            nft(f"delete element ip {FILTER_TABLE} peers {{ {address} }}\n")
+
+    def _allow(self, address: str, allowed: bool) -> None:
+        """Add ADDRESS to the filter's peers, or take it out when no peer has it any more."""
+        if not self._filtering:
+            return                              # before setup: setup's table starts empty, add_peer fills it
+        if allowed:
+            nft(f"add element ip {FILTER_TABLE} peers {{ {address} }}\n")
+        elif all(ip != address for _mac, ip in self._peers.values()):
+            nft(f"delete element ip {FILTER_TABLE} peers {{ {address} }}\n")
 
     # -- device ---------------------------------------------------------------
 
@@ -119,6 +209,12 @@ class VxlanBackend(Backend):
                 if exc.code != errno.EEXIST:
                     raise
             ipr.link("set", index=index, state="up")
+        # A daemon before us (killed) may have left the table: its peers stay let
+        # in until the leases have been read again (peers_synced), so that a
+        # restart drops nothing of theirs.
+        kept = self._allowed() | {ip for _mac, ip in self._peers.values()}
+        nft(filter_ruleset(self.port, kept))
+        self._filtering = True
 
     # -- peers ----------------------------------------------------------------
 
@@ -130,7 +226,7 @@ class VxlanBackend(Backend):
         mac = lease.backend_data.get("VtepMAC")
         if lease.backend_type != self.name or not mac:
             # flannel logs "ignoring non-vxlan subnet" and goes on.
-            self.counters["peers_ignored"] += 1
+            self._counts["peers_ignored"] += 1
             return
         mac = str(mac).lower()
         public_ip = str(lease.public_ip)
@@ -148,7 +244,10 @@ class VxlanBackend(Backend):
             ipr.route("replace", dst=str(lease.subnet), gateway=gateway, oif=index,
                       flags=RTNH_F_ONLINK, proto=RTPROT_BOOT)
         self._peers[lease.subnet] = (mac, public_ip)
-        self.counters["peers"] = len(self._peers)
+        self._counts["peers"] = len(self._peers)
+        if old is not None and old[1] != public_ip:
+            self._allow(old[1], False)
+        self._allow(public_ip, True)
 
     def remove_peer(self, lease: Lease) -> None:
         from pyroute2 import IPRoute
@@ -165,7 +264,8 @@ class VxlanBackend(Backend):
                 _ignore_missing(ipr.route, "del", dst=str(lease.subnet), gateway=gateway, oif=index)
                 _ignore_missing(ipr.neigh, "del", ifindex=index, dst=gateway)
                 _ignore_missing(ipr.fdb, "del", ifindex=index, lladdr=mac, dst=public_ip)
-        self.counters["peers"] = len(self._peers)
+        self._counts["peers"] = len(self._peers)
+        self._allow(public_ip, False)
 
     def teardown(self) -> None:
         """Delete flannel.<VNI>; its routes, neighbours and FDB entries go with it."""
@@ -175,5 +275,8 @@ class VxlanBackend(Backend):
             found = ipr.link_lookup(ifname=self.device)
             if found:
                 _ignore_missing(ipr.link, "del", index=found[0])
+        if self._filtering:
+            self._filtering = False
+            subprocess.run(["nft", "delete", "table", "ip", FILTER_TABLE], capture_output=True, timeout=30)
         self._peers.clear()
-        self.counters["peers"] = 0
+        self._counts["peers"] = 0
