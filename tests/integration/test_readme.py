@@ -191,7 +191,7 @@ EXPECTED = [
     (r"^netemu describe service podtoservcie", r"(?m)^Endpoints:\s+\d+\.\d+\.\d+\.\d+:80"),
     (r"^netemu get svc", r"my-second-service\s+LoadBalancer"),
     (r"nft list ruleset \| grep my-second-service", r"my-second-service"),
-    (r"^netemu get jobs", r"package-check\s+1/1"),
+    (r"^netemu get jobs", r"package-check\s+Complete\s+1/1"),
     (r"netemu logs job/package-check", r"Desired=Unknown/Install"),       # dpkg-query -l's header
     (r"^netemu label node", r"node/srv-k8s-node1 labeled"),
     (r"^netemu capture nginxpod -w", r"into /tmp/pod\.pcap"),
@@ -346,8 +346,8 @@ def test_every_readme_command_runs_as_printed():
                         break
                     time.sleep(2)
                 if problems:
-                    failures.append(f"`{command}`: {', '.join(problems)}\n--- stdout\n{r.stdout}\n"
-                                    f"--- stderr\n{r.stderr}")
+                    failures.append(f"`{command}`: {', '.join(problems)}\n--- stdout\n{r.stdout[:3000]}\n"
+                                    f"--- stderr\n{r.stderr[-3000:]}")
                 if (name := _exposed_service(command)) and r.returncode == 0:
                     exposed.append(name)
             if os.path.exists("/tmp/cluster.png"):
