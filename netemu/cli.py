@@ -330,8 +330,8 @@ def cmd_get(args) -> int:
         return 0
     if not objs and not args.watch:
         # kubectl writes this to stderr: a script reading stdout sees no rows.
-        print(f"No resources found in {args.namespace} namespace." if registry.KINDS[kind][1]
-              else "No resources found", file=sys.stderr)
+        print(f"No resources found in {args.namespace} namespace."
+              if registry.KINDS[kind][1] and not args.all_namespaces else "No resources found", file=sys.stderr)
         return 0
     printer.print(objs)
     if args.watch:

@@ -46,12 +46,14 @@ def register(sub, verb, with_cluster) -> None:
 
     sp = with_cluster(verb("trace", cmd_trace,
                            "send one probe and show it at every hop of its path and its reply's"))
-    sp.add_argument("source", metavar="SRC", help="a pod, or client")
+    sp.add_argument("source", metavar="SRC", help="a pod (NAME, pod/NAME, NAMESPACE/NAME), or client")
     sp.add_argument("dest", metavar="DEST",
-                    help="a pod, a service, a ClusterIP, NODE:NODEPORT or an external IP")
+                    help="a pod or a service (NAME, pod/NAME, svc/NAME; NAMESPACE/NAME or svc/NAMESPACE/NAME "
+                         "for another namespace than -n's), a ClusterIP, NODE:NODEPORT or an external IP")
     sp.add_argument("--port", type=int)
     sp.add_argument("--proto", choices=["tcp", "udp", "icmp"], default="tcp")
-    sp.add_argument("-o", "--output", metavar="FILE.svg|FILE.png", help="also draw the path (SVG or PNG, by the name's ending)")
+    sp.add_argument("-o", "--output", metavar="FILE.svg|FILE.png",
+                    help="also draw the path (SVG or PNG, by the name's ending)")
     sp.add_argument("-n", "--namespace", default="default")
     sp.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the reply")
     sp.add_argument("--keep-pcaps", metavar="DIR", help="keep the per-hop captures in DIR")
