@@ -508,7 +508,7 @@ def cmd_exec(args) -> int:
     env[names.CLUSTER_ENV] = cluster
     env["NETEMU_CONTAINER"] = args.container or containers[0]
     argv = netns.exec_argv(sb.namespace, command, uts_pid=sb.pause_pid)
-    os.execvpe(argv[0], argv, env)
+    exec_command(argv, env)
     return 0  # not reached
 
 
@@ -554,6 +554,17 @@ def _pod_for_logs(store, namespace: str, ref: str) -> str:
 
 
 FOLLOW_PERIOD = 0.2
+
+
+def exec_command(argv: list[str], env: dict) -> None:
+    """Replace this process with ARGV. Python ignores SIGPIPE and an ignored
+    signal stays ignored across exec: put the default back, so that the command
+    (`netemu exec POD -- yes | head -1`) ends quietly when its reader goes away,
+    as it would in a container, instead of failing on EPIPE with a message."""
+    import signal
+
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.execvpe(argv[0], argv, env)
 
 
 def cmd_logs(args) -> int:
@@ -685,7 +696,7 @@ def cmd_client(args) -> int:
     argv = netns.exec_argv(names.client_ns(cluster), command)
     env = dict(os.environ)
     env[names.CLUSTER_ENV] = cluster
-    os.execvpe(argv[0], argv, env)
+    exec_command(argv, env)
     return 0
 
 

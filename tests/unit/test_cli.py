@@ -252,3 +252,13 @@ def test_apply_reads_manifests_from_stdin(state, monkeypatch):
     assert registry.get(store, "Pod", "default", "from-stdin") is not None
     r = run(root, "apply", "-f", "-", stdin="apiVersion: v1\nkind: Pod\nmetadata: {name: bad}\nspec: {}\n")
     assert r.returncode == 1 and r.stderr.startswith("netemu: error: STDIN") and r.stderr.count("\n") == 1
+
+
+def test_exec_gives_the_command_the_default_sigpipe():
+    """`netemu exec POD -- yes | head -1`: the command ends by SIGPIPE as in a
+    container (Python's ignored SIGPIPE would survive the exec: `yes` would
+    complain about a broken pipe)."""
+    code = "import os; from netemu import cli; cli.exec_command(['yes'], dict(os.environ))"
+    r = subprocess.run(["bash", "-c", f'"{sys.executable}" -c "$CODE" | head -1; echo "status ${{PIPESTATUS[0]}}"'],
+                       env=dict(os.environ, CODE=code), capture_output=True, text=True, timeout=30)
+    assert (r.stdout, r.stderr) == ("y\nstatus 141\n", "")
