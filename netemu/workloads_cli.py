@@ -232,6 +232,7 @@ def cmd_create(args) -> int:
         for obj in objs:
             kind, meta = obj["kind"], obj["metadata"]
             source = args.filename[0] if len(args.filename) == 1 else "manifest"
+            source = "STDIN" if source == "-" else source
             if kind in registry.KINDS and registry.get(store, kind, meta.get("namespace"), meta["name"]):
                 print(f'Error from server (AlreadyExists): error when creating "{source}": '
                       f'{resource_plural(kind)} "{meta["name"]}" already exists', file=sys.stderr)
