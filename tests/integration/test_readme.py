@@ -163,8 +163,9 @@ def test_the_benchmark_commands_flags_parse():
     for command, _ in bench:
         argv = shlex.split(command)
         flags = [a.split("=", 1)[0] for a in argv if a.startswith("-")]
-        help_ = subprocess.run(argv[:2] + ["--help"] if argv[0] == "netemu" else argv[:2] + ["--help"],
-                               cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        # `netemu bench --help`, `.venv/bin/python tools/X.py --help`
+        help_ = subprocess.run(argv[:2] + ["--help"], cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=60)
         assert help_.returncode == 0, (command, help_.stderr)
         for flag in flags:
             assert re.search(rf"(^|[\s,\[]){re.escape(flag)}([\s,=\]]|$)", help_.stdout, re.M), \
