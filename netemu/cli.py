@@ -26,6 +26,21 @@ def _topology_error():
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader went away (`netemu get pods | head -1`): stop quietly, as
+        # kubectl does when SIGPIPE ends it, with the status a shell reports for
+        # that (128 + SIGPIPE). stdout points at /dev/null from here on so that
+        # the interpreter's final flush does not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # A topology file with the shebang "#!/usr/bin/env -S netemu up" runs as
     # `netemu up FILE`; `netemu FILE.yaml` is taken the same way.
@@ -38,7 +53,15 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, trailing = argv[:cut], argv[cut + 1:]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # kubectl takes names after flags too (`get pods -o wide NAME`); argparse
+        # stops filling a positional list at the first flag, so the rest of the
+        # names come back here. Anything else (an unknown flag) is the usual error.
+        if getattr(args, "names_after_flags", False) and not any(a.startswith("-") for a in extra):
+            args.names = list(args.names) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if trailing is not None:
         if not hasattr(args, "command"):
             parser.error("unexpected arguments after --")
@@ -105,11 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", choices=["wide", "json", "yaml", "name"])
     sp.add_argument("-n", "--namespace", default="default")
     sp.add_argument("-A", "--all-namespaces", action="store_true")
+    sp.add_argument("-l", "--selector", help="label query: key=value, key!=value, key in (a,b), key, !key")
+    sp.add_argument("--show-labels", action="store_true", help="add a LABELS column")
+    sp.add_argument("-w", "--watch", action="store_true",
+                    help="after listing, print each change of the objects until interrupted")
+    sp.set_defaults(names_after_flags=True)
 
-    sp = with_cluster(verb("describe", cmd_describe, "show one object in detail"))
+    sp = with_cluster(verb("describe", cmd_describe, "show objects in detail (all of the kind when no name is "
+                                                     "given; a name that is no object's is taken as a prefix)"))
     sp.add_argument("kind")
-    sp.add_argument("name")
+    sp.add_argument("names", nargs="*", metavar="name")
     sp.add_argument("-n", "--namespace", default="default")
+    sp.add_argument("-l", "--selector", help="label query, as for get")
+    sp.set_defaults(names_after_flags=True)
 
     sp = with_cluster(verb("exec", cmd_exec, "run a command in a pod's namespaces: netemu exec POD [-c C] -- CMD"))
     sp.add_argument("pod")
@@ -119,13 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-t", "--tty", action="store_true", help="accepted for kubectl compatibility")
     sp.add_argument("command", nargs="*", help="the command (after --)")
 
-    sp = with_cluster(verb("logs", cmd_logs, "print a container's output, or a node daemon's log "
-                                             "(logs node/NAME overlay|proxy|kubelet)"))
+    sp = with_cluster(verb("logs", cmd_logs, "print a container's output (POD, pod/POD, or KIND/NAME of a job, "
+                                             "rc, rs, deployment, daemonset: its first pod), or a node daemon's "
+                                             "log (logs node/NAME overlay|proxy|kubelet)"))
     sp.add_argument("pod")
     sp.add_argument("daemon", nargs="?")
     sp.add_argument("-c", "--container")
     sp.add_argument("-n", "--namespace", default="default")
     sp.add_argument("--tail", type=int, default=-1)
+    sp.add_argument("-f", "--follow", action="store_true",
+                    help="keep printing what is written until the container ends (or Ctrl-C)")
+    sp.add_argument("-p", "--previous", action="store_true",
+                    help="the log of the container's previous instance (before its last restart)")
 
     sp = with_cluster(verb("stats", cmd_stats, "the overlay daemon's counters of a node (or all nodes)"))
     sp.add_argument("node", nargs="?")
@@ -237,8 +273,33 @@ def _overlay_stats(cluster: str, node: str) -> dict | None:
     return read_stats(names.node_dir(cluster, node))
 
 
+def _selector(args) -> list[dict] | None:
+    """The -l requirements (None without -l). A name and a selector together are
+    refused, with kubectl's words."""
+    if getattr(args, "selector", None) is None:
+        return None
+    from netemu import label_selector
+
+    if args.names:
+        raise CliError("name cannot be provided when a selector is specified")
+    try:
+        return label_selector.parse(args.selector)
+    except label_selector.SelectorSyntaxError as e:
+        raise CliError(str(e)) from None
+
+
+def _selected(objs: list[dict], requirements: list[dict] | None) -> list[dict]:
+    if requirements is None:
+        return objs
+    from netemu import label_selector
+
+    return [o for o in objs if label_selector.matches(requirements, o["metadata"].get("labels"))]
+
+
 def cmd_get(args) -> int:
     if "," in args.kind:
+        if args.watch:
+            raise CliError("you may only specify a single resource type when watching (-w)")
         # kubectl get svc,ep: one table per kind, a blank line between them
         for i, word in enumerate(args.kind.split(",")):
             if i:
@@ -249,8 +310,11 @@ def cmd_get(args) -> int:
         args.kind, name = args.kind.split("/", 1)
         args.names = [name]
     kind = _kind(args.kind)
+    requirements = _selector(args)
     cluster, store = _store(args)
     ns = None if args.all_namespaces else args.namespace
+    # The revision before the list: a watch then reports every change after it.
+    since = store.revision()
     if args.names:
         objs = []
         for n in args.names:
@@ -259,25 +323,93 @@ def cmd_get(args) -> int:
                 raise CliError(f'{registry.kind_word(kind)}s "{n}" not found')
             objs.append(obj)
     else:
-        objs = registry.list_(store, kind, ns)
-    if args.output in ("json", "yaml"):
+        objs = _selected(registry.list_(store, kind, ns), requirements)
+    printer = _GetPrinter(cluster, store, kind, args)
+    if args.output in ("json", "yaml") and not args.watch:
         print(printers.dump(objs, args.output, single=bool(args.names)))
         return 0
-    if args.output == "name":
-        for o in objs:
-            print(f"{registry.kind_word(kind)}/{o['metadata']['name']}")
+    if not objs and not args.watch:
+        # kubectl writes this to stderr: a script reading stdout sees no rows.
+        print(f"No resources found in {args.namespace} namespace."
+              if registry.KINDS[kind][1] and not args.all_namespaces else "No resources found", file=sys.stderr)
         return 0
-    if not objs:
-        print(f"No resources found in {args.namespace} namespace." if registry.KINDS[kind][1]
-              else "No resources found")
-        return 0
-    wide = args.output == "wide"
-    headers, rows = tabulate(cluster, store, kind, objs, wide)
-    if args.all_namespaces and registry.KINDS[kind][1]:
-        headers = ["NAMESPACE"] + headers
-        rows = [[o["metadata"].get("namespace", "default")] + r for o, r in zip(objs, rows)]
-    print(printers.table(headers, rows))
+    printer.print(objs)
+    if args.watch:
+        _watch(store, kind, ns, args.names, requirements, since, printer)
     return 0
+
+
+class _GetPrinter:
+    """Prints `get` output; for a watch, one more row per change, padded to the
+    columns of the first table as kubectl's watch output is."""
+
+    def __init__(self, cluster: str, store, kind: str, args):
+        self.cluster, self.store, self.kind, self.args = cluster, store, kind, args
+        self.widths: list[int] | None = None
+
+    def print(self, objs: list[dict]) -> None:
+        args, kind = self.args, self.kind
+        if not objs:
+            return
+        if args.output in ("json", "yaml"):
+            for o in objs:
+                print(printers.dump([o], args.output, single=True))
+            sys.stdout.flush()
+            return
+        if args.output == "name":
+            for o in objs:
+                print(f"{registry.kind_word(kind)}/{o['metadata']['name']}")
+            sys.stdout.flush()
+            return
+        headers, rows = tabulate(self.cluster, self.store, kind, objs, args.output == "wide")
+        if args.all_namespaces and registry.KINDS[kind][1]:
+            headers = ["NAMESPACE"] + headers
+            rows = [[o["metadata"].get("namespace", "default")] + r for o, r in zip(objs, rows)]
+        if args.show_labels:
+            from netemu.kubectl_tables import format_labels
+
+            headers = headers + ["LABELS"]
+            rows = [r + [format_labels(o["metadata"].get("labels"))] for o, r in zip(objs, rows)]
+        if self.widths is None:
+            text = printers.table(headers, rows)
+            self.widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+        else:
+            text = "\n".join("   ".join(str(c).ljust(w) for c, w in zip(r, self.widths)).rstrip() for r in rows)
+        print(text, flush=True)
+
+
+WATCH_PERIOD = 0.25
+
+
+def _watch(store, kind: str, ns: str | None, names_: list[str], requirements, since: int, printer) -> None:
+    """kubectl get -w: after the list, print every object of the kind (in the
+    namespace, of the names, selected) each time it changes, a deleted one with
+    its last state, until interrupted (KeyboardInterrupt ends the command)."""
+    import time
+    from netemu.store.base import Compacted
+
+    prefix = registry.prefix(kind, ns)
+    while True:
+        time.sleep(WATCH_PERIOD)
+        try:
+            events = store.events_since(since, prefix)
+        except Compacted:
+            # History is gone: list again, as a kubectl watch that expired re-lists.
+            since = store.revision()
+            events = []
+            printer.print(_selected(registry.list_(store, kind, ns), requirements))
+        changed = []
+        for ev in events:
+            since = max(since, ev.revision)
+            obj = ev.value
+            if not isinstance(obj, dict) or "metadata" not in obj:
+                continue
+            obj["metadata"]["resourceVersion"] = str(ev.revision)
+            if names_ and obj["metadata"].get("name") not in names_:
+                continue
+            if _selected([obj], requirements):
+                changed.append(obj)
+        printer.print(changed)
 
 
 def tabulate(cluster: str, store, kind: str, objs: list[dict], wide: bool):
@@ -297,31 +429,56 @@ def tabulate(cluster: str, store, kind: str, objs: list[dict], wide: bool):
 
 def cmd_describe(args) -> int:
     if "/" in args.kind:
-        args.kind, args.name = args.kind.split("/", 1)[0], args.kind.split("/", 1)[1]
+        args.kind, first = args.kind.split("/", 1)
+        args.names = [first] + list(args.names)
     kind = _kind(args.kind)
+    requirements = _selector(args)
     cluster, store = _store(args)
-    obj = registry.get(store, kind, args.namespace, args.name)
-    if obj is None:
-        raise CliError(f'{registry.kind_word(kind)}s "{args.name}" not found')
+    objs = []
+    if args.names:
+        for name in args.names:
+            obj = registry.get(store, kind, args.namespace, name)
+            if obj is not None:
+                objs.append(obj)
+                continue
+            # kubectl describe takes a name that is no object's as a prefix
+            # (`describe pods nginx` describes nginx-abc12 and nginx-def34).
+            matched = [o for o in registry.list_(store, kind, args.namespace)
+                       if o["metadata"]["name"].startswith(name)]
+            if not matched:
+                raise CliError(f'{registry.kind_word(kind)}s "{name}" not found')
+            objs.extend(matched)
+    else:
+        objs = _selected(registry.list_(store, kind, args.namespace), requirements)
+        if not objs:
+            print(f"No resources found in {args.namespace} namespace." if registry.KINDS[kind][1]
+                  else "No resources found", file=sys.stderr)
+            return 0
+    for i, obj in enumerate(objs):
+        # kubectl separates the objects' texts by two blank lines.
+        print(("\n\n" if i else "") + describe_text(cluster, store, kind, obj))
+    return 0
+
+
+def describe_text(cluster: str, store, kind: str, obj: dict) -> str:
+    """The `describe` text of one object."""
+    name = obj["metadata"]["name"]
     events = registry.events_for(store, obj)
     if kind == "Pod":
         from netemu.node.sandbox import Sandbox
         import dataclasses
-        sb = Sandbox.load(names.pod_dir(cluster, obj["metadata"].get("namespace", "default"), args.name))
-        print(printers.describe_pod(obj, events, dataclasses.asdict(sb) if sb else None))
-    elif kind == "Node":
-        pods = [p for p in registry.list_(store, "Pod") if p.get("spec", {}).get("nodeName") == args.name
+        sb = Sandbox.load(names.pod_dir(cluster, obj["metadata"].get("namespace", "default"), name))
+        return printers.describe_pod(obj, events, dataclasses.asdict(sb) if sb else None)
+    if kind == "Node":
+        pods = [p for p in registry.list_(store, "Pod") if p.get("spec", {}).get("nodeName") == name
                 and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")]
-        print(printers.describe_node(obj, pods, _overlay_stats(cluster, args.name), events))
-    else:
-        from netemu import kubectl_tables
+        return printers.describe_node(obj, pods, _overlay_stats(cluster, name), events)
+    from netemu import kubectl_tables
 
-        try:
-            print(kubectl_tables.describe(kind, obj, events, store))
-        except KeyError:           # a kind with no describer: its YAML and events
-            print(printers.dump([obj], "yaml", single=True))
-            print(printers.format_events(events))
-    return 0
+    try:
+        return kubectl_tables.describe(kind, obj, events, store).rstrip("\n")
+    except KeyError:           # a kind with no describer: its YAML and events
+        return printers.dump([obj], "yaml", single=True) + "\n" + printers.format_events(events)
 
 
 def _pod(store, namespace: str, name: str) -> dict:
@@ -351,39 +508,142 @@ def cmd_exec(args) -> int:
     env[names.CLUSTER_ENV] = cluster
     env["NETEMU_CONTAINER"] = args.container or containers[0]
     argv = netns.exec_argv(sb.namespace, command, uts_pid=sb.pause_pid)
-    os.execvpe(argv[0], argv, env)
+    exec_command(argv, env)
     return 0  # not reached
+
+
+def _pod_for_logs(store, namespace: str, ref: str) -> str:
+    """The pod `logs REF` reads: NAME, pod/NAME, or KIND/NAME of a workload, whose
+    pods are ranked as kubectl ranks them (podutils.ByLogging: on a node,
+    running, ready, most restarts, newest) and the first one taken."""
+    word, sep, name = ref.partition("/")
+    if not sep:
+        return ref
+    kind = _kind(word)
+    if kind == "Pod":
+        return name
+    if kind not in ("Job", "ReplicationController", "ReplicaSet", "Deployment", "DaemonSet"):
+        raise CliError(f"cannot get the logs of a {registry.kind_word(kind)}: give a pod, or a job, rc, rs, "
+                       "deployment or daemonset")
+    from netemu.controllers import selectors
+
+    owner = registry.get(store, kind, namespace, name)
+    if owner is None:
+        from netemu.workloads_cli import resource_plural
+        from netemu.api import ApiError
+        raise ApiError(f'{resource_plural(kind)} "{name}" not found', reason="NotFound")
+    selector = selectors.workload_selector(owner)
+    pods = [p for p in registry.list_(store, "Pod", namespace)
+            if selectors.matches(selector, p["metadata"].get("labels"))]
+    if not pods:
+        raise CliError(f"no pods of {registry.kind_word(kind)}/{name} (selector "
+                       f"{selectors.format_selector(selector)})")
+
+    def rank(p):
+        status = p.get("status") or {}
+        statuses = status.get("containerStatuses") or []
+        phase = {"Running": 0, "Unknown": 1, "Pending": 2}.get(status.get("phase"), 3)
+        return (not (p.get("spec") or {}).get("nodeName"), phase, not all(c.get("ready") for c in statuses),
+                -sum(c.get("restartCount", 0) for c in statuses))
+    # newest first among equals: sort by age first, the sort by rank is stable
+    pods.sort(key=lambda p: p["metadata"].get("creationTimestamp", ""), reverse=True)
+    pods.sort(key=rank)
+    if len(pods) > 1:
+        print(f"Found {len(pods)} pods, using pod/{pods[0]['metadata']['name']}", file=sys.stderr)
+    return pods[0]["metadata"]["name"]
+
+
+FOLLOW_PERIOD = 0.2
+
+
+def exec_command(argv: list[str], env: dict) -> None:
+    """Replace this process with ARGV. Python ignores SIGPIPE and an ignored
+    signal stays ignored across exec: put the default back, so that the command
+    (`netemu exec POD -- yes | head -1`) ends quietly when its reader goes away,
+    as it would in a container, instead of failing on EPIPE with a message."""
+    import signal
+
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.execvpe(argv[0], argv, env)
 
 
 def cmd_logs(args) -> int:
     cluster, store = _store(args)
+    finished = None                      # for -f: has the writer stopped for good?
     if args.pod.startswith(("node/", "nodes/", "no/")):
         node = args.pod.split("/", 1)[1]
+        if args.previous:
+            raise CliError("--previous is for containers; a node daemon's log is one file")
         daemon = args.daemon or "overlay"
         path = os.path.join(names.node_dir(cluster, node), f"{daemon}.log")
         if daemon == "kubelet":
             path = os.path.join(names.state_dir(cluster), "controlplane.log")
     else:
-        pod = _pod(store, args.namespace, args.pod)
+        pod_name = _pod_for_logs(store, args.namespace, args.pod)
+        pod = _pod(store, args.namespace, pod_name)
         containers = [c["name"] for c in pod["spec"].get("containers", [])]
-        container = args.container
+        container = args.container or args.daemon
         if container is None:
             if len(containers) > 1:
-                raise CliError(f"a container name must be specified for pod {args.pod}, "
+                raise CliError(f"a container name must be specified for pod {pod_name}, "
                                f"choose one of: [{' '.join(containers)}]")
             container = containers[0]
         elif container not in containers:
-            raise CliError(f"container {container} is not valid for pod {args.pod}")
-        path = os.path.join(names.pod_dir(cluster, args.namespace, args.pod), f"{container}.log")
+            raise CliError(f"container {container} is not valid for pod {pod_name}")
+        pod_dir = names.pod_dir(cluster, args.namespace, pod_name)
+        path = os.path.join(pod_dir, f"{container}.log")
+        if args.previous:
+            # The kubelet moves an instance's log aside when it restarts the container.
+            path = os.path.join(pod_dir, f"{container}.previous.log")
+            if not os.path.exists(path):
+                from netemu.api import ApiError
+                raise ApiError(f'previous terminated container "{container}" in pod "{pod_name}" not found',
+                               reason="BadRequest")
+            finished = lambda: True      # noqa: E731 - a previous instance writes no more
+        else:
+            uid = pod["metadata"].get("uid")
+            first_inode = _inode(path)
+
+            def finished() -> bool:
+                """kubectl logs -f ends with the container: the pod is gone (or
+                replaced), the container no longer runs, or its log was moved
+                aside for a new instance."""
+                now = registry.get(store, "Pod", args.namespace, pod_name)
+                if now is None or now["metadata"].get("uid") != uid or _inode(path) != first_inode:
+                    return True
+                state = next((c.get("state") or {} for c in (now.get("status") or {}).get("containerStatuses", [])
+                              if c.get("name") == container), {})
+                return "running" not in state
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        f = open(path, "rb")
     except FileNotFoundError:
         raise CliError(f"no log yet at {path}") from None
-    if args.tail >= 0:
-        data = b"\n".join(data.splitlines()[-args.tail:]) + b"\n" if args.tail else b""
-    sys.stdout.buffer.write(data)
-    return 0
+    with f:
+        data = f.read()
+        if args.tail >= 0:
+            data = b"\n".join(data.splitlines()[-args.tail:]) + b"\n" if args.tail else b""
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        if not args.follow:
+            return 0
+        import time
+        while True:
+            chunk = f.read(1 << 16)
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                continue
+            if finished is not None and finished():
+                sys.stdout.buffer.write(f.read())      # what came between the last read and the check
+                return 0
+            time.sleep(FOLLOW_PERIOD)
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def cmd_stats(args) -> int:
@@ -436,7 +696,7 @@ def cmd_client(args) -> int:
     argv = netns.exec_argv(names.client_ns(cluster), command)
     env = dict(os.environ)
     env[names.CLUSTER_ENV] = cluster
-    os.execvpe(argv[0], argv, env)
+    exec_command(argv, env)
     return 0
 
 

@@ -555,12 +555,9 @@ def _describe_events(w: _TabWriter, events: list[dict]) -> None:
                    f"{(e.get('source') or {}).get('component', '')}\t{message}\n")
 
 
-def _rfc1123z(stamp: str | None) -> str:
-    """Go's time.RFC1123Z in the local time zone, as kubectl shows API times."""
-    t = registry.parse_time(stamp)
-    if t is None:
-        return ""
-    return t.astimezone().strftime("%a, %d %b %Y %H:%M:%S %z")
+# Go's time.RFC1123Z in the local time zone, as kubectl shows API times; shared
+# with the pod and node describers in printers.
+_rfc1123z = printers.api_time
 
 
 def _owned_pods(store, owner: dict) -> list[dict]:

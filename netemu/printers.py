@@ -34,6 +34,16 @@ def duration(seconds: float) -> str:
     return f"{h // 24}d"
 
 
+def api_time(stamp: str | None) -> str:
+    """An API timestamp as kubectl's describe shows every one of them: Go's
+    time.RFC1123Z (`Mon, 02 Jan 2006 15:04:05 -0700`) in the local time zone.
+    One function for every kind, so pods, nodes and jobs read alike."""
+    t = registry.parse_time(stamp)
+    if t is None:
+        return ""
+    return t.astimezone().strftime("%a, %d %b %Y %H:%M:%S %z")
+
+
 def table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [len(h) for h in headers]
     for row in rows:
@@ -124,14 +134,23 @@ def labels_text(labels: dict | None, indent: str) -> str:
     return ("\n" + indent).join(items)
 
 
+def annotations_text(annotations: dict | None, indent: str) -> str:
+    """kubectl's Annotations field: `key: value` per line, `<none>` when there
+    are none (the last-applied-configuration annotation is never shown)."""
+    items = [f"{k}: {v}" for k, v in sorted((annotations or {}).items())
+             if k != "kubectl.kubernetes.io/last-applied-configuration"]
+    return ("\n" + indent).join(items) if items else "<none>"
+
+
 def describe_pod(pod: dict, events: list[dict], sandbox: dict | None) -> str:
     meta, spec, status = pod["metadata"], pod.get("spec", {}), pod.get("status", {})
     host_ip = status.get("hostIP", "")
     out = [f"Name:             {meta['name']}",
            f"Namespace:        {meta.get('namespace', 'default')}",
            f"Node:             {spec.get('nodeName', '<none>')}{'/' + host_ip if host_ip else ''}",
-           f"Start Time:       {status.get('startTime', '<unset>')}",
+           f"Start Time:       {api_time(status.get('startTime')) or '<unset>'}",
            f"Labels:           {labels_text(meta.get('labels'), ' ' * 18)}",
+           f"Annotations:      {annotations_text(meta.get('annotations'), ' ' * 18)}",
            f"Status:           {pod_status_word(pod) if meta.get('deletionTimestamp') else status.get('phase', 'Pending')}",
            f"IP:               {status.get('podIP', '')}"]
     owners = meta.get("ownerReferences") or []
@@ -174,12 +193,12 @@ def describe_pod(pod: dict, events: list[dict], sandbox: dict | None) -> str:
 
 def _state_lines(title: str, state: dict) -> list[str]:
     if "running" in state:
-        return [f"    {title + ':':<16}Running", f"      Started:      {state['running'].get('startedAt', '')}"]
+        return [f"    {title + ':':<16}Running", f"      Started:      {api_time(state['running'].get('startedAt'))}"]
     if "terminated" in state:
         t = state["terminated"]
         return [f"    {title + ':':<16}Terminated", f"      Reason:       {t.get('reason', '')}",
-                f"      Exit Code:    {t.get('exitCode')}", f"      Started:      {t.get('startedAt', '')}",
-                f"      Finished:     {t.get('finishedAt', '')}"]
+                f"      Exit Code:    {t.get('exitCode')}", f"      Started:      {api_time(t.get('startedAt'))}",
+                f"      Finished:     {api_time(t.get('finishedAt'))}"]
     if "waiting" in state:
         return [f"    {title + ':':<16}Waiting", f"      Reason:       {state['waiting'].get('reason', '')}"]
     return [f"    {title + ':':<16}<none>"]
@@ -202,7 +221,7 @@ def describe_node(node: dict, pods: list[dict], overlay: dict | None, events: li
     meta, spec, status = node["metadata"], node.get("spec", {}), node.get("status", {})
     out = [f"Name:               {meta['name']}",
            f"Labels:             {labels_text(meta.get('labels'), ' ' * 20)}",
-           f"CreationTimestamp:  {meta.get('creationTimestamp', '')}",
+           f"CreationTimestamp:  {api_time(meta.get('creationTimestamp'))}",
            f"Unschedulable:      {str(bool(spec.get('unschedulable'))).lower()}",
            "Conditions:"]
     for c in status.get("conditions", []):

@@ -46,7 +46,7 @@ def register(sub, verb, with_cluster) -> None:
             ("create", cmd_create, "create objects from manifest files; existing ones are an error")):
         sp = with_cluster(verb(name, func, help_))
         sp.add_argument("-f", "--filename", action="append", required=True, metavar="FILE",
-                        help="a manifest file, or a directory of them (repeatable)")
+                        help="a manifest file, a directory of them, or - for standard input (repeatable)")
         _namespace(sp)
 
     sp = with_cluster(verb("delete", cmd_delete, "delete objects: netemu delete KIND NAME... | -f FILE"))
@@ -150,6 +150,9 @@ def load_files(paths: list[str], settings=None, nodes=None) -> list[dict]:
 
     entries = []
     for given in paths:
+        if given == "-":
+            entries.extend(_read_stdin())
+            continue
         path = Path(given)
         if not path.exists():
             raise WorkloadCliError(f'the path "{given}" does not exist')
@@ -163,6 +166,27 @@ def load_files(paths: list[str], settings=None, nodes=None) -> list[dict]:
     for warning in manifests.check_batch(entries, settings, nodes):
         print(f"Warning: {warning}", file=sys.stderr)
     return [e.obj for e in entries]
+
+
+STDIN_LIMIT = 16 << 20
+
+
+def _read_stdin(errors=None) -> list:
+    """`-f -`: the manifests on standard input, named STDIN in errors as kubectl
+    names them. They are copied (at most STDIN_LIMIT bytes, so that `< /dev/zero`
+    ends) into a temporary regular file and read like any manifest file."""
+    import tempfile
+    from netemu.topology import manifests
+
+    with tempfile.NamedTemporaryFile(prefix="netemu-stdin-", suffix=".yaml") as tmp:
+        size = 0
+        while chunk := sys.stdin.buffer.read(1 << 16):
+            size += len(chunk)
+            if size > STDIN_LIMIT:
+                raise WorkloadCliError(f"STDIN: more than {STDIN_LIMIT >> 20} MiB of manifests")
+            tmp.write(chunk)
+        tmp.flush()
+        return manifests.read_manifest_file(Path(tmp.name), display="STDIN", errors=errors)
 
 
 def load_each(paths: list[str], settings=None, nodes=None, verb: str = "apply") -> tuple[list, list[str]]:
@@ -182,6 +206,9 @@ def load_each(paths: list[str], settings=None, nodes=None, verb: str = "apply") 
 
     files = []
     for given in paths:
+        if given == "-":
+            files.append(given)
+            continue
         path = Path(given)
         if not path.exists():
             raise WorkloadCliError(f'the path "{given}" does not exist')
@@ -193,7 +220,8 @@ def load_each(paths: list[str], settings=None, nodes=None, verb: str = "apply") 
     for file in files:
         problems: list[TopologyError] = []
         try:
-            entries.extend(manifests.read_manifest_file(file, errors=problems))
+            entries.extend(_read_stdin(errors=problems) if file == "-" else
+                           manifests.read_manifest_file(file, errors=problems))
         except TopologyError as e:
             problems.append(e)
         errors.extend(str(e) for e in problems)

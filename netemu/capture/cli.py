@@ -5,8 +5,8 @@ here is a thin layer over netemu.capture.{tcpdump, decode, trace, graph}.
 
     netemu capture TARGET [-i IFACE] [-w FILE.pcap] [-c N] [--duration S] [--decode] [FILTER...]
     netemu decode FILE.pcap [--port-udp N] [--port-vxlan N]
-    netemu trace SRC DEST [--port N] [--proto tcp|udp|icmp] [-o FILE.svg]
-    netemu graph [-o FILE.svg]
+    netemu trace SRC DEST [--port N] [--proto tcp|udp|icmp] [-o FILE.svg|FILE.png]
+    netemu graph [-o FILE.svg|FILE.png]
 """
 
 from __future__ import annotations
@@ -46,19 +46,21 @@ def register(sub, verb, with_cluster) -> None:
 
     sp = with_cluster(verb("trace", cmd_trace,
                            "send one probe and show it at every hop of its path and its reply's"))
-    sp.add_argument("source", metavar="SRC", help="a pod, or client")
+    sp.add_argument("source", metavar="SRC", help="a pod (NAME, pod/NAME, NAMESPACE/NAME), or client")
     sp.add_argument("dest", metavar="DEST",
-                    help="a pod, a service, a ClusterIP, NODE:NODEPORT or an external IP")
+                    help="a pod or a service (NAME, pod/NAME, svc/NAME; NAMESPACE/NAME or svc/NAMESPACE/NAME "
+                         "for another namespace than -n's), a ClusterIP, NODE:NODEPORT or an external IP")
     sp.add_argument("--port", type=int)
     sp.add_argument("--proto", choices=["tcp", "udp", "icmp"], default="tcp")
-    sp.add_argument("-o", "--output", metavar="FILE.svg", help="also draw the path as SVG")
+    sp.add_argument("-o", "--output", metavar="FILE.svg|FILE.png",
+                    help="also draw the path (SVG or PNG, by the name's ending)")
     sp.add_argument("-n", "--namespace", default="default")
     sp.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the reply")
     sp.add_argument("--keep-pcaps", metavar="DIR", help="keep the per-hop captures in DIR")
 
     sp = with_cluster(verb("graph", cmd_graph, "the cluster's layout: fabric, nodes, bridges, pods, "
-                                               "services (as text, or SVG with -o)"))
-    sp.add_argument("-o", "--output", metavar="FILE.svg")
+                                               "services (as text, or a picture with -o: SVG or PNG by the name's ending)"))
+    sp.add_argument("-o", "--output", metavar="FILE.svg|FILE.png")
 
 
 def _capture_options(sp, suppress: bool = False) -> None:
@@ -189,14 +191,15 @@ def cmd_decode(args) -> int:
 def cmd_trace(args) -> int:
     from netemu.capture import graph, trace
 
+    if args.output:
+        graph.picture_format(args.output)      # a name we cannot write: say so before probing
     cluster, view = _view(args)
     os.environ[names.CLUSTER_ENV] = cluster
     result = trace.run_trace(view, args.source, args.dest, port=args.port, proto=args.proto,
                              namespace=args.namespace, timeout=args.timeout, keep_pcaps=args.keep_pcaps)
     print(trace.format_trace(result))
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(graph.trace_svg(result))
+        graph.write_picture(graph.trace_drawing(result), args.output)
         print(f"\npicture written to {args.output}")
     if not result.reached:
         print("netemu: the probe did not reach its destination", file=sys.stderr)
@@ -207,10 +210,11 @@ def cmd_trace(args) -> int:
 def cmd_graph(args) -> int:
     from netemu.capture import graph
 
+    if args.output:
+        graph.picture_format(args.output)
     cluster, view = _view(args)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(graph.cluster_svg(view))
+        graph.write_picture(graph.cluster_drawing(view), args.output)
         print(f"picture of cluster {cluster} written to {args.output}")
     else:
         print(graph.cluster_text(view))

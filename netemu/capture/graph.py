@@ -1,4 +1,4 @@
-"""Pictures (SVG, written by hand: no drawing library) of a cluster and of a trace.
+"""Pictures (SVG written by hand, or PNG drawn with matplotlib) of a cluster and of a trace.
 
 `cluster_svg(view)`: the fabric (underlay bridge) on top with the external client
 and the load balancer, one column per node below it (eth0 address, pod CIDR,
@@ -14,6 +14,7 @@ they were there; the reply path follows with dashed arrows.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from xml.sax.saxutils import escape
 
@@ -26,30 +27,36 @@ LINE_H = 16
 
 
 class Svg:
-    """A few SVG primitives collected as text."""
+    """A few SVG primitives collected as text, and kept as shapes so that the
+    same drawing can be rasterised (to_png) without an SVG renderer."""
 
     def __init__(self) -> None:
         self.parts: list[str] = []
+        self.shapes: list[tuple] = []
         self.width = 0.0
         self.height = 0.0
+        self.title = ""
 
     def _grow(self, x: float, y: float) -> None:
         self.width, self.height = max(self.width, x), max(self.height, y)
 
     def rect(self, x, y, w, h, fill="#ffffff", stroke="#333333", dash=False, rx=6) -> None:
         extra = " stroke-dasharray='4 3'" if dash else ""
+        self.shapes.append(("rect", x, y, w, h, fill, stroke, dash, rx))
         self.parts.append(f"<rect x='{x:.1f}' y='{y:.1f}' width='{w:.1f}' height='{h:.1f}' rx='{rx}' "
                           f"fill='{fill}' stroke='{stroke}'{extra}/>")
         self._grow(x + w, y + h)
 
     def text(self, x, y, s: str, bold=False, color="#111111", anchor="start") -> None:
         weight = " font-weight='bold'" if bold else ""
+        self.shapes.append(("text", x, y, s, bold, color, anchor))
         self.parts.append(f"<text x='{x:.1f}' y='{y:.1f}' {FONT}{weight} fill='{color}' "
                           f"text-anchor='{anchor}'>{escape(s)}</text>")
         self._grow(x + len(s) * CHAR_W, y)
 
     def line(self, x1, y1, x2, y2, color="#555555", dash=False, arrow=False) -> None:
         extra = (" stroke-dasharray='5 4'" if dash else "") + (" marker-end='url(#arrow)'" if arrow else "")
+        self.shapes.append(("line", x1, y1, x2, y2, color, dash, arrow))
         self.parts.append(f"<line x1='{x1:.1f}' y1='{y1:.1f}' x2='{x2:.1f}' y2='{y2:.1f}' "
                           f"stroke='{color}' stroke-width='1.5'{extra}/>")
         self._grow(max(x1, x2), max(y1, y2))
@@ -64,6 +71,68 @@ class Svg:
                 "fill='#555555'/></marker></defs>\n"
                 f"<rect width='100%' height='100%' fill='#fafafa'/>\n"
                 + "\n".join(self.parts) + "\n</svg>\n")
+
+
+    def to_png(self, path: str, margin: float = 20) -> None:
+        """Draw the same shapes into a PNG, one pixel per SVG unit (matplotlib's
+        Agg renderer: netemu depends on matplotlib already, for bench.png)."""
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+        from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+        w, h = self.width + margin, self.height + margin
+        dpi = 100
+        fig = pyplot.figure(figsize=(w / dpi, h / dpi), dpi=dpi, facecolor="#fafafa")
+        try:
+            ax = fig.add_axes((0, 0, 1, 1))
+            ax.set_xlim(0, w)
+            ax.set_ylim(h, 0)           # SVG's y axis points down
+            ax.axis("off")
+            points = 72 / dpi           # font sizes and line widths are in points
+            for shape in self.shapes:
+                if shape[0] == "rect":
+                    _, x, y, rw, rh, fill, stroke, dash, rx = shape
+                    ax.add_patch(FancyBboxPatch((x, y), rw, rh, boxstyle=f"round,pad=0,rounding_size={rx}",
+                                                facecolor=fill, edgecolor=stroke, linewidth=1,
+                                                linestyle=(0, (4, 3)) if dash else "solid"))
+                elif shape[0] == "text":
+                    _, x, y, text, bold, color, anchor = shape
+                    ax.text(x, y, text, fontsize=12 * points, family="monospace", color=color,
+                            weight="bold" if bold else "normal", va="baseline",
+                            ha={"start": "left", "middle": "center", "end": "right"}[anchor])
+                else:
+                    _, x1, y1, x2, y2, color, dash, arrow = shape
+                    ax.add_patch(FancyArrowPatch((x1, y1), (x2, y2), arrowstyle="-|>" if arrow else "-",
+                                                 mutation_scale=10, color=color, linewidth=1.5 * points,
+                                                 linestyle=(0, (5, 4)) if dash else "solid",
+                                                 shrinkA=0, shrinkB=0))
+            fig.savefig(path, format="png", dpi=dpi, facecolor="#fafafa",
+                        metadata={"Title": self.title} if self.title else None)
+        finally:
+            pyplot.close(fig)
+
+
+PICTURE_FORMATS = (".svg", ".png")
+
+
+def picture_format(path: str) -> str:
+    """"svg" or "png", from PATH's name; any other name is refused (ValueError),
+    so that a command can check it before doing its work."""
+    base = os.path.basename(path)
+    ext = base.rsplit(".", 1)[-1].lower() if "." in base else ""
+    if "." + ext not in PICTURE_FORMATS:
+        raise ValueError(f"-o {path}: the picture's name must end in .svg or .png (the format it is written in)")
+    return ext
+
+
+def write_picture(svg: Svg, path: str) -> None:
+    """Write a drawing to PATH in the format its name says (.svg or .png)."""
+    if picture_format(path) == "png":
+        svg.to_png(path)
+        return
+    with open(path, "w") as f:
+        f.write(svg.render(svg.title))
 
 
 def _text_width(lines: Sequence[str]) -> float:
@@ -113,6 +182,10 @@ def cluster_text(view: ClusterView) -> str:
 
 
 def cluster_svg(view: ClusterView) -> str:
+    return cluster_drawing(view).render(f"cluster {view.name}")
+
+
+def cluster_drawing(view: ClusterView) -> Svg:
     svg = Svg()
     x0, y0 = 20, 20
     nodes = sorted(view.nodes.values(), key=lambda n: n.name)
@@ -166,7 +239,8 @@ def cluster_svg(view: ClusterView) -> str:
         svg.text(x0 + 8, y + LINE_H, "services (ClusterIP -> endpoints)", bold=True)
         for i, s in enumerate(services):
             svg.text(x0 + 8, y + LINE_H * (i + 2), s)
-    return svg.render(f"cluster {view.name}")
+    svg.title = f"cluster {view.name}"
+    return svg
 
 
 # --- a trace -----------------------------------------------------------------------
@@ -190,6 +264,11 @@ def _hop_lines(hop) -> list[str]:
 
 
 def trace_svg(result) -> str:
+    drawing = trace_drawing(result)
+    return drawing.render(drawing.title)
+
+
+def trace_drawing(result) -> Svg:
     """SVG of a TraceResult (netemu.capture.trace)."""
     svg = Svg()
     hops = list(result.forward) + list(result.reply)
@@ -231,4 +310,5 @@ def trace_svg(result) -> str:
             prev = (bx + col_w / 2, y + bh)
             y += bh + 14
         y += 10
-    return svg.render(f"trace {result.source} -> {d.description}")
+    svg.title = f"trace {result.source} -> {d.description}"
+    return svg

@@ -184,6 +184,17 @@ def plan_pod_to_node(view: ClusterView, src: PodInfo, node: str, dst: PodInfo) -
     return _merge(out + _node_to_pod(view, node, dst))
 
 
+def plan_pod_to_node_reply(view: ClusterView, src: PodInfo, node: str, dst: PodInfo) -> list[Step]:
+    """The reply to plan_pod_to_node's probe when NODE is another node. The probe
+    went there plainly (a node's address is on the underlay) and was DNATed and
+    masqueraded by NODE, so the reply goes back to NODE first; conntrack there
+    gives it SRC's pod address as destination, and a pod address is reached
+    through the overlay: the reply comes home through the tunnel, not the way
+    the probe went."""
+    back_to_node = list(reversed(_node_to_pod(view, node, dst)))
+    return _merge(back_to_node + _node_to_pod(view, node, src))
+
+
 def plan_pod_to_external(view: ClusterView, src: PodInfo, address: str) -> list[Step]:
     """Pod SRC to an address outside the cluster: out of its node's eth0
     (masqueraded), into the client's eth0 when it is the client's address."""
@@ -254,21 +265,43 @@ def _is_ip(text: str) -> bool:
         return False
 
 
+POD_WORDS = ("", "pod", "po", "pods")
+SERVICE_WORDS = ("", "svc", "service", "services")
+KIND_WORDS = POD_WORDS[1:] + SERVICE_WORDS[1:]
+
+
+def split_source(src: str, namespace: str) -> tuple[str, str]:
+    """(namespace, pod name) of a trace's source: NAME, pod/NAME, NAMESPACE/NAME
+    or pod/NAMESPACE/NAME."""
+    if src.startswith(tuple(w + "/" for w in POD_WORDS[1:])):
+        src = src.split("/", 1)[1]
+    if "/" in src:
+        namespace, _, src = src.partition("/")
+    return namespace, src
+
+
 def resolve_destination(view: ClusterView, dest: str, port: int | None, proto: str,
                         namespace: str = "default") -> Destination:
     """What DEST names: pod/NAME or NAME (a pod, then a service), svc/NAME, an IP
-    (a pod's, a ClusterIP, a node's with --port a NodePort, or outside), NODE:PORT."""
+    (a pod's, a ClusterIP, a node's with --port a NodePort, or outside), NODE:PORT.
+    A name may carry its namespace, as NAMESPACE/NAME or KIND/NAMESPACE/NAME."""
     proto = proto.lower()
     if proto not in ("tcp", "udp", "icmp"):
         raise TraceError(f"unknown protocol {proto} (tcp, udp or icmp)")
     kind, _, name = dest.partition("/") if "/" in dest and not _is_ip(dest.split("/")[0]) else ("", "", dest)
+    if kind and kind not in KIND_WORDS:
+        # Not a kind: NAMESPACE/NAME (a pod, then a service, of that namespace).
+        namespace, kind, name = kind, "", name
+    if "/" in name:
+        # KIND/NAMESPACE/NAME
+        namespace, _, name = name.partition("/")
     host, sep, after = name.rpartition(":")
     if not kind and sep and after.isdigit() and host:
         node = host if host in view.nodes else getattr(view.node_by_address(host), "name", None)
         if node is None:
             raise TraceError(f'"{host}" is not a node name or address')
         return _nodeport_dest(view, node, int(after), proto)
-    if kind in ("", "pod", "po", "pods"):
+    if kind in POD_WORDS:
         pod = view.pod(name, namespace)
         if pod is None and _is_ip(name):
             pod = view.pod_by_ip(name)
@@ -280,8 +313,8 @@ def resolve_destination(view: ClusterView, dest: str, port: int | None, proto: s
             return Destination("pod", pod.ip, port, proto, f"pod {pod.key} {pod.ip}", candidates=(pod,))
         if kind:
             raise TraceError(f'pods "{name}" not found')
-    if kind in ("", "svc", "service", "services"):
-        svc = view.services.get(name if "/" in name else f"{namespace}/{name}")
+    if kind in SERVICE_WORDS:
+        svc = view.services.get(f"{namespace}/{name}")
         if svc is None and _is_ip(name):
             svc = view.service_by_ip(name)
         if svc is not None:
@@ -313,6 +346,11 @@ class Route:
     endpoint: PodInfo | None = None     # the pod at the end (None: outside the cluster)
     dnat_node: str | None = None        # the node whose kube-proxy rules DNAT the probe
     lb_node: str | None = None          # the node the load balancer forwards to
+    reply: tuple[Step, ...] | None = None   # the reply's hops when it goes another way back
+
+    @property
+    def reply_steps(self) -> tuple[Step, ...]:
+        return self.reply if self.reply is not None else tuple(reversed(self.steps))
 
 
 def plan(view: ClusterView, src: str, dest: Destination, namespace: str = "default") -> tuple[str, dict[str, Route]]:
@@ -327,7 +365,7 @@ def plan(view: ClusterView, src: str, dest: Destination, namespace: str = "defau
                                     for n in sorted(view.nodes) for p in dest.candidates}
         raise TraceError("from the client, trace a NodePort (NODE:PORT) or a LoadBalancer's external "
                          "IP: pod and service addresses are not routed outside the cluster")
-    pod = view.pod(src.split("/", 1)[1] if src.startswith("pod/") else src, namespace)
+    pod = view.pod(*reversed(split_source(src, namespace)))
     if pod is None or not pod.ip:
         raise TraceError(f'source "{src}" is not a running pod (or "client")')
     if dest.kind == "pod":
@@ -339,7 +377,9 @@ def plan(view: ClusterView, src: str, dest: Destination, namespace: str = "defau
         return pod.netns, {p.key: Route(tuple(plan_pod_to_pod(view, pod, p, dnat=True)), p, pod.node)
                            for p in dest.candidates}
     if dest.kind == "nodeport":
-        return pod.netns, {p.key: Route(tuple(plan_pod_to_node(view, pod, dest.node, p)), p, dest.node)
+        return pod.netns, {p.key: Route(tuple(plan_pod_to_node(view, pod, dest.node, p)), p, dest.node,
+                                        reply=(tuple(plan_pod_to_node_reply(view, pod, dest.node, p))
+                                               if dest.node != pod.node else None))
                            for p in dest.candidates}
     return pod.netns, {"": Route(tuple(plan_pod_to_external(view, pod, dest.address)))}
 
@@ -347,7 +387,7 @@ def plan(view: ClusterView, src: str, dest: Destination, namespace: str = "defau
 def capture_points(routes: dict[str, Route]) -> list[Point]:
     seen: dict[Point, None] = {}
     for route in routes.values():
-        for s in route.steps:
+        for s in route.steps + route.reply_steps:
             seen.setdefault(s.point)
     return list(seen)
 
@@ -856,7 +896,7 @@ def run_trace(view: ClusterView, src: str, dest_word: str, *, port: int | None =
     route = routes[chosen]
     steps = route.steps
     fwd_hops = assign(steps, forward)
-    rep_hops = assign(list(reversed(steps)), reply)
+    rep_hops = assign(list(route.reply_steps), reply)
     probe = {"tcp": "TCP SYN", "udp": "UDP datagram", "icmp": "ICMP echo request"}[dest.proto]
     if result.local:
         probe += f" from {result.local[0]}:{result.local[1]}"

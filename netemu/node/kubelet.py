@@ -244,6 +244,11 @@ class PodWorker:
         log_path = os.path.join(self.dir, f"{c.name}.log")
         while True:
             started = registry.now()
+            if c.restarts:
+                # One log per instance, as the kubelet keeps them: the one that
+                # ended is what `logs --previous` reads.
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(log_path, os.path.join(self.dir, f"{c.name}.previous.log"))
             try:
                 with open(log_path, "ab") as out:
                     proc = await trio.lowlevel.open_process(

@@ -20,3 +20,250 @@ def test_unknown_verb_exits_2():
     with pytest.raises(SystemExit) as e:
         cli.main(["frobnicate"])
     assert e.value.code == 2
+
+
+# -- kubectl's everyday forms, against a real store in a state folder of our own --------
+#
+# The commands run as their own process (the real argument parsing, stdout and
+# signals) on a store under a private NETEMU_STATE_ROOT; only the root check is
+# lifted, so these run without root and without a cluster.
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from netemu import label_selector
+from netemu.store import registry
+from netemu.store.sqlite import SqliteStore
+
+CLUSTER = "hecli"
+RUN = ("import sys; from netemu import cli; cli.clusters.require_root = lambda: None; "
+       "sys.exit(cli.main(sys.argv[1:]))")
+
+
+@pytest.fixture
+def state(tmp_path):
+    os.makedirs(tmp_path / CLUSTER)
+    store = SqliteStore(str(tmp_path / CLUSTER / "state.db"), create=True)
+    yield tmp_path, store
+    store.close()
+
+
+def run(state_root, *args, stdin=None, timeout=20):
+    env = dict(os.environ, NETEMU_STATE_ROOT=str(state_root), NETEMU_CLUSTER=CLUSTER)
+    return subprocess.run([sys.executable, "-c", RUN, *args], input=stdin, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def add_pod(store, name, labels=None, **status):
+    return registry.create(store, {"apiVersion": "v1", "kind": "Pod",
+                                   "metadata": {"name": name, "namespace": "default", "labels": labels or {}},
+                                   "spec": {"containers": [{"name": "c", "image": "nginx"}]},
+                                   "status": status})
+
+
+def names_in(table: str) -> list[str]:
+    return [line.split()[0] for line in table.splitlines()[1:]]
+
+
+def test_get_takes_names_after_flags_and_refuses_unknown_flags(state):
+    root, store = state
+    for n in ("a", "b", "c"):
+        add_pod(store, n)
+    r = run(root, "get", "pods", "-o", "wide", "a", "c")
+    assert r.returncode == 0, r.stderr
+    assert names_in(r.stdout) == ["a", "c"] and "NODE" in r.stdout.splitlines()[0]
+    r = run(root, "get", "pods", "a", "--bogus")
+    assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr
+    r = run(root, "describe", "pod", "-n", "default", "b")
+    assert r.returncode == 0 and r.stdout.startswith("Name:             b\n")
+
+
+def test_get_selector_equality_set_based_and_show_labels(state):
+    root, store = state
+    add_pod(store, "web-1", {"app": "web", "tier": "front"})
+    add_pod(store, "web-2", {"app": "web", "tier": "back"})
+    add_pod(store, "db", {"app": "db"})
+    add_pod(store, "bare")
+    cases = {"app=web": ["web-1", "web-2"], "app==web,tier=back": ["web-2"],
+             "app!=web": ["bare", "db"],                 # != also selects objects without the key
+             "tier in (front, back)": ["web-1", "web-2"], "app notin (web)": ["bare", "db"],
+             "tier": ["web-1", "web-2"], "!tier": ["bare", "db"], "": ["bare", "db", "web-1", "web-2"]}
+    pods = registry.list_(store, "Pod")
+    for selector, expected in cases.items():
+        requirements = label_selector.parse(selector)
+        assert sorted(p["metadata"]["name"] for p in pods
+                      if label_selector.matches(requirements, p["metadata"]["labels"])) == expected, selector
+    for flag, selector in (("-l", "app!=web"), ("--selector", "tier in (front, back)")):
+        r = run(root, "get", "pods", flag, selector)
+        assert r.returncode == 0, (selector, r.stderr)
+        assert sorted(names_in(r.stdout)) == cases[selector], selector
+    for bad in ("a b", "a in ()", "-a=b", "a=b c", "a>x", ",a"):
+        with pytest.raises(label_selector.SelectorSyntaxError):
+            label_selector.parse(bad)
+    r = run(root, "get", "pods", "-l", "app=nothing")
+    assert r.returncode == 0 and r.stdout == "" and "No resources found in default namespace." in r.stderr
+    r = run(root, "get", "pods", "-l", "tier in (front", "--show-labels")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "unable to parse requirement" in r.stderr
+    r = run(root, "get", "pods", "db", "-l", "app=db")
+    assert r.returncode == 1 and "name cannot be provided when a selector is specified" in r.stderr
+    r = run(root, "get", "pods", "--show-labels", "-l", "app=web")
+    lines = r.stdout.splitlines()
+    assert lines[0].split()[-1] == "LABELS"
+    assert lines[1].split()[0] == "web-1" and lines[1].endswith(" app=web,tier=front")
+    r = run(root, "get", "pods", "bare", "--show-labels")
+    assert r.stdout.splitlines()[1].endswith(" <none>")
+
+
+def test_describe_with_no_name_describes_all_and_a_name_is_a_prefix(state):
+    root, store = state
+    add_pod(store, "web-1", {"app": "web"})
+    add_pod(store, "web-2", {"app": "web"})
+    add_pod(store, "db", {"app": "db"})
+    r = run(root, "describe", "pods")
+    assert r.returncode == 0, r.stderr
+    assert [line.split()[1] for line in r.stdout.splitlines() if line.startswith("Name:")] == ["db", "web-1", "web-2"]
+    assert "\n\n\nName:             web-1\n" in r.stdout      # kubectl's two blank lines between objects
+    r = run(root, "describe", "pods", "web")
+    assert [line.split()[1] for line in r.stdout.splitlines() if line.startswith("Name:")] == ["web-1", "web-2"]
+    r = run(root, "describe", "pods", "-l", "app=db")
+    assert [line.split()[1] for line in r.stdout.splitlines() if line.startswith("Name:")] == ["db"]
+    r = run(root, "describe", "pods", "nothing")
+    assert r.returncode == 1 and 'pods "nothing" not found' in r.stderr
+
+
+def test_get_watch_prints_each_change_until_interrupted(state):
+    root, store = state
+    add_pod(store, "web-1", {"app": "web"})
+    env = dict(os.environ, NETEMU_STATE_ROOT=str(root), NETEMU_CLUSTER=CLUSTER, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-c", RUN, "get", "pods", "-w", "-l", "app=web"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        header = proc.stdout.readline()
+        assert header.split()[:3] == ["NAME", "READY", "STATUS"]
+        assert proc.stdout.readline().split()[0] == "web-1"
+        add_pod(store, "other", {"app": "x"})                  # not selected: no row
+        add_pod(store, "web-2", {"app": "web"})
+        registry.mutate(store, "Pod", "default", "web-1",
+                        lambda p: p.setdefault("status", {}).update(phase="Running"))
+        registry.delete(store, "Pod", "default", "web-2")
+        lines = [proc.stdout.readline() for _ in range(3)]
+        rows = [line.split() for line in lines]
+        assert [(r[0], r[2]) for r in rows] == [("web-2", "Pending"), ("web-1", "Running"), ("web-2", "Pending")]
+        # the rows keep the first table's columns
+        assert all(line.index(r[2]) == header.index("STATUS") for line, r in zip(lines, rows))
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 130
+        assert proc.stderr.read() == ""                       # no traceback
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_output_into_a_closed_pipe_ends_quietly(state):
+    root, store = state
+    for i in range(300):
+        add_pod(store, f"pod-{i:03}")
+    env = dict(os.environ, NETEMU_STATE_ROOT=str(root), NETEMU_CLUSTER=CLUSTER)
+    r = subprocess.run(["bash", "-c", f'"{sys.executable}" -c "$RUN" get pods -o yaml | head -1; '
+                       'echo "status ${PIPESTATUS[0]}"'],
+                       env=dict(env, RUN=RUN), capture_output=True, text=True, timeout=30)
+    assert r.stdout == "apiVersion: v1\nstatus 141\n"
+    assert r.stderr == ""
+
+
+def pod_log_dir(root, pod):
+    path = root / CLUSTER / "pods" / f"default_{pod}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_logs_takes_kind_slash_name_previous_and_follow(state):
+    root, store = state
+    running = {"phase": "Running", "containerStatuses": [{"name": "c", "state": {"running": {}}}]}
+    add_pod(store, "web", **running)
+    (pod_log_dir(root, "web") / "c.log").write_text("now 1\nnow 2\n")
+    for ref in ("web", "pod/web", "pods/web", "po/web"):
+        r = run(root, "logs", ref)
+        assert (r.returncode, r.stdout) == (0, "now 1\nnow 2\n"), (ref, r.stderr)
+    r = run(root, "logs", "web", "-p")
+    assert r.returncode == 1
+    assert r.stderr == 'Error from server (BadRequest): previous terminated container "c" in pod "web" not found\n'
+    (pod_log_dir(root, "web") / "c.previous.log").write_text("before the restart\n")
+    r = run(root, "logs", "--previous", "pod/web", "--tail", "1")
+    assert (r.returncode, r.stdout) == (0, "before the restart\n")
+
+    # A job's logs are its pod's (kubectl picks one and says so when there are several).
+    registry.create(store, {"apiVersion": "batch/v1", "kind": "Job",
+                            "metadata": {"name": "check", "namespace": "default"},
+                            "spec": {"selector": {"matchLabels": {"job-name": "check"}},
+                                     "template": {"metadata": {"labels": {"job-name": "check"}},
+                                                  "spec": {"containers": [{"name": "c", "image": "x"}]}}}})
+    add_pod(store, "check-aaaaa", {"job-name": "check"}, phase="Failed")
+    add_pod(store, "check-bbbbb", {"job-name": "check"}, phase="Succeeded")
+    (pod_log_dir(root, "check-aaaaa") / "c.log").write_text("failed run\n")
+    (pod_log_dir(root, "check-bbbbb") / "c.log").write_text("good run\n")
+    r = run(root, "logs", "job/check")
+    assert r.returncode == 0 and r.stdout in ("failed run\n", "good run\n")
+    assert r.stderr.startswith("Found 2 pods, using pod/check-")
+    r = run(root, "logs", "job/nothing")
+    assert r.stderr == 'Error from server (NotFound): jobs.batch "nothing" not found\n'
+
+    # -f prints what the container writes until it ends.
+    env = dict(os.environ, NETEMU_STATE_ROOT=str(root), NETEMU_CLUSTER=CLUSTER)
+    proc = subprocess.Popen([sys.executable, "-c", RUN, "logs", "-f", "web"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline() == "now 1\n"
+        assert proc.stdout.readline() == "now 2\n"
+        with open(pod_log_dir(root, "web") / "c.log", "a") as f:
+            f.write("later\n")
+        assert proc.stdout.readline() == "later\n"
+        assert proc.poll() is None                      # still running: so is the container
+        with open(pod_log_dir(root, "web") / "c.log", "a") as f:
+            f.write("last words\n")
+        registry.mutate(store, "Pod", "default", "web", lambda p: p["status"].update(
+            containerStatuses=[{"name": "c", "state": {"terminated": {"exitCode": 0}}}]))
+        assert proc.wait(timeout=10) == 0
+        assert proc.stdout.read() == "last words\n"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_apply_reads_manifests_from_stdin(state, monkeypatch):
+    import pickle
+
+    from netemu import controlplane
+    from netemu.topology.loader import load_topology
+
+    root, store = state
+    topology = load_topology(os.path.join(os.path.dirname(__file__), "..", "..", "topologies", "two-node.yaml"))
+    monkeypatch.setattr(controlplane.names, "STATE_ROOT", str(root))
+    path = controlplane.topology_path(CLUSTER)
+    with open(path, "wb") as f:
+        pickle.dump(topology, f)
+    manifest = ("apiVersion: v1\nkind: Pod\nmetadata: {name: from-stdin}\n"
+                "spec: {containers: [{name: c, image: nginx}]}\n")
+    r = run(root, "apply", "-f", "-", stdin=manifest)
+    assert (r.returncode, r.stdout) == (0, "pod/from-stdin created\n"), r.stderr
+    assert registry.get(store, "Pod", "default", "from-stdin") is not None
+    r = run(root, "create", "-f", "-", stdin=manifest)
+    assert r.returncode == 1
+    assert r.stderr.endswith('Error from server (AlreadyExists): error when creating "STDIN": '
+                             'pods "from-stdin" already exists\n')
+    r = run(root, "apply", "-f", "-", stdin="apiVersion: v1\nkind: Pod\nmetadata: {name: bad}\nspec: {}\n")
+    assert r.returncode == 1 and r.stderr.startswith("netemu: error: STDIN") and r.stderr.count("\n") == 1
+
+
+def test_exec_gives_the_command_the_default_sigpipe():
+    """`netemu exec POD -- yes | head -1`: the command ends by SIGPIPE as in a
+    container (Python's ignored SIGPIPE would survive the exec: `yes` would
+    complain about a broken pipe)."""
+    code = "import os; from netemu import cli; cli.exec_command(['yes'], dict(os.environ))"
+    r = subprocess.run(["bash", "-c", f'"{sys.executable}" -c "$CODE" | head -1; echo "status ${{PIPESTATUS[0]}}"'],
+                       env=dict(os.environ, CODE=code), capture_output=True, text=True, timeout=30)
+    assert (r.stdout, r.stderr) == ("y\nstatus 141\n", "")

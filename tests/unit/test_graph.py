@@ -2,6 +2,8 @@
 
 import xml.etree.ElementTree as ET
 
+import pytest
+
 from netemu.capture import graph, trace
 from netemu.capture.decode import IPHeader
 from netemu.capture.trace import Hop, Seen
@@ -53,3 +55,25 @@ def test_trace_svg_has_a_box_per_hop_and_arrows_between_them():
     words = texts(svg)
     assert {"pod a", "node n1", "node n2", "pod b"} <= set(words)
     assert words.count("not seen") == len(steps)
+
+
+def test_pictures_are_written_in_the_format_their_name_says(tmp_path):
+    """-o x.png is a PNG (it was SVG text under a .png name); a name that is
+    neither .svg nor .png is refused, and nothing is written."""
+    from PIL import Image
+
+    v = make_view("vxlan", [SVC], [EPS])
+    drawing = graph.cluster_drawing(v)
+    graph.write_picture(drawing, str(tmp_path / "c.svg"))
+    assert texts((tmp_path / "c.svg").read_text()) == texts(graph.cluster_svg(v))
+    graph.write_picture(drawing, str(tmp_path / "c.PNG"))
+    data = (tmp_path / "c.PNG").read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(tmp_path / "c.PNG") as img:
+        # the SVG's size, one pixel per unit, and something drawn on it
+        assert abs(img.width - (drawing.width + 20)) <= 1 and abs(img.height - (drawing.height + 20)) <= 1
+        assert len(img.convert("L").getcolors(maxcolors=1 << 16)) > 10
+    for bad in ("c.jpg", "c", "dir.png/c"):
+        with pytest.raises(ValueError, match="must end in .svg or .png"):
+            graph.write_picture(drawing, str(tmp_path / bad))
+        assert not (tmp_path / bad).exists()

@@ -404,3 +404,34 @@ def test_describe_endpoints_and_event():
 def test_describe_unknown_kind_is_a_key_error():
     with pytest.raises(KeyError):
         kt.describe("Pod", {"metadata": {"name": "p"}}, [], None)
+
+
+def test_describe_pod_has_annotations_and_every_kind_one_time_format():
+    """kubectl prints `Annotations:` right after Labels (`<none>` when empty) and
+    every API time of every kind as RFC1123Z (`Tue, 02 Jan 2024 03:04:05 +0000`)."""
+    from netemu import printers
+
+    t0, t1 = "2024-01-02T03:04:05Z", "2024-01-02T03:04:09Z"
+    pod = {"kind": "Pod", "metadata": {"name": "p", "namespace": "default", "labels": {"app": "x"}},
+           "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "nginx"},
+                                                     {"name": "d", "image": "busybox"}]},
+           "status": {"phase": "Running", "startTime": t0, "hostIP": "10.0.0.1", "podIP": "10.244.1.2",
+                      "containerStatuses": [
+                          {"name": "c", "ready": True, "state": {"running": {"startedAt": t0}}},
+                          {"name": "d", "state": {"terminated": {"exitCode": 0, "reason": "Completed",
+                                                                 "startedAt": t0, "finishedAt": t1}}}]}}
+    lines = printers.describe_pod(pod, [], None).splitlines()
+    labels = next(i for i, line in enumerate(lines) if line.startswith("Labels:"))
+    assert lines[labels + 1] == "Annotations:      <none>"
+    assert "Start Time:       Tue, 02 Jan 2024 03:04:05 +0000" in lines
+    assert lines.count("      Started:      Tue, 02 Jan 2024 03:04:05 +0000") == 2
+    assert "      Finished:     Tue, 02 Jan 2024 03:04:09 +0000" in lines
+    pod["metadata"]["annotations"] = {"a": "1", "b": "2",
+                                      "kubectl.kubernetes.io/last-applied-configuration": "{}"}
+    lines = printers.describe_pod(pod, [], None).splitlines()
+    assert lines[labels + 1:labels + 3] == ["Annotations:      a: 1", "                  b: 2"]
+    node = {"kind": "Node", "metadata": {"name": "n1", "creationTimestamp": t0}, "spec": {}, "status": {}}
+    assert "CreationTimestamp:  Tue, 02 Jan 2024 03:04:05 +0000" in printers.describe_node(node, [], None, [])
+    # The job's Start Time (kubectl_tables) is the same format as the pod's.
+    job_text = kt.describe("Job", job({"startTime": t0}), [], None)
+    assert "Start Time:     Tue, 02 Jan 2024 03:04:05 +0000" in job_text.splitlines()

@@ -396,3 +396,62 @@ def test_trace_captures_do_not_make_interfaces_promiscuous():
     from netemu.capture import tcpdump
     assert "-p" in tcpdump.tcpdump_argv("docker0", "/x.pcap", "ip", promiscuous=False)
     assert "-p" not in tcpdump.tcpdump_argv("docker0", "/x.pcap", "ip")
+
+
+def test_plan_pod_to_another_nodes_nodeport_expects_the_reply_through_the_overlay():
+    """The probe goes plainly to n2's address; n2 DNATs and masquerades it, so the
+    reply returns to n2 and then to pod a's address, which is behind the tunnel."""
+    for backend, tunnel in (("udp", "flannel0"), ("vxlan", "flannel.1")):
+        v = make_view(backend, [SVC], [EPS])
+        _, routes = trace.plan(v, "a", trace.resolve_destination(v, "n2:30080", None, "tcp"))
+        assert labels(routes["b"].reply_steps) == [
+            ("pod b eth0", False), ("node n2 vethb", False), ("node n2 docker0", False),
+            (f"node n2 {tunnel}", False), ("node n2 eth0", True), ("node n1 eth0", True),
+            (f"node n1 {tunnel}", False), ("node n1 docker0", False), ("node n1 vetha", False),
+            ("pod a eth0", False)]
+        # The endpoint on a's own node: n2 sends the probe back to n1 through the
+        # tunnel, and the reply goes to n2 and back again the same way.
+        assert [s.label for s in routes["c2"].reply_steps][:6] == [
+            "pod c2 eth0", "node n1 vethc", "node n1 docker0", f"node n1 {tunnel}", "node n1 eth0",
+            "node n2 eth0"]
+        assert Point("c-node-n1", tunnel) in trace.capture_points(routes)
+    # host-gw routes the reply over the underlay, as the probe went: the same hops.
+    v = make_view("host-gw", [SVC], [EPS])
+    _, routes = trace.plan(v, "a", trace.resolve_destination(v, "n2:30080", None, "tcp"))
+    assert labels(routes["b"].reply_steps) == labels(reversed(routes["b"].steps))
+    # A NodePort of the pod's own node, or a ClusterIP: the reply retraces the probe.
+    v = make_view("udp", [SVC], [EPS])
+    for dest in ("n1:30080", "web"):
+        _, routes = trace.plan(v, "a", trace.resolve_destination(v, dest, None, "tcp"))
+        assert all(r.reply_steps == tuple(reversed(r.steps)) for r in routes.values())
+
+
+def test_trace_names_pods_and_services_of_other_namespaces():
+    other = {"metadata": {"name": "api", "namespace": "prod"},
+             "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.20",
+                      "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]}}
+    other_eps = {"metadata": {"name": "api", "namespace": "prod"},
+                 "subsets": [{"addresses": [{"ip": "10.244.2.9", "nodeName": "n2"}],
+                              "ports": [{"port": 8080, "protocol": "TCP"}]}]}
+    job = {"metadata": {"name": "w", "namespace": "prod", "uid": "u-w"}, "spec": {"nodeName": "n2"},
+           "status": {"phase": "Running", "podIP": "10.244.2.9"}}
+    v = targets.view_from_objects(
+        "c", network_config={"Network": "10.244.0.0/16", "Backend": {"Type": "udp"}},
+        nodes=[node("n1", "172.30.0.1"), node("n2", "172.30.0.2")],
+        pods=[pod("a", "n1", "10.244.1.2"), job], services=[other], endpoints=[other_eps],
+        subnets={"n1": "10.244.1.0/24", "n2": "10.244.2.0/24"}, veths={"a": "vetha", "w": "vethw"})
+    for word in ("prod/api", "svc/prod/api", "services/prod/api"):
+        d = trace.resolve_destination(v, word, None, "tcp")
+        assert (d.kind, d.address, d.service.key) == ("service", "10.96.0.20", "prod/api"), word
+    assert trace.resolve_destination(v, "api", None, "tcp", namespace="prod").address == "10.96.0.20"
+    for word in ("prod/w", "pod/prod/w"):
+        d = trace.resolve_destination(v, word, 80, "tcp")
+        assert (d.kind, d.address) == ("pod", "10.244.2.9"), word
+    with pytest.raises(trace.TraceError, match='"default/api" is not a pod|not a pod, service'):
+        trace.resolve_destination(v, "api", None, "tcp")
+    # and as the source
+    assert trace.split_source("prod/w", "default") == ("prod", "w")
+    assert trace.split_source("pod/prod/w", "default") == ("prod", "w")
+    assert trace.split_source("pod/a", "x") == ("x", "a")
+    src_ns, _ = trace.plan(v, "prod/w", trace.resolve_destination(v, "a", 80, "tcp"))
+    assert src_ns == v.pod("w", "prod").netns
