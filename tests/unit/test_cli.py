@@ -256,7 +256,7 @@ def test_apply_reads_manifests_from_stdin(state, monkeypatch):
     assert r.stderr.endswith('Error from server (AlreadyExists): error when creating "STDIN": '
                              'pods "from-stdin" already exists\n')
     r = run(root, "apply", "-f", "-", stdin="apiVersion: v1\nkind: Pod\nmetadata: {name: bad}\nspec: {}\n")
-    assert r.returncode == 1 and r.stderr.startswith("netemu: error: STDIN") and r.stderr.count("\n") == 1
+    assert r.returncode == 1 and r.stderr.startswith("error: STDIN") and r.stderr.count("\n") == 1
 
 
 def test_exec_gives_the_command_the_default_sigpipe():
