@@ -168,6 +168,8 @@ def cmd_up(args) -> int:
     for w in topo.warnings:
         print(f"netemu: warning: {w}", file=sys.stderr)
     quiet = args.quiet
+    where = "--name" if args.name else f"{args.file}: name"
+    clusters.check_name(topo.name, where)       # before "Building": one line, nothing built
 
     def progress(line):
         if not quiet:
@@ -176,7 +178,6 @@ def cmd_up(args) -> int:
     if not quiet:
         print(f'Building cluster "{topo.name}" from {args.file} (backend {topo.settings.backend}, '
               f'proxy {topo.settings.proxy_mode})', file=sys.stderr)
-    where = "--name" if args.name else f"{args.file}: name"
     with _signals_interrupt():
         summary = clusters.up(topo, progress, where=where)
     print_summary(topo.name, summary)

@@ -116,7 +116,7 @@ def check_name(cluster: str, where: str = "name") -> None:
     """The rule that keeps namespace names unambiguous (see names.py)."""
     problem = names.cluster_name_problem(cluster)
     if problem:
-        raise ClusterError(f"{where}: invalid cluster name {problem}")
+        raise ClusterError(f'{where}: invalid cluster name "{cluster}": {problem}')
 
 
 def owned_names_taken(cluster: str) -> list[str]:

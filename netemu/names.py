@@ -41,8 +41,8 @@ def cluster_name_problem(cluster: str) -> str | None:
     namespace names unambiguous."""
     clashes = [seg for seg in cluster.split("-") if seg in ROLES]
     if clashes:
-        return (f'"{cluster}" has the segment "{clashes[0]}", a word netemu puts after the cluster '
-                f"name in namespace names ({', '.join(ROLES)}); pick a name without it")
+        return (f'its segment "{clashes[0]}" is a word netemu puts after the cluster name in '
+                f"namespace names ({', '.join(ROLES)}); pick a name without it")
     return None
 
 
