@@ -7,6 +7,7 @@ it fails."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -44,13 +45,14 @@ def env_with(cluster_var: str | None = None) -> dict:
 
 def sleeper(cluster_var: str) -> subprocess.Popen:
     """A user's shell that exported NETEMU_CLUSTER (as the README suggests)."""
-    return subprocess.Popen(["bash", "-c", "sleep 300; true"], env=env_with(cluster_var))
+    return subprocess.Popen(["bash", "-c", "sleep 300; true"], env=env_with(cluster_var),
+                            start_new_session=True)
 
 
 def stop(*procs):
     for p in procs:
-        if p.poll() is None:
-            p.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)     # the shell and its sleep
         p.wait()
 
 
@@ -128,6 +130,7 @@ def test_clusters_whose_names_are_prefixes_never_hurt_each_other(tmp_path):
                                          "workloads": [pod("fabric"), pod("client", "pod"), pod("q")]})
     b = write_topology(tmp_path, "ha2-x", {"nodes": [{"name": "n1"}], "workloads": [pod("p")]})
     foreign = names.pod_ns("ha2", "default", "q")
+    holder = None
     try:
         with running(b) as (name_b, _):
             pids_b = clusters.cluster_processes(name_b)
@@ -138,6 +141,9 @@ def test_clusters_whose_names_are_prefixes_never_hurt_each_other(tmp_path):
             # Someone takes the name pod q will need, after up checked for it.
             subprocess.run(["ip", "netns", "add", foreign], check=True)
             foreign_inode = netns.inode(foreign)
+            # A process holds it, so its inode cannot be re-used by a namespace
+            # made after it is gone: the same inode means the same namespace.
+            holder = subprocess.Popen(["ip", "netns", "exec", foreign, "sleep", "300"])
             store = clusters.open_store("ha2")
             try:
                 # q's namespace name is taken: its sandbox fails, and retries, and
@@ -153,12 +159,16 @@ def test_clusters_whose_names_are_prefixes_never_hurt_each_other(tmp_path):
             assert "pod fabric" in out
             cli("down", "ha2")
             assert netns.inode(foreign) == foreign_inode, "down deleted a namespace it did not make"
+            assert holder.poll() is None, "down killed a process in a namespace it did not make"
             assert {ns: netns.inode(ns) for ns, _ in journal.namespaces(name_b)} == inodes_b
             assert all(clusters._alive(p) for p in pids_b)
             out = cli("exec", "--cluster", name_b, "p", "--", "curl", "-s", "-m", "5", "localhost").stdout
             assert "pod p" in out
     finally:
         cleanup("ha2")
+        if holder is not None:
+            holder.kill()
+            holder.wait()
         subprocess.run(["ip", "netns", "delete", foreign])
 
 
