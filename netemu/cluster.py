@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import ipaddress
 import os
 import shutil
@@ -139,14 +140,19 @@ def up(topology, progress: Callable[[str], None] = lambda s: None,
     cluster = topology.name
     check_name(cluster, where or f"{getattr(topology, 'source', '') or cluster}: name")
     state = names.state_dir(cluster)
-    if os.path.exists(state):
-        raise ClusterError(f'cluster "{cluster}" already exists (netemu down {cluster} first)')
-    taken = owned_names_taken(cluster)
-    if taken:
-        raise ClusterError(f"network namespaces named like this cluster's exist already: "
-                           f"{', '.join(taken[:3])}")
     os.makedirs(names.STATE_ROOT, exist_ok=True)
-    os.makedirs(state)
+    with _root_lock():
+        if os.path.exists(state) and not _remove_if_stillborn(cluster):
+            raise ClusterError(f'cluster "{cluster}" already exists (netemu down {cluster} first)')
+        taken = owned_names_taken(cluster)
+        if taken:
+            raise ClusterError(f"network namespaces named like this cluster's exist already: "
+                               f"{', '.join(taken[:3])}")
+        os.makedirs(state)
+        # Held while this up runs: another up of the same name must not take
+        # this half-built cluster for a stillborn one.
+        building = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(building, fcntl.LOCK_EX)
     builder = None
     try:
         controlplane.save_topology(topology)
@@ -164,6 +170,43 @@ def up(topology, progress: Callable[[str], None] = lambda s: None,
             progress("rolling back")
             teardown(cluster, graceful=False)
         raise
+    finally:
+        os.close(building)
+
+
+@contextlib.contextmanager
+def _root_lock():
+    """Serialises the start of `up`s (the check for a name and the claim of it)."""
+    fd = os.open(os.path.join(names.STATE_ROOT, ".up.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_if_stillborn(cluster: str) -> bool:
+    """An up killed (SIGKILL) before it started the supervisor leaves a state
+    folder and nothing else: no up building it (its lock is free), no process,
+    no namespace. Remove that folder; True if so."""
+    state = names.state_dir(cluster)
+    try:
+        fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False        # an up is building it
+        if any(netns.inode(name) == ino for name, ino in journal.namespaces(cluster)):
+            return False
+        if _control_plane_alive(cluster) or cluster_processes(cluster):
+            return False
+        shutil.rmtree(state, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -492,6 +535,7 @@ def teardown(cluster: str, graceful: bool = True) -> None:
     if graceful and pid is not None and _alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)        # a stopped supervisor must act on it
         deadline = time.monotonic() + 15
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -268,6 +268,7 @@ class Supervisor:
         running = [p.proc for p in self.parts if p.proc is not None and p.proc.poll() is None]
         for proc in running:
             proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGCONT)    # a stopped part must act on it
         deadline = time.monotonic() + STOP_GRACE
         for proc in running:
             try:

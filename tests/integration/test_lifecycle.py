@@ -352,3 +352,28 @@ def test_the_cli_says_when_the_control_plane_is_not_running(tmp_path):
             assert proc.stderr.startswith("netemu: warning: the control plane of cluster")
         finally:
             os.kill(supervisor, signal.SIGCONT)
+
+
+def test_a_state_folder_left_by_an_up_killed_before_anything_was_built_does_not_block(tmp_path):
+    # SIGKILL between the state folder and the supervisor leaves only the folder.
+    name = "ha7early"
+    path = write_topology(tmp_path, name, {"nodes": [{"name": "n1"}]})
+    os.makedirs(names.state_dir(name))
+    try:
+        # While an up holds it (it is building), it is that up's: refused.
+        import fcntl
+        fd = os.open(names.state_dir(name), os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            with pytest.raises(clusters.ClusterError, match="already exists"):
+                clusters.up(load_topology(path))
+        finally:
+            os.close(fd)
+        assert os.path.isdir(names.state_dir(name))
+        with running(path) as (_, summary):
+            assert [n["metadata"]["name"] for n in summary["nodes"]] == ["n1"]
+            # A running cluster is never taken for a leftover.
+            with pytest.raises(clusters.ClusterError, match="already exists"):
+                clusters.up(load_topology(path))
+    finally:
+        cleanup(name)
