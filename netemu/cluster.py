@@ -649,6 +649,13 @@ def remove_node(cluster: str, name: str, timeout: float = 30.0) -> None:
     while time.monotonic() < deadline and inode is not None and _processes_in(inode):
         time.sleep(0.05)
     journal.delete_netns(cluster, node_namespace)
+    # Its heartbeat has stopped with it; Kubernetes collects a node's Lease with
+    # the node (an owner reference), so does this.
+    store = open_store(cluster)
+    try:
+        registry.delete(store, "Lease", "kube-node-lease", name)
+    finally:
+        store.close()
     shutil.rmtree(names.node_dir(cluster, name), ignore_errors=True)
     topology.nodes = [n for n in topology.nodes if n.name != name]
     controlplane.save_topology(topology)
