@@ -452,9 +452,12 @@ def _alive(pid: int) -> bool:
 # -- teardown ------------------------------------------------------------------
 
 def namespace_inodes(cluster: str) -> set[int]:
-    """The inodes of every network namespace the cluster made (journalled when
-    made; a namespace already deleted by name may still hold processes)."""
-    return {ino for _, ino in journal.namespaces(cluster)}
+    """The inodes of the cluster's network namespaces that exist now: journalled
+    when made, and still under that name. Not those of namespaces deleted since:
+    once a namespace is freed the kernel may give its inode number to a new one,
+    perhaps another cluster's (teardown notes its inodes before a graceful stop
+    deletes the pods' namespaces, for processes still inside them)."""
+    return {ino for name, ino in journal.namespaces(cluster) if netns.inode(name) == ino}
 
 
 def _stat(pid: int) -> tuple[str, int, int] | None:
@@ -489,9 +492,9 @@ def protected_pids() -> set[int]:
 def cluster_processes(cluster: str, own: set[int] | None = None) -> list[int]:
     """Every live process of the cluster, found by what its journal says it made:
 
-      - processes in one of its network namespaces, by inode (OWN: more inodes);
-        this finds pods, node daemons, and commands started by hand with
-        `ip netns exec`, even in a namespace already deleted by name;
+      - processes in one of its network namespaces, by inode (OWN: more inodes,
+        noted earlier); this finds pods, node daemons, and commands started by
+        hand with `ip netns exec`;
       - processes in the session of a session leader it started (the control
         plane's supervisor and its parts), known by pid and start time.
 
@@ -500,7 +503,11 @@ def cluster_processes(cluster: str, own: set[int] | None = None) -> list[int]:
     own = (own or set()) | namespace_inodes(cluster)
     leaders = {}
     for pid, start in journal.processes(cluster):
-        leaders[pid] = min(start, leaders.get(pid, start))
+        now = _stat(pid)
+        # A live process with the leader's pid but another start time leads
+        # someone else's session: the pid was re-used.
+        if now is None or now[2] == start:
+            leaders[pid] = start
     protected = protected_pids()
     pids = []
     for entry in os.listdir("/proc"):
@@ -531,6 +538,7 @@ def teardown(cluster: str, graceful: bool = True) -> None:
     Also processes started by hand in its namespaces (`ip netns exec`).
     Namespaces are deleted only while their name still leads to the inode the
     journal recorded: a name another cluster (or anyone) holds is left alone."""
+    own = namespace_inodes(cluster)
     pid = _read_pid(cluster)
     if graceful and pid is not None and _alive(pid):
         with contextlib.suppress(ProcessLookupError):
@@ -540,7 +548,7 @@ def teardown(cluster: str, graceful: bool = True) -> None:
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
     for _ in range(10):
-        pids = cluster_processes(cluster)
+        pids = cluster_processes(cluster, own)
         if not pids:
             break
         for p in pids:
