@@ -30,6 +30,7 @@ from netemu.store.sqlite import SqliteStore
 from netemu.supervisor import daemon_env, python_argv
 
 READY_TIMEOUT = 120.0
+SILENT_WARNING = 5.0     # a control plane part that has not ticked for this long is said to hang
 UNSCHEDULABLE_GRACE = 5.0
 
 
@@ -393,13 +394,20 @@ def control_plane_problem(cluster: str) -> tuple[str, bool] | None:
     """What is wrong with CLUSTER's control plane, as (one line, fatal) — fatal
     when nothing runs that would act on a change; None when it runs supervised
     (a part being restarted counts as running: its supervisor brings it back)."""
-    from netemu.controlplane import PARTS, part_pid_path
+    from netemu.controlplane import PARTS, part_alive_path, part_pid_path
 
     state_dir = names.state_dir(cluster)
     supervisor = _read_pid(cluster)
     sup_state = _state(supervisor) if supervisor else None
     parts = [p for p in PARTS if _alive_pid_file(part_pid_path(cluster, p))]
     if sup_state is not None and sup_state not in "TtZX":
+        for part in parts:
+            with contextlib.suppress(FileNotFoundError):
+                silent = time.time() - os.stat(part_alive_path(cluster, part)).st_mtime
+                if silent > SILENT_WARNING:
+                    return (f'the control plane of cluster "{cluster}" is not responding (its {part} part '
+                            f"has been silent for {silent:.0f} s; its supervisor restarts it if it stays so)",
+                            False)
         return None
     why = "its supervisor is stopped (SIGSTOP)" if sup_state in ("T", "t") else "its supervisor is gone"
     if parts:

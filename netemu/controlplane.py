@@ -74,6 +74,7 @@ class ControlPlane:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             nursery.start_soon(self._signals, nursery.cancel_scope)
+            nursery.start_soon(self._tick, part)
             if part == "nodes":
                 for node in registry.list_(self.store, "Node"):
                     self.start_node(node["metadata"]["name"])
@@ -81,6 +82,15 @@ class ControlPlane:
             else:
                 nursery.start_soon(self._controllers)
                 nursery.start_soon(self._load_balancer)
+
+    async def _tick(self, part: str) -> None:
+        """Touch the part's alive file every TICK seconds: proof for the
+        supervisor that this process's event loop runs (see Supervisor)."""
+        path = part_alive_path(self.cluster, part)
+        while True:
+            with open(path, "a"):
+                os.utime(path)
+            await trio.sleep(TICK)
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -169,6 +179,21 @@ RESTART_DELAY = 1.0         # doubling per crash, up to RESTART_DELAY_MAX;
 RESTART_DELAY_MAX = 30.0    # back to RESTART_DELAY after a part has run
 STABLE_AFTER = 60.0         # this long
 STOP_GRACE = 15.0
+TICK = 1.0                  # a part touches its alive file this often;
+HUNG_MIN = 20.0             # silent for max(this, 2 node grace periods): hung
+
+
+def part_alive_path(cluster: str, part: str) -> str:
+    return os.path.join(names.state_dir(cluster), f"controlplane-{part}.alive")
+
+
+def hung_after(settings) -> float:
+    """How long a part may go without a tick before the supervisor kills and
+    restarts it. Longer than the node grace period, so that a hung kubelet is
+    first seen as Ready=Unknown (as in Kubernetes) and only then restarted;
+    never short, so that a loaded machine's slow store write is no hang."""
+    from netemu.node.lease import lease_duration
+    return max(HUNG_MIN, 2 * lease_duration(settings))
 
 
 def part_pid_path(cluster: str, part: str) -> str:
@@ -200,6 +225,15 @@ class Part:
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
+    def silent_for(self) -> float:
+        """Seconds since the part last ticked (or was started, if later)."""
+        try:
+            last = os.stat(part_alive_path(self.cluster, self.name)).st_mtime
+        except FileNotFoundError:
+            last = 0.0
+        since_start = time.monotonic() - self.started
+        return min(time.time() - last, since_start)
+
     def schedule_restart(self) -> None:
         if time.monotonic() - self.started >= STABLE_AFTER:
             self.delay = RESTART_DELAY
@@ -217,6 +251,7 @@ class Supervisor:
         self.cluster = cluster
         self.parts = [Part(cluster, p) for p in PARTS]
         self.stopping = False
+        self.hung_after = hung_after(load_topology(cluster).settings)
 
     def run(self) -> int:
         journal.record_process(self.cluster, os.getpid())
@@ -248,7 +283,15 @@ class Supervisor:
                 if part.due is not None:
                     if time.monotonic() >= part.due and not self.stopping:
                         part.start()
-                elif part.exited() is not None:
+                elif part.exited() is None:
+                    if part.silent_for() > self.hung_after:
+                        # Hung (stopped, deadlocked): detected by its silence, and
+                        # restarted as if it had died.
+                        log.error("control plane part %s (pid %d) has not ticked for %.0f s: hung; "
+                                  "killing it", part.name, part.proc.pid, part.silent_for())
+                        part.proc.kill()
+                        part.proc.wait()
+                else:
                     if not committed:
                         # up is still waiting: let it fail and roll back, with
                         # the part's error in this log.

@@ -377,3 +377,31 @@ def test_a_state_folder_left_by_an_up_killed_before_anything_was_built_does_not_
                 clusters.up(load_topology(path))
     finally:
         cleanup(name)
+
+
+def test_a_hung_control_plane_part_is_detected_and_restarted(tmp_path):
+    path = write_topology(tmp_path, "ha8g", {"cluster": {"timeScale": 0.125},
+                                             "nodes": [{"name": "n1"}], "workloads": [rc("web", 1)]})
+    with running(path) as (name, _):
+        hung = _pid(name, "controllers")
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            # The CLI says so while it lasts...
+            wait_for(lambda: "is not responding" in cli("get", "--cluster", name, "pods").stderr,
+                     timeout=15, interval=0.5, what="the CLI to notice")
+            # ...and the supervisor replaces it (after max(20 s, 2 grace periods)).
+            wait_for(lambda: _pid(name, "controllers") != hung, timeout=40, interval=0.5,
+                     what="the hung part to be replaced")
+            assert not clusters._alive(hung)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGCONT)
+        cli("scale", "--cluster", name, "rc", "web", "--replicas=2")
+        store = clusters.open_store(name)
+        try:
+            wait_for(lambda: len([p for p in registry.list_(store, "Pod")
+                                  if p.get("status", {}).get("phase") == "Running"]) == 2,
+                     timeout=30, what="scale after the restart")
+        finally:
+            store.close()
+        wait_for(lambda: clusters.control_plane_problem(name) is None, timeout=10, what="no more warning")
