@@ -202,7 +202,9 @@ def _signals_interrupt():
             signal.signal(s, signal.SIG_IGN)
         raise Interrupted(signum)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    # A signal ignored on purpose (`nohup netemu up`) stays ignored.
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)
+           if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:

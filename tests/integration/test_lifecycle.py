@@ -231,6 +231,25 @@ def test_up_ended_by_a_signal_rolls_back(tmp_path, sig):
         cleanup(name)
 
 
+def test_nohup_up_ignores_sighup(tmp_path):
+    # An ignored signal stays ignored: `nohup netemu up` survives a closed terminal.
+    name = "ha7nohup"
+    path = write_topology(tmp_path, name, {"nodes": [{"name": "n1"}], "workloads": [pod("p")]})
+    try:
+        proc = subprocess.Popen(["nohup", *NETEMU, "up", path], env=env_with(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: os.path.exists(part_pid_path(name, "nodes")) or proc.poll() is not None,
+                 timeout=60, interval=0.02, what="the control plane to start")
+        proc.send_signal(signal.SIGHUP)
+        out, err = proc.communicate(timeout=90)
+        assert proc.returncode == 0, err
+        assert f'cluster "{name}" is ready' in out
+        assert clusters.control_plane_problem(name) is None
+    finally:
+        cleanup(name)
+        assert_gone(name)
+
+
 def test_timeout_sigterm_rolls_back(tmp_path):
     name = "ha7timeout"
     path = write_topology(tmp_path, name, {"nodes": [{"name": "n1"}], "workloads": [pod("p")]})
