@@ -1,11 +1,15 @@
 """A cluster's lifecycle: build it from a topology, find it, tear it down.
 
-    up:    validate (done by the loader) -> fabric -> nodes -> external client ->
-           state store (network config, nodes, workloads) -> control plane ->
-           wait until ready. Any failure rolls back everything made so far.
+    up:    validate (done by the loader) -> control plane supervisor (waiting) ->
+           fabric -> nodes -> external client -> state store (network config,
+           nodes, workloads) -> control plane started -> wait until ready. Any
+           failure, and any signal, rolls back everything made so far.
     down:  stop the control plane (which stops what it started), then remove
            every process, namespace and file the cluster's journal names.
     clean: the same without asking anyone politely: for after a crash or kill -9.
+
+Ownership is by the journal, never by a name pattern or an environment
+variable (see cluster_processes and journal.py).
 """
 
 from __future__ import annotations
