@@ -7,8 +7,10 @@ bad usage (argparse's own convention).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 
 from netemu import cluster as clusters, names, printers
@@ -75,6 +77,9 @@ def _main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except KeyboardInterrupt:
         return 130
+    except Interrupted as e:
+        print(f"netemu: {e}: rolled back", file=sys.stderr)
+        return 128 + e.signum
     except (clusters.ClusterError, CliError, PermissionError, FileNotFoundError, ValueError,
             Conflict) as e:
         print(f"netemu: error: {e}", file=sys.stderr)
@@ -199,6 +204,8 @@ def cmd_up(args) -> int:
     for w in topo.warnings:
         print(f"netemu: warning: {w}", file=sys.stderr)
     quiet = args.quiet
+    where = "--name" if args.name else f"{args.file}: name"
+    clusters.check_name(topo.name, where)       # before "Building": one line, nothing built
 
     def progress(line):
         if not quiet:
@@ -207,9 +214,38 @@ def cmd_up(args) -> int:
     if not quiet:
         print(f'Building cluster "{topo.name}" from {args.file} (backend {topo.settings.backend}, '
               f'proxy {topo.settings.proxy_mode})', file=sys.stderr)
-    summary = clusters.up(topo, progress)
+    with _signals_interrupt():
+        summary = clusters.up(topo, progress, where=where)
     print_summary(topo.name, summary)
     return 0
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP while `up` runs: unwinds like Ctrl-C, so up rolls back."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    # `timeout 60 netemu up` sends SIGTERM; a closed terminal, SIGHUP. Their
+    # default action ends the process at once, leaving a half-built cluster.
+    def handler(signum, frame):
+        # Once: a second signal must not cut the rollback short.
+        for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    # A signal ignored on purpose (`nohup netemu up`) stays ignored.
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)
+           if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def print_summary(name: str, summary: dict) -> None:
@@ -237,8 +273,7 @@ def cmd_clean(args) -> int:
     if not name:
         name = clusters.resolve(None)
     if name not in clusters.running_clusters():
-        left = [ns for ns in __import__("netemu.netns", fromlist=["x"]).list_all()
-                if ns.startswith(f"{name}-")]
+        left = clusters.owned_names_taken(name)
         if left:
             raise clusters.ClusterError(
                 f'cluster "{name}" has no state folder, so netemu cannot tell which namespaces are its own; '
@@ -256,8 +291,13 @@ def cmd_clusters(args) -> int:
     return 0
 
 
-def _store(args):
+def warn(line: str) -> None:
+    print(f"netemu: warning: {line}", file=sys.stderr)
+
+
+def _store(args, writes: bool = False):
     name = clusters.resolve(args.cluster)
+    clusters.check_control_plane(name, writes, warn)
     return name, clusters.open_store(name)
 
 
@@ -666,6 +706,7 @@ def cmd_stats(args) -> int:
 
 def cmd_node(args) -> int:
     name = clusters.resolve(args.cluster)
+    clusters.check_control_plane(name, True, warn)
     if args.action == "remove":
         clusters.remove_node(name, args.name)
         print(f'node "{args.name}" removed')

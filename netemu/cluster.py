@@ -1,17 +1,22 @@
 """A cluster's lifecycle: build it from a topology, find it, tear it down.
 
-    up:    validate (done by the loader) -> fabric -> nodes -> external client ->
-           state store (network config, nodes, workloads) -> control plane ->
-           wait until ready. Any failure rolls back everything made so far.
+    up:    validate (done by the loader) -> control plane supervisor (waiting) ->
+           fabric -> nodes -> external client -> state store (network config,
+           nodes, workloads) -> control plane started -> wait until ready. Any
+           failure, and any signal, rolls back everything made so far.
     down:  stop the control plane (which stops what it started), then remove
            every process, namespace and file the cluster's journal names.
     clean: the same without asking anyone politely: for after a crash or kill -9.
+
+Ownership is by the journal, never by a name pattern or an environment
+variable (see cluster_processes and journal.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import ipaddress
 import os
 import shutil
@@ -29,6 +34,7 @@ from netemu.store.sqlite import SqliteStore
 from netemu.supervisor import daemon_env, python_argv
 
 READY_TIMEOUT = 120.0
+SILENT_WARNING = 5.0     # a control plane part that has not ticked for this long is said to hang
 UNSCHEDULABLE_GRACE = 5.0
 
 
@@ -112,32 +118,126 @@ def backend_config(settings) -> dict:
     return {"Type": settings.backend}
 
 
+def check_name(cluster: str, where: str = "name") -> None:
+    """The rule that keeps namespace names unambiguous (see names.py)."""
+    problem = names.cluster_name_problem(cluster)
+    if problem:
+        raise ClusterError(f'{where}: invalid cluster name "{cluster}": {problem}')
+
+
+def owned_names_taken(cluster: str) -> list[str]:
+    """Namespaces under /run/netns whose name says they are CLUSTER's (exact
+    parse of the name, not a prefix: cluster "a" does not own "a-b-node-x")."""
+    return [ns for ns in netns.list_all() if names.cluster_of(ns) == cluster]
+
+
 def up(topology, progress: Callable[[str], None] = lambda s: None,
-       fail_after: str | None = None) -> dict:
+       fail_after: str | None = None, where: str | None = None) -> dict:
     """Build the cluster. FAIL_AFTER names a step after which to fail on purpose
-    (tests use it to prove that a failed up rolls back)."""
+    (tests use it to prove that a failed up rolls back). WHERE: the file and
+    field the cluster's name came from, for errors.
+
+    Every way up can end early rolls back: an exception (SIGINT's
+    KeyboardInterrupt, and SIGTERM/SIGHUP, which the CLI turns into
+    exceptions, see cli.cmd_up) rolls back here; if this process dies without
+    a word (SIGKILL), the control plane's supervisor sees its end of the
+    builder pipe close before the commit and rolls back itself."""
     cluster = topology.name
+    check_name(cluster, where or f"{getattr(topology, 'source', '') or cluster}: name")
     state = names.state_dir(cluster)
-    if os.path.exists(state):
-        raise ClusterError(f'cluster "{cluster}" already exists (netemu down {cluster} first)')
-    taken = [ns for ns in netns.list_all() if ns.startswith(f"{cluster}-")]
     os.makedirs(names.STATE_ROOT, exist_ok=True)
-    os.makedirs(state)
-    try:
+    with _root_lock():
+        if os.path.exists(state) and not _remove_if_stillborn(cluster):
+            raise ClusterError(f'cluster "{cluster}" already exists (netemu down {cluster} first)')
+        taken = owned_names_taken(cluster)
         if taken:
             raise ClusterError(f"network namespaces named like this cluster's exist already: "
                                f"{', '.join(taken[:3])}")
-        _build(topology, progress, fail_after)
-        return wait_ready(cluster, progress)
+        os.makedirs(state)
+        # Held while this up runs: another up of the same name must not take
+        # this half-built cluster for a stillborn one.
+        building = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(building, fcntl.LOCK_EX)
+    builder = None
+    try:
+        controlplane.save_topology(topology)
+        # First thing: the supervisor, holding the read end of the builder pipe,
+        # so that from here on a builder killed by SIGKILL is rolled back.
+        builder = start_supervisor(cluster)
+        _build(topology, progress, fail_after, builder)
+        summary = wait_ready(cluster, progress)
+        _tell(builder, "commit")
+        builder.close()
+        return summary
     except BaseException:
-        progress("rolling back")
-        teardown(cluster, graceful=False)
+        # A second SIGTERM/SIGHUP must not cut the rollback short.
+        with _signals_deferred():
+            progress("rolling back")
+            teardown(cluster, graceful=False)
         raise
+    finally:
+        os.close(building)
 
 
-def _build(topology, progress, fail_after) -> None:
+@contextlib.contextmanager
+def _root_lock():
+    """Serialises the start of `up`s (the check for a name and the claim of it)."""
+    fd = os.open(os.path.join(names.STATE_ROOT, ".up.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove_if_stillborn(cluster: str) -> bool:
+    """An up killed (SIGKILL) before it started the supervisor leaves a state
+    folder and nothing else: no up building it (its lock is free), no process,
+    no namespace. Remove that folder; True if so."""
+    state = names.state_dir(cluster)
+    try:
+        fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False        # an up is building it
+        if any(netns.inode(name) == ino for name, ino in journal.namespaces(cluster)):
+            return False
+        if _control_plane_alive(cluster) or cluster_processes(cluster):
+            return False
+        shutil.rmtree(state, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Ignore SIGINT, SIGTERM and SIGHUP during the body (in the main thread
+    only: elsewhere signals cannot be set, nor are they delivered)."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _tell(builder, word: str) -> None:
+    builder.write(f"{word}\n".encode())
+    builder.flush()
+
+
+def _build(topology, progress, fail_after, builder) -> None:
     cluster, settings = topology.name, topology.settings
-    controlplane.save_topology(topology)
     plans, client = plan_addresses(topology)
     progress(f"fabric {names.fabric_ns(cluster)}: bridge {names.FABRIC_BRIDGE} on {settings.underlay}")
     fabric.create(cluster, settings.underlay_mtu)
@@ -150,8 +250,7 @@ def _build(topology, progress, fail_after) -> None:
         if fail_after == "node":
             raise ClusterError("failure injected after the first node (test)")
     cns = names.client_ns(cluster)
-    journal.record(cluster, "netns", cns)
-    netns.create(cns)
+    journal.create_netns(cluster, cns)
     fabric.plug(cluster, cns, "client", client, settings.underlay_mtu)
     progress(f"external client {cns}: eth0 {client}")
     loadbalancer.create_namespace(cluster, settings.underlay_mtu)
@@ -172,19 +271,26 @@ def _build(topology, progress, fail_after) -> None:
         store.close()
     if fail_after == "store":
         raise ClusterError("failure injected after the store was written (test)")
-    start_control_plane(cluster)
+    _tell(builder, "start")
     progress("control plane started")
 
 
-def start_control_plane(cluster: str) -> int:
+def start_supervisor(cluster: str):
+    """Start the control plane's supervisor (detached, in a session of its own,
+    which every root-namespace process of the control plane shares) and return
+    the write end of its builder pipe (its stdin): "start" starts the control
+    plane, "commit" ends up; the pipe closing before "commit" rolls back."""
     log_path = os.path.join(names.state_dir(cluster), "controlplane.log")
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen(python_argv("netemu.controlplane", cluster), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(python_argv("netemu.controlplane", cluster), stdin=subprocess.PIPE,
                                 stdout=out, stderr=out, env=daemon_env(cluster), start_new_session=True,
                                 close_fds=True)
+    # The supervisor journals itself too; this covers a supervisor killed before
+    # it got that far.
+    journal.record_process(cluster, proc.pid)
     with open(os.path.join(names.state_dir(cluster), "controlplane.pid"), "w") as f:
         f.write(str(proc.pid))
-    return proc.pid
+    return proc.stdin
 
 
 def wait_ready(cluster: str, progress, timeout: float = READY_TIMEOUT) -> dict:
@@ -288,6 +394,57 @@ def _control_plane_alive(cluster: str) -> bool:
     return pid is not None and _alive(pid)
 
 
+def control_plane_problem(cluster: str) -> tuple[str, bool] | None:
+    """What is wrong with CLUSTER's control plane, as (one line, fatal) — fatal
+    when nothing runs that would act on a change; None when it runs supervised
+    (a part being restarted counts as running: its supervisor brings it back)."""
+    from netemu.controlplane import PARTS, part_alive_path, part_pid_path
+
+    state_dir = names.state_dir(cluster)
+    supervisor = _read_pid(cluster)
+    sup_state = _state(supervisor) if supervisor else None
+    parts = [p for p in PARTS if _alive_pid_file(part_pid_path(cluster, p))]
+    if sup_state is not None and sup_state not in "TtZX":
+        for part in parts:
+            with contextlib.suppress(FileNotFoundError):
+                silent = time.time() - os.stat(part_alive_path(cluster, part)).st_mtime
+                if silent > SILENT_WARNING:
+                    return (f'the control plane of cluster "{cluster}" is not responding (its {part} part '
+                            f"has been silent for {silent:.0f} s; its supervisor restarts it if it stays so)",
+                            False)
+        return None
+    why = "its supervisor is stopped (SIGSTOP)" if sup_state in ("T", "t") else "its supervisor is gone"
+    if parts:
+        return (f'the control plane of cluster "{cluster}" runs unsupervised ({why}): a part that dies '
+                f"will not be restarted", False)
+    return (f'the control plane of cluster "{cluster}" is not running ({why}): nothing will act on '
+            f"changes; see {state_dir}/controlplane.log, then netemu down {cluster}", True)
+
+
+def _state(pid: int) -> str | None:
+    st = _stat(pid)
+    return st[0] if st else None
+
+
+def _alive_pid_file(path: str) -> bool:
+    try:
+        with open(path) as f:
+            return _alive(int(f.read()))
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def check_control_plane(cluster: str, writes: bool, warn: Callable[[str], None]) -> None:
+    """Before a command: refuse a change nobody would act on (WRITES), else warn."""
+    problem = control_plane_problem(cluster)
+    if problem is None:
+        return
+    line, fatal = problem
+    if fatal and writes:
+        raise ClusterError(line)
+    warn(line)
+
+
 def _read_pid(cluster: str) -> int | None:
     try:
         with open(os.path.join(names.state_dir(cluster), "controlplane.pid")) as f:
@@ -307,28 +464,79 @@ def _alive(pid: int) -> bool:
 # -- teardown ------------------------------------------------------------------
 
 def namespace_inodes(cluster: str) -> set[int]:
-    """The inodes of the cluster's network namespaces that exist now."""
-    return {netns.inode(ns) for kind, ns in journal.entries(cluster) if kind == "netns"} - {None}
+    """The inodes of the cluster's network namespaces that exist now: journalled
+    when made, and still under that name. Not those of namespaces deleted since:
+    once a namespace is freed the kernel may give its inode number to a new one,
+    perhaps another cluster's (teardown notes its inodes before a graceful stop
+    deletes the pods' namespaces, for processes still inside them)."""
+    return {ino for name, ino in journal.namespaces(cluster) if netns.inode(name) == ino}
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, session id, start time) of PID, from /proc/PID/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[3]), int(fields[19])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return 0
+
+
+def protected_pids() -> set[int]:
+    """This process and its ancestors: never the cluster's to kill, whatever
+    namespace or session they are in (`ip netns exec NODE bash`, then
+    `netemu down` from that shell)."""
+    out, pid = set(), os.getpid()
+    while pid > 0 and pid not in out:
+        out.add(pid)
+        pid = _parent(pid)
+    return out
 
 
 def cluster_processes(cluster: str, own: set[int] | None = None) -> list[int]:
-    """Every process of the cluster: tagged with its name in the environment, or
-    living in one of its network namespaces (OWN: their inodes, if taken
-    earlier; a namespace already deleted by its pod still holds its processes)."""
+    """Every live process of the cluster, found by what its journal says it made:
+
+      - processes in one of its network namespaces, by inode (OWN: more inodes,
+        noted earlier); this finds pods, node daemons, and commands started by
+        hand with `ip netns exec`;
+      - processes in the session of a session leader it started (the control
+        plane's supervisor and its parts), known by pid and start time.
+
+    Never this process or its ancestors. Not "anything carrying NETEMU_CLUSTER":
+    the user's own shell may well have exported it."""
     own = (own or set()) | namespace_inodes(cluster)
-    tag = f"{names.CLUSTER_ENV}={cluster}".encode()
-    me = os.getpid()
+    leaders = {}
+    for pid, start in journal.processes(cluster):
+        now = _stat(pid)
+        # A live process with the leader's pid but another start time leads
+        # someone else's session: the pid was re-used.
+        if now is None or now[2] == start:
+            leaders[pid] = start
+    protected = protected_pids()
     pids = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
+        if not entry.isdigit() or int(entry) in protected:
             continue
         pid = int(entry)
+        st = _stat(pid)
+        if st is None or st[0] in "ZX":
+            continue
+        state, sid, start = st
+        # A session id outlives its leader, and the kernel does not hand out a
+        # pid still used as a session id; the start time rules out a session of
+        # the same number begun before the leader we recorded.
+        if sid in leaders and start >= leaders[sid]:
+            pids.append(pid)
+            continue
         try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-            if tag in env:
-                pids.append(pid)
-                continue
             if own and os.stat(f"/proc/{pid}/ns/net").st_ino in own:
                 pids.append(pid)
         except (FileNotFoundError, ProcessLookupError, PermissionError):
@@ -339,17 +547,19 @@ def cluster_processes(cluster: str, own: set[int] | None = None) -> list[int]:
 def teardown(cluster: str, graceful: bool = True) -> None:
     """Remove every process, namespace and file of CLUSTER (idempotent).
 
-    Also processes started by hand in its namespaces (`ip netns exec`): the
-    namespaces are noted first, because a graceful stop deletes the pods' own."""
+    Also processes started by hand in its namespaces (`ip netns exec`).
+    Namespaces are deleted only while their name still leads to the inode the
+    journal recorded: a name another cluster (or anyone) holds is left alone."""
     own = namespace_inodes(cluster)
     pid = _read_pid(cluster)
     if graceful and pid is not None and _alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)        # a stopped supervisor must act on it
         deadline = time.monotonic() + 15
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-    for _ in range(5):
+    for _ in range(10):
         pids = cluster_processes(cluster, own)
         if not pids:
             break
@@ -358,12 +568,11 @@ def teardown(cluster: str, graceful: bool = True) -> None:
                 os.kill(p, signal.SIGKILL)
         time.sleep(0.1)
     errors = []
-    for kind, name in reversed(journal.entries(cluster)):
-        if kind == "netns":
-            try:
-                netns.delete(name)
-            except netns.NetnsError as e:
-                errors.append(str(e))
+    for name, ino in reversed(journal.namespaces(cluster)):
+        try:
+            netns.delete(name, only_inode=ino)
+        except netns.NetnsError as e:
+            errors.append(str(e))
     shutil.rmtree(names.state_dir(cluster), ignore_errors=True)
     if errors:
         raise ClusterError("; ".join(errors))
@@ -417,7 +626,8 @@ def add_node(cluster: str, name: str, labels: dict | None = None, address: str |
             if settings.backend == "udp":
                 fabric.disable_tso(cluster, names.fabric_port(name))
         except BaseException:
-            netns.delete(names.node_ns(cluster, name))
+            # Only if this call made it: the name may have been taken.
+            journal.delete_netns(cluster, names.node_ns(cluster, name))
             raise
         os.makedirs(names.node_dir(cluster, name), exist_ok=True)
         topology.nodes.append(spec)
@@ -458,7 +668,14 @@ def remove_node(cluster: str, name: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and inode is not None and _processes_in(inode):
         time.sleep(0.05)
-    netns.delete(node_namespace)
+    journal.delete_netns(cluster, node_namespace)
+    # Its heartbeat has stopped with it; Kubernetes collects a node's Lease with
+    # the node (an owner reference), so does this.
+    store = open_store(cluster)
+    try:
+        registry.delete(store, "Lease", "kube-node-lease", name)
+    finally:
+        store.close()
     shutil.rmtree(names.node_dir(cluster, name), ignore_errors=True)
     topology.nodes = [n for n in topology.nodes if n.name != name]
     controlplane.save_topology(topology)

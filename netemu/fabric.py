@@ -15,8 +15,7 @@ from netemu import journal, names, netns
 
 def create(cluster: str, mtu: int) -> str:
     ns = names.fabric_ns(cluster)
-    journal.record(cluster, "netns", ns)
-    netns.create(ns)
+    journal.create_netns(cluster, ns)
     netns.ip_batch(ns, [
         "link set lo up",
         f"link add {names.FABRIC_BRIDGE} mtu {mtu} type bridge stp_state 0 forward_delay 0",

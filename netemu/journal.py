@@ -3,13 +3,23 @@
 `netemu down` and `netemu clean` remove what the journal names and nothing else,
 so a crash at any point (even kill -9 between the two steps) leaves nothing that
 clean cannot find, and clean never touches another cluster's objects.
+
+Lines, appended:
+    netns NAME INODE        a network namespace (INODE: its nsfs inode, known
+                            before the name is given, see netns.create)
+    process PID START       a session leader the cluster started (the control
+                            plane's supervisor); START (clock ticks after boot,
+                            /proc/PID/stat field 22) tells it from a later
+                            process that got the same pid
+Ownership is by identity, not by name: a namespace is deleted only while its
+name still leads to the recorded inode.
 """
 
 from __future__ import annotations
 
 import os
 
-from netemu import names
+from netemu import names, netns
 
 
 def path(cluster: str) -> str:
@@ -22,11 +32,13 @@ def record(cluster: str, kind: str, name: str) -> None:
     fd = os.open(path(cluster), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, f"{kind} {name}\n".encode())
+        # The journal must be on disk before what it names exists.
+        os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def entries(cluster: str) -> list[tuple[str, str]]:
+def _lines(cluster: str) -> list[tuple[str, list[str]]]:
     try:
         with open(path(cluster)) as f:
             lines = f.read().splitlines()
@@ -34,7 +46,57 @@ def entries(cluster: str) -> list[tuple[str, str]]:
         return []
     out = []
     for line in lines:
-        kind, _, name = line.partition(" ")
-        if name and (kind, name) not in out:
-            out.append((kind, name))
+        kind, *fields = line.split()
+        if fields:
+            out.append((kind, fields))
     return out
+
+
+def entries(cluster: str) -> list[tuple[str, str]]:
+    """(kind, name) of every entry, in order, without repeats."""
+    out = []
+    for kind, fields in _lines(cluster):
+        if (kind, fields[0]) not in out:
+            out.append((kind, fields[0]))
+    return out
+
+
+def namespaces(cluster: str) -> list[tuple[str, int]]:
+    """(name, inode) of every namespace the cluster made, in order of creation.
+    A name appears once per namespace made under it (a pod re-created)."""
+    return [(f[0], int(f[1])) for kind, f in _lines(cluster)
+            if kind == "netns" and len(f) == 2 and f[1].isdigit()]
+
+
+def processes(cluster: str) -> list[tuple[int, int]]:
+    """(pid, start time) of every session leader the cluster started."""
+    return [(int(f[0]), int(f[1])) for kind, f in _lines(cluster)
+            if kind == "process" and len(f) == 2 and f[0].isdigit() and f[1].isdigit()]
+
+
+def create_netns(cluster: str, name: str) -> int:
+    """Create namespace NAME for CLUSTER, journalled by inode (see netns.create)."""
+    return netns.create(name, record=lambda ino: record(cluster, "netns", f"{name} {ino}"))
+
+
+def delete_netns(cluster: str, name: str) -> bool:
+    """Delete namespace NAME if it is one CLUSTER made (its inode is journalled)."""
+    current = netns.inode(name)
+    if current is None or (name, current) not in namespaces(cluster):
+        return False
+    return netns.delete(name, only_inode=current)
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (None: no such process)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
+
+
+def record_process(cluster: str, pid: int) -> None:
+    start = process_start_time(pid)
+    if start is not None:
+        record(cluster, "process", f"{pid} {start}")

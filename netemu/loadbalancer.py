@@ -33,8 +33,7 @@ RESYNC = 5.0
 
 def create_namespace(cluster: str, mtu: int) -> str:
     ns = names.lb_ns(cluster)
-    journal.record(cluster, "netns", ns)
-    netns.create(ns)
+    journal.create_netns(cluster, ns)
     netns.ip_batch(names.fabric_ns(cluster), [
         f"link add name lb mtu {mtu} type veth peer name {names.NODE_UPLINK} mtu {mtu} netns {ns}",
         f"link set lb master {names.FABRIC_BRIDGE} up"])

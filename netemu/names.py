@@ -3,6 +3,13 @@
 Every namespace, interface, file and process of a cluster carries the cluster's
 name, so that two clusters never collide and `netemu clean` removes exactly what
 is its own (it reads the cluster's journal, it does not guess by pattern).
+
+Namespace names read `<cluster>-<role>[-<rest>]` (tutorial-node-srv-k8s-node2,
+tutorial-pod-nginxpod, tutorial-fabric). They are unambiguous by construction:
+no `-`-separated segment of a cluster name may be a role word, so the first role
+segment of a namespace name always ends the cluster's name. Without that rule,
+cluster "a" with a pod named "fabric" would get "a-pod-fabric", the underlay of
+cluster "a-pod".
 """
 
 from __future__ import annotations
@@ -21,6 +28,32 @@ NODE_UPLINK = "eth0"
 POD_IFACE = "eth0"
 NODE_BRIDGE = "docker0"
 IFNAMSIZ = 15
+
+# The words that follow the cluster's name in its namespace names.
+ROLES = ("pod", "node", "fabric", "client", "lb")
+# A namespace is a file under /run/netns: its name is at most NAME_MAX bytes.
+NETNS_NAME_MAX = 255
+
+
+def cluster_name_problem(cluster: str) -> str | None:
+    """Why CLUSTER cannot be a cluster's name (None: it can). The loader has
+    already checked the DNS-label form and the length; this is the rule that keeps
+    namespace names unambiguous."""
+    clashes = [seg for seg in cluster.split("-") if seg in ROLES]
+    if clashes:
+        return (f'its segment "{clashes[0]}" is a word netemu puts after the cluster name in '
+                f"namespace names ({', '.join(ROLES)}); pick a name without it")
+    return None
+
+
+def cluster_of(namespace: str) -> str | None:
+    """The cluster a namespace name belongs to (None: not a netemu name): the
+    segments before the first role word (see the module's docstring)."""
+    segments = namespace.split("-")
+    for i, seg in enumerate(segments):
+        if seg in ROLES:
+            return "-".join(segments[:i]) if i else None
+    return None
 
 
 def state_dir(cluster: str) -> str:
@@ -58,8 +91,17 @@ def node_ns(cluster: str, node: str) -> str:
 def pod_ns(cluster: str, namespace: str, pod: str) -> str:
     # "_" cannot occur in Kubernetes names, so the two parts never run together.
     if namespace == "default":
-        return f"{cluster}-pod-{pod}"
-    return f"{cluster}-pod-{namespace}_{pod}"
+        name = f"{cluster}-pod-{pod}"
+    else:
+        name = f"{cluster}-pod-{namespace}_{pod}"
+    if len(name.encode()) <= NETNS_NAME_MAX:
+        return name
+    # A pod name may have 253 characters, a namespace 63: too long for a file
+    # name. The cut name ends with "_" and a hash of the whole; two "_" never
+    # occur in an uncut name, so a cut one cannot equal another pod's.
+    tail = "_" + short_hash(f"{namespace}/{pod}", 16)
+    head = f"{cluster}-pod-{namespace}_{pod}"
+    return head[:NETNS_NAME_MAX - len(tail)] + tail
 
 
 def short_hash(text: str, n: int = 7) -> str:

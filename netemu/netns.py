@@ -16,7 +16,8 @@ import contextlib
 import ctypes
 import os
 import subprocess
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 NETNS_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
@@ -44,22 +45,65 @@ def list_all() -> list[str]:
         return []
 
 
-def create(name: str) -> None:
-    """Create and register a namespace. Fails if the name is taken."""
-    if exists(name):
-        raise NetnsError(f"network namespace {name} already exists")
-    proc = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise NetnsError(f"ip netns add {name}: {proc.stderr.strip()}")
+def create(name: str, record: Callable[[int], None] | None = None) -> int:
+    """Create a namespace and register it as NAME; returns its inode.
+
+    Fails, touching nothing, if NAME is taken: the namespace is made first,
+    unnamed, in a helper thread (unshare(2) acts on the calling thread only), its
+    inode goes to RECORD (the cluster's journal), and only then is it given its
+    name with `ip netns attach`, which refuses an existing name (O_EXCL). So the
+    journal names every namespace before it can be seen, and never claims one it
+    did not make: a crash before the attach leaves an inode that nothing under
+    /run/netns has; a name taken by someone else keeps its own inode.
+    """
+    result: dict = {}
+
+    def make() -> None:
+        try:
+            if _libc.unshare(CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
+            ino = os.stat("/proc/thread-self/ns/net").st_ino
+            if record is not None:
+                record(ino)
+            # ip runs in this thread's new namespace and attaches it by thread id.
+            proc = subprocess.run(["ip", "netns", "attach", name, str(threading.get_native_id())],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                if "File exists" in proc.stderr:
+                    raise NetnsError(f"network namespace {name} already exists")
+                raise NetnsError(f"ip netns attach {name}: {proc.stderr.strip()}")
+            result["inode"] = ino
+        except BaseException as e:      # handed to the caller's thread
+            result["error"] = e
+
+    # The thread ends after the attach: its namespace lives on, held by the mount.
+    thread = threading.Thread(target=make, name=f"netns-create-{name}")
+    thread.start()
+    try:
+        thread.join()
+    except BaseException:
+        # Interrupted (a signal turned into an exception): the namespace may be
+        # getting its name right now; wait, so that a rollback sees it.
+        thread.join()
+        raise
+    if "error" in result:
+        raise result["error"]
+    return result["inode"]
 
 
-def delete(name: str) -> None:
-    """Unregister a namespace (it vanishes when the last process/fd lets go)."""
-    if not exists(name):
-        return
+def delete(name: str, only_inode: int | None = None) -> bool:
+    """Unregister a namespace (it vanishes when the last process/fd lets go).
+
+    With ONLY_INODE, only if NAME still is that namespace: a name re-used by
+    someone else since is left alone. True if something was deleted."""
+    current = inode(name)
+    if current is None or (only_inode is not None and current != only_inode):
+        return False
     proc = subprocess.run(["ip", "netns", "delete", name], capture_output=True, text=True)
     if proc.returncode != 0 and exists(name):
         raise NetnsError(f"ip netns delete {name}: {proc.stderr.strip()}")
+    return True
 
 
 def inode(name: str) -> int | None:

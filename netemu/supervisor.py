@@ -1,8 +1,10 @@
 """Running daemons the way a node's init system would: start, log, restart.
 
-Every process gets the cluster's tag in its environment (names.CLUSTER_ENV), its
-own process group (so it can be stopped with whatever it started), and its output
-appended to a log file under the cluster's state folder.
+Every process gets its own process group (so it can be stopped with whatever it
+started), and its output appended to a log file under the cluster's state folder.
+It also carries the cluster's name in its environment (names.CLUSTER_ENV), for
+the commands it runs; that is not how `down` finds it (a user's shell may carry
+the same variable): the cluster's journal is (see cluster.cluster_processes).
 """
 
 from __future__ import annotations
@@ -21,6 +23,22 @@ from netemu import names
 log = logging.getLogger("netemu.supervisor")
 
 RESTART_DELAY = 0.5
+PARENT_CHECK = 0.5
+
+
+async def watch_parent(scope: trio.CancelScope) -> None:
+    """Cancel SCOPE when this process's parent is gone (we were re-parented).
+
+    A node daemon's parent is the control plane's nodes part; if that is killed
+    (kill -9), its successor starts new daemons, and the old ones must make way
+    rather than hold the node's ports and devices. Polled: PR_SET_PDEATHSIG
+    would fire when the thread that forked us ends, and trio forks from worker
+    threads that come and go."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await trio.sleep(PARENT_CHECK)
+    log.warning("parent %d is gone; stopping", parent)
+    scope.cancel()
 
 
 def daemon_env(cluster: str) -> dict:
@@ -99,6 +117,7 @@ def run_node_daemon(role: str, factory, argv: list[str] | None = None) -> int:
                         return
 
             nursery.start_soon(stop_on_signal)
+            nursery.start_soon(watch_parent, nursery.cancel_scope)
             await factory(args.cluster, args.node, store).run()
             nursery.cancel_scope.cancel()
 

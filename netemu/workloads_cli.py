@@ -262,6 +262,9 @@ def _in_namespace(objs: list[dict], namespace: str | None) -> list[dict]:
 
 def _open(args):
     cluster = clusters.resolve(args.cluster)
+    # Every verb here changes something: refused when no control plane would act on it.
+    clusters.check_control_plane(cluster, True,
+                                 lambda line: print(f"netemu: warning: {line}", file=sys.stderr))
     return cluster, clusters.open_store(cluster)
 
 

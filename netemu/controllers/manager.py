@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from netemu.controllers import daemonset, endpoints, garbagecollector, job, replication, scheduler
+from netemu.controllers import daemonset, endpoints, garbagecollector, job, nodelifecycle, replication, scheduler
 from netemu.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ CONTROLLERS: dict[str, Callable[..., Awaitable[None]]] = {
     "job": job.run,
     "daemonset": daemonset.run,
     "garbage-collector": garbagecollector.run,
+    "node-lifecycle": nodelifecycle.run,
 }
 
 

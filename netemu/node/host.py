@@ -17,8 +17,7 @@ from netemu.overlay.subnetenv import SubnetEnv
 def create(cluster: str, node: str, address: ipaddress.IPv4Interface, mtu: int,
            gateway: ipaddress.IPv4Address | None = None) -> str:
     ns = names.node_ns(cluster, node)
-    journal.record(cluster, "netns", ns)
-    netns.create(ns)
+    journal.create_netns(cluster, ns)
     fabric.plug(cluster, ns, names.fabric_port(node), address, mtu)
     if gateway is not None:
         # A node has a default route, as every real one does; without it the

@@ -51,8 +51,7 @@ def docker_mac(ip: ipaddress.IPv4Address) -> str:
 
 def create_network(cluster: str, node: str, sb: Sandbox) -> None:
     """Namespace, veth pair on docker0, address and default route (blocking)."""
-    journal.record(cluster, "netns", sb.namespace)
-    netns.create(sb.namespace)
+    journal.create_netns(cluster, sb.namespace)
     node_ns = names.node_ns(cluster, node)
     netns.ip_batch(node_ns, [
         f"link add {sb.veth} mtu {sb.mtu} type veth peer name {names.POD_IFACE} mtu {sb.mtu} "
@@ -81,4 +80,6 @@ def pause_argv(sb: Sandbox, hostname: str) -> list[str]:
 
 def destroy_network(cluster: str, node: str, sb: Sandbox) -> None:
     # Deleting the namespace takes eth0 with it, and the veth's node end with it.
-    netns.delete(sb.namespace)
+    # Only one this cluster made: a name that was taken when create_network ran
+    # is someone else's.
+    journal.delete_netns(cluster, sb.namespace)

@@ -30,6 +30,8 @@ KINDS: dict[str, tuple[str, bool, str, tuple[str, ...]]] = {
     "Event": ("events", True, "v1", ("event", "events", "ev")),
     # The API server keeps nodes under "minions", a name from Kubernetes' first days.
     "Node": ("minions", False, "v1", ("node", "nodes", "no")),
+    # Node heartbeats: one per node in namespace kube-node-lease, renewed by its kubelet.
+    "Lease": ("leases", True, "coordination.k8s.io/v1", ("lease", "leases")),
 }
 
 SHORT_NAMES = {alias: kind for kind, (_, _, _, aliases) in KINDS.items() for alias in aliases}

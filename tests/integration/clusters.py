@@ -35,7 +35,8 @@ def running(path: str, **overrides):
 
 
 def assert_gone(name: str) -> None:
-    left = [ns for ns in netns.list_all() if ns.startswith(f"{name}-")]
+    # By exact parse of the name: "a-x-node-n1" is not cluster a's.
+    left = [ns for ns in netns.list_all() if names.cluster_of(ns) == name]
     assert not left, f"namespaces left behind: {left}"
     assert not os.path.exists(names.state_dir(name)), "state folder left behind"
     assert not clusters.cluster_processes(name), "processes left behind"

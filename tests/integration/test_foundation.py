@@ -182,7 +182,7 @@ def test_clean_after_kill_9(tmp_path):
 
 @pytest.mark.parametrize("step", ["node", "store"])
 def test_failed_up_rolls_back(tmp_path, step):
-    path = write_topology(tmp_path, f"tf-fail-{step}", {"nodes": [{"name": "n1"}, {"name": "n2"}],
+    path = write_topology(tmp_path, f"tf-fail{step}", {"nodes": [{"name": "n1"}, {"name": "n2"}],
                                                         "workloads": [pod("p", "n1")]})
     topo = load_topology(path)
     with pytest.raises(clusters.ClusterError, match="injected"):

@@ -79,7 +79,7 @@ def test_shipped_tutorial_topology_loads():
 
 def test_shipped_two_node_topology_loads():
     topo = load_topology(SHIPPED / "two-node.yaml", host_networks=[])
-    assert topo.name == "two-node" and topo.warnings == []
+    assert topo.name == "twonode" and topo.warnings == []
     assert [n.name for n in topo.nodes] == ["node1", "node2"]
     assert [(o["metadata"]["name"], o["spec"]["nodeName"]) for o in topo.objects] == [
         ("web1", "node1"), ("web2", "node2")]
