@@ -199,6 +199,7 @@ class ContainerState:
         self.probes: dict[str, probing.Probe] = {}
         self.started = False        # startupProbe passed (or none)
         self.probe_ready: bool | None = None   # readinessProbe's verdict (None: no probe)
+        self.adopted_ready = False  # the readiness published before a kubelet restart
 
     @property
     def running(self) -> bool:
@@ -532,7 +533,7 @@ class PodWorker:
                 self._plan(c)
                 c.started = True
                 if "readinessProbe" in c.probes:
-                    c.probe_ready = getattr(c, "adopted_ready", False)
+                    c.probe_ready = c.adopted_ready
             async with trio.open_nursery() as probes:
                 for probe in c.probes.values():
                     probes.start_soon(self._probe, c, probe)
