@@ -362,6 +362,7 @@ class PodWorker:
                 if c.handle.running:
                     log.info("pod %s: adopted container %s (pid %d)", self.key, c.name, c.handle.pid)
                     c.state = {"running": {"startedAt": c.started_at}}
+                    c.started = True
                     # Keep the readiness the last kubelet published until the
                     # probes say otherwise: a restarted kubelet must not pull
                     # every pod out of its endpoints.
@@ -534,6 +535,7 @@ class PodWorker:
                 c.started = True
                 if "readinessProbe" in c.probes:
                     c.probe_ready = c.adopted_ready
+                self.changed.set()
             async with trio.open_nursery() as probes:
                 for probe in c.probes.values():
                     probes.start_soon(self._probe, c, probe)

@@ -196,7 +196,12 @@ def test_restarted_control_plane_adopts_running_pods(cluster, tmp_path):
           pod_manifest("hd-adopt-ready", "n2", sleeper(readinessProbe={"exec": {"command": ["true"]},
                                                                        "periodSeconds": 1})))
     before = {n: wait_ready(cluster, n) for n in ("hd-adopt", "hd-adopt-ready")}
-    pauses = {n: sandbox(cluster, n)["pause_pid"] for n in before}
+
+    def processes(name, pod):
+        """The pod's pause and container, each as pid and start time."""
+        container = int(pod["status"]["containerStatuses"][0]["containerID"].removeprefix("pid://"))
+        return runtime.ref_of(sandbox(cluster, name)["pause_pid"]), runtime.ref_of(container)
+    held = {n: processes(n, p) for n, p in before.items()}
     restart_control_plane(cluster)
     # A pod created after the restart runs: the new kubelet is at work.
     apply(cluster, tmp_path, pod_manifest("hd-adopt-new", "n2", sleeper()))
@@ -206,12 +211,12 @@ def test_restarted_control_plane_adopts_running_pods(cluster, tmp_path):
         now = get(cluster, "Pod", name)
         assert ready(now), now["status"]
         assert now["status"]["podIP"] == old["status"]["podIP"]
-        old_c, new_c = old["status"]["containerStatuses"][0], now["status"]["containerStatuses"][0]
-        assert new_c["containerID"] == old_c["containerID"] and new_c["restartCount"] == 0
-        sb = sandbox(cluster, name)
-        assert sb["pause_pid"] == pauses[name] and runtime.alive(runtime.ProcessRef(sb["pause_pid"],
-                                                                                    sb["pause_start"]))
-        assert not any(e["reason"] == "SandboxChanged" for e in events(cluster, name))
+        assert now["status"]["containerStatuses"][0]["restartCount"] == 0
+        # The very same processes, still running, and still the ones the status names.
+        pause, container = held[name]
+        assert runtime.alive(pause) and runtime.alive(container), name
+        assert processes(name, now) == held[name]
+        assert not any(e["reason"] in ("SandboxChanged", "FailedCreatePodSandBox") for e in events(cluster, name))
     out = netemu(cluster, "exec", "hd-adopt", "--", "hostname").stdout.strip()
     assert out == "hd-adopt"
     page = netns.run(names.node_ns(cluster, "n2"),
