@@ -269,6 +269,10 @@ class PodWorker:
             # containers do when a kubelet stops; the next kubelet adopts them.
             with trio.CancelScope(shield=True):
                 await self._teardown()
+        except Exception:
+            # Never the node's problem: the next event about this pod starts a
+            # new worker, which adopts what this one left.
+            log.exception("pod %s: worker failed", self.key)
         finally:
             self.finished.set()
             if self.k.workers.get(self.uid) is self:
