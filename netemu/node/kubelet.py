@@ -486,7 +486,12 @@ class PodWorker:
 
     async def _spawn(self, c: ContainerState) -> runtime.Handle:
         """Start C's process in the sandbox; CreateError / StartError / OSError."""
-        p = await trio.to_thread.run_sync(self._plan, c)
+        try:
+            p = await trio.to_thread.run_sync(self._plan, c)
+        except Exception as e:
+            # A spec the API server would have refused (a port without a
+            # number, say): this container's error, said in its status.
+            raise runtime.CreateError(f"cannot make a process of the container's spec: {e!r}") from e
         env = self._env(c)
         runtime.check_exec(p.argv, env)
         cwd = str(c.spec.get("workingDir") or "/")

@@ -155,12 +155,14 @@ def test_pod_that_cannot_start_fails_alone_and_can_be_force_deleted(cluster, tmp
     pause_before = sandbox(cluster, "hd-ok")["pause_pid"]
     bad = {"hd-bad-env": sleeper(env=[{"name": "A=B", "value": "x"}]),
            "hd-bad-nul": sleeper(env=[{"name": "A", "value": "x\0y"}]),
-           "hd-bad-prog": {"name": "c", "image": "busybox", "command": ["/no/such/program"]}}
+           "hd-bad-prog": {"name": "c", "image": "busybox", "command": ["/no/such/program"]},
+           "hd-bad-spec": {"name": "c", "image": "nginx", "ports": [{"name": "http"}]}}
     for name, container in bad.items():
         write_directly(cluster, pod_manifest(name, "n1", container))
     expected = {"hd-bad-env": ("CreateContainerError", "'A=B'"),
                 "hd-bad-nul": ("CreateContainerError", "NUL"),
-                "hd-bad-prog": ("RunContainerError", 'exec: "/no/such/program"')}
+                "hd-bad-prog": ("RunContainerError", 'exec: "/no/such/program"'),
+                "hd-bad-spec": ("CreateContainerError", "containerPort")}
     for name, (reason, needle) in expected.items():
         got = wait_for(lambda: waiting_reason(get(cluster, "Pod", name)), timeout=20, what=f"{name} waiting")
         wait_for(lambda: (waiting_reason(get(cluster, "Pod", name)) or ("",))[0] == reason, timeout=20,
@@ -185,7 +187,7 @@ def test_pod_that_cannot_start_fails_alone_and_can_be_force_deleted(cluster, tmp
     pod_ns = names.pod_ns(cluster, "default", "hd-bad-env")
     wait_for(lambda: not netns.exists(pod_ns) and not os.path.exists(
         names.pod_dir(cluster, "default", "hd-bad-env")), timeout=20, what="force-deleted pod cleaned up")
-    netemu(cluster, "delete", "pod", "hd-bad-nul", "hd-bad-prog", "hd-ok", "--timeout", "30")
+    netemu(cluster, "delete", "pod", "hd-bad-nul", "hd-bad-prog", "hd-bad-spec", "hd-ok", "--timeout", "30")
 
 
 # -- item 4: a restarted control plane adopts what runs ------------------------------
