@@ -114,6 +114,11 @@ class Handle:
         if self.proc is not None and self.proc.returncode is None:
             with trio.move_on_after(1):
                 await self.proc.wait()
+        elif self.proc is None:
+            # Adopted after an in-process restart, it may be this process's
+            # child: reap it, or it stays a zombie.
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(self.ref.pid, os.WNOHANG)
 
 
 def kill_now(ref: ProcessRef | None) -> None:
