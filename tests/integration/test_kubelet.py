@@ -204,6 +204,7 @@ def test_restarted_control_plane_adopts_running_pods(cluster, tmp_path):
         container = int(pod["status"]["containerStatuses"][0]["containerID"].removeprefix("pid://"))
         return runtime.ref_of(sandbox(cluster, name)["pause_pid"]), runtime.ref_of(container)
     held = {n: processes(n, p) for n, p in before.items()}
+    inodes = {n: netns.inode(names.pod_ns(cluster, "default", n)) for n in before}
     restart_control_plane(cluster)
     # A pod created after the restart runs: the new kubelet is at work.
     apply(cluster, tmp_path, pod_manifest("hd-adopt-new", "n2", sleeper()))
@@ -218,6 +219,7 @@ def test_restarted_control_plane_adopts_running_pods(cluster, tmp_path):
         pause, container = held[name]
         assert runtime.alive(pause) and runtime.alive(container), name
         assert processes(name, now) == held[name]
+        assert netns.inode(names.pod_ns(cluster, "default", name)) == inodes[name]
         assert not any(e["reason"] in ("SandboxChanged", "FailedCreatePodSandBox") for e in events(cluster, name))
     out = netemu(cluster, "exec", "hd-adopt", "--", "hostname").stdout.strip()
     assert out == "hd-adopt"
