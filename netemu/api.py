@@ -438,10 +438,13 @@ def _update(store: Store, old: dict, new: dict, settings) -> tuple[dict, str]:
 
 # -- delete ------------------------------------------------------------------------
 
-def delete_pod(store: Store, namespace: str, name: str, *, uid: str | None = None) -> bool:
+def delete_pod(store: Store, namespace: str, name: str, *, uid: str | None = None,
+               grace_period: int | None = None) -> bool:
     """Delete a pod as the API server does: a pod bound to a node gets
     metadata.deletionTimestamp (its kubelet stops the containers, tears down the
-    sandbox, then removes the key); a pod no node has taken is removed at once.
+    sandbox, then removes the key); a pod no node has taken is removed at once,
+    and so is any pod with GRACE_PERIOD 0 (a forced delete: the kubelet sees its
+    object vanish and cleans up afterwards, also a pod already terminating).
     UID, when given, guards against deleting a new pod of the same name.
     Returns False if the pod was already gone (or already terminating)."""
     key = registry.key("Pod", namespace, name)
@@ -450,7 +453,7 @@ def delete_pod(store: Store, namespace: str, name: str, *, uid: str | None = Non
         if kv is None or (uid is not None and kv.value["metadata"].get("uid") != uid):
             return False
         pod = kv.value
-        if not pod.get("spec", {}).get("nodeName"):
+        if not pod.get("spec", {}).get("nodeName") or grace_period == 0:
             try:
                 return store.delete(key, expect_revision=kv.mod_revision)
             except Conflict:
@@ -459,7 +462,7 @@ def delete_pod(store: Store, namespace: str, name: str, *, uid: str | None = Non
             return False
         pod["metadata"]["deletionTimestamp"] = registry.now()
         pod["metadata"]["deletionGracePeriodSeconds"] = int(
-            pod["spec"].get("terminationGracePeriodSeconds", 30))
+            pod["spec"].get("terminationGracePeriodSeconds", 30) if grace_period is None else grace_period)
         try:
             store.put(key, pod, expect_revision=kv.mod_revision)
             return True
@@ -468,7 +471,8 @@ def delete_pod(store: Store, namespace: str, name: str, *, uid: str | None = Non
     raise Conflict(f"pod {namespace}/{name}: too many concurrent updates")
 
 
-def delete(store: Store, kind: str, namespace: str | None, name: str) -> dict:
+def delete(store: Store, kind: str, namespace: str | None, name: str,
+           grace_period: int | None = None) -> dict:
     """Delete one object and, as Kubernetes' garbage collector does in the
     background, what it owns: a workload's pods (a Deployment's ReplicaSets and
     their pods), a Service's Endpoints and allocations. Raises ApiError NotFound.
@@ -480,7 +484,7 @@ def delete(store: Store, kind: str, namespace: str | None, name: str) -> dict:
     if obj is None:
         raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
     if kind == "Pod":
-        delete_pod(store, namespace or "default", name)
+        delete_pod(store, namespace or "default", name, grace_period=grace_period)
         return obj
     if not registry.delete(store, kind, namespace, name):
         raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")

@@ -639,23 +639,63 @@ def add_node(cluster: str, name: str, labels: dict | None = None, address: str |
 
 
 def remove_node(cluster: str, name: str, timeout: float = 30.0) -> None:
-    """Drain a node (its pods go), release its lease, and remove its namespace."""
+    """Drain a node as `kubectl drain --ignore-daemonsets` does, then remove it.
+
+    Cordon it (unless it already is), evict its pods except those a DaemonSet
+    manages, and wait for them to go. Then the node is marked as being deleted
+    (metadata.deletionTimestamp: the DaemonSet controller gives such a node no
+    pod, although DaemonSet pods tolerate a cordon), its DaemonSet pods are
+    deleted too, since their namespaces go with the node, its lease released and
+    its object deleted. If any of it fails, the node is left as it was found:
+    uncordoned if this cordoned it, no longer marked."""
+    from netemu.controllers import selectors as sel
+
     topology = controlplane.load_topology(cluster)
     store = open_store(cluster)
     try:
-        if registry.get(store, "Node", None, name) is None:
+        node = registry.get(store, "Node", None, name)
+        if node is None:
             raise ClusterError(f'nodes "{name}" not found')
-        # Cordon first, so the scheduler places nothing new there.
-        registry.mutate(store, "Node", None, name, lambda n: n["spec"].update(unschedulable=True))
-        for pod in registry.list_(store, "Pod"):
-            if pod.get("spec", {}).get("nodeName") == name:
-                registry.mutate(store, "Pod", pod["metadata"]["namespace"], pod["metadata"]["name"],
-                                lambda p: p["metadata"].setdefault("deletionTimestamp", registry.now()))
+        cordoned = not (node.get("spec") or {}).get("unschedulable")
+        if cordoned:
+            registry.mutate(store, "Node", None, name, lambda n: n.setdefault("spec", {}).update(unschedulable=True))
+
+        def pods_here(daemons: bool) -> list[dict]:
+            return [p for p in registry.list_(store, "Pod")
+                    if (p.get("spec") or {}).get("nodeName") == name
+                    and ((sel.controller_ref(p) or {}).get("kind") == "DaemonSet") == daemons]
+
+        def evict(pods: list[dict]) -> None:
+            for pod in pods:
+                api.delete_pod(store, pod["metadata"].get("namespace", "default"), pod["metadata"]["name"],
+                               uid=pod["metadata"].get("uid"))
+
+        def wait_gone(daemons: bool, deadline: float) -> None:
+            while True:
+                left = pods_here(daemons)
+                if not left:
+                    return
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"node {name}: pods did not stop within {timeout:g} s: "
+                                       + ", ".join(p["metadata"]["name"] for p in left[:5]))
+                time.sleep(0.1)
+
         deadline = time.monotonic() + timeout
-        while any(p.get("spec", {}).get("nodeName") == name for p in registry.list_(store, "Pod")):
-            if time.monotonic() > deadline:
-                raise ClusterError(f"pods on node {name} did not stop within {timeout:.0f} s")
-            time.sleep(0.1)
+        try:
+            evict(pods_here(daemons=False))
+            wait_gone(False, deadline)
+            registry.mutate(store, "Node", None, name,
+                            lambda n: n["metadata"].setdefault("deletionTimestamp", registry.now()))
+            evict(pods_here(daemons=True))
+            wait_gone(True, deadline)
+        except BaseException:
+            def restore(n):
+                n["metadata"].pop("deletionTimestamp", None)
+                if cordoned:
+                    n.setdefault("spec", {})["unschedulable"] = False
+            with contextlib.suppress(Exception):
+                registry.mutate(store, "Node", None, name, restore)
+            raise
         for lease in leases.read_leases(store):
             if lease.node == name:
                 leases.release(store, lease)

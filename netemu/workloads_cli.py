@@ -8,6 +8,7 @@ kubectl prints:
     netemu apply -f FILE|DIR [-f ...]        pod/nginxpod created | service/x configured | ... unchanged
     netemu create -f FILE|DIR                 Error from server (AlreadyExists): ... if it exists
     netemu delete -f FILE | KIND NAME...      pod "x" deleted  (waits until gone; --wait=false not)
+    netemu delete pod X --force --grace-period=0   pod "x" force deleted  (the kubelet cleans up after)
     netemu expose KIND NAME [--port N] ...    service/NAME exposed
     netemu scale KIND NAME --replicas N       replicationcontroller/NAME scaled
     netemu label KIND NAME k=v k2- [--overwrite]   node/n1 labeled | unlabeled | not labeled
@@ -55,6 +56,13 @@ def register(sub, verb, with_cluster) -> None:
     sp.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                     help="wait until the objects are gone (default: yes, as kubectl)")
     sp.add_argument("--timeout", type=float, default=DELETE_TIMEOUT, metavar="SECONDS")
+    sp.add_argument("--grace-period", type=int, default=-1, metavar="SECONDS",
+                    help="seconds a pod gets to stop (-1: its own terminationGracePeriodSeconds; "
+                         "0 with --force: remove the object at once)")
+    sp.add_argument("--force", action="store_true",
+                    help="with --grace-period=0: remove pods from the store at once, "
+                         "without waiting for their kubelet")
+    sp.add_argument("--now", action="store_true", help="same as --grace-period=1")
     _namespace(sp)
 
     sp = with_cluster(verb("expose", cmd_expose, "make a Service for a pod, rc, rs or deployment"))
@@ -361,15 +369,39 @@ def _delete_targets(args) -> list[tuple[str, str | None, str]]:
     return targets
 
 
+FORCE_WARNING = ("Warning: Immediate deletion does not wait for confirmation that the running "
+                 "resource has been terminated. The resource may continue to run on the cluster indefinitely.")
+
+
+def grace_period_of(args) -> int | None:
+    """kubectl's reading of --grace-period, --now and --force: None means each
+    pod's own terminationGracePeriodSeconds, 0 a forced, immediate removal."""
+    grace = args.grace_period
+    if args.now:
+        if grace >= 0:
+            raise WorkloadCliError("delete: --now and --grace-period cannot be specified together")
+        grace = 1
+    if grace == 0 and not args.force:
+        # kubectl: "to preserve backwards compatibility, but prevent accidental
+        # data loss", --grace-period=0 alone means 1.
+        grace = 1
+    if args.force and grace < 0:
+        grace = 0
+    return None if grace < 0 else grace
+
+
 def cmd_delete(args) -> int:
     targets = _delete_targets(args)
+    grace = grace_period_of(args)
+    if grace == 0:
+        print(FORCE_WARNING, file=sys.stderr)
     cluster, store = _open(args)
     try:
         failed = False
         deleted = []
         for kind, ns, name in targets:
             try:
-                obj = api.delete(store, kind, ns, name)
+                obj = api.delete(store, kind, ns, name, grace_period=grace)
             except api.ApiError as e:
                 if e.reason == "NotFound":
                     print(f'Error from server (NotFound): {resource_plural(kind)} "{name}" not found',
@@ -380,7 +412,8 @@ def cmd_delete(args) -> int:
                 continue
             # kubectl prints this once the API server accepted the delete; with
             # --wait it then blocks until the object is gone.
-            print(f'{registry.kind_word(kind)}{_group(kind)} "{name}" deleted')
+            word = "force deleted" if grace == 0 else "deleted"
+            print(f'{registry.kind_word(kind)}{_group(kind)} "{name}" {word}')
             deleted.append((kind, ns, name, obj["metadata"].get("uid")))
         if args.wait:
             for kind, ns, name, uid in deleted:

@@ -31,6 +31,10 @@ REVISION_LABEL = "controller-revision-hash"
 
 
 def eligible(ds: dict, node: dict) -> bool:
+    # A node being deleted (`netemu node remove` marks it once drained) gets no
+    # daemon pod: otherwise the drain's deletions would be undone at once.
+    if (node.get("metadata") or {}).get("deletionTimestamp"):
+        return False
     template_spec = ((ds.get("spec") or {}).get("template") or {}).get("spec") or {}
     return sel.node_matches_pod(template_spec, node)
 

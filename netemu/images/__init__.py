@@ -2,15 +2,22 @@
 
 There is no image registry and no root filesystem per container: a container
 runs a program from the machine's own filesystem inside its pod's namespaces.
-  - A container with `command`/`args` runs exactly that (as Docker would with the
-    image's ENTRYPOINT/CMD replaced).
+Kubernetes' rule decides the argv, with each image's ENTRYPOINT and CMD as its
+Dockerfile sets them: `command` replaces the ENTRYPOINT (and drops the CMD),
+`args` replace the CMD and are given to the ENTRYPOINT.
+  - A container with `command` runs exactly command + args.
   - Web-server images (nginx, httpd, and the tutorial's msfuko/nginx_8800) get a
     stand-in: busybox's httpd (about 1 MB of memory) on each declared TCP
-    containerPort, serving a page that names the pod and the container.
-  - A few base images keep their real default command (busybox: sh, ubuntu: bash),
-    which, like the real thing without a terminal, exits at once.
-  - Any other image with no command gets an idle process, and the kubelet records
-    a warning event saying so.
+    containerPort, serving a page that names the pod and the container. Args
+    that start the server itself (`nginx -g ...`) are what the stand-in replaces
+    (it notes that it ignores them); other args are a program the image's
+    entrypoint would exec (nginx's docker-entrypoint.sh runs "$@"), so they run.
+  - Base images have no ENTRYPOINT: args are the program, and without args their
+    default command runs (busybox: sh, ubuntu: bash), which, like the real thing
+    without a terminal, exits at once.
+  - Any other image: its ENTRYPOINT is unknown, so neither it nor args meant for
+    it can run (kube-dns's `--cache-size=1000` is not a program). It gets an
+    idle process, and the kubelet records a warning event saying so.
 """
 
 from __future__ import annotations
@@ -36,13 +43,26 @@ BASE_IMAGES = {
 }
 
 
+# image repository (without registry, tag or digest) -> the argv[0]s of its CMD
+# that start the server the stand-in replaces
+SERVER_PROGRAMS = {
+    "nginx": ("nginx", "nginx-debug"),
+    "library/nginx": ("nginx", "nginx-debug"),
+    "msfuko/nginx_8800": ("nginx", "nginx-debug"),
+    "httpd": ("httpd-foreground", "httpd"),
+    "library/httpd": ("httpd-foreground", "httpd"),
+}
+
+
 @dataclasses.dataclass
 class Plan:
     argv: list[str]
     kind: str                      # "command", "web", "base", "idle"
     ports: list[int] = dataclasses.field(default_factory=list)
     www: str | None = None         # folder served by a web stand-in
-    warning: str | None = None
+    warning: str | None = None     # said as an ImageNotEmulated event
+    note: str | None = None        # said as a Normal event
+    problems: list[str] = dataclasses.field(default_factory=list)   # probes that cannot run
 
 
 def repository(image: str) -> str:
@@ -60,23 +80,34 @@ def repository(image: str) -> str:
 def plan(container: dict, pod_name: str, container_dir: str) -> Plan:
     image = container.get("image", "")
     repo = repository(image)
-    command = list(container.get("command") or [])
-    args = list(container.get("args") or [])
+    command = [str(a) for a in container.get("command") or []]
+    args = [str(a) for a in container.get("args") or []]
     if command:
         return Plan(argv=command + args, kind="command")
-    tcp_ports = [p["containerPort"] for p in container.get("ports") or []
-                 if p.get("protocol", "TCP") == "TCP"]
     if repo in WEB_SERVERS:
+        if args and os.path.basename(args[0]) not in SERVER_PROGRAMS.get(repo, ()):
+            return Plan(argv=args, kind="command")
+        tcp_ports = [p["containerPort"] for p in container.get("ports") or []
+                     if p.get("protocol", "TCP") == "TCP"]
         ports = tcp_ports or [WEB_SERVERS[repo]]
         www = os.path.join(container_dir, "www")
-        return Plan(argv=web_argv(ports, www), kind="web", ports=ports, www=www)
-    if args:
-        return Plan(argv=args, kind="command")
+        note = None
+        if args:
+            note = (f"the stand-in web server of image {image} ignores the server's arguments "
+                    f"{' '.join(args[1:]) or '(none)'}")
+        return Plan(argv=web_argv(ports, www), kind="web", ports=ports, www=www, note=note)
     if repo in BASE_IMAGES:
+        if args:
+            return Plan(argv=args, kind="command")
         return Plan(argv=list(BASE_IMAGES[repo]), kind="base")
-    return Plan(argv=["sleep", "infinity"], kind="idle",
-                warning=f'image "{image}" is not emulated and the container has no command: '
-                        f'running an idle process instead')
+    if args:
+        warning = (f'image "{image}" is not emulated and the container has no command: its '
+                   f'entrypoint is unknown, so it cannot be given the args {args!r}; '
+                   f'running an idle process instead')
+    else:
+        warning = (f'image "{image}" is not emulated and the container has no command: '
+                   f'running an idle process instead')
+    return Plan(argv=["sleep", "infinity"], kind="idle", warning=warning)
 
 
 def web_argv(ports: list[int], www: str) -> list[str]:

@@ -31,10 +31,20 @@ class Sandbox:
     # backend's fast path sends at most 44 datagrams (65507 bytes of 1472) per
     # UDP GSO call; pods sending bigger bursts cost it a second call.
     gso_max_segs: int = 0
+    # Whose sandbox this is, and the pause's start time (clock ticks): what a
+    # restarted kubelet checks before it adopts the sandbox, and what its
+    # clean-up of orphaned pod folders goes by.
+    uid: str = ""
+    node: str = ""
+    pause_start: int = 0
 
     def save(self, pod_dir: str) -> None:
-        with open(os.path.join(pod_dir, "sandbox.json"), "w") as f:
+        # Written whole or not at all: a kubelet killed mid-write must not
+        # leave a record that a restarted one cannot read.
+        tmp = os.path.join(pod_dir, "sandbox.json.tmp")
+        with open(tmp, "w") as f:
             json.dump(dataclasses.asdict(self), f)
+        os.replace(tmp, os.path.join(pod_dir, "sandbox.json"))
 
     @classmethod
     def load(cls, pod_dir: str) -> "Sandbox | None":

@@ -68,11 +68,24 @@ STRUCTS: dict[str, Struct] = {s.name: s for s in [
     _s("NodeSelectorRequirement", {"key": "string", "operator": "string", "values": "[]string"}),
     _s("Container",
        {"name": "string", "image": "string", "command": "[]string", "args": "[]string",
-        "env": ("list", "EnvVar"), "ports": ("list", "ContainerPort"), "workingDir": "string"},
-       "envFrom imagePullPolicy lifecycle livenessProbe readinessProbe resizePolicy "
-       "resources restartPolicy restartPolicyRules securityContext startupProbe stdin "
+        "env": ("list", "EnvVar"), "ports": ("list", "ContainerPort"), "workingDir": "string",
+        "livenessProbe": "Probe", "readinessProbe": "Probe", "startupProbe": "Probe"},
+       "envFrom imagePullPolicy lifecycle resizePolicy "
+       "resources restartPolicy restartPolicyRules securityContext stdin "
        "stdinOnce terminationMessagePath terminationMessagePolicy tty volumeDevices volumeMounts"),
     _s("EnvVar", {"name": "string", "value": "string"}, "valueFrom"),
+    # Probes: run by the kubelet (netemu.node.probes); grpc is not emulated.
+    _s("Probe",
+       {"exec": "ExecAction", "httpGet": "HTTPGetAction", "tcpSocket": "TCPSocketAction",
+        "initialDelaySeconds": "integer", "periodSeconds": "integer", "timeoutSeconds": "integer",
+        "successThreshold": "integer", "failureThreshold": "integer"},
+       "grpc terminationGracePeriodSeconds"),
+    _s("ExecAction", {"command": "[]string"}),
+    _s("HTTPGetAction",
+       {"path": "string", "port": "int-or-string", "host": "string", "scheme": "string",
+        "httpHeaders": ("list", "HTTPHeader")}),
+    _s("HTTPHeader", {"name": "string", "value": "string"}),
+    _s("TCPSocketAction", {"port": "int-or-string", "host": "string"}),
     _s("ContainerPort",
        {"containerPort": "integer", "hostPort": "integer", "protocol": "string",
         "name": "string", "hostIP": "string"}),
