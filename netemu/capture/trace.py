@@ -82,7 +82,10 @@ BRIDGED_NOTE = ("not seen: the bridge forwards between its ports without passing
 # node: the frame is addressed to docker0 (the gateway), but br_netfilter runs the
 # nat PREROUTING hook inside the bridge, the DNAT makes the endpoint the
 # destination, and the bridge forwards the frame straight to the endpoint's port
-# (kubernetes/kubernetes#38802 is what happens without br_netfilter).
+# (kubernetes/kubernetes#38802 is what happens without br_netfilter). docker0
+# sees the frame only when the node has no resolved ARP entry for the endpoint:
+# br_netfilter then hands it to the neighbour code, which sends it out through
+# the bridge device (br_nf_pre_routing_finish_bridge; `bridged_dnat`).
 DNAT_BRIDGED_NOTE = ("not seen: DNAT happened inside the bridge (br_netfilter), which then "
                      "forwarded the frame straight to the endpoint's port")
 

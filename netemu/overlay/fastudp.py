@@ -270,6 +270,8 @@ class Peers:
         self.table: tuple[RouteTable, dict[int, str | None]] = (RouteTable(), {})
         # peer's underlay address -> its leases, as (network, netmask) integers
         self.sources: dict[str, tuple[tuple[int, int], ...]] = {}
+        # peer's underlay address -> the same as an integer (see leased_by)
+        self.addresses: dict[str, int] = {}
 
     def replace(self, peers: dict[str, str]) -> None:
         routes = RouteTable()
@@ -278,16 +280,25 @@ class Peers:
             network = ipaddress.IPv4Network(subnet)
             routes.set(network, address)
             sources[address] = sources.get(address, ()) + ((int(network.network_address), int(network.netmask)),)
-        self.table, self.sources = (routes, {}), sources
+        addresses = {address: int(ipaddress.IPv4Address(address)) for address in sources}
+        self.table, self.sources, self.addresses = (routes, {}), sources, addresses
 
     def leased_by(self, peer: str, inner_source: int) -> bool:
-        """Whether INNER_SOURCE lies in a subnet that PEER (an underlay address) leases.
+        """Whether PEER (an underlay address) may send INNER_SOURCE: an address of
+        a subnet it leases, or its own underlay address.
 
         A peer forwards only what its own pods and its own stack send: pods have
         addresses of its subnet, and the node's own packets to remote pods leave
-        through flannel0, whose address is the subnet's first one. Anything
-        else it sends is forged, whatever the outer source."""
-        return any(inner_source & mask == network for network, mask in self.sources.get(peer, ()))
+        through flannel0, whose address is the subnet's first one. Its underlay
+        address is the source of replies it un-NATs before they enter the
+        tunnel: a pod's request to that node's NodePort or hostPort went there
+        plainly, and the answer (source rewritten back to NODE:PORT) comes home
+        through the overlay. Anything else it sends is forged, whatever the outer
+        source. (The batch check, sources_leased, covers the subnet only: a
+        batch that holds such a reply takes this per-datagram way.)"""
+        if any(inner_source & mask == network for network, mask in self.sources.get(peer, ())):
+            return True
+        return inner_source == self.addresses.get(peer)
 
     def next_hop(self, destination: int) -> str | None:
         routes, cache = self.table

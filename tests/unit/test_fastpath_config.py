@@ -66,3 +66,19 @@ def test_a_workers_next_hops_follow_the_peer_table():
     for i in range(fastudp.Peers.CACHE_LIMIT + 100):         # a scan of many addresses: bounded
         peers.next_hop(base + i)
     assert len(peers.table[1]) <= fastudp.Peers.CACHE_LIMIT
+
+
+def test_a_peer_may_send_its_pods_its_flannel0_and_its_own_underlay_address():
+    """A NodePort or hostPort reply is un-NATed on the peer before the tunnel: its
+    inner source is the peer's underlay address, which is no forgery."""
+    peers = fastudp.Peers()
+    peers.replace({"10.244.2.0/24": "172.30.0.12", "10.244.3.0/24": "172.30.0.13"})
+    ip = lambda text: int(ipaddress.IPv4Address(text))      # noqa: E731
+    assert peers.leased_by("172.30.0.12", ip("10.244.2.5"))         # its pod
+    assert peers.leased_by("172.30.0.12", ip("10.244.2.0"))         # its flannel0
+    assert peers.leased_by("172.30.0.12", ip("172.30.0.12"))        # its own address
+    assert not peers.leased_by("172.30.0.12", ip("172.30.0.13"))    # another node's address
+    assert not peers.leased_by("172.30.0.12", ip("10.244.3.5"))     # another node's pod
+    assert not peers.leased_by("172.30.0.99", ip("172.30.0.99"))    # not a peer at all
+    peers.replace({"10.244.3.0/24": "172.30.0.13"})                 # gone from the table
+    assert not peers.leased_by("172.30.0.12", ip("172.30.0.12"))
