@@ -201,6 +201,7 @@ class Cluster:
         from netemu.topology import manifests
 
         entries = []
+        given = 0                   # objects given as data so far: "<dict>: object N" counts them all
         for item in objects:
             if isinstance(item, (str, os.PathLike)):
                 path = Path(item)
@@ -209,7 +210,9 @@ class Cluster:
                 for file in manifests.manifest_files(path):
                     entries.extend(manifests.read_manifest_file(file))
             else:
-                entries.extend(manifests.entries_from_objects(item if isinstance(item, list) else [item], DICT))
+                batch = item if isinstance(item, list) else [item]
+                entries.extend(manifests.entries_from_objects(batch, DICT, first=given + 1))
+                given += len(batch)
         with self._store(writes=True) as store:
             settings, nodes = workloads_cli._cluster_context(self.name, store)
             for w in manifests.check_batch(entries, settings, nodes):
