@@ -64,26 +64,30 @@ class ExecResult(subprocess.CompletedProcess):
 # -- building --------------------------------------------------------------------------
 
 def load(topology, *, name: str | None = None, backend: str | None = None,
-         proxy_mode: str | None = None):
+         proxy_mode: str | None = None, base: str | os.PathLike | None = None):
     """A validated Topology from a dict shaped like a topology file (workload
-    paths relative to the current directory), a topology file's path, or a
-    Topology already loaded. Flags as `netemu up`'s. Raises TopologyError."""
+    paths relative to BASE, default the current directory), a topology file's
+    path, or a Topology already loaded. Flags as `netemu up`'s. Raises
+    TopologyError."""
     from netemu.topology import loader
     from netemu.topology.model import Topology
 
     if isinstance(topology, Topology):
-        if (name, backend, proxy_mode) != (None, None, None):
-            raise ValueError("name, backend and proxy_mode apply to a dict or a file, not a loaded Topology")
+        if (name, backend, proxy_mode, base) != (None, None, None, None):
+            raise ValueError("name, backend, proxy_mode and base apply to a dict or a file, not a loaded Topology")
         return topology
     if isinstance(topology, Mapping):
-        return loader.load_topology_dict(dict(topology), name=name, backend=backend, proxy_mode=proxy_mode)
+        return loader.load_topology_dict(dict(topology), name=name, backend=backend, proxy_mode=proxy_mode,
+                                         base=base)
+    if base is not None:
+        raise ValueError("base is for a dict's workload paths: a file's are relative to the file")
     if isinstance(topology, (str, os.PathLike)):
         return loader.load_topology(topology, name=name, backend=backend, proxy_mode=proxy_mode)
     raise TypeError(f"a topology is a dict, a file's path or a Topology, not {type(topology).__name__}")
 
 
 def up(topology, *, name: str | None = None, backend: str | None = None,
-       proxy_mode: str | None = None, progress=None) -> "Cluster":
+       proxy_mode: str | None = None, base: str | os.PathLike | None = None, progress=None) -> "Cluster":
     """Build a cluster and wait until it is ready (`netemu up`); returns it.
 
     As a context manager (`with netemu.up(...) as c:`) it is torn down when the
@@ -94,7 +98,7 @@ def up(topology, *, name: str | None = None, backend: str | None = None,
     logger at INFO level)."""
     from netemu.cli import _signals_interrupt
 
-    topo = load(topology, name=name, backend=backend, proxy_mode=proxy_mode)
+    topo = load(topology, name=name, backend=backend, proxy_mode=proxy_mode, base=base)
     for w in topo.warnings:
         log.warning("%s", w)
     clusters.require_root()
@@ -282,6 +286,19 @@ class Cluster:
             return [e.obj for f in manifests.manifest_files(Path(what)) for e in manifests.read_manifest_file(f)]
         return [e.obj for e in manifests.entries_from_objects(what if isinstance(what, list) else [what], DICT)]
 
+    def expose(self, kind: str, name: str, port: int | None = None, *, target_port=None,
+               type: str = "ClusterIP", service_name: str | None = None, protocol: str = "TCP",
+               namespace: str = "default") -> dict:
+        """`kubectl expose KIND NAME --port --target-port --type --name`: a
+        Service selecting what KIND/NAME selects. Returns it with what the API
+        server allocated: spec.clusterIP, nodePorts, and a LoadBalancer's
+        external IP (status.loadBalancer.ingress). Raises ApiError."""
+        from netemu.controlplane import load_topology
+
+        with self._store(writes=True) as store:
+            return api.expose(store, _kind(kind), name, port, target_port, type, service_name, protocol,
+                              namespace=namespace, settings=load_topology(self.name).settings)
+
     # -- commands ------------------------------------------------------------------------
 
     def exec(self, target: str, command, *, container: str | None = None, namespace: str = "default",
@@ -338,6 +355,15 @@ class Cluster:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 cap.proc.wait(duration)         # ends early once COUNT packets are in
         return cap
+
+    def packets(self, path: str) -> list:
+        """The packets of a pcap file, decoded as `netemu decode` does (outer and
+        inner headers; this cluster's backend port known): a list of Decoded,
+        netemu.capture.decode.format_decoded(d) prints one as a line."""
+        from netemu.capture import cli as capture_cli, decode, targets
+
+        capture_cli._register_cluster_ports(targets.load_view(self.name))
+        return list(decode.decode_pcap(str(path)))
 
     def trace(self, source: str, dest: str, *, port: int | None = None, proto: str = "tcp",
               namespace: str = "default", timeout: float = 2.0, keep_pcaps: str | None = None):

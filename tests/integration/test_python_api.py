@@ -222,3 +222,23 @@ def test_attach_to_a_running_cluster_by_name(lab):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60,
                          env=dict(os.environ, PYTHONPATH=REPO))
     assert out.stdout.split() == ["peer", "0"], out.stderr
+
+
+# -- the example script ------------------------------------------------------------------------------
+
+def test_example_script_reproduces_the_tutorials_four_traffic_kinds():
+    name = unique("hiex")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "tutorial_traffic.py"), "--name", name],
+                          capture_output=True, text=True, timeout=240, env=dict(os.environ, PYTHONPATH=REPO))
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    results = [line for line in out.splitlines() if "  ->  exit " in line]
+    assert len(results) == 5 and all("->  exit 0: pod " in line for line in results), out
+    assert "curl -s -m 5 localhost:8800  ->  exit 0: pod nginxpod, container nginx8800" in out
+    assert "1. container to container over localhost" in out and "2. pod to pod across nodes" in out
+    assert "3. pod to service ClusterIP" in out and "4. client to NodePort" in out
+    assert "4. client to LoadBalancer external IP" in out
+    # the cross-node request, seen encapsulated on the sending node's uplink
+    assert "UDP/flannel  |  " in out and " TCP [S] " in out, out
+    assert out.rstrip().endswith(f'cluster "{name}" removed; 5 of 5 worked')
+    assert_gone(name)
