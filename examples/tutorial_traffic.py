@@ -94,7 +94,7 @@ def main() -> int:
         svc = cluster.expose("rc", "podtoservcie", 80)
         cluster_ip = svc["spec"]["clusterIP"]
         ok.append(show(3, f"pod to service ClusterIP (nginxpod -> podtoservcie {cluster_ip}:80)",
-                       _retry(lambda: nginxpod.exec(["curl", "-s", "-m", "5", f"{cluster_ip}:80"]))))
+                       nginxpod.exec(["curl", "-s", "-m", "5", f"{cluster_ip}:80"], retry=10)))
 
         # 4. From outside: a LoadBalancer service has a NodePort on every node and
         #    an external IP on the cloud load balancer.
@@ -103,23 +103,11 @@ def main() -> int:
         external_ip = lb["status"]["loadBalancer"]["ingress"][0]["ip"]
         node_address = cluster.nodes["srv-k8s-node1"].address
         ok.append(show(4, f"client to NodePort ({node_address}:{node_port})",
-                       _retry(lambda: cluster.client.exec(["curl", "-s", "-m", "5", f"{node_address}:{node_port}"]))))
+                       cluster.client.exec(["curl", "-s", "-m", "5", f"{node_address}:{node_port}"], retry=10)))
         ok.append(show(4, f"client to LoadBalancer external IP ({external_ip}:80)",
-                       _retry(lambda: cluster.client.exec(["curl", "-s", "-m", "5", f"{external_ip}:80"]))))
+                       cluster.client.exec(["curl", "-s", "-m", "5", f"{external_ip}:80"], retry=10)))
     print(f'\ncluster "{args.name}" removed; {sum(ok)} of {len(ok)} worked')
     return 0 if all(ok) else 1
-
-
-def _retry(attempt, tries: int = 20):
-    """A new service's rules reach the nodes within a moment: try a few times."""
-    import time
-
-    for _ in range(tries - 1):
-        result = attempt()
-        if result.returncode == 0:
-            return result
-        time.sleep(0.5)
-    return attempt()
 
 
 if __name__ == "__main__":

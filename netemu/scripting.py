@@ -302,23 +302,26 @@ class Cluster:
     # -- commands ------------------------------------------------------------------------
 
     def exec(self, target: str, command, *, container: str | None = None, namespace: str = "default",
-             input: str | None = None, timeout: float | None = EXEC_TIMEOUT, check: bool = False) -> ExecResult:
+             input: str | None = None, timeout: float | None = EXEC_TIMEOUT, retry: float = 0,
+             check: bool = False) -> ExecResult:
         """Run COMMAND where TARGET says: a pod (NAME or pod/NAME, as
         `netemu exec` in CONTAINER, default the first), a node (node/NAME) or
         "client" (the external client). COMMAND is an argv list, or a string run
         by sh -c. Returns an ExecResult; check=True raises CalledProcessError on
         a non-zero status; TIMEOUT (seconds, None: none) kills the command and
-        raises subprocess.TimeoutExpired."""
+        raises subprocess.TimeoutExpired. RETRY: seconds to run it again while it
+        fails (a service's rules reach the nodes' proxies a moment after apply or
+        expose); the last attempt's result is returned."""
         if target == "client":
-            return self.client.exec(command, input=input, timeout=timeout, check=check)
+            return self.client.exec(command, input=input, timeout=timeout, retry=retry, check=check)
         word, sep, name = target.partition("/")
         if sep and word in ("node", "nodes", "no"):
-            return self.nodes[name].exec(command, input=input, timeout=timeout, check=check)
+            return self.nodes[name].exec(command, input=input, timeout=timeout, retry=retry, check=check)
         if sep and word not in ("pod", "pods", "po"):
             raise ValueError(f'exec target "{target}": use a pod (NAME or pod/NAME), node/NAME or client')
         pod = name if sep else target
         return Pod(self, namespace, pod).exec(command, container=container, input=input, timeout=timeout,
-                                              check=check)
+                                              retry=retry, check=check)
 
     # -- packets ---------------------------------------------------------------------------
 
@@ -410,10 +413,20 @@ def _kind(word: str) -> str:
         raise ValueError(f'the server doesn\'t have a resource type "{word}"') from None
 
 
+RETRY_INTERVAL = 0.2
+
+
 def _run(argv: list[str], command, env: dict | None, input: str | None, timeout: float | None,
-         check: bool) -> ExecResult:
-    proc = subprocess.run(argv, env=env, input=input, capture_output=True, text=True, timeout=timeout,
-                          stdin=None if input is not None else subprocess.DEVNULL)
+         retry: float, check: bool) -> ExecResult:
+    import time
+
+    deadline = time.monotonic() + retry
+    while True:
+        proc = subprocess.run(argv, env=env, input=input, capture_output=True, text=True, timeout=timeout,
+                              stdin=None if input is not None else subprocess.DEVNULL)
+        if proc.returncode == 0 or time.monotonic() + RETRY_INTERVAL > deadline:
+            break
+        time.sleep(RETRY_INTERVAL)
     result = ExecResult(command, proc.returncode, proc.stdout, proc.stderr)
     if check:
         result.check_returncode()
@@ -441,13 +454,13 @@ class Host:
         return f"<netemu {self.name} in {self.netns}>"
 
     def exec(self, command, *, input: str | None = None, timeout: float | None = EXEC_TIMEOUT,
-             check: bool = False) -> ExecResult:
+             retry: float = 0, check: bool = False) -> ExecResult:
         """Run COMMAND (argv list, or a string for sh -c) here; see Cluster.exec."""
         from netemu import netns
 
         env = dict(os.environ)
         env[names.CLUSTER_ENV] = self.cluster.name
-        return _run(netns.exec_argv(self.netns, _argv(command)), command, env, input, timeout, check)
+        return _run(netns.exec_argv(self.netns, _argv(command)), command, env, input, timeout, retry, check)
 
 
 class Node(Host):
@@ -488,7 +501,7 @@ class Pod:
         return (self.object.get("spec") or {}).get("nodeName")
 
     def exec(self, command, *, container: str | None = None, input: str | None = None,
-             timeout: float | None = EXEC_TIMEOUT, check: bool = False) -> ExecResult:
+             timeout: float | None = EXEC_TIMEOUT, retry: float = 0, check: bool = False) -> ExecResult:
         """Run COMMAND (argv list, or a string for sh -c) in this pod, as
         `netemu exec POD -c CONTAINER -- COMMAND`; see Cluster.exec."""
         from netemu.cli import pod_exec
@@ -496,7 +509,7 @@ class Pod:
         with self.cluster._store() as store:
             argv, env = pod_exec(self.cluster.name, store, self.namespace, self.name, container,
                                  _argv(command))
-        return _run(argv, command, env, input, timeout, check)
+        return _run(argv, command, env, input, timeout, retry, check)
 
 
 class _Index(Mapping):

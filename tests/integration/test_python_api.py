@@ -110,6 +110,17 @@ def test_exec_in_a_pod_returns_output_and_exit_status(lab):
     assert r.stdout == "to stdin" and r.ok
 
 
+def test_exec_retries_while_the_command_fails(lab, tmp_path):
+    flag = tmp_path / "flag"
+    threading.Timer(0.6, flag.touch).start()
+    started = time.monotonic()
+    r = lab.exec("web", ["test", "-e", str(flag)], retry=10)
+    assert r.ok and 0.5 < time.monotonic() - started < 5
+    started = time.monotonic()
+    r = lab.exec("web", ["false"], retry=1)
+    assert r.returncode == 1 and 0.8 < time.monotonic() - started < 3
+
+
 def test_exec_in_a_container_a_node_and_the_client(lab):
     assert lab.exec("web", "echo $NETEMU_CONTAINER", container="second").stdout == "second\n"
     assert lab.pods["web"].exec("echo $NETEMU_CONTAINER").stdout == "c\n"
@@ -241,4 +252,25 @@ def test_example_script_reproduces_the_tutorials_four_traffic_kinds():
     # the cross-node request, seen encapsulated on the sending node's uplink
     assert "UDP/flannel  |  " in out and " TCP [S] " in out, out
     assert out.rstrip().endswith(f'cluster "{name}" removed; 5 of 5 worked')
+    assert_gone(name)
+
+
+def test_readme_example_runs(tmp_path):
+    """The README's Python API example, run as printed (the cluster renamed hi-*)."""
+    readme = open(os.path.join(REPO, "README.md")).read()
+    section = readme.split("## Python API\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    name = unique("hirm")
+    assert '"name": "lab"' in code
+    script = tmp_path / "readme_example.py"
+    script.write_text(code.replace('"name": "lab"', f'"name": "{name}"').replace("/tmp/web.pcap", str(tmp_path / "web.pcap")))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("0 ") and "pod web" in proc.stdout, proc.stdout
+    assert any(line.startswith("trace client -> ") for line in lines), proc.stdout
+    from netemu.capture import decode
+    seen = [d for d in decode.decode_pcap(str(tmp_path / "web.pcap")) if d.inner is not None]
+    assert any(d.inner.dport == 80 for d in seen), seen
     assert_gone(name)
