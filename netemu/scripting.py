@@ -96,14 +96,12 @@ def up(topology, *, name: str | None = None, backend: str | None = None,
     `with`, call down() yourself. A failed or interrupted up rolls back what it
     built. PROGRESS: a function given each progress line (default: the "netemu"
     logger at INFO level)."""
-    from netemu.cli import _signals_interrupt
-
     topo = load(topology, name=name, backend=backend, proxy_mode=proxy_mode, base=base)
     for w in topo.warnings:
         log.warning("%s", w)
     clusters.require_root()
     where = "--name" if name else f"{topo.source or DICT}: name"
-    with _signals_interrupt():
+    with _signals_as_exceptions():
         clusters.up(topo, progress or (lambda line: log.info("%s", line)), where=where)
     cluster = Cluster(topo.name)
     cluster.owned = True
@@ -151,10 +149,9 @@ class Cluster:
 
     def __enter__(self) -> "Cluster":
         if self.owned:
-            from netemu.cli import _signals_interrupt
             # SIGTERM/SIGHUP end the block with an exception, so __exit__ runs.
             self._signals = contextlib.ExitStack()
-            self._signals.enter_context(_signals_interrupt())
+            self._signals.enter_context(_signals_as_exceptions())
         return self
 
     def __exit__(self, *exc) -> None:
@@ -404,6 +401,18 @@ class Cluster:
         """`netemu node remove`: drain the node, then remove it."""
         clusters.check_control_plane(self.name, True, lambda line: log.warning("%s", line))
         clusters.remove_node(self.name, name)
+
+
+def _signals_as_exceptions():
+    """SIGTERM and SIGHUP raised as an exception (netemu.cli.Interrupted), as
+    `netemu up` does, so that what is built is torn down. Python lets only the
+    main thread set handlers: elsewhere, nothing changes."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return contextlib.nullcontext()
+    from netemu.cli import _signals_interrupt
+    return _signals_interrupt()
 
 
 def _kind(word: str) -> str:

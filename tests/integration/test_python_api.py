@@ -274,3 +274,36 @@ def test_readme_example_runs(tmp_path):
     seen = [d for d in decode.decode_pcap(str(tmp_path / "web.pcap")) if d.inner is not None]
     assert any(d.inner.dport == 80 for d in seen), seen
     assert_gone(name)
+
+
+def test_up_from_another_thread(tmp_path):
+    """Only the main thread may set signal handlers: up() elsewhere still works."""
+    name = unique("hithr")
+    seen = {}
+
+    def body():
+        try:
+            with netemu.up({"name": name, "nodes": [{"name": "a"}]}) as cluster:
+                seen["hostname"] = cluster.nodes["a"].exec("hostname").returncode
+        except BaseException as e:      # noqa: BLE001 - reported to the test's thread
+            seen["error"] = e
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join(120)
+    assert "error" not in seen, seen
+    assert seen == {"hostname": 0}
+    assert_gone(name)
+
+
+def test_netemu_exec_on_the_command_line_is_unchanged(lab):
+    """`netemu exec` shares pod_exec with the API: same container, same errors."""
+    netemu_cli = [sys.executable, "-m", "netemu.cli"]
+    out = subprocess.run(netemu_cli + ["exec", "web", "--cluster", lab.name, "-c", "second", "--",
+                                       "sh", "-c", "echo $NETEMU_CONTAINER $HOSTNAME; exit 4"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert (out.returncode, out.stdout) == (4, "second web\n"), out.stderr
+    out = subprocess.run(netemu_cli + ["exec", "web", "--cluster", lab.name, "-c", "nope", "--", "true"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 1
+    assert out.stderr == ("netemu: error: container nope is not valid for pod web (containers: c, second)\n")

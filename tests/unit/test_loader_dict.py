@@ -119,3 +119,13 @@ def test_bad_dicts_are_one_line_errors_naming_dict_and_field(tmp_path, data, exp
     with pytest.raises(TopologyError) as info:
         load_topology(path, host_networks=[])
     assert str(info.value) == msg.replace("<dict>", str(path), 1)
+
+
+def test_the_benchmarks_topologies_load_as_dicts():
+    # netemu bench builds its clusters from these dicts, with no YAML file between.
+    from netemu.bench import runner
+
+    for backend in ("udp", "vxlan", "host-gw"):
+        topo = load_topology_dict(runner.topology(f"hb-{backend}", backend, 9000), host_networks=[])
+        assert topo.settings.backend == backend and topo.settings.underlay_mtu == 9000
+        assert [o["metadata"]["name"] for o in topo.objects] == [runner.CLIENT, runner.SERVER, runner.LOCAL]
