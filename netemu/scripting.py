@@ -157,7 +157,10 @@ class Cluster:
     def __exit__(self, *exc) -> None:
         try:
             if self.owned:
-                self.down()
+                # A second Ctrl-C or SIGTERM must not cut the teardown short (its
+                # waits are bounded, so this cannot hang for long).
+                with clusters._signals_deferred():
+                    self.down()
         finally:
             if self._signals is not None:
                 self._signals.close()
@@ -303,7 +306,7 @@ class Cluster:
              check: bool = False) -> ExecResult:
         """Run COMMAND where TARGET says: a pod (NAME or pod/NAME, as
         `netemu exec` in CONTAINER, default the first), a node (node/NAME) or
-        "client" (the external client). COMMAND is an argv list, or a string run
+        "client" (the external client; a pod named client is pod/client). COMMAND is an argv list, or a string run
         by sh -c. Returns an ExecResult; check=True raises CalledProcessError on
         a non-zero status; TIMEOUT (seconds, None: none) kills the command and
         raises subprocess.TimeoutExpired. RETRY: seconds to run it again while it
