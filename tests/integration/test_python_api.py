@@ -90,6 +90,16 @@ def test_up_as_a_context_manager_tears_down_on_sigterm(tmp_path):
     assert_gone(name)
 
 
+def test_up_from_a_topology_file_with_overrides(tmp_path):
+    name = unique("hifile")
+    path = tmp_path / "t.yaml"
+    path.write_text("name: ignored\nnodes: [{name: a}]\n")
+    with netemu.up(path, name=name, backend="host-gw") as cluster:
+        assert cluster.name == name and sorted(cluster.nodes) == ["a"]
+        assert netemu.Cluster(name).running
+    assert_gone(name)
+
+
 def test_a_bad_topology_dict_is_refused_before_anything_is_built():
     name = unique("hibad")
     with pytest.raises(netemu.TopologyError, match=r"^<dict>: nodes\[1\]\.name: duplicate node name \"a\""):
