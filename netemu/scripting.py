@@ -200,7 +200,8 @@ class Cluster:
         stored (unlike `netemu apply`, which goes on past bad ones: a script
         wants its first mistake, not half an experiment). Returns the stored
         objects (with what the API server allocated: clusterIP, nodePorts ...).
-        Raises TopologyError or ApiError."""
+        Raises TopologyError, or ApiError when the API server refuses one (a
+        nodePort taken meanwhile: the objects before it stay stored)."""
         from netemu import workloads_cli
         from netemu.topology import manifests
 
@@ -253,15 +254,18 @@ class Cluster:
         from netemu import workloads_cli
 
         if isinstance(what, str) and name is not None:
-            targets = [(_kind(what), name)]
+            kind = _kind(what)
+            targets = [(kind, namespace if registry.KINDS[kind][1] else None, name)]
         elif name is not None:
             raise TypeError("delete(KIND, NAME), or delete(objects) without a name")
         else:
-            targets = [(_kind(o["kind"]), o["metadata"]["name"]) for o in self._objects(what)]
+            # An object's own namespace counts; NAMESPACE is for those that name none.
+            objs = workloads_cli._in_namespace(self._objects(what), namespace)
+            targets = [(_kind(o["kind"]), o["metadata"].get("namespace") if registry.KINDS[_kind(o["kind"])][1]
+                        else None, o["metadata"]["name"]) for o in objs]
         deleted = []
         with self._store(writes=True) as store:
-            for kind, obj_name in targets:
-                ns = namespace if registry.KINDS[kind][1] else None
+            for kind, ns, obj_name in targets:
                 try:
                     deleted.append(api.delete(store, kind, ns, obj_name, grace_period=grace_period))
                 except api.ApiError as e:

@@ -191,6 +191,16 @@ def test_apply_get_delete(lab, tmp_path):
         lab.apply(service("never-stored", {"pod": "web"}), bad)
     assert not [s for s in lab.get("svc") if s["metadata"]["name"] == "never-stored"]
     lab.delete(manifest)
+    assert "from-file" not in [s["metadata"]["name"] for s in lab.get("svc")]
+
+    # Another namespace: the object's own, as kubectl takes it.
+    other = pod("elsewhere", "a")
+    other["metadata"]["namespace"] = "hi-other"
+    lab.apply(other)
+    assert lab.get("pod", "elsewhere", namespace="hi-other")["metadata"]["namespace"] == "hi-other"
+    assert "hi-other/elsewhere" in list(lab.pods)
+    lab.delete(other)
+    assert [p["metadata"]["name"] for p in lab.get("pods", namespace="hi-other")] == []
 
 
 # -- packets ---------------------------------------------------------------------------------------
