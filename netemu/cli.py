@@ -627,26 +627,9 @@ def cmd_logs(args) -> int:
         if daemon == "kubelet":
             path = os.path.join(names.state_dir(cluster), "controlplane.log")
     else:
-        pod_name = _pod_for_logs(store, args.namespace, args.pod)
-        pod = _pod(store, args.namespace, pod_name)
-        containers = [c["name"] for c in pod["spec"].get("containers", [])]
-        container = args.container or args.daemon
-        if container is None:
-            if len(containers) > 1:
-                raise CliError(f"a container name must be specified for pod {pod_name}, "
-                               f"choose one of: [{' '.join(containers)}]")
-            container = containers[0]
-        elif container not in containers:
-            raise CliError(f"container {container} is not valid for pod {pod_name}")
-        pod_dir = names.pod_dir(cluster, args.namespace, pod_name)
-        path = os.path.join(pod_dir, f"{container}.log")
+        pod_name, container, pod, path = container_log(cluster, store, args.namespace, args.pod,
+                                                        args.container or args.daemon, args.previous)
         if args.previous:
-            # The kubelet moves an instance's log aside when it restarts the container.
-            path = os.path.join(pod_dir, f"{container}.previous.log")
-            if not os.path.exists(path):
-                from netemu.api import ApiError
-                raise ApiError(f'previous terminated container "{container}" in pod "{pod_name}" not found',
-                               reason="BadRequest")
             finished = lambda: True      # noqa: E731 - a previous instance writes no more
         else:
             uid = pod["metadata"].get("uid")
@@ -685,6 +668,33 @@ def cmd_logs(args) -> int:
                 sys.stdout.buffer.write(f.read())      # what came between the last read and the check
                 return 0
             time.sleep(FOLLOW_PERIOD)
+
+
+def container_log(cluster: str, store, namespace: str, ref: str, container: str | None,
+                  previous: bool = False) -> tuple[str, str, dict, str]:
+    """(pod name, container, pod, log file) that `logs REF [-c CONTAINER] [-p]`
+    reads; shared by `netemu logs` and the Python API. CONTAINER None: the only
+    one (several: an error, as kubectl's)."""
+    pod_name = _pod_for_logs(store, namespace, ref)
+    pod = _pod(store, namespace, pod_name)
+    containers = [c["name"] for c in pod["spec"].get("containers", [])]
+    if container is None:
+        if len(containers) > 1:
+            raise CliError(f"a container name must be specified for pod {pod_name}, "
+                           f"choose one of: [{' '.join(containers)}]")
+        container = containers[0]
+    elif container not in containers:
+        raise CliError(f"container {container} is not valid for pod {pod_name}")
+    pod_dir = names.pod_dir(cluster, namespace, pod_name)
+    path = os.path.join(pod_dir, f"{container}.log")
+    if previous:
+        # The kubelet moves an instance's log aside when it restarts the container.
+        path = os.path.join(pod_dir, f"{container}.previous.log")
+        if not os.path.exists(path):
+            from netemu.api import ApiError
+            raise ApiError(f'previous terminated container "{container}" in pod "{pod_name}" not found',
+                           reason="BadRequest")
+    return pod_name, container, pod, path
 
 
 def _inode(path: str) -> int | None:

@@ -327,6 +327,22 @@ class Cluster:
         return Pod(self, namespace, pod).exec(command, container=container, input=input, timeout=timeout,
                                               retry=retry, check=check)
 
+    def logs(self, pod: str, container: str | None = None, *, namespace: str = "default",
+             previous: bool = False) -> str:
+        """`kubectl logs POD [-c CONTAINER] [-p]`: what the container wrote so
+        far. POD may be job/NAME, rc/NAME, ... (its first pod, as kubectl ranks
+        them). Raises CliError (no such pod or container, no log yet) or
+        ApiError (no previous instance)."""
+        from netemu.cli import CliError, container_log
+
+        with self._store() as store:
+            _, _, _, path = container_log(self.name, store, namespace, pod, container, previous)
+        try:
+            with open(path, "rb") as f:
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            raise CliError(f"no log yet at {path}") from None
+
     # -- packets ---------------------------------------------------------------------------
 
     def _target(self, target: str, namespace: str):

@@ -327,3 +327,25 @@ def test_netemu_exec_on_the_command_line_is_unchanged(lab):
                          capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode == 1
     assert out.stderr == ("netemu: error: container nope is not valid for pod web (containers: c, second)\n")
+
+
+def test_logs_as_kubectl_logs(lab):
+    talker = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "talker"},
+              "spec": {"nodeName": "b", "containers": [{"name": "t", "image": "busybox",
+                                                        "command": ["sh", "-c", "echo hello from talker; exec sleep 3600"]}]}}
+    lab.apply(talker)
+    lab.wait()
+    try:
+        wait_for(lambda: "hello from talker" in lab.logs("talker"), timeout=20, what="the container's output")
+        assert lab.logs("talker", "t") == "hello from talker\n"
+        # the command line reads the same file, through the same function
+        out = subprocess.run([sys.executable, "-m", "netemu.cli", "logs", "talker", "--cluster", lab.name],
+                             capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert (out.returncode, out.stdout) == (0, "hello from talker\n"), out.stderr
+        with pytest.raises(netemu.CliError, match=r"^a container name must be specified for pod web, "
+                                                  r"choose one of: \[c second\]$"):
+            lab.logs("web")
+        with pytest.raises(netemu.ApiError, match='previous terminated container "t" in pod "talker" not found'):
+            lab.logs("talker", previous=True)
+    finally:
+        lab.delete("pod", "talker")
