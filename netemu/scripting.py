@@ -6,7 +6,7 @@
         lab.apply({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web"},
                    "spec": {"containers": [{"name": "c", "image": "nginx"}]}})
         lab.wait()
-        r = lab.client.exec(["curl", "-s", lab.pods["web"].ip])
+        r = lab.nodes["a"].exec(["curl", "-s", lab.pods["web"].ip])     # a node reaches every pod
         print(r.returncode, r.stdout)
     # here the cluster is gone, whatever the body did (an exception, SIGTERM)
 
@@ -14,7 +14,8 @@ One class per role, as the CLI's verbs are: `up` builds a cluster from a
 topology (a dict shaped like a topology file, a file, or a loaded Topology) and
 waits for it; `Cluster` is a running cluster, built or attached to by name
 (`netemu.Cluster("lab")`), with kubectl's verbs as methods (apply, get, delete,
-exec, wait) and the capture verbs (capture, capturing, trace, graph); its
+expose, exec, logs, wait), the capture verbs (capture, capturing, packets,
+trace, graph) and `netemu node` (add_node, remove_node); its
 `pods`, `nodes` and `client` index what runs in it (`lab.pods["web"].exec(...)`,
 `lab.nodes["a"].exec(...)`), as Mininet's `net["h1"]` does. `benchmark` is
 `netemu bench`.
