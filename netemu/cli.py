@@ -529,27 +529,35 @@ def _pod(store, namespace: str, name: str) -> dict:
 
 
 def cmd_exec(args) -> int:
-    from netemu import netns
-    from netemu.node.sandbox import Sandbox
-
     command = args.command
     if not command:
         raise CliError("you must specify at least one command for the container (netemu exec POD -- CMD)")
     cluster, store = _store(args)
-    pod = _pod(store, args.namespace, args.pod)
-    containers = [c["name"] for c in pod["spec"].get("containers", [])]
-    if args.container and args.container not in containers:
-        raise CliError(f"container {args.container} is not valid for pod {args.pod} "
-                       f"(containers: {', '.join(containers)})")
-    sb = Sandbox.load(names.pod_dir(cluster, args.namespace, args.pod))
-    if sb is None or not sb.pause_pid or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
-        raise CliError(f"pod {args.pod} is not running (status {printers.pod_status_word(pod)})")
-    env = dict(os.environ, HOSTNAME=args.pod, NETEMU_POD=f"{args.namespace}/{args.pod}")
-    env[names.CLUSTER_ENV] = cluster
-    env["NETEMU_CONTAINER"] = args.container or containers[0]
-    argv = netns.exec_argv(sb.namespace, command, uts_pid=sb.pause_pid)
+    argv, env = pod_exec(cluster, store, args.namespace, args.pod, args.container, command)
     exec_command(argv, env)
     return 0  # not reached
+
+
+def pod_exec(cluster: str, store, namespace: str, pod_name: str, container: str | None,
+             command: list[str]) -> tuple[list[str], dict]:
+    """(argv, environment) that run COMMAND in a pod's namespaces as CONTAINER
+    (default: the first); shared by `netemu exec` and the Python API. Raises
+    CliError when the pod, or the container, is not there or not running."""
+    from netemu import netns
+    from netemu.node.sandbox import Sandbox
+
+    pod = _pod(store, namespace, pod_name)
+    containers = [c["name"] for c in pod["spec"].get("containers", [])]
+    if container and container not in containers:
+        raise CliError(f"container {container} is not valid for pod {pod_name} "
+                       f"(containers: {', '.join(containers)})")
+    sb = Sandbox.load(names.pod_dir(cluster, namespace, pod_name))
+    if sb is None or not sb.pause_pid or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+        raise CliError(f"pod {pod_name} is not running (status {printers.pod_status_word(pod)})")
+    env = dict(os.environ, HOSTNAME=pod_name, NETEMU_POD=f"{namespace}/{pod_name}")
+    env[names.CLUSTER_ENV] = cluster
+    env["NETEMU_CONTAINER"] = container or containers[0]
+    return netns.exec_argv(sb.namespace, command, uts_pid=sb.pause_pid), env
 
 
 def _pod_for_logs(store, namespace: str, ref: str) -> str:
@@ -619,26 +627,9 @@ def cmd_logs(args) -> int:
         if daemon == "kubelet":
             path = os.path.join(names.state_dir(cluster), "controlplane.log")
     else:
-        pod_name = _pod_for_logs(store, args.namespace, args.pod)
-        pod = _pod(store, args.namespace, pod_name)
-        containers = [c["name"] for c in pod["spec"].get("containers", [])]
-        container = args.container or args.daemon
-        if container is None:
-            if len(containers) > 1:
-                raise CliError(f"a container name must be specified for pod {pod_name}, "
-                               f"choose one of: [{' '.join(containers)}]")
-            container = containers[0]
-        elif container not in containers:
-            raise CliError(f"container {container} is not valid for pod {pod_name}")
-        pod_dir = names.pod_dir(cluster, args.namespace, pod_name)
-        path = os.path.join(pod_dir, f"{container}.log")
+        pod_name, container, pod, path = container_log(cluster, store, args.namespace, args.pod,
+                                                        args.container or args.daemon, args.previous)
         if args.previous:
-            # The kubelet moves an instance's log aside when it restarts the container.
-            path = os.path.join(pod_dir, f"{container}.previous.log")
-            if not os.path.exists(path):
-                from netemu.api import ApiError
-                raise ApiError(f'previous terminated container "{container}" in pod "{pod_name}" not found',
-                               reason="BadRequest")
             finished = lambda: True      # noqa: E731 - a previous instance writes no more
         else:
             uid = pod["metadata"].get("uid")
@@ -677,6 +668,33 @@ def cmd_logs(args) -> int:
                 sys.stdout.buffer.write(f.read())      # what came between the last read and the check
                 return 0
             time.sleep(FOLLOW_PERIOD)
+
+
+def container_log(cluster: str, store, namespace: str, ref: str, container: str | None,
+                  previous: bool = False) -> tuple[str, str, dict, str]:
+    """(pod name, container, pod, log file) that `logs REF [-c CONTAINER] [-p]`
+    reads; shared by `netemu logs` and the Python API. CONTAINER None: the only
+    one (several: an error, as kubectl's)."""
+    pod_name = _pod_for_logs(store, namespace, ref)
+    pod = _pod(store, namespace, pod_name)
+    containers = [c["name"] for c in pod["spec"].get("containers", [])]
+    if container is None:
+        if len(containers) > 1:
+            raise CliError(f"a container name must be specified for pod {pod_name}, "
+                           f"choose one of: [{' '.join(containers)}]")
+        container = containers[0]
+    elif container not in containers:
+        raise CliError(f"container {container} is not valid for pod {pod_name}")
+    pod_dir = names.pod_dir(cluster, namespace, pod_name)
+    path = os.path.join(pod_dir, f"{container}.log")
+    if previous:
+        # The kubelet moves an instance's log aside when it restarts the container.
+        path = os.path.join(pod_dir, f"{container}.previous.log")
+        if not os.path.exists(path):
+            from netemu.api import ApiError
+            raise ApiError(f'previous terminated container "{container}" in pod "{pod_name}" not found',
+                           reason="BadRequest")
+    return pod_name, container, pod, path
 
 
 def _inode(path: str) -> int | None:

@@ -28,11 +28,8 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Callable, Iterator
-
-import yaml
 
 from netemu import cluster as clusters, names, netns
 from netemu.bench import report
@@ -97,15 +94,11 @@ class BenchCluster:
         self.ips: dict[str, str] = {}
 
     def up(self) -> None:
-        from netemu.topology.loader import load_topology
+        from netemu.topology.loader import load_topology_dict
 
         if os.path.exists(names.state_dir(self.name)):
             clusters.teardown(self.name, graceful=False)     # a crashed bench's leftover
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, f"{self.name}.yaml")
-            with open(path, "w") as f:
-                yaml.safe_dump(topology(self.name, self.backend, self.mtu), f)
-            clusters.up(load_topology(path))
+        clusters.up(load_topology_dict(topology(self.name, self.backend, self.mtu)))
         for pod in (CLIENT, SERVER, LOCAL):
             sandbox = Sandbox.load(names.pod_dir(self.name, "default", pod))
             if sandbox is None:

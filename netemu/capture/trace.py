@@ -651,6 +651,10 @@ class TraceResult:
     def reached(self) -> bool:
         return bool(self.forward and self.forward[-1].seen)
 
+    def __str__(self) -> str:
+        # What `netemu trace` prints: the Python API hands the result itself over.
+        return format_trace(self)
+
 
 def _describe_seen(s: Seen) -> str:
     h = s.inner

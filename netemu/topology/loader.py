@@ -540,7 +540,35 @@ def load_topology(path, *, name: str | None = None, backend: str | None = None,
     if len(docs) > 1:
         raise f.error(f"document {docs[1].index}", "a topology file holds one YAML document "
                       "(put Kubernetes objects under workloads:)")
-    top = _mapping(f, docs[0].data, "")
+    return _topology(f, docs[0].data, path, path.stem, path.parent, name=name, backend=backend,
+                     proxy_mode=proxy_mode, host_networks=host_networks)
+
+
+DICT_DISPLAY = "<dict>"
+
+
+def load_topology_dict(data: Any, *, name: str | None = None, backend: str | None = None,
+                       proxy_mode: str | None = None, base: str | os.PathLike | None = None,
+                       host_networks: Iterable[IPv4Network] | None = None) -> Topology:
+    """Validate a topology given as a dict shaped like a topology file (the
+    Python API's netemu.up): the same checks and the same one-line errors, with
+    "<dict>" where a file's name would be. Manifest paths under workloads: are
+    relative to BASE (default: the current directory); a dict has no file name
+    to default the cluster's name from, so `name` is required (in DATA or as an
+    argument). DATA is copied: changing it later changes nothing."""
+    import copy
+
+    f = _File(DICT_DISPLAY)
+    base_dir = Path(base) if base is not None else Path.cwd()
+    return _topology(f, copy.deepcopy(data), None, None, base_dir, name=name, backend=backend,
+                     proxy_mode=proxy_mode, host_networks=host_networks)
+
+
+def _topology(f: _File, data: Any, source: Path | None, default_name: str | None, base: Path, *,
+              name: str | None, backend: str | None, proxy_mode: str | None,
+              host_networks: Iterable[IPv4Network] | None) -> Topology:
+    """The checks shared by files and dicts: DATA is the topology's one mapping."""
+    top = _mapping(f, data, "")
     _unknown_keys(f, top, TOP_KEYS, "")
 
     warnings: list[str] = []
@@ -548,8 +576,10 @@ def load_topology(path, *, name: str | None = None, backend: str | None = None,
         cluster_name, name_where = name, "--name"
     elif "name" in top:
         cluster_name, name_where = top["name"], "name"
+    elif default_name is not None:
+        cluster_name, name_where = default_name, "name (taken from the file name)"
     else:
-        cluster_name, name_where = path.stem, "name (taken from the file name)"
+        raise f.error("name", "required: the cluster's name (a dict has no file name to take it from)")
     if not isinstance(cluster_name, str) or not cluster_name:
         raise f.error(name_where, f"must be a non-empty string, got {describe(cluster_name)}")
     if len(cluster_name) > CLUSTER_NAME_MAX or names.dns1123_label(cluster_name):
@@ -567,10 +597,10 @@ def load_topology(path, *, name: str | None = None, backend: str | None = None,
         warnings.append(f"{f.display}: nodes: every node is unschedulable: only DaemonSet pods "
                         "and pods with spec.nodeName will run")
 
-    entries = _workload_entries(f, top.get("workloads"), path.parent)
+    entries = _workload_entries(f, top.get("workloads"), base)
     warnings.extend(check_batch(entries, settings, nodes))
     if host_networks is None:
         host_networks = read_host_networks()
     warnings.extend(host_network_warnings(settings, host_networks, f.display))
-    return Topology(name=cluster_name, source=path, settings=settings, nodes=nodes,
+    return Topology(name=cluster_name, source=source, settings=settings, nodes=nodes,
                     objects=[e.obj for e in entries], warnings=warnings)

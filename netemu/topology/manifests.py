@@ -905,6 +905,17 @@ def _entries_from_data(data: Any, file: str, where: str,
     return [Entry(obj, origin)]
 
 
+def entries_from_objects(objects: list, display: str, first: int = 1) -> list[Entry]:
+    """Objects given as data rather than read from a file (the Python API's
+    apply), normalised; each is named "object N" (N from FIRST) in messages,
+    after DISPLAY where a file's name would be. A `kind: List` is flattened.
+    Raises TopologyError."""
+    entries: list[Entry] = []
+    for i, raw in enumerate(objects):
+        entries.extend(_entries_from_data(raw, display, f"object {first + i}"))
+    return entries
+
+
 def manifest_files(path: Path) -> list[Path]:
     """A manifest path, or every .yaml/.yml/.json file of a directory (sorted)."""
     if path.is_dir():

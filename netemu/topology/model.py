@@ -106,7 +106,7 @@ class NodeSpec:
 @dataclass
 class Topology:
     name: str                       # cluster name: lowercase DNS label, 1..20 chars
-    source: Path                    # the topology file
+    source: Path | None             # the topology file (None: given as a dict, see load_topology_dict)
     settings: ClusterSettings
     nodes: list[NodeSpec]
     objects: list[dict]             # Kubernetes objects in API shape, in file order
