@@ -150,6 +150,27 @@ def _cluster_context(cluster: str, store):
     return settings, nodes
 
 
+def _inputs(paths: list[str]) -> list:
+    """The manifest files -f names, in order ("-": standard input; a directory:
+    its manifests). Refuses what kubectl refuses before reading anything: a
+    missing path, a directory without manifests."""
+    from netemu.topology import manifests
+
+    files = []
+    for given in paths:
+        if given == "-":
+            files.append(given)
+            continue
+        path = Path(given)
+        if not path.exists():
+            raise WorkloadCliError(f'the path "{given}" does not exist')
+        found = manifests.manifest_files(path)
+        if path.is_dir() and not found:
+            raise WorkloadCliError(f'no manifest (.yaml, .yml, .json) in the directory "{given}"')
+        files.extend(found)
+    return files
+
+
 def load_files(paths: list[str], settings=None, nodes=None) -> list[dict]:
     """Every object of the files (directories: their manifests), validated alone
     and together before anything is stored. Warnings go to stderr. Raises
@@ -157,18 +178,8 @@ def load_files(paths: list[str], settings=None, nodes=None) -> list[dict]:
     from netemu.topology import manifests
 
     entries = []
-    for given in paths:
-        if given == "-":
-            entries.extend(_read_stdin())
-            continue
-        path = Path(given)
-        if not path.exists():
-            raise WorkloadCliError(f'the path "{given}" does not exist')
-        files = manifests.manifest_files(path)
-        if path.is_dir() and not files:
-            raise WorkloadCliError(f'no manifest (.yaml, .yml, .json) in the directory "{given}"')
-        for file in files:
-            entries.extend(manifests.read_manifest_file(file))
+    for file in _inputs(paths):
+        entries.extend(_read_stdin() if file == "-" else manifests.read_manifest_file(file))
     if not entries:
         raise WorkloadCliError("no objects passed to apply")
     for warning in manifests.check_batch(entries, settings, nodes):
@@ -212,20 +223,8 @@ def load_each(paths: list[str], settings=None, nodes=None, verb: str = "apply") 
     from netemu.topology import manifests
     from netemu.topology.model import TopologyError
 
-    files = []
-    for given in paths:
-        if given == "-":
-            files.append(given)
-            continue
-        path = Path(given)
-        if not path.exists():
-            raise WorkloadCliError(f'the path "{given}" does not exist')
-        found = manifests.manifest_files(path)
-        if path.is_dir() and not found:
-            raise WorkloadCliError(f'no manifest (.yaml, .yml, .json) in the directory "{given}"')
-        files.extend(found)
     entries, errors = [], []
-    for file in files:
+    for file in _inputs(paths):
         problems: list[TopologyError] = []
         try:
             entries.extend(_read_stdin(errors=problems) if file == "-" else
