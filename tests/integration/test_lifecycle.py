@@ -252,9 +252,14 @@ def test_nohup_up_ignores_sighup(tmp_path):
 
 def test_timeout_sigterm_rolls_back(tmp_path):
     name = "ha7timeout"
-    path = write_topology(tmp_path, name, {"nodes": [{"name": "n1"}], "workloads": [pod("p")]})
+    # A pod that never gets ready keeps `up` waiting (it waits for every pod to
+    # settle), so the signal always comes while `up` runs, however fast the build.
+    never_ready = pod("p")
+    never_ready["spec"]["containers"][0]["readinessProbe"] = {"exec": {"command": ["false"]},
+                                                              "periodSeconds": 1}
+    path = write_topology(tmp_path, name, {"nodes": [{"name": "n1"}], "workloads": [never_ready]})
     try:
-        proc = subprocess.run(["timeout", "-s", "TERM", "1.5", *NETEMU, "up", path], env=env_with(),
+        proc = subprocess.run(["timeout", "-s", "TERM", "3", *NETEMU, "up", path], env=env_with(),
                               capture_output=True, text=True, timeout=90)
         assert proc.returncode == 124
         assert_gone(name)
