@@ -364,6 +364,44 @@ def create_or_update(store: Store, obj: dict, settings=None) -> tuple[dict, str]
                    reason="Conflict")
 
 
+def create(store: Store, obj: dict, settings=None) -> dict:
+    """Store a new OBJ (an HTTP POST): admitted as create_or_update does, but an
+    existing object of that name is an error (AlreadyExists), never updated."""
+    obj = admit(copy.deepcopy(obj))
+    kind, meta = obj.get("kind"), obj.setdefault("metadata", {})
+    if kind not in registry.KINDS:
+        raise ApiError(f'no matches for kind "{kind}"', reason="BadRequest")
+    if not meta.get("name") and not meta.get("generateName"):
+        raise ApiError(f"{kind}: metadata.name: Required value: name or generateName is required")
+    if registry.KINDS[kind][1]:
+        meta.setdefault("namespace", "default")
+    try:
+        return _create(store, obj, settings)
+    except Conflict:
+        raise ApiError(f'{_resource(kind)} "{meta["name"]}" already exists', reason="AlreadyExists") from None
+
+
+def update(store: Store, obj: dict, settings=None) -> tuple[dict, str]:
+    """Replace a stored object with OBJ (an HTTP PUT): admitted as on create; a
+    metadata.resourceVersion, when given, must still be the stored one
+    (Conflict otherwise), as optimistic concurrency on the API server works."""
+    obj = admit(copy.deepcopy(obj))
+    kind, meta = obj.get("kind"), obj.setdefault("metadata", {})
+    ns = meta.get("namespace", "default") if registry.KINDS[kind][1] else None
+    old = registry.get(store, kind, ns, meta.get("name", ""))
+    if old is None:
+        raise ApiError(f'{_resource(kind)} "{meta.get("name")}" not found', reason="NotFound")
+    want = meta.get("resourceVersion")
+    stale = (f'Operation cannot be fulfilled on {_resource(kind)} "{meta["name"]}": the object has been '
+             "modified; please apply your changes to the latest version and try again")
+    if want and str(want) != old["metadata"]["resourceVersion"]:
+        raise ApiError(stale, reason="Conflict")
+    try:
+        return _update(store, old, obj, settings)
+    except Conflict:
+        raise ApiError(stale, reason="Conflict") from None
+
+
 def _create(store: Store, obj: dict, settings) -> dict:
     obj["metadata"]["generation"] = 1
     alloc = _allocate_service(store, obj, None, settings) if obj["kind"] == "Service" else None

@@ -1,0 +1,425 @@
+"""The API server's routes: Kubernetes REST over the store and admission.
+
+    /api, /apis, /apis/<group>, /api/v1, /apis/<group>/<version>   discovery
+    /version, /healthz, /livez, /readyz, /openapi/v2               server
+    <gv>/[namespaces/<ns>/]<resource>[/<name>[/scale]]             objects
+
+Every write goes through netemu.api (admission: defaults, validation, cluster IP
+and node port allocation), the path netemu's own CLI takes; every read is the
+store's, with metadata.resourceVersion the store's revision. What is not served
+answers 404 or 405 as kube-apiserver does, never a made-up success.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import trio
+
+from netemu import api
+from netemu.apiserver import discovery, status, tables
+from netemu.apiserver.http import Request, Response
+from netemu.k8s import kinds, selectors
+from netemu.store import registry
+from netemu.store.base import Compacted
+
+log = logging.getLogger("netemu.apiserver")
+
+JSON = "application/json"
+MERGE_PATCH = "application/merge-patch+json"
+PATCH_TYPES = "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
+# kubectl's watch keeps a connection this long unless it says otherwise
+# (kube-apiserver's --min-request-timeout: 1800 s).
+DEFAULT_WATCH_TIMEOUT = 1800.0
+
+
+def _json(code: int, body) -> Response:
+    return Response(code, json.dumps(body, separators=(",", ":")).encode())
+
+
+class Target:
+    """A parsed object path: which kind, under which group/version, where."""
+
+    def __init__(self, gv: str, kind: kinds.Kind, namespace: str | None, name: str | None,
+                 subresource: str | None):
+        self.gv, self.kind, self.namespace, self.name, self.subresource = gv, kind, namespace, name, subresource
+
+    @property
+    def group(self) -> str:
+        return self.gv.split("/")[0] if "/" in self.gv else ""
+
+    @property
+    def qualified(self) -> str:
+        return self.kind.qualified(self.group)
+
+
+def parse_path(path: str) -> tuple[str, object] | None:
+    """A request path -> ("discovery", doc) | ("object", Target) | None (not served)."""
+    parts = [p for p in path.split("/") if p]
+    if parts == ["api"]:
+        return "api", None
+    if parts == ["apis"]:
+        return "apis", None
+    if len(parts) == 2 and parts[0] == "apis":
+        doc = discovery.api_group(parts[1])
+        return ("discovery", doc) if doc else None
+    if parts[:1] == ["api"] and len(parts) >= 2:
+        gv, rest = parts[1], parts[2:]
+    elif parts[:1] == ["apis"] and len(parts) >= 3:
+        gv, rest = f"{parts[1]}/{parts[2]}", parts[3:]
+    else:
+        return None
+    if not rest:
+        doc = discovery.resource_list(gv)
+        return ("discovery", doc) if doc else None
+    namespace = None
+    if rest[0] == "namespaces" and len(rest) >= 3:
+        namespace, rest = rest[1], rest[2:]
+    kind = kinds.lookup(gv, rest[0])
+    if kind is None or len(rest) > 3 or (namespace is not None and not kind.namespaced):
+        return None
+    name = rest[1] if len(rest) >= 2 else None
+    sub = rest[2] if len(rest) == 3 else None
+    if sub is not None and not (sub == "scale" and kind.scale_field):
+        return None
+    return "object", Target(gv, kind, namespace, name, sub)
+
+
+def merge_patch(target, patch):
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
+
+
+class ApiServer:
+    def __init__(self, store, settings=None, address: str = "127.0.0.1:8080"):
+        self.store, self.settings, self.address = store, settings, address
+
+    # -- dispatch ---------------------------------------------------------------
+
+    async def handle(self, req: Request) -> Response:
+        path = req.path.rstrip("/") or "/"
+        if path in ("/healthz", "/livez", "/readyz"):
+            return Response(200, b"ok", "text/plain; charset=utf-8")
+        if path == "/version":
+            return _json(200, discovery.VERSION) if req.method == "GET" else status.method_not_allowed()
+        if path == "/openapi/v2":
+            # An empty protobuf document: kubectl's create/apply accept it and
+            # validate nothing client-side; the server validates (KUBE-API.md).
+            return Response(200, b"", "application/octet-stream")
+        route = parse_path(path)
+        if route is None:
+            return status.no_route()
+        what, arg = route
+        if what != "object":
+            if req.method != "GET":
+                return status.method_not_allowed()
+            doc = {"api": lambda: discovery.api_versions(self.address),
+                   "apis": discovery.api_group_list}.get(what)
+            return _json(200, doc() if doc else arg)
+        t: Target = arg
+        if req.arg("dryRun"):
+            return status.bad_request("dryRun is not supported by netemu's API server yet")
+        try:
+            if t.subresource == "scale":
+                return await self._scale(req, t)
+            if req.method == "GET" and t.name is None:
+                return await self._list_or_watch(req, t)
+            if req.method == "GET":
+                return self._get(req, t)
+            if req.method == "POST" and t.name is None:
+                return self._create(req, t)
+            if req.method == "PUT" and t.name is not None:
+                return self._replace(req, t)
+            if req.method == "PATCH" and t.name is not None:
+                return self._patch(req, t)
+            if req.method == "DELETE" and t.name is not None:
+                return self._delete(req, t)
+            return status.method_not_allowed()
+        except selectors.SelectorError as err:
+            return status.bad_request(str(err))
+        except api.ApiError as err:
+            return self._api_error(err, t)
+
+    def _api_error(self, err: api.ApiError, t: Target) -> Response:
+        message = str(err)
+        # api.py names resources without their group (kubectl's wording for the
+        # core group); the server qualifies them: jobs.batch "x" already exists.
+        plain = t.kind.resource + ' "'
+        if message.startswith(plain):
+            message = t.qualified + message[len(t.kind.resource):]
+        reason = err.reason if err.reason in status.CODES else "Invalid"
+        return status.error(reason, message, {"name": t.name or "", "kind": t.kind.resource})
+
+    # -- reads ------------------------------------------------------------------
+
+    def _present(self, obj: dict, t: Target) -> dict:
+        """OBJ as the client's group/version shows it (extensions/v1beta1 or the stored one)."""
+        obj["apiVersion"] = t.gv
+        return obj
+
+    def _read(self, t: Target) -> dict | None:
+        return registry.get(self.store, t.kind.kind, t.namespace if t.kind.namespaced else None, t.name)
+
+    def _get(self, req: Request, t: Target) -> Response:
+        obj = self._read(t)
+        if obj is None:
+            return status.not_found(t.qualified, t.name, t.group)
+        obj = self._present(obj, t)
+        version = tables.wants_table(req.headers.get("accept"))
+        if version:
+            return _json(200, tables.table(t.kind.kind, [obj], obj["metadata"]["resourceVersion"], version,
+                                           req.arg("includeObject", "Metadata")))
+        return _json(200, obj)
+
+    def _filters(self, req: Request, t: Target):
+        labels = selectors.parse_label_selector(req.arg("labelSelector"))
+        fields = selectors.parse_field_selector(req.arg("fieldSelector"), t.kind.fields)
+
+        def keep(obj: dict) -> bool:
+            meta = obj.get("metadata") or {}
+            if t.namespace and t.kind.namespaced and meta.get("namespace", "default") != t.namespace:
+                return False
+            return selectors.labels_match(labels, meta.get("labels")) and selectors.fields_match(fields, obj)
+
+        return keep
+
+    async def _list_or_watch(self, req: Request, t: Target) -> Response:
+        keep = self._filters(req, t)
+        if req.arg("watch") in ("true", "1"):
+            return self._watch(req, t, keep)
+        # The revision is read before the objects: a write in between shows in
+        # the list and again in a watch from that revision (harmless), while
+        # the other order could lose it.
+        rev = self.store.revision()
+        objs = [self._present(o, t) for o in registry.list_(self.store, t.kind.kind, t.namespace)
+                if keep(o)]
+        version = tables.wants_table(req.headers.get("accept"))
+        if version:
+            return _json(200, tables.table(t.kind.kind, objs, str(rev), version,
+                                           req.arg("includeObject", "Metadata")))
+        return _json(200, {"kind": f"{t.kind.kind}List", "apiVersion": t.gv,
+                           "metadata": {"resourceVersion": str(rev)}, "items": objs})
+
+    def _watch(self, req: Request, t: Target, keep) -> Response:
+        version = tables.wants_table(req.headers.get("accept"))
+        include = req.arg("includeObject", "Metadata")
+        prefix = registry.prefix(t.kind.kind, t.namespace if t.kind.namespaced else None)
+        since_arg = req.arg("resourceVersion") or ""
+        try:
+            timeout = float(req.arg("timeoutSeconds") or DEFAULT_WATCH_TIMEOUT)
+        except ValueError:
+            return status.bad_request(f"invalid timeoutSeconds: {req.arg('timeoutSeconds')!r}")
+        if since_arg and not since_arg.isdigit():
+            return status.bad_request(f'invalid resource version "{since_arg}"')
+        store = self.store
+        first_table = True
+
+        def encode(type_: str, obj: dict) -> bytes:
+            nonlocal first_table
+            if version and type_ != "ERROR":
+                obj = tables.table(t.kind.kind, [obj], obj["metadata"]["resourceVersion"], version,
+                                   include, columns=first_table)
+                first_table = False
+            return json.dumps({"type": type_, "object": obj}, separators=(",", ":")).encode() + b"\n"
+
+        async def events():
+            since = int(since_arg) if since_arg else 0
+            with trio.move_on_after(timeout):
+                if since == 0:
+                    # No revision (or "0", any): the current state first, as ADDED events.
+                    since = store.revision()
+                    for obj in registry.list_(store, t.kind.kind, t.namespace if t.kind.namespaced else None):
+                        if keep(obj):
+                            yield encode("ADDED", self._present(obj, t))
+                else:
+                    try:
+                        store.events_since(since, prefix)
+                    except Compacted:
+                        current = store.revision()
+                        yield encode("ERROR", status.status(
+                            "Expired", f"too old resource version: {since} ({current})"))
+                        return
+                async for ev in store.watch(prefix, since):
+                    obj = copy.deepcopy(ev.value)
+                    obj.setdefault("metadata", {})["resourceVersion"] = str(ev.revision)
+                    if not keep(obj):
+                        continue
+                    yield encode(self._event_type(ev), self._present(obj, t))
+
+        return Response(200, events(), JSON)
+
+    def _event_type(self, ev) -> str:
+        if ev.type == "DELETE":
+            return "DELETED"
+        # The store's event does not say whether the key was new. The key's
+        # current incarnation does: created at this very revision means ADDED.
+        # (An incarnation already deleted again, met while catching up on
+        # history, is reported MODIFIED.)
+        kv = self.store.get(ev.key)
+        if kv is not None and kv.create_revision == ev.revision:
+            return "ADDED"
+        return "MODIFIED"
+
+    # -- writes -----------------------------------------------------------------
+
+    def _body(self, req: Request) -> dict:
+        try:
+            body = json.loads(req.body or b"null")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise api.ApiError(f"the body of the request could not be decoded as JSON: {err}",
+                               reason="BadRequest") from None
+        if not isinstance(body, dict):
+            raise api.ApiError("the body of the request must be a JSON object", reason="BadRequest")
+        return body
+
+    def _check_body(self, body: dict, t: Target) -> dict:
+        """The object in BODY as this URL may write it: its kind, version and
+        namespace must be the URL's (the API server's checks), then it is
+        stored in its current version (admission converts the old ones)."""
+        kind, version = body.get("kind"), body.get("apiVersion")
+        if kind is not None and kind != t.kind.kind or version is not None and version != t.gv:
+            raise api.ApiError(f"the API version in the data ({version}) does not match the expected "
+                               f"API version ({t.gv})" if kind == t.kind.kind else
+                               f"{kind} in version \"{version}\" cannot be handled as a {t.kind.kind}",
+                               reason="BadRequest")
+        body = dict(body, kind=t.kind.kind, apiVersion=t.gv)
+        meta = body.setdefault("metadata", {})
+        if not isinstance(meta, dict):
+            raise api.ApiError(f"{t.kind.kind} in version \"{t.gv}\" cannot be handled as a "
+                               f"{t.kind.kind}: metadata must be an object", reason="BadRequest")
+        if t.kind.namespaced:
+            ns = meta.get("namespace")
+            if ns and ns != t.namespace:
+                raise api.ApiError("the namespace of the provided object does not match the namespace "
+                                   "sent on the request", reason="BadRequest")
+            meta["namespace"] = t.namespace or "default"
+        if t.name is not None and meta.get("name") not in (None, t.name):
+            raise api.ApiError("the name of the object "
+                               f"({meta.get('name')}) does not match the name on the URL ({t.name})",
+                               reason="BadRequest")
+        if t.name is not None:
+            meta["name"] = t.name
+        return body
+
+    def _create(self, req: Request, t: Target) -> Response:
+        obj = self._check_body(self._body(req), t)
+        stored = api.create(self.store, obj, self.settings)
+        return _json(201, self._present(stored, t))
+
+    def _replace(self, req: Request, t: Target) -> Response:
+        obj = self._check_body(self._body(req), t)
+        if self._read(t) is None:
+            return status.not_found(t.qualified, t.name, t.group)
+        stored, _ = api.update(self.store, obj, self.settings)
+        return _json(200, self._present(stored, t))
+
+    def _patch(self, req: Request, t: Target) -> Response:
+        media = (req.headers.get("content-type") or "").split(";")[0].strip()
+        if media != MERGE_PATCH:
+            return status.error("UnsupportedMediaType", "the body of the request was in an unknown format - "
+                                f"accepted media types include: {MERGE_PATCH}")
+        patch = self._body(req)
+        for _ in range(5):
+            current = self._read(t)
+            if current is None:
+                return status.not_found(t.qualified, t.name, t.group)
+            patched = merge_patch(self._present(copy.deepcopy(current), t), patch)
+            patched = self._check_body(patched, t)
+            # The patch applies to what was read; a write in between is a
+            # conflict, retried on the new object as the API server retries.
+            if "resourceVersion" not in (patch.get("metadata") or {}):
+                patched["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+            try:
+                stored, _ = api.update(self.store, patched, self.settings)
+            except api.ApiError as err:
+                if err.reason == "Conflict" and "resourceVersion" not in (patch.get("metadata") or {}):
+                    continue
+                raise
+            return _json(200, self._present(stored, t))
+        raise api.ApiError(f'Operation cannot be fulfilled on {t.kind.resource} "{t.name}": too many '
+                           "concurrent changes", reason="Conflict")
+
+    def _delete(self, req: Request, t: Target) -> Response:
+        options = self._body(req) if req.body.strip() else {}
+        policy = req.arg("propagationPolicy") or options.get("propagationPolicy") or "Background"
+        if policy not in ("Background", "Foreground", "Orphan"):
+            return status.error("Invalid", f'DeleteOptions.meta.k8s.io "" is invalid: propagationPolicy: '
+                                f'Unsupported value: "{policy}": supported values: "Foreground", '
+                                '"Background", "Orphan"')
+        if policy == "Orphan":
+            return status.bad_request("propagationPolicy Orphan is not supported by netemu's API server yet")
+        current = self._read(t)
+        if current is None:
+            return status.not_found(t.qualified, t.name, t.group)
+        want_uid = ((options.get("preconditions") or {}).get("uid"))
+        if want_uid and want_uid != current["metadata"].get("uid"):
+            return status.error("Conflict", f'Operation cannot be fulfilled on {t.qualified} "{t.name}": '
+                                f"Precondition failed: UID in precondition: {want_uid}, UID in object meta: "
+                                f"{current['metadata'].get('uid')}")
+        # Foreground and Background both delete the dependents (api.delete does,
+        # as the garbage collector would); the owner goes first either way.
+        api.delete(self.store, t.kind.kind, t.namespace if t.kind.namespaced else None, t.name)
+        after = self._read(t)
+        if after is not None and after["metadata"].get("uid") == current["metadata"].get("uid"):
+            # Still there, terminating (a pod its kubelet is stopping): the object.
+            return _json(200, self._present(after, t))
+        return _json(200, status.success(t.name, t.group, t.kind.resource, current["metadata"].get("uid")))
+
+    # -- /scale -----------------------------------------------------------------
+
+    def _scale_of(self, obj: dict, t: Target) -> dict:
+        spec, st = obj.get("spec") or {}, obj.get("status") or {}
+        meta = obj["metadata"]
+        selector = spec.get("selector")
+        if t.kind.kind == "ReplicationController":
+            text = ",".join(f"{k}={v}" for k, v in sorted((selector or {}).items()))
+        else:
+            from netemu.kubectl_tables import selector_string
+            text = selector_string(selector)
+        return {"kind": "Scale", "apiVersion": "autoscaling/v1",
+                "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion",
+                                                   "creationTimestamp") if k in meta},
+                "spec": {"replicas": int(spec.get(t.kind.scale_field, 1))},
+                "status": {"replicas": int(st.get("replicas") or 0), "selector": text}}
+
+    async def _scale(self, req: Request, t: Target) -> Response:
+        current = self._read(t)
+        if current is None:
+            return status.not_found(t.qualified, t.name, t.group)
+        if req.method == "GET":
+            return _json(200, self._scale_of(current, t))
+        if req.method not in ("PUT", "PATCH"):
+            return status.method_not_allowed()
+        scale = self._scale_of(current, t)
+        if req.method == "PATCH":
+            media = (req.headers.get("content-type") or "").split(";")[0].strip()
+            if media != MERGE_PATCH:
+                return status.error("UnsupportedMediaType", "the body of the request was in an unknown "
+                                    f"format - accepted media types include: {MERGE_PATCH}")
+            scale = merge_patch(scale, self._body(req))
+        else:
+            scale = self._body(req)
+            want = (scale.get("metadata") or {}).get("resourceVersion")
+            if want and str(want) != current["metadata"]["resourceVersion"]:
+                return status.error("Conflict", f'Operation cannot be fulfilled on {t.qualified} '
+                                    f'"{t.name}": the object has been modified; please apply your changes '
+                                    "to the latest version and try again")
+        replicas = (scale.get("spec") or {}).get("replicas")
+        if isinstance(replicas, bool) or not isinstance(replicas, int):
+            return status.error("Invalid", f'Scale.autoscaling "{t.name}" is invalid: spec.replicas: '
+                                f"Invalid value: {json.dumps(replicas)}: must be an integer")
+        if replicas < 0:
+            return status.error("Invalid", f'Scale.autoscaling "{t.name}" is invalid: spec.replicas: '
+                                f"Invalid value: {replicas}: must be greater than or equal to 0")
+        obj = api.scale(self.store, t.kind.kind, t.name, replicas, namespace=t.namespace or "default")
+        return _json(200, self._scale_of(obj, t))
