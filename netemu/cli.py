@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     capture_cli.register(sub, verb, with_cluster)
     from netemu import workloads_cli
     workloads_cli.register(sub, verb, with_cluster)
+    from netemu.apiserver import cli as apiserver_cli
+    apiserver_cli.register(sub, verb, with_cluster)
     from netemu.bench import cli as bench_cli
     bench_cli.register(sub, verb, with_cluster)
 

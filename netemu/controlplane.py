@@ -65,6 +65,10 @@ class ControlPlane:
             nursery.start_soon(self._controllers)
             nursery.start_soon(self._follow_nodes)
             nursery.start_soon(self._load_balancer)
+            # The Kubernetes API server (netemu.apiserver), one more supervised part.
+            nursery.start_soon(supervise, self.cluster, "apiserver",
+                               python_argv("netemu.apiserver", self.cluster),
+                               os.path.join(names.state_dir(self.cluster), "apiserver.log"))
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -54,7 +54,9 @@ def resource_list(group_version: str) -> dict | None:
                  "kind": k.kind, "verbs": list(kinds.VERBS)}
         if k.short_names:
             entry["shortNames"] = list(k.short_names)
-        if k.categories:
+        # `kubectl get all` lists each kind once: from the version it is stored
+        # in, not again from extensions/v1beta1.
+        if k.categories and k.group_version == group_version:
             entry["categories"] = list(k.categories)
         resources.append(entry)
         if k.scale_field:

@@ -1,0 +1,217 @@
+"""The Kubernetes API server with the real kubectl and the Python client (issue 13).
+
+One cluster (named hg-api-*) is brought up with KUBECONFIG pointing at a temp
+file: `up` must add the netemu-<cluster> context there, `down` remove it, and
+the loopback listening socket must go with the cluster. kubectl runs both in
+the master node's namespace with no configuration (http://localhost:8080, the
+tutorial's insecure port) and from the machine through the context.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+
+import pytest
+import yaml
+
+from netemu import apiserver, names
+from tests.integration.clusters import running, wait_for, write_topology
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TUTORIAL = os.path.join(REPO, "topologies", "tutorial")
+KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
+MASTER = "srv-k8s-master1"
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _listening(port: int) -> bool:
+    """Is anything listening on the machine's 127.0.0.1:PORT (read-only: ss)?"""
+    out = subprocess.run(["ss", "-Htln", f"sport = :{port}"], capture_output=True, text=True).stdout
+    return "127.0.0.1:" in out
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    if not os.path.exists(KUBECTL):
+        pytest.skip("no kubectl on this machine")
+    tmp = tmp_path_factory.mktemp("api")
+    kubeconfig = tmp / "kubeconfig"
+    # Somebody else's context is there first: up must keep it and keep it current.
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "other",
+        "clusters": [{"name": "other", "cluster": {"server": "https://192.0.2.1:6443"}}],
+        "users": [{"name": "other", "user": {}}],
+        "contexts": [{"name": "other", "context": {"cluster": "other", "user": "other"}}]}))
+    old = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(kubeconfig)
+    name = f"hg-api-{uuid.uuid4().hex[:4]}"
+    path = write_topology(tmp, name, {
+        "cluster": {"timeScale": 0.01, "underlay": "10.1.96.0/24", "serviceRange": "10.254.0.0/16"},
+        "nodes": [{"name": MASTER, "address": "10.1.96.231", "unschedulable": True,
+                   "labels": {"node-role.kubernetes.io/master": ""}},
+                  {"name": "srv-k8s-node1", "address": "10.1.96.232"},
+                  {"name": "srv-k8s-node2", "address": "10.1.96.233"}]})
+    try:
+        with running(path) as (cluster, _):
+            port = apiserver.read_config(cluster)["port"]
+            wait_for(lambda: _listening(port), timeout=20, what="the API server's loopback socket")
+            yield {"cluster": cluster, "kubeconfig": str(kubeconfig), "port": port, "tmp": tmp}
+        # After down: the socket and our context are gone, the other context untouched.
+        assert not _listening(port), "the API server's loopback socket outlived the cluster"
+        config = yaml.safe_load(kubeconfig.read_text())
+        assert [c["name"] for c in config["contexts"]] == ["other"]
+        assert [c["name"] for c in config["clusters"]] == ["other"]
+        assert config["current-context"] == "other"
+    finally:
+        if old is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = old
+
+
+def kubectl(env, *args, master=False, check=True, timeout=60, input=None):
+    """kubectl through the kubeconfig context, or (master=True) inside the master
+    node's namespace with no kubeconfig at all (it then talks to localhost:8080)."""
+    cache = str(env["tmp"] / ("cache-master" if master else "cache"))
+    if master:
+        argv = ["ip", "netns", "exec", names.node_ns(env["cluster"], MASTER), KUBECTL, "--cache-dir", cache, *args]
+        environ = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+        environ["HOME"] = str(env["tmp"] / "nohome")          # no ~/.kube/config either
+    else:
+        argv = [KUBECTL, "--cache-dir", cache, "--context", f"netemu-{env['cluster']}", *args]
+        environ = dict(os.environ, KUBECONFIG=env["kubeconfig"])
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=environ, input=input)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def rows(text: str) -> list[list[str]]:
+    return [re.split(r"\s{2,}", line.strip()) for line in text.strip().splitlines()]
+
+
+def test_kubeconfig_context_added_and_printed(env):
+    config = yaml.safe_load(open(env["kubeconfig"]))
+    ctx = f"netemu-{env['cluster']}"
+    assert ctx in [c["name"] for c in config["contexts"]]
+    assert config["current-context"] == "other"            # not switched away
+    server = next(c for c in config["clusters"] if c["name"] == ctx)["cluster"]["server"]
+    assert server == f"http://127.0.0.1:{env['port']}"
+    out = subprocess.run([sys.executable, "-m", "netemu.cli", "kubeconfig", "--cluster", env["cluster"]],
+                         capture_output=True, text=True, check=True).stdout
+    assert yaml.safe_load(out)["clusters"][0]["cluster"]["server"] == server
+
+
+def test_tutorial_commands_in_the_master_namespace(env):
+    """The tutorial's commands as printed, on the master, with no configuration."""
+    out = kubectl(env, "create", "-f", os.path.join(TUTORIAL, "nginxpod.yaml"), master=True).stdout
+    assert out.strip() == "pod/nginxpod created"
+    out = kubectl(env, "get", "pods", master=True).stdout
+    assert rows(out)[0] == ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
+    assert rows(out)[1][0] == "nginxpod"
+    wait_for(lambda: "Running" in kubectl(env, "get", "pod", "nginxpod", master=True).stdout,
+             timeout=60, what="nginxpod Running")
+    described = kubectl(env, "describe", "pod", "nginxpod", master=True).stdout
+    assert re.search(r"^Name:\s+nginxpod$", described, re.M)
+    assert re.search(r"^Node:\s+srv-k8s-node[12]/10\.1\.96\.23[23]$", described, re.M)
+
+    out = kubectl(env, "create", "-f", os.path.join(TUTORIAL, "nginx-rc.yaml"), master=True).stdout
+    assert out.strip() == "replicationcontroller/podtoservcie created"
+    out = kubectl(env, "expose", "rc", "podtoservcie", "--port=80", master=True).stdout
+    assert out.strip() == "service/podtoservcie exposed"
+    svc = json.loads(kubectl(env, "get", "svc", "podtoservcie", "-o", "json", master=True).stdout)
+    assert svc["spec"]["clusterIP"].startswith("10.254.")      # allocated by admission, in the range
+    assert svc["spec"]["selector"] == {"app": "nginx"}
+    out = kubectl(env, "expose", "rc", "podtoservcie", "--port=80", "--type=LoadBalancer",
+                  '--name=my-second-service', master=True).stdout
+    assert out.strip() == "service/my-second-service exposed"
+    lb = json.loads(kubectl(env, "get", "svc", "my-second-service", "-o", "json", master=True).stdout)
+    assert 30000 <= lb["spec"]["ports"][0]["nodePort"] <= 32767
+
+    # curl http://localhost:8080/apis/extensions/v1beta1, as the tutorial does
+    curl = subprocess.run(["ip", "netns", "exec", names.node_ns(env["cluster"], MASTER), "curl", "-s",
+                           "http://localhost:8080/apis/extensions/v1beta1"],
+                          capture_output=True, text=True, timeout=10, check=True).stdout
+    doc = json.loads(curl)
+    assert doc["kind"] == "APIResourceList" and doc["groupVersion"] == "extensions/v1beta1"
+    ds = next(r for r in doc["resources"] if r["name"] == "daemonsets")
+    assert ds["namespaced"] is True and ds["kind"] == "DaemonSet"
+
+    out = kubectl(env, "create", "-f", os.path.join(TUTORIAL, "job-dpkg.yaml"), master=True).stdout
+    assert out.strip() == "job.extensions/package-check created"
+    wait_for(lambda: "Complete" in kubectl(env, "get", "job", "package-check", master=True).stdout,
+             timeout=90, what="the Job to complete")
+    # The node's eth0 address serves too (another node's kubectl reaching the master).
+    curl = subprocess.run(["ip", "netns", "exec", names.node_ns(env["cluster"], "srv-k8s-node1"), "curl", "-s",
+                           "http://10.1.96.231:8080/api/v1/namespaces/default/pods/nginxpod"],
+                          capture_output=True, text=True, timeout=10, check=True).stdout
+    assert json.loads(curl)["metadata"]["name"] == "nginxpod"
+
+
+def test_errors_use_kubernetes_wording(env):
+    proc = kubectl(env, "get", "pod", "nosuch", check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == 'Error from server (NotFound): pods "nosuch" not found'
+    proc = kubectl(env, "get", "ep", "nosuch", check=False)
+    assert proc.stderr.strip() == 'Error from server (NotFound): endpoints "nosuch" not found'
+    proc = kubectl(env, "get", "jobs.batch", "nosuch", check=False)
+    assert proc.stderr.strip() == 'Error from server (NotFound): jobs.batch "nosuch" not found'
+
+
+def test_label_scale_wide_and_delete_waits(env):
+    out = kubectl(env, "label", "node", "srv-k8s-node1", "disk=ssd").stdout
+    assert out.strip() == "node/srv-k8s-node1 labeled"
+    out = kubectl(env, "get", "nodes", "-l", "disk=ssd", "-o", "name").stdout
+    assert out.split() == ["node/srv-k8s-node1"]
+    kubectl(env, "create", "-f", os.path.join(TUTORIAL, "nginx-rc.yaml"), "--namespace", "default",
+            check=False)                       # made by the previous test if it ran
+    out = kubectl(env, "scale", "rc", "podtoservcie", "--replicas=3").stdout
+    assert out.strip() == "replicationcontroller/podtoservcie scaled"
+    wait_for(lambda: rows(kubectl(env, "get", "rc", "podtoservcie").stdout)[1][1:4] == ["3", "3", "3"],
+             timeout=60, what="3 ready replicas")
+    wide = rows(kubectl(env, "get", "pods", "-o", "wide", "-l", "app=nginx").stdout)
+    assert wide[0][:7] == ["NAME", "READY", "STATUS", "RESTARTS", "AGE", "IP", "NODE"]
+    assert len(wide) == 4 and all(r[6].startswith("srv-k8s-node") for r in wide[1:])
+    victim = wide[1][0]
+    out = kubectl(env, "delete", "pod", victim, timeout=90).stdout
+    assert out.strip() == f'pod "{victim}" deleted'
+    # delete returned once the pod is gone (kubectl waited with a watch):
+    proc = kubectl(env, "get", "pod", victim, check=False)
+    assert "NotFound" in proc.stderr
+
+
+def test_python_client_lists_creates_and_watches(env):
+    kubernetes = pytest.importorskip("kubernetes")
+    from kubernetes import client, config, watch
+
+    api_client = config.new_client_from_config(config_file=env["kubeconfig"],
+                                               context=f"netemu-{env['cluster']}")
+    v1 = client.CoreV1Api(api_client)
+    nodes = sorted(n.metadata.name for n in v1.list_node().items)
+    assert nodes == [MASTER, "srv-k8s-node1", "srv-k8s-node2"]
+    listed = v1.list_namespaced_pod("default")
+    since = listed.metadata.resource_version
+    created = v1.create_namespaced_service("default", {
+        "metadata": {"name": "from-python"}, "spec": {"ports": [{"port": 8081}], "selector": {"app": "x"}}})
+    assert created.spec.cluster_ip.startswith("10.254.")
+    seen = []
+    for ev in watch.Watch().stream(v1.list_namespaced_service, "default", resource_version=since,
+                                   timeout_seconds=5):
+        seen.append((ev["type"], ev["object"].metadata.name))
+        if ev["object"].metadata.name == "from-python":
+            break
+    assert ("ADDED", "from-python") in seen
+    with pytest.raises(kubernetes.client.exceptions.ApiException) as err:
+        v1.create_namespaced_service("default", {"metadata": {"name": "from-python"},
+                                                 "spec": {"ports": [{"port": 8081}]}})
+    assert err.value.status == 409
+    assert json.loads(err.value.body)["reason"] == "AlreadyExists"
