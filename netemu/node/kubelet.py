@@ -317,7 +317,10 @@ class PodWorker:
     def status(self) -> dict:
         statuses = []
         for c in self.containers:
-            st = {"name": c.name, "image": c.spec.get("image", ""), "ready": c.ready,
+            # imageID: a real kubelet reports the image's digest; netemu runs no
+            # images. The API always carries the field (not omitempty), and
+            # typed clients (the Python kubernetes client) refuse a status without it.
+            st = {"name": c.name, "image": c.spec.get("image", ""), "imageID": "", "ready": c.ready,
                   "restartCount": c.restarts, "state": c.state, "started": "running" in c.state}
             if c.pid:
                 st["containerID"] = f"pid://{c.pid}"
