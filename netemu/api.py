@@ -385,13 +385,14 @@ def update(store: Store, obj: dict, settings=None) -> tuple[dict, str]:
     """Replace a stored object with OBJ (an HTTP PUT): admitted as on create; a
     metadata.resourceVersion, when given, must still be the stored one
     (Conflict otherwise), as optimistic concurrency on the API server works."""
+    raw_meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    want = raw_meta.get("resourceVersion")       # read before admit, which keeps only user fields
     obj = admit(copy.deepcopy(obj))
     kind, meta = obj.get("kind"), obj.setdefault("metadata", {})
     ns = meta.get("namespace", "default") if registry.KINDS[kind][1] else None
     old = registry.get(store, kind, ns, meta.get("name", ""))
     if old is None:
         raise ApiError(f'{_resource(kind)} "{meta.get("name")}" not found', reason="NotFound")
-    want = meta.get("resourceVersion")
     stale = (f'Operation cannot be fulfilled on {_resource(kind)} "{meta["name"]}": the object has been '
              "modified; please apply your changes to the latest version and try again")
     if want and str(want) != old["metadata"]["resourceVersion"]:

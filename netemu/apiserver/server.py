@@ -249,26 +249,33 @@ class ApiServer:
                         yield encode("ERROR", status.status(
                             "Expired", f"too old resource version: {since} ({current})"))
                         return
+                last: dict[str, str] = {}
                 async for ev in store.watch(prefix, since):
+                    type_ = self._event_type(ev, last)      # every event: keeps `last` whole
                     obj = copy.deepcopy(ev.value)
                     obj.setdefault("metadata", {})["resourceVersion"] = str(ev.revision)
                     if not keep(obj):
                         continue
-                    yield encode(self._event_type(ev), self._present(obj, t))
+                    yield encode(type_, self._present(obj, t))
 
         return Response(200, events(), JSON)
 
-    def _event_type(self, ev) -> str:
+    def _event_type(self, ev, last: dict[str, str]) -> str:
+        """ADDED, MODIFIED or DELETED for a store event. LAST: the previous
+        event type per key in this stream (spares a store query)."""
+        previous = last.get(ev.key)
+        last[ev.key] = ev.type
         if ev.type == "DELETE":
             return "DELETED"
-        # The store's event does not say whether the key was new. The key's
-        # current incarnation does: created at this very revision means ADDED.
-        # (An incarnation already deleted again, met while catching up on
-        # history, is reported MODIFIED.)
-        kv = self.store.get(ev.key)
-        if kv is not None and kv.create_revision == ev.revision:
-            return "ADDED"
-        return "MODIFIED"
+        if previous is not None:
+            return "MODIFIED" if previous == "PUT" else "ADDED"
+        existed = self.store.existed_before(ev.key, ev.revision)
+        if existed is None:
+            # History compacted: the key's current incarnation still tells,
+            # created at this very revision or not.
+            kv = self.store.get(ev.key)
+            existed = not (kv is not None and kv.create_revision == ev.revision)
+        return "MODIFIED" if existed else "ADDED"
 
     # -- writes -----------------------------------------------------------------
 

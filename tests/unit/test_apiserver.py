@@ -1,0 +1,221 @@
+"""The API server's routes, discovery, Tables and Status errors, without root:
+requests go to ApiServer.handle over a store in a temp directory (no sockets)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+from netemu.apiserver import discovery, http, tables
+from netemu.apiserver.server import ApiServer, merge_patch, parse_path
+from netemu.k8s import selectors
+from netemu.store import registry
+from netemu.store.sqlite import SqliteStore
+
+TABLE = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json"
+
+
+@pytest.fixture
+def server(tmp_path):
+    store = SqliteStore(str(tmp_path / "state.db"), create=True)
+    registry.create(store, {"kind": "Node", "metadata": {"name": "n1", "labels": {"disk": "ssd"}},
+                            "spec": {}, "status": {}})
+    yield ApiServer(store)
+    store.close()
+
+
+def call(server, method, path, body=None, accept="application/json", content_type="application/json"):
+    path, _, qs = path.partition("?")
+    import urllib.parse
+    req = http.Request(method, path, urllib.parse.parse_qs(qs, keep_blank_values=True),
+                       {"accept": accept, "content-type": content_type},
+                       json.dumps(body).encode() if body is not None else b"")
+    resp = trio.run(server.handle, req)
+    return resp.status, (json.loads(resp.body) if isinstance(resp.body, bytes) and resp.body
+                         and resp.content_type.startswith("application/json") else resp.body)
+
+
+POD = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "labels": {"app": "nginx"}},
+       "spec": {"containers": [{"name": "c", "image": "nginx"}]}}
+
+
+def test_discovery_lists_short_names_and_the_tutorials_extensions_group():
+    v1 = discovery.resource_list("v1")
+    pods = next(r for r in v1["resources"] if r["name"] == "pods")
+    assert (pods["kind"], pods["singularName"], pods["namespaced"], pods["shortNames"]) == ("Pod", "pod", True, ["po"])
+    assert "watch" in pods["verbs"] and "deletecollection" not in pods["verbs"]
+    ep = next(r for r in v1["resources"] if r["name"] == "endpoints")
+    assert ep["shortNames"] == ["ep"]
+    ext = discovery.resource_list("extensions/v1beta1")
+    ds = next(r for r in ext["resources"] if r["name"] == "daemonsets")
+    assert ds["kind"] == "DaemonSet" and ds["namespaced"]
+    assert "categories" not in ds             # `get all` lists DaemonSets once, from apps/v1
+    scale = next(r for r in v1["resources"] if r["name"] == "replicationcontrollers/scale")
+    assert (scale["group"], scale["version"], scale["kind"]) == ("autoscaling", "v1", "Scale")
+    groups = [g["name"] for g in discovery.api_group_list()["groups"]]
+    assert groups.index("batch") < groups.index("extensions")   # bare `job` resolves to batch
+    assert discovery.resource_list("coordination.k8s.io/v1") is None
+
+
+def test_paths_not_served_are_404_and_wrong_methods_405(server):
+    assert call(server, "GET", "/apis/coordination.k8s.io/v1/namespaces/x/leases/n1")[0] == 404
+    assert call(server, "GET", "/api/v1/namespaces/default/nodes/n1")[0] == 404   # nodes are cluster-scoped
+    assert call(server, "GET", "/api/v1/namespaces/default/pods/web/log")[0] == 404  # not served yet
+    assert call(server, "GET", "/openapi/v3")[0] == 404
+    code, body = call(server, "POST", "/api/v1/nodes/n1")
+    assert code == 405 and body["reason"] == "MethodNotAllowed"
+    code, body = call(server, "GET", "/openapi/v2")
+    assert code == 200 and body == b""
+
+
+def test_not_found_names_the_qualified_resource(server):
+    code, body = call(server, "GET", "/api/v1/namespaces/default/pods/nosuch")
+    assert (code, body["reason"], body["message"]) == (404, "NotFound", 'pods "nosuch" not found')
+    code, body = call(server, "GET", "/api/v1/namespaces/default/endpoints/nosuch")
+    assert body["message"] == 'endpoints "nosuch" not found'
+    code, body = call(server, "GET", "/apis/batch/v1/namespaces/default/jobs/nosuch")
+    assert body["message"] == 'jobs.batch "nosuch" not found' and body["details"]["group"] == "batch"
+
+
+def test_create_get_conflict_and_bad_bodies(server):
+    code, pod = call(server, "POST", "/api/v1/namespaces/default/pods", POD)
+    assert code == 201 and pod["metadata"]["uid"] and pod["metadata"]["resourceVersion"]
+    code, body = call(server, "POST", "/api/v1/namespaces/default/pods", POD)
+    assert (code, body["reason"], body["message"]) == (409, "AlreadyExists", 'pods "web" already exists')
+    req = http.Request("POST", "/api/v1/namespaces/default/pods", {}, {}, b"{not json")
+    resp = trio.run(server.handle, req)
+    assert resp.status == 400 and json.loads(resp.body)["reason"] == "BadRequest"
+    code, body = call(server, "POST", "/api/v1/namespaces/other/pods", POD | {"metadata": {
+        "name": "x", "namespace": "default"}})
+    assert code == 400 and "namespace" in body["message"]
+    bad = {**POD, "metadata": {"name": "Bad_Name"}}
+    code, body = call(server, "POST", "/api/v1/namespaces/default/pods", bad)
+    assert code == 422 and body["reason"] == "Invalid" and "Bad_Name" in body["message"]
+    # nothing half-written
+    code, listed = call(server, "GET", "/api/v1/namespaces/default/pods")
+    assert [p["metadata"]["name"] for p in listed["items"]] == ["web"]
+
+
+def test_extensions_job_is_stored_as_batch_and_shown_as_asked(server):
+    job = {"apiVersion": "extensions/v1beta1", "kind": "Job", "metadata": {"name": "package-check"},
+           "spec": {"selector": {"matchLabels": {"test": "dpkg"}},
+                    "template": {"metadata": {"labels": {"test": "dpkg"}},
+                                 "spec": {"containers": [{"name": "c", "image": "ubuntu"}],
+                                          "restartPolicy": "Never"}}}}
+    code, body = call(server, "POST", "/apis/extensions/v1beta1/namespaces/default/jobs", job)
+    assert code == 201 and body["apiVersion"] == "extensions/v1beta1"
+    assert body["spec"]["manualSelector"] is True                # converted as the loader converts
+    code, body = call(server, "GET", "/apis/batch/v1/namespaces/default/jobs/package-check")
+    assert code == 200 and body["apiVersion"] == "batch/v1"
+
+
+def test_list_selectors_and_tables(server):
+    call(server, "POST", "/api/v1/namespaces/default/pods", POD)
+    other = {**POD, "metadata": {"name": "db", "labels": {"app": "db"}}}
+    call(server, "POST", "/api/v1/namespaces/default/pods", other)
+    code, body = call(server, "GET", "/api/v1/namespaces/default/pods?labelSelector=app%20in%20(nginx)")
+    assert [p["metadata"]["name"] for p in body["items"]] == ["web"]
+    code, body = call(server, "GET", "/api/v1/pods?fieldSelector=metadata.name!%3Dweb")
+    assert [p["metadata"]["name"] for p in body["items"]] == ["db"]
+    code, body = call(server, "GET", "/api/v1/pods?fieldSelector=spec.nosuch%3Dx")
+    assert code == 400 and body["message"] == "field label not supported: spec.nosuch"
+    code, table = call(server, "GET", "/api/v1/namespaces/default/pods", accept=TABLE)
+    assert table["kind"] == "Table" and table["apiVersion"] == "meta.k8s.io/v1"
+    cols = [(c["name"], c["priority"]) for c in table["columnDefinitions"]]
+    assert cols[:5] == [("NAME", 0), ("READY", 0), ("STATUS", 0), ("RESTARTS", 0), ("AGE", 0)]
+    assert ("NODE", 1) in cols                                  # an -o wide column
+    assert [r["cells"][0] for r in table["rows"]] == ["db", "web"]
+    assert table["rows"][0]["object"]["kind"] == "PartialObjectMetadata"
+    assert table["metadata"]["resourceVersion"] == str(server.store.revision())
+
+
+def test_label_patch_and_scale_subresource(server):
+    code, node = call(server, "PATCH", "/api/v1/nodes/n1", {"metadata": {"labels": {"gpu": "yes"}}},
+                      content_type="application/merge-patch+json")
+    assert code == 200 and node["metadata"]["labels"] == {"disk": "ssd", "gpu": "yes"}
+    code, body = call(server, "PATCH", "/api/v1/nodes/n1", {"metadata": {}},
+                      content_type="application/strategic-merge-patch+json")
+    assert code == 415 and body["reason"] == "UnsupportedMediaType"
+    rc = {"apiVersion": "v1", "kind": "ReplicationController", "metadata": {"name": "rc"},
+          "spec": {"replicas": 2, "selector": {"app": "nginx"},
+                   "template": {"metadata": {"labels": {"app": "nginx"}},
+                                "spec": {"containers": [{"name": "c", "image": "nginx"}]}}}}
+    call(server, "POST", "/api/v1/namespaces/default/replicationcontrollers", rc)
+    code, scale = call(server, "PATCH", "/api/v1/namespaces/default/replicationcontrollers/rc/scale",
+                       {"spec": {"replicas": 5}}, content_type="application/merge-patch+json")
+    assert code == 200 and scale["kind"] == "Scale" and scale["apiVersion"] == "autoscaling/v1"
+    assert scale["spec"]["replicas"] == 5 and scale["status"]["selector"] == "app=nginx"
+    code, body = call(server, "GET", "/api/v1/namespaces/default/replicationcontrollers/rc")
+    assert body["spec"]["replicas"] == 5 and body["metadata"]["generation"] == 2
+    code, body = call(server, "PATCH", "/api/v1/namespaces/default/replicationcontrollers/rc/scale",
+                      {"spec": {"replicas": -1}}, content_type="application/merge-patch+json")
+    assert code == 422
+
+
+def test_put_with_a_stale_resource_version_is_a_conflict(server):
+    code, pod = call(server, "POST", "/api/v1/namespaces/default/pods", POD)
+    stale = json.loads(json.dumps(pod))
+    pod["metadata"]["labels"] = {"app": "nginx", "v": "2"}
+    assert call(server, "PUT", "/api/v1/namespaces/default/pods/web", pod)[0] == 200
+    stale["metadata"]["labels"] = {"app": "other"}
+    code, body = call(server, "PUT", "/api/v1/namespaces/default/pods/web", stale)
+    assert code == 409 and body["reason"] == "Conflict"
+    assert "the object has been modified" in body["message"]
+
+
+def test_delete_returns_status_and_is_404_after(server):
+    call(server, "POST", "/api/v1/namespaces/default/pods", POD)
+    code, body = call(server, "DELETE", "/api/v1/namespaces/default/pods/web", {"propagationPolicy": "Background"})
+    assert code == 200 and body["status"] == "Success" and body["details"]["name"] == "web"
+    assert call(server, "GET", "/api/v1/namespaces/default/pods/web")[0] == 404
+    assert call(server, "DELETE", "/api/v1/namespaces/default/pods/web")[0] == 404
+
+
+def test_watch_streams_added_modified_deleted_and_expired(server):
+    code, _ = call(server, "POST", "/api/v1/namespaces/default/pods", POD)
+    since = server.store.revision()
+
+    async def main():
+        req = http.Request("GET", "/api/v1/namespaces/default/pods",
+                           {"watch": ["true"], "resourceVersion": [str(since)], "timeoutSeconds": ["5"]},
+                           {"accept": "application/json"}, b"")
+        resp = await server.handle(req)
+        got = []
+
+        async def writer():
+            await trio.sleep(0.1)
+            registry.create(server.store, {**POD, "metadata": {"name": "two"}})
+            registry.mutate(server.store, "Pod", "default", "two",
+                            lambda o: o["metadata"].setdefault("labels", {}).update(x="y"))
+            registry.delete(server.store, "Pod", "default", "two")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(writer)
+            async for chunk in resp.body:
+                ev = json.loads(chunk)
+                got.append((ev["type"], ev["object"]["metadata"]["name"]))
+                if ev["type"] == "DELETED":
+                    break
+            await resp.body.aclose()
+        return got
+
+    assert trio.run(main) == [("ADDED", "two"), ("MODIFIED", "two"), ("DELETED", "two")]
+
+
+def test_label_selector_strings():
+    exprs = selectors.parse_label_selector("app=nginx,tier in (web,api),!legacy,env!=prod")
+    assert selectors.labels_match(exprs, {"app": "nginx", "tier": "web"})
+    assert not selectors.labels_match(exprs, {"app": "nginx", "tier": "db"})
+    assert not selectors.labels_match(exprs, {"app": "nginx", "tier": "web", "legacy": "1"})
+    with pytest.raises(selectors.SelectorError):
+        selectors.parse_label_selector("app=,=x")
+
+
+def test_table_accept_header_and_merge_patch():
+    assert tables.wants_table(TABLE) == "v1"
+    assert tables.wants_table("application/json") is None
+    assert merge_patch({"a": {"b": 1, "c": 2}}, {"a": {"b": None, "d": 3}}) == {"a": {"c": 2, "d": 3}}
+    assert parse_path("/apis/extensions/v1beta1")[0] == "discovery"
+    assert parse_path("/apis/apps/v1/namespaces/default/jobs") is None
