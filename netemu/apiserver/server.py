@@ -21,7 +21,7 @@ import trio
 from netemu import api
 from netemu.apiserver import discovery, status, tables
 from netemu.apiserver.http import Request, Response
-from netemu.k8s import kinds, selectors
+from netemu.k8s import jsonpatch, kinds, selectors, strategicpatch
 from netemu.store import registry
 from netemu.store.base import Compacted
 
@@ -29,7 +29,10 @@ log = logging.getLogger("netemu.apiserver")
 
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
-PATCH_TYPES = "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
+JSON_PATCH = "application/json-patch+json"
+STRATEGIC_PATCH = "application/strategic-merge-patch+json"
+# Server-side apply (application/apply-patch+yaml) is not served.
+PATCHES = (JSON_PATCH, MERGE_PATCH, STRATEGIC_PATCH)
 # kubectl's watch keeps a connection this long unless it says otherwise
 # (kube-apiserver's --min-request-timeout: 1800 s).
 DEFAULT_WATCH_TIMEOUT = 1800.0
@@ -330,26 +333,48 @@ class ApiServer:
         stored, _ = api.update(self.store, obj, self.settings)
         return _json(200, self._present(stored, t))
 
-    def _patch(self, req: Request, t: Target) -> Response:
+    def _patched(self, req: Request, current: dict, kind: str):
+        """CURRENT with the request's patch applied, by its Content-Type."""
         media = (req.headers.get("content-type") or "").split(";")[0].strip()
-        if media != MERGE_PATCH:
-            return status.error("UnsupportedMediaType", "the body of the request was in an unknown format - "
-                                f"accepted media types include: {MERGE_PATCH}")
-        patch = self._body(req)
+        if media not in PATCHES:
+            raise api.ApiError("the body of the request was in an unknown format - accepted media types "
+                               f"include: {', '.join(PATCHES)}", reason="UnsupportedMediaType")
+        try:
+            body = json.loads(req.body or b"null")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise api.ApiError(f"the body of the request could not be decoded as JSON: {err}",
+                               reason="BadRequest") from None
+        try:
+            if media == JSON_PATCH:
+                return jsonpatch.apply(current, body)
+            if not isinstance(body, dict):
+                raise api.ApiError("the body of the request must be a JSON object", reason="BadRequest")
+            if media == STRATEGIC_PATCH:
+                return strategicpatch.apply(current, body, kind)
+            return merge_patch(current, body)
+        except (jsonpatch.PatchError, strategicpatch.PatchError) as err:
+            raise api.ApiError(str(err), reason="Invalid" if media == JSON_PATCH else "BadRequest") from None
+
+    def _patch(self, req: Request, t: Target) -> Response:
         for _ in range(5):
             current = self._read(t)
             if current is None:
                 return status.not_found(t.qualified, t.name, t.group)
-            patched = merge_patch(self._present(copy.deepcopy(current), t), patch)
+            patched = self._patched(req, self._present(copy.deepcopy(current), t), t.kind.kind)
+            if not isinstance(patched, dict):
+                raise api.ApiError("the patch must leave an object", reason="BadRequest")
+            pinned = (patched.get("metadata") or {}).get("resourceVersion") not in (
+                None, current["metadata"]["resourceVersion"])
             patched = self._check_body(patched, t)
             # The patch applies to what was read; a write in between is a
-            # conflict, retried on the new object as the API server retries.
-            if "resourceVersion" not in (patch.get("metadata") or {}):
+            # conflict, retried on the new object as the API server retries
+            # (unless the patch itself names a resourceVersion).
+            if not pinned:
                 patched["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
             try:
                 stored, _ = api.update(self.store, patched, self.settings)
             except api.ApiError as err:
-                if err.reason == "Conflict" and "resourceVersion" not in (patch.get("metadata") or {}):
+                if err.reason == "Conflict" and not pinned:
                     continue
                 raise
             return _json(200, self._present(stored, t))
@@ -409,11 +434,9 @@ class ApiServer:
             return status.method_not_allowed()
         scale = self._scale_of(current, t)
         if req.method == "PATCH":
-            media = (req.headers.get("content-type") or "").split(";")[0].strip()
-            if media != MERGE_PATCH:
-                return status.error("UnsupportedMediaType", "the body of the request was in an unknown "
-                                    f"format - accepted media types include: {MERGE_PATCH}")
-            scale = merge_patch(scale, self._body(req))
+            scale = self._patched(req, scale, "Scale")
+            if not isinstance(scale, dict):
+                raise api.ApiError("the patch must leave an object", reason="BadRequest")
         else:
             scale = self._body(req)
             want = (scale.get("metadata") or {}).get("resourceVersion")

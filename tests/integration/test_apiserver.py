@@ -215,3 +215,62 @@ def test_python_client_lists_creates_and_watches(env):
                                                  "spec": {"ports": [{"port": 8081}]}})
     assert err.value.status == 409
     assert json.loads(err.value.body)["reason"] == "AlreadyExists"
+
+
+def test_get_watch_sees_pending_then_running(env):
+    """`kubectl get pods -w`: a Table list, then Table watch events as the pod moves on."""
+    cache = str(env["tmp"] / "cache")
+    watcher = subprocess.Popen([KUBECTL, "--cache-dir", cache, "--context", f"netemu-{env['cluster']}",
+                                "get", "pods", "-w", "-l", "app=watched"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, KUBECONFIG=env["kubeconfig"]))
+    try:
+        wait_for(lambda: _listening(env["port"]), what="server")
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "watched", "labels": {"app": "watched"}},
+               "spec": {"containers": [{"name": "c", "image": "nginx"}]}}
+        import time
+        time.sleep(1.0)                          # the watch is open before the pod exists
+        kubectl(env, "create", "-f", "-", input=json.dumps(pod))
+        wait_for(lambda: "Running" in kubectl(env, "get", "pod", "watched").stdout, timeout=60,
+                 what="the pod Running")
+        time.sleep(1.0)
+    finally:
+        watcher.terminate()
+        out, err = watcher.communicate(timeout=10)
+    lines = [re.split(r"\s{2,}", line.strip()) for line in out.strip().splitlines()]
+    assert lines[0] == ["NAME", "READY", "STATUS", "RESTARTS", "AGE"], (out, err)
+    statuses = [line[2] for line in lines[1:] if line[0] == "watched"]
+    assert statuses[0] in ("Pending", "ContainerCreating"), out
+    assert statuses[-1] == "Running", out
+    kubectl(env, "delete", "pod", "watched", timeout=90)
+
+
+def test_get_all_lists_each_kind_once(env):
+    out = kubectl(env, "get", "all").stdout
+    assert "job.extensions/" not in out and "daemonset.extensions" not in out
+    assert "service/podtoservcie" in out and "replicationcontroller/podtoservcie" in out
+
+
+def test_apply_twice_with_a_change(env):
+    """Client-side apply: create with last-applied-configuration, then a
+    strategic merge patch computed by kubectl."""
+    doc = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "applied"},
+           "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "applied"}},
+                    "template": {"metadata": {"labels": {"app": "applied"}},
+                                 "spec": {"containers": [{"name": "web", "image": "nginx",
+                                                          "env": [{"name": "A", "value": "1"},
+                                                                  {"name": "B", "value": "2"}]}]}}}}
+    path = env["tmp"] / "applied.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert kubectl(env, "apply", "-f", str(path)).stdout.strip() == "deployment.apps/applied created"
+    doc["spec"]["replicas"] = 2
+    doc["spec"]["template"]["spec"]["containers"][0]["env"] = [{"name": "A", "value": "1"}]
+    path.write_text(yaml.safe_dump(doc))
+    assert kubectl(env, "apply", "-f", str(path)).stdout.strip() == "deployment.apps/applied configured"
+    got = json.loads(kubectl(env, "get", "deploy", "applied", "-o", "json").stdout)
+    assert got["spec"]["replicas"] == 2
+    assert got["spec"]["template"]["spec"]["containers"][0]["env"] == [{"name": "A", "value": "1"}]
+    assert kubectl(env, "apply", "-f", str(path)).stdout.strip() == "deployment.apps/applied unchanged"
+    wait_for(lambda: rows(kubectl(env, "get", "deploy", "applied").stdout)[1][1] == "2/2", timeout=60,
+             what="2/2 ready")
+    kubectl(env, "delete", "-f", str(path), timeout=90)

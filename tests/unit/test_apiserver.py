@@ -136,8 +136,14 @@ def test_label_patch_and_scale_subresource(server):
                       content_type="application/merge-patch+json")
     assert code == 200 and node["metadata"]["labels"] == {"disk": "ssd", "gpu": "yes"}
     code, body = call(server, "PATCH", "/api/v1/nodes/n1", {"metadata": {}},
-                      content_type="application/strategic-merge-patch+json")
+                      content_type="application/apply-patch+yaml")          # server-side apply: not served
     assert code == 415 and body["reason"] == "UnsupportedMediaType"
+    code, node = call(server, "PATCH", "/api/v1/nodes/n1", [{"op": "remove", "path": "/metadata/labels/gpu"}],
+                      content_type="application/json-patch+json")
+    assert code == 200 and node["metadata"]["labels"] == {"disk": "ssd"}
+    code, body = call(server, "PATCH", "/api/v1/nodes/n1", [{"op": "remove", "path": "/metadata/labels/none"}],
+                      content_type="application/json-patch+json")
+    assert code == 422 and "missing path" in body["message"]
     rc = {"apiVersion": "v1", "kind": "ReplicationController", "metadata": {"name": "rc"},
           "spec": {"replicas": 2, "selector": {"app": "nginx"},
                    "template": {"metadata": {"labels": {"app": "nginx"}},
@@ -219,3 +225,28 @@ def test_table_accept_header_and_merge_patch():
     assert merge_patch({"a": {"b": 1, "c": 2}}, {"a": {"b": None, "d": 3}}) == {"a": {"c": 2, "d": 3}}
     assert parse_path("/apis/extensions/v1beta1")[0] == "discovery"
     assert parse_path("/apis/apps/v1/namespaces/default/jobs") is None
+
+
+def test_strategic_merge_patch_as_kubectl_apply_sends_it(server):
+    deploy = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+              "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                       "template": {"metadata": {"labels": {"app": "web"}},
+                                    "spec": {"containers": [
+                                        {"name": "a", "image": "nginx", "ports": [{"containerPort": 80}],
+                                         "env": [{"name": "X", "value": "1"}, {"name": "Y", "value": "2"}]},
+                                        {"name": "b", "image": "busybox"}]}}}}
+    call(server, "POST", "/apis/apps/v1/namespaces/default/deployments", deploy)
+    # kubectl's 3-way diff: change a's image, drop env Y, remove container b, keep the order.
+    patch = {"spec": {"template": {"spec": {
+        "$setElementOrder/containers": [{"name": "a"}],
+        "containers": [{"name": "a", "image": "nginx:2",
+                        "$setElementOrder/env": [{"name": "X"}],
+                        "env": [{"name": "Y", "$patch": "delete"}]},
+                       {"name": "b", "$patch": "delete"}]}}}}
+    code, body = call(server, "PATCH", "/apis/apps/v1/namespaces/default/deployments/web", patch,
+                      content_type="application/strategic-merge-patch+json")
+    assert code == 200, body
+    [c] = body["spec"]["template"]["spec"]["containers"]
+    assert (c["name"], c["image"], c["ports"], c["env"]) == ("a", "nginx:2", [{"containerPort": 80, "protocol": "TCP"}],
+                                                          [{"name": "X", "value": "1"}])
+    assert body["metadata"]["generation"] == 2
