@@ -47,6 +47,7 @@ class Response:
     status: int
     body: bytes | AsyncIterator[bytes] = b""
     content_type: str = "application/json"
+    headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
 INTERNAL_ERROR = (b'{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure",'
@@ -105,7 +106,7 @@ async def _send(conn: h11.Connection, stream: trio.abc.Stream, event) -> None:
 
 
 async def _respond(conn: h11.Connection, stream: trio.abc.Stream, resp: Response) -> None:
-    headers = [("Content-Type", resp.content_type), ("Cache-Control", "no-cache, private")]
+    headers = [("Content-Type", resp.content_type), ("Cache-Control", "no-cache, private"), *resp.headers]
     if isinstance(resp.body, bytes):
         headers.append(("Content-Length", str(len(resp.body))))
         await _send(conn, stream, h11.Response(status_code=resp.status, headers=headers))

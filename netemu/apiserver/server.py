@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 
 import trio
 
@@ -24,6 +25,8 @@ from netemu.apiserver.http import Request, Response
 from netemu.k8s import jsonpatch, kinds, selectors, strategicpatch
 from netemu.store import registry
 from netemu.store.base import Compacted
+from netemu.topology import manifests, schema
+from netemu.topology.model import TopologyError
 
 log = logging.getLogger("netemu.apiserver")
 
@@ -36,6 +39,8 @@ PATCHES = (JSON_PATCH, MERGE_PATCH, STRATEGIC_PATCH)
 # kubectl's watch keeps a connection this long unless it says otherwise
 # (kube-apiserver's --min-request-timeout: 1800 s).
 DEFAULT_WATCH_TIMEOUT = 1800.0
+# The loader's warning about a field its schema does not know (manifests._decode_struct).
+_UNKNOWN_FIELD = re.compile(r": ([^\s:]+): unknown field \(")
 
 
 def _json(code: int, body) -> Response:
@@ -321,17 +326,44 @@ class ApiServer:
             meta["name"] = t.name
         return body
 
+    def _validate_fields(self, req: Request, obj: dict, t: Target) -> list[str]:
+        """?fieldValidation=: Strict refuses unknown fields (400), Warn (the
+        default) answers with a Warning header per field, Ignore drops them
+        silently. Admission drops them in every case."""
+        mode = req.arg("fieldValidation") or "Warn"
+        if mode not in ("Strict", "Warn", "Ignore"):
+            raise api.ApiError(f'fieldValidation: Unsupported value: "{mode}": supported values: '
+                               '"Ignore", "Strict", "Warn"', reason="BadRequest")
+        if mode == "Ignore" or t.kind.kind not in schema.KINDS:
+            return []
+        try:
+            _, warnings = manifests.normalize_object(obj, "", "")
+        except TopologyError:
+            return []                       # admission reports it, with the API's wording
+        unknown = [m[1] for w in warnings if (m := _UNKNOWN_FIELD.search(w))]
+        if unknown and mode == "Strict":
+            raise api.ApiError(f'{t.kind.kind} in version "{t.gv}" cannot be handled as a {t.kind.kind}: '
+                               "strict decoding error: " + ", ".join(f'unknown field "{f}"' for f in unknown),
+                               reason="BadRequest")
+        return [f'299 - "unknown field \\"{f}\\""' for f in unknown]
+
     def _create(self, req: Request, t: Target) -> Response:
         obj = self._check_body(self._body(req), t)
+        warnings = self._validate_fields(req, obj, t)
         stored = api.create(self.store, obj, self.settings)
-        return _json(201, self._present(stored, t))
+        resp = _json(201, self._present(stored, t))
+        resp.headers += [("Warning", w) for w in warnings]
+        return resp
 
     def _replace(self, req: Request, t: Target) -> Response:
         obj = self._check_body(self._body(req), t)
         if self._read(t) is None:
             return status.not_found(t.qualified, t.name, t.group)
+        warnings = self._validate_fields(req, obj, t)
         stored, _ = api.update(self.store, obj, self.settings)
-        return _json(200, self._present(stored, t))
+        resp = _json(200, self._present(stored, t))
+        resp.headers += [("Warning", w) for w in warnings]
+        return resp
 
     def _patched(self, req: Request, current: dict, kind: str):
         """CURRENT with the request's patch applied, by its Content-Type."""
@@ -371,13 +403,16 @@ class ApiServer:
             # (unless the patch itself names a resourceVersion).
             if not pinned:
                 patched["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+            warnings = self._validate_fields(req, patched, t)
             try:
                 stored, _ = api.update(self.store, patched, self.settings)
             except api.ApiError as err:
                 if err.reason == "Conflict" and not pinned:
                     continue
                 raise
-            return _json(200, self._present(stored, t))
+            resp = _json(200, self._present(stored, t))
+            resp.headers += [("Warning", w) for w in warnings]
+            return resp
         raise api.ApiError(f'Operation cannot be fulfilled on {t.kind.resource} "{t.name}": too many '
                            "concurrent changes", reason="Conflict")
 

@@ -165,6 +165,16 @@ def test_errors_use_kubernetes_wording(env):
     assert proc.stderr.strip() == 'Error from server (NotFound): endpoints "nosuch" not found'
     proc = kubectl(env, "get", "jobs.batch", "nosuch", check=False)
     assert proc.stderr.strip() == 'Error from server (NotFound): jobs.batch "nosuch" not found'
+    typo = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "typo"},
+            "spec": {"containers": [{"name": "c", "image": "nginx", "imagee": "x"}]}}
+    proc = kubectl(env, "create", "-f", "-", input=json.dumps(typo), check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().endswith('Pod in version "v1" cannot be handled as a Pod: strict decoding error: '
+                                        'unknown field "spec.containers[0].imagee"'), proc.stderr
+    assert "NotFound" in kubectl(env, "get", "pod", "typo", check=False).stderr
+    proc = kubectl(env, "create", "-f", "-", "--validate=warn", input=json.dumps(typo))
+    assert 'Warning: unknown field "spec.containers[0].imagee"' in proc.stderr
+    kubectl(env, "delete", "pod", "typo", timeout=90)
 
 
 def test_label_scale_wide_and_delete_waits(env):

@@ -250,3 +250,23 @@ def test_strategic_merge_patch_as_kubectl_apply_sends_it(server):
     assert (c["name"], c["image"], c["ports"], c["env"]) == ("a", "nginx:2", [{"containerPort": 80, "protocol": "TCP"}],
                                                           [{"name": "X", "value": "1"}])
     assert body["metadata"]["generation"] == 2
+
+
+def test_field_validation_strict_warn_ignore(server):
+    typo = {**POD, "spec": {"containers": [{"name": "c", "image": "nginx", "imagee": "x"}]}}
+
+    def post(query, body):
+        req = http.Request("POST", "/api/v1/namespaces/default/pods",
+                           {"fieldValidation": [query]} if query else {}, {}, json.dumps(body).encode())
+        return trio.run(server.handle, req)
+
+    resp = post("Strict", typo)
+    body = json.loads(resp.body)
+    assert resp.status == 400 and body["reason"] == "BadRequest"
+    assert body["message"] == ('Pod in version "v1" cannot be handled as a Pod: strict decoding error: '
+                               'unknown field "spec.containers[0].imagee"')
+    assert call(server, "GET", "/api/v1/namespaces/default/pods/web")[0] == 404   # nothing stored
+    resp = post("", typo)                                  # Warn, the default
+    assert resp.status == 201
+    assert resp.headers == [("Warning", '299 - "unknown field \\"spec.containers[0].imagee\\""')]
+    assert post("Bogus", {**POD, "metadata": {"name": "other"}}).status == 400
