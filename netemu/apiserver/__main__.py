@@ -20,8 +20,11 @@ log = logging.getLogger("netemu.apiserver")
 
 
 def master_node(topology) -> str:
-    """The node the API server listens on: the first unschedulable node (the
-    tutorial's master), else the first node."""
+    """The node the API server listens on: cluster.apiServerNode, else the first
+    unschedulable node (the tutorial's master), else the first node."""
+    chosen = getattr(topology.settings, "api_server_node", None)
+    if chosen:
+        return chosen
     nodes = topology.nodes
     return next((n.name for n in nodes if n.unschedulable), nodes[0].name)
 

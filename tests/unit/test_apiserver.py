@@ -4,6 +4,7 @@ requests go to ApiServer.handle over a store in a temp directory (no sockets).""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import trio
@@ -270,3 +271,44 @@ def test_field_validation_strict_warn_ignore(server):
     assert resp.status == 201
     assert resp.headers == [("Warning", '299 - "unknown field \\"spec.containers[0].imagee\\""')]
     assert post("Bogus", {**POD, "metadata": {"name": "other"}}).status == 400
+
+
+def test_api_server_node_from_the_topology(tmp_path):
+    from netemu.apiserver.__main__ import master_node
+    from netemu.topology import loader
+    from netemu.topology.model import TopologyError
+
+    def load(text):
+        path = tmp_path / "t.yaml"
+        path.write_text(text)
+        return loader.load_topology(path, host_networks=[])
+
+    assert master_node(load("name: x\nnodes: [{name: a}, {name: b}]\n")) == "a"
+    assert master_node(load("name: x\nnodes: [{name: a}, {name: m, unschedulable: true}]\n")) == "m"
+    assert master_node(load("name: x\ncluster: {apiServerNode: b}\n"
+                            "nodes: [{name: a, unschedulable: true}, {name: b}]\n")) == "b"
+    with pytest.raises(TopologyError, match=r"cluster\.apiServerNode: .*is not one of the nodes \(a, b\)"):
+        load("name: x\ncluster: {apiServerNode: c}\nnodes: [{name: a}, {name: b}]\n")
+
+
+def test_kubeconfig_add_keeps_others_and_remove_takes_only_ours(tmp_path):
+    import yaml
+
+    from netemu.apiserver import kubeconfig
+
+    path = str(tmp_path / "config")
+    kubeconfig.add(path, "one", "http://127.0.0.1:1111")          # no file yet: ours becomes current
+    data = yaml.safe_load(open(path))
+    assert data["current-context"] == "netemu-one"
+    kubeconfig.add(path, "two", "http://127.0.0.1:2222")          # a current context exists: kept
+    data = yaml.safe_load(open(path))
+    assert data["current-context"] == "netemu-one"
+    assert [c["name"] for c in data["contexts"]] == ["netemu-one", "netemu-two"]
+    assert data["clusters"][1]["cluster"]["server"] == "http://127.0.0.1:2222"
+    kubeconfig.remove(path, "one")
+    data = yaml.safe_load(open(path))
+    assert [c["name"] for c in data["contexts"]] == ["netemu-two"]
+    assert [c["name"] for c in data["users"]] == ["netemu-two"]
+    assert data["current-context"] == ""                          # it was ours: unset, as kind does
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    assert not os.path.exists(path + ".lock")
