@@ -63,7 +63,8 @@ async def run(cluster: str) -> None:
     address = next((a["address"] for a in (node_obj.get("status") or {}).get("addresses") or []
                     if a.get("type") == "InternalIP"), None)
     socks = open_sockets(cluster, node, address, int(config["port"]))
-    server = ApiServer(store, topology.settings, f"{address or '127.0.0.1'}:{apiserver.INSECURE_PORT}")
+    server = ApiServer(store, topology.settings, f"{address or '127.0.0.1'}:{apiserver.INSECURE_PORT}",
+                       pod_dir=lambda namespace, pod: names.pod_dir(cluster, namespace, pod))
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
     log.info("serving on node %s (127.0.0.1:%d, %s:%d) and the machine's 127.0.0.1:%d", node,
              apiserver.INSECURE_PORT, address, apiserver.INSECURE_PORT, config["port"])

@@ -59,6 +59,9 @@ def resource_list(group_version: str) -> dict | None:
         if k.categories and k.group_version == group_version:
             entry["categories"] = list(k.categories)
         resources.append(entry)
+        if k.kind == "Pod" and group_version == "v1":
+            resources.append({"name": "pods/log", "singularName": "", "namespaced": True, "kind": "Pod",
+                              "verbs": ["get"]})
         if k.scale_field:
             resources.append({"name": f"{k.resource}/scale", "singularName": "", "namespaced": k.namespaced,
                               "group": "autoscaling", "version": "v1", "kind": "Scale",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import re
 
 import trio
@@ -39,6 +40,7 @@ PATCHES = (JSON_PATCH, MERGE_PATCH, STRATEGIC_PATCH)
 # kubectl's watch keeps a connection this long unless it says otherwise
 # (kube-apiserver's --min-request-timeout: 1800 s).
 DEFAULT_WATCH_TIMEOUT = 1800.0
+FOLLOW_POLL = 0.2               # seconds between looks at a followed log that has not grown
 # The loader's warning about a field its schema does not know (manifests._decode_struct).
 _UNKNOWN_FIELD = re.compile(r": ([^\s:]+): unknown field \(")
 
@@ -90,7 +92,7 @@ def parse_path(path: str) -> tuple[str, object] | None:
         return None
     name = rest[1] if len(rest) >= 2 else None
     sub = rest[2] if len(rest) == 3 else None
-    if sub is not None and not (sub == "scale" and kind.scale_field):
+    if sub is not None and not (sub == "scale" and kind.scale_field or sub == "log" and kind.kind == "Pod"):
         return None
     return "object", Target(gv, kind, namespace, name, sub)
 
@@ -109,8 +111,10 @@ def merge_patch(target, patch):
 
 
 class ApiServer:
-    def __init__(self, store, settings=None, address: str = "127.0.0.1:8080"):
-        self.store, self.settings, self.address = store, settings, address
+    def __init__(self, store, settings=None, address: str = "127.0.0.1:8080", pod_dir=None):
+        """POD_DIR(namespace, pod): the folder of a pod's container logs (the
+        kubelet's); None: pods/log is not served."""
+        self.store, self.settings, self.address, self.pod_dir = store, settings, address, pod_dir
 
     # -- dispatch ---------------------------------------------------------------
 
@@ -140,6 +144,8 @@ class ApiServer:
         try:
             if t.subresource == "scale":
                 return await self._scale(req, t)
+            if t.subresource == "log":
+                return self._log(req, t)
             if req.method == "GET" and t.name is None:
                 return await self._list_or_watch(req, t)
             if req.method == "GET":
@@ -488,3 +494,84 @@ class ApiServer:
                                 f"Invalid value: {replicas}: must be greater than or equal to 0")
         obj = api.scale(self.store, t.kind.kind, t.name, replicas, namespace=t.namespace or "default")
         return _json(200, self._scale_of(obj, t))
+
+    # -- pods/log -----------------------------------------------------------------
+
+    def _log(self, req: Request, t: Target) -> Response:
+        """A container's output, as the kubelet serves it through the API server.
+        The kubelet appends every run of a container to one file and keeps no
+        timestamps, so previous, timestamps, sinceSeconds and sinceTime are
+        refused rather than answered wrongly."""
+        if req.method != "GET":
+            return status.method_not_allowed()
+        if self.pod_dir is None:
+            return status.no_route()
+        pod = self._read(t)
+        if pod is None:
+            return status.not_found(t.qualified, t.name, t.group)
+        for unsupported in ("previous", "timestamps"):
+            if req.arg(unsupported) in ("true", "1"):
+                return status.bad_request(f"{unsupported}=true is not supported by netemu's kubelet yet")
+        for unsupported in ("sinceSeconds", "sinceTime"):
+            if req.arg(unsupported):
+                return status.bad_request(f"{unsupported} is not supported by netemu's kubelet yet")
+        containers = [c["name"] for c in (pod.get("spec") or {}).get("containers") or []]
+        container = req.arg("container")
+        if not container:
+            if len(containers) != 1:
+                return status.bad_request(f"a container name must be specified for pod {t.name}, "
+                                          f"choose one of: [{' '.join(containers)}]")
+            container = containers[0]
+        if container not in containers:
+            return status.bad_request(f"container {container} is not valid for pod {t.name}")
+        try:
+            tail = int(req.arg("tailLines")) if req.arg("tailLines") else None
+            limit = int(req.arg("limitBytes")) if req.arg("limitBytes") else None
+        except ValueError:
+            return status.bad_request("tailLines and limitBytes must be integers")
+        if (tail is not None and tail < 0) or (limit is not None and limit <= 0):
+            return status.error("Invalid", 'PodLogOptions "" is invalid: tailLines or limitBytes: '
+                                "Invalid value: must be greater than or equal to 0 (limitBytes: 1)")
+        path = os.path.join(self.pod_dir(t.namespace or "default", t.name), f"{container}.log")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+                read_up_to = f.tell()           # a followed log goes on from exactly here
+        except FileNotFoundError:
+            reason = next((((cs.get("state") or {}).get("waiting") or {}).get("reason")
+                           for cs in (pod.get("status") or {}).get("containerStatuses") or []
+                           if cs.get("name") == container), None) or "ContainerCreating"
+            return status.bad_request(f'container "{container}" in pod "{t.name}" is waiting to start: {reason}')
+        if tail is not None:
+            lines = data.splitlines(keepends=True)
+            data = b"".join(lines[len(lines) - tail:]) if tail else b""
+        if limit is not None:
+            data = data[:limit]
+        if req.arg("follow") not in ("true", "1") or (limit is not None and len(data) >= limit):
+            return Response(200, data, "text/plain")
+        return Response(200, self._follow(t, path, read_up_to, data, limit), "text/plain")
+
+    async def _follow(self, t: Target, path: str, offset: int, first: bytes, limit: int | None):
+        """Stream the log as it grows until the container stops for good (its
+        pod finished or gone) or limitBytes is reached."""
+        sent = len(first)
+        yield first
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while True:
+                chunk = f.read(65536)
+                if chunk:
+                    if limit is not None:
+                        chunk = chunk[:limit - sent]
+                    sent += len(chunk)
+                    yield chunk
+                    if limit is not None and sent >= limit:
+                        return
+                    continue
+                pod = self._read(t)
+                if pod is None or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                    rest = f.read()
+                    if rest:
+                        yield rest[:None if limit is None else limit - sent]
+                    return
+                await trio.sleep(FOLLOW_POLL)

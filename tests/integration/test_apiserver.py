@@ -150,6 +150,13 @@ def test_tutorial_commands_in_the_master_namespace(env):
     assert out.strip() == "job.extensions/package-check created"
     wait_for(lambda: "Complete" in kubectl(env, "get", "job", "package-check", master=True).stdout,
              timeout=90, what="the Job to complete")
+    described = kubectl(env, "describe", "job", "package-check", master=True).stdout
+    assert re.search(r"^Pods Statuses:\s+0 Active \(0 Ready\) / 1 Succeeded / 0 Failed$", described, re.M), described
+    pod = kubectl(env, "get", "pods", "-l", "job-name=package-check", "-o", "name", master=True).stdout.split()
+    assert len(pod) == 1, pod
+    logs = kubectl(env, "logs", pod[0], master=True).stdout
+    assert any(line.startswith("ii  ") for line in logs.splitlines())
+    assert len(kubectl(env, "logs", pod[0], "--tail=3", master=True).stdout.splitlines()) == 3
     # The node's eth0 address serves too (another node's kubectl reaching the master).
     curl = subprocess.run(["ip", "netns", "exec", names.node_ns(env["cluster"], "srv-k8s-node1"), "curl", "-s",
                            "http://10.1.96.231:8080/api/v1/namespaces/default/pods/nginxpod"],
@@ -284,3 +291,16 @@ def test_apply_twice_with_a_change(env):
     wait_for(lambda: rows(kubectl(env, "get", "deploy", "applied").stdout)[1][1] == "2/2", timeout=60,
              what="2/2 ready")
     kubectl(env, "delete", "-f", str(path), timeout=90)
+
+
+def test_logs_follow_streams_until_the_container_ends(env):
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ticker"},
+           "spec": {"restartPolicy": "Never", "containers": [{
+               "name": "c", "image": "busybox",
+               "command": ["sh", "-c", "for i in 1 2 3 4 5; do echo tick $i; sleep 0.3; done"]}]}}
+    kubectl(env, "create", "-f", "-", input=json.dumps(pod))
+    wait_for(lambda: kubectl(env, "logs", "ticker", check=False).returncode == 0, timeout=60,
+             what="the container started")
+    out = kubectl(env, "logs", "-f", "ticker", timeout=60).stdout
+    assert out.splitlines() == [f"tick {i}" for i in range(1, 6)]
+    kubectl(env, "delete", "pod", "ticker", timeout=90)

@@ -63,7 +63,8 @@ def test_discovery_lists_short_names_and_the_tutorials_extensions_group():
 def test_paths_not_served_are_404_and_wrong_methods_405(server):
     assert call(server, "GET", "/apis/coordination.k8s.io/v1/namespaces/x/leases/n1")[0] == 404
     assert call(server, "GET", "/api/v1/namespaces/default/nodes/n1")[0] == 404   # nodes are cluster-scoped
-    assert call(server, "GET", "/api/v1/namespaces/default/pods/web/log")[0] == 404  # not served yet
+    assert call(server, "GET", "/api/v1/namespaces/default/pods/web/log")[0] == 404  # no kubelet folder given
+    assert call(server, "GET", "/api/v1/namespaces/default/pods/web/exec")[0] == 404  # not served yet
     assert call(server, "GET", "/openapi/v3")[0] == 404
     code, body = call(server, "POST", "/api/v1/nodes/n1")
     assert code == 405 and body["reason"] == "MethodNotAllowed"
@@ -312,3 +313,25 @@ def test_kubeconfig_add_keeps_others_and_remove_takes_only_ours(tmp_path):
     assert data["current-context"] == ""                          # it was ours: unset, as kind does
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
     assert not os.path.exists(path + ".lock")
+
+
+def test_pod_logs_tail_limit_and_errors(server, tmp_path):
+    server.pod_dir = lambda ns, pod: str(tmp_path / ns / pod)
+    two = {**POD, "spec": {"containers": [{"name": "a", "image": "nginx"}, {"name": "b", "image": "nginx"}]}}
+    call(server, "POST", "/api/v1/namespaces/default/pods", two)
+    code, body = call(server, "GET", "/api/v1/namespaces/default/pods/web/log")
+    assert code == 400 and body["message"] == ("a container name must be specified for pod web, "
+                                               "choose one of: [a b]")
+    code, body = call(server, "GET", "/api/v1/namespaces/default/pods/web/log?container=zz")
+    assert code == 400 and body["message"] == "container zz is not valid for pod web"
+    code, body = call(server, "GET", "/api/v1/namespaces/default/pods/web/log?container=a")
+    assert code == 400 and body["message"] == 'container "a" in pod "web" is waiting to start: ContainerCreating'
+    (tmp_path / "default" / "web").mkdir(parents=True)
+    (tmp_path / "default" / "web" / "a.log").write_bytes(b"one\ntwo\nthree\n")
+    assert call(server, "GET", "/api/v1/namespaces/default/pods/web/log?container=a")[1] == b"one\ntwo\nthree\n"
+    assert call(server, "GET", "/api/v1/namespaces/default/pods/web/log?container=a&tailLines=2")[1] == b"two\nthree\n"
+    assert call(server, "GET", "/api/v1/namespaces/default/pods/web/log?container=a&tailLines=0")[1] == b""
+    assert call(server, "GET", "/api/v1/namespaces/default/pods/web/log?container=a&limitBytes=5")[1] == b"one\nt"
+    code, body = call(server, "GET", "/api/v1/namespaces/default/pods/web/log?container=a&previous=true")
+    assert code == 400 and "previous" in body["message"]
+    assert call(server, "GET", "/api/v1/namespaces/default/pods/web/log?container=a&tailLines=-1")[0] == 422
