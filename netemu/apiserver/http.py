@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import urllib.parse
+from http import HTTPStatus
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import h11
@@ -105,18 +106,27 @@ async def _send(conn: h11.Connection, stream: trio.abc.Stream, event) -> None:
         await stream.send_all(data)
 
 
+def _phrase(code: int) -> bytes:
+    try:
+        return HTTPStatus(code).phrase.encode()
+    except ValueError:
+        return b""
+
+
 async def _respond(conn: h11.Connection, stream: trio.abc.Stream, resp: Response) -> None:
     headers = [("Content-Type", resp.content_type), ("Cache-Control", "no-cache, private"), *resp.headers]
     if isinstance(resp.body, bytes):
         headers.append(("Content-Length", str(len(resp.body))))
-        await _send(conn, stream, h11.Response(status_code=resp.status, headers=headers))
+        await _send(conn, stream, h11.Response(status_code=resp.status, headers=headers,
+                                               reason=_phrase(resp.status)))
         if resp.body:
             await _send(conn, stream, h11.Data(data=resp.body))
         await _send(conn, stream, h11.EndOfMessage())
         return
     # Streamed: no Content-Length, so h11 frames it with chunked encoding.
     headers.append(("Transfer-Encoding", "chunked"))
-    await _send(conn, stream, h11.Response(status_code=resp.status, headers=headers))
+    await _send(conn, stream, h11.Response(status_code=resp.status, headers=headers,
+                                           reason=_phrase(resp.status)))
     hung_up = False
     async with trio.open_nursery() as nursery:
         async def watch_for_hangup() -> None:

@@ -29,7 +29,7 @@ def status(reason: str, message: str, details: dict | None = None, code: int | N
 
 def error(reason: str, message: str, details: dict | None = None, code: int | None = None) -> Response:
     body = status(reason, message, details, code)
-    return Response(body["code"], json.dumps(body).encode())
+    return Response(body["code"], json.dumps(body, separators=(",", ":")).encode())
 
 
 def not_found(qualified: str, name: str, group: str = "") -> Response:

@@ -335,3 +335,71 @@ def test_pod_logs_tail_limit_and_errors(server, tmp_path):
     code, body = call(server, "GET", "/api/v1/namespaces/default/pods/web/log?container=a&previous=true")
     assert code == 400 and "previous" in body["message"]
     assert call(server, "GET", "/api/v1/namespaces/default/pods/web/log?container=a&tailLines=-1")[0] == 422
+
+
+# -- the HTTP layer, over in-memory streams ----------------------------------------
+
+def _serve_one(server, raw: bytes, read_until_close: bool = True) -> bytes:
+    from trio.testing import memory_stream_pair
+
+    from netemu.apiserver import status
+
+    async def main():
+        client, srv = memory_stream_pair()
+        async with trio.open_nursery() as n:
+            n.start_soon(http.serve_connection, srv, server.handle, status.too_large, status.bad_request)
+            await client.send_all(raw)
+            out = b""
+            with trio.move_on_after(5):
+                while True:
+                    data = await client.receive_some(65536)
+                    if not data:
+                        break
+                    out += data
+                    if not read_until_close and b"\r\n\r\n" in out:
+                        break
+            await client.aclose()
+        return out
+
+    return trio.run(main)
+
+
+def test_http_body_over_3_mib_is_413_and_the_server_goes_on(server):
+    big = b"x" * (3 * 1024 * 1024 + 1)
+    out = _serve_one(server, b"POST /api/v1/namespaces/default/pods HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(big) + big)
+    assert out.startswith(b"HTTP/1.1 413 ")
+    assert b'"reason":"RequestEntityTooLarge"' in out
+    assert call(server, "GET", "/api/v1/nodes/n1")[0] == 200
+
+
+def test_http_malformed_request_is_400(server):
+    out = _serve_one(server, b"GARBAGE\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400 ")
+    assert b'"reason":"BadRequest"' in out
+
+
+def test_http_keep_alive_serves_requests_in_turn(server):
+    req = b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n"
+    out = _serve_one(server, req + req + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert out.count(b"HTTP/1.1 200 ") == 3 and out.endswith(b"ok")
+
+
+def test_http_client_hanging_up_mid_watch_ends_the_stream(server):
+    from trio.testing import memory_stream_pair
+
+    from netemu.apiserver import status
+
+    async def main():
+        client, srv = memory_stream_pair()
+        with trio.fail_after(5):
+            async with trio.open_nursery() as n:
+                n.start_soon(http.serve_connection, srv, server.handle, status.too_large, status.bad_request)
+                await client.send_all(b"GET /api/v1/nodes?watch=true HTTP/1.1\r\nHost: x\r\n\r\n")
+                got = b""
+                while b"ADDED" not in got:
+                    got += await client.receive_some(65536)
+                await client.aclose()          # the server's watch must end now, not at the next event
+        return got
+
+    assert b"Transfer-Encoding: chunked" in trio.run(main)
