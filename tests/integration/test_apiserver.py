@@ -9,6 +9,7 @@ tutorial's insecure port) and from the machine through the context.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -78,16 +79,19 @@ def env(tmp_path_factory):
             os.environ["KUBECONFIG"] = old
 
 
-def kubectl(env, *args, master=False, check=True, timeout=60, input=None):
+def kubectl(env, *args, master=False, check=True, timeout=60, input=None, binary=None):
     """kubectl through the kubeconfig context, or (master=True) inside the master
-    node's namespace with no kubeconfig at all (it then talks to localhost:8080)."""
-    cache = str(env["tmp"] / ("cache-master" if master else "cache"))
+    node's namespace with no kubeconfig at all (it then talks to localhost:8080).
+    BINARY: another kubectl (the tutorial era's 1.20)."""
+    binary = binary or KUBECTL
+    cache = str(env["tmp"] / ("cache-master" if master else "cache")) + (
+        "-" + re.sub(r"\W", "_", binary) if binary != KUBECTL else "")
     if master:
-        argv = ["ip", "netns", "exec", names.node_ns(env["cluster"], MASTER), KUBECTL, "--cache-dir", cache, *args]
+        argv = ["ip", "netns", "exec", names.node_ns(env["cluster"], MASTER), binary, "--cache-dir", cache, *args]
         environ = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
         environ["HOME"] = str(env["tmp"] / "nohome")          # no ~/.kube/config either
     else:
-        argv = [KUBECTL, "--cache-dir", cache, "--context", f"netemu-{env['cluster']}", *args]
+        argv = [binary, "--cache-dir", cache, "--context", f"netemu-{env['cluster']}", *args]
         environ = dict(os.environ, KUBECONFIG=env["kubeconfig"])
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=environ, input=input)
     if check and proc.returncode != 0:
@@ -111,30 +115,42 @@ def test_kubeconfig_context_added_and_printed(env):
     assert yaml.safe_load(out)["clusters"][0]["cluster"]["server"] == server
 
 
-def test_tutorial_commands_in_the_master_namespace(env):
-    """The tutorial's commands as printed, on the master, with no configuration."""
-    out = kubectl(env, "create", "-f", os.path.join(TUTORIAL, "nginxpod.yaml"), master=True).stdout
+# The tutorial era's kubectl (Debian's kubernetes-client 1.20, which conflicts with
+# the machine's kubectl: `apt-get download kubernetes-client && dpkg -x ...`), if given.
+OLD_KUBECTL = os.environ.get("NETEMU_KUBECTL_1_20", "")
+BINARIES = [pytest.param(None, id="newest"),
+            pytest.param(OLD_KUBECTL or "/nonexistent", id="1.20",
+                         marks=pytest.mark.skipif(not os.path.exists(OLD_KUBECTL or "/nonexistent"),
+                                                  reason="set NETEMU_KUBECTL_1_20 to a kubectl 1.20"))]
+
+
+@pytest.mark.parametrize("binary", BINARIES)
+def test_tutorial_commands_in_the_master_namespace(env, binary):
+    """The tutorial's commands as printed, on the master, with no configuration;
+    then deleted again (delete waits for each object to go)."""
+    k = functools.partial(kubectl, binary=binary)
+    out = k(env, "create", "-f", os.path.join(TUTORIAL, "nginxpod.yaml"), master=True).stdout
     assert out.strip() == "pod/nginxpod created"
-    out = kubectl(env, "get", "pods", master=True).stdout
+    out = k(env, "get", "pods", master=True).stdout
     assert rows(out)[0] == ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
     assert rows(out)[1][0] == "nginxpod"
-    wait_for(lambda: "Running" in kubectl(env, "get", "pod", "nginxpod", master=True).stdout,
+    wait_for(lambda: "Running" in k(env, "get", "pod", "nginxpod", master=True).stdout,
              timeout=60, what="nginxpod Running")
-    described = kubectl(env, "describe", "pod", "nginxpod", master=True).stdout
+    described = k(env, "describe", "pod", "nginxpod", master=True).stdout
     assert re.search(r"^Name:\s+nginxpod$", described, re.M)
     assert re.search(r"^Node:\s+srv-k8s-node[12]/10\.1\.96\.23[23]$", described, re.M)
 
-    out = kubectl(env, "create", "-f", os.path.join(TUTORIAL, "nginx-rc.yaml"), master=True).stdout
+    out = k(env, "create", "-f", os.path.join(TUTORIAL, "nginx-rc.yaml"), master=True).stdout
     assert out.strip() == "replicationcontroller/podtoservcie created"
-    out = kubectl(env, "expose", "rc", "podtoservcie", "--port=80", master=True).stdout
+    out = k(env, "expose", "rc", "podtoservcie", "--port=80", master=True).stdout
     assert out.strip() == "service/podtoservcie exposed"
-    svc = json.loads(kubectl(env, "get", "svc", "podtoservcie", "-o", "json", master=True).stdout)
+    svc = json.loads(k(env, "get", "svc", "podtoservcie", "-o", "json", master=True).stdout)
     assert svc["spec"]["clusterIP"].startswith("10.254.")      # allocated by admission, in the range
     assert svc["spec"]["selector"] == {"app": "nginx"}
-    out = kubectl(env, "expose", "rc", "podtoservcie", "--port=80", "--type=LoadBalancer",
+    out = k(env, "expose", "rc", "podtoservcie", "--port=80", "--type=LoadBalancer",
                   '--name=my-second-service', master=True).stdout
     assert out.strip() == "service/my-second-service exposed"
-    lb = json.loads(kubectl(env, "get", "svc", "my-second-service", "-o", "json", master=True).stdout)
+    lb = json.loads(k(env, "get", "svc", "my-second-service", "-o", "json", master=True).stdout)
     assert 30000 <= lb["spec"]["ports"][0]["nodePort"] <= 32767
 
     # curl http://localhost:8080/apis/extensions/v1beta1, as the tutorial does
@@ -146,22 +162,30 @@ def test_tutorial_commands_in_the_master_namespace(env):
     ds = next(r for r in doc["resources"] if r["name"] == "daemonsets")
     assert ds["namespaced"] is True and ds["kind"] == "DaemonSet"
 
-    out = kubectl(env, "create", "-f", os.path.join(TUTORIAL, "job-dpkg.yaml"), master=True).stdout
+    out = k(env, "create", "-f", os.path.join(TUTORIAL, "job-dpkg.yaml"), master=True).stdout
     assert out.strip() == "job.extensions/package-check created"
-    wait_for(lambda: "Complete" in kubectl(env, "get", "job", "package-check", master=True).stdout,
+    wait_for(lambda: "Complete" in k(env, "get", "job", "package-check", master=True).stdout,
              timeout=90, what="the Job to complete")
-    described = kubectl(env, "describe", "job", "package-check", master=True).stdout
-    assert re.search(r"^Pods Statuses:\s+0 Active \(0 Ready\) / 1 Succeeded / 0 Failed$", described, re.M), described
-    pod = kubectl(env, "get", "pods", "-l", "job-name=package-check", "-o", "name", master=True).stdout.split()
+    described = k(env, "describe", "job", "package-check", master=True).stdout
+    # 1.32: "0 Active (0 Ready) / 1 Succeeded / 0 Failed"; 1.20: "0 Running / 1 Succeeded / 0 Failed"
+    assert re.search(r"^Pods Statuses:\s+0 (Active \(0 Ready\)|Running) / 1 Succeeded / 0 Failed$",
+                     described, re.M), described
+    pod = k(env, "get", "pods", "-l", "job-name=package-check", "-o", "name", master=True).stdout.split()
     assert len(pod) == 1, pod
-    logs = kubectl(env, "logs", pod[0], master=True).stdout
+    logs = k(env, "logs", pod[0], master=True).stdout
     assert any(line.startswith("ii  ") for line in logs.splitlines())
-    assert len(kubectl(env, "logs", pod[0], "--tail=3", master=True).stdout.splitlines()) == 3
+    assert len(k(env, "logs", pod[0], "--tail=3", master=True).stdout.splitlines()) == 3
     # The node's eth0 address serves too (another node's kubectl reaching the master).
     curl = subprocess.run(["ip", "netns", "exec", names.node_ns(env["cluster"], "srv-k8s-node1"), "curl", "-s",
                            "http://10.1.96.231:8080/api/v1/namespaces/default/pods/nginxpod"],
                           capture_output=True, text=True, timeout=10, check=True).stdout
     assert json.loads(curl)["metadata"]["name"] == "nginxpod"
+    for path in ("job-dpkg.yaml", "nginx-rc.yaml", "nginxpod.yaml"):
+        k(env, "delete", "-f", os.path.join(TUTORIAL, path), master=True, timeout=120)
+    out = k(env, "delete", "svc", "podtoservcie", "my-second-service", master=True).stdout
+    assert out.splitlines() == ['service "podtoservcie" deleted', 'service "my-second-service" deleted']
+    wait_for(lambda: not k(env, "get", "pods", "-o", "name", master=True).stdout.strip(), timeout=90,
+             what="every pod gone")
 
 
 def test_errors_use_kubernetes_wording(env):
@@ -189,8 +213,7 @@ def test_label_scale_wide_and_delete_waits(env):
     assert out.strip() == "node/srv-k8s-node1 labeled"
     out = kubectl(env, "get", "nodes", "-l", "disk=ssd", "-o", "name").stdout
     assert out.split() == ["node/srv-k8s-node1"]
-    kubectl(env, "create", "-f", os.path.join(TUTORIAL, "nginx-rc.yaml"), "--namespace", "default",
-            check=False)                       # made by the previous test if it ran
+    kubectl(env, "create", "-f", os.path.join(TUTORIAL, "nginx-rc.yaml"))
     out = kubectl(env, "scale", "rc", "podtoservcie", "--replicas=3").stdout
     assert out.strip() == "replicationcontroller/podtoservcie scaled"
     wait_for(lambda: rows(kubectl(env, "get", "rc", "podtoservcie").stdout)[1][1:4] == ["3", "3", "3"],
@@ -265,7 +288,7 @@ def test_get_watch_sees_pending_then_running(env):
 def test_get_all_lists_each_kind_once(env):
     out = kubectl(env, "get", "all").stdout
     assert "job.extensions/" not in out and "daemonset.extensions" not in out
-    assert "service/podtoservcie" in out and "replicationcontroller/podtoservcie" in out
+    assert "replicationcontroller/podtoservcie" in out and "pod/podtoservcie-" in out
 
 
 def test_apply_twice_with_a_change(env):
