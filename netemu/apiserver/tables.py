@@ -16,8 +16,21 @@ from netemu import kubectl_tables, printers
 _NODE_WIDE = ["INTERNAL-IP", "POD-CIDR"]
 
 
+def _endpoint_slice_row(es: dict) -> list[str]:
+    """kubectl's printEndpointSlice: ports and at most three addresses."""
+    ports = ",".join(str(p["port"]) for p in es.get("ports") or [] if p.get("port") is not None) or "<unset>"
+    addresses = [a for ep in es.get("endpoints") or [] for a in ep.get("addresses") or []]
+    shown = ",".join(addresses[:3]) or "<unset>"
+    if len(addresses) > 3:
+        shown += f" + {len(addresses) - 3} more..."
+    return [es["metadata"]["name"], es.get("addressType", ""), ports, shown,
+            printers.age(es["metadata"].get("creationTimestamp"))]
+
+
 def _columns(kind: str) -> tuple[list[str], list[str], object]:
     """(all headers, wide-only headers, row(obj) -> every cell)."""
+    if kind == "EndpointSlice":
+        return ["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"], [], _endpoint_slice_row
     if kind == "Pod":
         return (printers.POD_HEADERS + printers.POD_WIDE, printers.POD_WIDE,
                 lambda o: printers.pod_row(o, True))

@@ -67,6 +67,8 @@ KINDS: tuple[Kind, ...] = (
     Kind("ReplicaSet", "replicasets", "replicaset", ("rs",), "apps", "v1", True, ("all",), "replicas",
          fields=("status.replicas",)),
     Kind("Job", "jobs", "job", (), "batch", "v1", True, ("all",), fields=("status.successful",)),
+    Kind("EndpointSlice", "endpointslices", "endpointslice", (), "discovery.k8s.io", "v1", True,
+         fields=("addressType",)),
 )
 
 BY_KIND = {k.kind: k for k in KINDS}
@@ -74,7 +76,7 @@ BY_KIND = {k.kind: k for k in KINDS}
 # Group/versions in the order /apis lists them. The order matters: a bare
 # `kubectl get jobs` takes the first group that has jobs, so batch comes before
 # extensions, as on a real server.
-GROUP_VERSIONS: tuple[str, ...] = ("v1", "apps/v1", "batch/v1", "extensions/v1beta1")
+GROUP_VERSIONS: tuple[str, ...] = ("v1", "apps/v1", "batch/v1", "extensions/v1beta1", "discovery.k8s.io/v1")
 
 # group/version -> kinds served there. extensions/v1beta1 is the tutorial's:
 # DaemonSets, Deployments, ReplicaSets and Jobs, converted to their current versions.
@@ -83,11 +85,8 @@ SERVED: dict[str, tuple[str, ...]] = {
     "apps/v1": ("DaemonSet", "Deployment", "ReplicaSet"),
     "batch/v1": ("Job",),
     "extensions/v1beta1": ("DaemonSet", "Deployment", "ReplicaSet", "Job"),
+    "discovery.k8s.io/v1": ("EndpointSlice",),
 }
-
-# The kinds the Kubernetes API calls by an extra short name in extensions: none;
-# there, kinds carry the same names as in their current group.
-
 
 def served(group_version: str) -> list[Kind]:
     return [BY_KIND[k] for k in SERVED.get(group_version, ())]

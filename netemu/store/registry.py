@@ -28,6 +28,7 @@ KINDS: dict[str, tuple[str, bool, str, tuple[str, ...]]] = {
     "DaemonSet": ("daemonsets", True, "apps/v1", ("daemonset", "daemonsets", "ds")),
     "Job": ("jobs", True, "batch/v1", ("job", "jobs")),
     "Event": ("events", True, "v1", ("event", "events", "ev")),
+    "EndpointSlice": ("endpointslices", True, "discovery.k8s.io/v1", ("endpointslice", "endpointslices")),
     # The API server keeps nodes under "minions", a name from Kubernetes' first days.
     "Node": ("minions", False, "v1", ("node", "nodes", "no")),
 }

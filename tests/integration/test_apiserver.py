@@ -144,6 +144,13 @@ def test_tutorial_commands_in_the_master_namespace(env, binary):
     assert out.strip() == "replicationcontroller/podtoservcie created"
     out = k(env, "expose", "rc", "podtoservcie", "--port=80", master=True).stdout
     assert out.strip() == "service/podtoservcie exposed"
+    # describe service with both endpoints (1.31+ reads them from EndpointSlices, 1.20 from Endpoints)
+    def endpoints_line():
+        text = k(env, "describe", "service", "podtoservcie", master=True).stdout
+        m = re.search(r"^Endpoints:\s+(\S+)$", text, re.M)
+        return m and len(m[1].split(",")) == 2 and m[1]
+    both = wait_for(endpoints_line, timeout=60, what="both endpoints in describe service")
+    assert all(re.fullmatch(r"10\.244\.\d+\.\d+:80", e) for e in both.split(","))
     svc = json.loads(k(env, "get", "svc", "podtoservcie", "-o", "json", master=True).stdout)
     assert svc["spec"]["clusterIP"].startswith("10.254.")      # allocated by admission, in the range
     assert svc["spec"]["selector"] == {"app": "nginx"}

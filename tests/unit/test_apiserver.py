@@ -403,3 +403,33 @@ def test_http_client_hanging_up_mid_watch_ends_the_stream(server):
         return got
 
     assert b"Transfer-Encoding: chunked" in trio.run(main)
+
+
+def test_endpoint_slices_follow_the_services_pods(server):
+    from netemu.controllers import endpointslice
+
+    store = server.store
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+           "spec": {"selector": {"app": "nginx"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+    call(server, "POST", "/api/v1/namespaces/default/services", svc)
+    for name, ip, ready in (("p1", "10.244.1.2", "True"), ("p2", "10.244.2.2", "False")):
+        pod = registry.create(store, {**POD, "metadata": {"name": name, "labels": {"app": "nginx"}}})
+        registry.mutate(store, "Pod", "default", name, lambda o, ip=ip, ready=ready: o.update(
+            spec={**o["spec"], "nodeName": "n1"},
+            status={"phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": ready}]}))
+    endpointslice.sync_once(store)
+    code, body = call(server, "GET", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
+                                     "?labelSelector=kubernetes.io/service-name%3Dweb")
+    [es] = body["items"]
+    assert es["metadata"]["name"].startswith("web-") and es["addressType"] == "IPv4"
+    assert es["ports"] == [{"name": "", "port": 8080, "protocol": "TCP"}]
+    assert [(e["addresses"], e["conditions"]["ready"]) for e in es["endpoints"]] == \
+        [(["10.244.1.2"], True), (["10.244.2.2"], False)]
+    rev = store.revision()
+    endpointslice.sync_once(store)                  # nothing changed: nothing written
+    assert store.revision() == rev
+    code, table = call(server, "GET", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices", accept=TABLE)
+    assert table["rows"][0]["cells"][1:4] == ["IPv4", "8080", "10.244.1.2,10.244.2.2"]
+    call(server, "DELETE", "/api/v1/namespaces/default/services/web")
+    endpointslice.sync_once(store)
+    assert call(server, "GET", "/apis/discovery.k8s.io/v1/endpointslices")[1]["items"] == []
