@@ -331,7 +331,16 @@ def admit(obj: dict) -> dict:
         name = meta.get("name") if isinstance(meta.get("name"), str) else ""
         detail = f"{err.field}: {err.problem}" if err.field else err.problem
         raise ApiError(f'{kind} "{name}" is invalid: {detail}') from None
+    if kind == "Namespace":
+        # The API server labels every namespace with its name (so selectors can
+        # pick namespaces by name) and gives it the "kubernetes" finalizer.
+        meta = admitted["metadata"]
+        meta["labels"] = {**(meta.get("labels") or {}), NAMESPACE_NAME_LABEL: meta["name"]}
+        admitted.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
     return admitted
+
+
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 
 
 def create_or_update(store: Store, obj: dict, settings=None) -> tuple[dict, str]:
@@ -405,6 +414,8 @@ def update(store: Store, obj: dict, settings=None) -> tuple[dict, str]:
 
 def _create(store: Store, obj: dict, settings) -> dict:
     obj["metadata"]["generation"] = 1
+    if obj["kind"] == "Namespace":
+        obj["status"] = {"phase": "Active"}
     alloc = _allocate_service(store, obj, None, settings) if obj["kind"] == "Service" else None
     try:
         return registry.create(store, obj)
@@ -521,6 +532,8 @@ def delete(store: Store, kind: str, namespace: str | None, name: str) -> dict:
     if kind == "Pod":
         delete_pod(store, namespace or "default", name)
         return obj
+    if kind == "Namespace":
+        return _delete_namespace(store, obj)
     if not registry.delete(store, kind, namespace, name):
         raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
     if kind == "Service":
@@ -529,6 +542,30 @@ def delete(store: Store, kind: str, namespace: str | None, name: str) -> dict:
     if kind in OWNER_KINDS:
         delete_dependents(store, obj)
     return obj
+
+
+# Namespaces the API server will not delete.
+UNDELETABLE_NAMESPACES = ("default", "kube-system", "kube-public")
+
+
+def _delete_namespace(store: Store, ns: dict) -> dict:
+    """Mark a namespace Terminating; the namespace controller deletes what is in
+    it and then the namespace itself (controllers/namespace.py)."""
+    name = ns["metadata"]["name"]
+    if name in UNDELETABLE_NAMESPACES:
+        raise ApiError(f'namespaces "{name}" is forbidden: this namespace may not be deleted',
+                       reason="Forbidden")
+
+    def mark(obj: dict) -> None:
+        if obj["metadata"].get("uid") != ns["metadata"].get("uid"):
+            raise ApiError(f'namespaces "{name}" not found', reason="NotFound")
+        obj["metadata"].setdefault("deletionTimestamp", registry.now())
+        obj.setdefault("status", {})["phase"] = "Terminating"
+
+    marked = registry.mutate(store, "Namespace", None, name, mark)
+    if marked is None:
+        raise ApiError(f'namespaces "{name}" not found', reason="NotFound")
+    return marked
 
 
 def delete_dependents(store: Store, owner: dict) -> None:

@@ -12,7 +12,7 @@ import trio
 
 from netemu import apiserver, controlplane, names, netns
 from netemu.apiserver import http, status
-from netemu.apiserver.server import ApiServer
+from netemu.apiserver.server import ApiServer, ensure_system_namespaces
 from netemu.store import registry
 from netemu.store.sqlite import SqliteStore
 
@@ -62,6 +62,7 @@ async def run(cluster: str) -> None:
     node_obj = registry.get(store, "Node", None, node) or {}
     address = next((a["address"] for a in (node_obj.get("status") or {}).get("addresses") or []
                     if a.get("type") == "InternalIP"), None)
+    ensure_system_namespaces(store)
     socks = open_sockets(cluster, node, address, int(config["port"]))
     server = ApiServer(store, topology.settings, f"{address or '127.0.0.1'}:{apiserver.INSECURE_PORT}",
                        pod_dir=lambda namespace, pod: names.pod_dir(cluster, namespace, pod))

@@ -294,6 +294,12 @@ class ApiServer:
     # -- writes -----------------------------------------------------------------
 
     def _body(self, req: Request) -> dict:
+        media = (req.headers.get("content-type") or "application/json").split(";")[0].strip()
+        if media not in ("application/json", "*/*", ""):
+            # Protobuf (and YAML, CBOR) bodies are not decoded here; a real
+            # server that lacks a codec answers the same.
+            raise api.ApiError(f'the body of the request was in an unknown format - accepted media types '
+                               'include: application/json', reason="UnsupportedMediaType")
         try:
             body = json.loads(req.body or b"null")
         except (ValueError, UnicodeDecodeError) as err:
@@ -353,7 +359,19 @@ class ApiServer:
                                reason="BadRequest")
         return [f'299 - "unknown field \\"{f}\\""' for f in unknown]
 
+    def _namespace_open(self, t: Target) -> None:
+        """New objects go only into a namespace that exists and is not terminating."""
+        if not t.kind.namespaced:
+            return
+        ns = registry.get(self.store, "Namespace", None, t.namespace or "default")
+        if ns is None:
+            raise api.ApiError(f'namespaces "{t.namespace}" not found', reason="NotFound")
+        if ns["metadata"].get("deletionTimestamp"):
+            raise api.ApiError(f"{t.kind.resource} is forbidden: unable to create new content in namespace "
+                               f"{t.namespace} because it is being terminated", reason="Forbidden")
+
     def _create(self, req: Request, t: Target) -> Response:
+        self._namespace_open(t)
         obj = self._check_body(self._body(req), t)
         warnings = self._validate_fields(req, obj, t)
         stored = api.create(self.store, obj, self.settings)
@@ -575,3 +593,14 @@ class ApiServer:
                         yield rest[:None if limit is None else limit - sent]
                     return
                 await trio.sleep(FOLLOW_POLL)
+
+
+def ensure_system_namespaces(store) -> None:
+    """default, kube-system, kube-public and kube-node-lease exist, as
+    kube-apiserver makes sure at start."""
+    for name in manifests.BUILTIN_NAMESPACES:
+        try:
+            api.create(store, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        except api.ApiError as err:
+            if err.reason != "AlreadyExists":
+                raise

@@ -29,6 +29,10 @@ def _endpoint_slice_row(es: dict) -> list[str]:
 
 def _columns(kind: str) -> tuple[list[str], list[str], object]:
     """(all headers, wide-only headers, row(obj) -> every cell)."""
+    if kind == "Namespace":
+        return ["NAME", "STATUS", "AGE"], [], lambda o: [
+            o["metadata"]["name"], (o.get("status") or {}).get("phase", ""),
+            printers.age(o["metadata"].get("creationTimestamp"))]
     if kind == "EndpointSlice":
         return ["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"], [], _endpoint_slice_row
     if kind == "Pod":

@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from netemu.controllers import (daemonset, endpoints, endpointslice, garbagecollector, job, replication,
-                                scheduler)
+from netemu.controllers import (daemonset, endpoints, endpointslice, garbagecollector, job, namespace,
+                                replication, scheduler)
 from netemu.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,7 @@ CONTROLLERS: dict[str, Callable[..., Awaitable[None]]] = {
     "scheduler": scheduler.run,
     "endpoints": endpoints.run,
     "endpointslice": endpointslice.run,
+    "namespace": namespace.run,
     "replication": replication.run,
     "job": job.run,
     "daemonset": daemonset.run,

@@ -59,6 +59,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("Service", "services", "service", ("svc",), "", "v1", True, ("all",)),
     Kind("Endpoints", "endpoints", "endpoints", ("ep",), "", "v1", True),
     Kind("Node", "nodes", "node", ("no",), "", "v1", False, fields=("spec.unschedulable",)),
+    Kind("Namespace", "namespaces", "namespace", ("ns",), "", "v1", False, fields=("status.phase",)),
     Kind("Event", "events", "event", ("ev",), "", "v1", True, fields=_EVENT_FIELDS),
     Kind("ReplicationController", "replicationcontrollers", "replicationcontroller", ("rc",), "", "v1",
          True, ("all",), "replicas", fields=("status.replicas",)),
@@ -81,7 +82,7 @@ GROUP_VERSIONS: tuple[str, ...] = ("v1", "apps/v1", "batch/v1", "extensions/v1be
 # group/version -> kinds served there. extensions/v1beta1 is the tutorial's:
 # DaemonSets, Deployments, ReplicaSets and Jobs, converted to their current versions.
 SERVED: dict[str, tuple[str, ...]] = {
-    "v1": ("Pod", "Service", "Endpoints", "Node", "Event", "ReplicationController"),
+    "v1": ("Pod", "Service", "Endpoints", "Node", "Event", "ReplicationController", "Namespace"),
     "apps/v1": ("DaemonSet", "Deployment", "ReplicaSet"),
     "batch/v1": ("Job",),
     "extensions/v1beta1": ("DaemonSet", "Deployment", "ReplicaSet", "Job"),

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from netemu.apiserver import discovery, http, tables
-from netemu.apiserver.server import ApiServer, merge_patch, parse_path
+from netemu.apiserver.server import ApiServer, ensure_system_namespaces, merge_patch, parse_path
 from netemu.k8s import selectors
 from netemu.store import registry
 from netemu.store.sqlite import SqliteStore
@@ -23,6 +23,7 @@ def server(tmp_path):
     store = SqliteStore(str(tmp_path / "state.db"), create=True)
     registry.create(store, {"kind": "Node", "metadata": {"name": "n1", "labels": {"disk": "ssd"}},
                             "spec": {}, "status": {}})
+    ensure_system_namespaces(store)
     yield ApiServer(store)
     store.close()
 
@@ -89,7 +90,7 @@ def test_create_get_conflict_and_bad_bodies(server):
     req = http.Request("POST", "/api/v1/namespaces/default/pods", {}, {}, b"{not json")
     resp = trio.run(server.handle, req)
     assert resp.status == 400 and json.loads(resp.body)["reason"] == "BadRequest"
-    code, body = call(server, "POST", "/api/v1/namespaces/other/pods", POD | {"metadata": {
+    code, body = call(server, "POST", "/api/v1/namespaces/kube-system/pods", POD | {"metadata": {
         "name": "x", "namespace": "default"}})
     assert code == 400 and "namespace" in body["message"]
     bad = {**POD, "metadata": {"name": "Bad_Name"}}
@@ -433,3 +434,33 @@ def test_endpoint_slices_follow_the_services_pods(server):
     call(server, "DELETE", "/api/v1/namespaces/default/services/web")
     endpointslice.sync_once(store)
     assert call(server, "GET", "/apis/discovery.k8s.io/v1/endpointslices")[1]["items"] == []
+
+
+def test_namespaces_labelled_guarded_and_deleted_with_their_content(server):
+    from netemu.controllers import namespace
+
+    code, body = call(server, "GET", "/api/v1/namespaces/default")
+    assert body["metadata"]["labels"] == {"kubernetes.io/metadata.name": "default"}
+    assert body["status"]["phase"] == "Active"
+    code, body = call(server, "POST", "/api/v1/namespaces/nosuch/pods", POD)
+    assert (code, body["message"]) == (404, 'namespaces "nosuch" not found')
+    code, ns = call(server, "POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                           "metadata": {"name": "new-namespace"}})
+    assert code == 201 and ns["metadata"]["labels"]["kubernetes.io/metadata.name"] == "new-namespace"
+    assert call(server, "POST", "/api/v1/namespaces/new-namespace/pods", POD)[0] == 201
+    code, table = call(server, "GET", "/api/v1/namespaces", accept=TABLE)
+    assert [r["cells"][:2] for r in table["rows"]] == [
+        ["default", "Active"], ["kube-node-lease", "Active"], ["kube-public", "Active"],
+        ["kube-system", "Active"], ["new-namespace", "Active"]]
+    code, body = call(server, "DELETE", "/api/v1/namespaces/default")
+    assert (code, body["reason"]) == (403, "Forbidden")
+    code, body = call(server, "DELETE", "/api/v1/namespaces/new-namespace")
+    assert code == 200 and body["status"]["phase"] == "Terminating"
+    code, body = call(server, "POST", "/api/v1/namespaces/new-namespace/services",
+                      {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"},
+                       "spec": {"ports": [{"port": 80}]}})
+    assert code == 403 and "because it is being terminated" in body["message"]
+    namespace.sync_once(server.store)
+    assert call(server, "GET", "/api/v1/namespaces/new-namespace/pods/web")[0] == 404   # unbound: gone at once
+    namespace.sync_once(server.store)
+    assert call(server, "GET", "/api/v1/namespaces/new-namespace")[0] == 404
