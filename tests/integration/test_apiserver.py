@@ -360,3 +360,15 @@ def test_namespace_created_used_and_deleted_with_its_pods(env):
     assert out.strip() == 'namespace "new-namespace" deleted'
     assert "NotFound" in kubectl(env, "get", "ns", "new-namespace", check=False).stderr
     assert "NotFound" in kubectl(env, "-n", "new-namespace", "get", "pod", "nginxpod", check=False).stderr
+
+
+def test_describe_node_lists_its_pods_and_capacity(env):
+    kubectl(env, "create", "-f", os.path.join(TUTORIAL, "nginx-rc.yaml"), check=False)
+    wait_for(lambda: rows(kubectl(env, "get", "rc", "podtoservcie").stdout)[1][3] != "0", timeout=60,
+             what="a ready replica")
+    node = json.loads(kubectl(env, "get", "pods", "-l", "app=nginx", "-o", "json").stdout)["items"][0]["spec"]["nodeName"]
+    text = kubectl(env, "describe", "node", node).stdout
+    assert re.search(rf"^Capacity:\n\s+cpu:\s+{os.cpu_count()}$", text, re.M), text
+    assert re.search(r"^\s+pods:\s+110$", text, re.M)
+    assert "-9223372036854775808" not in text                  # allocatable known: real percentages
+    assert re.search(r"^\s+default\s+podtoservcie-\S+\s+0 \(0%\)", text, re.M), text
