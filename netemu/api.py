@@ -29,7 +29,7 @@ import re
 from netemu.controllers import selectors
 from netemu.store import registry
 from netemu.store.base import Conflict, Store
-from netemu.topology import manifests, schema
+from netemu.topology import manifests, names, schema
 from netemu.topology.model import TopologyError
 
 SERVICE_IPS = "/registry/ranges/serviceips/"
@@ -322,10 +322,13 @@ def admit(obj: dict) -> dict:
     does not describe (Node, Event, Endpoints: written by netemu itself) pass as
     they are. Raises ApiError (Invalid) with the API server's wording."""
     kind = obj.get("kind")
-    if kind not in schema.KINDS:
+    if kind not in schema.KINDS and kind not in registry.KINDS:
         return obj
     try:
-        admitted, _ = manifests.normalize_object(obj, "", "")
+        if kind in schema.KINDS:
+            admitted, _ = manifests.normalize_object(obj, "", "")
+        else:
+            admitted = _admit_metadata(obj)
     except TopologyError as err:
         meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
         name = meta.get("name") if isinstance(meta.get("name"), str) else ""
@@ -341,6 +344,24 @@ def admit(obj: dict) -> dict:
 
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+
+
+def _admit_metadata(obj: dict) -> dict:
+    """The kinds the manifest schema does not describe (Node, Event, Endpoints,
+    EndpointSlice): their metadata is still checked as ObjectMeta (names, labels,
+    annotations), with the loader's decoder and rules, and their spec and status
+    must be objects, so that no writer can store what every reader would trip on."""
+    obj = copy.deepcopy(obj)
+    kind = obj["kind"]
+    origin = manifests.Origin("", manifests.object_label(kind, obj.get("metadata")))
+    if not isinstance(obj.get("metadata"), dict):
+        raise origin.error("metadata", f"must be an object, got {manifests.describe(obj.get('metadata'))}")
+    obj["metadata"] = manifests._decode(obj["metadata"], "ObjectMeta", "metadata", origin)
+    manifests._metadata(obj, registry.KINDS[kind][1], names.dns1123_subdomain, origin)
+    for field in ("spec", "status"):
+        if field in obj and not isinstance(obj[field], dict):
+            raise origin.error(field, f"must be an object, got {manifests.describe(obj[field])}")
+    return obj
 
 
 def create_or_update(store: Store, obj: dict, settings=None) -> tuple[dict, str]:

@@ -419,9 +419,9 @@ class ApiServer:
             patched = self._patched(req, self._present(copy.deepcopy(current), t), t.kind.kind)
             if not isinstance(patched, dict):
                 raise api.ApiError("the patch must leave an object", reason="BadRequest")
-            pinned = (patched.get("metadata") or {}).get("resourceVersion") not in (
-                None, current["metadata"]["resourceVersion"])
             patched = self._check_body(patched, t)
+            pinned = patched["metadata"].get("resourceVersion") not in (
+                None, current["metadata"]["resourceVersion"])
             # The patch applies to what was read; a write in between is a
             # conflict, retried on the new object as the API server retries
             # (unless the patch itself names a resourceVersion).
@@ -498,12 +498,17 @@ class ApiServer:
                 raise api.ApiError("the patch must leave an object", reason="BadRequest")
         else:
             scale = self._body(req)
-            want = (scale.get("metadata") or {}).get("resourceVersion")
+            meta = scale.get("metadata")
+            if meta is not None and not isinstance(meta, dict):
+                raise api.ApiError('Scale in version "v1" cannot be handled as a Scale: metadata must be '
+                                   "an object", reason="BadRequest")
+            want = (meta or {}).get("resourceVersion")
             if want and str(want) != current["metadata"]["resourceVersion"]:
                 return status.error("Conflict", f'Operation cannot be fulfilled on {t.qualified} '
                                     f'"{t.name}": the object has been modified; please apply your changes '
                                     "to the latest version and try again")
-        replicas = (scale.get("spec") or {}).get("replicas")
+        spec = scale.get("spec")
+        replicas = spec.get("replicas") if isinstance(spec, dict) else None
         if isinstance(replicas, bool) or not isinstance(replicas, int):
             return status.error("Invalid", f'Scale.autoscaling "{t.name}" is invalid: spec.replicas: '
                                 f"Invalid value: {json.dumps(replicas)}: must be an integer")

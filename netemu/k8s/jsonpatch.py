@@ -52,6 +52,8 @@ def _get(doc, path: str):
 
 def _remove(doc, path: str):
     parts = _pointer(path)
+    if not parts:
+        raise PatchError("unable to remove the whole document")
     node = _parent(doc, parts, path)
     last = parts[-1]
     if isinstance(node, dict) and last in node:
@@ -84,6 +86,8 @@ def apply(doc, operations) -> dict:
         if not isinstance(op, dict) or "op" not in op or "path" not in op:
             raise PatchError(f"invalid JSON patch operation: {op!r}")
         kind, path = op["op"], op["path"]
+        if not isinstance(path, str):
+            raise PatchError(f"invalid JSON pointer {path!r}: must be a string")
         if kind in ("add", "replace", "test") and "value" not in op:
             raise PatchError(f'missing value for "{kind}" operation on "{path}"')
         if kind == "add":
@@ -96,9 +100,12 @@ def apply(doc, operations) -> dict:
                 _remove(doc, path)
             doc = _add(doc, path, copy.deepcopy(op["value"]))
         elif kind in ("move", "copy"):
-            value = _get(doc, op.get("from", ""))
+            source = op.get("from")
+            if not isinstance(source, str):
+                raise PatchError(f'missing from for "{kind}" operation on "{path}"')
+            value = _get(doc, source)
             if kind == "move":
-                _remove(doc, op["from"])
+                _remove(doc, source)
             doc = _add(doc, path, copy.deepcopy(value))
         elif kind == "test":
             if _get(doc, path) != op["value"]:
