@@ -464,3 +464,19 @@ def test_namespaces_labelled_guarded_and_deleted_with_their_content(server):
     assert call(server, "GET", "/api/v1/namespaces/new-namespace/pods/web")[0] == 404   # unbound: gone at once
     namespace.sync_once(server.store)
     assert call(server, "GET", "/api/v1/namespaces/new-namespace")[0] == 404
+
+
+def test_watch_from_a_compacted_revision_is_an_expired_error_event(server):
+    # What the store's compaction leaves: history before revision 5 is gone.
+    server.store._db.execute("UPDATE meta SET compacted = 5 WHERE id = 0")
+
+    async def main():
+        req = http.Request("GET", "/api/v1/namespaces/default/pods",
+                           {"watch": ["true"], "resourceVersion": ["2"]}, {}, b"")
+        resp = await server.handle(req)
+        return [json.loads(chunk) async for chunk in resp.body]
+
+    [event] = trio.run(main)
+    assert event["type"] == "ERROR"
+    assert (event["object"]["code"], event["object"]["reason"]) == (410, "Expired")
+    assert event["object"]["message"].startswith("too old resource version: 2 (")
