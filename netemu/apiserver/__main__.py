@@ -65,7 +65,7 @@ async def run(cluster: str) -> None:
     ensure_system_namespaces(store)
     socks = open_sockets(cluster, node, address, int(config["port"]))
     server = ApiServer(store, topology.settings, f"{address or '127.0.0.1'}:{apiserver.INSECURE_PORT}",
-                       pod_dir=lambda namespace, pod: names.pod_dir(cluster, namespace, pod))
+                       pod_dir=lambda namespace, pod: names.pod_dir(cluster, namespace, pod), cluster=cluster)
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
     log.info("serving on node %s (127.0.0.1:%d, %s:%d) and the machine's 127.0.0.1:%d", node,
              apiserver.INSECURE_PORT, address, apiserver.INSECURE_PORT, config["port"])

@@ -62,6 +62,8 @@ def resource_list(group_version: str) -> dict | None:
         if k.kind == "Pod" and group_version == "v1":
             resources.append({"name": "pods/log", "singularName": "", "namespaced": True, "kind": "Pod",
                               "verbs": ["get"]})
+            resources.append({"name": "pods/exec", "singularName": "", "namespaced": True,
+                              "kind": "PodExecOptions", "verbs": ["create", "get"]})
         if k.scale_field:
             resources.append({"name": f"{k.resource}/scale", "singularName": "", "namespaced": k.namespaced,
                               "group": "autoscaling", "version": "v1", "kind": "Scale",

@@ -49,6 +49,9 @@ class Response:
     body: bytes | AsyncIterator[bytes] = b""
     content_type: str = "application/json"
     headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    # Set on a 101 Switching Protocols answer: run with the connection's stream
+    # and the bytes the client sent after its request, once the 101 is out.
+    upgrade: Callable[[trio.abc.Stream, bytes], Awaitable[None]] | None = None
 
 
 INTERNAL_ERROR = (b'{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure",'
@@ -114,6 +117,14 @@ def _phrase(code: int) -> bytes:
 
 
 async def _respond(conn: h11.Connection, stream: trio.abc.Stream, resp: Response) -> None:
+    if resp.upgrade is not None:
+        if conn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
+            raise RuntimeError("an upgrade answered to a request that did not ask for one")
+        await _send(conn, stream, h11.InformationalResponse(status_code=101, headers=resp.headers,
+                                                            reason=b"Switching Protocols"))
+        data, _closed = conn.trailing_data
+        await resp.upgrade(stream, bytes(data))
+        return
     headers = [("Content-Type", resp.content_type), ("Cache-Control", "no-cache, private"), *resp.headers]
     if isinstance(resp.body, bytes):
         headers.append(("Content-Length", str(len(resp.body))))
@@ -179,7 +190,12 @@ async def serve_connection(stream: trio.SocketStream, handler: Handler,
             except Exception:                       # a bug must cost one request, not the server
                 log.exception("%s %s failed", request.method, request.path)
                 response = Response(500, INTERNAL_ERROR)
+            if response.upgrade is not None and conn.their_state is not h11.MIGHT_SWITCH_PROTOCOL:
+                response = Response(400, b'{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure",'
+                                         b'"message":"Upgrade request required","reason":"BadRequest","code":400}')
             await _respond(conn, stream, response)
+            if response.upgrade is not None:
+                return                          # the connection was the other protocol's
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             try:
@@ -197,6 +213,9 @@ async def serve(listeners: list[trio.SocketListener], handler: Handler,
                 too_large: Callable[[], Response], bad_request: Callable[[str], Response],
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
     async def on_connection(stream: trio.SocketStream) -> None:
-        await serve_connection(stream, handler, too_large, bad_request)
+        try:
+            await serve_connection(stream, handler, too_large, bad_request)
+        except Exception:       # noqa: BLE001 - one connection's failure must not stop the server
+            log.exception("connection failed")
 
     await trio.serve_listeners(on_connection, listeners, task_status=task_status)

@@ -21,7 +21,8 @@ import re
 import trio
 
 from netemu import api
-from netemu.apiserver import discovery, status, tables
+from netemu import netns
+from netemu.apiserver import discovery, podexec, status, tables
 from netemu.apiserver.http import Request, Response
 from netemu.k8s import jsonpatch, kinds, selectors, strategicpatch
 from netemu.store import registry
@@ -92,7 +93,8 @@ def parse_path(path: str) -> tuple[str, object] | None:
         return None
     name = rest[1] if len(rest) >= 2 else None
     sub = rest[2] if len(rest) == 3 else None
-    if sub is not None and not (sub == "scale" and kind.scale_field or sub == "log" and kind.kind == "Pod"):
+    if sub is not None and not (sub == "scale" and kind.scale_field or
+                                sub in ("log", "exec") and kind.kind == "Pod"):
         return None
     return "object", Target(gv, kind, namespace, name, sub)
 
@@ -111,10 +113,12 @@ def merge_patch(target, patch):
 
 
 class ApiServer:
-    def __init__(self, store, settings=None, address: str = "127.0.0.1:8080", pod_dir=None):
-        """POD_DIR(namespace, pod): the folder of a pod's container logs (the
-        kubelet's); None: pods/log is not served."""
+    def __init__(self, store, settings=None, address: str = "127.0.0.1:8080", pod_dir=None,
+                 cluster: str | None = None):
+        """POD_DIR(namespace, pod): a pod's folder (its container logs, its
+        sandbox; the kubelet's); None: pods/log and pods/exec are not served."""
         self.store, self.settings, self.address, self.pod_dir = store, settings, address, pod_dir
+        self.cluster = cluster
 
     # -- dispatch ---------------------------------------------------------------
 
@@ -146,6 +150,8 @@ class ApiServer:
                 return await self._scale(req, t)
             if t.subresource == "log":
                 return self._log(req, t)
+            if t.subresource == "exec":
+                return self._exec(req, t)
             if req.method == "GET" and t.name is None:
                 return await self._list_or_watch(req, t)
             if req.method == "GET":
@@ -600,6 +606,63 @@ class ApiServer:
                 await trio.sleep(FOLLOW_POLL)
 
 
+    # -- pods/exec ------------------------------------------------------------------
+
+    def _exec(self, req: Request, t: Target) -> Response:
+        """`kubectl exec` over WebSocket (podexec.py). SPDY, the only protocol of
+        kubectl up to 1.29, is not served."""
+        if req.method not in ("GET", "POST"):
+            return status.method_not_allowed()
+        if self.pod_dir is None:
+            return status.no_route()
+        pod = self._read(t)
+        if pod is None:
+            return status.not_found(t.qualified, t.name, t.group)
+        command = req.query.get("command") or []
+        if not command or not command[0]:
+            return status.bad_request("you must specify at least one command for the container")
+        containers = [c["name"] for c in (pod.get("spec") or {}).get("containers") or []]
+        container = req.arg("container") or (containers[0] if len(containers) == 1 else None)
+        if container is None:
+            return status.bad_request(f"a container name must be specified for pod {t.name}, "
+                                      f"choose one of: [{' '.join(containers)}]")
+        if container not in containers:
+            return status.bad_request(f"container {container} is not valid for pod {t.name}")
+        upgrade = (req.headers.get("upgrade") or "").lower()
+        protocol = podexec.choose_protocol(req.headers.get("sec-websocket-protocol"))
+        if upgrade != "websocket" or protocol is None or not req.headers.get("sec-websocket-key"):
+            return status.bad_request(f"unable to upgrade connection: {req.headers.get('upgrade') or 'no'} "
+                                      "upgrade: netemu serves exec over WebSocket "
+                                      f"({', '.join(podexec.PROTOCOLS)}, kubectl 1.30+), not SPDY")
+        from netemu.node.sandbox import Sandbox
+
+        sandbox = Sandbox.load(self.pod_dir(t.namespace or "default", t.name))
+        phase = (pod.get("status") or {}).get("phase")
+        if sandbox is None or not sandbox.pause_pid or phase in ("Succeeded", "Failed") \
+                or pod["metadata"].get("deletionTimestamp"):
+            return status.bad_request(f'unable to upgrade connection: container not found ("{container}")')
+        spec = next(c for c in pod["spec"]["containers"] if c["name"] == container)
+        tty = req.arg("tty") in ("true", "1")
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "HOSTNAME": t.name, "NETEMU_POD": f"{t.namespace or 'default'}/{t.name}",
+               "NETEMU_CONTAINER": container, "HOME": "/root"}
+        if self.cluster:
+            env["NETEMU_CLUSTER"] = self.cluster
+        if tty:
+            env["TERM"] = "xterm"
+        for item in spec.get("env") or []:
+            if "value" in item:
+                env[item["name"]] = str(item["value"])
+        session = podexec.Session(netns.exec_argv(sandbox.namespace, command, uts_pid=sandbox.pause_pid),
+                                  env, command, protocol, stdin=req.arg("stdin") in ("true", "1"),
+                                  stdout=req.arg("stdout", "true") in ("true", "1"),
+                                  stderr=req.arg("stderr", "true") in ("true", "1") and not tty, tty=tty)
+        return Response(101, b"", headers=[
+            ("Upgrade", "websocket"), ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Accept", podexec.accept_token(req.headers["sec-websocket-key"])),
+            ("Sec-WebSocket-Protocol", protocol)], upgrade=session.run)
+
+
 def ensure_system_namespaces(store) -> None:
     """default, kube-system, kube-public and kube-node-lease exist, as
     kube-apiserver makes sure at start."""
@@ -609,3 +672,4 @@ def ensure_system_namespaces(store) -> None:
         except api.ApiError as err:
             if err.reason != "AlreadyExists":
                 raise
+

@@ -372,3 +372,31 @@ def test_describe_node_lists_its_pods_and_capacity(env):
     assert re.search(r"^\s+pods:\s+110$", text, re.M)
     assert "-9223372036854775808" not in text                  # allocatable known: real percentages
     assert re.search(r"^\s+default\s+podtoservcie-\S+\s+0 \(0%\)", text, re.M), text
+
+
+def test_exec_over_websocket_with_stdin_tty_and_exit_codes(env):
+    """kubectl 1.30+ exec: WebSocket v5.channel.k8s.io."""
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "shell"},
+           "spec": {"containers": [{"name": "c", "image": "busybox", "command": ["sleep", "3600"]}]}}
+    kubectl(env, "create", "-f", "-", input=json.dumps(pod))
+    wait_for(lambda: "Running" in kubectl(env, "get", "pod", "shell").stdout, timeout=60, what="shell Running")
+    proc = kubectl(env, "exec", "shell", "--", "sh", "-c", "echo out; echo err >&2; hostname; exit 3", check=False)
+    assert proc.returncode == 3
+    assert proc.stdout.splitlines() == ["out", "shell"]            # the pod's UTS namespace: its hostname
+    assert proc.stderr.splitlines()[0] == "err"
+    assert "command terminated with exit code 3" in proc.stderr
+    proc = kubectl(env, "exec", "-i", "shell", "--", "sh", "-c", "tr a-z A-Z; exit 0", input="hello\n")
+    assert proc.stdout == "HELLO\n"
+    # -t needs a terminal on kubectl's side: script(1) gives it one.
+    cache = str(env["tmp"] / "cache")
+    cmd = (f"{KUBECTL} --cache-dir {cache} --context netemu-{env['cluster']} exec -it shell -- sh")
+    proc = subprocess.run(["script", "-qec", cmd, "/dev/null"], input="tty\necho in $HOSTNAME\nexit 7\n",
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, KUBECONFIG=env["kubeconfig"]))
+    assert proc.returncode == 7, (proc.stdout, proc.stderr)
+    # (the shell's prompt "# " starts its output lines: it runs on a terminal)
+    assert re.search(r"^(# )?/dev/pts/\d+\r?$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^(# )?in shell\r?$", proc.stdout, re.M), proc.stdout
+    proc = kubectl(env, "exec", "shell", "-c", "nosuch", "--", "true", check=False)
+    assert "container nosuch is not valid for pod shell" in proc.stderr
+    kubectl(env, "delete", "pod", "shell", "--grace-period=1", timeout=90)

@@ -480,3 +480,52 @@ def test_watch_from_a_compacted_revision_is_an_expired_error_event(server):
     assert event["type"] == "ERROR"
     assert (event["object"]["code"], event["object"]["reason"]) == (410, "Expired")
     assert event["object"]["message"].startswith("too old resource version: 2 (")
+
+
+def test_exec_session_channels_stdin_close_and_exit_status():
+    """podexec.Session over an in-memory stream, with wsproto as the client and
+    a plain local process (the namespaces are the integration test's part)."""
+    from trio.testing import memory_stream_pair
+    from wsproto.connection import Connection, ConnectionType
+    from wsproto.events import BytesMessage, CloseConnection
+
+    from netemu.apiserver import podexec
+
+    assert podexec.accept_token("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="   # RFC 6455's example
+    assert podexec.choose_protocol("v4.channel.k8s.io, v5.channel.k8s.io") == "v4.channel.k8s.io"
+    assert podexec.choose_protocol("channel.k8s.io") is None
+    session = podexec.Session(["sh", "-c", "tr a-z A-Z; echo oops >&2; exit 2"], {"PATH": "/usr/bin:/bin"},
+                              ["sh", "-c", "..."], "v5.channel.k8s.io", stdin=True, stdout=True, stderr=True,
+                              tty=False)
+
+    async def main():
+        client_stream, server_stream = memory_stream_pair()
+        client = Connection(ConnectionType.CLIENT)
+        got: dict[int, bytes] = {}
+        async with trio.open_nursery() as n:
+            n.start_soon(session.run, server_stream, b"")
+            await client_stream.send_all(client.send(BytesMessage(data=b"\x00hello\n")) +
+                                         client.send(BytesMessage(data=b"\xff\x00")))   # v5: close stdin
+            with trio.fail_after(10):
+                while True:
+                    data = await client_stream.receive_some(65536)
+                    if not data:
+                        break
+                    client.receive_data(data)
+                    done = False
+                    for ev in client.events():
+                        if isinstance(ev, BytesMessage):
+                            got[ev.data[0]] = got.get(ev.data[0], b"") + ev.data[1:]
+                        elif isinstance(ev, CloseConnection):
+                            await client_stream.send_all(client.send(ev.response()))
+                            done = True
+                    if done:
+                        break
+            await client_stream.aclose()
+        return got
+
+    got = trio.run(main)
+    assert got[podexec.STDOUT] == b"HELLO\n" and got[podexec.STDERR] == b"oops\n"
+    status = json.loads(got[podexec.ERROR])
+    assert status["reason"] == "NonZeroExitCode"
+    assert status["details"]["causes"] == [{"reason": "ExitCode", "message": "2"}]
