@@ -33,6 +33,10 @@ def _columns(kind: str) -> tuple[list[str], list[str], object]:
         return ["NAME", "STATUS", "AGE"], [], lambda o: [
             o["metadata"]["name"], (o.get("status") or {}).get("phase", ""),
             printers.age(o["metadata"].get("creationTimestamp"))]
+    if kind == "Lease":
+        return ["NAME", "HOLDER", "AGE"], [], lambda o: [
+            o["metadata"]["name"], (o.get("spec") or {}).get("holderIdentity", ""),
+            printers.age(o["metadata"].get("creationTimestamp"))]
     if kind == "EndpointSlice":
         return ["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"], [], _endpoint_slice_row
     if kind == "Pod":

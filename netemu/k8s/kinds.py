@@ -70,6 +70,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("Job", "jobs", "job", (), "batch", "v1", True, ("all",), fields=("status.successful",)),
     Kind("EndpointSlice", "endpointslices", "endpointslice", (), "discovery.k8s.io", "v1", True,
          fields=("addressType",)),
+    Kind("Lease", "leases", "lease", (), "coordination.k8s.io", "v1", True),
 )
 
 BY_KIND = {k.kind: k for k in KINDS}
@@ -77,7 +78,8 @@ BY_KIND = {k.kind: k for k in KINDS}
 # Group/versions in the order /apis lists them. The order matters: a bare
 # `kubectl get jobs` takes the first group that has jobs, so batch comes before
 # extensions, as on a real server.
-GROUP_VERSIONS: tuple[str, ...] = ("v1", "apps/v1", "batch/v1", "extensions/v1beta1", "discovery.k8s.io/v1")
+GROUP_VERSIONS: tuple[str, ...] = ("v1", "apps/v1", "batch/v1", "extensions/v1beta1", "discovery.k8s.io/v1",
+                                   "coordination.k8s.io/v1")
 
 # group/version -> kinds served there. extensions/v1beta1 is the tutorial's:
 # DaemonSets, Deployments, ReplicaSets and Jobs, converted to their current versions.
@@ -87,6 +89,7 @@ SERVED: dict[str, tuple[str, ...]] = {
     "batch/v1": ("Job",),
     "extensions/v1beta1": ("DaemonSet", "Deployment", "ReplicaSet", "Job"),
     "discovery.k8s.io/v1": ("EndpointSlice",),
+    "coordination.k8s.io/v1": ("Lease",),
 }
 
 def served(group_version: str) -> list[Kind]:

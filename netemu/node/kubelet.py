@@ -16,6 +16,7 @@ and leave namespaces, or in child processes started through nsenter).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import socket
@@ -30,6 +31,7 @@ from netemu.node.host import configure_bridge
 from netemu.node.ipam import HostLocalIPAM
 from netemu.overlay import subnetenv
 from netemu.store import registry
+from netemu.store.base import Conflict
 from netemu.supervisor import stop as stop_process
 
 log = logging.getLogger("netemu.kubelet")
@@ -61,6 +63,36 @@ def node_info() -> dict:
             "containerRuntimeVersion": "netemu://", "kubeletVersion": "", "kubeProxyVersion": "",
             "machineID": "", "systemUUID": "", "bootID": ""}
 
+
+LEASE_NAMESPACE = "kube-node-lease"
+LEASE_DURATION = 40       # seconds: the kubelet's default nodeLeaseDurationSeconds
+LEASE_RENEW = 10.0        # a quarter of it, as the kubelet renews
+
+
+def micro_time() -> str:
+    """metav1.MicroTime: RFC 3339 with microseconds."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def renew_lease(store, node: str) -> None:
+    def renew(lease: dict) -> None:
+        lease.setdefault("spec", {}).update(holderIdentity=node, leaseDurationSeconds=LEASE_DURATION,
+                                            renewTime=micro_time())
+
+    if registry.mutate(store, "Lease", LEASE_NAMESPACE, node, renew) is not None:
+        return
+    owner = registry.get(store, "Node", None, node)
+    lease = {"kind": "Lease", "metadata": {"name": node, "namespace": LEASE_NAMESPACE},
+             "spec": {"holderIdentity": node, "leaseDurationSeconds": LEASE_DURATION,
+                      "acquireTime": micro_time(), "renewTime": micro_time()}}
+    if owner is not None:
+        lease["metadata"]["ownerReferences"] = [{"apiVersion": "v1", "kind": "Node", "name": node,
+                                                 "uid": owner["metadata"].get("uid")}]
+    try:
+        registry.create(store, lease)
+    except Conflict:
+        pass                    # created meanwhile: renewed next time
+
 class Kubelet:
     def __init__(self, cluster: str, node: str, store, settings):
         self.cluster = cluster
@@ -83,6 +115,7 @@ class Kubelet:
         self._set_node_ready()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
+            nursery.start_soon(self._renew_lease)
             since = self.store.revision()
             for pod in registry.list_(self.store, "Pod"):
                 self._sync(pod["metadata"]["uid"], pod)
@@ -94,6 +127,14 @@ class Kubelet:
                 if uid is None:
                     continue
                 self._sync(uid, pod if ev.type == "PUT" else None)
+
+    async def _renew_lease(self) -> None:
+        """The node's heartbeat, as a kubelet keeps it: a Lease named after the
+        node in kube-node-lease, renewed every LEASE_RENEW seconds (what
+        `kubectl describe node` shows under Lease)."""
+        while True:
+            await trio.to_thread.run_sync(renew_lease, self.store, self.node)
+            await trio.sleep(LEASE_RENEW)
 
     async def _wait_for_subnet_env(self) -> subnetenv.SubnetEnv:
         while True:

@@ -29,6 +29,7 @@ KINDS: dict[str, tuple[str, bool, str, tuple[str, ...]]] = {
     "Job": ("jobs", True, "batch/v1", ("job", "jobs")),
     "Event": ("events", True, "v1", ("event", "events", "ev")),
     "EndpointSlice": ("endpointslices", True, "discovery.k8s.io/v1", ("endpointslice", "endpointslices")),
+    "Lease": ("leases", True, "coordination.k8s.io/v1", ("lease", "leases")),
     "Namespace": ("namespaces", False, "v1", ("namespace", "namespaces", "ns")),
     # The API server keeps nodes under "minions", a name from Kubernetes' first days.
     "Node": ("minions", False, "v1", ("node", "nodes", "no")),

@@ -372,6 +372,9 @@ def test_describe_node_lists_its_pods_and_capacity(env):
     assert re.search(r"^\s+pods:\s+110$", text, re.M)
     assert "-9223372036854775808" not in text                  # allocatable known: real percentages
     assert re.search(r"^\s+default\s+podtoservcie-\S+\s+0 \(0%\)", text, re.M), text
+    # The kubelet's heartbeat Lease (kube-node-lease/<node>)
+    assert re.search(rf"^Lease:\n\s+HolderIdentity:\s+{node}$", text, re.M), text
+    assert re.search(r"^\s+RenewTime:\s+\w{3}, \d\d \w{3} \d{4}", text, re.M), text
 
 
 def test_exec_over_websocket_with_stdin_tty_and_exit_codes(env):

@@ -58,11 +58,11 @@ def test_discovery_lists_short_names_and_the_tutorials_extensions_group():
     assert (scale["group"], scale["version"], scale["kind"]) == ("autoscaling", "v1", "Scale")
     groups = [g["name"] for g in discovery.api_group_list()["groups"]]
     assert groups.index("batch") < groups.index("extensions")   # bare `job` resolves to batch
-    assert discovery.resource_list("coordination.k8s.io/v1") is None
+    assert discovery.resource_list("networking.k8s.io/v1") is None
 
 
 def test_paths_not_served_are_404_and_wrong_methods_405(server):
-    assert call(server, "GET", "/apis/coordination.k8s.io/v1/namespaces/x/leases/n1")[0] == 404
+    assert call(server, "GET", "/apis/networking.k8s.io/v1/namespaces/x/ingresses/n1")[0] == 404
     assert call(server, "GET", "/api/v1/namespaces/default/nodes/n1")[0] == 404   # nodes are cluster-scoped
     assert call(server, "GET", "/api/v1/namespaces/default/pods/web/log")[0] == 404  # no kubelet folder given
     assert call(server, "GET", "/api/v1/namespaces/default/pods/web/exec")[0] == 404  # not served yet
