@@ -52,10 +52,11 @@ def resource_list(group_version: str) -> dict | None:
     for k in sorted(served, key=lambda k: k.resource):
         entry = {"name": k.resource, "singularName": k.singular, "namespaced": k.namespaced,
                  "kind": k.kind, "verbs": list(kinds.VERBS)}
-        if k.short_names:
+        # Short names and `kubectl get all` lead to the version a kind is stored
+        # in, not again to extensions/v1beta1 (kubectl warns of short names
+        # that two groups claim).
+        if k.short_names and k.group_version == group_version:
             entry["shortNames"] = list(k.short_names)
-        # `kubectl get all` lists each kind once: from the version it is stored
-        # in, not again from extensions/v1beta1.
         if k.categories and k.group_version == group_version:
             entry["categories"] = list(k.categories)
         resources.append(entry)
