@@ -91,6 +91,8 @@ def parse_path(path: str) -> tuple[str, object] | None:
     kind = kinds.lookup(gv, rest[0])
     if kind is None or len(rest) > 3 or (namespace is not None and not kind.namespaced):
         return None
+    if kind.namespaced and namespace is None and len(rest) > 1:
+        return None                     # a namespaced object is only ever under its namespace
     name = rest[1] if len(rest) >= 2 else None
     sub = rest[2] if len(rest) == 3 else None
     if sub is not None and not (sub == "scale" and kind.scale_field or
@@ -156,7 +158,7 @@ class ApiServer:
                 return await self._list_or_watch(req, t)
             if req.method == "GET":
                 return self._get(req, t)
-            if req.method == "POST" and t.name is None:
+            if req.method == "POST" and t.name is None and (t.namespace or not t.kind.namespaced):
                 return self._create(req, t)
             if req.method == "PUT" and t.name is not None:
                 return self._replace(req, t)

@@ -67,6 +67,8 @@ def test_paths_not_served_are_404_and_wrong_methods_405(server):
     assert call(server, "GET", "/api/v1/namespaces/default/pods/web/log")[0] == 404  # no kubelet folder given
     assert call(server, "GET", "/api/v1/namespaces/default/pods/web/exec")[0] == 404  # not served yet
     assert call(server, "GET", "/openapi/v3")[0] == 404
+    assert call(server, "GET", "/api/v1/pods/web")[0] == 404                       # pods live under a namespace
+    assert call(server, "POST", "/api/v1/pods", POD)[0] == 405
     code, body = call(server, "POST", "/api/v1/nodes/n1")
     assert code == 405 and body["reason"] == "MethodNotAllowed"
     code, body = call(server, "GET", "/openapi/v2")
