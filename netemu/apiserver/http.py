@@ -5,10 +5,12 @@ and nothing here is tied to an event loop h11 does not know about. One task per
 connection; requests on a connection are served one after the other
 (keep-alive), as kubectl and the Python client send them.
 
-A handler returns a Response. A Response whose body is an async iterator is
-streamed with chunked encoding (watch); while it streams, the connection is
-read too, so a client that hangs up ends the stream at once instead of at the
-next event.
+A handler returns a Response. A Response whose body is an async function is
+streamed with chunked encoding (watch, logs -f): it is called with a `write`
+coroutine for each chunk. (A function, not an async generator: a producer may
+then wait inside cancel scopes, which a generator must not yield across.)
+While it streams, the connection is read too, so a client that hangs up ends
+the stream at once instead of at the next event.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import dataclasses
 import logging
 import urllib.parse
 from http import HTTPStatus
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import h11
 import trio
@@ -28,6 +30,7 @@ MAX_BODY = 3 * 1024 * 1024          # the API server's limit on a request body (
 MAX_HEADERS = 64 * 1024
 READ_SIZE = 65536
 IDLE_TIMEOUT = 300.0                # a keep-alive connection with no request this long is closed
+SLOW_CLIENT_TIMEOUT = 60.0          # a stream whose client reads nothing this long is dropped
 
 
 @dataclasses.dataclass
@@ -46,7 +49,7 @@ class Request:
 @dataclasses.dataclass
 class Response:
     status: int
-    body: bytes | AsyncIterator[bytes] = b""
+    body: bytes | Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]] = b""
     content_type: str = "application/json"
     headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     # Set on a 101 Switching Protocols answer: run with the connection's stream
@@ -106,7 +109,12 @@ async def _read_request(conn: h11.Connection, stream: trio.abc.Stream) -> Reques
 async def _send(conn: h11.Connection, stream: trio.abc.Stream, event) -> None:
     data = conn.send(event)
     if data:
-        await stream.send_all(data)
+        # A client that stops reading is dropped rather than held forever
+        # (kube-apiserver drops a watcher that falls behind likewise).
+        with trio.move_on_after(SLOW_CLIENT_TIMEOUT) as slow:
+            await stream.send_all(data)
+        if slow.cancelled_caught:
+            raise trio.BrokenResourceError(f"the client read nothing for {SLOW_CLIENT_TIMEOUT} s")
 
 
 def _phrase(code: int) -> bytes:
@@ -152,17 +160,18 @@ async def _respond(conn: h11.Connection, stream: trio.abc.Stream, resp: Response
             nursery.cancel_scope.cancel()
 
         nursery.start_soon(watch_for_hangup)
+        # Failures are noted, not raised, inside the nursery: trio would wrap
+        # them in an ExceptionGroup; the plain error is raised after it.
+        async def write(chunk: bytes) -> None:
+            if chunk:
+                await _send(conn, stream, h11.Data(data=chunk))
+
         try:
-            async for chunk in resp.body:
-                if chunk:
-                    await _send(conn, stream, h11.Data(data=chunk))
-        finally:
-            aclose = getattr(resp.body, "aclose", None)
-            if aclose is not None:
-                with trio.CancelScope(shield=True):
-                    await aclose()
-        if not hung_up:
-            await _send(conn, stream, h11.EndOfMessage())
+            await resp.body(write)
+            if not hung_up:
+                await _send(conn, stream, h11.EndOfMessage())
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            hung_up = True
         nursery.cancel_scope.cancel()
     if hung_up:
         raise trio.BrokenResourceError("client closed the stream")

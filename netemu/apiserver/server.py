@@ -12,6 +12,7 @@ answers 404 or 405 as kube-apiserver does, never a made-up success.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -254,7 +255,7 @@ class ApiServer:
                 first_table = False
             return json.dumps({"type": type_, "object": obj}, separators=(",", ":")).encode() + b"\n"
 
-        async def events():
+        async def events(write) -> None:
             since = int(since_arg) if since_arg else 0
             with trio.move_on_after(timeout):
                 if since == 0:
@@ -262,25 +263,26 @@ class ApiServer:
                     since = store.revision()
                     for obj in registry.list_(store, t.kind.kind, t.namespace if t.kind.namespaced else None):
                         if keep(obj):
-                            yield encode("ADDED", self._present(obj, t))
+                            await write(encode("ADDED", self._present(obj, t)))
                 else:
                     try:
                         store.events_since(since, prefix)
                     except Compacted:
                         current = store.revision()
-                        yield encode("ERROR", status.status(
-                            "Expired", f"too old resource version: {since} ({current})"))
+                        await write(encode("ERROR", status.status(
+                            "Expired", f"too old resource version: {since} ({current})")))
                         return
                 last: dict[str, str] = {}
-                async for ev in store.watch(prefix, since):
-                    type_ = self._event_type(ev, last)      # every event: keeps `last` whole
-                    obj = copy.deepcopy(ev.value)
-                    obj.setdefault("metadata", {})["resourceVersion"] = str(ev.revision)
-                    if not keep(obj):
-                        continue
-                    yield encode(type_, self._present(obj, t))
+                async with contextlib.aclosing(store.watch(prefix, since)) as changes:
+                    async for ev in changes:
+                        type_ = self._event_type(ev, last)      # every event: keeps `last` whole
+                        obj = copy.deepcopy(ev.value)
+                        obj.setdefault("metadata", {})["resourceVersion"] = str(ev.revision)
+                        if not keep(obj):
+                            continue
+                        await write(encode(type_, self._present(obj, t)))
 
-        return Response(200, events(), JSON)
+        return Response(200, events, JSON)
 
     def _event_type(self, ev, last: dict[str, str]) -> str:
         """ADDED, MODIFIED or DELETED for a store event. LAST: the previous
@@ -580,13 +582,14 @@ class ApiServer:
             data = data[:limit]
         if req.arg("follow") not in ("true", "1") or (limit is not None and len(data) >= limit):
             return Response(200, data, "text/plain")
-        return Response(200, self._follow(t, path, read_up_to, data, limit), "text/plain")
+        return Response(200, lambda write: self._follow(write, t, path, read_up_to, data, limit),
+                        "text/plain")
 
-    async def _follow(self, t: Target, path: str, offset: int, first: bytes, limit: int | None):
+    async def _follow(self, write, t: Target, path: str, offset: int, first: bytes, limit: int | None) -> None:
         """Stream the log as it grows until the container stops for good (its
         pod finished or gone) or limitBytes is reached."""
         sent = len(first)
-        yield first
+        await write(first)
         with open(path, "rb") as f:
             f.seek(offset)
             while True:
@@ -595,7 +598,7 @@ class ApiServer:
                     if limit is not None:
                         chunk = chunk[:limit - sent]
                     sent += len(chunk)
-                    yield chunk
+                    await write(chunk)
                     if limit is not None and sent >= limit:
                         return
                     continue
@@ -603,10 +606,9 @@ class ApiServer:
                 if pod is None or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
                     rest = f.read()
                     if rest:
-                        yield rest[:None if limit is None else limit - sent]
+                        await write(rest[:None if limit is None else limit - sent])
                     return
                 await trio.sleep(FOLLOW_POLL)
-
 
     # -- pods/exec ------------------------------------------------------------------
 

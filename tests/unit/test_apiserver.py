@@ -202,14 +202,15 @@ def test_watch_streams_added_modified_deleted_and_expired(server):
                             lambda o: o["metadata"].setdefault("labels", {}).update(x="y"))
             registry.delete(server.store, "Pod", "default", "two")
 
+        async def write(chunk: bytes) -> None:
+            ev = json.loads(chunk)
+            got.append((ev["type"], ev["object"]["metadata"]["name"]))
+            if ev["type"] == "DELETED":
+                n.cancel_scope.cancel()
+
         async with trio.open_nursery() as n:
             n.start_soon(writer)
-            async for chunk in resp.body:
-                ev = json.loads(chunk)
-                got.append((ev["type"], ev["object"]["metadata"]["name"]))
-                if ev["type"] == "DELETED":
-                    break
-            await resp.body.aclose()
+            await resp.body(write)
         return got
 
     assert trio.run(main) == [("ADDED", "two"), ("MODIFIED", "two"), ("DELETED", "two")]
@@ -476,7 +477,13 @@ def test_watch_from_a_compacted_revision_is_an_expired_error_event(server):
         req = http.Request("GET", "/api/v1/namespaces/default/pods",
                            {"watch": ["true"], "resourceVersion": ["2"]}, {}, b"")
         resp = await server.handle(req)
-        return [json.loads(chunk) async for chunk in resp.body]
+        got = []
+
+        async def write(chunk: bytes) -> None:
+            got.append(json.loads(chunk))
+
+        await resp.body(write)
+        return got
 
     [event] = trio.run(main)
     assert event["type"] == "ERROR"
@@ -531,3 +538,44 @@ def test_exec_session_channels_stdin_close_and_exit_status():
     status = json.loads(got[podexec.ERROR])
     assert status["reason"] == "NonZeroExitCode"
     assert status["details"]["causes"] == [{"reason": "ExitCode", "message": "2"}]
+
+
+def test_http_client_that_stops_reading_a_watch_is_dropped(server, monkeypatch):
+    from trio.testing import lockstep_stream_pair
+
+    from netemu.apiserver import status
+
+    monkeypatch.setattr(http, "SLOW_CLIENT_TIMEOUT", 0.3)
+
+    async def main():
+        client, srv = lockstep_stream_pair()         # a send waits until the other side reads
+        with trio.fail_after(5):
+            async with trio.open_nursery() as n:
+                n.start_soon(http.serve_connection, srv, server.handle, status.too_large, status.bad_request)
+                await client.send_all(b"GET /api/v1/nodes?watch=true HTTP/1.1\r\nHost: x\r\n\r\n")
+                # ... and never reads: the server gives up on its own.
+        return True
+
+    assert trio.run(main)
+
+
+def test_exec_client_vanishing_stops_the_command(tmp_path):
+    from trio.testing import memory_stream_pair
+
+    from netemu.apiserver import podexec
+
+    marker = tmp_path / "still-running"
+    session = podexec.Session(["sh", "-c", f"sleep 0.5; touch {marker}; sleep 30"], {"PATH": "/usr/bin:/bin"},
+                              ["sh"], "v5.channel.k8s.io", stdin=True, stdout=True, stderr=True, tty=False)
+
+    async def main():
+        client_stream, server_stream = memory_stream_pair()
+        with trio.fail_after(5):
+            async with trio.open_nursery() as n:
+                n.start_soon(session.run, server_stream, b"")
+                await trio.sleep(0.1)
+                await client_stream.aclose()             # the client is gone
+        await trio.sleep(1.0)
+
+    trio.run(main)
+    assert not marker.exists()                           # the whole process group was killed
