@@ -42,6 +42,9 @@ PATCHES = (JSON_PATCH, MERGE_PATCH, STRATEGIC_PATCH)
 # kubectl's watch keeps a connection this long unless it says otherwise
 # (kube-apiserver's --min-request-timeout: 1800 s).
 DEFAULT_WATCH_TIMEOUT = 1800.0
+# A watch that asked for bookmarks (allowWatchBookmarks) gets one this often:
+# the revision it is up to, so a client that restarts it need not re-list.
+BOOKMARK_INTERVAL = 60.0
 FOLLOW_POLL = 0.2               # seconds between looks at a followed log that has not grown
 # The loader's warning about a field its schema does not know (manifests._decode_struct).
 _UNKNOWN_FIELD = re.compile(r": ([^\s:]+): unknown field \(")
@@ -255,32 +258,53 @@ class ApiServer:
                 first_table = False
             return json.dumps({"type": type_, "object": obj}, separators=(",", ":")).encode() + b"\n"
 
+        bookmarks = req.arg("allowWatchBookmarks") in ("true", "1") and not version
+
         async def events(write) -> None:
             since = int(since_arg) if since_arg else 0
+            # Every change up to this revision has been sent (or filtered out):
+            # what a bookmark may promise.
+            seen = {"revision": since}
+            lock = trio.Lock()              # the events and the bookmarks share one stream
+
+            async def send(type_: str, obj: dict) -> None:
+                async with lock:
+                    await write(encode(type_, obj))
+
+            async def bookmark_every(interval: float) -> None:
+                while True:
+                    await trio.sleep(interval)
+                    await send("BOOKMARK", {"kind": t.kind.kind, "apiVersion": t.gv,
+                                            "metadata": {"resourceVersion": str(seen["revision"])}})
+
             with trio.move_on_after(timeout):
                 if since == 0:
                     # No revision (or "0", any): the current state first, as ADDED events.
-                    since = store.revision()
+                    since = seen["revision"] = store.revision()
                     for obj in registry.list_(store, t.kind.kind, t.namespace if t.kind.namespaced else None):
                         if keep(obj):
-                            await write(encode("ADDED", self._present(obj, t)))
+                            await send("ADDED", self._present(obj, t))
                 else:
                     try:
                         store.events_since(since, prefix)
                     except Compacted:
                         current = store.revision()
-                        await write(encode("ERROR", status.status(
-                            "Expired", f"too old resource version: {since} ({current})")))
+                        await send("ERROR", status.status(
+                            "Expired", f"too old resource version: {since} ({current})"))
                         return
                 last: dict[str, str] = {}
-                async with contextlib.aclosing(store.watch(prefix, since)) as changes:
-                    async for ev in changes:
-                        type_ = self._event_type(ev, last)      # every event: keeps `last` whole
-                        obj = copy.deepcopy(ev.value)
-                        obj.setdefault("metadata", {})["resourceVersion"] = str(ev.revision)
-                        if not keep(obj):
-                            continue
-                        await write(encode(type_, self._present(obj, t)))
+                async with trio.open_nursery() as nursery:
+                    if bookmarks:
+                        nursery.start_soon(bookmark_every, BOOKMARK_INTERVAL)
+                    async with contextlib.aclosing(store.watch(prefix, since)) as changes:
+                        async for ev in changes:
+                            type_ = self._event_type(ev, last)      # every event: keeps `last` whole
+                            seen["revision"] = ev.revision
+                            obj = copy.deepcopy(ev.value)
+                            obj.setdefault("metadata", {})["resourceVersion"] = str(ev.revision)
+                            if not keep(obj):
+                                continue
+                            await send(type_, self._present(obj, t))
 
         return Response(200, events, JSON)
 

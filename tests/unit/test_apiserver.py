@@ -579,3 +579,35 @@ def test_exec_client_vanishing_stops_the_command(tmp_path):
 
     trio.run(main)
     assert not marker.exists()                           # the whole process group was killed
+
+
+def test_watch_bookmarks_when_asked(server, monkeypatch):
+    from netemu.apiserver import server as server_module
+
+    monkeypatch.setattr(server_module, "BOOKMARK_INTERVAL", 0.2)
+    since = server.store.revision()
+
+    async def main(query):
+        req = http.Request("GET", "/api/v1/nodes", {"watch": ["true"], "resourceVersion": [str(since)],
+                                                    "timeoutSeconds": ["1"], **query}, {}, b"")
+        resp = await server.handle(req)
+        got = []
+
+        async def write(chunk: bytes) -> None:
+            got.append(json.loads(chunk))
+
+        async with trio.open_nursery() as n:
+            async def change():
+                await trio.sleep(0.3)
+                registry.mutate(server.store, "Node", None, "n1", lambda o: o["metadata"].update(labels={"a": "b"}))
+            n.start_soon(change)
+            await resp.body(write)
+        return got
+
+    events = trio.run(main, {"allowWatchBookmarks": ["true"]})
+    kinds = [e["type"] for e in events]
+    assert "MODIFIED" in kinds and kinds.count("BOOKMARK") >= 3
+    after = [e for e in events[kinds.index("MODIFIED") + 1:] if e["type"] == "BOOKMARK"]
+    assert after and after[0]["object"]["metadata"]["resourceVersion"] == str(server.store.revision())
+    assert after[0]["object"]["kind"] == "Node"
+    assert {e["type"] for e in trio.run(main, {})} == {"MODIFIED"}          # not asked: no bookmarks
