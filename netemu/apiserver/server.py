@@ -3,6 +3,7 @@
     /api, /apis, /apis/<group>, /api/v1, /apis/<group>/<version>   discovery
     /version, /healthz, /livez, /readyz, /openapi/v2               server
     <gv>/[namespaces/<ns>/]<resource>[/<name>[/scale]]             objects
+    /api/v1/namespaces/<ns>/pods/<name>/log|exec                   logs, exec (podexec.py)
 
 Every write goes through netemu.api (admission: defaults, validation, cluster IP
 and node port allocation), the path netemu's own CLI takes; every read is the
@@ -21,8 +22,7 @@ import re
 
 import trio
 
-from netemu import api
-from netemu import netns
+from netemu import api, netns
 from netemu.apiserver import discovery, podexec, status, tables
 from netemu.apiserver.http import Request, Response
 from netemu.k8s import jsonpatch, kinds, selectors, strategicpatch
