@@ -234,6 +234,15 @@ def _kind(word: str) -> str:
         raise CliError(f'the server doesn\'t have a resource type "{word}"') from None
 
 
+def _not_found(kind: str, name: str):
+    """kubectl's NotFound, with the resource named as the API server names it
+    (endpoints, jobs.batch), from the one table of kinds (netemu.k8s.kinds)."""
+    from netemu.api import ApiError
+    from netemu.k8s import kinds
+
+    return ApiError(f'{kinds.BY_KIND[kind].qualified()} "{name}" not found', reason="NotFound")
+
+
 def _overlay_stats(cluster: str, node: str) -> dict | None:
     from netemu.overlay.daemon import read_stats
     return read_stats(names.node_dir(cluster, node))
@@ -258,7 +267,7 @@ def cmd_get(args) -> int:
         for n in args.names:
             obj = registry.get(store, kind, ns, n)
             if obj is None:
-                raise CliError(f'{registry.kind_word(kind)}s "{n}" not found')
+                raise _not_found(kind, n)
             objs.append(obj)
     else:
         objs = registry.list_(store, kind, ns)
@@ -304,7 +313,7 @@ def cmd_describe(args) -> int:
     cluster, store = _store(args)
     obj = registry.get(store, kind, args.namespace, args.name)
     if obj is None:
-        raise CliError(f'{registry.kind_word(kind)}s "{args.name}" not found')
+        raise _not_found(kind, args.name)
     events = registry.events_for(store, obj)
     if kind == "Pod":
         from netemu.node.sandbox import Sandbox

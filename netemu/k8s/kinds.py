@@ -113,6 +113,8 @@ def _check() -> None:
     # Every kind served must be one the store keeps; caught at import, not at a request.
     missing = [k.kind for k in KINDS if k.kind not in registry.KINDS]
     assert not missing, f"kinds without a registry entry: {missing}"
+    unserved = [k for k in registry.KINDS if k not in BY_KIND]
+    assert not unserved, f"stored kinds this table does not know: {unserved}"
     for k in KINDS:
         assert stored_version(k.kind) == k.group_version, k
 
