@@ -25,7 +25,7 @@ import trio
 from netemu import api, netns
 from netemu.apiserver import discovery, podexec, status, tables
 from netemu.apiserver.http import Request, Response
-from netemu.k8s import jsonpatch, kinds, selectors, strategicpatch
+from netemu.k8s import jsonpatch, kinds, protobuf, selectors, strategicpatch
 from netemu.store import registry
 from netemu.store.base import Compacted
 from netemu.topology import manifests, schema
@@ -329,11 +329,18 @@ class ApiServer:
 
     def _body(self, req: Request) -> dict:
         media = (req.headers.get("content-type") or "application/json").split(";")[0].strip()
+        if media == protobuf.MEDIA_TYPE:
+            try:
+                return protobuf.decode_object(req.body)
+            except protobuf.DecodeError as err:
+                unsupported = "not decoded by netemu" in str(err)
+                raise api.ApiError(f"the body of the request could not be decoded as protobuf: {err}",
+                                   reason="UnsupportedMediaType" if unsupported else "BadRequest") from None
         if media not in ("application/json", "*/*", ""):
-            # Protobuf (and YAML, CBOR) bodies are not decoded here; a real
-            # server that lacks a codec answers the same.
+            # YAML and CBOR bodies are not decoded here; a real server that
+            # lacks a codec answers the same.
             raise api.ApiError(f'the body of the request was in an unknown format - accepted media types '
-                               'include: application/json', reason="UnsupportedMediaType")
+                               f'include: application/json, {protobuf.MEDIA_TYPE}', reason="UnsupportedMediaType")
         try:
             body = json.loads(req.body or b"null")
         except (ValueError, UnicodeDecodeError) as err:

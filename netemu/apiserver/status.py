@@ -19,9 +19,18 @@ CODES = {
 }
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+
+
+def one_line(message: str) -> str:
+    """MESSAGE with control characters escaped as Go's %q shows them: a name
+    or value sent with a newline in it cannot split the error over lines."""
+    return message.translate(_CONTROL)
+
+
 def status(reason: str, message: str, details: dict | None = None, code: int | None = None) -> dict:
     body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": reason, "code": code or CODES[reason]}
+            "message": one_line(message), "reason": reason, "code": code or CODES[reason]}
     if details:
         body["details"] = details
     return body

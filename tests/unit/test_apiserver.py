@@ -611,3 +611,38 @@ def test_watch_bookmarks_when_asked(server, monkeypatch):
     assert after and after[0]["object"]["metadata"]["resourceVersion"] == str(server.store.revision())
     assert after[0]["object"]["kind"] == "Node"
     assert {e["type"] for e in trio.run(main, {})} == {"MODIFIED"}          # not asked: no bookmarks
+
+
+# What kubectl 1.32 sent for `kubectl create namespace new-namespace` (captured).
+CREATE_NAMESPACE_PROTOBUF = (b'k8s\x00\n\x0f\n\x02v1\x12\tNamespace\x12%\n\x1d\n\rnew-namespace\x12\x00\x1a\x00"\x00'
+                             b'*\x002\x008\x00B\x00\x12\x00\x1a\x02\n\x00\x1a\x00"\x00')
+
+
+def test_protobuf_namespace_body_is_decoded_other_kinds_refused(server):
+    from netemu.k8s import protobuf
+
+    req = http.Request("POST", "/api/v1/namespaces", {},
+                       {"content-type": "application/vnd.kubernetes.protobuf"}, CREATE_NAMESPACE_PROTOBUF)
+    resp = trio.run(server.handle, req)
+    body = json.loads(resp.body)
+    assert resp.status == 201 and body["metadata"]["name"] == "new-namespace"
+    assert body["metadata"]["labels"] == {"kubernetes.io/metadata.name": "new-namespace"}
+    # a Deployment (kubectl create deployment) is not decoded: 415, nothing stored
+    deployment = b"k8s\x00\n\x15\n\x07apps/v1\x12\nDeployment\x12\x07\n\x05\n\x03web"
+    req = http.Request("POST", "/apis/apps/v1/namespaces/default/deployments", {},
+                       {"content-type": "application/vnd.kubernetes.protobuf"}, deployment)
+    resp = trio.run(server.handle, req)
+    assert resp.status == 415 and b"not decoded by netemu yet" in resp.body
+    # an unknown field number is an error, not silently dropped
+    with pytest.raises(protobuf.DecodeError, match="unknown field number 99"):
+        protobuf.decode_message(b"\x9a\x06\x00", "ObjectMeta")
+    for broken in (CREATE_NAMESPACE_PROTOBUF[:20], b"k8s\x00\xff", b"nope"):
+        req = http.Request("POST", "/api/v1/namespaces", {},
+                           {"content-type": "application/vnd.kubernetes.protobuf"}, broken)
+        assert trio.run(server.handle, req).status == 400
+
+
+def test_errors_stay_on_one_line_whatever_the_input(server):
+    code, body = call(server, "POST", "/api/v1/namespaces/default/pods",
+                      {**POD, "metadata": {"name": "bad\nname"}})
+    assert code == 422 and "\n" not in body["message"] and 'bad\\nname' in body["message"]

@@ -95,7 +95,18 @@ MEANINGFUL = [
 SCALE = {"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {"name": "rc"}, "spec": {"replicas": 3}}
 
 
+# kubectl 1.32's `create namespace new-namespace` body (protobuf), to mutate.
+NAMESPACE_PROTOBUF = (b'k8s\x00\n\x0f\n\x02v1\x12\tNamespace\x12%\n\x1d\n\rnew-namespace\x12\x00\x1a\x00"\x00'
+                      b'*\x002\x008\x00B\x00\x12\x00\x1a\x02\n\x00\x1a\x00"\x00')
+
+
 def request(rng: random.Random) -> http.Request:
+    if rng.random() < 0.05:
+        raw = bytearray(NAMESPACE_PROTOBUF)
+        for _ in range(rng.randrange(1, 4)):
+            raw[rng.randrange(len(raw))] = rng.randrange(256)
+        return http.Request("POST", "/api/v1/namespaces", {},
+                            {"content-type": "application/vnd.kubernetes.protobuf"}, bytes(raw))
     if rng.random() < 0.75:
         method, path, seed = rng.choice(MEANINGFUL)
         body = SEED_OBJECTS[seed] if seed is not None else (
