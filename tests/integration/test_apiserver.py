@@ -378,9 +378,8 @@ def test_describe_node_lists_its_pods_and_capacity(env):
 
 def test_exec_over_websocket_with_stdin_tty_and_exit_codes(env):
     """kubectl 1.30+ exec: WebSocket v5.channel.k8s.io."""
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "shell"},
-           "spec": {"containers": [{"name": "c", "image": "busybox", "command": ["sleep", "3600"]}]}}
-    kubectl(env, "create", "-f", "-", input=json.dumps(pod))
+    out = kubectl(env, "run", "shell", "--image=busybox", "--command", "--", "sleep", "3600").stdout
+    assert out.strip() == "pod/shell created"
     wait_for(lambda: "Running" in kubectl(env, "get", "pod", "shell").stdout, timeout=60, what="shell Running")
     proc = kubectl(env, "exec", "shell", "--", "sh", "-c", "echo out; echo err >&2; hostname; exit 3", check=False)
     assert proc.returncode == 3
