@@ -82,12 +82,13 @@ def renew_lease(store, node: str) -> None:
     if registry.mutate(store, "Lease", LEASE_NAMESPACE, node, renew) is not None:
         return
     owner = registry.get(store, "Node", None, node)
+    if owner is None:
+        return                  # the node was removed: no heartbeat for it
     lease = {"kind": "Lease", "metadata": {"name": node, "namespace": LEASE_NAMESPACE},
              "spec": {"holderIdentity": node, "leaseDurationSeconds": LEASE_DURATION,
                       "acquireTime": micro_time(), "renewTime": micro_time()}}
-    if owner is not None:
-        lease["metadata"]["ownerReferences"] = [{"apiVersion": "v1", "kind": "Node", "name": node,
-                                                 "uid": owner["metadata"].get("uid")}]
+    lease["metadata"]["ownerReferences"] = [{"apiVersion": "v1", "kind": "Node", "name": node,
+                                             "uid": owner["metadata"].get("uid")}]
     try:
         registry.create(store, lease)
     except Conflict:
