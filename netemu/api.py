@@ -29,7 +29,7 @@ import re
 from netemu.controllers import selectors
 from netemu.store import registry
 from netemu.store.base import Conflict, Store
-from netemu.topology import manifests, schema
+from netemu.topology import manifests, names, schema
 from netemu.topology.model import TopologyError
 
 SERVICE_IPS = "/registry/ranges/serviceips/"
@@ -322,16 +322,46 @@ def admit(obj: dict) -> dict:
     does not describe (Node, Event, Endpoints: written by netemu itself) pass as
     they are. Raises ApiError (Invalid) with the API server's wording."""
     kind = obj.get("kind")
-    if kind not in schema.KINDS:
+    if kind not in schema.KINDS and kind not in registry.KINDS:
         return obj
     try:
-        admitted, _ = manifests.normalize_object(obj, "", "")
+        if kind in schema.KINDS:
+            admitted, _ = manifests.normalize_object(obj, "", "")
+        else:
+            admitted = _admit_metadata(obj)
     except TopologyError as err:
         meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
         name = meta.get("name") if isinstance(meta.get("name"), str) else ""
         detail = f"{err.field}: {err.problem}" if err.field else err.problem
         raise ApiError(f'{kind} "{name}" is invalid: {detail}') from None
+    if kind == "Namespace":
+        # The API server labels every namespace with its name (so selectors can
+        # pick namespaces by name) and gives it the "kubernetes" finalizer.
+        meta = admitted["metadata"]
+        meta["labels"] = {**(meta.get("labels") or {}), NAMESPACE_NAME_LABEL: meta["name"]}
+        admitted.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
     return admitted
+
+
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+
+
+def _admit_metadata(obj: dict) -> dict:
+    """The kinds the manifest schema does not describe (Node, Event, Endpoints,
+    EndpointSlice): their metadata is still checked as ObjectMeta (names, labels,
+    annotations), with the loader's decoder and rules, and their spec and status
+    must be objects, so that no writer can store what every reader would trip on."""
+    obj = copy.deepcopy(obj)
+    kind = obj["kind"]
+    origin = manifests.Origin("", manifests.object_label(kind, obj.get("metadata")))
+    if not isinstance(obj.get("metadata"), dict):
+        raise origin.error("metadata", f"must be an object, got {manifests.describe(obj.get('metadata'))}")
+    obj["metadata"] = manifests._decode(obj["metadata"], "ObjectMeta", "metadata", origin)
+    manifests._metadata(obj, registry.KINDS[kind][1], names.dns1123_subdomain, origin)
+    for field in ("spec", "status"):
+        if field in obj and not isinstance(obj[field], dict):
+            raise origin.error(field, f"must be an object, got {manifests.describe(obj[field])}")
+    return obj
 
 
 def create_or_update(store: Store, obj: dict, settings=None) -> tuple[dict, str]:
@@ -364,8 +394,49 @@ def create_or_update(store: Store, obj: dict, settings=None) -> tuple[dict, str]
                    reason="Conflict")
 
 
+def create(store: Store, obj: dict, settings=None) -> dict:
+    """Store a new OBJ (an HTTP POST): admitted as create_or_update does, but an
+    existing object of that name is an error (AlreadyExists), never updated."""
+    obj = admit(copy.deepcopy(obj))
+    kind, meta = obj.get("kind"), obj.setdefault("metadata", {})
+    if kind not in registry.KINDS:
+        raise ApiError(f'no matches for kind "{kind}"', reason="BadRequest")
+    if not meta.get("name") and not meta.get("generateName"):
+        raise ApiError(f"{kind}: metadata.name: Required value: name or generateName is required")
+    if registry.KINDS[kind][1]:
+        meta.setdefault("namespace", "default")
+    try:
+        return _create(store, obj, settings)
+    except Conflict:
+        raise ApiError(f'{_resource(kind)} "{meta["name"]}" already exists', reason="AlreadyExists") from None
+
+
+def update(store: Store, obj: dict, settings=None) -> tuple[dict, str]:
+    """Replace a stored object with OBJ (an HTTP PUT): admitted as on create; a
+    metadata.resourceVersion, when given, must still be the stored one
+    (Conflict otherwise), as optimistic concurrency on the API server works."""
+    raw_meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    want = raw_meta.get("resourceVersion")       # read before admit, which keeps only user fields
+    obj = admit(copy.deepcopy(obj))
+    kind, meta = obj.get("kind"), obj.setdefault("metadata", {})
+    ns = meta.get("namespace", "default") if registry.KINDS[kind][1] else None
+    old = registry.get(store, kind, ns, meta.get("name", ""))
+    if old is None:
+        raise ApiError(f'{_resource(kind)} "{meta.get("name")}" not found', reason="NotFound")
+    stale = (f'Operation cannot be fulfilled on {_resource(kind)} "{meta["name"]}": the object has been '
+             "modified; please apply your changes to the latest version and try again")
+    if want and str(want) != old["metadata"]["resourceVersion"]:
+        raise ApiError(stale, reason="Conflict")
+    try:
+        return _update(store, old, obj, settings)
+    except Conflict:
+        raise ApiError(stale, reason="Conflict") from None
+
+
 def _create(store: Store, obj: dict, settings) -> dict:
     obj["metadata"]["generation"] = 1
+    if obj["kind"] == "Namespace":
+        obj["status"] = {"phase": "Active"}
     alloc = _allocate_service(store, obj, None, settings) if obj["kind"] == "Service" else None
     try:
         return registry.create(store, obj)
@@ -486,6 +557,8 @@ def delete(store: Store, kind: str, namespace: str | None, name: str,
     if kind == "Pod":
         delete_pod(store, namespace or "default", name, grace_period=grace_period)
         return obj
+    if kind == "Namespace":
+        return _delete_namespace(store, obj)
     if not registry.delete(store, kind, namespace, name):
         raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
     if kind == "Service":
@@ -494,6 +567,30 @@ def delete(store: Store, kind: str, namespace: str | None, name: str,
     if kind in OWNER_KINDS:
         delete_dependents(store, obj)
     return obj
+
+
+# Namespaces the API server will not delete.
+UNDELETABLE_NAMESPACES = ("default", "kube-system", "kube-public")
+
+
+def _delete_namespace(store: Store, ns: dict) -> dict:
+    """Mark a namespace Terminating; the namespace controller deletes what is in
+    it and then the namespace itself (controllers/namespace.py)."""
+    name = ns["metadata"]["name"]
+    if name in UNDELETABLE_NAMESPACES:
+        raise ApiError(f'namespaces "{name}" is forbidden: this namespace may not be deleted',
+                       reason="Forbidden")
+
+    def mark(obj: dict) -> None:
+        if obj["metadata"].get("uid") != ns["metadata"].get("uid"):
+            raise ApiError(f'namespaces "{name}" not found', reason="NotFound")
+        obj["metadata"].setdefault("deletionTimestamp", registry.now())
+        obj.setdefault("status", {})["phase"] = "Terminating"
+
+    marked = registry.mutate(store, "Namespace", None, name, mark)
+    if marked is None:
+        raise ApiError(f'namespaces "{name}" not found', reason="NotFound")
+    return marked
 
 
 def delete_dependents(store: Store, owner: dict) -> None:

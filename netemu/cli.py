@@ -185,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     capture_cli.register(sub, verb, with_cluster)
     from netemu import workloads_cli
     workloads_cli.register(sub, verb, with_cluster)
+    from netemu.apiserver import cli as apiserver_cli
+    apiserver_cli.register(sub, verb, with_cluster)
     from netemu.bench import cli as bench_cli
     bench_cli.register(sub, verb, with_cluster)
 
@@ -308,6 +310,15 @@ def _kind(word: str) -> str:
         raise CliError(f'the server doesn\'t have a resource type "{word}"') from None
 
 
+def _not_found(kind: str, name: str):
+    """kubectl's NotFound, with the resource named as the API server names it
+    (endpoints, jobs.batch), from the one table of kinds (netemu.k8s.kinds)."""
+    from netemu.api import ApiError
+    from netemu.k8s import kinds
+
+    return ApiError(f'{kinds.BY_KIND[kind].qualified()} "{name}" not found', reason="NotFound")
+
+
 def _overlay_stats(cluster: str, node: str) -> dict | None:
     from netemu.overlay.daemon import read_stats
     return read_stats(names.node_dir(cluster, node))
@@ -360,7 +371,7 @@ def cmd_get(args) -> int:
         for n in args.names:
             obj = registry.get(store, kind, ns, n)
             if obj is None:
-                raise CliError(f'{registry.kind_word(kind)}s "{n}" not found')
+                raise _not_found(kind, n)
             objs.append(obj)
     else:
         objs = _selected(registry.list_(store, kind, ns), requirements)
@@ -486,7 +497,7 @@ def cmd_describe(args) -> int:
             matched = [o for o in registry.list_(store, kind, args.namespace)
                        if o["metadata"]["name"].startswith(name)]
             if not matched:
-                raise CliError(f'{registry.kind_word(kind)}s "{name}" not found')
+                raise _not_found(kind, name)
             objs.extend(matched)
     else:
         objs = _selected(registry.list_(store, kind, args.namespace), requirements)

@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from netemu import api, controlplane, fabric, journal, loadbalancer, names, netns
+from netemu import api, apiserver, controlplane, fabric, journal, loadbalancer, names, netns
 from netemu.node import host
 from netemu.overlay import leases
 from netemu.store import registry
@@ -271,6 +271,7 @@ def _build(topology, progress, fail_after, builder) -> None:
         store.close()
     if fail_after == "store":
         raise ClusterError("failure injected after the store was written (test)")
+    apiserver.prepare(cluster)      # the API server's loopback port and kubeconfig context
     _tell(builder, "start")
     progress("control plane started")
 
@@ -573,6 +574,7 @@ def teardown(cluster: str, graceful: bool = True) -> None:
             netns.delete(name, only_inode=ino)
         except netns.NetnsError as e:
             errors.append(str(e))
+    apiserver.forget(cluster)       # the kubeconfig context up added
     shutil.rmtree(names.state_dir(cluster), ignore_errors=True)
     if errors:
         raise ClusterError("; ".join(errors))

@@ -29,6 +29,7 @@ SIGTERM stops both parts (each stops what it started) and the supervisor.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import pickle
@@ -85,6 +86,12 @@ class ControlPlane:
             else:
                 nursery.start_soon(self._controllers)
                 nursery.start_soon(self._load_balancer)
+                # The Kubernetes API server (netemu.apiserver), supervised here. It
+                # stays in the control plane's session: it lives in the machine's
+                # namespace (its loopback socket), so teardown finds it by session.
+                nursery.start_soon(functools.partial(
+                    supervise, self.cluster, "apiserver", python_argv("netemu.apiserver", self.cluster),
+                    os.path.join(names.state_dir(self.cluster), "apiserver.log"), new_session=False))
 
     async def _tick(self, part: str) -> None:
         """Touch the part's alive file every TICK seconds: proof for the

@@ -62,14 +62,16 @@ async def stop(proc: trio.Process, grace: float = 3.0) -> None:
 
 
 async def supervise(cluster: str, name: str, argv: list[str], log_path: str,
-                    restarts_path: str | None = None) -> None:
-    """Keep ARGV running until cancelled; count restarts in RESTARTS_PATH."""
+                    restarts_path: str | None = None, new_session: bool = True) -> None:
+    """Keep ARGV running until cancelled; count restarts in RESTARTS_PATH.
+    NEW_SESSION: a session of its own (node daemons: teardown finds them in
+    their node's namespace), else ours (a process in the machine's namespace)."""
     restarts = 0
     while True:
         with open(log_path, "ab") as out:
             proc = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, stdout=out,
                                                     stderr=out, env=daemon_env(cluster),
-                                                    start_new_session=True)
+                                                    start_new_session=new_session)
         try:
             code = await proc.wait()
         finally:

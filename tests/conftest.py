@@ -57,3 +57,16 @@ def machine_namespace_untouched():
     after = root_snapshot()
     for key in before:
         assert after[key] == before[key], f"the machine's own namespace changed: {key}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kubeconfig_in_a_temp_file(tmp_path_factory):
+    """`netemu up` adds a context to $KUBECONFIG (else ~/.kube/config): every test
+    cluster's goes to a throw-away file, never to the user's own kubeconfig."""
+    old = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(tmp_path_factory.mktemp("kube") / "config")
+    yield
+    if old is None:
+        os.environ.pop("KUBECONFIG", None)
+    else:
+        os.environ["KUBECONFIG"] = old

@@ -1,4 +1,5 @@
-"""The garbage collector: deletes pods and ReplicaSets whose controlling owner is gone.
+"""The garbage collector: deletes pods and ReplicaSets whose controlling owner is gone,
+and node Leases whose Node is gone.
 
 api.delete removes a workload's pods right after the workload, but a controller
 pass that read the workload just before it was deleted may still create a pod
@@ -43,9 +44,21 @@ def plan(pods: list[dict], replicasets: list[dict], owners: list[dict]) -> list:
     return actions
 
 
+def orphan_leases(leases: list[dict], nodes: list[dict]) -> list[dict]:
+    """Node heartbeat Leases whose Node (by ownerReference uid) is gone."""
+    alive = {n["metadata"].get("uid") for n in nodes}
+    return [lease for lease in leases
+            if any(r.get("kind") == "Node" and r.get("uid") not in alive
+                   for r in lease["metadata"].get("ownerReferences") or [])]
+
+
 def sync_once(store: Store) -> None:
     # Dependents first, owners second: an owner created after the first read
     # cannot have dependents in it, so no live owner looks missing.
+    leases = registry.list_(store, "Lease", "kube-node-lease")
+    nodes = registry.list_(store, "Node")
+    act.apply(store, [act.DeleteObject("Lease", lease["metadata"]["namespace"], lease["metadata"]["name"])
+                      for lease in orphan_leases(leases, nodes)], SOURCE)
     pods = registry.list_(store, "Pod")
     replicasets = registry.list_(store, "ReplicaSet")
     owners = [o for kind in OWNER_KINDS if kind != "ReplicaSet" for o in registry.list_(store, kind)]
@@ -56,5 +69,5 @@ def sync_once(store: Store) -> None:
 async def run(store: Store, settings=None) -> None:
     await run_reconciler(store, "garbage-collector",
                          [registry.prefix(k) for k in ("ReplicationController", "ReplicaSet", "Deployment",
-                                                       "Job", "DaemonSet")],
+                                                       "Job", "DaemonSet", "Node")],
                          lambda: sync_once(store), resync=5.0)

@@ -13,7 +13,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from netemu.controllers import daemonset, endpoints, garbagecollector, job, nodelifecycle, replication, scheduler
+from netemu.controllers import (daemonset, endpoints, endpointslice, garbagecollector, job, namespace,
+                                nodelifecycle, replication, scheduler)
 from netemu.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,8 @@ RESTART_DELAY = 1.0
 CONTROLLERS: dict[str, Callable[..., Awaitable[None]]] = {
     "scheduler": scheduler.run,
     "endpoints": endpoints.run,
+    "endpointslice": endpointslice.run,
+    "namespace": namespace.run,
     "replication": replication.run,
     "job": job.run,
     "daemonset": daemonset.run,

@@ -55,6 +55,28 @@ DEFAULT_GRACE = 30.0     # terminationGracePeriodSeconds' default
 EVENT_EVERY = 10         # a failing probe's event: its first failure, then every 10th
 
 
+
+MAX_PODS = "110"          # the kubelet's default --max-pods
+
+
+def machine_capacity() -> dict:
+    memory_kib = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                memory_kib = int(line.split()[1])
+                break
+    return {"cpu": str(os.cpu_count() or 1), "memory": f"{memory_kib}Ki", "pods": MAX_PODS}
+
+
+def node_info() -> dict:
+    uname = os.uname()
+    return {"architecture": {"x86_64": "amd64", "aarch64": "arm64"}.get(uname.machine, uname.machine),
+            "operatingSystem": "linux", "kernelVersion": uname.release, "osImage": "netemu",
+            "containerRuntimeVersion": "netemu://", "kubeletVersion": "", "kubeProxyVersion": "",
+            "machineID": "", "systemUUID": "", "bootID": ""}
+
+
 class Kubelet:
     def __init__(self, cluster: str, node: str, store, settings):
         self.cluster = cluster
@@ -114,6 +136,13 @@ class Kubelet:
                           "message": "kubelet is posting ready status",
                           "lastTransitionTime": registry.now()})
             status["conditions"] = conds
+            # What a kubelet reports about its machine: every node of a netemu
+            # cluster shares this one, so each reports its CPUs and memory
+            # (`kubectl describe node` computes its percentages from these).
+            capacity = machine_capacity()
+            status["capacity"] = capacity
+            status["allocatable"] = dict(capacity)
+            status["nodeInfo"] = node_info()
             node.setdefault("spec", {})["podCIDR"] = str(self.env.subnet.network)
         registry.mutate(self.store, "Node", None, self.node, change)
 
@@ -667,7 +696,10 @@ class PodWorker:
     def status(self) -> dict:
         statuses = []
         for c in self.containers:
-            st = {"name": c.name, "image": c.spec.get("image", ""), "ready": c.ready,
+            # imageID: a real kubelet reports the image's digest; netemu runs no
+            # images. The API always carries the field (not omitempty), and
+            # typed clients (the Python kubernetes client) refuse a status without it.
+            st = {"name": c.name, "image": c.spec.get("image", ""), "imageID": "", "ready": c.ready,
                   "restartCount": c.restarts, "state": c.state, "started": c.running and c.started}
             if c.handle is not None:
                 st["containerID"] = f"pid://{c.handle.pid}"

@@ -40,11 +40,16 @@ def micro_time(now: datetime.datetime | None = None) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def lease_object(node: str, duration: float, renew_time: str) -> dict:
-    return {"kind": "Lease",
-            "metadata": {"name": node, "namespace": NAMESPACE},
-            "spec": {"holderIdentity": node, "leaseDurationSeconds": max(1, round(duration)),
-                     "renewTime": renew_time}}
+def lease_object(node: str, duration: float, renew_time: str, node_uid: str | None = None) -> dict:
+    lease = {"kind": "Lease",
+             "metadata": {"name": node, "namespace": NAMESPACE},
+             "spec": {"holderIdentity": node, "leaseDurationSeconds": max(1, round(duration)),
+                      "renewTime": renew_time}}
+    if node_uid:
+        # As the kubelet sets it: the garbage collector removes the Lease with its Node.
+        lease["metadata"]["ownerReferences"] = [{"apiVersion": "v1", "kind": "Node", "name": node,
+                                                 "uid": node_uid}]
+    return lease
 
 
 def renew(store, node: str, duration: float) -> None:
@@ -52,8 +57,10 @@ def renew(store, node: str, duration: float) -> None:
     if registry.mutate(store, "Lease", NAMESPACE, node,
                        lambda lease: lease["spec"].update(renewTime=stamp, holderIdentity=node,
                                                           leaseDurationSeconds=max(1, round(duration)))) is None:
+        owner = registry.get(store, "Node", None, node)
+        uid = owner["metadata"].get("uid") if owner else None
         try:
-            registry.create(store, lease_object(node, duration, stamp))
+            registry.create(store, lease_object(node, duration, stamp, uid))
         except Conflict:
             pass            # created meanwhile by our predecessor: renewed next time
 

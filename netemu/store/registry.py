@@ -28,10 +28,12 @@ KINDS: dict[str, tuple[str, bool, str, tuple[str, ...]]] = {
     "DaemonSet": ("daemonsets", True, "apps/v1", ("daemonset", "daemonsets", "ds")),
     "Job": ("jobs", True, "batch/v1", ("job", "jobs")),
     "Event": ("events", True, "v1", ("event", "events", "ev")),
-    # The API server keeps nodes under "minions", a name from Kubernetes' first days.
-    "Node": ("minions", False, "v1", ("node", "nodes", "no")),
+    "EndpointSlice": ("endpointslices", True, "discovery.k8s.io/v1", ("endpointslice", "endpointslices")),
     # Node heartbeats: one per node in namespace kube-node-lease, renewed by its kubelet.
     "Lease": ("leases", True, "coordination.k8s.io/v1", ("lease", "leases")),
+    "Namespace": ("namespaces", False, "v1", ("namespace", "namespaces", "ns")),
+    # The API server keeps nodes under "minions", a name from Kubernetes' first days.
+    "Node": ("minions", False, "v1", ("node", "nodes", "no")),
 }
 
 SHORT_NAMES = {alias: kind for kind, (_, _, _, aliases) in KINDS.items() for alias in aliases}

@@ -164,6 +164,18 @@ class SqliteStore:
                 "ORDER BY rev", (revision, prefix, _prefix_end(prefix))).fetchall()
         return [Event(type=t, key=k, value=json.loads(v), revision=r) for r, t, k, v in rows]
 
+    def existed_before(self, key: str, revision: int) -> bool | None:
+        """Did KEY exist just before REVISION? None when the history that would
+        tell is compacted. (A watch's ADDED versus MODIFIED: the change log
+        does not say whether a PUT created its key.)"""
+        with self._lock:
+            row = self._db.execute("SELECT type FROM events WHERE key = ? AND rev < ? ORDER BY rev DESC "
+                                   "LIMIT 1", (key, revision)).fetchone()
+            if row is not None:
+                return row[0] == "PUT"
+            compacted = self._db.execute("SELECT compacted FROM meta WHERE id = 0").fetchone()[0]
+        return False if compacted == 0 else None
+
     # -- writes --------------------------------------------------------------
 
     def put(self, key: str, value: Any, *, ttl: float | None = None,

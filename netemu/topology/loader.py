@@ -32,6 +32,8 @@ never silently ignored). Example with every key:
       clientAddress: 172.30.0.254      # the external client; default: the last
                                        # usable underlay address
       timeScale: 1                     # multiplies controller delays (> 0)
+      apiServerNode: srv-k8s-master1   # where the Kubernetes API listens (:8080); default:
+                                       # the first unschedulable node, else the first
     nodes:                             # at least one
       - name: srv-k8s-master1          # DNS-1123 label, unique
         unschedulable: true            # like `kubectl cordon`; default false
@@ -82,7 +84,7 @@ from .yamlsource import file_problem, load_documents, read_text
 TOP_KEYS = ("name", "cluster", "nodes", "workloads")
 CLUSTER_KEYS = ("underlay", "underlayMTU", "clusterNetwork", "subnetLen", "serviceRange",
                 "nodePortRange", "backend", "proxyMode", "loadBalancerPool", "clientAddress",
-                "timeScale")
+                "timeScale", "apiServerNode")
 BACKEND_KEYS = ("type", "port", "vni")
 NODE_KEYS = ("name", "labels", "address", "podCIDR", "unschedulable")
 CLUSTER_NAME_MAX = 20
@@ -593,6 +595,12 @@ def _topology(f: _File, data: Any, source: Path | None, default_name: str | None
         raise f.error("cluster.clusterNetwork", f"{settings.cluster_network} holds {settings.subnet_count()} "
                       f"subnet(s) of /{settings.subnet_len}, fewer than the {len(nodes)} nodes")
     _fit_underlay(f, settings, nodes, explicit_pool, warnings)
+    api_node = (top.get("cluster") or {}).get("apiServerNode")
+    if api_node is not None:
+        if api_node not in [n.name for n in nodes]:
+            raise f.error("cluster.apiServerNode", f"{describe(api_node)} is not one of the nodes "
+                          f"({', '.join(n.name for n in nodes)})")
+        settings.api_server_node = api_node
     if all(n.unschedulable for n in nodes):
         warnings.append(f"{f.display}: nodes: every node is unschedulable: only DaemonSet pods "
                         "and pods with spec.nodeName will run")

@@ -77,6 +77,9 @@ class ClusterSettings:
     # Added to the contract: the underlay address of the external client namespace.
     # The loader always fills it in (default: the underlay's last usable address).
     client_address: IPv4Address | None = None
+    # The node whose namespace the Kubernetes API listens in (127.0.0.1:8080 and
+    # its eth0 address); None: the first unschedulable node, else the first node.
+    api_server_node: str | None = None
 
     def effective_backend_port(self) -> int | None:
         """The backend's UDP port (None for host-gw, which encapsulates nothing)."""

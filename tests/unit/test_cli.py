@@ -270,3 +270,20 @@ def test_exec_gives_the_command_the_default_sigpipe():
     r = subprocess.run(["bash", "-c", f'"{sys.executable}" -c "$CODE" | head -1; echo "status ${{PIPESTATUS[0]}}"'],
                        env=dict(os.environ, CODE=code), capture_output=True, text=True, timeout=30)
     assert (r.stdout, r.stderr) == ("y\nstatus 141\n", "")
+
+
+@pytest.mark.parametrize("word,message", [
+    ("ep", 'Error from server (NotFound): endpoints "nosuch" not found'),        # was: endpointss
+    ("jobs", 'Error from server (NotFound): jobs.batch "nosuch" not found'),
+    ("po", 'Error from server (NotFound): pods "nosuch" not found'),
+])
+def test_get_missing_object_words_it_as_kubectl(tmp_path, monkeypatch, capsys, word, message):
+    from netemu.store.sqlite import SqliteStore
+
+    store = SqliteStore(str(tmp_path / "state.db"), create=True)
+    monkeypatch.setattr(cli.clusters, "require_root", lambda: None)
+    monkeypatch.setattr(cli, "_store", lambda args: ("c", store))
+    assert cli.main(["get", word, "nosuch"]) == 1
+    assert capsys.readouterr().err.strip() == message
+    assert cli.main(["describe", word, "nosuch"]) == 1
+    assert capsys.readouterr().err.strip() == message

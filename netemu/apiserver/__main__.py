@@ -1,0 +1,98 @@
+"""The API server process of one cluster (started and supervised by the control plane)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+
+import trio
+
+from netemu import apiserver, controlplane, names, netns
+from netemu.apiserver import http, status
+from netemu.apiserver.server import ApiServer, ensure_system_namespaces
+from netemu.store import registry
+from netemu.store.sqlite import SqliteStore
+from netemu.supervisor import watch_parent
+
+log = logging.getLogger("netemu.apiserver")
+
+
+def master_node(topology) -> str:
+    """The node the API server listens on: cluster.apiServerNode, else the first
+    unschedulable node (the tutorial's master), else the first node."""
+    chosen = getattr(topology.settings, "api_server_node", None)
+    if chosen:
+        return chosen
+    nodes = topology.nodes
+    return next((n.name for n in nodes if n.unschedulable), nodes[0].name)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def open_sockets(cluster: str, node: str, node_address: str | None, port: int) -> list[socket.socket]:
+    """The listening sockets: in the node's namespace (loopback and eth0, port
+    8080), then the machine's loopback at PORT. A socket belongs to the namespace
+    it was made in, so the node's are made from inside it; the thread then
+    returns home."""
+    socks = []
+    with netns.inside(names.node_ns(cluster, node)):
+        socks.append(_listen("127.0.0.1", apiserver.INSECURE_PORT))
+        if node_address:
+            socks.append(_listen(node_address, apiserver.INSECURE_PORT))
+    socks.append(_listen("127.0.0.1", port))
+    return socks
+
+
+async def run(cluster: str) -> None:
+    config = apiserver.read_config(cluster)
+    if config is None:
+        raise SystemExit(f"{apiserver.config_path(cluster)}: missing; the cluster was made without an API server")
+    topology = controlplane.load_topology(cluster)
+    store = SqliteStore(names.store_path(cluster))
+    node = master_node(topology)
+    node_obj = registry.get(store, "Node", None, node) or {}
+    address = next((a["address"] for a in (node_obj.get("status") or {}).get("addresses") or []
+                    if a.get("type") == "InternalIP"), None)
+    ensure_system_namespaces(store)
+    socks = open_sockets(cluster, node, address, int(config["port"]))
+    server = ApiServer(store, topology.settings, f"{address or '127.0.0.1'}:{apiserver.INSECURE_PORT}",
+                       pod_dir=lambda namespace, pod: names.pod_dir(cluster, namespace, pod), cluster=cluster)
+    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in socks]
+    log.info("serving on node %s (127.0.0.1:%d, %s:%d) and the machine's 127.0.0.1:%d", node,
+             apiserver.INSECURE_PORT, address, apiserver.INSECURE_PORT, config["port"])
+    async with trio.open_nursery() as nursery:
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    return
+
+        nursery.start_soon(stop_on_signal)
+        # A controllers part killed with -9 leaves us behind: make way for the
+        # server its successor starts (it needs our ports).
+        nursery.start_soon(watch_parent, nursery.cancel_scope)
+        nursery.start_soon(http.serve, listeners, server.handle, status.too_large, status.bad_request)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="netemu-apiserver")
+    parser.add_argument("cluster")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    trio.run(run, args.cluster)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

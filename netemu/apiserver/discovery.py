@@ -1,0 +1,73 @@
+"""Discovery documents: what the server serves, as kubectl learns it.
+
+kubectl resolves `po`, `svc`, `rc`, `get all` and the group of a bare kind from
+these lists (KUBE-API.md, "Discovery"); they are built from netemu.k8s.kinds.
+"""
+
+from __future__ import annotations
+
+from netemu.k8s import kinds
+
+# The Kubernetes version netemu's API answers as (`kubectl version`): the
+# newest kubectl on the machine (1.32) is within its skew policy of it.
+VERSION = {"major": "1", "minor": "32", "gitVersion": "v1.32.0-netemu", "gitCommit": "",
+           "gitTreeState": "clean", "buildDate": "1970-01-01T00:00:00Z", "goVersion": "",
+           "compiler": "netemu", "platform": "linux/amd64"}
+
+
+def api_versions(server_address: str) -> dict:
+    return {"kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": server_address}]}
+
+
+def _group(name: str) -> dict:
+    versions = [gv for gv in kinds.GROUP_VERSIONS if gv.split("/")[0] == name and "/" in gv]
+    entries = [{"groupVersion": gv, "version": gv.split("/")[1]} for gv in versions]
+    return {"name": name, "versions": entries, "preferredVersion": entries[0]}
+
+
+def groups() -> list[str]:
+    seen: list[str] = []
+    for gv in kinds.GROUP_VERSIONS:
+        if "/" in gv and gv.split("/")[0] not in seen:
+            seen.append(gv.split("/")[0])
+    return seen
+
+
+def api_group_list() -> dict:
+    return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [_group(g) for g in groups()]}
+
+
+def api_group(name: str) -> dict | None:
+    if name not in groups():
+        return None
+    return {"kind": "APIGroup", "apiVersion": "v1", **_group(name)}
+
+
+def resource_list(group_version: str) -> dict | None:
+    served = kinds.served(group_version)
+    if not served:
+        return None
+    resources = []
+    for k in sorted(served, key=lambda k: k.resource):
+        entry = {"name": k.resource, "singularName": k.singular, "namespaced": k.namespaced,
+                 "kind": k.kind, "verbs": list(kinds.VERBS)}
+        # Short names and `kubectl get all` lead to the version a kind is stored
+        # in, not again to extensions/v1beta1 (kubectl warns of short names
+        # that two groups claim).
+        if k.short_names and k.group_version == group_version:
+            entry["shortNames"] = list(k.short_names)
+        if k.categories and k.group_version == group_version:
+            entry["categories"] = list(k.categories)
+        resources.append(entry)
+        if k.kind == "Pod" and group_version == "v1":
+            resources.append({"name": "pods/log", "singularName": "", "namespaced": True, "kind": "Pod",
+                              "verbs": ["get"]})
+            resources.append({"name": "pods/exec", "singularName": "", "namespaced": True,
+                              "kind": "PodExecOptions", "verbs": ["create", "get"]})
+        if k.scale_field:
+            resources.append({"name": f"{k.resource}/scale", "singularName": "", "namespaced": k.namespaced,
+                              "group": "autoscaling", "version": "v1", "kind": "Scale",
+                              "verbs": ["get", "patch", "update"]})
+    return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version,
+            "resources": resources}

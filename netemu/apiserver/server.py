@@ -1,0 +1,710 @@
+"""The API server's routes: Kubernetes REST over the store and admission.
+
+    /api, /apis, /apis/<group>, /api/v1, /apis/<group>/<version>   discovery
+    /version, /healthz, /livez, /readyz, /openapi/v2               server
+    <gv>/[namespaces/<ns>/]<resource>[/<name>[/scale]]             objects
+    /api/v1/namespaces/<ns>/pods/<name>/log|exec                   logs, exec (podexec.py)
+
+Every write goes through netemu.api (admission: defaults, validation, cluster IP
+and node port allocation), the path netemu's own CLI takes; every read is the
+store's, with metadata.resourceVersion the store's revision. What is not served
+answers 404 or 405 as kube-apiserver does, never a made-up success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import re
+
+import trio
+
+from netemu import api, netns
+from netemu.apiserver import discovery, podexec, status, tables
+from netemu.apiserver.http import Request, Response
+from netemu.k8s import jsonpatch, kinds, protobuf, selectors, strategicpatch
+from netemu.store import registry
+from netemu.store.base import Compacted
+from netemu.topology import manifests, schema
+from netemu.topology.model import TopologyError
+
+log = logging.getLogger("netemu.apiserver")
+
+JSON = "application/json"
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+STRATEGIC_PATCH = "application/strategic-merge-patch+json"
+# Server-side apply (application/apply-patch+yaml) is not served.
+PATCHES = (JSON_PATCH, MERGE_PATCH, STRATEGIC_PATCH)
+# kubectl's watch keeps a connection this long unless it says otherwise
+# (kube-apiserver's --min-request-timeout: 1800 s).
+DEFAULT_WATCH_TIMEOUT = 1800.0
+# A watch that asked for bookmarks (allowWatchBookmarks) gets one this often:
+# the revision it is up to, so a client that restarts it need not re-list.
+BOOKMARK_INTERVAL = 60.0
+FOLLOW_POLL = 0.2               # seconds between looks at a followed log that has not grown
+# The loader's warning about a field its schema does not know (manifests._decode_struct).
+_UNKNOWN_FIELD = re.compile(r": ([^\s:]+): unknown field \(")
+
+
+def _json(code: int, body) -> Response:
+    return Response(code, json.dumps(body, separators=(",", ":")).encode())
+
+
+class Target:
+    """A parsed object path: which kind, under which group/version, where."""
+
+    def __init__(self, gv: str, kind: kinds.Kind, namespace: str | None, name: str | None,
+                 subresource: str | None):
+        self.gv, self.kind, self.namespace, self.name, self.subresource = gv, kind, namespace, name, subresource
+
+    @property
+    def group(self) -> str:
+        return self.gv.split("/")[0] if "/" in self.gv else ""
+
+    @property
+    def qualified(self) -> str:
+        return self.kind.qualified(self.group)
+
+
+def parse_path(path: str) -> tuple[str, object] | None:
+    """A request path -> ("discovery", doc) | ("object", Target) | None (not served)."""
+    parts = [p for p in path.split("/") if p]
+    if parts == ["api"]:
+        return "api", None
+    if parts == ["apis"]:
+        return "apis", None
+    if len(parts) == 2 and parts[0] == "apis":
+        doc = discovery.api_group(parts[1])
+        return ("discovery", doc) if doc else None
+    if parts[:1] == ["api"] and len(parts) >= 2:
+        gv, rest = parts[1], parts[2:]
+    elif parts[:1] == ["apis"] and len(parts) >= 3:
+        gv, rest = f"{parts[1]}/{parts[2]}", parts[3:]
+    else:
+        return None
+    if not rest:
+        doc = discovery.resource_list(gv)
+        return ("discovery", doc) if doc else None
+    namespace = None
+    if rest[0] == "namespaces" and len(rest) >= 3:
+        namespace, rest = rest[1], rest[2:]
+    kind = kinds.lookup(gv, rest[0])
+    if kind is None or len(rest) > 3 or (namespace is not None and not kind.namespaced):
+        return None
+    if kind.namespaced and namespace is None and len(rest) > 1:
+        return None                     # a namespaced object is only ever under its namespace
+    name = rest[1] if len(rest) >= 2 else None
+    sub = rest[2] if len(rest) == 3 else None
+    if sub is not None and not (sub == "scale" and kind.scale_field or
+                                sub in ("log", "exec") and kind.kind == "Pod"):
+        return None
+    return "object", Target(gv, kind, namespace, name, sub)
+
+
+def merge_patch(target, patch):
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
+
+
+class ApiServer:
+    def __init__(self, store, settings=None, address: str = "127.0.0.1:8080", pod_dir=None,
+                 cluster: str | None = None):
+        """POD_DIR(namespace, pod): a pod's folder (its container logs, its
+        sandbox; the kubelet's); None: pods/log and pods/exec are not served."""
+        self.store, self.settings, self.address, self.pod_dir = store, settings, address, pod_dir
+        self.cluster = cluster
+
+    # -- dispatch ---------------------------------------------------------------
+
+    async def handle(self, req: Request) -> Response:
+        path = req.path.rstrip("/") or "/"
+        if path in ("/healthz", "/livez", "/readyz"):
+            return Response(200, b"ok", "text/plain; charset=utf-8")
+        if path == "/version":
+            return _json(200, discovery.VERSION) if req.method == "GET" else status.method_not_allowed()
+        if path == "/openapi/v2":
+            # An empty protobuf document: kubectl's create/apply accept it and
+            # validate nothing client-side; the server validates (KUBE-API.md).
+            return Response(200, b"", "application/octet-stream")
+        route = parse_path(path)
+        if route is None:
+            return status.no_route()
+        what, arg = route
+        if what != "object":
+            if req.method != "GET":
+                return status.method_not_allowed()
+            doc = {"api": lambda: discovery.api_versions(self.address),
+                   "apis": discovery.api_group_list}.get(what)
+            return _json(200, doc() if doc else arg)
+        t: Target = arg
+        if req.arg("dryRun"):
+            return status.bad_request("dryRun is not supported by netemu's API server yet")
+        try:
+            if t.subresource == "scale":
+                return await self._scale(req, t)
+            if t.subresource == "log":
+                return self._log(req, t)
+            if t.subresource == "exec":
+                return self._exec(req, t)
+            if req.method == "GET" and t.name is None:
+                return await self._list_or_watch(req, t)
+            if req.method == "GET":
+                return self._get(req, t)
+            if req.method == "POST" and t.name is None and (t.namespace or not t.kind.namespaced):
+                return self._create(req, t)
+            if req.method == "PUT" and t.name is not None:
+                return self._replace(req, t)
+            if req.method == "PATCH" and t.name is not None:
+                return self._patch(req, t)
+            if req.method == "DELETE" and t.name is not None:
+                return self._delete(req, t)
+            return status.method_not_allowed()
+        except selectors.SelectorError as err:
+            return status.bad_request(str(err))
+        except api.ApiError as err:
+            return self._api_error(err, t)
+
+    def _api_error(self, err: api.ApiError, t: Target) -> Response:
+        message = str(err)
+        # api.py names resources without their group (kubectl's wording for the
+        # core group); the server qualifies them: jobs.batch "x" already exists.
+        plain = t.kind.resource + ' "'
+        if message.startswith(plain):
+            message = t.qualified + message[len(t.kind.resource):]
+        reason = err.reason if err.reason in status.CODES else "Invalid"
+        return status.error(reason, message, {"name": t.name or "", "kind": t.kind.resource})
+
+    # -- reads ------------------------------------------------------------------
+
+    def _present(self, obj: dict, t: Target) -> dict:
+        """OBJ as the client's group/version shows it (extensions/v1beta1 or the stored one)."""
+        obj["apiVersion"] = t.gv
+        return obj
+
+    def _read(self, t: Target) -> dict | None:
+        return registry.get(self.store, t.kind.kind, t.namespace if t.kind.namespaced else None, t.name)
+
+    def _get(self, req: Request, t: Target) -> Response:
+        obj = self._read(t)
+        if obj is None:
+            return status.not_found(t.qualified, t.name, t.group)
+        obj = self._present(obj, t)
+        version = tables.wants_table(req.headers.get("accept"))
+        if version:
+            return _json(200, tables.table(t.kind.kind, [obj], obj["metadata"]["resourceVersion"], version,
+                                           req.arg("includeObject", "Metadata")))
+        return _json(200, obj)
+
+    def _filters(self, req: Request, t: Target):
+        labels = selectors.parse_label_selector(req.arg("labelSelector"))
+        fields = selectors.parse_field_selector(req.arg("fieldSelector"), t.kind.fields)
+
+        def keep(obj: dict) -> bool:
+            meta = obj.get("metadata") or {}
+            if t.namespace and t.kind.namespaced and meta.get("namespace", "default") != t.namespace:
+                return False
+            return selectors.labels_match(labels, meta.get("labels")) and selectors.fields_match(fields, obj)
+
+        return keep
+
+    async def _list_or_watch(self, req: Request, t: Target) -> Response:
+        keep = self._filters(req, t)
+        if req.arg("watch") in ("true", "1"):
+            return self._watch(req, t, keep)
+        # The revision is read before the objects: a write in between shows in
+        # the list and again in a watch from that revision (harmless), while
+        # the other order could lose it.
+        rev = self.store.revision()
+        objs = [self._present(o, t) for o in registry.list_(self.store, t.kind.kind, t.namespace)
+                if keep(o)]
+        version = tables.wants_table(req.headers.get("accept"))
+        if version:
+            return _json(200, tables.table(t.kind.kind, objs, str(rev), version,
+                                           req.arg("includeObject", "Metadata")))
+        return _json(200, {"kind": f"{t.kind.kind}List", "apiVersion": t.gv,
+                           "metadata": {"resourceVersion": str(rev)}, "items": objs})
+
+    def _watch(self, req: Request, t: Target, keep) -> Response:
+        version = tables.wants_table(req.headers.get("accept"))
+        include = req.arg("includeObject", "Metadata")
+        prefix = registry.prefix(t.kind.kind, t.namespace if t.kind.namespaced else None)
+        since_arg = req.arg("resourceVersion") or ""
+        try:
+            timeout = float(req.arg("timeoutSeconds") or DEFAULT_WATCH_TIMEOUT)
+        except ValueError:
+            return status.bad_request(f"invalid timeoutSeconds: {req.arg('timeoutSeconds')!r}")
+        if since_arg and not since_arg.isdigit():
+            return status.bad_request(f'invalid resource version "{since_arg}"')
+        store = self.store
+        first_table = True
+
+        def encode(type_: str, obj: dict) -> bytes:
+            nonlocal first_table
+            if version and type_ != "ERROR":
+                obj = tables.table(t.kind.kind, [obj], obj["metadata"]["resourceVersion"], version,
+                                   include, columns=first_table)
+                first_table = False
+            return json.dumps({"type": type_, "object": obj}, separators=(",", ":")).encode() + b"\n"
+
+        bookmarks = req.arg("allowWatchBookmarks") in ("true", "1") and not version
+
+        async def events(write) -> None:
+            since = int(since_arg) if since_arg else 0
+            # Every change up to this revision has been sent (or filtered out):
+            # what a bookmark may promise.
+            seen = {"revision": since}
+            lock = trio.Lock()              # the events and the bookmarks share one stream
+
+            async def send(type_: str, obj: dict) -> None:
+                async with lock:
+                    await write(encode(type_, obj))
+
+            async def bookmark_every(interval: float) -> None:
+                while True:
+                    await trio.sleep(interval)
+                    await send("BOOKMARK", {"kind": t.kind.kind, "apiVersion": t.gv,
+                                            "metadata": {"resourceVersion": str(seen["revision"])}})
+
+            with trio.move_on_after(timeout):
+                if since == 0:
+                    # No revision (or "0", any): the current state first, as ADDED events.
+                    since = seen["revision"] = store.revision()
+                    for obj in registry.list_(store, t.kind.kind, t.namespace if t.kind.namespaced else None):
+                        if keep(obj):
+                            await send("ADDED", self._present(obj, t))
+                else:
+                    try:
+                        store.events_since(since, prefix)
+                    except Compacted:
+                        current = store.revision()
+                        await send("ERROR", status.status(
+                            "Expired", f"too old resource version: {since} ({current})"))
+                        return
+                last: dict[str, str] = {}
+                async with trio.open_nursery() as nursery:
+                    if bookmarks:
+                        nursery.start_soon(bookmark_every, BOOKMARK_INTERVAL)
+                    async with contextlib.aclosing(store.watch(prefix, since)) as changes:
+                        async for ev in changes:
+                            type_ = self._event_type(ev, last)      # every event: keeps `last` whole
+                            seen["revision"] = ev.revision
+                            obj = copy.deepcopy(ev.value)
+                            obj.setdefault("metadata", {})["resourceVersion"] = str(ev.revision)
+                            if not keep(obj):
+                                continue
+                            await send(type_, self._present(obj, t))
+
+        return Response(200, events, JSON)
+
+    def _event_type(self, ev, last: dict[str, str]) -> str:
+        """ADDED, MODIFIED or DELETED for a store event. LAST: the previous
+        event type per key in this stream (spares a store query)."""
+        previous = last.get(ev.key)
+        last[ev.key] = ev.type
+        if ev.type == "DELETE":
+            return "DELETED"
+        if previous is not None:
+            return "MODIFIED" if previous == "PUT" else "ADDED"
+        existed = self.store.existed_before(ev.key, ev.revision)
+        if existed is None:
+            # History compacted: the key's current incarnation still tells,
+            # created at this very revision or not.
+            kv = self.store.get(ev.key)
+            existed = not (kv is not None and kv.create_revision == ev.revision)
+        return "MODIFIED" if existed else "ADDED"
+
+    # -- writes -----------------------------------------------------------------
+
+    def _body(self, req: Request) -> dict:
+        media = (req.headers.get("content-type") or "application/json").split(";")[0].strip()
+        if media == protobuf.MEDIA_TYPE:
+            try:
+                return protobuf.decode_object(req.body)
+            except protobuf.DecodeError as err:
+                unsupported = "not decoded by netemu" in str(err)
+                raise api.ApiError(f"the body of the request could not be decoded as protobuf: {err}",
+                                   reason="UnsupportedMediaType" if unsupported else "BadRequest") from None
+        if media not in ("application/json", "*/*", ""):
+            # YAML and CBOR bodies are not decoded here; a real server that
+            # lacks a codec answers the same.
+            raise api.ApiError(f'the body of the request was in an unknown format - accepted media types '
+                               f'include: application/json, {protobuf.MEDIA_TYPE}', reason="UnsupportedMediaType")
+        try:
+            body = json.loads(req.body or b"null")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise api.ApiError(f"the body of the request could not be decoded as JSON: {err}",
+                               reason="BadRequest") from None
+        if not isinstance(body, dict):
+            raise api.ApiError("the body of the request must be a JSON object", reason="BadRequest")
+        return body
+
+    def _check_body(self, body: dict, t: Target) -> dict:
+        """The object in BODY as this URL may write it: its kind, version and
+        namespace must be the URL's (the API server's checks), then it is
+        stored in its current version (admission converts the old ones)."""
+        kind, version = body.get("kind"), body.get("apiVersion")
+        if kind is not None and kind != t.kind.kind or version is not None and version != t.gv:
+            raise api.ApiError(f"the API version in the data ({version}) does not match the expected "
+                               f"API version ({t.gv})" if kind == t.kind.kind else
+                               f"{kind} in version \"{version}\" cannot be handled as a {t.kind.kind}",
+                               reason="BadRequest")
+        body = dict(body, kind=t.kind.kind, apiVersion=t.gv)
+        meta = body.setdefault("metadata", {})
+        if not isinstance(meta, dict):
+            raise api.ApiError(f"{t.kind.kind} in version \"{t.gv}\" cannot be handled as a "
+                               f"{t.kind.kind}: metadata must be an object", reason="BadRequest")
+        if t.kind.namespaced:
+            ns = meta.get("namespace")
+            if ns and ns != t.namespace:
+                raise api.ApiError("the namespace of the provided object does not match the namespace "
+                                   "sent on the request", reason="BadRequest")
+            meta["namespace"] = t.namespace or "default"
+        if t.name is not None and meta.get("name") not in (None, t.name):
+            raise api.ApiError("the name of the object "
+                               f"({meta.get('name')}) does not match the name on the URL ({t.name})",
+                               reason="BadRequest")
+        if t.name is not None:
+            meta["name"] = t.name
+        return body
+
+    def _validate_fields(self, req: Request, obj: dict, t: Target) -> list[str]:
+        """?fieldValidation=: Strict refuses unknown fields (400), Warn (the
+        default) answers with a Warning header per field, Ignore drops them
+        silently. Admission drops them in every case."""
+        mode = req.arg("fieldValidation") or "Warn"
+        if mode not in ("Strict", "Warn", "Ignore"):
+            raise api.ApiError(f'fieldValidation: Unsupported value: "{mode}": supported values: '
+                               '"Ignore", "Strict", "Warn"', reason="BadRequest")
+        if mode == "Ignore" or t.kind.kind not in schema.KINDS:
+            return []
+        try:
+            _, warnings = manifests.normalize_object(obj, "", "")
+        except TopologyError:
+            return []                       # admission reports it, with the API's wording
+        unknown = [m[1] for w in warnings if (m := _UNKNOWN_FIELD.search(w))]
+        if unknown and mode == "Strict":
+            raise api.ApiError(f'{t.kind.kind} in version "{t.gv}" cannot be handled as a {t.kind.kind}: '
+                               "strict decoding error: " + ", ".join(f'unknown field "{f}"' for f in unknown),
+                               reason="BadRequest")
+        return [f'299 - "unknown field \\"{f}\\""' for f in unknown]
+
+    def _namespace_open(self, t: Target) -> None:
+        """New objects go only into a namespace that exists and is not terminating."""
+        if not t.kind.namespaced:
+            return
+        ns = registry.get(self.store, "Namespace", None, t.namespace or "default")
+        if ns is None:
+            raise api.ApiError(f'namespaces "{t.namespace}" not found', reason="NotFound")
+        if ns["metadata"].get("deletionTimestamp"):
+            raise api.ApiError(f"{t.kind.resource} is forbidden: unable to create new content in namespace "
+                               f"{t.namespace} because it is being terminated", reason="Forbidden")
+
+    def _create(self, req: Request, t: Target) -> Response:
+        self._namespace_open(t)
+        obj = self._check_body(self._body(req), t)
+        warnings = self._validate_fields(req, obj, t)
+        stored = api.create(self.store, obj, self.settings)
+        resp = _json(201, self._present(stored, t))
+        resp.headers += [("Warning", w) for w in warnings]
+        return resp
+
+    def _replace(self, req: Request, t: Target) -> Response:
+        obj = self._check_body(self._body(req), t)
+        if self._read(t) is None:
+            return status.not_found(t.qualified, t.name, t.group)
+        warnings = self._validate_fields(req, obj, t)
+        stored, _ = api.update(self.store, obj, self.settings)
+        resp = _json(200, self._present(stored, t))
+        resp.headers += [("Warning", w) for w in warnings]
+        return resp
+
+    def _patched(self, req: Request, current: dict, kind: str):
+        """CURRENT with the request's patch applied, by its Content-Type."""
+        media = (req.headers.get("content-type") or "").split(";")[0].strip()
+        if media not in PATCHES:
+            raise api.ApiError("the body of the request was in an unknown format - accepted media types "
+                               f"include: {', '.join(PATCHES)}", reason="UnsupportedMediaType")
+        try:
+            body = json.loads(req.body or b"null")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise api.ApiError(f"the body of the request could not be decoded as JSON: {err}",
+                               reason="BadRequest") from None
+        try:
+            if media == JSON_PATCH:
+                return jsonpatch.apply(current, body)
+            if not isinstance(body, dict):
+                raise api.ApiError("the body of the request must be a JSON object", reason="BadRequest")
+            if media == STRATEGIC_PATCH:
+                return strategicpatch.apply(current, body, kind)
+            return merge_patch(current, body)
+        except (jsonpatch.PatchError, strategicpatch.PatchError) as err:
+            raise api.ApiError(str(err), reason="Invalid" if media == JSON_PATCH else "BadRequest") from None
+
+    def _patch(self, req: Request, t: Target) -> Response:
+        for _ in range(5):
+            current = self._read(t)
+            if current is None:
+                return status.not_found(t.qualified, t.name, t.group)
+            patched = self._patched(req, self._present(copy.deepcopy(current), t), t.kind.kind)
+            if not isinstance(patched, dict):
+                raise api.ApiError("the patch must leave an object", reason="BadRequest")
+            patched = self._check_body(patched, t)
+            pinned = patched["metadata"].get("resourceVersion") not in (
+                None, current["metadata"]["resourceVersion"])
+            # The patch applies to what was read; a write in between is a
+            # conflict, retried on the new object as the API server retries
+            # (unless the patch itself names a resourceVersion).
+            if not pinned:
+                patched["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+            warnings = self._validate_fields(req, patched, t)
+            try:
+                stored, _ = api.update(self.store, patched, self.settings)
+            except api.ApiError as err:
+                if err.reason == "Conflict" and not pinned:
+                    continue
+                raise
+            resp = _json(200, self._present(stored, t))
+            resp.headers += [("Warning", w) for w in warnings]
+            return resp
+        raise api.ApiError(f'Operation cannot be fulfilled on {t.kind.resource} "{t.name}": too many '
+                           "concurrent changes", reason="Conflict")
+
+    def _delete(self, req: Request, t: Target) -> Response:
+        options = self._body(req) if req.body.strip() else {}
+        policy = req.arg("propagationPolicy") or options.get("propagationPolicy") or "Background"
+        if policy not in ("Background", "Foreground", "Orphan"):
+            return status.error("Invalid", f'DeleteOptions.meta.k8s.io "" is invalid: propagationPolicy: '
+                                f'Unsupported value: "{policy}": supported values: "Foreground", '
+                                '"Background", "Orphan"')
+        if policy == "Orphan":
+            return status.bad_request("propagationPolicy Orphan is not supported by netemu's API server yet")
+        current = self._read(t)
+        if current is None:
+            return status.not_found(t.qualified, t.name, t.group)
+        want_uid = ((options.get("preconditions") or {}).get("uid"))
+        if want_uid and want_uid != current["metadata"].get("uid"):
+            return status.error("Conflict", f'Operation cannot be fulfilled on {t.qualified} "{t.name}": '
+                                f"Precondition failed: UID in precondition: {want_uid}, UID in object meta: "
+                                f"{current['metadata'].get('uid')}")
+        # Foreground and Background both delete the dependents (api.delete does,
+        # as the garbage collector would); the owner goes first either way.
+        api.delete(self.store, t.kind.kind, t.namespace if t.kind.namespaced else None, t.name)
+        after = self._read(t)
+        if after is not None and after["metadata"].get("uid") == current["metadata"].get("uid"):
+            # Still there, terminating (a pod its kubelet is stopping): the object.
+            return _json(200, self._present(after, t))
+        return _json(200, status.success(t.name, t.group, t.kind.resource, current["metadata"].get("uid")))
+
+    # -- /scale -----------------------------------------------------------------
+
+    def _scale_of(self, obj: dict, t: Target) -> dict:
+        spec, st = obj.get("spec") or {}, obj.get("status") or {}
+        meta = obj["metadata"]
+        selector = spec.get("selector")
+        if t.kind.kind == "ReplicationController":
+            text = ",".join(f"{k}={v}" for k, v in sorted((selector or {}).items()))
+        else:
+            from netemu.kubectl_tables import selector_string
+            text = selector_string(selector)
+        return {"kind": "Scale", "apiVersion": "autoscaling/v1",
+                "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion",
+                                                   "creationTimestamp") if k in meta},
+                "spec": {"replicas": int(spec.get(t.kind.scale_field, 1))},
+                "status": {"replicas": int(st.get("replicas") or 0), "selector": text}}
+
+    async def _scale(self, req: Request, t: Target) -> Response:
+        current = self._read(t)
+        if current is None:
+            return status.not_found(t.qualified, t.name, t.group)
+        if req.method == "GET":
+            return _json(200, self._scale_of(current, t))
+        if req.method not in ("PUT", "PATCH"):
+            return status.method_not_allowed()
+        scale = self._scale_of(current, t)
+        if req.method == "PATCH":
+            scale = self._patched(req, scale, "Scale")
+            if not isinstance(scale, dict):
+                raise api.ApiError("the patch must leave an object", reason="BadRequest")
+        else:
+            scale = self._body(req)
+            meta = scale.get("metadata")
+            if meta is not None and not isinstance(meta, dict):
+                raise api.ApiError('Scale in version "v1" cannot be handled as a Scale: metadata must be '
+                                   "an object", reason="BadRequest")
+            want = (meta or {}).get("resourceVersion")
+            if want and str(want) != current["metadata"]["resourceVersion"]:
+                return status.error("Conflict", f'Operation cannot be fulfilled on {t.qualified} '
+                                    f'"{t.name}": the object has been modified; please apply your changes '
+                                    "to the latest version and try again")
+        spec = scale.get("spec")
+        replicas = spec.get("replicas") if isinstance(spec, dict) else None
+        if isinstance(replicas, bool) or not isinstance(replicas, int):
+            return status.error("Invalid", f'Scale.autoscaling "{t.name}" is invalid: spec.replicas: '
+                                f"Invalid value: {json.dumps(replicas)}: must be an integer")
+        if replicas < 0:
+            return status.error("Invalid", f'Scale.autoscaling "{t.name}" is invalid: spec.replicas: '
+                                f"Invalid value: {replicas}: must be greater than or equal to 0")
+        obj = api.scale(self.store, t.kind.kind, t.name, replicas, namespace=t.namespace or "default")
+        return _json(200, self._scale_of(obj, t))
+
+    # -- pods/log -----------------------------------------------------------------
+
+    def _log(self, req: Request, t: Target) -> Response:
+        """A container's output, as the kubelet serves it through the API server.
+        The kubelet appends every run of a container to one file and keeps no
+        timestamps, so previous, timestamps, sinceSeconds and sinceTime are
+        refused rather than answered wrongly."""
+        if req.method != "GET":
+            return status.method_not_allowed()
+        if self.pod_dir is None:
+            return status.no_route()
+        pod = self._read(t)
+        if pod is None:
+            return status.not_found(t.qualified, t.name, t.group)
+        for unsupported in ("previous", "timestamps"):
+            if req.arg(unsupported) in ("true", "1"):
+                return status.bad_request(f"{unsupported}=true is not supported by netemu's kubelet yet")
+        for unsupported in ("sinceSeconds", "sinceTime"):
+            if req.arg(unsupported):
+                return status.bad_request(f"{unsupported} is not supported by netemu's kubelet yet")
+        containers = [c["name"] for c in (pod.get("spec") or {}).get("containers") or []]
+        container = req.arg("container")
+        if not container:
+            if len(containers) != 1:
+                return status.bad_request(f"a container name must be specified for pod {t.name}, "
+                                          f"choose one of: [{' '.join(containers)}]")
+            container = containers[0]
+        if container not in containers:
+            return status.bad_request(f"container {container} is not valid for pod {t.name}")
+        try:
+            tail = int(req.arg("tailLines")) if req.arg("tailLines") else None
+            limit = int(req.arg("limitBytes")) if req.arg("limitBytes") else None
+        except ValueError:
+            return status.bad_request("tailLines and limitBytes must be integers")
+        if (tail is not None and tail < 0) or (limit is not None and limit <= 0):
+            return status.error("Invalid", 'PodLogOptions "" is invalid: tailLines or limitBytes: '
+                                "Invalid value: must be greater than or equal to 0 (limitBytes: 1)")
+        path = os.path.join(self.pod_dir(t.namespace or "default", t.name), f"{container}.log")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+                read_up_to = f.tell()           # a followed log goes on from exactly here
+        except FileNotFoundError:
+            reason = next((((cs.get("state") or {}).get("waiting") or {}).get("reason")
+                           for cs in (pod.get("status") or {}).get("containerStatuses") or []
+                           if cs.get("name") == container), None) or "ContainerCreating"
+            return status.bad_request(f'container "{container}" in pod "{t.name}" is waiting to start: {reason}')
+        if tail is not None:
+            lines = data.splitlines(keepends=True)
+            data = b"".join(lines[len(lines) - tail:]) if tail else b""
+        if limit is not None:
+            data = data[:limit]
+        if req.arg("follow") not in ("true", "1") or (limit is not None and len(data) >= limit):
+            return Response(200, data, "text/plain")
+        return Response(200, lambda write: self._follow(write, t, path, read_up_to, data, limit),
+                        "text/plain")
+
+    async def _follow(self, write, t: Target, path: str, offset: int, first: bytes, limit: int | None) -> None:
+        """Stream the log as it grows until the container stops for good (its
+        pod finished or gone) or limitBytes is reached."""
+        sent = len(first)
+        await write(first)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while True:
+                chunk = f.read(65536)
+                if chunk:
+                    if limit is not None:
+                        chunk = chunk[:limit - sent]
+                    sent += len(chunk)
+                    await write(chunk)
+                    if limit is not None and sent >= limit:
+                        return
+                    continue
+                pod = self._read(t)
+                if pod is None or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                    rest = f.read()
+                    if rest:
+                        await write(rest[:None if limit is None else limit - sent])
+                    return
+                await trio.sleep(FOLLOW_POLL)
+
+    # -- pods/exec ------------------------------------------------------------------
+
+    def _exec(self, req: Request, t: Target) -> Response:
+        """`kubectl exec` over WebSocket (podexec.py). SPDY, the only protocol of
+        kubectl up to 1.29, is not served."""
+        if req.method not in ("GET", "POST"):
+            return status.method_not_allowed()
+        if self.pod_dir is None:
+            return status.no_route()
+        pod = self._read(t)
+        if pod is None:
+            return status.not_found(t.qualified, t.name, t.group)
+        command = req.query.get("command") or []
+        if not command or not command[0]:
+            return status.bad_request("you must specify at least one command for the container")
+        containers = [c["name"] for c in (pod.get("spec") or {}).get("containers") or []]
+        container = req.arg("container") or (containers[0] if len(containers) == 1 else None)
+        if container is None:
+            return status.bad_request(f"a container name must be specified for pod {t.name}, "
+                                      f"choose one of: [{' '.join(containers)}]")
+        if container not in containers:
+            return status.bad_request(f"container {container} is not valid for pod {t.name}")
+        upgrade = (req.headers.get("upgrade") or "").lower()
+        protocol = podexec.choose_protocol(req.headers.get("sec-websocket-protocol"))
+        if upgrade != "websocket" or protocol is None or not req.headers.get("sec-websocket-key"):
+            return status.bad_request(f"unable to upgrade connection: {req.headers.get('upgrade') or 'no'} "
+                                      "upgrade: netemu serves exec over WebSocket "
+                                      f"({', '.join(podexec.PROTOCOLS)}, kubectl 1.30+), not SPDY")
+        from netemu.node.sandbox import Sandbox
+
+        sandbox = Sandbox.load(self.pod_dir(t.namespace or "default", t.name))
+        phase = (pod.get("status") or {}).get("phase")
+        if sandbox is None or not sandbox.pause_pid or phase in ("Succeeded", "Failed") \
+                or pod["metadata"].get("deletionTimestamp"):
+            return status.bad_request(f'unable to upgrade connection: container not found ("{container}")')
+        spec = next(c for c in pod["spec"]["containers"] if c["name"] == container)
+        tty = req.arg("tty") in ("true", "1")
+        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "HOSTNAME": t.name, "NETEMU_POD": f"{t.namespace or 'default'}/{t.name}",
+               "NETEMU_CONTAINER": container, "HOME": "/root"}
+        if self.cluster:
+            env["NETEMU_CLUSTER"] = self.cluster
+        if tty:
+            env["TERM"] = "xterm"
+        for item in spec.get("env") or []:
+            if "value" in item:
+                env[item["name"]] = str(item["value"])
+        session = podexec.Session(netns.exec_argv(sandbox.namespace, command, uts_pid=sandbox.pause_pid),
+                                  env, command, protocol, stdin=req.arg("stdin") in ("true", "1"),
+                                  stdout=req.arg("stdout", "true") in ("true", "1"),
+                                  stderr=req.arg("stderr", "true") in ("true", "1") and not tty, tty=tty)
+        return Response(101, b"", headers=[
+            ("Upgrade", "websocket"), ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Accept", podexec.accept_token(req.headers["sec-websocket-key"])),
+            ("Sec-WebSocket-Protocol", protocol)], upgrade=session.run)
+
+
+def ensure_system_namespaces(store) -> None:
+    """default, kube-system, kube-public and kube-node-lease exist, as
+    kube-apiserver makes sure at start."""
+    for name in manifests.BUILTIN_NAMESPACES:
+        try:
+            api.create(store, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+        except api.ApiError as err:
+            if err.reason != "AlreadyExists":
+                raise
+
