@@ -243,9 +243,8 @@ def _build(topology, progress, fail_after, builder) -> None:
     fabric.create(cluster, settings.underlay_mtu)
     for plan in plans:
         progress(f"node {plan.name}: eth0 {plan.address}")
-        host.create(cluster, plan.name, plan.address, settings.underlay_mtu, client.ip)
-        if settings.backend == "udp":
-            fabric.disable_tso(cluster, names.fabric_port(plan.name))
+        host.create(cluster, plan.name, plan.address, settings.underlay_mtu, client.ip,
+                    tso=settings.backend != "udp")
         os.makedirs(names.node_dir(cluster, plan.name), exist_ok=True)
         if fail_after == "node":
             raise ClusterError("failure injected after the first node (test)")
@@ -622,9 +621,7 @@ def add_node(cluster: str, name: str, labels: dict | None = None, address: str |
                         unschedulable=unschedulable)
         try:
             host.create(cluster, name, iface, settings.underlay_mtu,
-                        settings.effective_client_address())
-            if settings.backend == "udp":
-                fabric.disable_tso(cluster, names.fabric_port(name))
+                        settings.effective_client_address(), tso=settings.backend != "udp")
         except BaseException:
             # Only if this call made it: the name may have been taken.
             journal.delete_netns(cluster, names.node_ns(cluster, name))

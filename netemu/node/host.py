@@ -15,10 +15,12 @@ from netemu.overlay.subnetenv import SubnetEnv
 
 
 def create(cluster: str, node: str, address: ipaddress.IPv4Interface, mtu: int,
-           gateway: ipaddress.IPv4Address | None = None) -> str:
+           gateway: ipaddress.IPv4Address | None = None, tso: bool = True) -> str:
+    """The node's namespace and uplink. TSO: TCP segmentation offload of the
+    uplink's fabric port (off for the udp backend, see netemu.link.Link)."""
     ns = names.node_ns(cluster, node)
     journal.create_netns(cluster, ns)
-    fabric.plug(cluster, ns, names.fabric_port(node), address, mtu)
+    fabric.plug(cluster, ns, names.fabric_port(node), address, mtu, tso=tso)
     if gateway is not None:
         # A node has a default route, as every real one does; without it the
         # node's own connections to a ClusterIP fail the route lookup that comes
