@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from netemu import netns
+from netemu.impairment import Impairment, nft_ruleset, table_name, tc_commands
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Link:
     # measured, this more than doubles the udp backend's TCP throughput (0.021x ->
     # 0.048x host-gw). The frames on the wire are the same.
     near_tso: bool = True
+    impairment: Impairment | None = None    # applied by create (see impair)
 
     def commands(self) -> tuple[list[str], list[str]]:
         """The `ip -batch` lines for the near and the far namespace (pure)."""
@@ -78,6 +80,40 @@ class Link:
         netns.ip_batch(self.far.namespace, [*far_before, *far, *far_after])
         if not self.near_tso:
             set_tso(self.near, False)
+        if self.impairment:
+            self.impair(self.impairment)
+
+    def impair(self, imp: Impairment) -> None:
+        """Set the link's impairment, in both directions: each end's egress gets
+        the rate (a root qdisc) and the loss and duplication (an nft table of its
+        own), so what one end sends is impaired before the other receives it. An
+        empty Impairment removes everything a previous one put there."""
+        for end, other in ((self.near, self.far), (self.far, self.near)):
+            what = f"{end.name} to {other.namespace}"
+            netns.run(end.namespace, ["nft", "-f", "-"], input=nft_ruleset(end.name, imp, what))
+            # Start from the veth's default (no queue): replacing tbf by htb, or
+            # back, must leave no stale child. Deleting a root qdisc that is not
+            # there fails harmlessly.
+            netns.run(end.namespace, ["tc", "qdisc", "del", "dev", end.name, "root"], check=False)
+            commands = tc_commands(end.name, imp, self.mtu)
+            for argv in commands:
+                netns.run(end.namespace, argv)
+        self.impairment = imp
+
+    def installed(self) -> dict:
+        """What the kernel holds for this link's impairment, per end (read back,
+        for `link show` and tests): root qdisc kinds and nft table names."""
+        import json
+        out = {}
+        for end in (self.near, self.far):
+            qdiscs = json.loads(netns.run(end.namespace, ["tc", "-j", "qdisc", "show", "dev", end.name]).stdout
+                                or "[]")
+            tables = netns.run(end.namespace, ["nft", "list", "tables", "netdev"]).stdout.split()
+            out[f"{end.namespace}/{end.name}"] = {
+                "qdiscs": [q["kind"] for q in qdiscs if q.get("kind") not in ("noqueue",)],
+                "nftables": [t for t in tables if t == table_name(end.name)],
+            }
+        return out
 
 
 def set_tso(end: End, on: bool) -> None:

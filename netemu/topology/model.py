@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
+from netemu.impairment import Impairment
+
 BACKENDS = ("udp", "vxlan", "host-gw")
 PROXY_MODES = ("nftables", "iptables")
 
@@ -77,6 +79,8 @@ class ClusterSettings:
     # Added to the contract: the underlay address of the external client namespace.
     # The loader always fills it in (default: the underlay's last usable address).
     client_address: IPv4Address | None = None
+    # Every node uplink's impairment unless the node says otherwise (`cluster.link`).
+    link: Impairment = field(default_factory=Impairment)
 
     def effective_backend_port(self) -> int | None:
         """The backend's UDP port (None for host-gw, which encapsulates nothing)."""
@@ -101,6 +105,12 @@ class NodeSpec:
     address: IPv4Address | None     # fixed underlay address, inside settings.underlay
     pod_cidr: IPv4Network | None    # requested pod subnet; inside cluster_network, prefix == subnet_len
     unschedulable: bool = False
+    # The uplink's impairment: cluster.link with the node's own `link:` keys
+    # over it (None: cluster.link alone).
+    link: Impairment | None = None
+
+    def uplink(self, settings: "ClusterSettings") -> Impairment:
+        return self.link if self.link is not None else settings.link
 
 
 @dataclass
