@@ -239,12 +239,13 @@ def _tell(builder, word: str) -> None:
 def _build(topology, progress, fail_after, builder) -> None:
     cluster, settings = topology.name, topology.settings
     plans, client = plan_addresses(topology)
+    specs = {n.name: n for n in topology.nodes}
     progress(f"fabric {names.fabric_ns(cluster)}: bridge {names.FABRIC_BRIDGE} on {settings.underlay}")
     fabric.create(cluster, settings.underlay_mtu)
     for plan in plans:
         progress(f"node {plan.name}: eth0 {plan.address}")
         host.create(cluster, plan.name, plan.address, settings.underlay_mtu, client.ip,
-                    tso=settings.backend != "udp")
+                    tso=settings.backend != "udp", impairment=specs[plan.name].uplink(settings))
         os.makedirs(names.node_dir(cluster, plan.name), exist_ok=True)
         if fail_after == "node":
             raise ClusterError("failure injected after the first node (test)")
@@ -621,7 +622,8 @@ def add_node(cluster: str, name: str, labels: dict | None = None, address: str |
                         unschedulable=unschedulable)
         try:
             host.create(cluster, name, iface, settings.underlay_mtu,
-                        settings.effective_client_address(), tso=settings.backend != "udp")
+                        settings.effective_client_address(), tso=settings.backend != "udp",
+                        impairment=spec.uplink(settings))
         except BaseException:
             # Only if this call made it: the name may have been taken.
             journal.delete_netns(cluster, names.node_ns(cluster, name))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 
 from netemu import journal, names, netns
+from netemu.impairment import Impairment
 from netemu.link import End, Link
 
 
@@ -28,17 +29,18 @@ def create(cluster: str, mtu: int) -> str:
 
 
 def uplink(cluster: str, host_ns: str, port: str, mtu: int, iface: str = names.NODE_UPLINK,
-           address: ipaddress.IPv4Interface | None = None, tso: bool = True) -> Link:
+           address: ipaddress.IPv4Interface | None = None, tso: bool = True,
+           impairment: Impairment | None = None) -> Link:
     """The link that connects HOST_NS to the fabric: a veth pair whose fabric end
     (PORT) joins the bridge and whose other end is IFACE in HOST_NS, with ADDRESS."""
     return Link(near=End(names.fabric_ns(cluster), port), far=End(host_ns, iface), mtu=mtu,
                 bridge=names.FABRIC_BRIDGE, far_address=address.with_prefixlen if address else None,
-                near_tso=tso)
+                near_tso=tso, impairment=impairment)
 
 
 def plug(cluster: str, host_ns: str, port: str, address: ipaddress.IPv4Interface | None, mtu: int,
-         iface: str = names.NODE_UPLINK, tso: bool = True) -> Link:
+         iface: str = names.NODE_UPLINK, tso: bool = True, impairment: Impairment | None = None) -> Link:
     """Connect HOST_NS to the fabric (see uplink) and bring its lo up."""
-    link = uplink(cluster, host_ns, port, mtu, iface, address, tso)
+    link = uplink(cluster, host_ns, port, mtu, iface, address, tso, impairment)
     link.create(far_before=["link set lo up"])
     return link

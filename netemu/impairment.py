@@ -82,13 +82,13 @@ class Impairment:
         """Which kernel object does each property set."""
         out = {}
         if self.rate:
-            out["rate"] = "htb + pfifo (queue limit)" if self.limit else "tbf"
+            out["rate"] = "tc htb + pfifo (root, egress)" if self.limit else "tc tbf (root, egress)"
         if self.loss:
-            out["loss"] = f"nftables numgen random (table netdev {TABLE})"
+            out["loss"] = f"nftables numgen random (table netdev {TABLE}-DEVICE, egress)"
         if self.duplicate:
-            out["duplicate"] = f"nftables dup (table netdev {TABLE})"
+            out["duplicate"] = f"nftables dup (table netdev {TABLE}-DEVICE, egress)"
         if self.limit:
-            out["limit"] = "pfifo under htb"
+            out["limit"] = "tc pfifo under the htb class"
         return out
 
 
@@ -184,6 +184,13 @@ def table_name(dev: str) -> str:
     return f"{TABLE}-{dev}"
 
 
+def _chance(ppm: int) -> str:
+    """The match that is true for PPM packets in a million: numgen's random
+    number in 0..999999 below PPM, or every packet (numgen cannot compare with
+    a number it never makes)."""
+    return "" if ppm >= PPM else f"numgen random mod {PPM} < {ppm} "
+
+
 def nft_ruleset(dev: str, imp: Impairment, what: str) -> str:
     """One nft transaction that (re)writes DEV's table, or only deletes it when
     IMP has no loss and no duplication. WHAT names the link in the comments."""
@@ -192,13 +199,15 @@ def nft_ruleset(dev: str, imp: Impairment, what: str) -> str:
     if imp.loss or imp.duplicate:
         out += [f"table netdev {table} {{",
                 "  chain egress {",
-                f'    type filter hook egress device "{dev}" priority 0; policy accept;',
-                f"    meta mark {DUP_MARK:#x} meta mark set 0 accept comment \"a copy made by duplicate below\""]
+                f'    type filter hook egress device "{dev}" priority 0; policy accept;']
+        if imp.duplicate:
+            out.append(f"    meta mark {DUP_MARK:#x} meta mark set 0 accept "
+                       f"comment \"{what}: a copy made by duplicate, not impaired again\"")
         if imp.loss:
-            out.append(f"    numgen random mod {PPM} < {imp.loss} drop "
+            out.append(f"    {_chance(imp.loss)}drop "
                        f"comment \"{what}: loss {format_ppm(imp.loss)}\"")
         if imp.duplicate:
-            out.append(f"    numgen random mod {PPM} < {imp.duplicate} meta mark set {DUP_MARK:#x} "
+            out.append(f"    {_chance(imp.duplicate)}meta mark set {DUP_MARK:#x} "
                        f"dup to \"{dev}\" meta mark set 0 "
                        f"comment \"{what}: duplicate {format_ppm(imp.duplicate)}\"")
         out += ["  }", "}"]

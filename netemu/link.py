@@ -89,7 +89,7 @@ class Link:
         own), so what one end sends is impaired before the other receives it. An
         empty Impairment removes everything a previous one put there."""
         for end, other in ((self.near, self.far), (self.far, self.near)):
-            what = f"{end.name} to {other.namespace}"
+            what = f"{end.name} -> {other.namespace}/{other.name}"
             netns.run(end.namespace, ["nft", "-f", "-"], input=nft_ruleset(end.name, imp, what))
             # Start from the veth's default (no queue): replacing tbf by htb, or
             # back, must leave no stale child. Deleting a root qdisc that is not

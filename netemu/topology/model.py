@@ -110,7 +110,8 @@ class NodeSpec:
     link: Impairment | None = None
 
     def uplink(self, settings: "ClusterSettings") -> Impairment:
-        return self.link if self.link is not None else settings.link
+        # getattr: a cluster saved before links had properties has no settings.link.
+        return self.link if self.link is not None else getattr(settings, "link", Impairment())
 
 
 @dataclass
