@@ -21,3 +21,105 @@ def test_pod_link_commands_set_hairpin_mac_and_gso_before_up():
     assert near[-1] == "link set dev veth1234567 type bridge_slave hairpin on"
     assert far == ["link set dev eth0 address 02:42:0a:f4:01:02", "addr add 10.244.1.2/24 dev eth0",
                    "link set dev eth0 gso_max_segs 44", "link set dev eth0 up"]
+
+
+# -- impairment: parsing, and the tc and nft it becomes ------------------------
+
+import pytest
+
+from netemu import impairment
+from netemu.impairment import Impairment, ImpairmentError
+from netemu.link_cli import merged
+from netemu.topology.loader import load_topology
+
+
+@pytest.mark.parametrize("text,bits", [("100mbit", 100_000_000), ("1gbit", 10 ** 9), ("1.5mbit", 1_500_000),
+                                       ("500kbit", 500_000), ("10MBit", 10_000_000), ("1mbps", 8_000_000)])
+def test_rates_are_read_in_tc_units(text, bits):
+    assert impairment.parse_rate(text) == bits
+
+
+@pytest.mark.parametrize("text,ppm", [("1%", 10_000), ("0.1%", 1_000), ("0.0001%", 1), ("100%", 1_000_000),
+                                      ("2.5", 25_000), ("0%", 0)])
+def test_percentages_are_exact_in_packets_per_million(text, ppm):
+    assert impairment.parse_percent(text, "loss") == ppm
+
+
+@pytest.mark.parametrize("props,message", [
+    ({"rate": "fast"}, "rate: invalid rate 'fast'"),
+    ({"rate": "1bit"}, "rate: 1bit is outside 8kbit..100gbit"),
+    ({"loss": "101%"}, "loss: 101% is more than 100%"),
+    ({"loss": "0.00001%"}, "loss: 0.00001% is finer than 0.0001%"),
+    ({"duplicate": "-1%"}, "duplicate: invalid percentage '-1%'"),
+    ({"limit": 50}, "limit: a queue limit needs a rate"),
+    ({"rate": "1mbit", "limit": 0}, "limit: must be a number of packets from 1 to 1000000"),
+    ({"delay": "10ms"}, "delay: not supported: this kernel has no netem qdisc"),
+    ({"jitter": "1ms"}, "jitter: not supported"),
+    ({"reorder": "25%"}, "reorder: not supported"),
+    ({"latency": "1ms"}, "latency: unknown link property (allowed: rate, loss, duplicate, limit, delay"),
+])
+def test_bad_properties_are_one_line_errors_naming_the_property(props, message):
+    with pytest.raises(ImpairmentError) as e:
+        impairment.parse(props)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_rate_alone_is_a_tbf_and_with_a_limit_an_htb_with_a_pfifo():
+    assert impairment.tc_commands("eth0", Impairment(rate=10_000_000), 1500) == [
+        ["tc", "qdisc", "replace", "dev", "eth0", "root", "handle", "1:", "tbf", "rate", "10000000bit",
+         "burst", "15140", "latency", "50ms"]]
+    cmds = impairment.tc_commands("eth0", Impairment(rate=10 ** 9, limit=100), 1500)
+    assert cmds[0][6:10] == ["handle", "1:", "htb", "default"]
+    assert cmds[1][1:2] + cmds[1][5:9] == ["class", "parent", "1:", "classid", "1:1"] and "htb" in cmds[1]
+    assert cmds[2][5:9] == ["parent", "1:1", "handle", "10:"] and "pfifo" in cmds[2]
+    assert cmds[1][-4:] == ["burst", "500000", "cburst", "500000"]   # 4 ms of 1 Gbit/s
+    assert cmds[2][-2:] == ["limit", "100"]
+    assert impairment.tc_commands("eth0", Impairment(loss=5), 1500) == []
+
+
+def test_loss_and_duplicate_are_one_nft_table_on_the_egress_hook():
+    text = impairment.nft_ruleset("eth0", Impairment(loss=10_000, duplicate=1_000), "eth0 -> fab/n1")
+    assert text.startswith("table netdev netemu-link-eth0 {}\ndelete table netdev netemu-link-eth0\n")
+    assert 'type filter hook egress device "eth0" priority 0; policy accept;' in text
+    assert 'numgen random mod 1000000 < 10000 drop comment "eth0 -> fab/n1: loss 1%"' in text
+    assert ('numgen random mod 1000000 < 1000 meta mark set 0x6e65 dup to "eth0" meta mark set 0 '
+            'comment "eth0 -> fab/n1: duplicate 0.1%"') in text
+    # The copy skips the rules on its second pass, before loss can drop it.
+    assert text.index("meta mark 0x6e65 meta mark set 0 accept") < text.index("drop")
+    # 100% is every packet: numgen never makes 1000000.
+    assert "    drop comment" in impairment.nft_ruleset("eth0", Impairment(loss=1_000_000), "x")
+    # Nothing to drop or copy: the transaction only deletes the table.
+    assert impairment.nft_ruleset("eth0", Impairment(rate=10 ** 6), "x").count("{") == 1
+
+
+def test_link_set_changes_the_given_properties_and_keeps_the_others():
+    current = Impairment(rate=10_000_000, loss=10_000, limit=50)
+    assert merged(current, {"loss": "2%"}) == Impairment(rate=10_000_000, loss=20_000, limit=50)
+    assert merged(current, {"rate": "0"}) == Impairment(loss=10_000)
+    with pytest.raises(ImpairmentError, match=r"^--delay: not supported"):
+        merged(current, {"delay": "20ms"})
+
+
+def test_topology_link_keys_default_for_the_cluster_and_per_node(tmp_path):
+    p = tmp_path / "t.yaml"
+    p.write_text("cluster:\n  link: {loss: 1%, rate: 100mbit}\n"
+                 "nodes:\n  - name: a\n  - name: b\n    link: {rate: 10mbit, limit: 20}\n")
+    topo = load_topology(p, host_networks=[])
+    a, b = topo.nodes
+    assert a.uplink(topo.settings) == Impairment(rate=100_000_000, loss=10_000)
+    assert b.uplink(topo.settings) == Impairment(rate=10_000_000, loss=10_000, limit=20)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("cluster:\n  link: {delay: 20ms}\nnodes: [{name: a}]\n",
+     "t.yaml: cluster.link.delay: not supported: this kernel has no netem qdisc"),
+    ("nodes:\n  - name: a\n    link: {loss: lots}\n", "t.yaml: nodes[0].link.loss: invalid percentage 'lots'"),
+    ("nodes:\n  - name: a\n    link: 10mbit\n", "t.yaml: nodes[0].link: must be a mapping"),
+])
+def test_topology_link_errors_name_file_and_field(tmp_path, text, message):
+    p = tmp_path / "t.yaml"
+    p.write_text(text)
+    with pytest.raises(ValueError) as e:
+        load_topology(p, host_networks=[])
+    assert str(e.value).endswith(message) or message in str(e.value)
+    assert str(e.value).startswith(str(tmp_path)) and "\n" not in str(e.value)
