@@ -201,13 +201,13 @@ def nft_ruleset(dev: str, imp: Impairment, what: str) -> str:
                 "  chain egress {",
                 f'    type filter hook egress device "{dev}" priority 0; policy accept;']
         if imp.duplicate:
-            out.append(f"    meta mark {DUP_MARK:#x} meta mark set 0 accept "
+            out.append(f"    meta mark {DUP_MARK:#x} counter meta mark set 0 accept "
                        f"comment \"{what}: a copy made by duplicate, not impaired again\"")
         if imp.loss:
-            out.append(f"    {_chance(imp.loss)}drop "
+            out.append(f"    {_chance(imp.loss)}counter drop "
                        f"comment \"{what}: loss {format_ppm(imp.loss)}\"")
         if imp.duplicate:
-            out.append(f"    {_chance(imp.duplicate)}meta mark set {DUP_MARK:#x} "
+            out.append(f"    {_chance(imp.duplicate)}counter meta mark set {DUP_MARK:#x} "
                        f"dup to \"{dev}\" meta mark set 0 "
                        f"comment \"{what}: duplicate {format_ppm(imp.duplicate)}\"")
         out += ["  }", "}"]

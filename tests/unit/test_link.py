@@ -81,13 +81,13 @@ def test_loss_and_duplicate_are_one_nft_table_on_the_egress_hook():
     text = impairment.nft_ruleset("eth0", Impairment(loss=10_000, duplicate=1_000), "eth0 -> fab/n1")
     assert text.startswith("table netdev netemu-link-eth0 {}\ndelete table netdev netemu-link-eth0\n")
     assert 'type filter hook egress device "eth0" priority 0; policy accept;' in text
-    assert 'numgen random mod 1000000 < 10000 drop comment "eth0 -> fab/n1: loss 1%"' in text
-    assert ('numgen random mod 1000000 < 1000 meta mark set 0x6e65 dup to "eth0" meta mark set 0 '
+    assert 'numgen random mod 1000000 < 10000 counter drop comment "eth0 -> fab/n1: loss 1%"' in text
+    assert ('numgen random mod 1000000 < 1000 counter meta mark set 0x6e65 dup to "eth0" meta mark set 0 '
             'comment "eth0 -> fab/n1: duplicate 0.1%"') in text
     # The copy skips the rules on its second pass, before loss can drop it.
-    assert text.index("meta mark 0x6e65 meta mark set 0 accept") < text.index("drop")
+    assert text.index("meta mark 0x6e65 counter meta mark set 0 accept") < text.index("drop")
     # 100% is every packet: numgen never makes 1000000.
-    assert "    drop comment" in impairment.nft_ruleset("eth0", Impairment(loss=1_000_000), "x")
+    assert "    counter drop comment" in impairment.nft_ruleset("eth0", Impairment(loss=1_000_000), "x")
     # Nothing to drop or copy: the transaction only deletes the table.
     assert impairment.nft_ruleset("eth0", Impairment(rate=10 ** 6), "x").count("{") == 1
 
