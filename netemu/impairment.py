@@ -44,6 +44,7 @@ _RATE_UNITS = {  # tc's units (tc(8)): bits per second per unit
     "bit": 1, "kbit": 1_000, "mbit": 1_000_000, "gbit": 1_000_000_000, "tbit": 10 ** 12,
     "bps": 8, "kbps": 8_000, "mbps": 8_000_000, "gbps": 8_000_000_000,
 }
+DEFAULT_LIMIT = 1000        # frames queued behind a rate when no limit is set
 RATE_MIN, RATE_MAX = 8_000, 100 * 10 ** 9      # 1 kB/s .. 100 Gbit/s
 
 
@@ -168,9 +169,13 @@ def tc_commands(dev: str, imp: Impairment, mtu: int) -> list[list[str]]:
         return []
     burst = burst_bytes(imp.rate, mtu)
     if imp.limit is None:
-        # latency bounds the queue: tbf drops what would wait longer than that.
+        # A queue of DEFAULT_LIMIT full frames (in bytes: tbf counts bytes), as
+        # netem's default and a veth's txqueuelen. A queue bounded in time
+        # instead (tbf's latency 50ms) holds a few dozen frames at 10 Mbit/s:
+        # TCP then loses so much that it waits on retransmission timeouts and
+        # gets 15% less than the rate (measured with tools/bench_link.py).
         return [["tc", "qdisc", "replace", "dev", dev, "root", "handle", "1:", "tbf", "rate", f"{imp.rate}bit",
-                 "burst", str(burst), "latency", "50ms"]]
+                 "burst", str(burst), "limit", str(DEFAULT_LIMIT * (mtu + 14))]]
     return [["tc", "qdisc", "replace", "dev", dev, "root", "handle", "1:", "htb", "default", "1"],
             ["tc", "class", "replace", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate",
              f"{imp.rate}bit", "ceil", f"{imp.rate}bit", "burst", str(burst), "cburst", str(burst)],

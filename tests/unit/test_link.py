@@ -67,7 +67,7 @@ def test_bad_properties_are_one_line_errors_naming_the_property(props, message):
 def test_rate_alone_is_a_tbf_and_with_a_limit_an_htb_with_a_pfifo():
     assert impairment.tc_commands("eth0", Impairment(rate=10_000_000), 1500) == [
         ["tc", "qdisc", "replace", "dev", "eth0", "root", "handle", "1:", "tbf", "rate", "10000000bit",
-         "burst", "15140", "latency", "50ms"]]
+         "burst", "15140", "limit", "1514000"]]
     cmds = impairment.tc_commands("eth0", Impairment(rate=10 ** 9, limit=100), 1500)
     assert cmds[0][6:10] == ["handle", "1:", "htb", "default"]
     assert cmds[1][1:2] + cmds[1][5:9] == ["class", "parent", "1:", "classid", "1:1"] and "htb" in cmds[1]
