@@ -83,7 +83,7 @@ def cmd_link(args) -> int:
     try:
         _uplink(cluster, spec.name, settings).impair(new)
     except netns.NetnsError as e:
-        raise clusters.ClusterError(f"link {spec.name}: {e}") from None
+        raise clusters.ClusterError(f"link {spec.name}: {' '.join(str(e).split())}") from None
     spec.link = new
     controlplane.save_topology(topology)
     print(f'link "{spec.name}" ' + (" ".join(f"{k}={v}" for k, v in new.settings().items()) or "cleared"))
@@ -94,8 +94,12 @@ def _show(cluster: str, settings, nodes, output) -> int:
     result = {}
     for spec in nodes:
         imp = spec.uplink(settings)
+        try:
+            installed = _uplink(cluster, spec.name, settings).installed()
+        except netns.NetnsError as e:
+            raise clusters.ClusterError(f"link {spec.name}: {' '.join(str(e).split())}") from None
         result[spec.name] = {"settings": imp.settings(), "mechanisms": imp.mechanisms(),
-                             "installed": _uplink(cluster, spec.name, settings).installed()}
+                             "installed": installed}
     if output == "json":
         print(json.dumps(result, indent=2))
         return 0
