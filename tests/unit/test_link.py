@@ -123,3 +123,20 @@ def test_topology_link_errors_name_file_and_field(tmp_path, text, message):
         load_topology(p, host_networks=[])
     assert str(e.value).endswith(message) or message in str(e.value)
     assert str(e.value).startswith(str(tmp_path)) and "\n" not in str(e.value)
+
+
+def test_bench_link_flag_becomes_every_uplinks_impairment(tmp_path):
+    import yaml
+
+    from netemu.bench import runner
+    from netemu.bench.cli import parse_link
+
+    props = parse_link("rate 100mbit loss 0.1%")
+    p = tmp_path / "hb.yaml"
+    p.write_text(yaml.safe_dump(runner.topology("hb", "vxlan", 1500, props)))
+    topo = load_topology(p, host_networks=[])
+    assert {n.uplink(topo.settings) for n in topo.nodes} == {Impairment(rate=100_000_000, loss=1_000)}
+    with pytest.raises(ValueError, match=r"^--link: delay: not supported"):
+        parse_link("delay 10ms loss 0.1%")
+    with pytest.raises(ValueError, match=r"expected PROPERTY VALUE pairs"):
+        parse_link("rate")
