@@ -35,7 +35,7 @@ def uplink(cluster: str, host_ns: str, port: str, mtu: int, iface: str = names.N
     (PORT) joins the bridge and whose other end is IFACE in HOST_NS, with ADDRESS."""
     return Link(near=End(names.fabric_ns(cluster), port), far=End(host_ns, iface), mtu=mtu,
                 bridge=names.FABRIC_BRIDGE, far_address=address.with_prefixlen if address else None,
-                near_tso=tso, impairment=impairment)
+                near_tso=tso, impairment=impairment, cluster=cluster)
 
 
 def plug(cluster: str, host_ns: str, port: str, address: ipaddress.IPv4Interface | None, mtu: int,

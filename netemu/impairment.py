@@ -11,8 +11,12 @@ netdev egress hook):
   egress hook of the sending end: exact to one packet in a million.
 - duplicate: an nftables `dup to` the same device on that hook; the copy is
   marked so that it is neither dropped nor duplicated again on its way out.
-- delay, jitter, reorder: refused. They need a qdisc that holds packets for a
-  time (netem), or a delay line of netemu's own, which is not built yet.
+- delay and jitter: netemu's own delay line (netemu.delayline): the egress
+  hook forwards every frame to a tap device, a process in the end's namespace
+  holds it for its time and sends it out of the end again, marked so that the
+  hook lets it pass. A userspace hop: its throughput ceiling is far below the
+  kernel's (tools/bench_link.py measures it).
+- reorder: refused (netem's reordering needs netem; the delay line keeps order).
 
 Loss and duplication count packets as the sending end sees them: a burst sent
 with segmentation offload (a 64 KB TCP segment, a UDP GSO batch) is one packet
@@ -25,20 +29,23 @@ import dataclasses
 import re
 from typing import Any
 
+from netemu.names import short_hash
+
 PPM = 1_000_000
 # Marks a copy made by `duplicate`, so that it skips the link's own rules when it
 # passes the egress hook again. The mark is gone once the frame crosses into the
 # peer's namespace (a veth scrubs it), so nothing else ever sees it.
 DUP_MARK = 0x6e65
+# Marks a frame the delay line sends out after its time (netemu.delayline).
+DELAY_MARK = 0x6e64
 TABLE = "netemu-link"
 
 # Properties a link has in Mininet's TCLink / netem that this kernel cannot do.
 UNSUPPORTED = {
-    "delay": "this kernel has no netem qdisc, and netemu's own delay line is not built yet",
-    "jitter": "this kernel has no netem qdisc, and netemu's own delay line is not built yet",
-    "reorder": "reordering needs a delay line (netem or netemu's own), which this kernel lacks",
+    "reorder": "this kernel has no netem qdisc, and netemu's delay line keeps frames in order",
 }
-KEYS = ("rate", "loss", "duplicate", "limit", *UNSUPPORTED)
+KEYS = ("rate", "loss", "duplicate", "limit", "delay", "jitter", *UNSUPPORTED)
+DELAY_MAX_US = 10_000_000       # 10 s
 
 _RATE_UNITS = {  # tc's units (tc(8)): bits per second per unit
     "bit": 1, "kbit": 1_000, "mbit": 1_000_000, "gbit": 1_000_000_000, "tbit": 10 ** 12,
@@ -62,9 +69,11 @@ class Impairment:
     loss: int = 0               # packets per million
     duplicate: int = 0          # packets per million
     limit: int | None = None    # queue limit in packets (with rate)
+    delay: int = 0              # microseconds, each direction
+    jitter: int = 0             # microseconds, +- around delay
 
     def __bool__(self) -> bool:
-        return bool(self.rate or self.loss or self.duplicate)
+        return bool(self.rate or self.loss or self.duplicate or self.delay)
 
     def settings(self) -> dict[str, str]:
         """Each property set, written as `link set` takes it."""
@@ -77,6 +86,10 @@ class Impairment:
             out["duplicate"] = format_ppm(self.duplicate)
         if self.limit:
             out["limit"] = str(self.limit)
+        if self.delay:
+            out["delay"] = format_duration(self.delay)
+        if self.jitter:
+            out["jitter"] = format_duration(self.jitter)
         return out
 
     def mechanisms(self) -> dict[str, str]:
@@ -90,6 +103,10 @@ class Impairment:
             out["duplicate"] = f"nftables dup (table netdev {TABLE}-DEVICE, egress)"
         if self.limit:
             out["limit"] = "tc pfifo under the htb class"
+        if self.delay:
+            out["delay"] = "netemu delay line (nft fwd to a tap, python -m netemu.delayline)"
+        if self.jitter:
+            out["jitter"] = "netemu delay line (uniform, order kept)"
         return out
 
 
@@ -102,6 +119,27 @@ def format_rate(bits: int) -> str:
 
 def format_ppm(ppm: int) -> str:
     return f"{ppm / 10_000:g}%"
+
+
+def format_duration(us: int) -> str:
+    if us % 1000:
+        return f"{us}us"
+    return f"{us // 1000}ms" if us % 1_000_000 else f"{us // 1_000_000}s"
+
+
+_TIME_UNITS = {"us": 1, "usec": 1, "ms": 1000, "msec": 1000, "s": 1_000_000, "sec": 1_000_000}
+
+
+def parse_duration(value: Any, where: str) -> int:
+    """'20ms', '500us', '1.5s' (tc's units) -> microseconds."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]+)\s*", str(value))
+    if isinstance(value, bool) or not m or m.group(2) not in _TIME_UNITS:
+        raise ImpairmentError(f"{where}: invalid duration {str(value)!r}: use a number and one of "
+                              "us, ms, s (e.g. 20ms)")
+    us = round(float(m.group(1)) * _TIME_UNITS[m.group(2)])
+    if us > DELAY_MAX_US:
+        raise ImpairmentError(f"{where}: {value} is more than 10s")
+    return us
 
 
 def parse_rate(value: Any, where: str = "rate") -> int:
@@ -153,7 +191,11 @@ def parse(props: dict[str, Any], where: str = "") -> Impairment:
         limit = int(str(raw))
         if rate is None:
             raise ImpairmentError(f"{at('limit')}: a queue limit needs a rate (without one no queue forms)")
-    return Impairment(rate=rate, loss=loss, duplicate=dup, limit=limit)
+    delay = parse_duration(props["delay"], at("delay")) if props.get("delay") is not None else 0
+    jitter = parse_duration(props["jitter"], at("jitter")) if props.get("jitter") is not None else 0
+    if jitter and not delay:
+        raise ImpairmentError(f"{at('jitter')}: jitter needs a delay to spread")
+    return Impairment(rate=rate, loss=loss, duplicate=dup, limit=limit, delay=delay, jitter=jitter)
 
 
 def burst_bytes(rate: int, mtu: int) -> int:
@@ -183,6 +225,11 @@ def tc_commands(dev: str, imp: Impairment, mtu: int) -> list[list[str]]:
              str(imp.limit)]]
 
 
+def tap_name(dev: str) -> str:
+    """The delay line's tap for DEV (an interface name has 15 characters)."""
+    return "dly" + short_hash(dev, 8)
+
+
 def table_name(dev: str) -> str:
     """One table per impaired device: a namespace may hold several (the fabric
     holds every node's port)."""
@@ -201,12 +248,17 @@ def nft_ruleset(dev: str, imp: Impairment, what: str) -> str:
     IMP has no loss and no duplication. WHAT names the link in the comments."""
     table = table_name(dev)
     out = [f"table netdev {table} {{}}", f"delete table netdev {table}"]
-    if imp.loss or imp.duplicate:
+    if imp.loss or imp.duplicate or imp.delay:
+        into_delay = f'fwd to "{tap_name(dev)}"'
         out += [f"table netdev {table} {{",
                 "  chain egress {",
                 f'    type filter hook egress device "{dev}" priority 0; policy accept;']
+        if imp.delay:
+            out.append(f"    meta mark {DELAY_MARK:#x} counter meta mark set 0 accept "
+                       f"comment \"{what}: out of the delay line\"")
         if imp.duplicate:
-            out.append(f"    meta mark {DUP_MARK:#x} counter meta mark set 0 accept "
+            # The copy is delayed as its original is, and nothing else.
+            out.append(f"    meta mark {DUP_MARK:#x} counter meta mark set 0 {into_delay if imp.delay else 'accept'} "
                        f"comment \"{what}: a copy made by duplicate, not impaired again\"")
         if imp.loss:
             out.append(f"    {_chance(imp.loss)}counter drop "
@@ -215,5 +267,8 @@ def nft_ruleset(dev: str, imp: Impairment, what: str) -> str:
             out.append(f"    {_chance(imp.duplicate)}counter meta mark set {DUP_MARK:#x} "
                        f"dup to \"{dev}\" meta mark set 0 "
                        f"comment \"{what}: duplicate {format_ppm(imp.duplicate)}\"")
+        if imp.delay:
+            out.append(f"    counter {into_delay} comment \"{what}: into the delay line, "
+                       f"delay {format_duration(imp.delay)}\"")
         out += ["  }", "}"]
     return "\n".join(out) + "\n"

@@ -17,8 +17,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from netemu import netns
-from netemu.impairment import Impairment, nft_ruleset, table_name, tc_commands
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from netemu import journal, names, netns
+from netemu.impairment import Impairment, nft_ruleset, table_name, tap_name, tc_commands
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +57,9 @@ class Link:
     # 0.048x host-gw). The frames on the wire are the same.
     near_tso: bool = True
     impairment: Impairment | None = None    # applied by create (see impair)
+    # The cluster that owns the link: its delay-line processes are journaled
+    # there, and their pid files and logs live in its state folder.
+    cluster: str = ""
 
     def commands(self) -> tuple[list[str], list[str]]:
         """The `ip -batch` lines for the near and the far namespace (pure)."""
@@ -90,15 +100,71 @@ class Link:
         empty Impairment removes everything a previous one put there."""
         for end, other in ((self.near, self.far), (self.far, self.near)):
             what = f"{end.name} -> {other.namespace}/{other.name}"
+            # The delay line's tap must exist before a rule forwards to it, and
+            # must stay until no rule does.
+            if imp.delay:
+                self._start_delay_line(end, imp)
             netns.run(end.namespace, ["nft", "-f", "-"], input=nft_ruleset(end.name, imp, what))
+            if not imp.delay:
+                self._stop_delay_line(end)
             # Start from the veth's default (no queue): replacing tbf by htb, or
             # back, must leave no stale child. Deleting a root qdisc that is not
             # there fails harmlessly.
             netns.run(end.namespace, ["tc", "qdisc", "del", "dev", end.name, "root"], check=False)
-            commands = tc_commands(end.name, imp, self.mtu)
-            for argv in commands:
+            for argv in tc_commands(end.name, imp, self.mtu):
                 netns.run(end.namespace, argv)
         self.impairment = imp
+
+    def _delay_line_file(self, end: End, suffix: str) -> str:
+        folder = os.path.join(names.state_dir(self.cluster), "links")
+        os.makedirs(folder, exist_ok=True)
+        return os.path.join(folder, f"{end.namespace}.{end.name}.{suffix}")
+
+    def _start_delay_line(self, end: End, imp: Impairment) -> None:
+        """(Re)start END's delay line with IMP's delay and jitter."""
+        if not self.cluster:
+            raise ValueError("a delay needs the link's cluster (its delay line is a process it owns)")
+        self._stop_delay_line(end, keep_tap=True)
+        tap = tap_name(end.name)
+        if netns.run(end.namespace, ["ip", "link", "show", "dev", tap], check=False).returncode != 0:
+            netns.ip_batch(end.namespace, [f"tuntap add mode tap name {tap}",
+                                           f"link set dev {tap} mtu {self.mtu} up"])
+        with open(self._delay_line_file(end, "log"), "ab") as log:
+            proc = subprocess.Popen(
+                netns.exec_argv(end.namespace, [sys.executable, "-m", "netemu.delayline", tap, end.name,
+                                                str(imp.delay), str(imp.jitter)]),
+                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        journal.record_process(self.cluster, proc.pid)
+        ready = proc.stdout.readline().strip()
+        proc.stdout.close()
+        if ready != b"ready":
+            proc.kill()
+            proc.wait()
+            raise netns.NetnsError(f"in {end.namespace}: the delay line of {end.name} did not start "
+                                   f"(see {self._delay_line_file(end, 'log')})")
+        with open(self._delay_line_file(end, "pid"), "w") as f:
+            f.write(f"{proc.pid} {journal.process_start_time(proc.pid)}\n")
+
+    def _stop_delay_line(self, end: End, keep_tap: bool = False) -> None:
+        if self.cluster:
+            pid_file = self._delay_line_file(end, "pid")
+            try:
+                with open(pid_file) as f:
+                    pid, start = (int(x) for x in f.read().split())
+            except (FileNotFoundError, ValueError):
+                pid = start = None
+            # Only the process this file names: a pid re-used since is someone else's.
+            if pid and journal.process_start_time(pid) == start:
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 5
+                while journal.process_start_time(pid) == start and time.monotonic() < deadline:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, os.WNOHANG)     # ours (started by this process): reap it
+                    time.sleep(0.02)
+            if os.path.exists(pid_file):
+                os.unlink(pid_file)
+        if not keep_tap:
+            netns.run(end.namespace, ["ip", "link", "del", "dev", tap_name(end.name)], check=False)
 
     def installed(self) -> dict:
         """What the kernel holds for this link's impairment, per end (read back,

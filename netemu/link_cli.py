@@ -27,8 +27,8 @@ def register(sub, verb, with_cluster) -> None:
     sp.add_argument("--loss", help="packets dropped, in percent (1%%, 0.01%%)")
     sp.add_argument("--duplicate", help="packets sent twice, in percent")
     sp.add_argument("--limit", help="queue limit in packets (with --rate)")
-    sp.add_argument("--delay", help="not supported on this kernel (no netem)")
-    sp.add_argument("--jitter", help="not supported on this kernel (no netem)")
+    sp.add_argument("--delay", help="one-way delay, each direction (20ms, 500us): netemu's delay line")
+    sp.add_argument("--jitter", help="delay spread, +- around --delay (5ms); order is kept")
     sp.add_argument("--reorder", help="not supported on this kernel (no netem)")
     sp.add_argument("--clear", action="store_true", help="remove every impairment of the link")
     sp.add_argument("-o", "--output", choices=["json"])
@@ -73,12 +73,13 @@ def cmd_link(args) -> int:
         nodes = [_node(topology, args.node)] if args.node else topology.nodes
         return _show(cluster, settings, nodes, args.output)
     if not args.node:
-        raise ValueError("usage: netemu link set NODE [--rate R] [--loss P] [--duplicate P] [--limit N] | --clear")
+        raise ValueError("usage: netemu link set NODE [--rate R] [--delay D] [--jitter J] [--loss P] "
+                         "[--duplicate P] [--limit N] | --clear")
     spec = _node(topology, args.node)
     if args.clear and given:
         raise ValueError("--clear: takes no other impairment flag")
     if not args.clear and not given:
-        raise ValueError("link set: nothing to set (give --rate, --loss, --duplicate, --limit or --clear)")
+        raise ValueError("link set: nothing to set (give --rate, --delay, --jitter, --loss, --duplicate, --limit or --clear)")
     new = Impairment() if args.clear else merged(spec.uplink(settings), given)
     try:
         _uplink(cluster, spec.name, settings).impair(new)

@@ -5,11 +5,12 @@ Correctness only: accuracy is measured by tools/bench_link.py, not here."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
 
-from netemu import names, netns
+from netemu import impairment, names, netns
 
 from .clusters import cli, running, write_topology
 from ..conftest import root_snapshot
@@ -24,7 +25,10 @@ def cluster(tmp_path_factory):
     path = write_topology(tmp_path_factory.mktemp("links"), NAME, {
         "cluster": {"underlay": "172.31.91.0/24", "clusterNetwork": "10.91.0.0/16",
                     "serviceRange": "10.191.0.0/16", "link": {"loss": "1%"}},
-        "nodes": [{"name": "a", "link": {"rate": "20mbit", "limit": 50}}, {"name": "b"}]})
+        "nodes": [{"name": "a", "link": {"rate": "20mbit", "limit": 50}}, {"name": "b"},
+                  # a delay line from the start, left running for down to stop
+                  # (running() checks that no process is left behind)
+                  {"name": "c", "link": {"delay": "2ms"}}]})
     before = root_snapshot()
     with running(path) as (name, _):
         yield name
@@ -54,6 +58,12 @@ def ping(src_node: str, dst: str, count: int = 3) -> subprocess.CompletedProcess
 def address(node: str) -> str:
     out = netns.run(names.node_ns(NAME, node), ["ip", "-4", "-o", "addr", "show", "dev", "eth0"]).stdout
     return out.split()[3].split("/")[0]
+
+
+def test_up_starts_the_delay_lines_of_a_delayed_uplink(cluster):
+    assert sorted(delay_lines("c")) == sorted([[impairment.tap_name(dev), dev, "2000", "0"] for _, dev in ends("c")])
+    proc = ping("a", address("c"))
+    assert proc.returncode == 0 and float(proc.stdout.rsplit("=", 1)[1].split("/")[0]) >= 4.0, proc.stdout
 
 
 def test_up_puts_each_uplinks_impairment_on_both_ends(cluster):
@@ -137,9 +147,51 @@ def test_duplicate_copies_each_packet_once_and_the_copy_passes_once(cluster):
 
 
 def test_a_property_the_kernel_cannot_do_is_refused_in_one_line(cluster):
-    for flag in ("--delay", "--jitter", "--reorder"):
-        proc = cli("link", "set", "a", flag, "10ms", "--rate", "1mbit", "--cluster", NAME, check=False)
-        assert proc.returncode == 1
-        assert proc.stderr.startswith(f"netemu: error: {flag}: not supported: ") and proc.stderr.count("\n") == 1
+    proc = cli("link", "set", "a", "--reorder", "25%", "--rate", "1mbit", "--cluster", NAME, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("netemu: error: --reorder: not supported: ") and proc.stderr.count("\n") == 1
     for ns, dev in ends("a"):           # nothing was applied
         assert qdiscs(ns, dev) == []
+
+
+def delay_lines(node: str = "a") -> list[list[str]]:
+    """The arguments of the delay-line processes of NODE's uplink: those in its
+    namespace, and those in the fabric's that serve its port."""
+    mine = {f"net:[{netns.inode(ns)}]": dev for ns, dev in ends(node)}
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode().split("\0")[:-1]
+            where = os.readlink(f"/proc/{pid}/ns/net")
+        except OSError:
+            continue
+        if "netemu.delayline" in argv and mine.get(where) == argv[argv.index("netemu.delayline") + 2]:
+            out.append(argv[argv.index("netemu.delayline") + 1:])
+    return out
+
+
+def test_delay_runs_a_delay_line_per_end_and_clear_stops_it(cluster):
+    b = address("b")
+    cli("link", "set", "a", "--delay", "15ms", "--jitter", "1ms", "--cluster", NAME)
+    try:
+        lines = delay_lines()
+        assert sorted(lines) == sorted([[impairment.tap_name(dev), dev, "15000", "1000"] for _, dev in ends("a")])
+        for ns, dev in ends("a"):
+            tap = impairment.tap_name(dev)
+            assert f'fwd to "{tap}" comment' in table(ns, dev)
+            assert netns.run(ns, ["ip", "link", "show", "dev", tap], check=False).returncode == 0
+        proc = ping("a", b)
+        assert proc.returncode == 0
+        # Both directions held at least 14 ms (15 ms - 1 ms of jitter): an RTT
+        # floor, never flaky; the accuracy is the benchmark's business.
+        rtt_min = float(proc.stdout.rsplit("=", 1)[1].split("/")[0])
+        assert rtt_min >= 28.0, proc.stdout
+        assert "delay" in json.loads(cli("link", "show", "a", "-o", "json", "--cluster", NAME).stdout)["a"]["mechanisms"]
+    finally:
+        cli("link", "set", "a", "--clear", "--cluster", NAME)
+    assert delay_lines() == []
+    for ns, dev in ends("a"):
+        assert table(ns, dev) is None
+        assert netns.run(ns, ["ip", "link", "show", "dev", impairment.tap_name(dev)], check=False).returncode != 0
+    assert ping("a", b).returncode == 0

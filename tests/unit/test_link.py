@@ -53,9 +53,10 @@ def test_percentages_are_exact_in_packets_per_million(text, ppm):
     ({"duplicate": "-1%"}, "duplicate: invalid percentage '-1%'"),
     ({"limit": 50}, "limit: a queue limit needs a rate"),
     ({"rate": "1mbit", "limit": 0}, "limit: must be a number of packets from 1 to 1000000"),
-    ({"delay": "10ms"}, "delay: not supported: this kernel has no netem qdisc"),
-    ({"jitter": "1ms"}, "jitter: not supported"),
-    ({"reorder": "25%"}, "reorder: not supported"),
+    ({"delay": "10"}, "delay: invalid duration '10': use a number and one of us, ms, s"),
+    ({"delay": "11s"}, "delay: 11s is more than 10s"),
+    ({"jitter": "1ms"}, "jitter: jitter needs a delay to spread"),
+    ({"reorder": "25%"}, "reorder: not supported: this kernel has no netem qdisc"),
     ({"latency": "1ms"}, "latency: unknown link property (allowed: rate, loss, duplicate, limit, delay"),
 ])
 def test_bad_properties_are_one_line_errors_naming_the_property(props, message):
@@ -96,8 +97,9 @@ def test_link_set_changes_the_given_properties_and_keeps_the_others():
     current = Impairment(rate=10_000_000, loss=10_000, limit=50)
     assert merged(current, {"loss": "2%"}) == Impairment(rate=10_000_000, loss=20_000, limit=50)
     assert merged(current, {"rate": "0"}) == Impairment(loss=10_000)
-    with pytest.raises(ImpairmentError, match=r"^--delay: not supported"):
-        merged(current, {"delay": "20ms"})
+    assert merged(current, {"delay": "20ms", "jitter": "500us"}).jitter == 500
+    with pytest.raises(ImpairmentError, match=r"^--reorder: not supported"):
+        merged(current, {"reorder": "20%"})
 
 
 def test_topology_link_keys_default_for_the_cluster_and_per_node(tmp_path):
@@ -111,8 +113,8 @@ def test_topology_link_keys_default_for_the_cluster_and_per_node(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("cluster:\n  link: {delay: 20ms}\nnodes: [{name: a}]\n",
-     "t.yaml: cluster.link.delay: not supported: this kernel has no netem qdisc"),
+    ("cluster:\n  link: {reorder: 1%}\nnodes: [{name: a}]\n",
+     "t.yaml: cluster.link.reorder: not supported: this kernel has no netem qdisc"),
     ("nodes:\n  - name: a\n    link: {loss: lots}\n", "t.yaml: nodes[0].link.loss: invalid percentage 'lots'"),
     ("nodes:\n  - name: a\n    link: 10mbit\n", "t.yaml: nodes[0].link: must be a mapping"),
 ])
@@ -136,7 +138,34 @@ def test_bench_link_flag_becomes_every_uplinks_impairment(tmp_path):
     p.write_text(yaml.safe_dump(runner.topology("hb", "vxlan", 1500, props)))
     topo = load_topology(p, host_networks=[])
     assert {n.uplink(topo.settings) for n in topo.nodes} == {Impairment(rate=100_000_000, loss=1_000)}
-    with pytest.raises(ValueError, match=r"^--link: delay: not supported"):
-        parse_link("delay 10ms loss 0.1%")
+    assert parse_link("delay 10ms loss 0.1%") == {"delay": "10ms", "loss": "0.1%"}
+    with pytest.raises(ValueError, match=r"^--link: reorder: not supported"):
+        parse_link("reorder 1%")
     with pytest.raises(ValueError, match=r"expected PROPERTY VALUE pairs"):
         parse_link("rate")
+
+
+def test_delay_sends_every_frame_through_the_delay_line_after_loss_and_duplicate():
+    text = impairment.nft_ruleset("eth0", Impairment(delay=20_000, loss=10_000, duplicate=1_000), "x")
+    tap = impairment.tap_name("eth0")
+    lines = [l.strip() for l in text.splitlines()]
+    body = lines[lines.index('type filter hook egress device "eth0" priority 0; policy accept;') + 1:-2]
+    # back from the delay line: out; a copy: delayed like its original; then
+    # loss, duplicate, and everything left into the delay line
+    assert body[0].startswith("meta mark 0x6e64 counter meta mark set 0 accept")
+    assert body[1].startswith(f'meta mark 0x6e65 counter meta mark set 0 fwd to "{tap}"')
+    assert "drop" in body[2] and "dup to" in body[3]
+    assert body[4] == f'counter fwd to "{tap}" comment "x: into the delay line, delay 20ms"'
+    assert len(tap) <= 15 and impairment.tap_name("a-very-long-nod") != tap
+
+
+def test_delay_line_schedule_spreads_by_jitter_and_keeps_order():
+    from netemu.delayline import Schedule
+
+    draws = iter([1.0, 0.0, 0.5])           # +jitter, -jitter, 0
+    s = Schedule(0.010, 0.004, rand=lambda: next(draws))
+    assert s.due(1.0) == pytest.approx(1.014)
+    # 1.001 + 0.006 would be before the frame ahead of it: it waits for it
+    assert s.due(1.001) == pytest.approx(1.014)
+    assert s.due(1.1) == pytest.approx(1.110)
+    assert Schedule(0.001, 0.005, rand=lambda: 0.0).due(2.0) == 2.0      # never below zero

@@ -1,0 +1,101 @@
+"""netemu's own delay line: delay and jitter on a kernel without netem.
+
+One process per delayed link end, in that end's namespace. The end's nft egress
+chain (netemu.impairment.nft_ruleset) forwards every frame to a tap device of
+its own (`fwd to "dly..."`); this process reads the frames from the tap, holds
+each until its time has come, and sends it out of the end itself through a
+packet socket whose frames carry DELAY_MARK, which the chain lets pass. The
+frame then goes through the end's root qdisc (the rate) as any other.
+
+Frames keep their order: a frame is never sent before the one read before it
+(as netem with a rate), so jitter spreads the delay but does not reorder. The
+delay of each frame is uniform in [delay - jitter, delay + jitter] (netem's
+default without a distribution table), never below zero.
+
+    python -m netemu.delayline TAP DEVICE DELAY_US JITTER_US
+
+runs in the foreground, prints "ready" once it is attached to the tap, and ends
+on SIGTERM. Its end is dead while it does not run: the tap's queue fills and
+drops, as a cut cable.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import os
+import random
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+
+from netemu.impairment import DELAY_MARK
+
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
+# select() wakes up late by tens of microseconds on a busy machine; the last
+# SPIN seconds before a frame is due are waited by polling instead.
+SPIN = 0.0002
+
+
+class Schedule:
+    """When each frame leaves (pure: the clock is given)."""
+
+    def __init__(self, delay: float, jitter: float, rand=random.random):
+        self.delay, self.jitter, self.rand = delay, jitter, rand
+        self.last = 0.0
+
+    def due(self, now: float) -> float:
+        d = self.delay + (2 * self.rand() - 1) * self.jitter if self.jitter else self.delay
+        # Never before the frame read before it: jitter does not reorder.
+        self.last = max(now + max(d, 0.0), self.last)
+        return self.last
+
+
+def attach(tap: str) -> int:
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", tap.encode(), IFF_TAP | IFF_NO_PI))
+    return fd
+
+
+def run(tap: str, device: str, delay: float, jitter: float) -> None:
+    fd = attach(tap)
+    out = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+    out.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, DELAY_MARK)
+    out.bind((device, 0))
+    schedule = Schedule(delay, jitter)
+    queue: collections.deque[tuple[float, bytes]] = collections.deque()
+    print("ready", flush=True)
+    while True:
+        now = time.monotonic()
+        while queue and queue[0][0] <= now:
+            try:
+                out.send(queue.popleft()[1])
+            except OSError:
+                pass            # the device's queue is full: the frame is lost, as on a wire
+        wait = None if not queue else max(0.0, queue[0][0] - now - SPIN)
+        readable, _, _ = select.select([fd], [], [], wait)
+        if readable:
+            while True:             # everything the tap holds, stamped with one clock read
+                try:
+                    frame = os.read(fd, 65536)
+                except BlockingIOError:
+                    break
+                queue.append((schedule.due(time.monotonic()), frame))
+        elif queue:
+            while time.monotonic() < queue[0][0]:
+                pass
+
+
+def main(argv: list[str]) -> int:
+    tap, device, delay_us, jitter_us = argv
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    run(tap, device, int(delay_us) / 1e6, int(jitter_us) / 1e6)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
