@@ -701,6 +701,13 @@ def remove_node(cluster: str, name: str, timeout: float = 30.0) -> None:
         registry.delete(store, "Node", None, name)
     finally:
         store.close()
+    # The uplink's impairment goes first: its delay lines (one in the node, one
+    # in the fabric) are not the node's daemons, and the fabric's rules for the
+    # node's port would outlive the port.
+    spec = next((n for n in topology.nodes if n.name == name), None)
+    if spec is not None and spec.uplink(topology.settings):
+        from netemu.impairment import Impairment
+        host.uplink(cluster, name, topology.settings.underlay_mtu).impair(Impairment())
     # The control plane stops the node's daemons when its object goes; wait for them.
     node_namespace = names.node_ns(cluster, name)
     inode = netns.inode(node_namespace)

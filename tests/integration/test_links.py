@@ -195,3 +195,24 @@ def test_delay_runs_a_delay_line_per_end_and_clear_stops_it(cluster):
         assert table(ns, dev) is None
         assert netns.run(ns, ["ip", "link", "show", "dev", impairment.tap_name(dev)], check=False).returncode != 0
     assert ping("a", b).returncode == 0
+
+
+def test_node_remove_stops_its_uplinks_delay_lines_and_rules(cluster):
+    cli("node", "add", "d", "--cluster", NAME, timeout=90)
+    cli("link", "set", "d", "--delay", "1ms", "--loss", "1%", "--cluster", NAME)
+    assert len(delay_lines("d")) == 2
+    port = names.fabric_port("d")
+    cli("node", "remove", "d", "--cluster", NAME, timeout=90)
+    assert table(names.fabric_ns(NAME), port) is None
+    assert netns.run(names.fabric_ns(NAME), ["ip", "link", "show", "dev", impairment.tap_name(port)],
+                     check=False).returncode != 0
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _is_delay_line_for(p, port)]
+
+
+def _is_delay_line_for(pid: str, dev: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode().split("\0")
+    except OSError:
+        return False
+    return "netemu.delayline" in argv and impairment.tap_name(dev) in argv
