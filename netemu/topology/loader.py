@@ -35,7 +35,8 @@ never silently ignored). Example with every key:
       link: {rate: 100mbit, loss: 0.1%} # every node uplink's impairment, both
                                        # directions: rate (tc units), loss and
                                        # duplicate (percent), limit (packets,
-                                       # with rate); default: none
+                                       # with rate), delay and jitter (20ms,
+                                       # 500us); default: none
     nodes:                             # at least one
       - name: srv-k8s-master1          # DNS-1123 label, unique
         unschedulable: true            # like `kubectl cordon`; default false
