@@ -2,7 +2,8 @@
 """How exact an impaired link is (a benchmark, not a test).
 
     sudo .venv/bin/python tools/bench_link.py [--name linkbench] [--packets 100000]
-        [--loss 1%,0.1%] [--rates 10mbit,100mbit,500mbit] [--duration 4]
+        [--loss 1%,0.1%] [--rates 10mbit,100mbit,500mbit] [--delays 1ms,10ms,100ms]
+        [--duration 4]
 
 On a throw-away two-node cluster (nodes a and b, no pods), node a's uplink is
 impaired with `netemu link set` and traffic goes from node a to node b:
@@ -17,6 +18,13 @@ impaired with `netemu link set` and traffic goes from node a to node b:
   not from the receiver's, and the receiver's figures would be off). tc's rate counts whole frames, so the goodput expected at rate R
   is R x MSS / (MSS + 66): 66 = Ethernet 14 + IPv4 20 + TCP with timestamps 32.
   Passes within 5%.
+- delay: ping from a to b (both directions delayed, so RTT = base + 2 x delay,
+  the base measured first with nothing set), and TCP's RTT as the time a
+  connect() takes (SYN to SYN-ACK: one RTT, no delayed ACK in it; its base,
+  with Python's own cost in it, also measured first). Passes when
+  the mean one-way delay derived from each is within 5% or 0.2 ms of the setting.
+- ceiling: TCP throughput through the delay line with a delay of 1 us, against
+  the same link with nothing set.
 
 Takes the machine's benchmark lock (/run/netemu-bench.lock), as `netemu bench`.
 """
@@ -138,17 +146,102 @@ def measure_rate(cluster: str, rate: str, duration: float) -> dict:
             "error_percent": round(100 * error, 2), "pass": abs(error) <= 0.05}
 
 
+def ping_rtt(cluster: str, count: int) -> float:
+    """Mean RTT in ms of COUNT pings from a to b."""
+    out = netns.run(names.node_ns(cluster, "a"), ["ping", "-q", "-c", str(count), "-i", "0.02",
+                                                  node_address(cluster, "b")], timeout=count + 30).stdout
+    return float(out.rsplit("=", 1)[1].split("/")[1])
+
+
+def iperf(cluster: str, duration: float, extra: list[str] = ()) -> dict:
+    server = subprocess.Popen(netns.exec_argv(names.node_ns(cluster, "b"), ["iperf3", "-s", "-1", "-p", "5201"]),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        out = netns.run(names.node_ns(cluster, "a"), ["iperf3", "-c", node_address(cluster, "b"), "-p", "5201",
+                                                      "-t", str(duration), "-J", *extra],
+                        timeout=duration + 60).stdout
+    finally:
+        server.kill()
+    return json.loads(out)
+
+
+LISTENER = r"""
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(128)
+print("ready", flush=True)
+while True:
+    s.accept()[0].close()
+"""
+
+CONNECTOR = r"""
+import socket, sys, time
+total = 0.0
+for _ in range(int(sys.argv[3])):
+    t = time.monotonic()
+    c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+    total += time.monotonic() - t
+    c.close()
+    time.sleep(0.02)
+print(total / int(sys.argv[3]) * 1000)
+"""
+
+
+def connect_rtt(cluster: str, count: int) -> float:
+    """Mean time in ms of COUNT TCP connects from a to b."""
+    listener = subprocess.Popen(netns.exec_argv(names.node_ns(cluster, "b"),
+                                                [sys.executable, "-c", LISTENER, str(PORT + 1)]),
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert listener.stdout.readline().strip() == "ready"
+        out = netns.run(names.node_ns(cluster, "a"), [sys.executable, "-c", CONNECTOR,
+                                                      node_address(cluster, "b"), str(PORT + 1), str(count)],
+                        timeout=count * 15 + 30).stdout
+    finally:
+        listener.kill()
+    return float(out)
+
+
+def measure_delay(cluster: str, delay: str, base: float, base_tcp: float, count: int) -> dict:
+    from netemu.impairment import parse_duration
+    want = parse_duration(delay, "delay") / 1000          # ms
+    cli("link", "set", "a", "--clear", "--cluster", cluster)
+    cli("link", "set", "a", "--delay", delay, "--cluster", cluster)
+    rtt = ping_rtt(cluster, count)
+    one_way = (rtt - base) / 2
+    tcp_rtt = connect_rtt(cluster, count)
+    tcp_one_way = (tcp_rtt - base_tcp) / 2
+    tolerance = max(0.05 * want, 0.2)
+    return {"delay_ms": want, "ping_rtt_ms": round(rtt, 3), "ping_one_way_ms": round(one_way, 3),
+            "tcp_rtt_ms": round(tcp_rtt, 3), "tcp_one_way_ms": round(tcp_one_way, 3),
+            "pass": abs(one_way - want) <= tolerance and abs(tcp_one_way - want) <= tolerance}
+
+
+def measure_ceiling(cluster: str, duration: float) -> dict:
+    cli("link", "set", "a", "--clear", "--cluster", cluster)
+    plain = iperf(cluster, duration)["end"]["sum_received"]["bits_per_second"]
+    cli("link", "set", "a", "--delay", "1us", "--cluster", cluster)
+    lined = iperf(cluster, duration)["end"]["sum_received"]["bits_per_second"]
+    cli("link", "set", "a", "--clear", "--cluster", cluster)
+    return {"plain_bps": round(plain), "delay_line_bps": round(lined)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--name", default="linkbench", help="cluster name")
     ap.add_argument("--packets", type=int, default=100_000)
     ap.add_argument("--loss", default="1%,0.1%", help="comma-separated loss settings")
     ap.add_argument("--rates", default="10mbit,100mbit,500mbit", help="comma-separated rates")
+    ap.add_argument("--delays", default="1ms,10ms,100ms", help="comma-separated delays")
+    ap.add_argument("--pings", type=int, default=100, help="pings per delay")
     ap.add_argument("--duration", type=float, default=4.0, help="seconds per rate")
     ap.add_argument("-o", "--output", help="write the results here as JSON")
     args = ap.parse_args()
     clusters.require_root()
-    results = {"loss": [], "rate": []}
+    results = {"loss": [], "rate": [], "delay": []}
     with exclusive(), tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"{args.name}.yaml")
         with open(path, "w") as f:
@@ -168,12 +261,27 @@ def main() -> int:
                 print(f"rate {rate:>8}: TCP goodput {r['goodput_bps'] / 1e6:.2f} Mbit/s, expected "
                       f"{r['expected_goodput_bps'] / 1e6:.2f} (MSS {r['mss']}): {r['error_percent']:+.2f}%: "
                       f"{'PASS' if r['pass'] else 'FAIL'}", flush=True)
+            if args.delays:
+                cli("link", "set", "a", "--clear", "--cluster", args.name)
+                base = ping_rtt(args.name, args.pings)
+                base_tcp = connect_rtt(args.name, args.pings)
+                print(f"base (nothing set): ping RTT {base:.3f} ms, TCP connect {base_tcp:.3f} ms", flush=True)
+            for delay in filter(None, args.delays.split(",")):
+                r = measure_delay(args.name, delay, base, base_tcp, args.pings)
+                results["delay"].append(r)
+                print(f"delay {delay:>7}: one way by ping {r['ping_one_way_ms']:.3f} ms, by TCP RTT "
+                      f"{r['tcp_one_way_ms']:.3f} ms: {'PASS' if r['pass'] else 'FAIL'}", flush=True)
+            if args.delays:
+                r = measure_ceiling(args.name, args.duration)
+                results["ceiling"] = r
+                print(f"delay line ceiling: TCP {r['delay_line_bps'] / 1e6:.1f} Mbit/s through it "
+                      f"(delay 1us), {r['plain_bps'] / 1e6:.1f} Mbit/s without", flush=True)
         finally:
             clusters.teardown(args.name, graceful=False)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(results, f, indent=2)
-    return 0 if all(r["pass"] for rs in results.values() for r in rs) else 1
+    return 0 if all(r["pass"] for key in ("loss", "rate", "delay") for r in results[key]) else 1
 
 
 if __name__ == "__main__":
