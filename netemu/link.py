@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Sequence
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -124,6 +125,9 @@ class Link:
         """(Re)start END's delay line with IMP's delay and jitter."""
         if not self.cluster:
             raise ValueError("a delay needs the link's cluster (its delay line is a process it owns)")
+        running = self._delay_line(end)
+        if running and running[2:] == (imp.delay, imp.jitter):
+            return          # as it is: a restart would lose the frames it holds
         self._stop_delay_line(end, keep_tap=True)
         tap = tap_name(end.name)
         if netns.run(end.namespace, ["ip", "link", "show", "dev", tap], check=False).returncode != 0:
@@ -143,18 +147,26 @@ class Link:
             raise netns.NetnsError(f"in {end.namespace}: the delay line of {end.name} did not start "
                                    f"(see {self._delay_line_file(end, 'log')})")
         with open(self._delay_line_file(end, "pid"), "w") as f:
-            f.write(f"{proc.pid} {journal.process_start_time(proc.pid)}\n")
+            f.write(f"{proc.pid} {journal.process_start_time(proc.pid)} {imp.delay} {imp.jitter}\n")
+
+    def _delay_line(self, end: End) -> tuple[int, int, int, int] | None:
+        """(pid, start time, delay, jitter) of END's running delay line, if any.
+        Only the process its pid file names: a pid re-used since is someone else's."""
+        if not self.cluster:
+            return None
+        try:
+            with open(self._delay_line_file(end, "pid")) as f:
+                pid, start, delay, jitter = (int(x) for x in f.read().split())
+        except (FileNotFoundError, ValueError):
+            return None
+        return (pid, start, delay, jitter) if journal.process_start_time(pid) == start else None
 
     def _stop_delay_line(self, end: End, keep_tap: bool = False) -> None:
         if self.cluster:
             pid_file = self._delay_line_file(end, "pid")
-            try:
-                with open(pid_file) as f:
-                    pid, start = (int(x) for x in f.read().split())
-            except (FileNotFoundError, ValueError):
-                pid = start = None
-            # Only the process this file names: a pid re-used since is someone else's.
-            if pid and journal.process_start_time(pid) == start:
+            running = self._delay_line(end)
+            if running:
+                pid, start = running[:2]
                 os.kill(pid, signal.SIGTERM)
                 deadline = time.monotonic() + 5
                 while journal.process_start_time(pid) == start and time.monotonic() < deadline:
@@ -168,16 +180,18 @@ class Link:
 
     def installed(self) -> dict:
         """What the kernel holds for this link's impairment, per end (read back,
-        for `link show` and tests): root qdisc kinds and nft table names."""
-        import json
+        for `link show` and tests): root qdisc kinds, nft table names, and the
+        delay line's process."""
         out = {}
         for end in (self.near, self.far):
+            line = self._delay_line(end)
             qdiscs = json.loads(netns.run(end.namespace, ["tc", "-j", "qdisc", "show", "dev", end.name]).stdout
                                 or "[]")
             tables = netns.run(end.namespace, ["nft", "list", "tables", "netdev"]).stdout.split()
             out[f"{end.namespace}/{end.name}"] = {
                 "qdiscs": [q["kind"] for q in qdiscs if q.get("kind") not in ("noqueue",)],
                 "nftables": [t for t in tables if t == table_name(end.name)],
+                "delayLine": {"pid": line[0], "tap": tap_name(end.name)} if line else None,
             }
         return out
 

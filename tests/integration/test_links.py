@@ -86,7 +86,8 @@ def test_up_puts_each_uplinks_impairment_on_both_ends(cluster):
     assert shown["b"]["settings"] == {"loss": "1%"}
     for ns, dev in ends("a"):
         assert shown["a"]["installed"][f"{ns}/{dev}"] == {"qdiscs": ["htb", "pfifo"],
-                                                           "nftables": [f"netemu-link-{dev}"]}
+                                                           "nftables": [f"netemu-link-{dev}"],
+                                                           "delayLine": None}
 
 
 def test_link_set_changes_in_place_and_clear_removes_everything(cluster):
@@ -187,7 +188,14 @@ def test_delay_runs_a_delay_line_per_end_and_clear_stops_it(cluster):
         # floor, never flaky; the accuracy is the benchmark's business.
         rtt_min = float(proc.stdout.rsplit("=", 1)[1].split("/")[0])
         assert rtt_min >= 28.0, proc.stdout
-        assert "delay" in json.loads(cli("link", "show", "a", "-o", "json", "--cluster", NAME).stdout)["a"]["mechanisms"]
+        shown = json.loads(cli("link", "show", "a", "-o", "json", "--cluster", NAME).stdout)["a"]
+        assert "delay" in shown["mechanisms"]
+        pids = {where: e["delayLine"]["pid"] for where, e in shown["installed"].items()}
+        # Another property changes the rules, not the delay lines (a restart
+        # would lose the frames they hold).
+        cli("link", "set", "a", "--loss", "0.1%", "--cluster", NAME)
+        shown = json.loads(cli("link", "show", "a", "-o", "json", "--cluster", NAME).stdout)["a"]
+        assert {where: e["delayLine"]["pid"] for where, e in shown["installed"].items()} == pids
     finally:
         cli("link", "set", "a", "--clear", "--cluster", NAME)
     assert delay_lines() == []
