@@ -131,8 +131,12 @@ class Link:
         self._stop_delay_line(end, keep_tap=True)
         tap = tap_name(end.name)
         if netns.run(end.namespace, ["ip", "link", "show", "dev", tap], check=False).returncode != 0:
-            netns.ip_batch(end.namespace, [f"tuntap add mode tap name {tap}",
-                                           f"link set dev {tap} mtu {self.mtu} up"])
+            netns.ip_batch(end.namespace, [f"tuntap add mode tap name {tap}", f"link set dev {tap} mtu {self.mtu}"])
+            # Whatever the tap itself sends is read by the delay line and goes
+            # out on the link: no IPv6 on it, so no router solicitation or DAD
+            # of its own joins the link's traffic.
+            netns.write_sysctl(end.namespace, f"net.ipv6.conf.{tap}.disable_ipv6", 1)
+            netns.ip_batch(end.namespace, [f"link set dev {tap} up"])
         with open(self._delay_line_file(end, "log"), "ab") as log:
             proc = subprocess.Popen(
                 netns.exec_argv(end.namespace, [sys.executable, "-m", "netemu.delayline", tap, end.name,

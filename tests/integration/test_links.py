@@ -12,7 +12,7 @@ import pytest
 
 from netemu import impairment, names, netns
 
-from .clusters import cli, running, write_topology
+from .clusters import cli, running, wait_for, write_topology
 from ..conftest import root_snapshot
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
@@ -188,6 +188,16 @@ def test_delay_runs_a_delay_line_per_end_and_clear_stops_it(cluster):
         # floor, never flaky; the accuracy is the benchmark's business.
         rtt_min = float(proc.stdout.rsplit("=", 1)[1].split("/")[0])
         assert rtt_min >= 28.0, proc.stdout
+        # The tap carries only what the rules forward to it, nothing of its own
+        # (no IPv6 router solicitation or DAD from the tap onto the link).
+        for ns, dev in ends("a"):
+            def same(ns=ns, dev=dev):
+                forwarded = sum(n for comment, n in counters(ns, dev).items() if "into the delay line" in comment)
+                link = json.loads(netns.run(ns, ["ip", "-s", "-j", "link", "show", "dev",
+                                                 impairment.tap_name(dev)]).stdout)[0]
+                sent = link["stats64"]["tx"]["packets"]
+                return forwarded == sent and sent > 0
+            wait_for(same, timeout=3, what=f"{dev}'s tap to carry only forwarded frames")
         shown = json.loads(cli("link", "show", "a", "-o", "json", "--cluster", NAME).stdout)["a"]
         assert "delay" in shown["mechanisms"]
         pids = {where: e["delayLine"]["pid"] for where, e in shown["installed"].items()}
