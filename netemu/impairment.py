@@ -20,7 +20,8 @@ netdev egress hook):
 
 Loss and duplication count packets as the sending end sees them: a burst sent
 with segmentation offload (a 64 KB TCP segment, a UDP GSO batch) is one packet
-there. Rate is exact either way (tbf cuts such bursts into frames).
+there, as it is for netem's loss. Rate is exact either way (tbf charges each
+burst for the frames it becomes).
 """
 
 from __future__ import annotations
