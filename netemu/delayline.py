@@ -7,12 +7,14 @@ each until its time has come, and sends it out of the end itself through a
 packet socket whose frames carry DELAY_MARK, which the chain lets pass. The
 frame then goes through the end's root qdisc (the rate) as any other.
 
-Frames keep their order: a frame is never sent before the one read before it
-(as netem with a rate), so jitter spreads the delay but does not reorder. The
-delay of each frame is uniform in [delay - jitter, delay + jitter] (netem's
-default without a distribution table), never below zero.
+Delayed frames keep their order: one is never sent before the one delayed
+before it (as netem with a rate), so jitter spreads the delay but does not
+reorder. The delay of each frame is uniform in [delay - jitter, delay + jitter]
+(netem's default without a distribution table), never below zero. With
+REORDER (per million) that share of frames is sent at once, ahead of those
+held: netem's `reorder` without its correlation.
 
-    python -m netemu.delayline TAP DEVICE DELAY_US JITTER_US
+    python -m netemu.delayline TAP DEVICE DELAY_US JITTER_US REORDER_PPM
 
 runs in the foreground, prints "ready" once it is attached to the tap, and ends
 on SIGTERM. Its end is dead while it does not run: the tap's queue fills and
@@ -45,11 +47,14 @@ SPIN = 0.0002
 class Schedule:
     """When each frame leaves (pure: the clock is given)."""
 
-    def __init__(self, delay: float, jitter: float, rand=random.random):
-        self.delay, self.jitter, self.rand = delay, jitter, rand
+    def __init__(self, delay: float, jitter: float, reorder: float = 0.0, rand=random.random):
+        self.delay, self.jitter, self.reorder, self.rand = delay, jitter, reorder, rand
         self.last = 0.0
 
-    def due(self, now: float) -> float:
+    def due(self, now: float) -> float | None:
+        """When a frame read at NOW leaves; None: at once, ahead of the others."""
+        if self.reorder and self.rand() < self.reorder:
+            return None
         d = self.delay + (2 * self.rand() - 1) * self.jitter if self.jitter else self.delay
         # Never before the frame read before it: jitter does not reorder.
         self.last = max(now + max(d, 0.0), self.last)
@@ -62,7 +67,14 @@ def attach(tap: str) -> int:
     return fd
 
 
-def run(tap: str, device: str, delay: float, jitter: float) -> None:
+def send(out: socket.socket, frame: bytes) -> None:
+    try:
+        out.send(frame)
+    except OSError:
+        pass            # the device's queue is full: the frame is lost, as on a wire
+
+
+def run(tap: str, device: str, delay: float, jitter: float, reorder: float) -> None:
     # Real-time priority (the lowest): netem holds frames in the kernel's
     # timers; a userspace line on a busy machine is otherwise woken up
     # milliseconds late. Measured on 2 busy cores, 10 ms each way: mean RTT
@@ -75,16 +87,13 @@ def run(tap: str, device: str, delay: float, jitter: float) -> None:
     out = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     out.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, DELAY_MARK)
     out.bind((device, 0))
-    schedule = Schedule(delay, jitter)
+    schedule = Schedule(delay, jitter, reorder)
     queue: collections.deque[tuple[float, bytes]] = collections.deque()
     print("ready", flush=True)
     while True:
         now = time.monotonic()
         while queue and queue[0][0] <= now:
-            try:
-                out.send(queue.popleft()[1])
-            except OSError:
-                pass            # the device's queue is full: the frame is lost, as on a wire
+            send(out, queue.popleft()[1])
         wait = None if not queue else max(0.0, queue[0][0] - now - SPIN)
         readable, _, _ = select.select([fd], [], [], wait)
         if readable:
@@ -93,16 +102,20 @@ def run(tap: str, device: str, delay: float, jitter: float) -> None:
                     frame = os.read(fd, 65536)
                 except BlockingIOError:
                     break
-                queue.append((schedule.due(time.monotonic()), frame))
+                due = schedule.due(time.monotonic())
+                if due is None:
+                    send(out, frame)
+                else:
+                    queue.append((due, frame))
         elif queue:
             while time.monotonic() < queue[0][0]:
                 pass
 
 
 def main(argv: list[str]) -> int:
-    tap, device, delay_us, jitter_us = argv
+    tap, device, delay_us, jitter_us, reorder_ppm = argv
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    run(tap, device, int(delay_us) / 1e6, int(jitter_us) / 1e6)
+    run(tap, device, int(delay_us) / 1e6, int(jitter_us) / 1e6, int(reorder_ppm) / 1e6)
     return 0
 
 

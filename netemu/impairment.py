@@ -16,7 +16,9 @@ netdev egress hook):
   holds it for its time and sends it out of the end again, marked so that the
   hook lets it pass. A userspace hop: its throughput ceiling is far below the
   kernel's (tools/bench_link.py measures it).
-- reorder: refused (netem's reordering needs netem; the delay line keeps order).
+- reorder: the delay line sends that share of frames at once, ahead of the
+  delayed ones (netem's `reorder`, without its correlation); needs a delay.
+- corrupt: refused (netem's bit errors: nothing else in this kernel flips bits).
 
 Loss and duplication count packets as the sending end sees them: a burst sent
 with segmentation offload (a 64 KB TCP segment, a UDP GSO batch) is one packet
@@ -43,9 +45,9 @@ TABLE = "netemu-link"
 
 # Properties a link has in Mininet's TCLink / netem that this kernel cannot do.
 UNSUPPORTED = {
-    "reorder": "this kernel has no netem qdisc, and netemu's delay line keeps frames in order",
+    "corrupt": "this kernel has no netem qdisc, and nothing else in it flips bits of a packet",
 }
-KEYS = ("rate", "loss", "duplicate", "limit", "delay", "jitter", *UNSUPPORTED)
+KEYS = ("rate", "loss", "duplicate", "limit", "delay", "jitter", "reorder", *UNSUPPORTED)
 DELAY_MAX_US = 10_000_000       # 10 s
 
 _RATE_UNITS = {  # tc's units (tc(8)): bits per second per unit
@@ -72,6 +74,7 @@ class Impairment:
     limit: int | None = None    # queue limit in packets (with rate)
     delay: int = 0              # microseconds, each direction
     jitter: int = 0             # microseconds, +- around delay
+    reorder: int = 0            # per million: sent at once, ahead of the delayed ones
 
     def __bool__(self) -> bool:
         return bool(self.rate or self.loss or self.duplicate or self.delay)
@@ -91,6 +94,8 @@ class Impairment:
             out["delay"] = format_duration(self.delay)
         if self.jitter:
             out["jitter"] = format_duration(self.jitter)
+        if self.reorder:
+            out["reorder"] = format_ppm(self.reorder)
         return out
 
     def mechanisms(self) -> dict[str, str]:
@@ -107,7 +112,9 @@ class Impairment:
         if self.delay:
             out["delay"] = "netemu delay line (nft fwd to a tap, python -m netemu.delayline)"
         if self.jitter:
-            out["jitter"] = "netemu delay line (uniform, order kept)"
+            out["jitter"] = "netemu delay line (uniform; delayed frames keep their order)"
+        if self.reorder:
+            out["reorder"] = "netemu delay line (that share sent at once, ahead of the delayed)"
         return out
 
 
@@ -196,7 +203,12 @@ def parse(props: dict[str, Any], where: str = "") -> Impairment:
     jitter = parse_duration(props["jitter"], at("jitter")) if props.get("jitter") is not None else 0
     if jitter and not delay:
         raise ImpairmentError(f"{at('jitter')}: jitter needs a delay to spread")
-    return Impairment(rate=rate, loss=loss, duplicate=dup, limit=limit, delay=delay, jitter=jitter)
+    reorder = parse_percent(props["reorder"], at("reorder")) if props.get("reorder") is not None else 0
+    if reorder and not delay:
+        raise ImpairmentError(f"{at('reorder')}: reordering needs a delay (the frames reordered are "
+                              "sent without it, ahead of the delayed ones)")
+    return Impairment(rate=rate, loss=loss, duplicate=dup, limit=limit, delay=delay, jitter=jitter,
+                      reorder=reorder)
 
 
 def burst_bytes(rate: int, mtu: int) -> int:

@@ -122,11 +122,11 @@ class Link:
         return os.path.join(folder, f"{end.namespace}.{end.name}.{suffix}")
 
     def _start_delay_line(self, end: End, imp: Impairment) -> None:
-        """(Re)start END's delay line with IMP's delay and jitter."""
+        """(Re)start END's delay line with IMP's delay, jitter and reorder."""
         if not self.cluster:
             raise ValueError("a delay needs the link's cluster (its delay line is a process it owns)")
         running = self._delay_line(end)
-        if running and running[2:] == (imp.delay, imp.jitter):
+        if running and running[2:] == (imp.delay, imp.jitter, imp.reorder):
             return          # as it is: a restart would lose the frames it holds
         self._stop_delay_line(end, keep_tap=True)
         tap = tap_name(end.name)
@@ -140,7 +140,7 @@ class Link:
         with open(self._delay_line_file(end, "log"), "ab") as log:
             proc = subprocess.Popen(
                 netns.exec_argv(end.namespace, [sys.executable, "-m", "netemu.delayline", tap, end.name,
-                                                str(imp.delay), str(imp.jitter)]),
+                                                str(imp.delay), str(imp.jitter), str(imp.reorder)]),
                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
         journal.record_process(self.cluster, proc.pid)
         ready = proc.stdout.readline().strip()
@@ -151,19 +151,19 @@ class Link:
             raise netns.NetnsError(f"in {end.namespace}: the delay line of {end.name} did not start "
                                    f"(see {self._delay_line_file(end, 'log')})")
         with open(self._delay_line_file(end, "pid"), "w") as f:
-            f.write(f"{proc.pid} {journal.process_start_time(proc.pid)} {imp.delay} {imp.jitter}\n")
+            f.write(f"{proc.pid} {journal.process_start_time(proc.pid)} {imp.delay} {imp.jitter} {imp.reorder}\n")
 
-    def _delay_line(self, end: End) -> tuple[int, int, int, int] | None:
-        """(pid, start time, delay, jitter) of END's running delay line, if any.
+    def _delay_line(self, end: End) -> tuple[int, ...] | None:
+        """(pid, start time, delay, jitter, reorder) of END's running delay line, if any.
         Only the process its pid file names: a pid re-used since is someone else's."""
         if not self.cluster:
             return None
         try:
             with open(self._delay_line_file(end, "pid")) as f:
-                pid, start, delay, jitter = (int(x) for x in f.read().split())
+                pid, start, delay, jitter, reorder = (int(x) for x in f.read().split())
         except (FileNotFoundError, ValueError):
             return None
-        return (pid, start, delay, jitter) if journal.process_start_time(pid) == start else None
+        return (pid, start, delay, jitter, reorder) if journal.process_start_time(pid) == start else None
 
     def _stop_delay_line(self, end: End, keep_tap: bool = False) -> None:
         if self.cluster:

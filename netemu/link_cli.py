@@ -14,7 +14,7 @@ from netemu import controlplane, impairment, netns, printers
 from netemu import cluster as clusters
 from netemu.impairment import Impairment, ImpairmentError
 
-FLAGS = ("rate", "loss", "delay", "jitter", "duplicate", "reorder", "limit")
+FLAGS = ("rate", "loss", "delay", "jitter", "duplicate", "reorder", "limit", "corrupt")
 
 
 def register(sub, verb, with_cluster) -> None:
@@ -27,9 +27,12 @@ def register(sub, verb, with_cluster) -> None:
     sp.add_argument("--loss", help="packets dropped, in percent (1%%, 0.01%%)")
     sp.add_argument("--duplicate", help="packets sent twice, in percent")
     sp.add_argument("--limit", help="queue limit in packets (with --rate)")
-    sp.add_argument("--delay", help="one-way delay, each direction (20ms, 500us): netemu's delay line")
+    sp.add_argument("--delay", help="one-way delay, each direction (20ms, 500us): netemu's delay line; "
+                                    "0 for none (and no jitter or reorder)")
     sp.add_argument("--jitter", help="delay spread, +- around --delay (5ms); order is kept")
-    sp.add_argument("--reorder", help="not supported on this kernel (no netem)")
+    sp.add_argument("--reorder", help="share of frames sent at once, ahead of the delayed ones (25%%; "
+                                      "needs --delay)")
+    sp.add_argument("--corrupt", help="not supported on this kernel (no netem)")
     sp.add_argument("--clear", action="store_true", help="remove every impairment of the link")
     sp.add_argument("-o", "--output", choices=["json"])
 
@@ -54,6 +57,9 @@ def merged(current: Impairment, given: dict) -> Impairment:
         if key == "rate" and str(value).strip() == "0":
             props.pop("rate", None)
             props.pop("limit", None)        # a queue limit lives under the rate
+        elif key == "delay" and str(value).strip() == "0":
+            for gone in ("delay", "jitter", "reorder"):     # they live on the delay line
+                props.pop(gone, None)
         else:
             props[key] = value
     try:

@@ -36,7 +36,8 @@ never silently ignored). Example with every key:
                                        # directions: rate (tc units), loss and
                                        # duplicate (percent), limit (packets,
                                        # with rate), delay and jitter (20ms,
-                                       # 500us); default: none
+                                       # 500us), reorder (percent, with delay);
+                                       # default: none
     nodes:                             # at least one
       - name: srv-k8s-master1          # DNS-1123 label, unique
         unschedulable: true            # like `kubectl cordon`; default false

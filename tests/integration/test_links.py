@@ -61,7 +61,8 @@ def address(node: str) -> str:
 
 
 def test_up_starts_the_delay_lines_of_a_delayed_uplink(cluster):
-    assert sorted(delay_lines("c")) == sorted([[impairment.tap_name(dev), dev, "2000", "0"] for _, dev in ends("c")])
+    assert sorted(delay_lines("c")) == sorted([[impairment.tap_name(dev), dev, "2000", "0", "0"]
+                                               for _, dev in ends("c")])
     proc = ping("a", address("c"))
     assert proc.returncode == 0 and float(proc.stdout.rsplit("=", 1)[1].split("/")[0]) >= 4.0, proc.stdout
 
@@ -148,11 +149,12 @@ def test_duplicate_copies_each_packet_once_and_the_copy_passes_once(cluster):
 
 
 def test_a_property_the_kernel_cannot_do_is_refused_in_one_line(cluster):
-    proc = cli("link", "set", "a", "--reorder", "25%", "--rate", "1mbit", "--cluster", NAME, check=False)
+    before = {(ns, dev): (qdiscs(ns, dev), table(ns, dev)) for ns, dev in ends("a")}
+    proc = cli("link", "set", "a", "--corrupt", "1%", "--rate", "1mbit", "--cluster", NAME, check=False)
     assert proc.returncode == 1
-    assert proc.stderr.startswith("netemu: error: --reorder: not supported: ") and proc.stderr.count("\n") == 1
-    for ns, dev in ends("a"):           # nothing was applied
-        assert qdiscs(ns, dev) == []
+    assert proc.stderr.startswith("netemu: error: --corrupt: not supported: ") and proc.stderr.count("\n") == 1
+    # nothing was applied
+    assert {(ns, dev): (qdiscs(ns, dev), table(ns, dev)) for ns, dev in ends("a")} == before
 
 
 def delay_lines(node: str = "a") -> list[list[str]]:
@@ -177,7 +179,8 @@ def test_delay_runs_a_delay_line_per_end_and_clear_stops_it(cluster):
     cli("link", "set", "a", "--delay", "15ms", "--jitter", "1ms", "--cluster", NAME)
     try:
         lines = delay_lines()
-        assert sorted(lines) == sorted([[impairment.tap_name(dev), dev, "15000", "1000"] for _, dev in ends("a")])
+        assert sorted(lines) == sorted([[impairment.tap_name(dev), dev, "15000", "1000", "0"]
+                                        for _, dev in ends("a")])
         for ns, dev in ends("a"):
             tap = impairment.tap_name(dev)
             assert f'fwd to "{tap}" comment' in table(ns, dev)
@@ -213,6 +216,23 @@ def test_delay_runs_a_delay_line_per_end_and_clear_stops_it(cluster):
         assert table(ns, dev) is None
         assert netns.run(ns, ["ip", "link", "show", "dev", impairment.tap_name(dev)], check=False).returncode != 0
     assert ping("a", b).returncode == 0
+
+
+def test_reorder_sends_a_share_of_frames_without_the_delay(cluster):
+    cli("link", "set", "a", "--delay", "30ms", "--reorder", "50%", "--cluster", NAME)
+    try:
+        out = netns.run(names.node_ns(NAME, "a"), ["ping", "-c", "100", "-i", "0.01", address("b")]).stdout
+        rtts = [float(line.split("time=")[1].split()[0]) for line in out.splitlines() if "time=" in line]
+        # Each way a frame is held 30 ms, or (half of them) not at all: RTTs near
+        # 0, 30 and 60 ms. 100 pings miss both extremes with odds below 1e-12.
+        assert min(rtts) < 25 and max(rtts) >= 59, rtts
+        # A reply without the delay overtakes one sent 10 ms before it that was
+        # held: each pair does with odds of at least 1/8, so 99 pairs all in
+        # order would happen once in half a million runs.
+        seqs = [int(line.split("icmp_seq=")[1].split()[0]) for line in out.splitlines() if "time=" in line]
+        assert seqs != sorted(seqs), seqs
+    finally:
+        cli("link", "set", "a", "--clear", "--cluster", NAME)
 
 
 def test_node_remove_stops_its_uplinks_delay_lines_and_rules(cluster):

@@ -56,7 +56,8 @@ def test_percentages_are_exact_in_packets_per_million(text, ppm):
     ({"delay": "10"}, "delay: invalid duration '10': use a number and one of us, ms, s"),
     ({"delay": "11s"}, "delay: 11s is more than 10s"),
     ({"jitter": "1ms"}, "jitter: jitter needs a delay to spread"),
-    ({"reorder": "25%"}, "reorder: not supported: this kernel has no netem qdisc"),
+    ({"corrupt": "1%"}, "corrupt: not supported: this kernel has no netem qdisc"),
+    ({"reorder": "25%"}, "reorder: reordering needs a delay"),
     ({"latency": "1ms"}, "latency: unknown link property (allowed: rate, loss, duplicate, limit, delay"),
 ])
 def test_bad_properties_are_one_line_errors_naming_the_property(props, message):
@@ -97,9 +98,11 @@ def test_link_set_changes_the_given_properties_and_keeps_the_others():
     current = Impairment(rate=10_000_000, loss=10_000, limit=50)
     assert merged(current, {"loss": "2%"}) == Impairment(rate=10_000_000, loss=20_000, limit=50)
     assert merged(current, {"rate": "0"}) == Impairment(loss=10_000)
-    assert merged(current, {"delay": "20ms", "jitter": "500us"}).jitter == 500
-    with pytest.raises(ImpairmentError, match=r"^--reorder: not supported"):
-        merged(current, {"reorder": "20%"})
+    delayed = merged(current, {"delay": "20ms", "jitter": "500us", "reorder": "25%"})
+    assert (delayed.delay, delayed.jitter, delayed.reorder) == (20_000, 500, 250_000)
+    assert merged(delayed, {"delay": "0"}) == current
+    with pytest.raises(ImpairmentError, match=r"^--corrupt: not supported"):
+        merged(current, {"corrupt": "20%"})
 
 
 def test_topology_link_keys_default_for_the_cluster_and_per_node(tmp_path):
@@ -113,8 +116,8 @@ def test_topology_link_keys_default_for_the_cluster_and_per_node(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("cluster:\n  link: {reorder: 1%}\nnodes: [{name: a}]\n",
-     "t.yaml: cluster.link.reorder: not supported: this kernel has no netem qdisc"),
+    ("cluster:\n  link: {corrupt: 1%}\nnodes: [{name: a}]\n",
+     "t.yaml: cluster.link.corrupt: not supported: this kernel has no netem qdisc"),
     ("nodes:\n  - name: a\n    link: {loss: lots}\n", "t.yaml: nodes[0].link.loss: invalid percentage 'lots'"),
     ("nodes:\n  - name: a\n    link: 10mbit\n", "t.yaml: nodes[0].link: must be a mapping"),
 ])
@@ -139,8 +142,8 @@ def test_bench_link_flag_becomes_every_uplinks_impairment(tmp_path):
     topo = load_topology(p, host_networks=[])
     assert {n.uplink(topo.settings) for n in topo.nodes} == {Impairment(rate=100_000_000, loss=1_000)}
     assert parse_link("delay 10ms loss 0.1%") == {"delay": "10ms", "loss": "0.1%"}
-    with pytest.raises(ValueError, match=r"^--link: reorder: not supported"):
-        parse_link("reorder 1%")
+    with pytest.raises(ValueError, match=r"^--link: corrupt: not supported"):
+        parse_link("corrupt 1%")
     with pytest.raises(ValueError, match=r"expected PROPERTY VALUE pairs"):
         parse_link("rate")
 
@@ -169,3 +172,13 @@ def test_delay_line_schedule_spreads_by_jitter_and_keeps_order():
     assert s.due(1.001) == pytest.approx(1.014)
     assert s.due(1.1) == pytest.approx(1.110)
     assert Schedule(0.001, 0.005, rand=lambda: 0.0).due(2.0) == 2.0      # never below zero
+
+
+def test_delay_line_sends_the_reordered_share_at_once_and_keeps_the_others_in_order():
+    from netemu.delayline import Schedule
+
+    draws = iter([0.1, 0.3, 0.29])          # reorder 30%: below 0.3 goes at once
+    s = Schedule(0.010, 0.0, reorder=0.3, rand=lambda: next(draws))
+    assert s.due(1.0) is None
+    assert s.due(1.0) == pytest.approx(1.010)
+    assert s.due(1.002) is None
