@@ -79,13 +79,14 @@ def cmd_link(args) -> int:
         nodes = [_node(topology, args.node)] if args.node else topology.nodes
         return _show(cluster, settings, nodes, args.output)
     if not args.node:
-        raise ValueError("usage: netemu link set NODE [--rate R] [--delay D] [--jitter J] [--loss P] "
-                         "[--duplicate P] [--limit N] | --clear")
+        raise ValueError("usage: netemu link set NODE [--rate R] [--delay D] [--jitter J] [--reorder P] "
+                         "[--loss P] [--duplicate P] [--limit N] | --clear")
     spec = _node(topology, args.node)
     if args.clear and given:
         raise ValueError("--clear: takes no other impairment flag")
     if not args.clear and not given:
-        raise ValueError("link set: nothing to set (give --rate, --delay, --jitter, --loss, --duplicate, --limit or --clear)")
+        raise ValueError("link set: nothing to set (give --rate, --delay, --jitter, --reorder, --loss, --duplicate, "
+                         "--limit or --clear)")
     new = Impairment() if args.clear else merged(spec.uplink(settings), given)
     try:
         _uplink(cluster, spec.name, settings).impair(new)
@@ -114,7 +115,12 @@ def _show(cluster: str, settings, nodes, output) -> int:
     for node, r in result.items():
         if not r["settings"]:
             rows.append([node, "<none>", "", ""])
+        # A delay line that is not running holds the link's frames: say so.
+        dead = any(end["delayLine"] is None for end in r["installed"].values())
         for key, value in r["settings"].items():
-            rows.append([node, key, value, r["mechanisms"][key]])
+            mechanism = r["mechanisms"][key]
+            if key in ("delay", "jitter", "reorder") and dead:
+                mechanism += " NOT RUNNING: the link is cut (link set --clear, then set it again)"
+            rows.append([node, key, value, mechanism])
     print(printers.table(["NODE", "PROPERTY", "VALUE", "MECHANISM"], rows))
     return 0

@@ -254,3 +254,15 @@ def _is_delay_line_for(pid: str, dev: str) -> bool:
     except OSError:
         return False
     return "netemu.delayline" in argv and impairment.tap_name(dev) in argv
+
+
+def test_show_says_when_a_delay_line_is_not_running(cluster):
+    cli("link", "set", "a", "--delay", "1ms", "--cluster", NAME)
+    try:
+        assert "NOT RUNNING" not in cli("link", "show", "a", "--cluster", NAME).stdout
+        shown = json.loads(cli("link", "show", "a", "-o", "json", "--cluster", NAME).stdout)["a"]
+        os.kill(shown["installed"][f"{names.node_ns(NAME, 'a')}/eth0"]["delayLine"]["pid"], 9)
+        wait_for(lambda: "NOT RUNNING" in cli("link", "show", "a", "--cluster", NAME).stdout, timeout=5,
+                 what="link show to see the killed delay line")
+    finally:
+        cli("link", "set", "a", "--clear", "--cluster", NAME)
