@@ -239,13 +239,13 @@ def _tell(builder, word: str) -> None:
 def _build(topology, progress, fail_after, builder) -> None:
     cluster, settings = topology.name, topology.settings
     plans, client = plan_addresses(topology)
+    specs = {n.name: n for n in topology.nodes}
     progress(f"fabric {names.fabric_ns(cluster)}: bridge {names.FABRIC_BRIDGE} on {settings.underlay}")
     fabric.create(cluster, settings.underlay_mtu)
     for plan in plans:
         progress(f"node {plan.name}: eth0 {plan.address}")
-        host.create(cluster, plan.name, plan.address, settings.underlay_mtu, client.ip)
-        if settings.backend == "udp":
-            fabric.disable_tso(cluster, names.fabric_port(plan.name))
+        host.create(cluster, plan.name, plan.address, settings.underlay_mtu, client.ip,
+                    tso=settings.backend != "udp", impairment=specs[plan.name].uplink(settings))
         os.makedirs(names.node_dir(cluster, plan.name), exist_ok=True)
         if fail_after == "node":
             raise ClusterError("failure injected after the first node (test)")
@@ -624,9 +624,8 @@ def add_node(cluster: str, name: str, labels: dict | None = None, address: str |
                         unschedulable=unschedulable)
         try:
             host.create(cluster, name, iface, settings.underlay_mtu,
-                        settings.effective_client_address())
-            if settings.backend == "udp":
-                fabric.disable_tso(cluster, names.fabric_port(name))
+                        settings.effective_client_address(), tso=settings.backend != "udp",
+                        impairment=spec.uplink(settings))
         except BaseException:
             # Only if this call made it: the name may have been taken.
             journal.delete_netns(cluster, names.node_ns(cluster, name))
@@ -704,6 +703,13 @@ def remove_node(cluster: str, name: str, timeout: float = 30.0) -> None:
         registry.delete(store, "Node", None, name)
     finally:
         store.close()
+    # The uplink's impairment goes first: its delay lines (one in the node, one
+    # in the fabric) are not the node's daemons, and the fabric's rules for the
+    # node's port would outlive the port.
+    spec = next((n for n in topology.nodes if n.name == name), None)
+    if spec is not None and spec.uplink(topology.settings):
+        from netemu.impairment import Impairment
+        host.uplink(cluster, name, topology.settings.underlay_mtu).impair(Impairment())
     # The control plane stops the node's daemons when its object goes; wait for them.
     node_namespace = names.node_ns(cluster, name)
     inode = netns.inode(node_namespace)

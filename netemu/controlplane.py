@@ -54,8 +54,12 @@ def topology_path(cluster: str) -> str:
 
 
 def save_topology(topology) -> None:
-    with open(topology_path(topology.name), "wb") as f:
+    # Whole or not at all: `netemu link set` and `node add` rewrite it while
+    # the control plane may be reading it.
+    path = topology_path(topology.name)
+    with open(path + ".tmp", "wb") as f:
         pickle.dump(topology, f)
+    os.replace(path + ".tmp", path)
 
 
 def load_topology(cluster: str):

@@ -22,7 +22,7 @@ import logging
 
 import trio
 
-from netemu import journal, names, netns
+from netemu import fabric, journal, names, netns
 from netemu.store import registry
 
 log = logging.getLogger("netemu.loadbalancer")
@@ -34,10 +34,7 @@ RESYNC = 5.0
 def create_namespace(cluster: str, mtu: int) -> str:
     ns = names.lb_ns(cluster)
     journal.create_netns(cluster, ns)
-    netns.ip_batch(names.fabric_ns(cluster), [
-        f"link add name lb mtu {mtu} type veth peer name {names.NODE_UPLINK} mtu {mtu} netns {ns}",
-        f"link set lb master {names.FABRIC_BRIDGE} up"])
-    netns.ip_batch(ns, ["link set lo up", f"link set {names.NODE_UPLINK} up"])
+    fabric.plug(cluster, ns, "lb", None, mtu)
     netns.write_sysctl(ns, "net.ipv4.ip_forward", 1)
     # Removing the first external IP must not take the others with it.
     netns.write_sysctl(ns, "net.ipv4.conf.all.promote_secondaries", 1)

@@ -23,8 +23,27 @@ def register(sub, verb, with_cluster) -> None:
     sp.add_argument("--mtu", type=int, default=1500, help="underlay MTU (1500; 9000 for jumbo frames)")
     sp.add_argument("--wait", type=float, default=0, metavar="S",
                     help="wait up to S seconds for another benchmark to finish (default: refuse at once)")
+    sp.add_argument("--link", default="", metavar="PROPS",
+                    help='impair every node uplink: "rate 100mbit loss 0.1%%" (as netemu link set)')
     sp.add_argument("-o", "--output", default="bench-results", metavar="DIR",
                     help="folder for bench.json, bench.md and bench.png")
+
+
+def parse_link(text: str) -> dict:
+    """--link "rate 100mbit loss 0.1%" -> {"rate": "100mbit", "loss": "0.1%"},
+    checked as `link set` checks it (a property this kernel lacks is refused
+    here, before any cluster is built)."""
+    from netemu import impairment
+
+    words = text.split()
+    if len(words) % 2:
+        raise ValueError(f"--link {text!r}: expected PROPERTY VALUE pairs, e.g. \"rate 100mbit loss 0.1%\"")
+    props = dict(zip(words[::2], words[1::2]))
+    try:
+        impairment.parse(props)
+    except impairment.ImpairmentError as e:
+        raise ValueError(f"--link: {e}") from None
+    return props
 
 
 def cmd_bench(args) -> int:
@@ -39,7 +58,7 @@ def cmd_bench(args) -> int:
         backends.append("host-gw")           # every ratio needs it, in the same round
     opts = runner.Options(backends=backends, tests=report.parse_list(args.tests, report.TESTS, "test"),
                           rounds=args.rounds, duration=args.duration, mtu=args.mtu, output=args.output,
-                          lock_wait=args.wait)
+                          lock_wait=args.wait, link=parse_link(args.link))
     if opts.rounds < 1 or opts.duration <= 0:
         raise ValueError("--rounds must be ≥ 1 and --duration > 0")
     console = Console(stderr=True)

@@ -58,6 +58,9 @@ class Options:
     output: str = "bench-results"
     prefix: str = "hb-b"          # cluster names: <prefix>-<backend>
     lock_wait: float = 0.0        # seconds to wait for another benchmark to finish (0: refuse)
+    # Every node uplink's impairment (`--link "rate 100mbit loss 0.1%"`), as a
+    # topology file's cluster.link: the backends over a WAN-like underlay.
+    link: dict = dataclasses.field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -76,11 +79,11 @@ def exclusive(path: str = LOCK_PATH, wait: float = 0.0) -> Iterator[None]:
         yield
 
 
-def topology(name: str, backend: str, mtu: int) -> dict:
+def topology(name: str, backend: str, mtu: int, link: dict | None = None) -> dict:
     def pod(pod_name: str, node: str) -> dict:
         return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": pod_name},
                 "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox"}]}}
-    return {"name": name, "cluster": {"backend": backend, "underlayMTU": mtu},
+    return {"name": name, "cluster": {"backend": backend, "underlayMTU": mtu, **({"link": link} if link else {})},
             "nodes": [{"name": n} for n in NODES],
             "workloads": [pod(CLIENT, "node1"), pod(SERVER, "node2"), pod(LOCAL, "node1")]}
 
@@ -88,8 +91,8 @@ def topology(name: str, backend: str, mtu: int) -> dict:
 class BenchCluster:
     """One running two-node cluster and the servers in its pods."""
 
-    def __init__(self, name: str, backend: str, mtu: int):
-        self.name, self.backend, self.mtu = name, backend, mtu
+    def __init__(self, name: str, backend: str, mtu: int, link: dict | None = None):
+        self.name, self.backend, self.mtu, self.link = name, backend, mtu, link
         self.servers: list[subprocess.Popen] = []
         self.ips: dict[str, str] = {}
 
@@ -98,7 +101,7 @@ class BenchCluster:
 
         if os.path.exists(names.state_dir(self.name)):
             clusters.teardown(self.name, graceful=False)     # a crashed bench's leftover
-        clusters.up(load_topology_dict(topology(self.name, self.backend, self.mtu)))
+        clusters.up(load_topology_dict(topology(self.name, self.backend, self.mtu, self.link)))
         for pod in (CLIENT, SERVER, LOCAL):
             sandbox = Sandbox.load(names.pod_dir(self.name, "default", pod))
             if sandbox is None:
@@ -271,7 +274,7 @@ def run(opts: Options, on_step: Callable[[str], None] = lambda s: None,
         try:
             for backend in opts.backends:
                 on_setup(f"building the {backend} cluster")
-                bc = BenchCluster(f"{opts.prefix}-{backend.replace('-', '')}", backend, opts.mtu)
+                bc = BenchCluster(f"{opts.prefix}-{backend.replace('-', '')}", backend, opts.mtu, opts.link)
                 built[backend] = bc
                 bc.up()
             for rnd, backend, test, target in plan(opts):
@@ -302,7 +305,8 @@ def write_results(opts: Options, samples: list[Sample], failures: list[dict] = (
     rows = report.summarize(samples)
     config = {"backends": opts.backends, "tests": opts.tests, "rounds": opts.rounds,
               "duration": opts.duration, "mtu": opts.mtu, "kernel": os.uname().release,
-              "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+              "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              **({"link": opts.link} if opts.link else {})}
     results = {"config": config, "summary": rows, "samples": [dataclasses.asdict(s) for s in samples],
                "failures": list(failures)}
     with open(os.path.join(opts.output, "bench.json"), "w") as f:

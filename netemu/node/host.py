@@ -11,14 +11,24 @@ from __future__ import annotations
 import ipaddress
 
 from netemu import fabric, journal, names, netns
+from netemu.impairment import Impairment
 from netemu.overlay.subnetenv import SubnetEnv
 
 
+def uplink(cluster: str, node: str, mtu: int):
+    """The node's uplink as a Link (to impair it, or read it back, once it exists)."""
+    return fabric.uplink(cluster, names.node_ns(cluster, node), names.fabric_port(node), mtu)
+
+
 def create(cluster: str, node: str, address: ipaddress.IPv4Interface, mtu: int,
-           gateway: ipaddress.IPv4Address | None = None) -> str:
+           gateway: ipaddress.IPv4Address | None = None, tso: bool = True,
+           impairment: Impairment | None = None) -> str:
+    """The node's namespace and uplink. TSO: TCP segmentation offload of the
+    uplink's fabric port (off for the udp backend, see netemu.link.Link);
+    IMPAIRMENT: the uplink's rate, loss, ... (netemu.impairment)."""
     ns = names.node_ns(cluster, node)
     journal.create_netns(cluster, ns)
-    fabric.plug(cluster, ns, names.fabric_port(node), address, mtu)
+    fabric.plug(cluster, ns, names.fabric_port(node), address, mtu, tso=tso, impairment=impairment)
     if gateway is not None:
         # A node has a default route, as every real one does; without it the
         # node's own connections to a ClusterIP fail the route lookup that comes

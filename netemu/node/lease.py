@@ -58,9 +58,10 @@ def renew(store, node: str, duration: float) -> None:
                        lambda lease: lease["spec"].update(renewTime=stamp, holderIdentity=node,
                                                           leaseDurationSeconds=max(1, round(duration)))) is None:
         owner = registry.get(store, "Node", None, node)
-        uid = owner["metadata"].get("uid") if owner else None
+        if owner is None:
+            return          # the node is gone (removed): a late renewal brings nothing back
         try:
-            registry.create(store, lease_object(node, duration, stamp, uid))
+            registry.create(store, lease_object(node, duration, stamp, owner["metadata"].get("uid")))
         except Conflict:
             pass            # created meanwhile by our predecessor: renewed next time
 

@@ -15,6 +15,7 @@ import json
 import os
 
 from netemu import journal, names, netns
+from netemu.link import End, Link
 from netemu.topology.names import pod_hostname
 
 
@@ -62,21 +63,17 @@ def docker_mac(ip: ipaddress.IPv4Address) -> str:
 def create_network(cluster: str, node: str, sb: Sandbox) -> None:
     """Namespace, veth pair on docker0, address and default route (blocking)."""
     journal.create_netns(cluster, sb.namespace)
-    node_ns = names.node_ns(cluster, node)
-    netns.ip_batch(node_ns, [
-        f"link add {sb.veth} mtu {sb.mtu} type veth peer name {names.POD_IFACE} mtu {sb.mtu} "
-        f"netns {sb.namespace}",
-        f"link set {sb.veth} master {names.NODE_BRIDGE} up",
-        f"link set {sb.veth} type bridge_slave hairpin on",
-    ])
-    netns.ip_batch(sb.namespace, [
-        "link set lo up",
-        f"link set {names.POD_IFACE} address {docker_mac(ipaddress.IPv4Address(sb.ip))}",
-        f"addr add {sb.ip}/{sb.prefixlen} dev {names.POD_IFACE}",
-        *([f"link set {names.POD_IFACE} gso_max_segs {sb.gso_max_segs}"] if sb.gso_max_segs else []),
-        f"link set {names.POD_IFACE} up",
-        f"route add default via {sb.gateway} dev {names.POD_IFACE}",
-    ])
+    pod_link(cluster, node, sb).create(
+        far_before=["link set lo up"],
+        far_after=[f"route add default via {sb.gateway} dev {names.POD_IFACE}"])
+
+
+def pod_link(cluster: str, node: str, sb: Sandbox) -> Link:
+    """The pod's cable: its vethXXXXXXX on docker0 (hairpin on) and its eth0."""
+    return Link(near=End(names.node_ns(cluster, node), sb.veth), far=End(sb.namespace, names.POD_IFACE),
+                mtu=sb.mtu, bridge=names.NODE_BRIDGE, hairpin=True,
+                far_mac=docker_mac(ipaddress.IPv4Address(sb.ip)), far_address=f"{sb.ip}/{sb.prefixlen}",
+                far_gso_max_segs=sb.gso_max_segs)
 
 
 def pause_argv(sb: Sandbox, hostname: str) -> list[str]:

@@ -34,6 +34,12 @@ never silently ignored). Example with every key:
       timeScale: 1                     # multiplies controller delays (> 0)
       apiServerNode: srv-k8s-master1   # where the Kubernetes API listens (:8080); default:
                                        # the first unschedulable node, else the first
+      link: {rate: 100mbit, loss: 0.1%} # every node uplink's impairment, both
+                                       # directions: rate (tc units), loss and
+                                       # duplicate (percent), limit (packets,
+                                       # with rate), delay and jitter (20ms,
+                                       # 500us), reorder (percent, with delay);
+                                       # default: none
     nodes:                             # at least one
       - name: srv-k8s-master1          # DNS-1123 label, unique
         unschedulable: true            # like `kubectl cordon`; default false
@@ -44,6 +50,7 @@ never silently ignored). Example with every key:
                                        # free one)
         podCIDR: 10.244.96.0/24        # requested subnet: inside clusterNetwork,
                                        # prefix subnetLen (default: leased)
+        link: {rate: 10mbit}           # this uplink: these keys over cluster.link
     workloads:                         # created in this order once the cluster is up
       - ../manifests/nginxpod.yaml     # a manifest file or directory, relative to
                                        # this file (multi-document YAML allowed)
@@ -74,6 +81,9 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any, Iterable
 
+from netemu import impairment
+from netemu.impairment import Impairment
+
 from . import names
 from .manifests import (Entry, Origin, check_batch, describe, manifest_files, normalize_object,
                         object_label, read_manifest_file)
@@ -84,9 +94,9 @@ from .yamlsource import file_problem, load_documents, read_text
 TOP_KEYS = ("name", "cluster", "nodes", "workloads")
 CLUSTER_KEYS = ("underlay", "underlayMTU", "clusterNetwork", "subnetLen", "serviceRange",
                 "nodePortRange", "backend", "proxyMode", "loadBalancerPool", "clientAddress",
-                "timeScale", "apiServerNode")
+                "timeScale", "apiServerNode", "link")
 BACKEND_KEYS = ("type", "port", "vni")
-NODE_KEYS = ("name", "labels", "address", "podCIDR", "unschedulable")
+NODE_KEYS = ("name", "labels", "address", "podCIDR", "unschedulable", "link")
 CLUSTER_NAME_MAX = 20
 LB_POOL_MAX = 65536          # a pool is expanded to a list; refuse absurd ones
 # The underlay's addresses are listed when nodes are placed on it; a /16 holds
@@ -239,6 +249,15 @@ def _lb_pool(f: _File, value: Any, where: str) -> list[IPv4Address]:
     return pool
 
 
+def _link(f: _File, value: Any, where: str, base: dict) -> Impairment:
+    """A `link:` mapping, its keys over BASE's (the cluster-wide default)."""
+    props = _mapping(f, value, where)
+    try:
+        return impairment.parse({**base, **props}, where)
+    except impairment.ImpairmentError as e:
+        raise f.error(e.where, e.problem) from None
+
+
 def parse_settings(f: _File, cluster: Any, *, backend: str | None = None,
                    proxy_mode: str | None = None) -> tuple[ClusterSettings, bool]:
     """The `cluster:` mapping (+ CLI overrides) -> (settings, pool given explicitly).
@@ -323,6 +342,8 @@ def parse_settings(f: _File, cluster: Any, *, backend: str | None = None,
     if "clientAddress" in c:
         s.client_address = _address(f, c["clientAddress"], "cluster.clientAddress")
         _check_on_underlay(f, s, s.client_address, "cluster.clientAddress")
+    if c.get("link") is not None:
+        s.link = _link(f, c["link"], "cluster.link", {})
     explicit_pool = "loadBalancerPool" in c
     if explicit_pool:
         s.lb_pool = _lb_pool(f, c["loadBalancerPool"], "cluster.loadBalancerPool")
@@ -407,8 +428,11 @@ def parse_nodes(f: _File, value: Any, s: ClusterSettings) -> list[NodeSpec]:
         unschedulable = raw.get("unschedulable", False)
         if not isinstance(unschedulable, bool):
             raise f.error(f"{where}.unschedulable", f"must be true or false, got {describe(unschedulable)}")
+        link = None
+        if raw.get("link") is not None:
+            link = _link(f, raw["link"], f"{where}.link", s.link.settings())
         nodes.append(NodeSpec(name=name, labels=labels, address=address, pod_cidr=pod_cidr,
-                              unschedulable=unschedulable))
+                              unschedulable=unschedulable, link=link))
     return nodes
 
 

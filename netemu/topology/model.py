@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
+from netemu.impairment import Impairment
+
 BACKENDS = ("udp", "vxlan", "host-gw")
 PROXY_MODES = ("nftables", "iptables")
 
@@ -80,6 +82,8 @@ class ClusterSettings:
     # The node whose namespace the Kubernetes API listens in (127.0.0.1:8080 and
     # its eth0 address); None: the first unschedulable node, else the first node.
     api_server_node: str | None = None
+    # Every node uplink's impairment unless the node says otherwise (`cluster.link`).
+    link: Impairment = field(default_factory=Impairment)
 
     def effective_backend_port(self) -> int | None:
         """The backend's UDP port (None for host-gw, which encapsulates nothing)."""
@@ -104,6 +108,13 @@ class NodeSpec:
     address: IPv4Address | None     # fixed underlay address, inside settings.underlay
     pod_cidr: IPv4Network | None    # requested pod subnet; inside cluster_network, prefix == subnet_len
     unschedulable: bool = False
+    # The uplink's impairment: cluster.link with the node's own `link:` keys
+    # over it (None: cluster.link alone).
+    link: Impairment | None = None
+
+    def uplink(self, settings: "ClusterSettings") -> Impairment:
+        # getattr: a cluster saved before links had properties has no settings.link.
+        return self.link if self.link is not None else getattr(settings, "link", Impairment())
 
 
 @dataclass

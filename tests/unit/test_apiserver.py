@@ -650,14 +650,14 @@ def test_errors_stay_on_one_line_whatever_the_input(server):
 
 def test_node_lease_renewed_and_collected_with_its_node(server):
     from netemu.controllers import garbagecollector
-    from netemu.node import kubelet
+    from netemu.node import lease as node_lease
 
     store = server.store
-    kubelet.renew_lease(store, "n1")
+    node_lease.renew(store, "n1", node_lease.LEASE_DURATION)
     lease = registry.get(store, "Lease", "kube-node-lease", "n1")
     first = lease["spec"]["renewTime"]
     assert lease["spec"]["holderIdentity"] == "n1" and lease["spec"]["leaseDurationSeconds"] == 40
-    kubelet.renew_lease(store, "n1")
+    node_lease.renew(store, "n1", node_lease.LEASE_DURATION)
     assert registry.get(store, "Lease", "kube-node-lease", "n1")["spec"]["renewTime"] >= first
     code, body = call(server, "GET", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/n1")
     assert code == 200 and body["apiVersion"] == "coordination.k8s.io/v1"
@@ -666,5 +666,5 @@ def test_node_lease_renewed_and_collected_with_its_node(server):
     registry.delete(store, "Node", None, "n1")
     garbagecollector.sync_once(store)
     assert registry.get(store, "Lease", "kube-node-lease", "n1") is None
-    kubelet.renew_lease(store, "n1")                                              # a late renewal
+    node_lease.renew(store, "n1", node_lease.LEASE_DURATION)                      # a late renewal
     assert registry.get(store, "Lease", "kube-node-lease", "n1") is None

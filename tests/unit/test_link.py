@@ -1,0 +1,184 @@
+"""netemu.link: the commands a link is built with (pure, no root)."""
+
+from netemu.link import End, Link
+
+
+def test_node_uplink_commands_name_each_interface_and_join_the_bridge():
+    link = Link(near=End("c-fabric", "up"), far=End("c-node-up", "eth0"), mtu=1400, bridge="br0",
+                far_address="172.30.0.1/24")
+    near, far = link.commands()
+    # "name" before every interface name: a node called "up" is not ip's keyword.
+    assert near == ["link add name up mtu 1400 type veth peer name eth0 mtu 1400 netns c-node-up",
+                    "link set dev up master br0 up"]
+    assert far == ["addr add 172.30.0.1/24 dev eth0", "link set dev eth0 up"]
+
+
+def test_pod_link_commands_set_hairpin_mac_and_gso_before_up():
+    link = Link(near=End("c-node-a", "veth1234567"), far=End("c-pod-x", "eth0"), mtu=1472,
+                bridge="docker0", hairpin=True, far_mac="02:42:0a:f4:01:02",
+                far_address="10.244.1.2/24", far_gso_max_segs=44)
+    near, far = link.commands()
+    assert near[-1] == "link set dev veth1234567 type bridge_slave hairpin on"
+    assert far == ["link set dev eth0 address 02:42:0a:f4:01:02", "addr add 10.244.1.2/24 dev eth0",
+                   "link set dev eth0 gso_max_segs 44", "link set dev eth0 up"]
+
+
+# -- impairment: parsing, and the tc and nft it becomes ------------------------
+
+import pytest
+
+from netemu import impairment
+from netemu.impairment import Impairment, ImpairmentError
+from netemu.link_cli import merged
+from netemu.topology.loader import load_topology
+
+
+@pytest.mark.parametrize("text,bits", [("100mbit", 100_000_000), ("1gbit", 10 ** 9), ("1.5mbit", 1_500_000),
+                                       ("500kbit", 500_000), ("10MBit", 10_000_000), ("1mbps", 8_000_000)])
+def test_rates_are_read_in_tc_units(text, bits):
+    assert impairment.parse_rate(text) == bits
+
+
+@pytest.mark.parametrize("text,ppm", [("1%", 10_000), ("0.1%", 1_000), ("0.0001%", 1), ("100%", 1_000_000),
+                                      ("2.5", 25_000), ("0%", 0)])
+def test_percentages_are_exact_in_packets_per_million(text, ppm):
+    assert impairment.parse_percent(text, "loss") == ppm
+
+
+@pytest.mark.parametrize("props,message", [
+    ({"rate": "fast"}, "rate: invalid rate 'fast'"),
+    ({"rate": "1bit"}, "rate: 1bit is outside 8kbit..100gbit"),
+    ({"loss": "101%"}, "loss: 101% is more than 100%"),
+    ({"loss": "0.00001%"}, "loss: 0.00001% is finer than 0.0001%"),
+    ({"duplicate": "-1%"}, "duplicate: invalid percentage '-1%'"),
+    ({"limit": 50}, "limit: a queue limit needs a rate"),
+    ({"rate": "1mbit", "limit": 0}, "limit: must be a number of packets from 1 to 1000000"),
+    ({"delay": "10"}, "delay: invalid duration '10': use a number and one of us, ms, s"),
+    ({"delay": "11s"}, "delay: 11s is more than 10s"),
+    ({"jitter": "1ms"}, "jitter: jitter needs a delay to spread"),
+    ({"corrupt": "1%"}, "corrupt: not supported: this kernel has no netem qdisc"),
+    ({"reorder": "25%"}, "reorder: reordering needs a delay"),
+    ({"latency": "1ms"}, "latency: unknown link property (allowed: rate, loss, duplicate, limit, delay"),
+])
+def test_bad_properties_are_one_line_errors_naming_the_property(props, message):
+    with pytest.raises(ImpairmentError) as e:
+        impairment.parse(props)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_rate_alone_is_a_tbf_and_with_a_limit_an_htb_with_a_pfifo():
+    assert impairment.tc_commands("eth0", Impairment(rate=10_000_000), 1500) == [
+        ["tc", "qdisc", "replace", "dev", "eth0", "root", "handle", "1:", "tbf", "rate", "10000000bit",
+         "burst", "15140", "limit", "1514000"]]
+    cmds = impairment.tc_commands("eth0", Impairment(rate=10 ** 9, limit=100), 1500)
+    assert cmds[0][6:10] == ["handle", "1:", "htb", "default"]
+    assert cmds[1][1:2] + cmds[1][5:9] == ["class", "parent", "1:", "classid", "1:1"] and "htb" in cmds[1]
+    assert cmds[2][5:9] == ["parent", "1:1", "handle", "10:"] and "pfifo" in cmds[2]
+    assert cmds[1][-4:] == ["burst", "500000", "cburst", "500000"]   # 4 ms of 1 Gbit/s
+    assert cmds[2][-2:] == ["limit", "100"]
+    assert impairment.tc_commands("eth0", Impairment(loss=5), 1500) == []
+
+
+def test_loss_and_duplicate_are_one_nft_table_on_the_egress_hook():
+    text = impairment.nft_ruleset("eth0", Impairment(loss=10_000, duplicate=1_000), "eth0 -> fab/n1")
+    assert text.startswith("table netdev netemu-link-eth0 {}\ndelete table netdev netemu-link-eth0\n")
+    assert 'type filter hook egress device "eth0" priority 0; policy accept;' in text
+    assert 'numgen random mod 1000000 < 10000 counter drop comment "eth0 -> fab/n1: loss 1%"' in text
+    assert ('numgen random mod 1000000 < 1000 counter meta mark set 0x6e65 dup to "eth0" meta mark set 0 '
+            'comment "eth0 -> fab/n1: duplicate 0.1%"') in text
+    # The copy skips the rules on its second pass, before loss can drop it.
+    assert text.index("meta mark 0x6e65 counter meta mark set 0 accept") < text.index("drop")
+    # 100% is every packet: numgen never makes 1000000.
+    assert "    counter drop comment" in impairment.nft_ruleset("eth0", Impairment(loss=1_000_000), "x")
+    # Nothing to drop or copy: the transaction only deletes the table.
+    assert impairment.nft_ruleset("eth0", Impairment(rate=10 ** 6), "x").count("{") == 1
+
+
+def test_link_set_changes_the_given_properties_and_keeps_the_others():
+    current = Impairment(rate=10_000_000, loss=10_000, limit=50)
+    assert merged(current, {"loss": "2%"}) == Impairment(rate=10_000_000, loss=20_000, limit=50)
+    assert merged(current, {"rate": "0"}) == Impairment(loss=10_000)
+    delayed = merged(current, {"delay": "20ms", "jitter": "500us", "reorder": "25%"})
+    assert (delayed.delay, delayed.jitter, delayed.reorder) == (20_000, 500, 250_000)
+    assert merged(delayed, {"delay": "0"}) == current
+    with pytest.raises(ImpairmentError, match=r"^--corrupt: not supported"):
+        merged(current, {"corrupt": "20%"})
+
+
+def test_topology_link_keys_default_for_the_cluster_and_per_node(tmp_path):
+    p = tmp_path / "t.yaml"
+    p.write_text("cluster:\n  link: {loss: 1%, rate: 100mbit}\n"
+                 "nodes:\n  - name: a\n  - name: b\n    link: {rate: 10mbit, limit: 20}\n")
+    topo = load_topology(p, host_networks=[])
+    a, b = topo.nodes
+    assert a.uplink(topo.settings) == Impairment(rate=100_000_000, loss=10_000)
+    assert b.uplink(topo.settings) == Impairment(rate=10_000_000, loss=10_000, limit=20)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("cluster:\n  link: {corrupt: 1%}\nnodes: [{name: a}]\n",
+     "t.yaml: cluster.link.corrupt: not supported: this kernel has no netem qdisc"),
+    ("nodes:\n  - name: a\n    link: {loss: lots}\n", "t.yaml: nodes[0].link.loss: invalid percentage 'lots'"),
+    ("nodes:\n  - name: a\n    link: 10mbit\n", "t.yaml: nodes[0].link: must be a mapping"),
+])
+def test_topology_link_errors_name_file_and_field(tmp_path, text, message):
+    p = tmp_path / "t.yaml"
+    p.write_text(text)
+    with pytest.raises(ValueError) as e:
+        load_topology(p, host_networks=[])
+    assert str(e.value).endswith(message) or message in str(e.value)
+    assert str(e.value).startswith(str(tmp_path)) and "\n" not in str(e.value)
+
+
+def test_bench_link_flag_becomes_every_uplinks_impairment(tmp_path):
+    import yaml
+
+    from netemu.bench import runner
+    from netemu.bench.cli import parse_link
+
+    props = parse_link("rate 100mbit loss 0.1%")
+    p = tmp_path / "hb.yaml"
+    p.write_text(yaml.safe_dump(runner.topology("hb", "vxlan", 1500, props)))
+    topo = load_topology(p, host_networks=[])
+    assert {n.uplink(topo.settings) for n in topo.nodes} == {Impairment(rate=100_000_000, loss=1_000)}
+    assert parse_link("delay 10ms loss 0.1%") == {"delay": "10ms", "loss": "0.1%"}
+    with pytest.raises(ValueError, match=r"^--link: corrupt: not supported"):
+        parse_link("corrupt 1%")
+    with pytest.raises(ValueError, match=r"expected PROPERTY VALUE pairs"):
+        parse_link("rate")
+
+
+def test_delay_sends_every_frame_through_the_delay_line_after_loss_and_duplicate():
+    text = impairment.nft_ruleset("eth0", Impairment(delay=20_000, loss=10_000, duplicate=1_000), "x")
+    tap = impairment.tap_name("eth0")
+    lines = [l.strip() for l in text.splitlines()]
+    body = lines[lines.index('type filter hook egress device "eth0" priority 0; policy accept;') + 1:-2]
+    # back from the delay line: out; a copy: delayed like its original; then
+    # loss, duplicate, and everything left into the delay line
+    assert body[0].startswith("meta mark 0x6e64 counter meta mark set 0 accept")
+    assert body[1].startswith(f'meta mark 0x6e65 counter meta mark set 0 fwd to "{tap}"')
+    assert "drop" in body[2] and "dup to" in body[3]
+    assert body[4] == f'counter fwd to "{tap}" comment "x: into the delay line, delay 20ms"'
+    assert len(tap) <= 15 and impairment.tap_name("a-very-long-nod") != tap
+
+
+def test_delay_line_schedule_spreads_by_jitter_and_keeps_order():
+    from netemu.delayline import Schedule
+
+    draws = iter([1.0, 0.0, 0.5])           # +jitter, -jitter, 0
+    s = Schedule(0.010, 0.004, rand=lambda: next(draws))
+    assert s.due(1.0) == pytest.approx(1.014)
+    # 1.001 + 0.006 would be before the frame ahead of it: it waits for it
+    assert s.due(1.001) == pytest.approx(1.014)
+    assert s.due(1.1) == pytest.approx(1.110)
+    assert Schedule(0.001, 0.005, rand=lambda: 0.0).due(2.0) == 2.0      # never below zero
+
+
+def test_delay_line_sends_the_reordered_share_at_once_and_keeps_the_others_in_order():
+    from netemu.delayline import Schedule
+
+    draws = iter([0.1, 0.3, 0.29])          # reorder 30%: below 0.3 goes at once
+    s = Schedule(0.010, 0.0, reorder=0.3, rand=lambda: next(draws))
+    assert s.due(1.0) is None
+    assert s.due(1.0) == pytest.approx(1.010)
+    assert s.due(1.002) is None
