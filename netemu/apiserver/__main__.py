@@ -41,14 +41,20 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def open_sockets(cluster: str, node: str, node_address: str | None, port: int) -> list[socket.socket]:
     """The listening sockets: in the node's namespace (loopback and eth0, port
-    8080), then the machine's loopback at PORT. A socket belongs to the namespace
-    it was made in, so the node's are made from inside it; the thread then
-    returns home."""
+    8080, and loopback at PORT too), then the machine's loopback at PORT. A
+    socket belongs to the namespace it was made in, so the node's are made from
+    inside it; the thread then returns home.
+
+    PORT inside the node as well: `ip netns exec <master> kubectl ...` keeps the
+    user's kubeconfig, whose current context may well be this cluster's
+    (127.0.0.1:PORT); it then reaches the same server as on the machine."""
     socks = []
     with netns.inside(names.node_ns(cluster, node)):
         socks.append(_listen("127.0.0.1", apiserver.INSECURE_PORT))
         if node_address:
             socks.append(_listen(node_address, apiserver.INSECURE_PORT))
+        if port != apiserver.INSECURE_PORT:
+            socks.append(_listen("127.0.0.1", port))
     socks.append(_listen("127.0.0.1", port))
     return socks
 

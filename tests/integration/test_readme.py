@@ -63,7 +63,8 @@ SETTLE_FOR = 120.0
 
 def code_blocks(text: str) -> list[tuple[str, str, list[str]]]:
     """(section heading, introducing paragraph, lines) of every indented code
-    block (four spaces) outside ``` fences."""
+    block (four spaces) outside ``` fences; a subsection's blocks go with its
+    section."""
     out = []
     heading, paragraph, block = "", [], None
     fenced = False
@@ -86,7 +87,11 @@ def code_blocks(text: str) -> list[tuple[str, str, list[str]]]:
             out.append((heading, intro, [b for b in block if b.strip()]))
             block, paragraph = None, []
         if line.startswith("#"):
-            heading, paragraph = line.lstrip("#").strip(), []
+            # A subsection ("### ...") belongs to its section: its blocks run
+            # with the section's.
+            if not line.startswith("###"):
+                heading = line.lstrip("#").strip()
+            paragraph = []
         elif line.strip() == "":
             if paragraph and paragraph[-1] != "":
                 paragraph.append("")
@@ -182,7 +187,13 @@ EXPECTED = [
     (r"^netemu get nodes", r"srv-k8s-node1\s+Ready"),
     (r"^netemu get pods", r"nginxpod\s+2/2\s+Running"),
     (r"^netemu describe pod nginxpod", r"(?m)^Name:\s+nginxpod$"),
-    (r"curl -s", r"<p>pod \S+, container \S+, node srv-k8s-\w+</p>"),
+    (r"curl -s (?!http://localhost:8080)", r"<p>pod \S+, container \S+, node srv-k8s-\w+</p>"),
+    (r"curl -s http://localhost:8080/apis/extensions/v1beta1", r'"name": ?"daemonsets"'),
+    (r"kubectl get pods -o wide", r"nginxpod\s+2/2\s+Running"),
+    (r"kubectl .*describe service podtoservcie", r"(?m)^Name:\s+podtoservcie$"),
+    (r"kubectl .*scale rc podtoservcie", r"replicationcontroller/podtoservcie scaled"),
+    (r"kubectl .*get rc podtoservcie", r"podtoservcie\s+3\s"),
+    (r"^netemu kubeconfig", r"netemu-tutorial"),
     (r"ip add \| grep inet", r"inet 10\.1\.96\.233/24"),
     (r"tcpdump -ni docker0", r"listening on docker0"),
     (r"^netemu stats", r"(?m)^NODE\s+BACKEND\s+SUBNET"),
