@@ -263,11 +263,17 @@ def _exposed_service(command: str) -> str | None:
 
 
 def fill_placeholders(command: str, exposed: list[str]) -> str:
-    """<CLUSTER-IP>: the ClusterIP of the service last exposed; <EXTERNAL-IP>: the
-    external IP of the last exposed one that has one (the reader copies them
-    from `describe service` and `get svc`)."""
+    """<NODE-IP>: the address of nginxpod's node; <CLUSTER-IP>: the ClusterIP of
+    the service last exposed; <EXTERNAL-IP>: the external IP of the last exposed
+    one that has one (the reader copies them from `get pods -o wide` and `get
+    nodes -o wide`, `describe service` and `get svc`)."""
     def value(m):
         word = m.group(1)
+        if word == "NODE-IP":
+            # The node nginxpod runs on (get pods -o wide), its INTERNAL-IP (get nodes -o wide).
+            node = _netemu_json("get", "pod", "nginxpod")["spec"]["nodeName"]
+            return next(a["address"] for a in _netemu_json("get", "node", node)["status"]["addresses"]
+                        if a["type"] == "InternalIP")
         assert exposed, f"{command}: <{word}> before any service was exposed"
         if word == "CLUSTER-IP":
             return _netemu_json("get", "svc", exposed[-1])["spec"]["clusterIP"]
