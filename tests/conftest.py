@@ -62,11 +62,16 @@ def machine_namespace_untouched():
 @pytest.fixture(scope="session", autouse=True)
 def kubeconfig_in_a_temp_file(tmp_path_factory):
     """`netemu up` adds a context to $KUBECONFIG (else ~/.kube/config): every test
-    cluster's goes to a throw-away file, never to the user's own kubeconfig."""
-    old = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = str(tmp_path_factory.mktemp("kube") / "config")
+    cluster's goes to a throw-away file, never to the user's own kubeconfig. The
+    kubectl the tests run keeps its discovery cache there too (KUBECACHEDIR),
+    not in ~/.kube/cache."""
+    saved = {key: os.environ.get(key) for key in ("KUBECONFIG", "KUBECACHEDIR")}
+    home = tmp_path_factory.mktemp("kube")
+    os.environ["KUBECONFIG"] = str(home / "config")
+    os.environ["KUBECACHEDIR"] = str(home / "cache")
     yield
-    if old is None:
-        os.environ.pop("KUBECONFIG", None)
-    else:
-        os.environ["KUBECONFIG"] = old
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
