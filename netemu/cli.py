@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = with_cluster(verb("stats", cmd_stats, "the overlay daemon's counters of a node (or all nodes)"))
     sp.add_argument("node", nargs="?")
-    sp.add_argument("-o", "--output", choices=["json"])
+    sp.add_argument("-o", "--output", choices=["json", "wide"])
 
     sp = with_cluster(verb("node", cmd_node, "add a node to a running cluster, or remove one: "
                                              "netemu node add NAME [--label k=v] | netemu node remove NAME"))
@@ -729,6 +729,9 @@ def cmd_stats(args) -> int:
         print(json.dumps(result, indent=2))
         return 0
     keys = sorted({k for s in result.values() if s for k in s.get("counters", {})})
+    if args.output != "wide":
+        # The malformed datagrams by reason add up to DROP_MALFORMED: -o wide shows them.
+        keys = [k for k in keys if not k.startswith("malformed_")]
     rows = [[node, (s or {}).get("backend", "-"), (s or {}).get("subnet", "-")] +
             [str((s or {}).get("counters", {}).get(k, "")) for k in keys] for node, s in result.items()]
     print(printers.table(["NODE", "BACKEND", "SUBNET"] + [k.upper() for k in keys], rows))
