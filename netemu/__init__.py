@@ -21,6 +21,7 @@ _API = {
     "ClusterError": "netemu.cluster",
     "CliError": "netemu.cli",
     "TopologyError": "netemu.topology.model",
+    "ImpairmentError": "netemu.impairment",
 }
 
 __all__ = sorted(_API)

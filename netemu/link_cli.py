@@ -4,6 +4,8 @@
 the others; `--clear` removes them all. The setting is written into the
 cluster's saved topology (so `link show` and a node's later rebuild know it) and
 put on the kernel at once, on both ends of the uplink (netemu.link.Link.impair).
+set_link and show do the work and return what they did; the Python API
+(netemu.scripting: Cluster.link, Cluster.links) calls them too.
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ def _node(topology, name: str):
     raise clusters.ClusterError(f'nodes "{name}" not found')
 
 
-def merged(current: Impairment, given: dict) -> Impairment:
-    """CURRENT with the flags GIVEN over it (pure). A property refused by this
-    kernel is reported as its flag: "--delay: not supported: ..."."""
+def merged(current: Impairment, given: dict, flag: str = "--") -> Impairment:
+    """CURRENT with the properties GIVEN over it (pure). A property refused by
+    this kernel is reported as FLAG + its name: "--delay: not supported: ..."
+    (the API passes "" : its keyword is the property's name)."""
     props = current.settings()
     for key, value in given.items():
         if key == "rate" and str(value).strip() == "0":
@@ -65,42 +68,33 @@ def merged(current: Impairment, given: dict) -> Impairment:
     try:
         return impairment.parse(props)
     except ImpairmentError as e:
-        raise ImpairmentError(f"--{e.where}: {e.problem}") from None
+        raise ImpairmentError(f"{flag}{e.where}: {e.problem}") from None
 
 
-def cmd_link(args) -> int:
-    cluster = clusters.resolve(args.cluster)
+def set_link(cluster: str, node: str, given: dict | None, flag: str = "--") -> Impairment:
+    """Set NODE's uplink: the properties GIVEN over its current ones (None:
+    clear them all), on the kernel and in the saved topology; returns the
+    link's new impairment. `link set` and the Python API's Cluster.link."""
     topology = controlplane.load_topology(cluster)
     settings = topology.settings
-    given = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
-    if args.action == "show":
-        if given or args.clear:
-            raise ValueError("link show takes no impairment flags (use link set)")
-        nodes = [_node(topology, args.node)] if args.node else topology.nodes
-        return _show(cluster, settings, nodes, args.output)
-    if not args.node:
-        raise ValueError("usage: netemu link set NODE [--rate R] [--delay D] [--jitter J] [--reorder P] "
-                         "[--loss P] [--duplicate P] [--limit N] | --clear")
-    spec = _node(topology, args.node)
-    if args.clear and given:
-        raise ValueError("--clear: takes no other impairment flag")
-    if not args.clear and not given:
-        raise ValueError("link set: nothing to set (give --rate, --delay, --jitter, --reorder, --loss, --duplicate, "
-                         "--limit or --clear)")
-    new = Impairment() if args.clear else merged(spec.uplink(settings), given)
+    spec = _node(topology, node)
+    new = Impairment() if given is None else merged(spec.uplink(settings), given, flag)
     try:
         _uplink(cluster, spec.name, settings).impair(new)
     except netns.NetnsError as e:
         raise clusters.ClusterError(f"link {spec.name}: {' '.join(str(e).split())}") from None
     spec.link = new
     controlplane.save_topology(topology)
-    print(f'link "{spec.name}" ' + (" ".join(f"{k}={v}" for k, v in new.settings().items()) or "cleared"))
-    return 0
+    return new
 
 
-def _show(cluster: str, settings, nodes, output) -> int:
+def show(cluster: str, node: str | None = None) -> dict:
+    """NODE's uplink (None: every node's) as `link show -o json` prints it:
+    {node: {"settings", "mechanisms", "installed"}}."""
+    topology = controlplane.load_topology(cluster)
+    settings = topology.settings
     result = {}
-    for spec in nodes:
+    for spec in [_node(topology, node)] if node else topology.nodes:
         imp = spec.uplink(settings)
         try:
             installed = _uplink(cluster, spec.name, settings).installed()
@@ -108,6 +102,32 @@ def _show(cluster: str, settings, nodes, output) -> int:
             raise clusters.ClusterError(f"link {spec.name}: {' '.join(str(e).split())}") from None
         result[spec.name] = {"settings": imp.settings(), "mechanisms": imp.mechanisms(),
                              "installed": installed}
+    return result
+
+
+def cmd_link(args) -> int:
+    cluster = clusters.resolve(args.cluster)
+    topology = controlplane.load_topology(cluster)
+    given = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
+    if args.action == "show":
+        if given or args.clear:
+            raise ValueError("link show takes no impairment flags (use link set)")
+        return _print(show(cluster, args.node), args.output)
+    if not args.node:
+        raise ValueError("usage: netemu link set NODE [--rate R] [--delay D] [--jitter J] [--reorder P] "
+                         "[--loss P] [--duplicate P] [--limit N] | --clear")
+    _node(topology, args.node)
+    if args.clear and given:
+        raise ValueError("--clear: takes no other impairment flag")
+    if not args.clear and not given:
+        raise ValueError("link set: nothing to set (give --rate, --delay, --jitter, --reorder, --loss, --duplicate, "
+                         "--limit or --clear)")
+    new = set_link(cluster, args.node, None if args.clear else given)
+    print(f'link "{args.node}" ' + (" ".join(f"{k}={v}" for k, v in new.settings().items()) or "cleared"))
+    return 0
+
+
+def _print(result: dict, output) -> int:
     if output == "json":
         print(json.dumps(result, indent=2))
         return 0

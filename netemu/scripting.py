@@ -15,7 +15,8 @@ topology (a dict shaped like a topology file, a file, or a loaded Topology) and
 waits for it; `Cluster` is a running cluster, built or attached to by name
 (`netemu.Cluster("lab")`), with kubectl's verbs as methods (apply, get, delete,
 expose, exec, logs, wait), the capture verbs (capture, capturing, packets,
-trace, graph) and `netemu node` (add_node, remove_node); its
+trace, graph), `netemu link` (link, links) and `netemu node` (add_node,
+remove_node); its
 `pods`, `nodes` and `client` index what runs in it (`lab.pods["web"].exec(...)`,
 `lab.nodes["a"].exec(...)`), as Mininet's `net["h1"]` does. `benchmark` is
 `netemu bench`.
@@ -26,11 +27,9 @@ to the kernel itself. Errors are the CLI's, as exceptions: TopologyError (bad
 topology or manifest: "<file or <dict>>: <field>: <problem>"), ApiError
 (refused by the API server: str() is kubectl's message, .reason its reason),
 ClusterError (no such cluster, not ready, ...), CliError (no such pod,
-container not running). Warnings go to the "netemu" logger (shown on stderr
-unless logging is configured otherwise).
-
-Not here yet: setting link properties (`netemu link set`), which another part
-of issue 16 builds.
+container not running), ImpairmentError (a bad link property: "<property>:
+<problem>"). Warnings go to the "netemu" logger (shown on stderr unless
+logging is configured otherwise).
 """
 
 from __future__ import annotations
@@ -112,17 +111,24 @@ def up(topology, *, name: str | None = None, backend: str | None = None,
 
 def benchmark(backends: Sequence[str] | None = None, tests: Sequence[str] | None = None, *,
               rounds: int = 3, duration: float = 5.0, mtu: int = 1500, output: str = "bench-results",
-              wait: float = 0.0, progress=None) -> dict:
+              wait: float = 0.0, link: Mapping | None = None, progress=None) -> dict:
     """`netemu bench`: builds its own throw-away clusters, returns the results
-    (also written to OUTPUT as bench.json, bench.md, bench.png)."""
+    (also written to OUTPUT as bench.json, bench.md, bench.png). LINK impairs
+    every node uplink, as `--link` does: {"delay": "10ms", "loss": "0.1%"}
+    (a topology's cluster.link; checked first: ImpairmentError)."""
+    from netemu import impairment
     from netemu.bench import report, runner
+
+    link = {k: v for k, v in (link or {}).items()}
+    impairment.parse(link)          # refused before any cluster is built
 
     chosen = report.parse_list(",".join(backends or report.BACKENDS), report.BACKENDS, "backend")
     if "host-gw" not in chosen:
         chosen.append("host-gw")             # every ratio is to host-gw, in the same round
     opts = runner.Options(backends=chosen, tests=report.parse_list(",".join(tests or report.TESTS),
                                                                    report.TESTS, "test"),
-                          rounds=rounds, duration=duration, mtu=mtu, output=output, lock_wait=wait)
+                          rounds=rounds, duration=duration, mtu=mtu, output=output, lock_wait=wait,
+                          link=link)
     if opts.rounds < 1 or opts.duration <= 0:
         raise ValueError("rounds must be ≥ 1 and duration > 0")
     step = progress or (lambda line: log.info("%s", line))
@@ -409,6 +415,44 @@ class Cluster:
         if path is not None:
             graph.write_picture(graph.cluster_drawing(view), path)
         return graph.cluster_text(view)
+
+    # -- links -------------------------------------------------------------------------------
+
+    def link(self, node: str, *, rate=None, loss=None, duplicate=None, limit=None, delay=None, jitter=None,
+             reorder=None, corrupt=None, clear: bool = False) -> dict[str, str]:
+        """`netemu link set NODE --rate R --loss P ... | --clear`: impair NODE's
+        uplink, both directions, at once; the properties given change, the
+        others stay (rate=0 removes the rate and its limit, delay=0 the delay,
+        jitter and reorder; clear=True removes everything). Values as the
+        command's flags and a topology file's `link:` take them: rate "100mbit",
+        loss/duplicate/reorder "1%" (or a number of percent), delay/jitter
+        "20ms", limit a number of packets. The setting is saved with the
+        cluster (`netemu link show` sees it). Returns the link's properties now
+        ({"rate": "100mbit", "loss": "1%"}). Raises ImpairmentError (a bad or
+        unsupported value: "rate: invalid rate ..."; nothing is changed),
+        ClusterError (no such node)."""
+        from netemu import link_cli
+
+        given = {k: v for k, v in (("rate", rate), ("loss", loss), ("duplicate", duplicate), ("limit", limit),
+                                   ("delay", delay), ("jitter", jitter), ("reorder", reorder),
+                                   ("corrupt", corrupt)) if v is not None}
+        if clear and given:
+            raise ValueError(f"link {node}: clear=True takes no other property (given: {', '.join(given)})")
+        if not clear and not given:
+            raise ValueError(f"link {node}: nothing to set (give rate, loss, duplicate, limit, delay, jitter, "
+                             "reorder or clear=True)")
+        # flag "": the error names the keyword as given ("rate: ..."), not --rate.
+        return link_cli.set_link(self.name, node, None if clear else given, flag="").settings()
+
+    def links(self, node: str | None = None) -> dict:
+        """`netemu link show [NODE] -o json`: each node's uplink by node name:
+        {"settings": {"rate": "100mbit", ...}, "mechanisms": which kernel
+        object does each, "installed": per end ("NAMESPACE/DEVICE"), its root
+        qdiscs, nft tables and delay-line process ({"pid", "tap"} or None), as
+        read back from the kernel}."""
+        from netemu import link_cli
+
+        return link_cli.show(self.name, node)
 
     # -- nodes -------------------------------------------------------------------------------
 

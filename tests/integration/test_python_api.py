@@ -1,9 +1,10 @@
-"""The Python API (`import netemu`) on real clusters (names hi-*): up as a
+"""The Python API (`import netemu`) on real clusters (names hi-*, hk-* for links): up as a
 context manager that always tears down, exec results, apply/get/delete,
-capture, trace, and attaching to a running cluster by name."""
+capture, trace, link settings, and attaching to a running cluster by name."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -349,3 +350,95 @@ def test_logs_as_kubectl_logs(lab):
             lab.logs("talker", previous=True)
     finally:
         lab.delete("pod", "talker")
+
+
+# -- links ---------------------------------------------------------------------------------------------
+
+def _uplink_ends(cluster: str, node: str) -> list[tuple[str, str]]:
+    from netemu import names
+    return [(names.fabric_ns(cluster), names.fabric_port(node)), (names.node_ns(cluster, node), "eth0")]
+
+
+def _kernel(cluster: str, node: str) -> dict:
+    """What the kernel holds on both ends of NODE's uplink, read with tc and nft
+    directly (not through netemu's own read-back, which the API returns)."""
+    import json
+    from netemu import netns
+    out = {}
+    for ns, dev in _uplink_ends(cluster, node):
+        qdiscs = [q["kind"] for q in json.loads(netns.run(ns, ["tc", "-j", "qdisc", "show", "dev", dev]).stdout)
+                  if q["kind"] != "noqueue"]
+        table = netns.run(ns, ["nft", "list", "table", "netdev", f"netemu-link-{dev}"], check=False)
+        out[f"{ns}/{dev}"] = (qdiscs, table.stdout if table.returncode == 0 else None)
+    return out
+
+
+def _rtt_min(lab, src: str, dst: str) -> float | None:
+    r = lab.nodes[src].exec(["ping", "-c", "3", "-i", "0.2", "-W", "1", lab.nodes[dst].address])
+    return float(r.stdout.rsplit("=", 1)[1].split("/")[0]) if r.ok else None
+
+
+def test_links_from_the_topology_dict_and_set_at_run_time():
+    """`link` keys of a topology dict are put on the kernel by up(); link()
+    changes them as `netemu link set` does, links() reads them back as `netemu
+    link show -o json`, and the command line sees what the API set."""
+    from tests.integration.clusters import cli
+
+    name = unique("hklink")
+    topology = {"name": name, "cluster": {"link": {"loss": "1%"}},
+                "nodes": [{"name": "a", "link": {"rate": "20mbit", "limit": 50}}, {"name": "b"}]}
+    with netemu.up(topology) as lab:
+        shown = lab.links()
+        assert shown["a"]["settings"] == {"rate": "20mbit", "loss": "1%", "limit": "50"}
+        assert shown["b"]["settings"] == {"loss": "1%"}
+        assert shown["a"]["mechanisms"]["rate"].startswith("tc htb")
+        for where, (qdiscs, table) in _kernel(name, "a").items():
+            assert qdiscs == ["htb", "pfifo"] and "numgen random mod 1000000 < 10000" in table, where
+            assert shown["a"]["installed"][where]["qdiscs"] == ["htb", "pfifo"]
+        assert json.loads(cli("link", "show", "-o", "json", "--cluster", name).stdout) == shown
+        assert lab.links("b") == {"b": shown["b"]}
+
+        # A delay on b's uplink: each direction, so a's pings wait 2 x 10 ms.
+        assert lab.link("b", delay="10ms") == {"loss": "1%", "delay": "10ms"}
+        assert all(end["delayLine"] for end in lab.links("b")["b"]["installed"].values())
+        rtt = wait_for(lambda: _rtt_min(lab, "a", "b"), timeout=10, what="a ping through 1% loss")
+        assert rtt >= 20.0, rtt
+        # saved with the cluster: the command line's link show sees it
+        assert json.loads(cli("link", "show", "b", "-o", "json", "--cluster", name).stdout)["b"]["settings"] \
+            == {"loss": "1%", "delay": "10ms"}
+
+        # Numbers are taken as the flags take them; rate=0 removes the rate and its limit.
+        assert lab.link("a", loss=100, rate=0) == {"loss": "100%"}
+        assert _rtt_min(lab, "a", "b") is None and _rtt_min(lab, "b", "a") is None    # both directions
+        for qdiscs, table in _kernel(name, "a").values():
+            assert qdiscs == [] and "counter packets" in table
+
+        assert lab.link("a", clear=True) == {} and lab.link("b", clear=True) == {}
+        for node in ("a", "b"):
+            assert all(k == ([], None) for k in _kernel(name, node).values()), _kernel(name, node)
+            assert all(end == {"qdiscs": [], "nftables": [], "delayLine": None}
+                       for end in lab.links(node)[node]["installed"].values())
+        assert _rtt_min(lab, "a", "b") < 20.0
+    assert_gone(name)
+
+
+def test_link_errors_name_the_property_and_change_nothing():
+    name = unique("hklinkerr")
+    with netemu.up({"name": name, "nodes": [{"name": "a", "link": {"rate": "10mbit"}}]}) as lab:
+        before = (_kernel(name, "a"), lab.links())
+        with pytest.raises(netemu.ImpairmentError, match=r"^corrupt: not supported: this kernel has no netem"):
+            lab.link("a", corrupt="1%", loss="1%")
+        with pytest.raises(netemu.ImpairmentError, match=r"^rate: invalid rate 'fast': use a number and one of"):
+            lab.link("a", rate="fast")
+        with pytest.raises(netemu.ImpairmentError, match=r"^jitter: jitter needs a delay to spread$"):
+            lab.link("a", jitter="1ms")
+        with pytest.raises(netemu.ClusterError, match=r'^nodes "nope" not found$'):
+            lab.link("nope", rate="1mbit")
+        with pytest.raises(ValueError, match=r"^link a: clear=True takes no other property \(given: rate\)$"):
+            lab.link("a", rate="1mbit", clear=True)
+        with pytest.raises(ValueError, match=r"^link a: nothing to set"):
+            lab.link("a")
+        with pytest.raises(TypeError):
+            lab.link("a", bandwidth="1mbit")          # not a property: Python's own error
+        assert (_kernel(name, "a"), lab.links()) == before
+    assert_gone(name)

@@ -103,6 +103,10 @@ def test_link_set_changes_the_given_properties_and_keeps_the_others():
     assert merged(delayed, {"delay": "0"}) == current
     with pytest.raises(ImpairmentError, match=r"^--corrupt: not supported"):
         merged(current, {"corrupt": "20%"})
+    # The Python API's keywords: numbers as the flags' text, errors named by the keyword.
+    assert merged(current, {"loss": 2, "rate": 0}, flag="") == Impairment(loss=20_000)
+    with pytest.raises(ImpairmentError, match=r"^delay: invalid duration '5'"):
+        merged(current, {"delay": 5}, flag="")
 
 
 def test_topology_link_keys_default_for_the_cluster_and_per_node(tmp_path):

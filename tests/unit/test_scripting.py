@@ -65,3 +65,19 @@ def test_exec_result_is_a_completed_process():
     assert not r.ok and r.stderr == "oops"
     with pytest.raises(subprocess.CalledProcessError):
         r.check_returncode()
+
+
+def test_benchmark_takes_a_link_checked_before_anything_runs(monkeypatch):
+    from netemu.bench import runner
+
+    for bad, message in (({"corrupt": "1%"}, r"^corrupt: not supported: "),
+                         ({"delay": "soon"}, r"^delay: invalid duration 'soon'"),
+                         ({"bandwidth": "1mbit"}, r"^bandwidth: unknown link property")):
+        with pytest.raises(netemu.ImpairmentError, match=message):
+            netemu.benchmark(["udp"], link=bad)
+    # A good one reaches the runner's options as --link's would (the run itself
+    # is the benchmark's business, not a unit test's).
+    seen = []
+    monkeypatch.setattr(runner, "run", lambda opts, **_: seen.append(opts) or {})
+    netemu.benchmark(["udp"], link={"delay": "10ms", "loss": "0.1%"})
+    assert seen[0].link == {"delay": "10ms", "loss": "0.1%"} and seen[0].backends == ["udp", "host-gw"]
