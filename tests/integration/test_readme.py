@@ -136,6 +136,8 @@ def readme_plan(text: str):
                 setup += [p for p in parts if not re.match(r"^(\./)?tools/(install|test)\.sh\b", p)]
         elif heading.startswith("Using it"):
             (bench if intro.startswith("Benchmarks") else run).extend(commands(lines))
+        elif heading == "Links":
+            run.extend(commands(lines))
     return setup, run, bench
 
 
@@ -146,7 +148,9 @@ def test_the_readme_has_the_blocks_this_test_runs():
     assert setup == ["netemu up topologies/tutorial.yaml"]
     texts = [c for c, _ in run]
     for expected in ("netemu get nodes -o wide", "netemu expose rc podtoservcie --port=80",
-                     "netemu apply -f topologies/tutorial/job-dpkg.yaml", "netemu graph -o /tmp/cluster.png"):
+                     "netemu apply -f topologies/tutorial/job-dpkg.yaml", "netemu graph -o /tmp/cluster.png",
+                     "kubectl --context netemu-tutorial get rc podtoservcie",        # a subsection's block
+                     "netemu link set srv-k8s-node2 --clear"):                       # the Links section's
         assert expected in texts
     assert not any("sudo" in c for c in texts + [c for c, _ in bench] + setup)
     assert not any(c.startswith(("netemu bench", ".venv/bin/python tools/bench")) for c in texts)
@@ -194,6 +198,8 @@ EXPECTED = [
     (r"kubectl .*scale rc podtoservcie", r"replicationcontroller/podtoservcie scaled"),
     (r"kubectl .*get rc podtoservcie", r"podtoservcie\s+3\s"),
     (r"^netemu kubeconfig", r"netemu-tutorial"),
+    (r"^netemu link show srv-k8s-node2$", r"srv-k8s-node2"),
+    (r"^netemu link show -o json", r'"srv-k8s-node1"'),
     (r"ip add \| grep inet", r"inet 10\.1\.96\.233/24"),
     (r"tcpdump -ni docker0", r"listening on docker0"),
     (r"^netemu stats", r"(?m)^NODE\s+BACKEND\s+SUBNET"),
@@ -211,7 +217,7 @@ EXPECTED = [
     (r"^netemu graph -o", r"written to /tmp/cluster\.png"),
 ]
 RETRIED = re.compile(r"\bcurl\b|^netemu trace\b")
-MUTATING = re.compile(r"^netemu (apply|create|delete|expose|label|scale|node|up|down|clean)\b")
+MUTATING = re.compile(r"^netemu (apply|create|delete|expose|label|scale|node|link set|up|down|clean)\b")
 
 
 def _env() -> dict:
