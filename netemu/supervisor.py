@@ -53,9 +53,18 @@ def python_argv(module: str, *args: str) -> list[str]:
 
 
 async def stop(proc: trio.Process, grace: float = 3.0) -> None:
+    # A child in a session of its own (a node daemon) is stopped with what it
+    # started: its process group. One in ours (the API server) leads no group:
+    # killpg of its pid fails (ESRCH), so it is signalled alone; otherwise it
+    # got no signal at all and its parent waited out both timeouts (8 s of
+    # every `netemu down`) before leaving it for teardown's SIGKILL.
+    try:
+        send = os.killpg if os.getpgid(proc.pid) == proc.pid else os.kill
+    except ProcessLookupError:
+        return
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
+            send(proc.pid, sig)
         with trio.move_on_after(wait):
             await proc.wait()
             return
