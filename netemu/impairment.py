@@ -211,6 +211,24 @@ def parse(props: dict[str, Any], where: str = "") -> Impairment:
                       reorder=reorder)
 
 
+# A pod's link, as the kubelet reads it (netemu.node.sandbox): the annotation
+# `netemu.io/link: "rate 10mbit delay 5ms"` on the pod.
+POD_ANNOTATION = "netemu.io/link"
+
+
+def parse_words(text: str, where: str) -> Impairment:
+    """"rate 10mbit delay 5ms" (PROPERTY VALUE pairs, as `bench --link` takes
+    them) -> Impairment; errors start with WHERE."""
+    words = str(text).split()
+    if len(words) % 2:
+        raise ImpairmentError(f"{where}: expected PROPERTY VALUE pairs (e.g. \"rate 10mbit delay 5ms\"), "
+                              f"got {text!r}")
+    props = dict(zip(words[::2], words[1::2]))
+    if len(props) * 2 != len(words):
+        raise ImpairmentError(f"{where}: a property is given twice in {text!r}")
+    return parse(props, where)
+
+
 def burst_bytes(rate: int, mtu: int) -> int:
     """tbf/htb bucket: what the link sends at once. At least 4 ms of the rate
     (the timer a token bucket waits on is not finer than that everywhere, and a

@@ -420,6 +420,12 @@ class PodWorker:
 
     async def _start_sandbox(self) -> None:
         k = self.k
+        link = str(((self.pod.get("metadata") or {}).get("annotations") or {}).get(sandboxes.LINK_ANNOTATION)
+                   or "")
+        # Refused before anything is built (no address taken): the
+        # FailedCreatePodSandBox event names the annotation and the problem, as
+        # a bad kubernetes.io/egress-bandwidth fails the CNI bandwidth plugin.
+        sandboxes.parse_link(link)
         os.makedirs(self.dir, exist_ok=True)
         ip = k.ipam.allocate(self.uid)
         sb = sandboxes.Sandbox(namespace=names.pod_ns(k.cluster, self.ns, self.name),
@@ -427,7 +433,7 @@ class PodWorker:
                                gateway=str(k.env.subnet.ip), prefixlen=k.env.subnet.network.prefixlen,
                                mtu=k.env.mtu,
                                gso_max_segs=44 if k.settings.backend == "udp" else 0,
-                               uid=self.uid, node=k.node)
+                               uid=self.uid, node=k.node, link=link)
         # Recorded before anything is built, so that whatever is built can be
         # found and removed by a kubelet that restarts in the middle.
         sb.save(self.dir)

@@ -5,16 +5,22 @@ one IP, one localhost) and one UTS namespace (hostname = pod name), held by a
 tiny process named `pause`. Its eth0 is one end of a veth pair whose other end
 (vethXXXXXXX) is a port of the node's docker0, with hairpin mode on so that a
 pod can reach itself through a Service. The MAC follows Docker's 02:42:<ip>.
+
+A pod annotated `netemu.io/link: "rate 10mbit delay 5ms loss 1%"` gets that
+impairment on its veth pair, both directions (netemu.link.Link.impair), when
+its sandbox is built: read once, as the CNI bandwidth plugin reads
+kubernetes.io/egress-bandwidth; a later change applies to a new pod only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import json
 import os
 
-from netemu import journal, names, netns
+from netemu import impairment, journal, names, netns
 from netemu.link import End, Link
 from netemu.topology.names import pod_hostname
 
@@ -38,6 +44,9 @@ class Sandbox:
     uid: str = ""
     node: str = ""
     pause_start: int = 0
+    # The pod's netemu.io/link annotation when the sandbox was built ("": none):
+    # what destroy_network must undo (delay-line processes, nft tables).
+    link: str = ""
 
     def save(self, pod_dir: str) -> None:
         # Written whole or not at all: a kubelet killed mid-write must not
@@ -61,11 +70,23 @@ def docker_mac(ip: ipaddress.IPv4Address) -> str:
 
 
 def create_network(cluster: str, node: str, sb: Sandbox) -> None:
-    """Namespace, veth pair on docker0, address and default route (blocking)."""
+    """Namespace, veth pair on docker0, address and default route, and the
+    link's impairment if the pod asks for one (blocking)."""
     journal.create_netns(cluster, sb.namespace)
     pod_link(cluster, node, sb).create(
         far_before=["link set lo up"],
         far_after=[f"route add default via {sb.gateway} dev {names.POD_IFACE}"])
+
+
+LINK_ANNOTATION = impairment.POD_ANNOTATION
+
+
+def parse_link(text: str) -> impairment.Impairment | None:
+    """A netemu.io/link annotation's impairment (None: none). Raises
+    ImpairmentError naming the annotation."""
+    if not text.strip():
+        return None
+    return impairment.parse_words(text, f"metadata.annotations[{LINK_ANNOTATION}]")
 
 
 def pod_link(cluster: str, node: str, sb: Sandbox) -> Link:
@@ -73,7 +94,7 @@ def pod_link(cluster: str, node: str, sb: Sandbox) -> Link:
     return Link(near=End(names.node_ns(cluster, node), sb.veth), far=End(sb.namespace, names.POD_IFACE),
                 mtu=sb.mtu, bridge=names.NODE_BRIDGE, hairpin=True,
                 far_mac=docker_mac(ipaddress.IPv4Address(sb.ip)), far_address=f"{sb.ip}/{sb.prefixlen}",
-                far_gso_max_segs=sb.gso_max_segs)
+                far_gso_max_segs=sb.gso_max_segs, impairment=parse_link(sb.link), cluster=cluster)
 
 
 def pause_argv(sb: Sandbox, hostname: str) -> list[str]:
@@ -86,6 +107,12 @@ def pause_argv(sb: Sandbox, hostname: str) -> list[str]:
 
 
 def destroy_network(cluster: str, node: str, sb: Sandbox) -> None:
+    if sb.link.strip():
+        # The link's delay lines are processes (one in the pod's namespace, one
+        # in the node's) and its nft table on the node's end outlives the
+        # device: an empty impairment stops and removes them all.
+        with contextlib.suppress(impairment.ImpairmentError, netns.NetnsError, OSError):
+            pod_link(cluster, node, sb).impair(impairment.Impairment())
     # Deleting the namespace takes eth0 with it, and the veth's node end with it.
     # Only one this cluster made: a name that was taken when create_network ran
     # is someone else's.

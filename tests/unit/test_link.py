@@ -186,3 +186,19 @@ def test_delay_line_sends_the_reordered_share_at_once_and_keeps_the_others_in_or
     assert s.due(1.0) is None
     assert s.due(1.0) == pytest.approx(1.010)
     assert s.due(1.002) is None
+
+
+def test_a_pods_link_annotation_is_property_value_pairs():
+    from netemu.node.sandbox import parse_link
+
+    assert parse_link("") is None and parse_link("  ") is None
+    assert parse_link("rate 10mbit  delay 5ms loss 1%") == Impairment(rate=10_000_000, delay=5000, loss=10_000)
+    where = r"^metadata\.annotations\[netemu\.io/link\]"
+    with pytest.raises(ImpairmentError, match=where + r": expected PROPERTY VALUE pairs"):
+        parse_link("rate")
+    with pytest.raises(ImpairmentError, match=where + r"\.rate: invalid rate 'fast'"):
+        parse_link("rate fast")
+    with pytest.raises(ImpairmentError, match=where + r": a property is given twice"):
+        parse_link("loss 1% loss 2%")
+    with pytest.raises(ImpairmentError, match=where + r"\.corrupt: not supported"):
+        parse_link("corrupt 1%")
