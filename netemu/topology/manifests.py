@@ -284,6 +284,23 @@ def _metadata(obj: dict, namespaced: bool, name_rule, origin: Origin) -> None:
         del meta["namespace"]
     _check_labels(origin, "metadata.labels", meta.get("labels", {}))
     _check_labels(origin, "metadata.annotations", meta.get("annotations", {}), values=False)
+    if obj.get("kind") == "Pod":
+        _check_pod_link(origin, "metadata", meta)
+
+
+def _check_pod_link(origin: Origin, path: str, meta: dict) -> None:
+    """netemu's annotation for a pod's own link ("delay 10ms rate 20mbit", read
+    by the kubelet when it builds the sandbox): refused on write, naming the
+    field, rather than by the kubelet once the pod has been placed."""
+    from netemu import impairment
+
+    text = (meta.get("annotations") or {}).get(impairment.POD_ANNOTATION)
+    if text is None:
+        return
+    try:
+        impairment.parse_words(text, f"{path}.annotations[{impairment.POD_ANNOTATION}]")
+    except impairment.ImpairmentError as e:
+        raise origin.error(e.where, e.problem) from None
 
 
 def _pod_spec(spec: dict, path: str, origin: Origin, *,
@@ -441,6 +458,7 @@ def _controller(obj: dict, origin: Origin) -> None:
     kind, spec = obj["kind"], obj.setdefault("spec", {})
     labels = _template_labels(spec, origin)
     _check_labels(origin, "spec.template.metadata.labels", labels)
+    _check_pod_link(origin, "spec.template.metadata", spec["template"]["metadata"])
     if kind != "DaemonSet" and kind != "Job":
         spec.setdefault("replicas", 1)
         _check_non_negative(origin, "spec.replicas", spec["replicas"])

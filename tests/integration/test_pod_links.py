@@ -1,7 +1,8 @@
 """A pod's own link (names hkpl-*): the annotation `netemu.io/link: "delay 10ms
 rate 20mbit"` impairs the pod's veth pair, both directions, when the kubelet
 builds its sandbox; deleting the pod stops its delay lines and removes its
-rules; a bad annotation fails the sandbox with an event naming it."""
+rules; a bad annotation is refused on write, naming the field (and, should one
+be stored anyway, fails the sandbox with an event naming it)."""
 
 from __future__ import annotations
 
@@ -116,17 +117,44 @@ def test_deleting_the_pod_stops_its_delay_lines_and_removes_its_rules(lab):
     assert brief[1][0] not in netns.list_all()
 
 
-def test_a_bad_annotation_fails_the_sandbox_with_an_event_naming_it(lab):
-    lab.apply(pod("broken", "rate fast"))
+def test_a_bad_annotation_is_refused_on_write_naming_the_field(lab):
+    with pytest.raises(netemu.TopologyError, match=r"^<dict>: object 1 \(Pod broken\): "
+                       r"metadata\.annotations\[netemu\.io/link\]\.rate: invalid rate 'fast': "):
+        lab.apply(pod("broken", "rate fast"))
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "many"},
+                  "spec": {"selector": {"matchLabels": {"app": "many"}}, "template": {
+                      "metadata": {"labels": {"app": "many"}, "annotations": {"netemu.io/link": "delay"}},
+                      "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}}
+    with pytest.raises(netemu.TopologyError, match=r"spec\.template\.metadata\.annotations\[netemu\.io/link\]: "
+                                                   r"expected PROPERTY VALUE pairs"):
+        lab.apply(deployment)
+    assert [p["metadata"]["name"] for p in lab.get("pods")] == ["plain", "slow"]
+    assert lab.get("deployments") == []
+
+
+def test_a_bad_annotation_the_api_never_checked_fails_the_sandbox_with_an_event(lab):
+    """A pod stored without the API server's checks (as by an older netemu):
+    the kubelet refuses to build its sandbox and says why, as a bad
+    kubernetes.io/egress-bandwidth fails the CNI bandwidth plugin."""
+    from netemu import cluster as clusters
+    from netemu.store import registry
+
+    obj = pod("unchecked", "rate fast")
+    obj["metadata"].update(namespace="default", uid=str(uuid.uuid4()), creationTimestamp=registry.now())
+    store = clusters.open_store(lab.name)
+    try:
+        registry.create(store, obj)
+    finally:
+        store.close()
     try:
         def failed():
             return [e["message"] for e in lab.get("events")
-                    if e["involvedObject"]["name"] == "broken" and e["reason"] == "FailedCreatePodSandBox"]
+                    if e["involvedObject"]["name"] == "unchecked" and e["reason"] == "FailedCreatePodSandBox"]
         messages = wait_for(failed, timeout=20, what="a FailedCreatePodSandBox event")
         assert messages[0] == ("Failed to create pod sandbox: metadata.annotations[netemu.io/link].rate: "
                                "invalid rate 'fast': use a number and one of "
                                "bit, kbit, mbit, gbit, tbit, bps, kbps, mbps, gbps (e.g. 100mbit)"), messages
-        assert names.pod_ns(lab.name, "default", "broken") not in netns.list_all()
-        assert lab.pods["broken"].ip is None
+        assert names.pod_ns(lab.name, "default", "unchecked") not in netns.list_all()
+        assert lab.pods["unchecked"].ip is None
     finally:
-        lab.delete("pod", "broken")
+        lab.delete("pod", "unchecked")

@@ -202,3 +202,29 @@ def test_a_pods_link_annotation_is_property_value_pairs():
         parse_link("loss 1% loss 2%")
     with pytest.raises(ImpairmentError, match=where + r"\.corrupt: not supported"):
         parse_link("corrupt 1%")
+
+
+def test_a_bad_pod_link_annotation_is_refused_by_the_manifest_checks():
+    import netemu
+
+    def topology(obj):
+        return {"name": "hkx", "nodes": [{"name": "a"}], "workloads": [obj]}
+
+    bad_pod = {"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "p", "annotations": {"netemu.io/link": "loss 1% loss 2%"}},
+               "spec": {"containers": [{"name": "c", "image": "busybox"}]}}
+    with pytest.raises(netemu.TopologyError, match=r"^<dict>: workloads\[0\] \(Pod p\): "
+                       r"metadata\.annotations\[netemu\.io/link\]: a property is given twice"):
+        netemu.load(topology(bad_pod))
+    rc = {"apiVersion": "v1", "kind": "ReplicationController", "metadata": {"name": "r"},
+          "spec": {"selector": {"app": "r"}, "template": {
+              "metadata": {"labels": {"app": "r"}, "annotations": {"netemu.io/link": "jitter 1ms"}},
+              "spec": {"containers": [{"name": "c", "image": "busybox"}]}}}}
+    with pytest.raises(netemu.TopologyError, match=r"spec\.template\.metadata\.annotations\[netemu\.io/link\]"
+                                                   r"\.jitter: jitter needs a delay"):
+        netemu.load(topology(rc))
+    # Other kinds' annotations are not netemu's business; a good one loads.
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s", "annotations": {"netemu.io/link": "x"}},
+           "spec": {"ports": [{"port": 80}]}}
+    bad_pod["metadata"]["annotations"]["netemu.io/link"] = "delay 5ms rate 1mbit"
+    assert netemu.load({**topology(bad_pod), "workloads": [bad_pod, svc]}).name == "hkx"
