@@ -422,9 +422,11 @@ class PodWorker:
         k = self.k
         link = str(((self.pod.get("metadata") or {}).get("annotations") or {}).get(sandboxes.LINK_ANNOTATION)
                    or "")
-        # Refused before anything is built (no address taken): the
-        # FailedCreatePodSandBox event names the annotation and the problem, as
-        # a bad kubernetes.io/egress-bandwidth fails the CNI bandwidth plugin.
+        # The API server refuses a bad one on write; one stored without its
+        # checks (an older netemu) is refused here before anything is built (no
+        # address taken): the FailedCreatePodSandBox event names the annotation
+        # and the problem, as a bad kubernetes.io/egress-bandwidth fails the CNI
+        # bandwidth plugin.
         sandboxes.parse_link(link)
         os.makedirs(self.dir, exist_ok=True)
         ip = k.ipam.allocate(self.uid)
