@@ -14,6 +14,7 @@ import signal
 import sys
 
 from netemu import cluster as clusters, names, printers
+from netemu.k8s import kinds
 from netemu.store import registry
 from netemu.store.base import Conflict
 
@@ -307,7 +308,7 @@ def _store(args, writes: bool = False):
 
 def _kind(word: str) -> str:
     try:
-        return registry.kind_of(word)
+        return kinds.resolve(word)
     except KeyError:
         raise CliError(f'the server doesn\'t have a resource type "{word}"') from None
 
@@ -316,7 +317,6 @@ def _not_found(kind: str, name: str):
     """kubectl's NotFound, with the resource named as the API server names it
     (endpoints, jobs.batch), from the one table of kinds (netemu.k8s.kinds)."""
     from netemu.api import ApiError
-    from netemu.k8s import kinds
 
     return ApiError(f'{kinds.BY_KIND[kind].qualified()} "{name}" not found', reason="NotFound")
 
@@ -384,7 +384,7 @@ def cmd_get(args) -> int:
     if not objs and not args.watch:
         # kubectl writes this to stderr: a script reading stdout sees no rows.
         print(f"No resources found in {args.namespace} namespace."
-              if registry.KINDS[kind][1] and not args.all_namespaces else "No resources found", file=sys.stderr)
+              if kinds.BY_KIND[kind].namespaced and not args.all_namespaces else "No resources found", file=sys.stderr)
         return 0
     printer.print(objs)
     if args.watch:
@@ -411,11 +411,11 @@ class _GetPrinter:
             return
         if args.output == "name":
             for o in objs:
-                print(f"{registry.kind_word(kind)}/{o['metadata']['name']}")
+                print(f"{kinds.BY_KIND[kind].singular}/{o['metadata']['name']}")
             sys.stdout.flush()
             return
         headers, rows = tabulate(self.cluster, self.store, kind, objs, args.output == "wide")
-        if args.all_namespaces and registry.KINDS[kind][1]:
+        if args.all_namespaces and kinds.BY_KIND[kind].namespaced:
             headers = ["NAMESPACE"] + headers
             rows = [[o["metadata"].get("namespace", "default")] + r for o, r in zip(objs, rows)]
         if args.show_labels:
@@ -504,7 +504,7 @@ def cmd_describe(args) -> int:
     else:
         objs = _selected(registry.list_(store, kind, args.namespace), requirements)
         if not objs:
-            print(f"No resources found in {args.namespace} namespace." if registry.KINDS[kind][1]
+            print(f"No resources found in {args.namespace} namespace." if kinds.BY_KIND[kind].namespaced
                   else "No resources found", file=sys.stderr)
             return 0
     for i, obj in enumerate(objs):
@@ -583,21 +583,19 @@ def _pod_for_logs(store, namespace: str, ref: str) -> str:
     kind = _kind(word)
     if kind == "Pod":
         return name
-    if kind not in ("Job", "ReplicationController", "ReplicaSet", "Deployment", "DaemonSet"):
-        raise CliError(f"cannot get the logs of a {registry.kind_word(kind)}: give a pod, or a job, rc, rs, "
+    if kind not in kinds.WORKLOADS:
+        raise CliError(f"cannot get the logs of a {kinds.BY_KIND[kind].singular}: give a pod, or a job, rc, rs, "
                        "deployment or daemonset")
     from netemu.controllers import selectors
 
     owner = registry.get(store, kind, namespace, name)
     if owner is None:
-        from netemu.workloads_cli import resource_plural
-        from netemu.api import ApiError
-        raise ApiError(f'{resource_plural(kind)} "{name}" not found', reason="NotFound")
+        raise _not_found(kind, name)
     selector = selectors.workload_selector(owner)
     pods = [p for p in registry.list_(store, "Pod", namespace)
             if selectors.matches(selector, p["metadata"].get("labels"))]
     if not pods:
-        raise CliError(f"no pods of {registry.kind_word(kind)}/{name} (selector "
+        raise CliError(f"no pods of {kinds.BY_KIND[kind].singular}/{name} (selector "
                        f"{selectors.format_selector(selector)})")
 
     def rank(p):

@@ -387,7 +387,7 @@ class ApiServer:
         if mode not in ("Strict", "Warn", "Ignore"):
             raise api.ApiError(f'fieldValidation: Unsupported value: "{mode}": supported values: '
                                '"Ignore", "Strict", "Warn"', reason="BadRequest")
-        if mode == "Ignore" or t.kind.kind not in schema.KINDS:
+        if mode == "Ignore" or t.kind.kind not in schema.SPEC_STRUCTS:
             return []
         try:
             _, warnings = manifests.normalize_object(obj, "", "")

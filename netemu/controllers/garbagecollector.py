@@ -14,11 +14,11 @@ from __future__ import annotations
 from netemu.controllers import actions as act
 from netemu.controllers import selectors as sel
 from netemu.controllers.loop import run_reconciler
+from netemu.k8s import kinds
 from netemu.store import registry
 from netemu.store.base import Store
 
 SOURCE = "garbage-collector"
-OWNER_KINDS = ("ReplicationController", "ReplicaSet", "Deployment", "Job", "DaemonSet")
 
 
 def orphans(dependents: list[dict], owners: list[dict]) -> list[dict]:
@@ -27,7 +27,7 @@ def orphans(dependents: list[dict], owners: list[dict]) -> list[dict]:
     out = []
     for obj in dependents:
         ref = sel.controller_ref(obj)
-        if ref is not None and ref.get("kind") in OWNER_KINDS and ref.get("uid") not in alive:
+        if ref is not None and ref.get("kind") in kinds.WORKLOADS and ref.get("uid") not in alive:
             out.append(obj)
     return out
 
@@ -61,7 +61,7 @@ def sync_once(store: Store) -> None:
                       for lease in orphan_leases(leases, nodes)], SOURCE)
     pods = registry.list_(store, "Pod")
     replicasets = registry.list_(store, "ReplicaSet")
-    owners = [o for kind in OWNER_KINDS if kind != "ReplicaSet" for o in registry.list_(store, kind)]
+    owners = [o for kind in kinds.WORKLOADS if kind != "ReplicaSet" for o in registry.list_(store, kind)]
     owners += registry.list_(store, "ReplicaSet")
     act.apply(store, plan(pods, replicasets, owners), SOURCE)
 

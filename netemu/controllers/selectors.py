@@ -180,9 +180,9 @@ def owned_by(obj: dict, owner: dict) -> bool:
 
 def owner_reference(owner: dict) -> dict:
     """The ownerReference a controller puts on what it creates."""
-    from netemu.store.registry import KINDS
+    from netemu.k8s import kinds
     kind = owner["kind"]
-    return {"apiVersion": KINDS[kind][2], "kind": kind, "name": owner["metadata"]["name"],
+    return {"apiVersion": kinds.stored_version(kind), "kind": kind, "name": owner["metadata"]["name"],
             "uid": owner["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
 
 

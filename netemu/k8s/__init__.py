@@ -1,6 +1,7 @@
-"""Kubernetes API knowledge in one place: kinds, their resources and versions.
+"""Kubernetes API knowledge in one place.
 
-Only kinds.py lives here so far; the API server (netemu.apiserver) reads it.
-Moving the CLI's pluralisers (cli.py, workloads_cli.py) and registry.KINDS onto
-it is the next step of issue 13.
+kinds.py is the table of kinds (resources, names, versions, scope, store
+paths) that the store, the API server, the loader and the CLI read;
+selectors.py, jsonpatch.py, strategicpatch.py and protobuf.py serve the API
+server's requests.
 """

@@ -34,10 +34,11 @@ from typing import Any, Iterable
 
 from . import names
 from .model import PROBLEM_MAX, WHERE_MAX, ClusterSettings, NodeSpec, TopologyError, one_line
-from .schema import API_VERSIONS, KINDS, KNOWN_UNSUPPORTED_KINDS, SERVER_SET_METADATA, STRUCTS
+from netemu.k8s import kinds
+
+from .schema import KNOWN_UNSUPPORTED_KINDS, SERVER_SET_METADATA, SPEC_STRUCTS, STRUCTS
 from .yamlsource import load_documents, read_text
 
-CONTROLLER_KINDS = ("ReplicationController", "ReplicaSet", "Deployment", "DaemonSet", "Job")
 NODE_SELECTOR_OPERATORS = ("DoesNotExist", "Exists", "Gt", "In", "Lt", "NotIn")
 PROTOCOLS = ("SCTP", "TCP", "UDP")          # Kubernetes' order in its messages
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
@@ -629,16 +630,16 @@ def normalize_object(raw: Any, file: str, where: str) -> tuple[dict, list[str]]:
         raise origin.error("kind", "Required value")
     if not isinstance(kind, str):
         raise origin.error("kind", f"must be a string, got {describe(kind)}")
-    supported = ", ".join(KINDS)
+    supported = ", ".join(SPEC_STRUCTS)
     if kind in KNOWN_UNSUPPORTED_KINDS:
         raise origin.error("kind", f"{kind} is not supported by netemu (supported kinds: {supported})")
-    if kind not in KINDS:
+    if kind not in SPEC_STRUCTS:
         raise origin.error("kind", f'unknown kind "{kind}" (supported kinds: {supported})')
     if api_version is None:
         raise origin.error("apiVersion", "Required value")
     if not isinstance(api_version, str):
         raise origin.error("apiVersion", f"must be a string, got {describe(api_version)}")
-    versions = API_VERSIONS[kind]
+    versions = kinds.BY_KIND[kind].accepted_versions
     if api_version not in versions:
         raise origin.error("apiVersion", f'no kind "{kind}" is registered for version "{api_version}" '
                            f"(accepted: {', '.join(versions)})")
@@ -648,14 +649,14 @@ def normalize_object(raw: Any, file: str, where: str) -> tuple[dict, list[str]]:
         origin.warn(str(key), "unknown field (a Kubernetes object has apiVersion, kind, metadata, "
                     "spec and status); dropped")
         del raw[key]
-    current = versions[api_version]
+    current = kinds.stored_version(kind)
     if current != api_version:
         origin.warn("apiVersion", f"{api_version} {kind} converted to {current}, as the API server does")
         _convert_old(raw, kind, api_version, origin)
     if "status" in raw:
         origin.warn("status", "is written by the cluster; the manifest's status is dropped")
 
-    namespaced, spec_struct = KINDS[kind]
+    namespaced, spec_struct = kinds.BY_KIND[kind].namespaced, SPEC_STRUCTS[kind]
     obj: dict = {"apiVersion": current, "kind": kind}
     if raw.get("metadata") is None:
         raise origin.error("metadata.name", "Required value: name is required")
@@ -699,7 +700,7 @@ def _pod_specs(obj: dict) -> tuple[dict, str] | None:
     """(pod spec, its field path) of a Pod or a controller's template."""
     if obj["kind"] == "Pod":
         return obj["spec"], "spec"
-    if obj["kind"] in CONTROLLER_KINDS:
+    if obj["kind"] in kinds.WORKLOADS:
         return obj["spec"]["template"]["spec"], "spec.template.spec"
     return None
 

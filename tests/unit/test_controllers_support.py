@@ -12,6 +12,7 @@ import types
 import trio
 
 from netemu.controllers import selectors as sel
+from netemu.k8s import kinds
 from netemu.store import registry
 from netemu.store.sqlite import SqliteStore
 
@@ -68,7 +69,7 @@ def workload(kind, name, *, replicas=None, labels=None, selector=None, ns="defau
         body["selector"] = selector or dict(labels)
     elif kind != "Job" or selector:
         body["selector"] = selector or {"matchLabels": dict(labels)}
-    return {"apiVersion": registry.KINDS[kind][2], "kind": kind,
+    return {"apiVersion": kinds.stored_version(kind), "kind": kind,
             "metadata": {"name": name, "namespace": ns, "uid": f"uid-{kind}-{name}-{next(_uids)}",
                          "generation": 1},
             "spec": body}
