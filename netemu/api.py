@@ -26,8 +26,7 @@ import ipaddress
 import random
 import re
 
-from netemu.controllers import selectors
-from netemu.k8s import kinds
+from netemu.k8s import kinds, ownership, selectors
 from netemu.store import registry
 from netemu.store.base import Conflict, Store
 from netemu.topology import manifests, names, schema
@@ -595,10 +594,10 @@ def delete_dependents(store: Store, owner: dict) -> None:
     ns = owner["metadata"].get("namespace", "default")
     if owner["kind"] == "Deployment":
         for rs in registry.list_(store, "ReplicaSet", ns):
-            if selectors.owned_by(rs, owner) and registry.delete(store, "ReplicaSet", ns, rs["metadata"]["name"]):
+            if ownership.owned_by(rs, owner) and registry.delete(store, "ReplicaSet", ns, rs["metadata"]["name"]):
                 delete_dependents(store, rs)
     for pod in registry.list_(store, "Pod", ns):
-        if selectors.owned_by(pod, owner):
+        if ownership.owned_by(pod, owner):
             delete_pod(store, ns, pod["metadata"]["name"], uid=pod["metadata"].get("uid"))
 
 

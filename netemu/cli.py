@@ -331,22 +331,22 @@ def _selector(args) -> list[dict] | None:
     refused, with kubectl's words."""
     if getattr(args, "selector", None) is None:
         return None
-    from netemu import label_selector
+    from netemu.k8s import selectors
 
     if args.names:
         raise CliError("name cannot be provided when a selector is specified")
     try:
-        return label_selector.parse(args.selector)
-    except label_selector.SelectorSyntaxError as e:
+        return selectors.parse_label_selector(args.selector)
+    except selectors.SelectorError as e:
         raise CliError(str(e)) from None
 
 
 def _selected(objs: list[dict], requirements: list[dict] | None) -> list[dict]:
     if requirements is None:
         return objs
-    from netemu import label_selector
+    from netemu.k8s import selectors
 
-    return [o for o in objs if label_selector.matches(requirements, o["metadata"].get("labels"))]
+    return [o for o in objs if selectors.labels_match(requirements, o["metadata"].get("labels"))]
 
 
 def cmd_get(args) -> int:
@@ -586,7 +586,7 @@ def _pod_for_logs(store, namespace: str, ref: str) -> str:
     if kind not in kinds.WORKLOADS:
         raise CliError(f"cannot get the logs of a {kinds.BY_KIND[kind].singular}: give a pod, or a job, rc, rs, "
                        "deployment or daemonset")
-    from netemu.controllers import selectors
+    from netemu.k8s import selectors
 
     owner = registry.get(store, kind, namespace, name)
     if owner is None:

@@ -243,9 +243,9 @@ class Cluster:
             objs = registry.list_(store, kind, namespace)
         if selector is None:
             return objs
-        from netemu import label_selector
-        requirements = label_selector.parse(selector)
-        return [o for o in objs if label_selector.matches(requirements, o["metadata"].get("labels"))]
+        from netemu.k8s import selectors
+        requirements = selectors.parse_label_selector(selector)
+        return [o for o in objs if selectors.labels_match(requirements, o["metadata"].get("labels"))]
 
     def delete(self, what, name: str | None = None, *, namespace: str = "default", wait: bool = True,
                timeout: float | None = None, grace_period: int | None = None) -> list[dict]:

@@ -34,12 +34,11 @@ from typing import Any, Iterable
 
 from . import names
 from .model import PROBLEM_MAX, WHERE_MAX, ClusterSettings, NodeSpec, TopologyError, one_line
-from netemu.k8s import kinds
+from netemu.k8s import kinds, selectors
 
 from .schema import KNOWN_UNSUPPORTED_KINDS, SERVER_SET_METADATA, SPEC_STRUCTS, STRUCTS
 from .yamlsource import load_documents, read_text
 
-NODE_SELECTOR_OPERATORS = ("DoesNotExist", "Exists", "Gt", "In", "Lt", "NotIn")
 PROTOCOLS = ("SCTP", "TCP", "UDP")          # Kubernetes' order in its messages
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 EXTERNAL_TRAFFIC_POLICIES = ("Cluster", "Local")
@@ -361,9 +360,9 @@ def _pod_spec(spec: dict, path: str, origin: Origin, *,
                          f".nodeSelectorTerms[{i}].{part}[{j}]")
                 if not req.get("key"):
                     raise origin.error(f"{rpath}.key", "Required value")
-                if req.get("operator") not in NODE_SELECTOR_OPERATORS:
+                if req.get("operator") not in selectors.NODE_SELECTOR_OPERATORS:
                     raise _unsupported(origin, f"{rpath}.operator", str(req.get("operator")),
-                                       NODE_SELECTOR_OPERATORS)
+                                       selectors.NODE_SELECTOR_OPERATORS)
 
 
 def _label_selector(selector: dict | None, path: str, kind: str, origin: Origin) -> dict:
@@ -378,8 +377,8 @@ def _label_selector(selector: dict | None, path: str, kind: str, origin: Origin)
         if not req.get("key"):
             raise origin.error(f"{rpath}.key", "Required value")
         op = req.get("operator")
-        if op not in names.SELECTOR_OPERATORS:
-            raise _unsupported(origin, f"{rpath}.operator", str(op), names.SELECTOR_OPERATORS)
+        if op not in selectors.LABEL_SELECTOR_OPERATORS:
+            raise _unsupported(origin, f"{rpath}.operator", str(op), selectors.LABEL_SELECTOR_OPERATORS)
         values = req.get("values", [])
         if op in ("In", "NotIn") and not values:
             raise origin.error(f"{rpath}.values", "Required value: must be specified when `operator` is 'In' or 'NotIn'")
@@ -463,7 +462,7 @@ def _controller(obj: dict, origin: Origin) -> None:
         if not obj["metadata"].get("labels") and labels:
             obj["metadata"]["labels"] = dict(labels)
         _check_labels(origin, "spec.selector", spec["selector"])
-        if not names.map_selector_matches(spec["selector"], labels):
+        if not selectors.matches(spec["selector"], labels):
             raise _selector_mismatch(origin, labels)
     elif kind == "Job":
         # batch/v1 SetDefaults_Job: the Job's labels come from its template's
@@ -482,13 +481,13 @@ def _controller(obj: dict, origin: Origin) -> None:
                 raise origin.error("spec.selector", f"Invalid value: {spec['selector']}: `selector` not "
                                    "auto-generated (set spec.manualSelector: true to use your own)")
             _label_selector(spec["selector"], "spec.selector", kind, origin)
-            if not names.selector_matches(spec["selector"], labels):
+            if not selectors.matches(spec["selector"], labels):
                 raise _selector_mismatch(origin, labels)
         # Without a selector the controller generates one from the Job's uid when
         # the Job is created, as Kubernetes does.
     else:
         _label_selector(spec.get("selector"), "spec.selector", kind, origin)
-        if not names.selector_matches(spec["selector"], labels):
+        if not selectors.matches(spec["selector"], labels):
             raise _selector_mismatch(origin, labels)
 
     template_spec = spec["template"].get("spec")
@@ -853,7 +852,7 @@ def _check_nodes(entries: list[Entry], nodes: list[NodeSpec]) -> None:
         if node_name is not None and node_name not in by_name:
             raise e.origin.error(f"{path}.nodeName", f'no node named "{node_name}" (nodes: {node_list})')
         selector = spec.get("nodeSelector", {})
-        eligible = [n for n in nodes if names.map_selector_matches(selector, n.labels)
+        eligible = [n for n in nodes if selectors.map_matches(selector, n.labels)
                     and (node_name is None or n.name == node_name)]
         if kind != "DaemonSet" and node_name is None:
             eligible = [n for n in eligible if not n.unschedulable]   # DaemonSets ignore cordons

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 
-from netemu import label_selector
+from netemu.k8s import selectors
 from netemu.store import registry
 from netemu.store.sqlite import SqliteStore
 
@@ -96,16 +96,16 @@ def test_get_selector_equality_set_based_and_show_labels(state):
              "tier": ["web-1", "web-2"], "!tier": ["bare", "db"], "": ["bare", "db", "web-1", "web-2"]}
     pods = registry.list_(store, "Pod")
     for selector, expected in cases.items():
-        requirements = label_selector.parse(selector)
+        requirements = selectors.parse_label_selector(selector)
         assert sorted(p["metadata"]["name"] for p in pods
-                      if label_selector.matches(requirements, p["metadata"]["labels"])) == expected, selector
+                      if selectors.labels_match(requirements, p["metadata"]["labels"])) == expected, selector
     for flag, selector in (("-l", "app!=web"), ("--selector", "tier in (front, back)")):
         r = run(root, "get", "pods", flag, selector)
         assert r.returncode == 0, (selector, r.stderr)
         assert sorted(names_in(r.stdout)) == cases[selector], selector
     for bad in ("a b", "a in ()", "-a=b", "a=b c", "a>x", ",a"):
-        with pytest.raises(label_selector.SelectorSyntaxError):
-            label_selector.parse(bad)
+        with pytest.raises(selectors.SelectorError):
+            selectors.parse_label_selector(bad)
     r = run(root, "get", "pods", "-l", "app=nothing")
     assert r.returncode == 0 and r.stdout == "" and "No resources found in default namespace." in r.stderr
     r = run(root, "get", "pods", "-l", "tier in (front", "--show-labels")
