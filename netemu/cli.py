@@ -697,10 +697,8 @@ def container_log(cluster: str, store, namespace: str, ref: str, container: str 
     elif container not in containers:
         raise CliError(f"container {container} is not valid for pod {pod_name}")
     pod_dir = names.pod_dir(cluster, namespace, pod_name)
-    path = os.path.join(pod_dir, f"{container}.log")
+    path = names.container_log(pod_dir, container, previous)
     if previous:
-        # The kubelet moves an instance's log aside when it restarts the container.
-        path = os.path.join(pod_dir, f"{container}.previous.log")
         if not os.path.exists(path):
             from netemu.api import ApiError
             raise ApiError(f'previous terminated container "{container}" in pod "{pod_name}" not found',
