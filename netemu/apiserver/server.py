@@ -17,7 +17,6 @@ import contextlib
 import copy
 import json
 import logging
-import os
 import re
 
 import trio
