@@ -52,6 +52,12 @@ def _kind_tables(tree: ast.AST) -> list[tuple[int, str]]:
         if (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add)
                 and isinstance(node.right, ast.Constant) and node.right.value == "s"):
             found.append((node.lineno, 'makes a plural with + "s" (kinds.Kind.resource)'))
+        if isinstance(node, ast.JoinedStr):          # f"{kind.lower()}s"
+            for part, after in zip(node.values, node.values[1:]):
+                if (isinstance(part, ast.FormattedValue) and isinstance(part.value, ast.Call)
+                        and isinstance(part.value.func, ast.Attribute) and part.value.func.attr == "lower"
+                        and isinstance(after, ast.Constant) and str(after.value).startswith("s")):
+                    found.append((node.lineno, 'makes a plural with f"{...lower()}s" (kinds.Kind.resource)'))
     return found
 
 
@@ -64,6 +70,7 @@ def test_no_module_but_kinds_keeps_a_kind_table():
     'KINDS = {"Pod": ("pods", True, "v1"), "Service": ("services", True, "v1"), "Job": ("jobs", True, "batch/v1")}',
     'WORDS = ("", "pod", "po", "pods")',
     'plural = kind.lower() + "s"',
+    'message = f\'{kind.lower()}s "{name}" not found\'',
     'API_VERSIONS = {"Pod": {"v1": "v1"}, "Job": {"batch/v1": "batch/v1"}, "ReplicaSet": {"apps/v1": "apps/v1"}}',
 ])
 def test_the_scan_finds_a_second_table(source):
