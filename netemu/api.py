@@ -602,9 +602,9 @@ def delete_dependents(store: Store, owner: dict) -> None:
 
 
 def _resource(kind: str) -> str:
-    """The resource name kubectl's messages use: pods, services, endpoints (the API
-    server qualifies it with the group: apiserver.server._api_error)."""
-    return kinds.BY_KIND[kind].resource
+    """The resource as kubectl's messages name it: pods, endpoints, jobs.batch
+    (the API server names the group the client asked for: server._api_error)."""
+    return kinds.BY_KIND[kind].qualified()
 
 
 # -- kubectl verbs -------------------------------------------------------------------

@@ -268,13 +268,7 @@ class Cluster:
         deleted = []
         with self._store(writes=True) as store:
             for kind, ns, obj_name in targets:
-                try:
-                    deleted.append(api.delete(store, kind, ns, obj_name, grace_period=grace_period))
-                except api.ApiError as e:
-                    if e.reason == "NotFound":     # kubectl names the resource with its group
-                        raise api.ApiError(f'{kinds.BY_KIND[kind].qualified()} "{obj_name}" not found',
-                                           reason="NotFound") from None
-                    raise
+                deleted.append(api.delete(store, kind, ns, obj_name, grace_period=grace_period))
             if wait:
                 limit = workloads_cli.DELETE_TIMEOUT if timeout is None else timeout
                 for obj in deleted:

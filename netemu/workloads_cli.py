@@ -387,11 +387,7 @@ def cmd_delete(args) -> int:
             try:
                 obj = api.delete(store, kind, ns, name, grace_period=grace)
             except api.ApiError as e:
-                if e.reason == "NotFound":
-                    print(f'Error from server (NotFound): {kinds.BY_KIND[kind].qualified()} "{name}" not found',
-                          file=sys.stderr)
-                else:
-                    print(_server_error(e), file=sys.stderr)
+                print(_server_error(e), file=sys.stderr)
                 failed = True
                 continue
             # kubectl prints this once the API server accepted the delete; with
@@ -435,18 +431,12 @@ def cmd_expose(args) -> int:
             svc = api.expose(store, kind, name, args.port, args.target_port, args.type, args.service_name,
                              args.protocol, namespace=args.namespace or "default", settings=settings)
         except api.ApiError as e:
-            print(_not_found_or(e, kind, name), file=sys.stderr)
+            print(_server_error(e), file=sys.stderr)
             return 1
         print(f"service/{svc['metadata']['name']} exposed")
         return 0
     finally:
         store.close()
-
-
-def _not_found_or(e: api.ApiError, kind: str, name: str) -> str:
-    if e.reason == "NotFound":
-        return f'Error from server (NotFound): {kinds.BY_KIND[kind].qualified()} "{name}" not found'
-    return _server_error(e)
 
 
 def cmd_scale(args) -> int:
@@ -456,7 +446,7 @@ def cmd_scale(args) -> int:
         try:
             api.scale(store, kind, name, args.replicas, namespace=args.namespace or "default")
         except api.ApiError as e:
-            print(_not_found_or(e, kind, name), file=sys.stderr)
+            print(_server_error(e), file=sys.stderr)
             return 1
         print(f"{kinds.BY_KIND[kind].ref(name)} scaled")
         return 0
@@ -478,7 +468,7 @@ def cmd_label(args) -> int:
             _, changed = api.label(store, kind, name, changes, overwrite=args.overwrite,
                                    namespace=args.namespace or "default")
         except api.ApiError as e:
-            print(_not_found_or(e, kind, name), file=sys.stderr)
+            print(_server_error(e), file=sys.stderr)
             return 1
         only_removals = all(c.endswith("-") and "=" not in c for c in changes)
         word = "not labeled" if not changed else ("unlabeled" if only_removals else "labeled")

@@ -177,11 +177,11 @@ class ApiServer:
 
     def _api_error(self, err: api.ApiError, t: Target) -> Response:
         message = str(err)
-        # api.py names resources without their group (kubectl's wording for the
-        # core group); the server qualifies them: jobs.batch "x" already exists.
-        plain = t.kind.resource + ' "'
-        if message.startswith(plain):
-            message = t.qualified + message[len(t.kind.resource):]
+        # api.py names a resource with the group it is stored in (jobs.batch);
+        # the client may have asked under another (daemonsets.extensions).
+        stored = t.kind.qualified()
+        if message.startswith(stored + ' "'):
+            message = t.qualified + message[len(stored):]
         reason = err.reason if err.reason in status.CODES else "Invalid"
         return status.error(reason, message, {"name": t.name or "", "kind": t.kind.resource})
 

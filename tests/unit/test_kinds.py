@@ -121,3 +121,27 @@ def test_loader_and_admission_read_the_table():
                                     "spec": {}}, "f", "document 1")
     assert api._resource("Endpoints") == "endpoints"
     assert set(kinds.WORKLOADS) == {"ReplicationController", "ReplicaSet", "Deployment", "DaemonSet", "Job"}
+
+
+def test_admission_names_resources_as_kubectl_does(tmp_path):
+    # api.py's refusals name the resource with its group (kubectl's words), so
+    # no caller re-words them; the API server swaps in the group the client used.
+    from netemu.apiserver.server import ApiServer, ensure_system_namespaces
+    from tests.unit.test_apiserver import call
+    from tests.unit.test_controllers_support import open_store
+
+    store = open_store(tmp_path)
+    ensure_system_namespaces(store)
+    for verb in (lambda: api.delete(store, "Deployment", "default", "nosuch"),
+                 lambda: api.scale(store, "Deployment", "nosuch", 1),
+                 lambda: api.label(store, "deploy", "nosuch", ["a=b"])):
+        with pytest.raises(api.ApiError, match=r'^deployments\.apps "nosuch" not found$'):
+            verb()
+    with pytest.raises(api.ApiError, match=r'^endpoints "nosuch" not found$'):
+        api.delete(store, "Endpoints", "default", "nosuch")
+    server = ApiServer(store)
+    for group, qualified in (("apps/v1", "deployments.apps"), ("extensions/v1beta1", "deployments.extensions")):
+        code, body = call(server, "PATCH", f"/apis/{group}/namespaces/default/deployments/nosuch/scale",
+                          {"spec": {"replicas": 1}}, content_type="application/merge-patch+json")
+        assert (code, body["message"]) == (404, f'{qualified} "nosuch" not found')
+    store.close()
