@@ -411,7 +411,7 @@ class _GetPrinter:
             return
         if args.output == "name":
             for o in objs:
-                print(f"{kinds.BY_KIND[kind].singular}/{o['metadata']['name']}")
+                print(kinds.BY_KIND[kind].ref(o['metadata']['name']))
             sys.stdout.flush()
             return
         headers, rows = tabulate(self.cluster, self.store, kind, objs, args.output == "wide")

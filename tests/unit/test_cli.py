@@ -71,6 +71,17 @@ def names_in(table: str) -> list[str]:
     return [line.split()[0] for line in table.splitlines()[1:]]
 
 
+def test_get_output_name_is_kubectls(state):
+    # kubectl get -o name: the kind with its group (pod/a, job.batch/j), as
+    # `kubectl delete $(kubectl get ... -o name)` takes it back.
+    root, store = state
+    add_pod(store, "a")
+    registry.create(store, {"kind": "Job", "metadata": {"name": "j", "namespace": "default"},
+                            "spec": {"template": {"spec": {"containers": [{"name": "c", "image": "x"}]}}}})
+    assert run(root, "get", "pods", "-o", "name").stdout == "pod/a\n"
+    assert run(root, "get", "jobs", "-o", "name").stdout == "job.batch/j\n"
+
+
 def test_get_takes_names_after_flags_and_refuses_unknown_flags(state):
     root, store = state
     for n in ("a", "b", "c"):
