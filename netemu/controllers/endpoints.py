@@ -48,7 +48,8 @@ def desired_subsets(service: dict, pods: list[dict]) -> list[dict]:
     for pod in pods:
         meta = pod["metadata"]
         ip = (pod.get("status") or {}).get("podIP")
-        if not ip or podutil.terminating(pod) or podutil.finished(pod) or not selectors.matches(selector, meta.get("labels")):
+        if (not ip or podutil.terminating(pod) or podutil.finished(pod)
+                or not selectors.matches(selector, meta.get("labels"))):
             continue
         ports = []
         for sp in spec.get("ports") or []:

@@ -188,7 +188,8 @@ def reconcile_deployment(deploy: dict, replicasets: list[dict]) -> list:
     spec = deploy.get("spec") or {}
     meta = deploy["metadata"]
     want = int(spec.get("replicas", 1))
-    rs_hash = podutil.template_hash(spec.get("template") or {}, int((deploy.get("status") or {}).get("collisionCount") or 0))
+    rs_hash = podutil.template_hash(spec.get("template") or {},
+                                    int((deploy.get("status") or {}).get("collisionCount") or 0))
     owned = [rs for rs in replicasets if ownership.owned_by(rs, deploy)]
     current = next((rs for rs in owned if rs["metadata"]["name"] == f"{meta['name']}-{rs_hash}"), None)
     old = [rs for rs in owned if rs is not current]
