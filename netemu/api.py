@@ -26,7 +26,7 @@ import ipaddress
 import random
 import re
 
-from netemu.controllers import selectors
+from netemu.k8s import kinds, ownership, selectors
 from netemu.store import registry
 from netemu.store.base import Conflict, Store
 from netemu.topology import manifests, names, schema
@@ -38,9 +38,6 @@ LB_IPS = "/registry/ranges/loadbalancerips/"
 
 DEFAULT_SERVICE_RANGE = "10.96.0.0/16"
 DEFAULT_NODE_PORTS = (30000, 32767)
-
-# Kinds whose pods (or ReplicaSets) are theirs to delete with them.
-OWNER_KINDS = ("ReplicationController", "ReplicaSet", "Deployment", "Job", "DaemonSet")
 
 
 class ApiError(Exception):
@@ -322,10 +319,10 @@ def admit(obj: dict) -> dict:
     does not describe (Node, Event, Endpoints: written by netemu itself) pass as
     they are. Raises ApiError (Invalid) with the API server's wording."""
     kind = obj.get("kind")
-    if kind not in schema.KINDS and kind not in registry.KINDS:
+    if kind not in schema.SPEC_STRUCTS and kind not in kinds.BY_KIND:
         return obj
     try:
-        if kind in schema.KINDS:
+        if kind in schema.SPEC_STRUCTS:
             admitted, _ = manifests.normalize_object(obj, "", "")
         else:
             admitted = _admit_metadata(obj)
@@ -357,7 +354,7 @@ def _admit_metadata(obj: dict) -> dict:
     if not isinstance(obj.get("metadata"), dict):
         raise origin.error("metadata", f"must be an object, got {manifests.describe(obj.get('metadata'))}")
     obj["metadata"] = manifests._decode(obj["metadata"], "ObjectMeta", "metadata", origin)
-    manifests._metadata(obj, registry.KINDS[kind][1], names.dns1123_subdomain, origin)
+    manifests._metadata(obj, kinds.BY_KIND[kind].namespaced, names.dns1123_subdomain, origin)
     for field in ("spec", "status"):
         if field in obj and not isinstance(obj[field], dict):
             raise origin.error(field, f"must be an object, got {manifests.describe(obj[field])}")
@@ -370,13 +367,13 @@ def create_or_update(store: Store, obj: dict, settings=None) -> tuple[dict, str]
     Returns (stored object, "created" | "configured" | "unchanged")."""
     obj = copy.deepcopy(obj)
     kind = obj.get("kind")
-    if kind not in registry.KINDS:
+    if kind not in kinds.BY_KIND:
         raise ApiError(f'no matches for kind "{kind}"', reason="BadRequest")
     obj = admit(obj)
     meta = obj.setdefault("metadata", {})
     if not meta.get("name"):
         raise ApiError(f"{kind}: metadata.name: Required value: name is required")
-    if registry.KINDS[kind][1]:
+    if kinds.BY_KIND[kind].namespaced:
         meta.setdefault("namespace", "default")
     ns = meta.get("namespace")
     for _ in range(10):
@@ -390,7 +387,7 @@ def create_or_update(store: Store, obj: dict, settings=None) -> tuple[dict, str]
             return _update(store, old, obj, settings)
         except Conflict:
             continue                     # changed meanwhile: read again
-    raise ApiError(f'{registry.kind_word(kind)} "{meta["name"]}": too many concurrent changes',
+    raise ApiError(f'{kinds.BY_KIND[kind].singular} "{meta["name"]}": too many concurrent changes',
                    reason="Conflict")
 
 
@@ -399,11 +396,11 @@ def create(store: Store, obj: dict, settings=None) -> dict:
     existing object of that name is an error (AlreadyExists), never updated."""
     obj = admit(copy.deepcopy(obj))
     kind, meta = obj.get("kind"), obj.setdefault("metadata", {})
-    if kind not in registry.KINDS:
+    if kind not in kinds.BY_KIND:
         raise ApiError(f'no matches for kind "{kind}"', reason="BadRequest")
     if not meta.get("name") and not meta.get("generateName"):
         raise ApiError(f"{kind}: metadata.name: Required value: name or generateName is required")
-    if registry.KINDS[kind][1]:
+    if kinds.BY_KIND[kind].namespaced:
         meta.setdefault("namespace", "default")
     try:
         return _create(store, obj, settings)
@@ -419,7 +416,7 @@ def update(store: Store, obj: dict, settings=None) -> tuple[dict, str]:
     want = raw_meta.get("resourceVersion")       # read before admit, which keeps only user fields
     obj = admit(copy.deepcopy(obj))
     kind, meta = obj.get("kind"), obj.setdefault("metadata", {})
-    ns = meta.get("namespace", "default") if registry.KINDS[kind][1] else None
+    ns = meta.get("namespace", "default") if kinds.BY_KIND[kind].namespaced else None
     old = registry.get(store, kind, ns, meta.get("name", ""))
     if old is None:
         raise ApiError(f'{_resource(kind)} "{meta.get("name")}" not found', reason="NotFound")
@@ -550,7 +547,7 @@ def delete(store: Store, kind: str, namespace: str | None, name: str,
 
     The owner goes first, so its controller stops creating pods; a pod it created
     in the same instant is caught by the garbage collector controller."""
-    kind = registry.kind_of(kind)
+    kind = kinds.resolve(kind)
     obj = registry.get(store, kind, namespace, name)
     if obj is None:
         raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
@@ -564,7 +561,7 @@ def delete(store: Store, kind: str, namespace: str | None, name: str,
     if kind == "Service":
         _free_service(store, obj)
         registry.delete(store, "Endpoints", namespace, name)
-    if kind in OWNER_KINDS:
+    if kind in kinds.WORKLOADS:           # their pods (or ReplicaSets) go with them
         delete_dependents(store, obj)
     return obj
 
@@ -597,16 +594,17 @@ def delete_dependents(store: Store, owner: dict) -> None:
     ns = owner["metadata"].get("namespace", "default")
     if owner["kind"] == "Deployment":
         for rs in registry.list_(store, "ReplicaSet", ns):
-            if selectors.owned_by(rs, owner) and registry.delete(store, "ReplicaSet", ns, rs["metadata"]["name"]):
+            if ownership.owned_by(rs, owner) and registry.delete(store, "ReplicaSet", ns, rs["metadata"]["name"]):
                 delete_dependents(store, rs)
     for pod in registry.list_(store, "Pod", ns):
-        if selectors.owned_by(pod, owner):
+        if ownership.owned_by(pod, owner):
             delete_pod(store, ns, pod["metadata"]["name"], uid=pod["metadata"].get("uid"))
 
 
 def _resource(kind: str) -> str:
-    """The resource name kubectl's messages use: pods, services, endpoints."""
-    return "endpoints" if kind == "Endpoints" else kind.lower() + "s"
+    """The resource as kubectl's messages name it: pods, endpoints, jobs.batch
+    (the API server names the group the client asked for: server._api_error)."""
+    return kinds.BY_KIND[kind].qualified()
 
 
 # -- kubectl verbs -------------------------------------------------------------------
@@ -616,7 +614,7 @@ def expose(store: Store, kind: str, name: str, port: int | None = None, target_p
            *, namespace: str = "default", settings=None) -> dict:
     """`kubectl expose KIND NAME --port=... [--target-port] [--type] [--name]`:
     a Service selecting what KIND/NAME selects, labelled as it is."""
-    kind = registry.kind_of(kind)
+    kind = kinds.resolve(kind)
     src = registry.get(store, kind, namespace, name)
     if src is None:
         raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
@@ -632,14 +630,14 @@ def expose(store: Store, kind: str, name: str, port: int | None = None, target_p
         raw = selectors.workload_selector(src)
         selector = selectors.selector_as_map(raw)
         if raw and selector is None:
-            raise ApiError(f"couldn't convert expressions in the selector of {registry.kind_word(kind)} "
+            raise ApiError(f"couldn't convert expressions in the selector of {kinds.BY_KIND[kind].singular} "
                            f'"{name}" to a map: kubectl expose needs a map selector', reason="BadRequest")
         pod_spec = template.get("spec") or {}
     else:
         raise ApiError(f"cannot expose a {kind}", reason="BadRequest")
     if not selector:
         raise ApiError(f"couldn't retrieve selectors via --selector flag or introspection: "
-                       f'the {registry.kind_word(kind)} "{name}" has no selector', reason="BadRequest")
+                       f'the {kinds.BY_KIND[kind].singular} "{name}" has no selector', reason="BadRequest")
     labels = src["metadata"].get("labels") or (
         (template.get("metadata") or {}).get("labels") if kind == "ReplicationController" else None)
     if port is not None:
@@ -684,7 +682,7 @@ def _port_value(value):
 def scale(store: Store, kind: str, name: str, replicas: int, *, namespace: str = "default") -> dict:
     """`kubectl scale KIND NAME --replicas=N` (Jobs scale their parallelism, as
     older kubectl did)."""
-    kind = registry.kind_of(kind)
+    kind = kinds.resolve(kind)
     if replicas < 0:
         raise ApiError("The --replicas=COUNT flag is required, and COUNT must be greater than or equal to 0",
                        reason="BadRequest")
@@ -693,9 +691,10 @@ def scale(store: Store, kind: str, name: str, replicas: int, *, namespace: str =
         raise ApiError(f'Scale in version "v1" cannot be handled as a Scale: json: cannot unmarshal number '
                        f"{replicas} into Go struct field ScaleSpec.spec.replicas of type int32",
                        reason="BadRequest")
-    if kind not in ("ReplicationController", "ReplicaSet", "Deployment", "Job"):
+    # A Job has no /scale subresource (no scale_field); kubectl once scaled its parallelism.
+    field = "parallelism" if kind == "Job" else kinds.BY_KIND[kind].scale_field
+    if field is None:
         raise ApiError(f"cannot scale a {kind}", reason="BadRequest")
-    field = "parallelism" if kind == "Job" else "replicas"
 
     def change(obj: dict) -> None:
         spec = obj.setdefault("spec", {})
@@ -744,9 +743,9 @@ def label(store: Store, kind: str, name: str, changes: list[str], *, overwrite: 
     """`kubectl label KIND NAME k=v k2-`: returns (object, whether it changed).
     Changing an existing label's value needs overwrite=True, as kubectl's
     --overwrite."""
-    kind = registry.kind_of(kind)
+    kind = kinds.resolve(kind)
     sets, removes = parse_label_changes(changes)
-    ns = namespace if registry.KINDS[kind][1] else None
+    ns = namespace if kinds.BY_KIND[kind].namespaced else None
 
     def relabel(obj: dict) -> bool:
         labels = dict(obj["metadata"].get("labels") or {})

@@ -14,6 +14,7 @@ import signal
 import sys
 
 from netemu import cluster as clusters, names, printers
+from netemu.k8s import kinds
 from netemu.store import registry
 from netemu.store.base import Conflict
 
@@ -307,7 +308,7 @@ def _store(args, writes: bool = False):
 
 def _kind(word: str) -> str:
     try:
-        return registry.kind_of(word)
+        return kinds.resolve(word)
     except KeyError:
         raise CliError(f'the server doesn\'t have a resource type "{word}"') from None
 
@@ -316,7 +317,6 @@ def _not_found(kind: str, name: str):
     """kubectl's NotFound, with the resource named as the API server names it
     (endpoints, jobs.batch), from the one table of kinds (netemu.k8s.kinds)."""
     from netemu.api import ApiError
-    from netemu.k8s import kinds
 
     return ApiError(f'{kinds.BY_KIND[kind].qualified()} "{name}" not found', reason="NotFound")
 
@@ -331,22 +331,22 @@ def _selector(args) -> list[dict] | None:
     refused, with kubectl's words."""
     if getattr(args, "selector", None) is None:
         return None
-    from netemu import label_selector
+    from netemu.k8s import selectors
 
     if args.names:
         raise CliError("name cannot be provided when a selector is specified")
     try:
-        return label_selector.parse(args.selector)
-    except label_selector.SelectorSyntaxError as e:
+        return selectors.parse_label_selector(args.selector)
+    except selectors.SelectorError as e:
         raise CliError(str(e)) from None
 
 
 def _selected(objs: list[dict], requirements: list[dict] | None) -> list[dict]:
     if requirements is None:
         return objs
-    from netemu import label_selector
+    from netemu.k8s import selectors
 
-    return [o for o in objs if label_selector.matches(requirements, o["metadata"].get("labels"))]
+    return [o for o in objs if selectors.labels_match(requirements, o["metadata"].get("labels"))]
 
 
 def cmd_get(args) -> int:
@@ -384,7 +384,7 @@ def cmd_get(args) -> int:
     if not objs and not args.watch:
         # kubectl writes this to stderr: a script reading stdout sees no rows.
         print(f"No resources found in {args.namespace} namespace."
-              if registry.KINDS[kind][1] and not args.all_namespaces else "No resources found", file=sys.stderr)
+              if kinds.BY_KIND[kind].namespaced and not args.all_namespaces else "No resources found", file=sys.stderr)
         return 0
     printer.print(objs)
     if args.watch:
@@ -411,11 +411,11 @@ class _GetPrinter:
             return
         if args.output == "name":
             for o in objs:
-                print(f"{registry.kind_word(kind)}/{o['metadata']['name']}")
+                print(kinds.BY_KIND[kind].ref(o['metadata']['name']))
             sys.stdout.flush()
             return
         headers, rows = tabulate(self.cluster, self.store, kind, objs, args.output == "wide")
-        if args.all_namespaces and registry.KINDS[kind][1]:
+        if args.all_namespaces and kinds.BY_KIND[kind].namespaced:
             headers = ["NAMESPACE"] + headers
             rows = [[o["metadata"].get("namespace", "default")] + r for o, r in zip(objs, rows)]
         if args.show_labels:
@@ -504,7 +504,7 @@ def cmd_describe(args) -> int:
     else:
         objs = _selected(registry.list_(store, kind, args.namespace), requirements)
         if not objs:
-            print(f"No resources found in {args.namespace} namespace." if registry.KINDS[kind][1]
+            print(f"No resources found in {args.namespace} namespace." if kinds.BY_KIND[kind].namespaced
                   else "No resources found", file=sys.stderr)
             return 0
     for i, obj in enumerate(objs):
@@ -583,21 +583,19 @@ def _pod_for_logs(store, namespace: str, ref: str) -> str:
     kind = _kind(word)
     if kind == "Pod":
         return name
-    if kind not in ("Job", "ReplicationController", "ReplicaSet", "Deployment", "DaemonSet"):
-        raise CliError(f"cannot get the logs of a {registry.kind_word(kind)}: give a pod, or a job, rc, rs, "
+    if kind not in kinds.WORKLOADS:
+        raise CliError(f"cannot get the logs of a {kinds.BY_KIND[kind].singular}: give a pod, or a job, rc, rs, "
                        "deployment or daemonset")
-    from netemu.controllers import selectors
+    from netemu.k8s import selectors
 
     owner = registry.get(store, kind, namespace, name)
     if owner is None:
-        from netemu.workloads_cli import resource_plural
-        from netemu.api import ApiError
-        raise ApiError(f'{resource_plural(kind)} "{name}" not found', reason="NotFound")
+        raise _not_found(kind, name)
     selector = selectors.workload_selector(owner)
     pods = [p for p in registry.list_(store, "Pod", namespace)
             if selectors.matches(selector, p["metadata"].get("labels"))]
     if not pods:
-        raise CliError(f"no pods of {registry.kind_word(kind)}/{name} (selector "
+        raise CliError(f"no pods of {kinds.BY_KIND[kind].singular}/{name} (selector "
                        f"{selectors.format_selector(selector)})")
 
     def rank(p):
@@ -699,10 +697,8 @@ def container_log(cluster: str, store, namespace: str, ref: str, container: str 
     elif container not in containers:
         raise CliError(f"container {container} is not valid for pod {pod_name}")
     pod_dir = names.pod_dir(cluster, namespace, pod_name)
-    path = os.path.join(pod_dir, f"{container}.log")
+    path = names.container_log(pod_dir, container, previous)
     if previous:
-        # The kubelet moves an instance's log aside when it restarts the container.
-        path = os.path.join(pod_dir, f"{container}.previous.log")
         if not os.path.exists(path):
             from netemu.api import ApiError
             raise ApiError(f'previous terminated container "{container}" in pod "{pod_name}" not found',

@@ -649,7 +649,7 @@ def remove_node(cluster: str, name: str, timeout: float = 30.0) -> None:
     deleted too, since their namespaces go with the node, its lease released and
     its object deleted. If any of it fails, the node is left as it was found:
     uncordoned if this cordoned it, no longer marked."""
-    from netemu.controllers import selectors as sel
+    from netemu.k8s import ownership
 
     topology = controlplane.load_topology(cluster)
     store = open_store(cluster)
@@ -664,7 +664,7 @@ def remove_node(cluster: str, name: str, timeout: float = 30.0) -> None:
         def pods_here(daemons: bool) -> list[dict]:
             return [p for p in registry.list_(store, "Pod")
                     if (p.get("spec") or {}).get("nodeName") == name
-                    and ((sel.controller_ref(p) or {}).get("kind") == "DaemonSet") == daemons]
+                    and ((ownership.controller_ref(p) or {}).get("kind") == "DaemonSet") == daemons]
 
         def evict(pods: list[dict]) -> None:
             for pod in pods:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime
 
 from netemu import printers
+from netemu.k8s import selectors
 from netemu.store import registry
 
 # -- cell formats shared by tables and describers ---------------------------------
@@ -38,34 +39,10 @@ def format_labels(labels: dict | None) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
-def _requirements(selector: dict) -> list[tuple[str, str]]:
-    """(key, text) per requirement of a LabelSelector, as labels.Selector.String()
-    builds them (values sorted; requirements later sorted by key)."""
-    reqs = [(k, f"{k}={v}") for k, v in (selector.get("matchLabels") or {}).items()]
-    for e in selector.get("matchExpressions") or []:
-        key, op = e.get("key", ""), e.get("operator")
-        values = ",".join(sorted(str(v) for v in e.get("values") or []))
-        text = {"In": f"{key} in ({values})", "NotIn": f"{key} notin ({values})",
-                "Exists": key, "DoesNotExist": f"!{key}"}.get(op, f"{key} {op} ({values})")
-        reqs.append((key, text))
-    return sorted(reqs, key=lambda r: r[0])
-
-
-def format_label_selector(selector: dict | None) -> str:
-    """metav1.FormatLabelSelector for a LabelSelector; a plain map (an RC's or a
-    Service's selector) is formatted as labels. `<none>` when empty."""
-    if not selector:
-        return "<none>"
-    if "matchLabels" not in selector and "matchExpressions" not in selector:
-        return format_labels(selector)
-    text = ",".join(t for _, t in _requirements(selector))
-    return text or "<none>"
-
-
 def selector_string(selector: dict | None) -> str:
     """LabelSelectorAsSelector(...).String(), as `describe job|deployment` prints
-    the Selector: like format_label_selector but empty rather than `<none>`."""
-    text = format_label_selector(selector)
+    the Selector: like selectors.format_selector but empty rather than `<none>`."""
+    text = selectors.format_selector(selector)
     return "" if text == "<none>" else text
 
 
@@ -238,7 +215,7 @@ def _replicas_row(obj: dict, wide: bool) -> list[str]:
     row = [obj["metadata"]["name"], _int(spec.get("replicas", 1)), _int(status.get("replicas")),
            _int(status.get("readyReplicas")), _age(obj)]
     if wide:
-        row += container_cells(obj) + [format_label_selector(spec.get("selector"))]
+        row += container_cells(obj) + [selectors.format_selector(spec.get("selector"))]
     return row
 
 
@@ -248,14 +225,14 @@ def _deployment_row(obj: dict, wide: bool) -> list[str]:
            f"{int(status.get('readyReplicas') or 0)}/{int(spec.get('replicas', 1))}",
            _int(status.get("updatedReplicas")), _int(status.get("availableReplicas")), _age(obj)]
     if wide:
-        row += container_cells(obj) + [format_label_selector(spec.get("selector"))]
+        row += container_cells(obj) + [selectors.format_selector(spec.get("selector"))]
     return row
 
 
 def _job_row(job: dict, wide: bool) -> list[str]:
     row = [job["metadata"]["name"], job_status_word(job), job_completions(job), job_duration(job), _age(job)]
     if wide:
-        row += container_cells(job) + [format_label_selector((job.get("spec") or {}).get("selector"))]
+        row += container_cells(job) + [selectors.format_selector((job.get("spec") or {}).get("selector"))]
     return row
 
 
@@ -266,7 +243,7 @@ def _daemonset_row(ds: dict, wide: bool) -> list[str]:
            _int(status.get("updatedNumberScheduled")), _int(status.get("numberAvailable")),
            format_labels(_template_spec(ds).get("nodeSelector")), _age(ds)]
     if wide:
-        row += container_cells(ds) + [format_label_selector((ds.get("spec") or {}).get("selector"))]
+        row += container_cells(ds) + [selectors.format_selector((ds.get("spec") or {}).get("selector"))]
     return row
 
 
@@ -664,7 +641,7 @@ def describe_replica_set(rs: dict, pods: list[dict], events: list[dict]) -> str:
     meta, spec, status = rs["metadata"], rs.get("spec") or {}, rs.get("status") or {}
     w = _TabWriter()
     _head(w, rs)
-    w.write(0, f"Selector:\t{format_label_selector(spec.get('selector'))}\n")
+    w.write(0, f"Selector:\t{selectors.format_selector(spec.get('selector'))}\n")
     _labels_multiline(w, "Labels", meta.get("labels"))
     _annotations_multiline(w, "Annotations", meta.get("annotations"))
     if _controller_of(rs):
@@ -907,4 +884,4 @@ def describe(kind: str, obj: dict, events: list[dict], store=None) -> str:
 
 
 __all__ = ["supports", "tabulate", "describe", "format_endpoints", "external_ip", "port_string",
-           "job_status_word", "job_completions", "job_duration", "format_labels", "format_label_selector"]
+           "job_status_word", "job_completions", "job_duration", "format_labels"]

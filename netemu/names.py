@@ -72,6 +72,13 @@ def pod_dir(cluster: str, namespace: str, pod: str) -> str:
     return os.path.join(state_dir(cluster), "pods", f"{namespace}_{pod}")
 
 
+def container_log(pod_dir: str, container: str, previous: bool = False) -> str:
+    """A container's log in its pod's folder. The kubelet keeps one per instance,
+    as Kubernetes' does: when it restarts a container, the log of the instance
+    that ended becomes the previous one (`logs --previous`)."""
+    return os.path.join(pod_dir, f"{container}.previous.log" if previous else f"{container}.log")
+
+
 def fabric_ns(cluster: str) -> str:
     return f"{cluster}-fabric"
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from netemu import api, cluster as clusters, names
+from netemu.k8s import kinds
 from netemu.store import registry
 
 log = logging.getLogger("netemu")
@@ -242,15 +243,15 @@ class Cluster:
             if name is not None:
                 obj = registry.get(store, kind, namespace, name)
                 if obj is None:
-                    from netemu.workloads_cli import resource_plural
-                    raise api.ApiError(f'{resource_plural(kind)} "{name}" not found', reason="NotFound")
+                    raise api.ApiError(f'{kinds.BY_KIND[kind].qualified()} "{name}" not found',
+                                       reason="NotFound")
                 return obj
             objs = registry.list_(store, kind, namespace)
         if selector is None:
             return objs
-        from netemu import label_selector
-        requirements = label_selector.parse(selector)
-        return [o for o in objs if label_selector.matches(requirements, o["metadata"].get("labels"))]
+        from netemu.k8s import selectors
+        requirements = selectors.parse_label_selector(selector)
+        return [o for o in objs if selectors.labels_match(requirements, o["metadata"].get("labels"))]
 
     def delete(self, what, name: str | None = None, *, namespace: str = "default", wait: bool = True,
                timeout: float | None = None, grace_period: int | None = None) -> list[dict]:
@@ -262,24 +263,18 @@ class Cluster:
 
         if isinstance(what, str) and name is not None:
             kind = _kind(what)
-            targets = [(kind, namespace if registry.KINDS[kind][1] else None, name)]
+            targets = [(kind, namespace if kinds.BY_KIND[kind].namespaced else None, name)]
         elif name is not None:
             raise TypeError("delete(KIND, NAME), or delete(objects) without a name")
         else:
             # An object's own namespace counts; NAMESPACE is for those that name none.
             objs = workloads_cli._in_namespace(self._objects(what), namespace)
-            targets = [(_kind(o["kind"]), o["metadata"].get("namespace") if registry.KINDS[_kind(o["kind"])][1]
+            targets = [(_kind(o["kind"]), o["metadata"].get("namespace") if kinds.BY_KIND[_kind(o["kind"])].namespaced
                         else None, o["metadata"]["name"]) for o in objs]
         deleted = []
         with self._store(writes=True) as store:
             for kind, ns, obj_name in targets:
-                try:
-                    deleted.append(api.delete(store, kind, ns, obj_name, grace_period=grace_period))
-                except api.ApiError as e:
-                    if e.reason == "NotFound":     # kubectl names the resource with its group
-                        raise api.ApiError(f'{workloads_cli.resource_plural(kind)} "{obj_name}" not found',
-                                           reason="NotFound") from None
-                    raise
+                deleted.append(api.delete(store, kind, ns, obj_name, grace_period=grace_period))
             if wait:
                 limit = workloads_cli.DELETE_TIMEOUT if timeout is None else timeout
                 for obj in deleted:
@@ -287,7 +282,7 @@ class Cluster:
                     if not workloads_cli.wait_gone(store, kind, meta.get("namespace"), meta["name"],
                                                    meta.get("uid"), limit):
                         raise clusters.ClusterError(f"timed out waiting for the condition on "
-                                                    f"{workloads_cli.resource_plural(kind)}/{meta['name']}")
+                                                    f"{kinds.BY_KIND[kind].qualified()}/{meta['name']}")
         return deleted
 
     def _objects(self, what) -> list[dict]:
@@ -326,9 +321,9 @@ class Cluster:
         if target == "client":
             return self.client.exec(command, input=input, timeout=timeout, retry=retry, check=check)
         word, sep, name = target.partition("/")
-        if sep and word in ("node", "nodes", "no"):
+        if sep and word in kinds.BY_KIND["Node"].words:
             return self.nodes[name].exec(command, input=input, timeout=timeout, retry=retry, check=check)
-        if sep and word not in ("pod", "pods", "po"):
+        if sep and word not in kinds.BY_KIND["Pod"].words:
             raise ValueError(f'exec target "{target}": use a pod (NAME or pod/NAME), node/NAME or client')
         pod = name if sep else target
         return Pod(self, namespace, pod).exec(command, container=container, input=input, timeout=timeout,
@@ -485,7 +480,7 @@ def _signals_as_exceptions():
 
 def _kind(word: str) -> str:
     try:
-        return registry.kind_of(word)
+        return kinds.resolve(word)
     except KeyError:
         raise ValueError(f'the server doesn\'t have a resource type "{word}"') from None
 

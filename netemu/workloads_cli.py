@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from netemu import api, cluster as clusters
+from netemu.k8s import kinds
 from netemu.store import registry
 
 DELETE_TIMEOUT = 60.0
@@ -92,27 +93,11 @@ def _namespace(sp) -> None:
     sp.add_argument("-n", "--namespace", default=None)
 
 
-# -- names kubectl prints ---------------------------------------------------------
-
-def _group(kind: str) -> str:
-    api_version = registry.KINDS[kind][2]
-    return "." + api_version.split("/")[0] if "/" in api_version else ""
-
-
-def resource_ref(kind: str, name: str) -> str:
-    """`pod/x`, `replicationcontroller/x`, `deployment.apps/x`, `job.batch/x`."""
-    return f"{registry.kind_word(kind)}{_group(kind)}/{name}"
-
-
-def resource_plural(kind: str) -> str:
-    """The resource in kubectl's error messages: pods, endpoints, deployments.apps."""
-    plural = "endpoints" if kind == "Endpoints" else kind.lower() + "s"
-    return plural + _group(kind)
-
+# -- kinds (their names: netemu.k8s.kinds) -----------------------------------------
 
 def _kind(word: str) -> str:
     try:
-        return registry.kind_of(word)
+        return kinds.resolve(word)
     except KeyError:
         raise WorkloadCliError(f'the server doesn\'t have a resource type "{word}"') from None
 
@@ -261,7 +246,7 @@ def _in_namespace(objs: list[dict], namespace: str | None) -> list[dict]:
     "default") into NS."""
     if namespace and namespace != "default":
         for obj in objs:
-            if registry.KINDS.get(obj.get("kind"), (None, False))[1] and \
+            if getattr(kinds.BY_KIND.get(obj.get("kind")), "namespaced", False) and \
                     obj["metadata"].get("namespace", "default") == "default":
                 obj["metadata"]["namespace"] = namespace
     return objs
@@ -291,7 +276,7 @@ def cmd_apply(args) -> int:
                 print(_server_error(e), file=sys.stderr)
                 failed = True
                 continue
-            print(f"{resource_ref(stored['kind'], stored['metadata']['name'])} {verb}")
+            print(f"{kinds.BY_KIND[stored['kind']].ref(stored['metadata']['name'])} {verb}")
         _print_load_errors(errors)
         return 1 if failed else 0
     finally:
@@ -313,9 +298,9 @@ def cmd_create(args) -> int:
         for entry in entries:
             [obj] = _in_namespace([entry.obj], args.namespace)
             kind, meta = obj["kind"], obj["metadata"]
-            if kind in registry.KINDS and registry.get(store, kind, meta.get("namespace"), meta["name"]):
+            if kind in kinds.BY_KIND and registry.get(store, kind, meta.get("namespace"), meta["name"]):
                 print(f'Error from server (AlreadyExists): error when creating "{entry.origin.file}": '
-                      f'{resource_plural(kind)} "{meta["name"]}" already exists', file=sys.stderr)
+                      f'{kinds.BY_KIND[kind].qualified()} "{meta["name"]}" already exists', file=sys.stderr)
                 failed = True
                 continue
             try:
@@ -325,11 +310,11 @@ def cmd_create(args) -> int:
                 failed = True
                 continue
             if verb != "created":      # someone created it between our check and our write
-                print(f'Error from server (AlreadyExists): {resource_plural(kind)} "{meta["name"]}" '
+                print(f'Error from server (AlreadyExists): {kinds.BY_KIND[kind].qualified()} "{meta["name"]}" '
                       "already exists", file=sys.stderr)
                 failed = True
                 continue
-            print(f"{resource_ref(kind, stored['metadata']['name'])} created")
+            print(f"{kinds.BY_KIND[kind].ref(stored['metadata']['name'])} created")
         _print_load_errors(errors)
         return 1 if failed else 0
     finally:
@@ -345,7 +330,7 @@ def _delete_targets(args) -> list[tuple[str, str | None, str]]:
             raise WorkloadCliError("delete: give either -f FILE or KIND NAME, not both")
         for obj in _in_namespace(load_files(args.filename), args.namespace):
             kind = _kind(obj["kind"])
-            targets.append((kind, obj["metadata"].get("namespace") if registry.KINDS[kind][1] else None,
+            targets.append((kind, obj["metadata"].get("namespace") if kinds.BY_KIND[kind].namespaced else None,
                             obj["metadata"]["name"]))
         return targets
     if not args.args:
@@ -364,7 +349,7 @@ def _delete_targets(args) -> list[tuple[str, str | None, str]]:
         pairs = [(args.args[0], name) for name in args.args[1:]]
     for word, name in pairs:
         kind = _kind(word)
-        targets.append((kind, ns if registry.KINDS[kind][1] else None, name))
+        targets.append((kind, ns if kinds.BY_KIND[kind].namespaced else None, name))
     return targets
 
 
@@ -402,22 +387,18 @@ def cmd_delete(args) -> int:
             try:
                 obj = api.delete(store, kind, ns, name, grace_period=grace)
             except api.ApiError as e:
-                if e.reason == "NotFound":
-                    print(f'Error from server (NotFound): {resource_plural(kind)} "{name}" not found',
-                          file=sys.stderr)
-                else:
-                    print(_server_error(e), file=sys.stderr)
+                print(_server_error(e), file=sys.stderr)
                 failed = True
                 continue
             # kubectl prints this once the API server accepted the delete; with
             # --wait it then blocks until the object is gone.
             word = "force deleted" if grace == 0 else "deleted"
-            print(f'{registry.kind_word(kind)}{_group(kind)} "{name}" {word}')
+            print(f'{kinds.BY_KIND[kind].word} "{name}" {word}')
             deleted.append((kind, ns, name, obj["metadata"].get("uid")))
         if args.wait:
             for kind, ns, name, uid in deleted:
                 if not wait_gone(store, kind, ns, name, uid, args.timeout):
-                    print(f"error: timed out waiting for the condition on {resource_plural(kind)}/{name}",
+                    print(f"error: timed out waiting for the condition on {kinds.BY_KIND[kind].qualified()}/{name}",
                           file=sys.stderr)
                     failed = True
         return 1 if failed else 0
@@ -450,18 +431,12 @@ def cmd_expose(args) -> int:
             svc = api.expose(store, kind, name, args.port, args.target_port, args.type, args.service_name,
                              args.protocol, namespace=args.namespace or "default", settings=settings)
         except api.ApiError as e:
-            print(_not_found_or(e, kind, name), file=sys.stderr)
+            print(_server_error(e), file=sys.stderr)
             return 1
         print(f"service/{svc['metadata']['name']} exposed")
         return 0
     finally:
         store.close()
-
-
-def _not_found_or(e: api.ApiError, kind: str, name: str) -> str:
-    if e.reason == "NotFound":
-        return f'Error from server (NotFound): {resource_plural(kind)} "{name}" not found'
-    return _server_error(e)
 
 
 def cmd_scale(args) -> int:
@@ -471,9 +446,9 @@ def cmd_scale(args) -> int:
         try:
             api.scale(store, kind, name, args.replicas, namespace=args.namespace or "default")
         except api.ApiError as e:
-            print(_not_found_or(e, kind, name), file=sys.stderr)
+            print(_server_error(e), file=sys.stderr)
             return 1
-        print(f"{resource_ref(kind, name)} scaled")
+        print(f"{kinds.BY_KIND[kind].ref(name)} scaled")
         return 0
     finally:
         store.close()
@@ -493,11 +468,11 @@ def cmd_label(args) -> int:
             _, changed = api.label(store, kind, name, changes, overwrite=args.overwrite,
                                    namespace=args.namespace or "default")
         except api.ApiError as e:
-            print(_not_found_or(e, kind, name), file=sys.stderr)
+            print(_server_error(e), file=sys.stderr)
             return 1
         only_removals = all(c.endswith("-") and "=" not in c for c in changes)
         word = "not labeled" if not changed else ("unlabeled" if only_removals else "labeled")
-        print(f"{resource_ref(kind, name)} {word}")
+        print(f"{kinds.BY_KIND[kind].ref(name)} {word}")
         return 0
     finally:
         store.close()

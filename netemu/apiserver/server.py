@@ -17,12 +17,11 @@ import contextlib
 import copy
 import json
 import logging
-import os
 import re
 
 import trio
 
-from netemu import api, netns
+from netemu import api, names, netns
 from netemu.apiserver import discovery, podexec, status, tables
 from netemu.apiserver.http import Request, Response
 from netemu.k8s import jsonpatch, kinds, protobuf, selectors, strategicpatch
@@ -178,11 +177,11 @@ class ApiServer:
 
     def _api_error(self, err: api.ApiError, t: Target) -> Response:
         message = str(err)
-        # api.py names resources without their group (kubectl's wording for the
-        # core group); the server qualifies them: jobs.batch "x" already exists.
-        plain = t.kind.resource + ' "'
-        if message.startswith(plain):
-            message = t.qualified + message[len(t.kind.resource):]
+        # api.py names a resource with the group it is stored in (jobs.batch);
+        # the client may have asked under another (daemonsets.extensions).
+        stored = t.kind.qualified()
+        if message.startswith(stored + ' "'):
+            message = t.qualified + message[len(stored):]
         reason = err.reason if err.reason in status.CODES else "Invalid"
         return status.error(reason, message, {"name": t.name or "", "kind": t.kind.resource})
 
@@ -387,7 +386,7 @@ class ApiServer:
         if mode not in ("Strict", "Warn", "Ignore"):
             raise api.ApiError(f'fieldValidation: Unsupported value: "{mode}": supported values: '
                                '"Ignore", "Strict", "Warn"', reason="BadRequest")
-        if mode == "Ignore" or t.kind.kind not in schema.KINDS:
+        if mode == "Ignore" or t.kind.kind not in schema.SPEC_STRUCTS:
             return []
         try:
             _, warnings = manifests.normalize_object(obj, "", "")
@@ -563,9 +562,10 @@ class ApiServer:
 
     def _log(self, req: Request, t: Target) -> Response:
         """A container's output, as the kubelet serves it through the API server.
-        The kubelet appends every run of a container to one file and keeps no
-        timestamps, so previous, timestamps, sinceSeconds and sinceTime are
-        refused rather than answered wrongly."""
+        The kubelet keeps the log of the running instance and of the one before
+        it (previous=true: names.container_log); it keeps no timestamps, so
+        timestamps, sinceSeconds and sinceTime are refused rather than answered
+        wrongly."""
         if req.method != "GET":
             return status.method_not_allowed()
         if self.pod_dir is None:
@@ -573,9 +573,9 @@ class ApiServer:
         pod = self._read(t)
         if pod is None:
             return status.not_found(t.qualified, t.name, t.group)
-        for unsupported in ("previous", "timestamps"):
-            if req.arg(unsupported) in ("true", "1"):
-                return status.bad_request(f"{unsupported}=true is not supported by netemu's kubelet yet")
+        if req.arg("timestamps") in ("true", "1"):
+            return status.bad_request("timestamps=true is not supported by netemu's kubelet yet")
+        previous = req.arg("previous") in ("true", "1")
         for unsupported in ("sinceSeconds", "sinceTime"):
             if req.arg(unsupported):
                 return status.bad_request(f"{unsupported} is not supported by netemu's kubelet yet")
@@ -596,12 +596,15 @@ class ApiServer:
         if (tail is not None and tail < 0) or (limit is not None and limit <= 0):
             return status.error("Invalid", 'PodLogOptions "" is invalid: tailLines or limitBytes: '
                                 "Invalid value: must be greater than or equal to 0 (limitBytes: 1)")
-        path = os.path.join(self.pod_dir(t.namespace or "default", t.name), f"{container}.log")
+        path = names.container_log(self.pod_dir(t.namespace or "default", t.name), container, previous)
         try:
             with open(path, "rb") as f:
                 data = f.read()
                 read_up_to = f.tell()           # a followed log goes on from exactly here
         except FileNotFoundError:
+            if previous:      # the container never restarted: the kubelet's words
+                return status.bad_request(f'previous terminated container "{container}" in pod "{t.name}" '
+                                          "not found")
             reason = next((((cs.get("state") or {}).get("waiting") or {}).get("reason")
                            for cs in (pod.get("status") or {}).get("containerStatuses") or []
                            if cs.get("name") == container), None) or "ContainerCreating"
@@ -611,7 +614,8 @@ class ApiServer:
             data = b"".join(lines[len(lines) - tail:]) if tail else b""
         if limit is not None:
             data = data[:limit]
-        if req.arg("follow") not in ("true", "1") or (limit is not None and len(data) >= limit):
+        # A previous instance has ended: its log is whole, there is nothing to follow.
+        if req.arg("follow") not in ("true", "1") or previous or (limit is not None and len(data) >= limit):
             return Response(200, data, "text/plain")
         return Response(200, lambda write: self._follow(write, t, path, read_up_to, data, limit),
                         "text/plain")

@@ -21,6 +21,7 @@ import json
 import subprocess
 
 from netemu import names
+from netemu.k8s import kinds
 
 BACKEND_DEVICES = {"udp": "flannel0", "vxlan": "flannel.{vni}", "host-gw": None}
 DEFAULT_PORTS = {"udp": 8285, "vxlan": 8472}
@@ -294,7 +295,10 @@ class Target:
 def resolve_target(view: ClusterView, word: str, namespace: str = "default") -> Target:
     """The namespace and default interface WORD names (pods first, then nodes)."""
     kind, _, name = word.partition("/") if "/" in word else ("", "", word)
-    kind = {"po": "pod", "pods": "pod", "no": "node", "nodes": "node"}.get(kind, kind)
+    if kind in kinds.BY_KIND["Pod"].words:
+        kind = "pod"
+    elif kind in kinds.BY_KIND["Node"].words:
+        kind = "node"
     if kind not in ("", "pod", "node"):
         raise TargetError(f'unknown capture target kind "{kind}" (use pod/NAME, node/NAME, '
                           "fabric, client or lb)")

@@ -37,6 +37,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 
 from netemu import names
+from netemu.k8s import kinds
 from netemu.capture.targets import ClusterView, PodInfo, ServiceInfo, ServicePortInfo
 
 PROBE_TIMEOUT = 2.0     # seconds to wait for the reply
@@ -268,8 +269,8 @@ def _is_ip(text: str) -> bool:
         return False
 
 
-POD_WORDS = ("", "pod", "po", "pods")
-SERVICE_WORDS = ("", "svc", "service", "services")
+POD_WORDS = ("",) + kinds.BY_KIND["Pod"].words
+SERVICE_WORDS = ("",) + kinds.BY_KIND["Service"].words
 KIND_WORDS = POD_WORDS[1:] + SERVICE_WORDS[1:]
 
 

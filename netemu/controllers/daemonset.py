@@ -21,8 +21,9 @@ the controller-revision-hash label.
 from __future__ import annotations
 
 from netemu.controllers import actions as act
-from netemu.controllers import selectors as sel
+from netemu.controllers import podutil
 from netemu.controllers.loop import guarded, run_reconciler
+from netemu.k8s import ownership, selectors
 from netemu.store import registry
 from netemu.store.base import Store
 
@@ -36,7 +37,7 @@ def eligible(ds: dict, node: dict) -> bool:
     if (node.get("metadata") or {}).get("deletionTimestamp"):
         return False
     template_spec = ((ds.get("spec") or {}).get("template") or {}).get("spec") or {}
-    return sel.node_matches_pod(template_spec, node)
+    return selectors.node_matches_pod(template_spec, node)
 
 
 def reconcile_daemonset(ds: dict, nodes: list[dict], pods: list[dict]) -> list:
@@ -44,13 +45,13 @@ def reconcile_daemonset(ds: dict, nodes: list[dict], pods: list[dict]) -> list:
     plus its new status. PODS: the pods of its namespace."""
     spec = ds.get("spec") or {}
     template = spec.get("template") or {}
-    revision = sel.template_hash(template)
+    revision = podutil.template_hash(template)
     node_names = {n["metadata"]["name"] for n in nodes}
     wanted = sorted(n["metadata"]["name"] for n in nodes if eligible(ds, n))
     wanted_set = set(wanted)
     per_node: dict[str, list[dict]] = {}
     for pod in pods:
-        if sel.owned_by(pod, ds) and not sel.terminating(pod):
+        if ownership.owned_by(pod, ds) and not podutil.terminating(pod):
             per_node.setdefault((pod.get("spec") or {}).get("nodeName") or "", []).append(pod)
 
     actions: list = []
@@ -58,7 +59,7 @@ def reconcile_daemonset(ds: dict, nodes: list[dict], pods: list[dict]) -> list:
     misscheduled = 0
     for node, node_pods in per_node.items():
         if node not in wanted_set:
-            misscheduled += sum(1 for p in node_pods if sel.active(p)) if node in node_names else 0
+            misscheduled += sum(1 for p in node_pods if podutil.active(p)) if node in node_names else 0
             actions += [act.DeletePod(p, ds) for p in node_pods]
 
     current = ready = updated = 0
@@ -67,14 +68,14 @@ def reconcile_daemonset(ds: dict, nodes: list[dict], pods: list[dict]) -> list:
     stale: list[dict] = []
     for node in wanted:
         node_pods = per_node.get(node, [])
-        live = [p for p in node_pods if sel.active(p)]
-        dead = [p for p in node_pods if sel.finished(p)]
+        live = [p for p in node_pods if podutil.active(p)]
+        dead = [p for p in node_pods if podutil.finished(p)]
         actions += [act.DeletePod(p, ds) for p in dead]
         if live:
             current += 1
             keep = sorted(live, key=lambda p: p["metadata"].get("creationTimestamp", ""))[0]
             actions += [act.DeletePod(p, ds) for p in live if p is not keep]
-            if sel.ready(keep):
+            if podutil.ready(keep):
                 ready += 1
             else:
                 unavailable_now += 1
@@ -88,7 +89,7 @@ def reconcile_daemonset(ds: dict, nodes: list[dict], pods: list[dict]) -> list:
             if not deleting and creating < act.BURST_REPLICAS:
                 creating += 1
                 actions.append(act.CreatePod(
-                    sel.pod_from_template(ds, template, extra_labels={REVISION_LABEL: revision},
+                    podutil.pod_from_template(ds, template, extra_labels={REVISION_LABEL: revision},
                                           node_name=node), ds))
 
     # Rolling update: replace an out-of-date pod only while no node is without a

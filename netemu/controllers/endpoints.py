@@ -19,8 +19,9 @@ whose Service is gone are deleted.
 from __future__ import annotations
 
 from netemu.controllers import actions as act
-from netemu.controllers import selectors as sel
+from netemu.controllers import podutil
 from netemu.controllers.loop import guarded, run_reconciler
+from netemu.k8s import selectors
 from netemu.store import registry
 from netemu.store.base import Store
 
@@ -47,7 +48,8 @@ def desired_subsets(service: dict, pods: list[dict]) -> list[dict]:
     for pod in pods:
         meta = pod["metadata"]
         ip = (pod.get("status") or {}).get("podIP")
-        if not ip or sel.terminating(pod) or sel.finished(pod) or not sel.matches(selector, meta.get("labels")):
+        if (not ip or podutil.terminating(pod) or podutil.finished(pod)
+                or not selectors.matches(selector, meta.get("labels"))):
             continue
         ports = []
         for sp in spec.get("ports") or []:
@@ -67,7 +69,7 @@ def desired_subsets(service: dict, pods: list[dict]) -> list[dict]:
                                      "name": meta["name"], "uid": meta.get("uid")}}
             if (pod.get("spec") or {}).get("nodeName"):
                 address["nodeName"] = pod["spec"]["nodeName"]
-            group["addresses" if publish_all or sel.ready(pod) else "notReadyAddresses"].append(address)
+            group["addresses" if publish_all or podutil.ready(pod) else "notReadyAddresses"].append(address)
     subsets = []
     for key in sorted(groups):
         group = groups[key]

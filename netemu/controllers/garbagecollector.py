@@ -12,13 +12,13 @@ an object whose controller ownerReference names a uid that no longer exists
 from __future__ import annotations
 
 from netemu.controllers import actions as act
-from netemu.controllers import selectors as sel
+from netemu.controllers import podutil
 from netemu.controllers.loop import run_reconciler
+from netemu.k8s import kinds, ownership
 from netemu.store import registry
 from netemu.store.base import Store
 
 SOURCE = "garbage-collector"
-OWNER_KINDS = ("ReplicationController", "ReplicaSet", "Deployment", "Job", "DaemonSet")
 
 
 def orphans(dependents: list[dict], owners: list[dict]) -> list[dict]:
@@ -26,8 +26,8 @@ def orphans(dependents: list[dict], owners: list[dict]) -> list[dict]:
     alive = {o["metadata"].get("uid") for o in owners}
     out = []
     for obj in dependents:
-        ref = sel.controller_ref(obj)
-        if ref is not None and ref.get("kind") in OWNER_KINDS and ref.get("uid") not in alive:
+        ref = ownership.controller_ref(obj)
+        if ref is not None and ref.get("kind") in kinds.WORKLOADS and ref.get("uid") not in alive:
             out.append(obj)
     return out
 
@@ -39,7 +39,7 @@ def plan(pods: list[dict], replicasets: list[dict], owners: list[dict]) -> list:
         actions.append(act.DeleteObject("ReplicaSet", meta.get("namespace", "default"), meta["name"]))
     # A pod whose ReplicaSet is deleted in this same pass goes on the next one.
     for pod in orphans(pods, owners + replicasets):
-        if not sel.terminating(pod):
+        if not podutil.terminating(pod):
             actions.append(act.DeletePod(pod))
     return actions
 
@@ -61,7 +61,7 @@ def sync_once(store: Store) -> None:
                       for lease in orphan_leases(leases, nodes)], SOURCE)
     pods = registry.list_(store, "Pod")
     replicasets = registry.list_(store, "ReplicaSet")
-    owners = [o for kind in OWNER_KINDS if kind != "ReplicaSet" for o in registry.list_(store, kind)]
+    owners = [o for kind in kinds.WORKLOADS if kind != "ReplicaSet" for o in registry.list_(store, kind)]
     owners += registry.list_(store, "ReplicaSet")
     act.apply(store, plan(pods, replicasets, owners), SOURCE)
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 import time
 
 from netemu.controllers import actions as act
-from netemu.controllers import selectors as sel
+from netemu.controllers import podutil
 from netemu.controllers.loop import guarded, min_delay, run_reconciler
+from netemu.k8s import ownership
 from netemu.store import registry
 from netemu.store.base import Store
 
@@ -86,11 +87,11 @@ def reconcile_job(job: dict, pods: list[dict], now: float, time_scale: float = 1
     meta = job["metadata"]
     old_status = job.get("status") or {}
     status = dict(old_status)
-    mine = [p for p in pods if sel.owned_by(p, job)]
-    active = [p for p in mine if sel.active(p)]
-    succeeded = sum(1 for p in mine if sel.phase(p) == "Succeeded")
-    failed_pods = [p for p in mine if sel.phase(p) == "Failed"]
-    restarts = sum(sel.restart_count(p) for p in mine) \
+    mine = [p for p in pods if ownership.owned_by(p, job)]
+    active = [p for p in mine if podutil.active(p)]
+    succeeded = sum(1 for p in mine if podutil.phase(p) == "Succeeded")
+    failed_pods = [p for p in mine if podutil.phase(p) == "Failed"]
+    restarts = sum(podutil.restart_count(p) for p in mine) \
         if (spec.get("template") or {}).get("spec", {}).get("restartPolicy") == "OnFailure" else 0
     # Counts never go down: a finished pod someone deleted still counted.
     succeeded = max(succeeded, int(old_status.get("succeeded") or 0))
@@ -143,7 +144,7 @@ def reconcile_job(job: dict, pods: list[dict], now: float, time_scale: float = 1
             wanted = parallelism if succeeded == 0 else 0
         wanted = max(0, wanted)
         if len(active) > wanted:
-            for pod in sorted(active, key=lambda p: (sel.phase(p) == "Running", p["metadata"]["name"]))[
+            for pod in sorted(active, key=lambda p: (podutil.phase(p) == "Running", p["metadata"]["name"]))[
                     :len(active) - wanted]:
                 actions.append(act.DeletePod(pod, job))
         elif len(active) < wanted:
@@ -160,14 +161,14 @@ def reconcile_job(job: dict, pods: list[dict], now: float, time_scale: float = 1
                 template = spec.get("template") or {}
                 # At most BURST_REPLICAS per pass (MaxPodCreateDeletePerSync).
                 for _ in range(min(wanted - len(active), act.BURST_REPLICAS)):
-                    actions.append(act.CreatePod(sel.pod_from_template(job, template, extra_labels=labels), job))
+                    actions.append(act.CreatePod(podutil.pod_from_template(job, template, extra_labels=labels), job))
             else:
                 wake = ready_at - now
         if deadline is not None:
             wake = min_delay(wake, start_ts + float(deadline) - now)
 
     status.update(active=len(active), succeeded=succeeded, failed=failed,
-                  ready=sum(1 for p in active if sel.ready(p)))
+                  ready=sum(1 for p in active if podutil.ready(p)))
     return actions + act.set_status(job, _clean(status)), wake
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from netemu import api
 from netemu.controllers.loop import guarded, run_reconciler
+from netemu.k8s import kinds
 from netemu.store import registry
 from netemu.store.base import Store
 
@@ -18,7 +19,7 @@ SOURCE = "namespace-controller"
 
 
 def namespaced_kinds() -> list[str]:
-    return [k for k, (_, namespaced, _, _) in registry.KINDS.items() if namespaced]
+    return [k.kind for k in kinds.KINDS if k.namespaced]
 
 
 def finalize(store: Store, namespace: dict) -> bool:

@@ -28,8 +28,9 @@ from __future__ import annotations
 import math
 
 from netemu.controllers import actions as act
-from netemu.controllers import selectors as sel
+from netemu.controllers import podutil
 from netemu.controllers.loop import guarded, run_reconciler
+from netemu.k8s import ownership, selectors
 from netemu.store import registry
 from netemu.store.base import Store
 
@@ -44,16 +45,16 @@ HASH_LABEL = "pod-template-hash"
 
 def deletion_rank(pod: dict) -> tuple:
     """Sort key: pods that sort first are deleted first (controller.ActivePods)."""
-    phase_rank = {"Pending": 0, "Unknown": 1, "Running": 2}.get(sel.phase(pod), 0)
+    phase_rank = {"Pending": 0, "Unknown": 1, "Running": 2}.get(podutil.phase(pod), 0)
     created = registry.parse_time(pod["metadata"].get("creationTimestamp"))
     stamp = created.timestamp() if created else 0.0
     return (1 if (pod.get("spec") or {}).get("nodeName") else 0, phase_rank,
-            1 if sel.ready(pod) else 0, -sel.restart_count(pod), -stamp, pod["metadata"]["name"])
+            1 if podutil.ready(pod) else 0, -podutil.restart_count(pod), -stamp, pod["metadata"]["name"])
 
 
 def _claim_pods(owner: dict, pods: list[dict]) -> tuple[list[dict], list]:
     """Pods OWNER controls after adoption and release, and the actions for them."""
-    selector = sel.workload_selector(owner)
+    selector = selectors.workload_selector(owner)
     meta = owner["metadata"]
     ns, uid = meta.get("namespace", "default"), meta.get("uid")
     mine, actions = [], []
@@ -61,15 +62,15 @@ def _claim_pods(owner: dict, pods: list[dict]) -> tuple[list[dict], list]:
         pmeta = pod["metadata"]
         if pmeta.get("namespace", "default") != ns:
             continue
-        ref = sel.controller_ref(pod)
-        matching = sel.matches(selector, pmeta.get("labels"))
+        ref = ownership.controller_ref(pod)
+        matching = selectors.matches(selector, pmeta.get("labels"))
         if ref is not None and ref.get("uid") == uid:
             if matching:
                 mine.append(pod)
-            elif not sel.terminating(pod):
+            elif not podutil.terminating(pod):
                 actions.append(act.Mutate("Pod", ns, pmeta["name"], pmeta.get("uid"),
                                           _release(uid), why="release"))
-        elif ref is None and matching and sel.active(pod) and not meta.get("deletionTimestamp"):
+        elif ref is None and matching and podutil.active(pod) and not meta.get("deletionTimestamp"):
             mine.append(pod)
             actions.append(act.Mutate("Pod", ns, pmeta["name"], pmeta.get("uid"),
                                       _adopt(owner), why="adopt"))
@@ -87,17 +88,17 @@ def _release(uid: str):
 
 
 def _adopt(owner: dict):
-    ref = sel.owner_reference(owner)
+    ref = ownership.owner_reference(owner)
 
     def change(pod: dict) -> None:
-        if sel.controller_ref(pod) is not None:
+        if ownership.controller_ref(pod) is not None:
             raise act.Gone()          # someone else adopted it first
         pod["metadata"].setdefault("ownerReferences", []).append(ref)
     return change
 
 
 def _available(pod: dict, min_ready_seconds: int, now: float | None) -> bool:
-    if not sel.ready(pod):
+    if not podutil.ready(pod):
         return False
     if not min_ready_seconds or now is None:
         return True
@@ -115,13 +116,13 @@ def reconcile_replicas(owner: dict, pods: list[dict], now: float | None = None) 
     want = int(spec.get("replicas", 1))
     template = spec.get("template") or {}
     mine, actions = _claim_pods(owner, pods)
-    live = [p for p in mine if sel.active(p)]
+    live = [p for p in mine if podutil.active(p)]
     if not owner["metadata"].get("deletionTimestamp"):
         # At most BURST_REPLICAS per pass, as manageReplicas caps its diff: the
         # next pass (woken by these pods' own writes) does the next batch.
         if len(live) < want:
             for _ in range(min(want - len(live), act.BURST_REPLICAS)):
-                actions.append(act.CreatePod(sel.pod_from_template(owner, template), owner))
+                actions.append(act.CreatePod(podutil.pod_from_template(owner, template), owner))
         elif len(live) > want:
             for pod in sorted(live, key=deletion_rank)[:min(len(live) - want, act.BURST_REPLICAS)]:
                 actions.append(act.DeletePod(pod, owner))
@@ -131,7 +132,7 @@ def reconcile_replicas(owner: dict, pods: list[dict], now: float | None = None) 
         "replicas": len(live),
         "fullyLabeledReplicas": sum(1 for p in live if all(
             (p["metadata"].get("labels") or {}).get(k) == v for k, v in template_labels.items())),
-        "readyReplicas": sum(1 for p in live if sel.ready(p)),
+        "readyReplicas": sum(1 for p in live if podutil.ready(p)),
         "availableReplicas": sum(1 for p in live if _available(p, min_ready, now)),
         "observedGeneration": int(owner["metadata"].get("generation") or 1),
     }
@@ -162,7 +163,7 @@ def new_replicaset(deploy: dict, rs_hash: str, replicas: int) -> dict:
     meta = deploy["metadata"]
     return {"apiVersion": "apps/v1", "kind": "ReplicaSet",
             "metadata": {"name": f"{meta['name']}-{rs_hash}", "namespace": meta.get("namespace", "default"),
-                         "labels": dict(tmeta["labels"]), "ownerReferences": [sel.owner_reference(deploy)]},
+                         "labels": dict(tmeta["labels"]), "ownerReferences": [ownership.owner_reference(deploy)]},
             "spec": {"replicas": replicas, "selector": selector, "template": template,
                      "minReadySeconds": int(spec.get("minReadySeconds") or 0)}}
 
@@ -187,8 +188,9 @@ def reconcile_deployment(deploy: dict, replicasets: list[dict]) -> list:
     spec = deploy.get("spec") or {}
     meta = deploy["metadata"]
     want = int(spec.get("replicas", 1))
-    rs_hash = sel.template_hash(spec.get("template") or {}, int((deploy.get("status") or {}).get("collisionCount") or 0))
-    owned = [rs for rs in replicasets if sel.owned_by(rs, deploy)]
+    rs_hash = podutil.template_hash(spec.get("template") or {},
+                                    int((deploy.get("status") or {}).get("collisionCount") or 0))
+    owned = [rs for rs in replicasets if ownership.owned_by(rs, deploy)]
     current = next((rs for rs in owned if rs["metadata"]["name"] == f"{meta['name']}-{rs_hash}"), None)
     old = [rs for rs in owned if rs is not current]
     actions: list = []

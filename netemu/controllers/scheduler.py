@@ -24,8 +24,9 @@ import dataclasses
 from collections import Counter
 
 from netemu.controllers import actions as act
-from netemu.controllers import selectors as sel
+from netemu.controllers import podutil
 from netemu.controllers.loop import run_reconciler
+from netemu.k8s import ownership, selectors
 from netemu.store import registry
 from netemu.store.base import Conflict, Store
 
@@ -74,11 +75,11 @@ def filter_reason(pod: dict, node: dict, used_ports: set) -> str | None:
     """Why NODE cannot take POD, or None when it can (checked in kube-scheduler's
     order, and only the first failing reason is counted, as it does)."""
     spec = pod.get("spec") or {}
-    if not sel.node_ready(node):
+    if not podutil.node_ready(node):
         return NOT_READY
     if (node.get("spec") or {}).get("unschedulable"):
         return UNSCHEDULABLE
-    if not sel.node_matches_pod(spec, node):
+    if not selectors.node_matches_pod(spec, node):
         return SELECTOR
     if _ports_conflict(host_ports(spec), used_ports):
         return PORTS
@@ -103,18 +104,18 @@ def schedule(pods: list[dict], nodes: list[dict]) -> list[Binding | Unschedulabl
     for pod in sorted(pods, key=lambda p: (p["metadata"].get("creationTimestamp", ""), p["metadata"]["name"])):
         node = (pod.get("spec") or {}).get("nodeName")
         if node:
-            if not sel.finished(pod):
+            if not podutil.finished(pod):
                 load[node] += 1
-                ref = sel.controller_ref(pod)
+                ref = ownership.controller_ref(pod)
                 if ref:
                     owner_load[(ref.get("uid"), node)] += 1
                 ports.setdefault(node, set()).update(host_ports(pod.get("spec") or {}))
-        elif not sel.terminating(pod) and not sel.finished(pod):
+        elif not podutil.terminating(pod) and not podutil.finished(pod):
             waiting.append(pod)
 
     decisions: list[Binding | Unschedulable] = []
     for pod in waiting:
-        ref = sel.controller_ref(pod)
+        ref = ownership.controller_ref(pod)
         owner_uid = ref.get("uid") if ref else None
         feasible = []
         reasons: Counter = Counter()

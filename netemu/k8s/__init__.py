@@ -1,6 +1,11 @@
-"""Kubernetes API knowledge in one place: kinds, their resources and versions.
+"""Kubernetes API knowledge in one place, pure and without I/O.
 
-Only kinds.py lives here so far; the API server (netemu.apiserver) reads it.
-Moving the CLI's pluralisers (cli.py, workloads_cli.py) and registry.KINDS onto
-it is the next step of issue 13.
+  kinds.py           THE table of kinds: resources, names, versions, scope, store paths
+  selectors.py       label and field selectors: the one parser, matcher and formatter
+  ownership.py       owner references (which controller an object belongs to)
+  jsonpatch.py, strategicpatch.py, protobuf.py   request bodies the API server decodes
+
+The store, the API server, the loader, the controllers and the CLI read these;
+none keeps a table or an engine of its own (tests/unit/test_kinds.py,
+test_selectors.py).
 """

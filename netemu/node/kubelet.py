@@ -534,12 +534,12 @@ class PodWorker:
         cwd = str(c.spec.get("workingDir") or "/")
         runtime.check_program(p.argv, env, cwd)
         sb = self.sandbox
-        log_path = os.path.join(self.dir, f"{c.name}.log")
+        log_path = names.container_log(self.dir, c.name)
         if c.restarts:
             # One log per instance, as the kubelet keeps them: the one that
             # ended is what `logs --previous` reads.
             with contextlib.suppress(FileNotFoundError):
-                os.replace(log_path, os.path.join(self.dir, f"{c.name}.previous.log"))
+                os.replace(log_path, names.container_log(self.dir, c.name, previous=True))
         with open(log_path, "ab") as out:
             proc = await trio.lowlevel.open_process(
                 netns.exec_argv(sb.namespace, p.argv, uts_pid=sb.pause_pid),

@@ -2,8 +2,9 @@
 
 An object is kept in its API shape (apiVersion, kind, metadata, spec, status) under
 /registry/<resource>/<namespace>/<name> (cluster-scoped kinds have no namespace).
-metadata.resourceVersion is the store revision of the object's last change, so a
-later API front end can serve these objects to the real kubectl unchanged.
+metadata.resourceVersion is the store revision of the object's last change, so the
+API server (netemu.apiserver) serves these objects to the real kubectl unchanged.
+Which kinds there are, their paths and versions: netemu.k8s.kinds.
 """
 
 from __future__ import annotations
@@ -14,50 +15,22 @@ import hashlib
 import secrets
 import uuid
 
+from netemu.k8s import kinds
 from netemu.store.base import Conflict, Store
-
-# kind -> (registry resource path, namespaced, apiVersion, short names for the CLI)
-KINDS: dict[str, tuple[str, bool, str, tuple[str, ...]]] = {
-    "Pod": ("pods", True, "v1", ("pod", "pods", "po")),
-    "Service": ("services/specs", True, "v1", ("service", "services", "svc")),
-    "Endpoints": ("services/endpoints", True, "v1", ("endpoints", "ep")),
-    "ReplicationController": ("controllers", True, "v1",
-                              ("replicationcontroller", "replicationcontrollers", "rc")),
-    "ReplicaSet": ("replicasets", True, "apps/v1", ("replicaset", "replicasets", "rs")),
-    "Deployment": ("deployments", True, "apps/v1", ("deployment", "deployments", "deploy")),
-    "DaemonSet": ("daemonsets", True, "apps/v1", ("daemonset", "daemonsets", "ds")),
-    "Job": ("jobs", True, "batch/v1", ("job", "jobs")),
-    "Event": ("events", True, "v1", ("event", "events", "ev")),
-    "EndpointSlice": ("endpointslices", True, "discovery.k8s.io/v1", ("endpointslice", "endpointslices")),
-    # Node heartbeats: one per node in namespace kube-node-lease, renewed by its kubelet.
-    "Lease": ("leases", True, "coordination.k8s.io/v1", ("lease", "leases")),
-    "Namespace": ("namespaces", False, "v1", ("namespace", "namespaces", "ns")),
-    # The API server keeps nodes under "minions", a name from Kubernetes' first days.
-    "Node": ("minions", False, "v1", ("node", "nodes", "no")),
-}
-
-SHORT_NAMES = {alias: kind for kind, (_, _, _, aliases) in KINDS.items() for alias in aliases}
-
-
-def kind_of(word: str) -> str:
-    """The kind a CLI word names (pods, po, svc, rc, ...). Raises KeyError."""
-    if word in KINDS:
-        return word
-    return SHORT_NAMES[word.lower()]
 
 
 def key(kind: str, namespace: str | None, name: str) -> str:
-    resource, namespaced, _, _ = KINDS[kind]
-    if namespaced:
-        return f"/registry/{resource}/{namespace or 'default'}/{name}"
-    return f"/registry/{resource}/{name}"
+    k = kinds.BY_KIND[kind]
+    if k.namespaced:
+        return f"/registry/{k.path}/{namespace or 'default'}/{name}"
+    return f"/registry/{k.path}/{name}"
 
 
 def prefix(kind: str, namespace: str | None = None) -> str:
-    resource, namespaced, _, _ = KINDS[kind]
-    if namespaced and namespace:
-        return f"/registry/{resource}/{namespace}/"
-    return f"/registry/{resource}/"
+    k = kinds.BY_KIND[kind]
+    if k.namespaced and namespace:
+        return f"/registry/{k.path}/{namespace}/"
+    return f"/registry/{k.path}/"
 
 
 def now() -> str:
@@ -100,9 +73,9 @@ def create(store: Store, obj: dict, *, ttl: float | None = None) -> dict:
     obj = copy.deepcopy(obj)
     kind = obj["kind"]
     meta = obj.setdefault("metadata", {})
-    if KINDS[kind][1]:
+    if kinds.BY_KIND[kind].namespaced:
         meta.setdefault("namespace", "default")
-    obj["apiVersion"] = KINDS[kind][2]
+    obj["apiVersion"] = kinds.stored_version(kind)
     for _ in range(10):
         if not meta.get("name"):
             meta["name"] = meta["generateName"] + random_suffix()
@@ -116,7 +89,7 @@ def create(store: Store, obj: dict, *, ttl: float | None = None) -> dict:
         if rev is not None:
             return _with_version(obj, rev)
         if not generated:
-            raise Conflict(f'{kind_word(kind)} "{meta["name"]}" already exists')
+            raise Conflict(f'{kinds.BY_KIND[kind].singular} "{meta["name"]}" already exists')
         meta["name"] = ""
     raise Conflict(f"could not generate a unique name from {meta['generateName']!r}")
 
@@ -148,10 +121,6 @@ def mutate(store: Store, kind: str, namespace: str | None, name: str, change) ->
 
 def delete(store: Store, kind: str, namespace: str | None, name: str) -> bool:
     return store.delete(key(kind, namespace, name))
-
-
-def kind_word(kind: str) -> str:
-    return KINDS[kind][3][0]
 
 
 # kube-apiserver's --event-ttl default: an Event lives this long after its last

@@ -34,11 +34,11 @@ from typing import Any, Iterable
 
 from . import names
 from .model import PROBLEM_MAX, WHERE_MAX, ClusterSettings, NodeSpec, TopologyError, one_line
-from .schema import API_VERSIONS, KINDS, KNOWN_UNSUPPORTED_KINDS, SERVER_SET_METADATA, STRUCTS
+from netemu.k8s import kinds, selectors
+
+from .schema import KNOWN_UNSUPPORTED_KINDS, SERVER_SET_METADATA, SPEC_STRUCTS, STRUCTS
 from .yamlsource import load_documents, read_text
 
-CONTROLLER_KINDS = ("ReplicationController", "ReplicaSet", "Deployment", "DaemonSet", "Job")
-NODE_SELECTOR_OPERATORS = ("DoesNotExist", "Exists", "Gt", "In", "Lt", "NotIn")
 PROTOCOLS = ("SCTP", "TCP", "UDP")          # Kubernetes' order in its messages
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
 EXTERNAL_TRAFFIC_POLICIES = ("Cluster", "Local")
@@ -377,9 +377,9 @@ def _pod_spec(spec: dict, path: str, origin: Origin, *,
                          f".nodeSelectorTerms[{i}].{part}[{j}]")
                 if not req.get("key"):
                     raise origin.error(f"{rpath}.key", "Required value")
-                if req.get("operator") not in NODE_SELECTOR_OPERATORS:
+                if req.get("operator") not in selectors.NODE_SELECTOR_OPERATORS:
                     raise _unsupported(origin, f"{rpath}.operator", str(req.get("operator")),
-                                       NODE_SELECTOR_OPERATORS)
+                                       selectors.NODE_SELECTOR_OPERATORS)
 
 
 def _label_selector(selector: dict | None, path: str, kind: str, origin: Origin) -> dict:
@@ -394,8 +394,8 @@ def _label_selector(selector: dict | None, path: str, kind: str, origin: Origin)
         if not req.get("key"):
             raise origin.error(f"{rpath}.key", "Required value")
         op = req.get("operator")
-        if op not in names.SELECTOR_OPERATORS:
-            raise _unsupported(origin, f"{rpath}.operator", str(op), names.SELECTOR_OPERATORS)
+        if op not in selectors.LABEL_SELECTOR_OPERATORS:
+            raise _unsupported(origin, f"{rpath}.operator", str(op), selectors.LABEL_SELECTOR_OPERATORS)
         values = req.get("values", [])
         if op in ("In", "NotIn") and not values:
             raise origin.error(f"{rpath}.values", "Required value: must be specified when `operator` is 'In' or 'NotIn'")
@@ -480,7 +480,7 @@ def _controller(obj: dict, origin: Origin) -> None:
         if not obj["metadata"].get("labels") and labels:
             obj["metadata"]["labels"] = dict(labels)
         _check_labels(origin, "spec.selector", spec["selector"])
-        if not names.map_selector_matches(spec["selector"], labels):
+        if not selectors.matches(spec["selector"], labels):
             raise _selector_mismatch(origin, labels)
     elif kind == "Job":
         # batch/v1 SetDefaults_Job: the Job's labels come from its template's
@@ -499,13 +499,13 @@ def _controller(obj: dict, origin: Origin) -> None:
                 raise origin.error("spec.selector", f"Invalid value: {spec['selector']}: `selector` not "
                                    "auto-generated (set spec.manualSelector: true to use your own)")
             _label_selector(spec["selector"], "spec.selector", kind, origin)
-            if not names.selector_matches(spec["selector"], labels):
+            if not selectors.matches(spec["selector"], labels):
                 raise _selector_mismatch(origin, labels)
         # Without a selector the controller generates one from the Job's uid when
         # the Job is created, as Kubernetes does.
     else:
         _label_selector(spec.get("selector"), "spec.selector", kind, origin)
-        if not names.selector_matches(spec["selector"], labels):
+        if not selectors.matches(spec["selector"], labels):
             raise _selector_mismatch(origin, labels)
 
     template_spec = spec["template"].get("spec")
@@ -647,16 +647,16 @@ def normalize_object(raw: Any, file: str, where: str) -> tuple[dict, list[str]]:
         raise origin.error("kind", "Required value")
     if not isinstance(kind, str):
         raise origin.error("kind", f"must be a string, got {describe(kind)}")
-    supported = ", ".join(KINDS)
+    supported = ", ".join(SPEC_STRUCTS)
     if kind in KNOWN_UNSUPPORTED_KINDS:
         raise origin.error("kind", f"{kind} is not supported by netemu (supported kinds: {supported})")
-    if kind not in KINDS:
+    if kind not in SPEC_STRUCTS:
         raise origin.error("kind", f'unknown kind "{kind}" (supported kinds: {supported})')
     if api_version is None:
         raise origin.error("apiVersion", "Required value")
     if not isinstance(api_version, str):
         raise origin.error("apiVersion", f"must be a string, got {describe(api_version)}")
-    versions = API_VERSIONS[kind]
+    versions = kinds.BY_KIND[kind].accepted_versions
     if api_version not in versions:
         raise origin.error("apiVersion", f'no kind "{kind}" is registered for version "{api_version}" '
                            f"(accepted: {', '.join(versions)})")
@@ -666,14 +666,14 @@ def normalize_object(raw: Any, file: str, where: str) -> tuple[dict, list[str]]:
         origin.warn(str(key), "unknown field (a Kubernetes object has apiVersion, kind, metadata, "
                     "spec and status); dropped")
         del raw[key]
-    current = versions[api_version]
+    current = kinds.stored_version(kind)
     if current != api_version:
         origin.warn("apiVersion", f"{api_version} {kind} converted to {current}, as the API server does")
         _convert_old(raw, kind, api_version, origin)
     if "status" in raw:
         origin.warn("status", "is written by the cluster; the manifest's status is dropped")
 
-    namespaced, spec_struct = KINDS[kind]
+    namespaced, spec_struct = kinds.BY_KIND[kind].namespaced, SPEC_STRUCTS[kind]
     obj: dict = {"apiVersion": current, "kind": kind}
     if raw.get("metadata") is None:
         raise origin.error("metadata.name", "Required value: name is required")
@@ -717,7 +717,7 @@ def _pod_specs(obj: dict) -> tuple[dict, str] | None:
     """(pod spec, its field path) of a Pod or a controller's template."""
     if obj["kind"] == "Pod":
         return obj["spec"], "spec"
-    if obj["kind"] in CONTROLLER_KINDS:
+    if obj["kind"] in kinds.WORKLOADS:
         return obj["spec"]["template"]["spec"], "spec.template.spec"
     return None
 
@@ -870,7 +870,7 @@ def _check_nodes(entries: list[Entry], nodes: list[NodeSpec]) -> None:
         if node_name is not None and node_name not in by_name:
             raise e.origin.error(f"{path}.nodeName", f'no node named "{node_name}" (nodes: {node_list})')
         selector = spec.get("nodeSelector", {})
-        eligible = [n for n in nodes if names.map_selector_matches(selector, n.labels)
+        eligible = [n for n in nodes if selectors.map_matches(selector, n.labels)
                     and (node_name is None or n.name == node_name)]
         if kind != "DaemonSet" and node_name is None:
             eligible = [n for n in eligible if not n.unschedulable]   # DaemonSets ignore cordons

@@ -10,7 +10,6 @@ use the same function.
 from __future__ import annotations
 
 import re
-from typing import Mapping
 
 _LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 _DNS1123_LABEL = re.compile(rf"^{_LABEL}$")
@@ -118,35 +117,6 @@ def label_value(value: str) -> str | None:
                 "characters, '-', '_' or '.', and must start and end with an alphanumeric "
                 "character (e.g. 'MyValue', or 'my_value', or '12345')")
     return None
-
-
-SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
-
-
-def selector_matches(selector: Mapping, labels: Mapping[str, str]) -> bool:
-    """Whether a LabelSelector ({matchLabels, matchExpressions}) selects `labels`.
-
-    An empty selector matches everything, as in Kubernetes' LabelSelectorAsSelector.
-    """
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for req in selector.get("matchExpressions") or []:
-        key, op, values = req["key"], req["operator"], req.get("values") or []
-        if op == "In" and labels.get(key) not in values:
-            return False
-        if op == "NotIn" and key in labels and labels[key] in values:
-            return False
-        if op == "Exists" and key not in labels:
-            return False
-        if op == "DoesNotExist" and key in labels:
-            return False
-    return True
-
-
-def map_selector_matches(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
-    """Equality-only selector (ReplicationController, Service, nodeSelector)."""
-    return all(labels.get(k) == v for k, v in selector.items())
 
 
 def go_repr(value) -> str:

@@ -132,35 +132,19 @@ STRUCTS: dict[str, Struct] = {s.name: s for s in [
     _s("NamespaceSpec", {}, "finalizers"),
 ]}
 
-# kind -> (scope, spec struct). Every kind has apiVersion, kind, metadata, spec
-# and status at the top; status is dropped on the way in (the cluster writes it).
-KINDS: dict[str, tuple[bool, str]] = {
-    # kind: (namespaced, spec struct)
-    "Pod": (True, "PodSpec"),
-    "ReplicationController": (True, "ReplicationControllerSpec"),
-    "ReplicaSet": (True, "ReplicaSetSpec"),
-    "Deployment": (True, "DeploymentSpec"),
-    "DaemonSet": (True, "DaemonSetSpec"),
-    "Job": (True, "JobSpec"),
-    "Service": (True, "ServiceSpec"),
-    "Namespace": (False, "NamespaceSpec"),
-}
-
-# kind -> {apiVersion accepted on the way in: the current apiVersion it becomes}.
-# The old ones are those the API server once served for that kind (kubernetes
-# 1.2-1.15); apps/v1beta1 never had ReplicaSet or DaemonSet.
-API_VERSIONS: dict[str, dict[str, str]] = {
-    "Pod": {"v1": "v1"},
-    "ReplicationController": {"v1": "v1"},
-    "Service": {"v1": "v1"},
-    "Namespace": {"v1": "v1"},
-    "Deployment": {"apps/v1": "apps/v1", "apps/v1beta2": "apps/v1",
-                   "apps/v1beta1": "apps/v1", "extensions/v1beta1": "apps/v1"},
-    "ReplicaSet": {"apps/v1": "apps/v1", "apps/v1beta2": "apps/v1",
-                   "extensions/v1beta1": "apps/v1"},
-    "DaemonSet": {"apps/v1": "apps/v1", "apps/v1beta2": "apps/v1",
-                  "extensions/v1beta1": "apps/v1"},
-    "Job": {"batch/v1": "batch/v1", "extensions/v1beta1": "batch/v1"},
+# The kinds a manifest may hold -> the struct their spec is decoded as, in the
+# order error messages list them. Every kind has apiVersion, kind, metadata,
+# spec and status at the top; status is dropped on the way in (the cluster
+# writes it). Scope and apiVersions (current and old): netemu.k8s.kinds.
+SPEC_STRUCTS: dict[str, str] = {
+    "Pod": "PodSpec",
+    "ReplicationController": "ReplicationControllerSpec",
+    "ReplicaSet": "ReplicaSetSpec",
+    "Deployment": "DeploymentSpec",
+    "DaemonSet": "DaemonSetSpec",
+    "Job": "JobSpec",
+    "Service": "ServiceSpec",
+    "Namespace": "NamespaceSpec",
 }
 
 # Kinds Kubernetes has that netemu does not emulate, so the error can say so

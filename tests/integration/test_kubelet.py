@@ -23,6 +23,7 @@ import yaml
 from netemu import api, cluster as clusters, names, netns
 from netemu.node import runtime
 from netemu.node.sandbox import Sandbox
+from netemu.k8s import kinds
 from netemu.store import registry
 from tests.integration.clusters import running, wait_for, write_topology
 
@@ -70,7 +71,7 @@ def sleeper(**extra):
 def get(cluster, kind, name, namespace="default"):
     store = clusters.open_store(cluster)
     try:
-        return registry.get(store, kind, namespace if registry.KINDS[kind][1] else None, name)
+        return registry.get(store, kind, namespace if kinds.BY_KIND[kind].namespaced else None, name)
     finally:
         store.close()
 

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from netemu import cluster as clusters
+from netemu.k8s import kinds
 from netemu.store import registry
 from tests.integration.clusters import running, wait_for, write_topology
 
@@ -70,7 +71,7 @@ def pods_of(cluster, prefix) -> list[dict]:
 def get_obj(cluster, kind, name) -> dict | None:
     store = clusters.open_store(cluster)
     try:
-        return registry.get(store, kind, "default" if registry.KINDS[kind][1] else None, name)
+        return registry.get(store, kind, "default" if kinds.BY_KIND[kind].namespaced else None, name)
     finally:
         store.close()
 

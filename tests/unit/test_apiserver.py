@@ -337,8 +337,28 @@ def test_pod_logs_tail_limit_and_errors(server, tmp_path):
     assert call(server, "GET", "/api/v1/namespaces/default/pods/web/log?container=a&tailLines=0")[1] == b""
     assert call(server, "GET", "/api/v1/namespaces/default/pods/web/log?container=a&limitBytes=5")[1] == b"one\nt"
     code, body = call(server, "GET", "/api/v1/namespaces/default/pods/web/log?container=a&previous=true")
-    assert code == 400 and "previous" in body["message"]
+    assert (code, body["message"]) == (400, 'previous terminated container "a" in pod "web" not found')
     assert call(server, "GET", "/api/v1/namespaces/default/pods/web/log?container=a&tailLines=-1")[0] == 422
+
+
+def test_pod_logs_previous_instance(server, tmp_path):
+    # The kubelet keeps the log of the instance before the last restart beside
+    # the current one (node/kubelet.py, names.container_log): previous=true reads
+    # it, whole (follow has nothing to wait for), with tailLines and limitBytes.
+    server.pod_dir = lambda ns, pod: str(tmp_path / ns / pod)
+    call(server, "POST", "/api/v1/namespaces/default/pods", POD)
+    folder = tmp_path / "default" / "web"
+    folder.mkdir(parents=True)
+    (folder / "c.log").write_bytes(b"second run\n")
+    code, body = call(server, "GET", "/api/v1/namespaces/default/pods/web/log?previous=true")
+    assert (code, body["reason"], body["message"]) == (
+        400, "BadRequest", 'previous terminated container "c" in pod "web" not found')
+    (folder / "c.previous.log").write_bytes(b"first run\ncrashed\n")
+    assert call(server, "GET", "/api/v1/namespaces/default/pods/web/log")[1] == b"second run\n"
+    for query, want in (("previous=true", b"first run\ncrashed\n"), ("previous=true&follow=true", b"first run\ncrashed\n"),
+                        ("previous=true&tailLines=1", b"crashed\n"), ("previous=1&limitBytes=5", b"first")):
+        code, body = call(server, "GET", f"/api/v1/namespaces/default/pods/web/log?{query}")
+        assert (code, body) == (200, want), query
 
 
 # -- the HTTP layer, over in-memory streams ----------------------------------------

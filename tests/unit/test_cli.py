@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 
-from netemu import label_selector
+from netemu.k8s import selectors
 from netemu.store import registry
 from netemu.store.sqlite import SqliteStore
 
@@ -71,6 +71,17 @@ def names_in(table: str) -> list[str]:
     return [line.split()[0] for line in table.splitlines()[1:]]
 
 
+def test_get_output_name_is_kubectls(state):
+    # kubectl get -o name: the kind with its group (pod/a, job.batch/j), as
+    # `kubectl delete $(kubectl get ... -o name)` takes it back.
+    root, store = state
+    add_pod(store, "a")
+    registry.create(store, {"kind": "Job", "metadata": {"name": "j", "namespace": "default"},
+                            "spec": {"template": {"spec": {"containers": [{"name": "c", "image": "x"}]}}}})
+    assert run(root, "get", "pods", "-o", "name").stdout == "pod/a\n"
+    assert run(root, "get", "jobs", "-o", "name").stdout == "job.batch/j\n"
+
+
 def test_get_takes_names_after_flags_and_refuses_unknown_flags(state):
     root, store = state
     for n in ("a", "b", "c"):
@@ -96,16 +107,16 @@ def test_get_selector_equality_set_based_and_show_labels(state):
              "tier": ["web-1", "web-2"], "!tier": ["bare", "db"], "": ["bare", "db", "web-1", "web-2"]}
     pods = registry.list_(store, "Pod")
     for selector, expected in cases.items():
-        requirements = label_selector.parse(selector)
+        requirements = selectors.parse_label_selector(selector)
         assert sorted(p["metadata"]["name"] for p in pods
-                      if label_selector.matches(requirements, p["metadata"]["labels"])) == expected, selector
+                      if selectors.labels_match(requirements, p["metadata"]["labels"])) == expected, selector
     for flag, selector in (("-l", "app!=web"), ("--selector", "tier in (front, back)")):
         r = run(root, "get", "pods", flag, selector)
         assert r.returncode == 0, (selector, r.stderr)
         assert sorted(names_in(r.stdout)) == cases[selector], selector
     for bad in ("a b", "a in ()", "-a=b", "a=b c", "a>x", ",a"):
-        with pytest.raises(label_selector.SelectorSyntaxError):
-            label_selector.parse(bad)
+        with pytest.raises(selectors.SelectorError):
+            selectors.parse_label_selector(bad)
     r = run(root, "get", "pods", "-l", "app=nothing")
     assert r.returncode == 0 and r.stdout == "" and "No resources found in default namespace." in r.stderr
     r = run(root, "get", "pods", "-l", "tier in (front", "--show-labels")

@@ -6,7 +6,8 @@ import pytest
 
 from netemu.controllers import actions as act
 from netemu.controllers import daemonset, endpoints, garbagecollector, job, replication, scheduler
-from netemu.controllers import selectors as sel
+from netemu.controllers import podutil
+from netemu.k8s import ownership, selectors
 
 from tests.unit.test_controllers_support import node, pod, workload
 
@@ -25,29 +26,30 @@ def status_of(actions):
 # -- selectors -----------------------------------------------------------------------
 
 def test_selector_shapes():
-    assert sel.matches({"app": "nginx"}, {"app": "nginx", "x": "y"})
-    assert not sel.matches({"app": "nginx"}, {"app": "web"})
-    assert not sel.matches({}, {"app": "nginx"})                    # empty selects nothing
+    assert selectors.matches({"app": "nginx"}, {"app": "nginx", "x": "y"})
+    assert not selectors.matches({"app": "nginx"}, {"app": "web"})
+    assert not selectors.matches({}, {"app": "nginx"})                    # empty selects nothing
     s = {"matchLabels": {"app": "a"},
          "matchExpressions": [{"key": "tier", "operator": "In", "values": ["web", "api"]},
                               {"key": "env", "operator": "NotIn", "values": ["prod"]},
                               {"key": "team", "operator": "Exists"},
                               {"key": "legacy", "operator": "DoesNotExist"}]}
-    assert sel.matches(s, {"app": "a", "tier": "web", "team": "x"})
-    assert not sel.matches(s, {"app": "a", "tier": "db", "team": "x"})
-    assert not sel.matches(s, {"app": "a", "tier": "web", "team": "x", "env": "prod"})
-    assert not sel.matches(s, {"app": "a", "tier": "web"})
-    assert not sel.matches(s, {"app": "a", "tier": "web", "team": "x", "legacy": "1"})
-    with pytest.raises(sel.SelectorError):
-        sel.matches({"matchExpressions": [{"key": "a", "operator": "Near"}]}, {"a": "1"})
-    assert sel.format_selector(s) == "app=a,tier in (web,api),env notin (prod),team,!legacy"
+    assert selectors.matches(s, {"app": "a", "tier": "web", "team": "x"})
+    assert not selectors.matches(s, {"app": "a", "tier": "db", "team": "x"})
+    assert not selectors.matches(s, {"app": "a", "tier": "web", "team": "x", "env": "prod"})
+    assert not selectors.matches(s, {"app": "a", "tier": "web"})
+    assert not selectors.matches(s, {"app": "a", "tier": "web", "team": "x", "legacy": "1"})
+    with pytest.raises(selectors.SelectorError):
+        selectors.matches({"matchExpressions": [{"key": "a", "operator": "Near"}]}, {"a": "1"})
+    # as kubectl prints it: requirements sorted by key, values sorted
+    assert selectors.format_selector(s) == "app=a,env notin (prod),!legacy,team,tier in (api,web)"
 
 
 def test_template_hash_is_stable_and_name_safe():
     t = {"metadata": {"labels": {"app": "a"}}, "spec": {"containers": [{"image": "nginx"}]}}
-    h = sel.template_hash(t)
-    assert h == sel.template_hash(dict(t)) and len(h) == 10
-    assert h != sel.template_hash({**t, "spec": {"containers": [{"image": "httpd"}]}})
+    h = podutil.template_hash(t)
+    assert h == podutil.template_hash(dict(t)) and len(h) == 10
+    assert h != podutil.template_hash({**t, "spec": {"containers": [{"image": "httpd"}]}})
     assert set(h) <= set("bcdfghjklmnpqrstvwxz2456789")
 
 
@@ -145,7 +147,7 @@ def test_rc_adopts_orphans_and_releases_relabelled_pods():
     adopt = [a for a in of(actions, act.Mutate) if a.why == "adopt"][0]
     copy = pod("orphan", {"app": "web"})
     adopt.change(copy)
-    assert sel.controller_ref(copy)["uid"] == rc["metadata"]["uid"]
+    assert ownership.controller_ref(copy)["uid"] == rc["metadata"]["uid"]
 
 
 def test_rc_status_unchanged_means_no_write():
@@ -162,7 +164,7 @@ def test_deployment_creates_hashed_replicaset():
     actions = replication.reconcile_deployment(d, [])
     [create] = of(actions, act.CreateObject)
     rs = create.obj
-    h = sel.template_hash(d["spec"]["template"])
+    h = podutil.template_hash(d["spec"]["template"])
     assert rs["metadata"]["name"] == f"web-{h}" and rs["spec"]["replicas"] == 3
     assert rs["spec"]["selector"]["matchLabels"] == {"app": "web", "pod-template-hash": h}
     assert rs["spec"]["template"]["metadata"]["labels"]["pod-template-hash"] == h
@@ -172,7 +174,7 @@ def test_deployment_creates_hashed_replicaset():
 def test_deployment_rolls_within_surge_and_unavailability():
     d = workload("Deployment", "web", replicas=4)
     old = workload("ReplicaSet", "web-old", replicas=4)
-    old["metadata"]["ownerReferences"] = [sel.owner_reference(d)]
+    old["metadata"]["ownerReferences"] = [ownership.owner_reference(d)]
     old["metadata"]["creationTimestamp"] = "2024-01-01T00:00:00Z"
     old["status"] = {"replicas": 4, "readyReplicas": 4, "availableReplicas": 4}
     actions = replication.reconcile_deployment(d, [old])
@@ -266,7 +268,7 @@ def test_daemonset_places_one_pod_per_eligible_node_including_cordoned():
 def test_daemonset_follows_node_selector_and_replaces_dead():
     ds = workload("DaemonSet", "agent", node_selector={"disk": "ssd"})
     nodes = [node("node1", {"disk": "ssd"}), node("node2")]
-    rev = sel.template_hash(ds["spec"]["template"])
+    rev = podutil.template_hash(ds["spec"]["template"])
     stale = pod("agent-old", {"app": "agent"}, owner=ds, node_name="node2", phase="Running")
     dead = pod("agent-dead", {"app": "agent"}, owner=ds, node_name="node1", phase="Failed")
     actions = daemonset.reconcile_daemonset(ds, nodes, [stale, dead])

@@ -11,7 +11,8 @@ import pytest
 
 from netemu.controllers import actions as act
 from netemu.controllers import daemonset, job, replication
-from netemu.controllers import selectors as sel
+from netemu.controllers import podutil
+from netemu.k8s import ownership
 from netemu.store import registry
 
 from tests.unit.test_controllers_support import node, open_store, workload
@@ -56,7 +57,7 @@ def test_a_pass_against_the_store_creates_one_bounded_batch_in_bounded_memory(tm
         tracemalloc.stop()
     pods = registry.list_(store, "Pod")
     assert len(pods) == act.BURST_REPLICAS
-    assert all(sel.owned_by(p, rc) for p in pods)
+    assert all(ownership.owned_by(p, rc) for p in pods)
     assert peak < 64 * 2 ** 20, f"one pass peaked at {peak / 2 ** 20:.0f} MiB"
     # The next pass does the next batch: progress, never the whole count at once.
     replication.sync_once(store)
@@ -71,12 +72,12 @@ def test_creation_runs_in_slow_start_batches_that_stop_after_a_failure(tmp_path)
     store = open_store(tmp_path)
     owner = registry.create(store, workload("ReplicationController", "w", replicas=100))
     template = owner["spec"]["template"]
-    good = [act.CreatePod(sel.pod_from_template(owner, template), owner) for _ in range(3)]
+    good = [act.CreatePod(podutil.pod_from_template(owner, template), owner) for _ in range(3)]
     # A pod the store cannot encode (a set is not JSON): its create fails every time,
     # as any store refusal would.
     bad = []
     for _ in range(97):
-        pod = sel.pod_from_template(owner, template)
+        pod = podutil.pod_from_template(owner, template)
         pod["metadata"]["annotations"] = {"bad": {1, 2}}
         bad.append(act.CreatePod(pod, owner))
     act.apply(store, good + bad, "replication-controller")       # no exception escapes

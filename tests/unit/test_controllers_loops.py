@@ -9,7 +9,8 @@ import trio
 
 from netemu import api
 from netemu.controllers import manager
-from netemu.controllers import selectors as sel
+from netemu.controllers import podutil
+from netemu.k8s import ownership
 from netemu.store import registry
 
 from tests.unit.test_controllers_support import Kubelet, node, open_store, settings, wait_for, workload
@@ -26,7 +27,7 @@ def store_with_nodes(tmp_path, *nodes):
 
 def owned(store, kind, name):
     owner = registry.get(store, kind, "default", name)
-    return [p for p in registry.list_(store, "Pod") if owner and sel.owned_by(p, owner)]
+    return [p for p in registry.list_(store, "Pod") if owner and ownership.owned_by(p, owner)]
 
 
 async def run_cluster(store, scenario, *, only, outcome=None, cfg=None):
@@ -91,7 +92,7 @@ def test_rc_replaces_deleted_pod_and_endpoints_follow(tmp_path):
     async def scenario(kubelet):
         def two_running():
             pods = owned(store, "ReplicationController", "podtoservcie")
-            return len([p for p in pods if sel.ready(p)]) == 2 and len(endpoint_ips()) == 2
+            return len([p for p in pods if podutil.ready(p)]) == 2 and len(endpoint_ips()) == 2
         await wait_for(two_running)
         first = sorted(p["metadata"]["name"] for p in owned(store, "ReplicationController", "podtoservcie"))
         victim = first[0]
@@ -99,7 +100,7 @@ def test_rc_replaces_deleted_pod_and_endpoints_follow(tmp_path):
 
         def replaced():
             names = {p["metadata"]["name"] for p in owned(store, "ReplicationController", "podtoservcie")
-                     if sel.ready(p)}
+                     if podutil.ready(p)}
             return len(names) == 2 and victim not in names and len(endpoint_ips()) == 2
         await wait_for(replaced)
         names = {p["metadata"]["name"] for p in owned(store, "ReplicationController", "podtoservcie")}
@@ -120,7 +121,7 @@ def test_daemonset_follows_node_labels(tmp_path):
     registry.create(store, workload("DaemonSet", "agent", node_selector={"disk": "ssd"}))
 
     def nodes_with_pod():
-        return sorted(p["spec"]["nodeName"] for p in owned(store, "DaemonSet", "agent") if sel.active(p))
+        return sorted(p["spec"]["nodeName"] for p in owned(store, "DaemonSet", "agent") if podutil.active(p))
 
     async def scenario(kubelet):
         await wait_for(lambda: nodes_with_pod() == ["node1"])
@@ -161,7 +162,7 @@ def test_deployment_rolls_to_new_template(tmp_path):
             sets = replicasets()
             return (len(sets) == 2 and sets[first]["spec"]["replicas"] == 0
                     and sum(1 for p in registry.list_(store, "Pod")
-                            if sel.active(p) and sel.ready(p)
+                            if podutil.active(p) and podutil.ready(p)
                             and p["spec"]["containers"][0]["image"] == "httpd") == 2)
         await wait_for(rolled)
 
@@ -176,7 +177,7 @@ def test_deleting_a_job_removes_its_pods(tmp_path):
         await wait_for(lambda: len(owned(store, "Job", "sleepy")) == 3)
         job = registry.get(store, "Job", "default", "sleepy")
         api.delete(store, "job", "default", "sleepy")
-        await wait_for(lambda: not [p for p in registry.list_(store, "Pod") if sel.owned_by(p, job)])
+        await wait_for(lambda: not [p for p in registry.list_(store, "Pod") if ownership.owned_by(p, job)])
 
     trio.run(lambda: run_cluster(store, scenario, only=["scheduler", "job", "garbage-collector"]))
 

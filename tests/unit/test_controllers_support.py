@@ -11,7 +11,8 @@ import types
 
 import trio
 
-from netemu.controllers import selectors as sel
+from netemu.controllers import podutil
+from netemu.k8s import kinds, ownership
 from netemu.store import registry
 from netemu.store.sqlite import SqliteStore
 
@@ -38,7 +39,7 @@ def pod(name, labels=None, *, node_name=None, phase=None, ready=False, owner=Non
     meta = {"name": name, "namespace": ns, "uid": f"uid-{name}-{next(_uids)}", "labels": dict(labels or {}),
             "creationTimestamp": created}
     if owner is not None:
-        meta["ownerReferences"] = [sel.owner_reference(owner)]
+        meta["ownerReferences"] = [ownership.owner_reference(owner)]
     if deleting:
         meta["deletionTimestamp"] = "2024-01-01T00:00:10Z"
     spec = {"containers": [{"name": "c", "image": "nginx", "ports": [dict(p) for p in ports]}]}
@@ -68,7 +69,7 @@ def workload(kind, name, *, replicas=None, labels=None, selector=None, ns="defau
         body["selector"] = selector or dict(labels)
     elif kind != "Job" or selector:
         body["selector"] = selector or {"matchLabels": dict(labels)}
-    return {"apiVersion": registry.KINDS[kind][2], "kind": kind,
+    return {"apiVersion": kinds.stored_version(kind), "kind": kind,
             "metadata": {"name": name, "namespace": ns, "uid": f"uid-{kind}-{name}-{next(_uids)}",
                          "generation": 1},
             "spec": body}
@@ -93,15 +94,15 @@ class Kubelet:
         active_by_owner: dict[str, int] = {}
         for p in registry.list_(self.store, "Pod"):
             meta, spec = p["metadata"], p.get("spec") or {}
-            ref = sel.controller_ref(p)
-            if ref and sel.active(p):
+            ref = ownership.controller_ref(p)
+            if ref and podutil.active(p):
                 active_by_owner[ref["name"]] = active_by_owner.get(ref["name"], 0) + 1
             if not spec.get("nodeName"):
                 continue
             if meta.get("deletionTimestamp"):
                 self.store.delete(registry.key("Pod", meta["namespace"], meta["name"]))
                 continue
-            phase = sel.phase(p)
+            phase = podutil.phase(p)
             if phase == "Pending":
                 def start(obj):
                     obj["status"] = {"phase": "Running", "podIP": f"10.244.0.{next(self.ips)}",
