@@ -44,7 +44,7 @@ import trio
 from netemu import journal, names
 from netemu.store import registry
 from netemu.store.sqlite import SqliteStore
-from netemu.supervisor import daemon_env, python_argv, supervise
+from netemu.supervisor import daemon_env, python_argv, stop_on_signal, supervise
 
 log = logging.getLogger("netemu.controlplane")
 
@@ -81,7 +81,7 @@ class ControlPlane:
     async def run(self, part: str) -> None:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
-            nursery.start_soon(self._signals, nursery.cancel_scope)
+            nursery.start_soon(stop_on_signal, nursery.cancel_scope)
             nursery.start_soon(self._tick, part)
             if part == "nodes":
                 for node in registry.list_(self.store, "Node"):
@@ -105,13 +105,6 @@ class ControlPlane:
             with open(path, "a"):
                 os.utime(path)
             await trio.sleep(TICK)
-
-    async def _signals(self, scope: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for _ in signals:
-                log.info("stopping")
-                scope.cancel()
-                return
 
     async def _controllers(self) -> None:
         from netemu.controllers import manager

@@ -41,6 +41,16 @@ async def watch_parent(scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
+async def stop_on_signal(scope: trio.CancelScope) -> None:
+    """Cancel SCOPE at the first SIGTERM or SIGINT: a daemon's way to stop
+    cleanly (its finally-blocks release what it holds)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            log.info("stopping")
+            scope.cancel()
+            return
+
+
 def daemon_env(cluster: str) -> dict:
     env = dict(os.environ)
     env[names.CLUSTER_ENV] = cluster
@@ -121,13 +131,7 @@ def run_node_daemon(role: str, factory, argv: list[str] | None = None) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            async def stop_on_signal():
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for _ in signals:
-                        nursery.cancel_scope.cancel()
-                        return
-
-            nursery.start_soon(stop_on_signal)
+            nursery.start_soon(stop_on_signal, nursery.cancel_scope)
             nursery.start_soon(watch_parent, nursery.cancel_scope)
             await factory(args.cluster, args.node, store).run()
             nursery.cancel_scope.cancel()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import socket
 import sys
 
@@ -15,7 +14,7 @@ from netemu.apiserver import http, status
 from netemu.apiserver.server import ApiServer, ensure_system_namespaces
 from netemu.store import registry
 from netemu.store.sqlite import SqliteStore
-from netemu.supervisor import watch_parent
+from netemu.supervisor import stop_on_signal, watch_parent
 
 log = logging.getLogger("netemu.apiserver")
 
@@ -77,13 +76,7 @@ async def run(cluster: str) -> None:
     log.info("serving on node %s (127.0.0.1:%d, %s:%d) and the machine's 127.0.0.1:%d", node,
              apiserver.INSECURE_PORT, address, apiserver.INSECURE_PORT, config["port"])
     async with trio.open_nursery() as nursery:
-        async def stop_on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    return
-
-        nursery.start_soon(stop_on_signal)
+        nursery.start_soon(stop_on_signal, nursery.cancel_scope)
         # A controllers part killed with -9 leaves us behind: make way for the
         # server its successor starts (it needs our ports).
         nursery.start_soon(watch_parent, nursery.cancel_scope)

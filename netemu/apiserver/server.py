@@ -117,6 +117,15 @@ def merge_patch(target, patch):
     return out
 
 
+
+def _json_body(req: Request):
+    """The request's body as JSON (any value; callers check its shape)."""
+    try:
+        return json.loads(req.body or b"null")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise api.ApiError(f"the body of the request could not be decoded as JSON: {err}",
+                           reason="BadRequest") from None
+
 class ApiServer:
     def __init__(self, store, settings=None, address: str = "127.0.0.1:8080", pod_dir=None,
                  cluster: str | None = None):
@@ -340,11 +349,7 @@ class ApiServer:
             # lacks a codec answers the same.
             raise api.ApiError(f'the body of the request was in an unknown format - accepted media types '
                                f'include: application/json, {protobuf.MEDIA_TYPE}', reason="UnsupportedMediaType")
-        try:
-            body = json.loads(req.body or b"null")
-        except (ValueError, UnicodeDecodeError) as err:
-            raise api.ApiError(f"the body of the request could not be decoded as JSON: {err}",
-                               reason="BadRequest") from None
+        body = _json_body(req)
         if not isinstance(body, dict):
             raise api.ApiError("the body of the request must be a JSON object", reason="BadRequest")
         return body
@@ -435,11 +440,7 @@ class ApiServer:
         if media not in PATCHES:
             raise api.ApiError("the body of the request was in an unknown format - accepted media types "
                                f"include: {', '.join(PATCHES)}", reason="UnsupportedMediaType")
-        try:
-            body = json.loads(req.body or b"null")
-        except (ValueError, UnicodeDecodeError) as err:
-            raise api.ApiError(f"the body of the request could not be decoded as JSON: {err}",
-                               reason="BadRequest") from None
+        body = _json_body(req)
         try:
             if media == JSON_PATCH:
                 return jsonpatch.apply(current, body)
