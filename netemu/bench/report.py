@@ -131,8 +131,11 @@ HEADERS = ["test", "path", "backend", "median", "min–max", "ratio to host-gw",
 
 
 def markdown(rows: list[dict[str, Any]], config: dict[str, Any]) -> str:
+    link = config.get("link")
+    # Figures over impaired uplinks are not comparable with plain ones: say so first.
+    over = (", node uplinks impaired: " + " ".join(f"{k} {v}" for k, v in link.items())) if link else ""
     lines = [f"# netemu bench: underlay MTU {config.get('mtu')}, {config.get('rounds')} rounds "
-             f"of {config.get('duration')} s", "",
+             f"of {config.get('duration')} s{over}", "",
              "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     for row in rows:
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells(row)) + " |")

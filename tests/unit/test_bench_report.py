@@ -29,6 +29,9 @@ def test_summary_order_and_markdown():
     lines = md.splitlines()
     assert lines[2].startswith("| test |") and len(lines) == 4 + len(rows)
     assert "daemon CPU 1.50 s" in md and "drops 3" in md
+    assert "impaired" not in lines[0]
+    md = report.markdown(rows, {"mtu": 1500, "rounds": 1, "duration": 2, "link": {"delay": "1ms", "loss": "0.1%"}})
+    assert md.splitlines()[0].endswith(", node uplinks impaired: delay 1ms loss 0.1%")
 
 
 def test_iperf_parsing_and_percentile():
