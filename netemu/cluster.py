@@ -132,10 +132,12 @@ def owned_names_taken(cluster: str) -> list[str]:
 
 
 def up(topology, progress: Callable[[str], None] = lambda s: None,
-       fail_after: str | None = None, where: str | None = None) -> dict:
+       fail_after: str | None = None, where: str | None = None, kubeconfig: bool = True) -> dict:
     """Build the cluster. FAIL_AFTER names a step after which to fail on purpose
     (tests use it to prove that a failed up rolls back). WHERE: the file and
-    field the cluster's name came from, for errors.
+    field the cluster's name came from, for errors. KUBECONFIG: add the
+    cluster's context to the user's kubeconfig (not for throw-away clusters
+    such as the benchmark's, which must leave the user's files alone).
 
     Every way up can end early rolls back: an exception (SIGINT's
     KeyboardInterrupt, and SIGTERM/SIGHUP, which the CLI turns into
@@ -164,7 +166,7 @@ def up(topology, progress: Callable[[str], None] = lambda s: None,
         # First thing: the supervisor, holding the read end of the builder pipe,
         # so that from here on a builder killed by SIGKILL is rolled back.
         builder = start_supervisor(cluster)
-        _build(topology, progress, fail_after, builder)
+        _build(topology, progress, fail_after, builder, kubeconfig)
         summary = wait_ready(cluster, progress)
         _tell(builder, "commit")
         builder.close()
@@ -236,7 +238,7 @@ def _tell(builder, word: str) -> None:
     builder.flush()
 
 
-def _build(topology, progress, fail_after, builder) -> None:
+def _build(topology, progress, fail_after, builder, kubeconfig: bool = True) -> None:
     cluster, settings = topology.name, topology.settings
     plans, client = plan_addresses(topology)
     specs = {n.name: n for n in topology.nodes}
@@ -271,7 +273,7 @@ def _build(topology, progress, fail_after, builder) -> None:
         store.close()
     if fail_after == "store":
         raise ClusterError("failure injected after the store was written (test)")
-    apiserver.prepare(cluster)      # the API server's loopback port and kubeconfig context
+    apiserver.prepare(cluster, kubeconfig)      # the API server's loopback port and kubeconfig context
     _tell(builder, "start")
     progress("control plane started")
 

@@ -30,9 +30,10 @@ def config_path(cluster: str) -> str:
     return os.path.join(names.state_dir(cluster), "apiserver.json")
 
 
-def prepare(cluster: str) -> dict:
+def prepare(cluster: str, add_context: bool = True) -> dict:
     """At `up`, before the control plane starts: choose the loopback port, note
-    it in the state directory, and add the kubeconfig context for it."""
+    it in the state directory, and add the kubeconfig context for it (unless
+    not ADD_CONTEXT: then no kubeconfig is touched, now or at down)."""
     from netemu.apiserver import kubeconfig
 
     with socket.socket() as s:
@@ -40,11 +41,12 @@ def prepare(cluster: str) -> dict:
         # taking it in between makes the server fail, loudly, in its log.)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    path = kubeconfig.default_path()
+    path = kubeconfig.default_path() if add_context else None
     config = {"port": port, "kubeconfig": path}
     with open(config_path(cluster), "w") as f:
         json.dump(config, f)
-    kubeconfig.add(path, cluster, f"http://127.0.0.1:{port}")
+    if path is not None:
+        kubeconfig.add(path, cluster, f"http://127.0.0.1:{port}")
     return config
 
 
@@ -61,5 +63,7 @@ def forget(cluster: str) -> None:
     from netemu.apiserver import kubeconfig
 
     config = read_config(cluster)
+    if config is not None and "kubeconfig" in config and config["kubeconfig"] is None:
+        return                      # up added no context (a throw-away cluster)
     path = (config or {}).get("kubeconfig") or kubeconfig.default_path()
     kubeconfig.remove(path, cluster)

@@ -101,7 +101,7 @@ class BenchCluster:
 
         if os.path.exists(names.state_dir(self.name)):
             clusters.teardown(self.name, graceful=False)     # a crashed bench's leftover
-        clusters.up(load_topology_dict(topology(self.name, self.backend, self.mtu, self.link)))
+        clusters.up(load_topology_dict(topology(self.name, self.backend, self.mtu, self.link)), kubeconfig=False)
         for pod in (CLIENT, SERVER, LOCAL):
             sandbox = Sandbox.load(names.pod_dir(self.name, "default", pod))
             if sandbox is None:

@@ -319,6 +319,26 @@ def test_kubeconfig_add_keeps_others_and_remove_takes_only_ours(tmp_path):
     assert not os.path.exists(path + ".lock")
 
 
+def test_a_throw_away_cluster_leaves_the_kubeconfig_alone(tmp_path, monkeypatch):
+    """`netemu bench`'s clusters (up(kubeconfig=False)) neither add a context nor
+    write the file at down: a user without a kubeconfig still has none after."""
+    from netemu import apiserver, names
+
+    monkeypatch.setattr(names, "STATE_ROOT", str(tmp_path / "state"))
+    path = tmp_path / "kube" / "config"
+    monkeypatch.setenv("KUBECONFIG", str(path))
+    os.makedirs(names.state_dir("bench1"))
+    config = apiserver.prepare("bench1", add_context=False)
+    assert config["kubeconfig"] is None and config["port"] > 0
+    apiserver.forget("bench1")
+    assert not path.exists() and not path.parent.exists()
+    os.makedirs(names.state_dir("kept"))
+    apiserver.prepare("kept")                                      # the usual up: added, then removed
+    assert "netemu-kept" in path.read_text()
+    apiserver.forget("kept")
+    assert "netemu-kept" not in path.read_text()
+
+
 def test_pod_logs_tail_limit_and_errors(server, tmp_path):
     server.pod_dir = lambda ns, pod: str(tmp_path / ns / pod)
     two = {**POD, "spec": {"containers": [{"name": "a", "image": "nginx"}, {"name": "b", "image": "nginx"}]}}
