@@ -30,15 +30,6 @@ STRANGERS = [ipaddress.IPv4Address(a).packed for a in
 GRO = (fastudp.SOL_UDP, fastudp.UDP_GRO)
 
 
-@pytest.fixture(params=["compiled", "numpy"])
-def implementation(request, monkeypatch):
-    if request.param == "numpy":
-        monkeypatch.setattr(vnet, "native", None)
-    elif not vnet.COMPILED:
-        pytest.skip("netemu.overlay._vnetc was not built (no C compiler at install)")
-    return request.param
-
-
 class Rx:
     """A worker's receive side writing into one end of a socket pair."""
 

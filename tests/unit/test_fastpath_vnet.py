@@ -15,13 +15,8 @@ from netemu.overlay import vnet, vnet_numpy
 from netemu.overlay.packet import internet_checksum, ipv4_problem
 
 
-@pytest.fixture(autouse=True, params=["compiled", "numpy"])
-def implementation(request, monkeypatch):
-    if request.param == "numpy":
-        monkeypatch.setattr(vnet, "native", None)
-    elif not vnet.COMPILED:
-        pytest.skip("netemu.overlay._vnetc was not built (no C compiler at install)")
-    return request.param
+# Every test here runs twice, compiled and numpy (tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("implementation")
 
 
 def test_the_compiled_helper_is_built_where_a_compiler_is():
