@@ -204,6 +204,16 @@ class ApiServer:
     def _read(self, t: Target) -> dict | None:
         return registry.get(self.store, t.kind.kind, t.namespace if t.kind.namespaced else None, t.name)
 
+    def _pod_of_subresource(self, t: Target) -> dict | Response:
+        """The pod a log or exec request is for, or the answer when there is none
+        (a server without pod folders serves neither subresource)."""
+        if self.pod_dir is None:
+            return status.no_route()
+        pod = self._read(t)
+        if pod is None:
+            return status.not_found(t.qualified, t.name, t.group)
+        return pod
+
     def _get(self, req: Request, t: Target) -> Response:
         obj = self._read(t)
         if obj is None:
@@ -569,11 +579,9 @@ class ApiServer:
         wrongly."""
         if req.method != "GET":
             return status.method_not_allowed()
-        if self.pod_dir is None:
-            return status.no_route()
-        pod = self._read(t)
-        if pod is None:
-            return status.not_found(t.qualified, t.name, t.group)
+        pod = self._pod_of_subresource(t)
+        if isinstance(pod, Response):
+            return pod
         if req.arg("timestamps") in ("true", "1"):
             return status.bad_request("timestamps=true is not supported by netemu's kubelet yet")
         previous = req.arg("previous") in ("true", "1")
@@ -653,11 +661,9 @@ class ApiServer:
         kubectl up to 1.29, is not served."""
         if req.method not in ("GET", "POST"):
             return status.method_not_allowed()
-        if self.pod_dir is None:
-            return status.no_route()
-        pod = self._read(t)
-        if pod is None:
-            return status.not_found(t.qualified, t.name, t.group)
+        pod = self._pod_of_subresource(t)
+        if isinstance(pod, Response):
+            return pod
         command = req.query.get("command") or []
         if not command or not command[0]:
             return status.bad_request("you must specify at least one command for the container")
