@@ -113,9 +113,7 @@ def reconcile_endpoints(service: dict, pods: list[dict], current: dict | None) -
 def sync_once(store: Store) -> None:
     pods = registry.list_(store, "Pod")
     services = registry.list_(store, "Service")
-    by_ns: dict[str, list[dict]] = {}
-    for pod in pods:
-        by_ns.setdefault(pod["metadata"].get("namespace", "default"), []).append(pod)
+    by_ns = podutil.by_namespace(pods)
     existing = {(e["metadata"].get("namespace", "default"), e["metadata"]["name"]): e
                 for e in registry.list_(store, "Endpoints")}
     wanted = set()

@@ -15,7 +15,7 @@ Slices are written only when they change; slices of a gone Service are deleted.
 
 from __future__ import annotations
 
-from netemu.controllers import actions as act
+from netemu.controllers import actions as act, podutil
 from netemu.controllers.endpoints import desired_subsets
 from netemu.controllers.loop import guarded, run_reconciler
 from netemu.store import registry
@@ -85,9 +85,7 @@ def reconcile_slices(service: dict, pods: list[dict], current: list[dict]) -> li
 def sync_once(store: Store) -> None:
     pods = registry.list_(store, "Pod")
     services = registry.list_(store, "Service")
-    by_ns: dict[str, list[dict]] = {}
-    for pod in pods:
-        by_ns.setdefault(pod["metadata"].get("namespace", "default"), []).append(pod)
+    by_ns = podutil.by_namespace(pods)
     slices: dict[tuple[str, str], list[dict]] = {}
     for s in registry.list_(store, "EndpointSlice"):
         labels = s["metadata"].get("labels") or {}

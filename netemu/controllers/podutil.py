@@ -52,6 +52,14 @@ def restart_count(pod: dict) -> int:
                for c in (pod.get("status") or {}).get("containerStatuses") or [])
 
 
+def by_namespace(pods: list[dict]) -> dict[str, list[dict]]:
+    """PODS grouped by their namespace (a service selects only its own)."""
+    out: dict[str, list[dict]] = {}
+    for pod in pods:
+        out.setdefault(pod["metadata"].get("namespace", "default"), []).append(pod)
+    return out
+
+
 def generate_name(owner_name: str) -> str:
     """The generateName prefix of pods a controller creates: `<owner>-`, so the API
     server makes `<owner>-<5 random chars>`. Kubernetes cuts the prefix at 58
