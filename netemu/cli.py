@@ -518,9 +518,9 @@ def describe_text(cluster: str, store, kind: str, obj: dict) -> str:
     name = obj["metadata"]["name"]
     events = registry.events_for(store, obj)
     if kind == "Pod":
-        from netemu.node.sandbox import Sandbox
+        from netemu.node.sandbox import published
         import dataclasses
-        sb = Sandbox.load(names.pod_dir(cluster, obj["metadata"].get("namespace", "default"), name))
+        sb = published(obj)
         return printers.describe_pod(obj, events, dataclasses.asdict(sb) if sb else None)
     if kind == "Node":
         pods = [p for p in registry.list_(store, "Pod") if p.get("spec", {}).get("nodeName") == name
@@ -557,20 +557,21 @@ def pod_exec(cluster: str, store, namespace: str, pod_name: str, container: str 
     (default: the first); shared by `netemu exec` and the Python API. Raises
     CliError when the pod, or the container, is not there or not running."""
     from netemu import netns
-    from netemu.node.sandbox import Sandbox
+    from netemu.node import sandbox as sandboxes
 
     pod = _pod(store, namespace, pod_name)
     containers = [c["name"] for c in pod["spec"].get("containers", [])]
     if container and container not in containers:
         raise CliError(f"container {container} is not valid for pod {pod_name} "
                        f"(containers: {', '.join(containers)})")
-    sb = Sandbox.load(names.pod_dir(cluster, namespace, pod_name))
-    if sb is None or not sb.pause_pid or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+    # What the pod's kubelet published on it (not its file), checked against the kernel.
+    pause_pid = sandboxes.pause_pid_of(cluster, pod)
+    if pause_pid is None or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
         raise CliError(f"pod {pod_name} is not running (status {printers.pod_status_word(pod)})")
     env = dict(os.environ, HOSTNAME=pod_name, NETEMU_POD=f"{namespace}/{pod_name}")
     env[names.CLUSTER_ENV] = cluster
     env["NETEMU_CONTAINER"] = container or containers[0]
-    return netns.exec_argv(sb.namespace, command, uts_pid=sb.pause_pid), env
+    return netns.exec_argv(names.pod_ns(cluster, namespace, pod_name), command, uts_pid=pause_pid), env
 
 
 def _pod_for_logs(store, namespace: str, ref: str) -> str:

@@ -680,11 +680,12 @@ class ApiServer:
             return status.bad_request(f"unable to upgrade connection: {req.headers.get('upgrade') or 'no'} "
                                       "upgrade: netemu serves exec over WebSocket "
                                       f"({', '.join(podexec.PROTOCOLS)}, kubectl 1.30+), not SPDY")
-        from netemu.node.sandbox import Sandbox
+        from netemu.node import sandbox as sandboxes
 
-        sandbox = Sandbox.load(self.pod_dir(t.namespace or "default", t.name))
+        # What the pod's kubelet published on it, checked against the kernel.
+        pause_pid = sandboxes.pause_pid_of(self.cluster, pod) if self.cluster else None
         phase = (pod.get("status") or {}).get("phase")
-        if sandbox is None or not sandbox.pause_pid or phase in ("Succeeded", "Failed") \
+        if pause_pid is None or phase in ("Succeeded", "Failed") \
                 or pod["metadata"].get("deletionTimestamp"):
             return status.bad_request(f'unable to upgrade connection: container not found ("{container}")')
         spec = next(c for c in pod["spec"]["containers"] if c["name"] == container)
@@ -699,7 +700,8 @@ class ApiServer:
         for item in spec.get("env") or []:
             if "value" in item:
                 env[item["name"]] = str(item["value"])
-        session = podexec.Session(netns.exec_argv(sandbox.namespace, command, uts_pid=sandbox.pause_pid),
+        pod_netns = names.pod_ns(self.cluster, t.namespace or "default", t.name)
+        session = podexec.Session(netns.exec_argv(pod_netns, command, uts_pid=pause_pid),
                                   env, command, protocol, stdin=req.arg("stdin") in ("true", "1"),
                                   stdout=req.arg("stdout", "true") in ("true", "1"),
                                   stderr=req.arg("stderr", "true") in ("true", "1") and not tty, tty=tty)

@@ -34,7 +34,6 @@ from typing import Callable, Iterator
 from netemu import cluster as clusters, names, netns
 from netemu.bench import report
 from netemu.bench.report import Sample
-from netemu.node.sandbox import Sandbox
 
 LOCK_PATH = "/run/netemu-bench.lock"
 NODES = ("node1", "node2")
@@ -102,11 +101,17 @@ class BenchCluster:
         if os.path.exists(names.state_dir(self.name)):
             clusters.teardown(self.name, graceful=False)     # a crashed bench's leftover
         clusters.up(load_topology_dict(topology(self.name, self.backend, self.mtu, self.link)), kubeconfig=False)
-        for pod in (CLIENT, SERVER, LOCAL):
-            sandbox = Sandbox.load(names.pod_dir(self.name, "default", pod))
-            if sandbox is None:
-                raise BenchError(f"{self.name}: pod {pod} has no sandbox")
-            self.ips[pod] = sandbox.ip
+        from netemu.store import registry
+
+        store = clusters.open_store(self.name)
+        try:
+            for pod in (CLIENT, SERVER, LOCAL):
+                ip = ((registry.get(store, "Pod", "default", pod) or {}).get("status") or {}).get("podIP")
+                if not ip:
+                    raise BenchError(f"{self.name}: pod {pod} has no IP")
+                self.ips[pod] = ip
+        finally:
+            store.close()
         for pod in (SERVER, LOCAL):
             ns = self.ns(pod)
             for port in (TCP_PORT, *UDP_SENDERS):

@@ -12,7 +12,6 @@ import time
 import pytest
 
 from netemu import names, netns
-from netemu.node.sandbox import Sandbox
 from netemu.overlay import udp
 from netemu.overlay.daemon import read_stats
 from tests.integration.clusters import running, write_topology
@@ -85,9 +84,16 @@ def topology(tmp_path, name: str) -> str:
 
 
 def pod_ip(cluster: str, pod: str) -> str:
-    sandbox = Sandbox.load(names.pod_dir(cluster, "default", pod))
-    assert sandbox is not None, f"pod {pod} has no sandbox"
-    return sandbox.ip
+    from netemu import cluster as clusters
+    from netemu.store import registry
+
+    store = clusters.open_store(cluster)
+    try:
+        ip = ((registry.get(store, "Pod", "default", pod) or {}).get("status") or {}).get("podIP")
+    finally:
+        store.close()
+    assert ip, f"pod {pod} has no IP"
+    return ip
 
 
 def transfer(cluster: str, src: str, dst: str, nbytes: int, port: int = 9100) -> None:
