@@ -321,9 +321,11 @@ def _not_found(kind: str, name: str):
     return ApiError(f'{kinds.BY_KIND[kind].qualified()} "{name}" not found', reason="NotFound")
 
 
-def _overlay_stats(cluster: str, node: str) -> dict | None:
-    from netemu.overlay.daemon import read_stats
-    return read_stats(names.node_dir(cluster, node))
+def _overlay_stats(store, nodes: list[str]) -> dict[str, dict | None]:
+    """The overlay daemons' records of NODES, fresh (asked for; see
+    netemu.overlay.stats), from the store."""
+    from netemu.overlay import stats
+    return stats.collect(store, nodes)
 
 
 def _selector(args) -> list[dict] | None:
@@ -471,7 +473,7 @@ def tabulate(cluster: str, store, kind: str, objs: list[dict], wide: bool):
                 [printers.pod_row(o, wide) for o in objs])
     if kind == "Node":
         return (printers.NODE_HEADERS + (printers.NODE_WIDE if wide else []),
-                [printers.node_row(o, wide, _overlay_stats(cluster, o["metadata"]["name"])) for o in objs])
+                [printers.node_row(o, wide) for o in objs])
     from netemu import kubectl_tables
 
     if kubectl_tables.supports(kind):
@@ -525,7 +527,7 @@ def describe_text(cluster: str, store, kind: str, obj: dict) -> str:
     if kind == "Node":
         pods = [p for p in registry.list_(store, "Pod") if p.get("spec", {}).get("nodeName") == name
                 and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")]
-        return printers.describe_node(obj, pods, _overlay_stats(cluster, name), events)
+        return printers.describe_node(obj, pods, _overlay_stats(store, [name])[name], events)
     from netemu import kubectl_tables
 
     try:
@@ -717,11 +719,10 @@ def _inode(path: str) -> int | None:
 def cmd_stats(args) -> int:
     cluster, store = _store(args)
     nodes = [args.node] if args.node else [n["metadata"]["name"] for n in registry.list_(store, "Node")]
-    result = {}
     for node in nodes:
         if registry.get(store, "Node", None, node) is None:
             raise CliError(f'nodes "{node}" not found')
-        result[node] = _overlay_stats(cluster, node)
+    result = _overlay_stats(store, nodes)
     if args.output == "json":
         print(json.dumps(result, indent=2))
         return 0
