@@ -361,6 +361,13 @@ def _admit_metadata(obj: dict) -> dict:
     return obj
 
 
+def _writable(kind: str) -> None:
+    """Refuse a change to a kind served for reading only (netemu writes those)."""
+    if kinds.BY_KIND[kind].read_only:
+        raise ApiError(f"{_resource(kind)}: the server does not allow this method on the requested resource "
+                       "(netemu writes them itself)", reason="MethodNotAllowed")
+
+
 def create_or_update(store: Store, obj: dict, settings=None) -> tuple[dict, str]:
     """Store OBJ, as `kubectl apply`: defaulted and validated first (admit), so
     a raw manifest object is fine as well as one from the topology loader.
@@ -548,6 +555,7 @@ def delete(store: Store, kind: str, namespace: str | None, name: str,
     The owner goes first, so its controller stops creating pods; a pod it created
     in the same instant is caught by the garbage collector controller."""
     kind = kinds.resolve(kind)
+    _writable(kind)
     obj = registry.get(store, kind, namespace, name)
     if obj is None:
         raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
@@ -744,6 +752,7 @@ def label(store: Store, kind: str, name: str, changes: list[str], *, overwrite: 
     Changing an existing label's value needs overwrite=True, as kubectl's
     --overwrite."""
     kind = kinds.resolve(kind)
+    _writable(kind)
     sets, removes = parse_label_changes(changes)
     ns = namespace if kinds.BY_KIND[kind].namespaced else None
 

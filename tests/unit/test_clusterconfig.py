@@ -4,6 +4,7 @@ compare-and-swap of update. No root, no cluster: a store in a temp folder."""
 
 from __future__ import annotations
 
+import json
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -199,3 +200,53 @@ def test_a_refused_change_writes_nothing(cluster):
     with pytest.raises(ValueError):
         clusterconfig.update(name, refuse)
     assert registry.get(store, "ConfigMap", "kube-system", "netemu-cluster")["metadata"]["resourceVersion"] == before
+
+
+# -- served read-only by the API server ----------------------------------------------------
+
+def test_the_api_serves_the_settings_read_only(tmp_path):
+    """kubectl get cm -n kube-system netemu-cluster works; changing it does not
+    (netemu writes it: 405, and netemu's own delete and label refuse too)."""
+    import urllib.parse
+
+    import trio
+
+    from netemu import api
+    from netemu.apiserver import discovery, http
+    from netemu.apiserver.server import ApiServer, ensure_system_namespaces
+
+    store = SqliteStore(str(tmp_path / "state.db"), create=True)
+    ensure_system_namespaces(store)
+    topo = load_topology_dict(dict(FULL, name="hsapi"), host_networks=[])
+    clusterconfig.create(store, topo)
+    server = ApiServer(store)
+
+    def call(method, path, body=None, accept="application/json"):
+        path, _, qs = path.partition("?")
+        req = http.Request(method, path, urllib.parse.parse_qs(qs), {"accept": accept,
+                           "content-type": "application/merge-patch+json"},
+                           json.dumps(body).encode() if body is not None else b"")
+        resp = trio.run(server.handle, req)
+        return resp.status, json.loads(resp.body)
+
+    cms = next(r for r in discovery.resource_list("v1")["resources"] if r["name"] == "configmaps")
+    assert (cms["kind"], cms["shortNames"], cms["verbs"]) == ("ConfigMap", ["cm"], ["get", "list", "watch"])
+    path = "/api/v1/namespaces/kube-system/configmaps/netemu-cluster"
+    code, obj = call("GET", path)
+    assert code == 200
+    same(clusterconfig.decode(obj), topo)
+    code, table = call("GET", path, accept="application/json;as=Table;v=v1;g=meta.k8s.io")
+    assert [c["name"] for c in table["columnDefinitions"]] == ["NAME", "DATA", "AGE"]
+    assert table["rows"][0]["cells"][:2] == ["netemu-cluster", "1"]
+    assert call("GET", "/api/v1/configmaps")[1]["items"][0]["metadata"]["name"] == "netemu-cluster"
+    for method, p, body in (("DELETE", path, None), ("PATCH", path, {"data": {"x": "y"}}),
+                            ("PUT", path, obj), ("POST", "/api/v1/namespaces/kube-system/configmaps", obj)):
+        code, status = call(method, p, body)
+        assert (code, status["reason"]) == (405, "MethodNotAllowed"), (method, status)
+    for change in (lambda: api.delete(store, "cm", "kube-system", "netemu-cluster"),
+                   lambda: api.label(store, "cm", "netemu-cluster", ["a=b"], namespace="kube-system")):
+        with pytest.raises(api.ApiError) as e:
+            change()
+        assert e.value.reason == "MethodNotAllowed"
+    same(clusterconfig.read("hsapi", store), topo)
+    store.close()
