@@ -9,7 +9,6 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
-import yaml
 
 from netemu import clusterconfig
 from netemu.impairment import Impairment
@@ -50,8 +49,8 @@ def test_every_setting_round_trips_and_reads_as_a_topology_file():
     obj = clusterconfig.encode(topo)
     assert obj["apiVersion"] == "v1" and obj["kind"] == "ConfigMap"
     assert (obj["metadata"]["namespace"], obj["metadata"]["name"]) == ("kube-system", "netemu-cluster")
-    assert list(obj["data"]) == ["topology.yaml"]
-    text = yaml.safe_load(obj["data"]["topology.yaml"])
+    assert list(obj["data"]) == ["topology.json"]
+    text = json.loads(obj["data"]["topology.json"])
     # The topology file's own keys, defaults written out.
     assert text["cluster"]["backend"] == {"type": "vxlan", "port": 4789, "vni": 7}
     assert text["cluster"]["loadBalancerPool"] == ["172.31.0.100-172.31.0.103", "172.31.0.120"]
@@ -62,7 +61,7 @@ def test_every_setting_round_trips_and_reads_as_a_topology_file():
 
 def test_defaults_are_written_out():
     topo = load_topology_dict({"name": "hsd", "nodes": [{"name": "a"}]}, host_networks=[])
-    text = yaml.safe_load(clusterconfig.encode(topo)["data"]["topology.yaml"])
+    text = json.loads(clusterconfig.encode(topo)["data"]["topology.json"])
     assert text["cluster"]["clientAddress"] == "172.30.0.254"
     assert text["cluster"]["loadBalancerPool"] == ["172.30.0.239-172.30.0.253"]    # 16 minus the client
     assert text["cluster"]["backend"] == {"type": "udp"}
@@ -89,12 +88,12 @@ def test_the_api_server_node_is_left_out_once_removed():
 
 def damaged(text: str) -> dict:
     obj = clusterconfig.encode(load_topology_dict(FULL, host_networks=[]))
-    obj["data"]["topology.yaml"] = text
+    obj["data"]["topology.json"] = text
     return obj
 
 
 def good_text() -> dict:
-    return yaml.safe_load(clusterconfig.encode(load_topology_dict(FULL, host_networks=[]))["data"]["topology.yaml"])
+    return json.loads(clusterconfig.encode(load_topology_dict(FULL, host_networks=[]))["data"]["topology.json"])
 
 
 def error_of(obj) -> str:
@@ -105,33 +104,33 @@ def error_of(obj) -> str:
     return message
 
 
-WHERE = "configmap kube-system/netemu-cluster: data.topology.yaml"
+WHERE = "configmap kube-system/netemu-cluster: data.topology.json"
 
 
 def test_damaged_objects_are_refused_naming_the_field():
     assert error_of({"kind": "Secret"}) == "configmap kube-system/netemu-cluster: kind: must be a ConfigMap"
     no_data = clusterconfig.encode(load_topology_dict(FULL, host_networks=[]))
     no_data["data"] = {}
-    assert error_of(no_data) == ("configmap kube-system/netemu-cluster: data.topology.yaml: "
-                                 "required: the cluster's topology as YAML text")
-    assert error_of(damaged("name: [unclosed")).startswith(WHERE)
-    assert error_of(damaged("")) == f"{WHERE}: must hold one YAML document, got 0"
+    assert error_of(no_data) == ("configmap kube-system/netemu-cluster: data.topology.json: "
+                                 "required: the cluster's topology as JSON text")
+    assert error_of(damaged('{"name": [')).startswith(f"{WHERE}: invalid JSON: Expecting value: line 1")
+    assert error_of(damaged("[]")) == f"{WHERE}: must be a mapping, got a list"
     bad = good_text()
     bad["cluster"]["underlay"] = "10.0.0.0/33"
-    assert error_of(damaged(yaml.safe_dump(bad))).startswith(f"{WHERE}: cluster.underlay: invalid CIDR")
+    assert error_of(damaged(json.dumps(bad))).startswith(f"{WHERE}: cluster.underlay: invalid CIDR")
     bad = good_text()
     bad["nodes"][1]["address"] = "172.31.0.10"
-    assert error_of(damaged(yaml.safe_dump(bad))) == (
+    assert error_of(damaged(json.dumps(bad))) == (
         f"{WHERE}: nodes[1].address: 172.31.0.10 is the client's address (cluster.clientAddress)")
     bad = good_text()
     bad["workloads"] = []
-    assert error_of(damaged(yaml.safe_dump(bad))) == f"{WHERE}: workloads: not part of a cluster's stored settings"
+    assert error_of(damaged(json.dumps(bad))) == f"{WHERE}: workloads: not part of a cluster's stored settings"
     bad = good_text()
     del bad["name"]
-    assert error_of(damaged(yaml.safe_dump(bad))) == f"{WHERE}: name: required: the cluster's name"
+    assert error_of(damaged(json.dumps(bad))) == f"{WHERE}: name: required: the cluster's name"
     bad = good_text()
     bad["cluster"]["bogus"] = 1
-    assert error_of(damaged(yaml.safe_dump(bad))).startswith(f"{WHERE}: cluster.bogus: unknown key")
+    assert error_of(damaged(json.dumps(bad))).startswith(f"{WHERE}: cluster.bogus: unknown key")
 
 
 @pytest.fixture
