@@ -112,9 +112,21 @@ def exec_(server, req: Request, pod: dict, namespace: str, name: str) -> Respons
     return Response(101, b"", headers=headers, upgrade=session.run)
 
 
-def attach(server, req: Request, pod: dict, namespace: str, name: str, running) -> Response:
-    """`kubectl attach`: the container's output from now on (podexec.AttachSession).
-    RUNNING() tells whether the pod still runs (the session ends when not)."""
+def _instance(pod: dict | None, container: str) -> tuple | None:
+    """Which instance of CONTAINER runs now: (restartCount, startedAt), or None
+    when it does not run (the pod gone, finished, or the container stopped)."""
+    if pod is None or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        return None
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == container:
+            running = (cs.get("state") or {}).get("running")
+            return (cs.get("restartCount", 0), running.get("startedAt")) if running is not None else None
+    return None
+
+
+def attach(server, req: Request, pod: dict, namespace: str, name: str, read) -> Response:
+    """`kubectl attach`: the container's output from now on (podexec.AttachSession),
+    until the instance attached to stops (READ() -> the pod now, or None)."""
     if req.method not in ("GET", "POST"):
         return status.method_not_allowed()
     container = _container(req, pod, name)
@@ -132,12 +144,15 @@ def attach(server, req: Request, pod: dict, namespace: str, name: str, running) 
         # netemu's containers never do.
         return status.bad_request(f"unable to upgrade connection: container {container} in pod {name} "
                                   "has no TTY (netemu's kubelet gives containers none)")
+    instance = _instance(pod, container)
+    if instance is None:
+        return status.bad_request(f'unable to upgrade connection: container not found ("{container}")')
     log_path = names.container_log(server.pod_dir(namespace, name), container)
     try:
         open(log_path, "rb").close()
     except OSError:
         return status.bad_request(f'unable to upgrade connection: container not found ("{container}")')
-    session = podexec.AttachSession(log_path, running, stdout=_flag(req, "stdout", "true"),
+    session = podexec.AttachSession(log_path, lambda: _instance(read(), container) == instance, stdout=_flag(req, "stdout", "true"),
                                     stderr=_flag(req, "stderr", "true"), transport=transport,
                                     protocol=protocol, stdin=_flag(req, "stdin"))
     return Response(101, b"", headers=headers, upgrade=session.run)

@@ -667,10 +667,7 @@ class ApiServer:
         if t.subresource == "exec":
             return podstream.exec_(self, req, pod, namespace, t.name)
         if t.subresource == "attach":
-            def running() -> bool:
-                now = self._read(t)
-                return now is not None and (now.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
-            return podstream.attach(self, req, pod, namespace, t.name, running)
+            return podstream.attach(self, req, pod, namespace, t.name, lambda: self._read(t))
         return podstream.port_forward(self, req, pod, namespace, t.name)
 
 
