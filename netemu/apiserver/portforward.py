@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import socket
 
 import trio
@@ -110,8 +111,9 @@ async def connect_in(namespace: str, port: int) -> trio.SocketStream:
 
 def _refusal(pod: str, namespace: str, port: int, err: OSError) -> str:
     """The kubelet's words (and Go's for the dial), which kubectl prints."""
+    reason = os.strerror(err.errno) if err.errno else str(err)
     return (f"error forwarding port {port} to pod {pod}: failed to connect to localhost:{port} inside "
-            f"namespace \"{namespace}\": dial tcp4 127.0.0.1:{port}: connect: {(err.strerror or str(err)).lower()}")
+            f"namespace \"{namespace}\": dial tcp4 127.0.0.1:{port}: connect: {reason.lower()}")
 
 
 @dataclasses.dataclass
