@@ -359,3 +359,65 @@ def test_upgrade_negotiation_websocket_or_spdy():
         "netemu serves v4.channel.k8s.io over SPDY/3.1")
     refused = podstream._upgrade(req(), podexec.PROTOCOLS, podexec.SPDY_PROTOCOLS)
     assert json.loads(refused.body)["message"].startswith("unable to upgrade connection: Upgrade request required")
+
+
+def test_spdy_client_vanishing_stops_the_command(tmp_path):
+    marker = tmp_path / "still-running"
+    session = podexec.Session(["sh", "-c", f"sleep 0.5; touch {marker}; sleep 30"], {"PATH": "/usr/bin:/bin"},
+                              ["sh"], "v4.channel.k8s.io", stdin=False, stdout=True, stderr=True, tty=False,
+                              transport="spdy")
+
+    async def main():
+        client_stream, server_stream = memory_stream_pair()
+        c = Client(client_stream)
+        with trio.fail_after(5):
+            async with trio.open_nursery() as n:
+                n.start_soon(session.run, server_stream, b"")
+                for streamtype in ("error", "stdout", "stderr"):
+                    await c.open(streamtype)
+                await c.read_until(lambda: len(c.replies) == 3)
+                await client_stream.aclose()             # the client is gone
+        await trio.sleep(1.0)
+
+    trio.run(main)
+    assert not marker.exists()                           # the whole process group was killed
+
+
+def test_port_forward_spdy_tunnelled_in_websocket_messages():
+    """kubectl 1.31+: SPDY frames carried in WebSocket binary messages, split anywhere."""
+    from wsproto.connection import Connection, ConnectionType
+    from wsproto.events import BytesMessage, CloseConnection
+
+    async def main():
+        async def connect(port: int):
+            ours, pods = memory_stream_pair()
+            nursery.start_soon(echo_server, pods)
+            return ours
+
+        client_stream, server_stream = memory_stream_pair()
+        ws, conn = Connection(ConnectionType.CLIENT), spdy.Connection()
+        wire = (conn.syn_stream(1, {"streamtype": "error", "port": "80", "requestid": "0"}) +
+                conn.syn_stream(3, {"streamtype": "data", "port": "80", "requestid": "0"}) +
+                conn.data(3, b"through the tunnel", fin=True))
+        fwd = portforward.PortForwarder("hp-ns", "default/web", connect=connect)
+        got, fins = b"", set()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fwd.run, portforward.WebSocketBytes(server_stream, b""), b"")
+            for i in range(0, len(wire), 7):
+                await client_stream.send_all(ws.send(BytesMessage(data=wire[i:i + 7])))
+            with trio.fail_after(10):
+                while fins != {1, 3}:
+                    ws.receive_data(await client_stream.receive_some(65536))
+                    for ev in ws.events():
+                        if isinstance(ev, BytesMessage):
+                            conn.receive_data(ev.data)
+                    for ev in conn.events():
+                        if isinstance(ev, spdy.Data):
+                            got += ev.data if ev.stream_id == 3 else b""
+                            if ev.fin:
+                                fins.add(ev.stream_id)
+            await client_stream.send_all(ws.send(CloseConnection(code=1000)))
+            await client_stream.aclose()
+        return got
+
+    assert trio.run(main) == b"THROUGH THE TUNNEL"
