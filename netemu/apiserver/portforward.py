@@ -8,7 +8,8 @@ network namespace, as the kubelet does, and copies bytes both ways: the data
 stream's FIN shuts down the write half of the pod's socket, the pod's EOF is
 the data stream's FIN, and then the error stream is closed, empty. A connection
 that cannot be made gets a message on the error stream, which kubectl prints
-(`an error occurred forwarding 8080 -> 80: ...`).
+(`an error occurred forwarding 8080 -> 80: ...`); a pair whose second stream
+does not come within PAIR_WAIT gets the kubelet's "timed out waiting for streams".
 
 kubectl 1.31+ first asks for the same SPDY bytes tunnelled in WebSocket binary
 messages (subprotocol `SPDY/3.1+portforward.k8s.io`); WebSocketBytes adapts the
@@ -198,7 +199,10 @@ class PortForwarder:
         except ValueError:
             await self._flush(self.conn.rst_stream(event.stream_id, spdy.REFUSED_STREAM))
             return
-        pair = self.pairs.setdefault(request, Pair(port))
+        pair = self.pairs.get(request)
+        if pair is None:
+            pair = self.pairs[request] = Pair(port)
+            self.nursery.start_soon(self._expire, request, pair)
         if kind == "error":
             pair.error_id = event.stream_id
         else:
@@ -256,6 +260,24 @@ class PortForwarder:
             with trio.CancelScope(shield=True):
                 await target.aclose()
             self._drop(request, pair)
+
+    async def _expire(self, request: str, pair: Pair) -> None:
+        """A pair whose second stream has not come in PAIR_WAIT is given up,
+        with the kubelet's words on its error stream."""
+        await trio.sleep(PAIR_WAIT)
+        if pair.started or self.pairs.get(request) is not pair:
+            return
+        self._drop(request, pair)
+        out = b""
+        if pair.error_id:
+            out += self.conn.data(pair.error_id, f"request {request}: timed out waiting for streams".encode(),
+                                  fin=True)
+        if pair.data_id:
+            out += self.conn.rst_stream(pair.data_id, spdy.CANCEL)
+        try:
+            await self._flush(out)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
     def _drop(self, request: str, pair: Pair) -> None:
         self.pairs.pop(request, None)

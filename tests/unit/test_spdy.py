@@ -421,3 +421,24 @@ def test_port_forward_spdy_tunnelled_in_websocket_messages():
         return got
 
     assert trio.run(main) == b"THROUGH THE TUNNEL"
+
+
+def test_port_forward_gives_up_a_pair_whose_second_stream_never_comes(monkeypatch):
+    monkeypatch.setattr(portforward, "PAIR_WAIT", 0.2)
+
+    async def main():
+        async def connect(port: int):
+            raise AssertionError("no connection without both streams")
+
+        client_stream, server_stream = memory_stream_pair()
+        c = Client(client_stream)
+        fwd = portforward.PortForwarder("hp-ns", "default/web", connect=connect)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fwd.run, server_stream, b"")
+            err = await c.open("error", port="80", requestid="7")
+            await c.read_until(lambda: err in c.fins)
+            await client_stream.aclose()
+        return c.got[err], fwd.pairs
+
+    message, pairs = trio.run(main)
+    assert message == b"request 7: timed out waiting for streams" and pairs == {}
