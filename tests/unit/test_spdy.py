@@ -442,3 +442,30 @@ def test_port_forward_gives_up_a_pair_whose_second_stream_never_comes(monkeypatc
 
     message, pairs = trio.run(main)
     assert message == b"request 7: timed out waiting for streams" and pairs == {}
+
+
+def test_random_and_mutated_frames_give_events_or_protocol_errors_only():
+    """A peer's garbage never raises anything but ProtocolError (the session
+    catches that one and ends)."""
+    import random
+
+    rng = random.Random(13)
+    good = spdy.Connection()
+    samples = [good.syn_stream(1, {"streamtype": "stdin"}), good.syn_stream(3, {"port": "80", "requestid": "0"}),
+               good.data(1, b"abc", fin=True), good.ping(1), good.rst_stream(1), good.goaway(3),
+               good.settings({7: 65536}), good.window_update(1, 5), good.headers(1, {"a": "b"})]
+    for i in range(5000):
+        if i % 2:
+            data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
+        else:
+            data = bytearray(rng.choice(samples))
+            for _ in range(rng.randrange(1, 4)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        conn = spdy.Connection()
+        conn.receive_data(bytes(data))
+        try:
+            events = conn.events()
+        except spdy.ProtocolError:
+            continue
+        assert all(isinstance(e, (spdy.Data, spdy.SynStream, spdy.SynReply, spdy.Headers, spdy.RstStream,
+                                  spdy.Settings, spdy.Ping, spdy.GoAway, spdy.WindowUpdate)) for e in events)
