@@ -66,9 +66,9 @@ def request(store, node: str) -> int:
 
 
 def collect(store, nodes: list[str], timeout: float = COLLECT_TIMEOUT) -> dict[str, dict | None]:
-    """Fresh records of NODES: ask each daemon, wait up to TIMEOUT for their
-    answers; a daemon that does not answer (down, restarting) is shown by the
-    last record it published."""
+    """Fresh records of NODES (without their "answers" bookkeeping): ask each
+    daemon, wait up to TIMEOUT for their answers; a daemon that does not answer
+    (down, restarting) is shown by the last record it published."""
     asked = {node: request(store, node) for node in nodes}
     deadline = time.monotonic() + timeout
     result: dict[str, dict | None] = {}
@@ -76,7 +76,8 @@ def collect(store, nodes: list[str], timeout: float = COLLECT_TIMEOUT) -> dict[s
         result = {node: read(store, node) for node in nodes}
         waiting = [n for n in nodes if not result[n] or int(result[n].get("answers") or 0) < asked[n]]
         if not waiting or time.monotonic() >= deadline:
-            return result
+            return {node: {k: v for k, v in r.items() if k != "answers"} if r else None
+                    for node, r in result.items()}
         time.sleep(0.02)
 
 

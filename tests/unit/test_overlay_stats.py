@@ -57,5 +57,5 @@ def test_collect_shows_the_last_record_of_a_silent_daemon(tmp_path):
     started = time.monotonic()
     got = stats.collect(store, ["n1", "n2"], timeout=0.3)
     assert time.monotonic() - started < 5
-    assert got == {"n1": {"counters": {"tx": 1}, "answers": 0}, "n2": None}
+    assert got == {"n1": {"counters": {"tx": 1}}, "n2": None}
     assert json.loads(json.dumps(got))          # what `stats -o json` prints
