@@ -454,6 +454,16 @@ def _create(store: Store, obj: dict, settings) -> dict:
 _USER_META = ("labels", "annotations")
 
 
+def system_annotations() -> tuple[str, ...]:
+    """Annotations the cluster's own components write on objects (the kubelet's
+    netemu.io/sandbox on a Pod, the overlay daemon's flannel keys on a Node): an
+    update that does not give them keeps them, as kubectl apply's three-way
+    merge keeps what it never applied."""
+    from netemu.node.sandbox import ANNOTATION
+    from netemu.overlay import stats
+    return (ANNOTATION, *stats.NODE_ANNOTATIONS, stats.DATA_PATH_ANNOTATION)
+
+
 def _update(store: Store, old: dict, new: dict, settings) -> tuple[dict, str]:
     kind = old["kind"]
     merged = copy.deepcopy(old)
@@ -462,6 +472,10 @@ def _update(store: Store, old: dict, new: dict, settings) -> tuple[dict, str]:
             merged["metadata"][field] = new["metadata"][field]
         else:
             merged["metadata"].pop(field, None)
+    kept = {k: v for k, v in (old["metadata"].get("annotations") or {}).items()
+            if k in system_annotations() and k not in (new["metadata"].get("annotations") or {})}
+    if kept:
+        merged["metadata"]["annotations"] = {**(merged["metadata"].get("annotations") or {}), **kept}
     new_spec = copy.deepcopy(new.get("spec") or {})
     if kind == "Pod":
         # A pod's spec is immutable once created, apart from what its kubelet or

@@ -64,3 +64,26 @@ def test_exec_enters_only_a_pid_in_the_pods_own_namespace(monkeypatch):
     monkeypatch.setattr(sandboxes.netns, "inode", lambda name: None)        # no such namespace
     assert sandboxes.pause_pid_of("hsc", forged) is None
     assert sandboxes.pause_pid_of("hsc", pod(None)) is None
+
+
+def test_apply_keeps_what_the_cluster_annotated(tmp_path):
+    """`netemu apply` of the same manifest again is "unchanged": the kubelet's
+    netemu.io/sandbox (and the overlay's flannel keys on a Node) are kept, as
+    kubectl apply's three-way merge keeps annotations it never applied; the
+    user's own annotations are still theirs to change."""
+    from netemu import api
+    from netemu.store import registry
+    from netemu.store.sqlite import SqliteStore
+
+    store = SqliteStore(str(tmp_path / "s.db"), create=True)
+    manifest = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "annotations": {"mine": "1"}},
+                "spec": {"containers": [{"name": "c", "image": "nginx"}]}}
+    api.create_or_update(store, manifest)
+    registry.mutate(store, "Pod", "default", "web", lambda p: p["metadata"]["annotations"].update(
+        {sandboxes.ANNOTATION: sandboxes.annotation(SB)}))
+    assert api.create_or_update(store, manifest)[1] == "unchanged"
+    changed = dict(manifest, metadata={"name": "web", "annotations": {"mine": "2"}})
+    pod, verb = api.create_or_update(store, changed)
+    assert verb == "configured"
+    assert pod["metadata"]["annotations"] == {"mine": "2", sandboxes.ANNOTATION: sandboxes.annotation(SB)}
+    store.close()
