@@ -132,8 +132,8 @@ class ControlPlane:
                 nursery.start_soon(self._kubelet, node)
 
     async def _kubelet(self, node: str) -> None:
-        # Imported here: the node daemons read this module's topology helpers and
-        # should not pay for the kubelet's imports.
+        # Imported here: the supervisor imports this module and should not pay
+        # for the kubelet's imports.
         from netemu.node import lease
         from netemu.node.kubelet import Kubelet
 
