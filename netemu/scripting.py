@@ -439,15 +439,18 @@ class Cluster:
         # flag "": the error names the keyword as given ("rate: ..."), not --rate.
         return link_cli.set_link(self.name, node, None if clear else given, flag="").settings()
 
-    def links(self, node: str | None = None) -> dict:
-        """`netemu link show [NODE] -o json`: each node's uplink by node name:
-        {"settings": {"rate": "100mbit", ...}, "mechanisms": which kernel
+    def links(self, node: str | None = None, *, pod: str | None = None, namespace: str = "default") -> dict:
+        """`netemu link show [NODE | pod/POD -n NAMESPACE] -o json`: each node's
+        uplink by node name, then each pod's own link (its netemu.io/link
+        annotation) as "pod/NAMESPACE/NAME"; NODE or POD: that one only. Each
+        is {"settings": {"rate": "100mbit", ...}, "mechanisms": which kernel
         object does each, "installed": per end ("NAMESPACE/DEVICE"), its root
         qdiscs, nft tables and delay-line process ({"pid", "tap"} or None), as
-        read back from the kernel}."""
+        read back from the kernel (None: that end's namespace does not exist)};
+        a pod's also "pod", "namespace", "node" and "ends"."""
         from netemu import link_cli
 
-        return link_cli.show(self.name, node)
+        return link_cli.show(self.name, node, pod=pod, namespace=namespace if pod is not None else None)
 
     # -- nodes -------------------------------------------------------------------------------
 
