@@ -12,7 +12,7 @@ import pytest
 
 from netemu import impairment, names, netns
 
-from .clusters import cli, running, wait_for, write_topology
+from .clusters import cli, lab, wait_for
 from ..conftest import root_snapshot
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
@@ -21,17 +21,17 @@ NAME = "hhlink"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    path = write_topology(tmp_path_factory.mktemp("links"), NAME, {
-        "cluster": {"underlay": "172.31.91.0/24", "clusterNetwork": "10.91.0.0/16",
-                    "serviceRange": "10.191.0.0/16", "link": {"loss": "1%"}},
-        "nodes": [{"name": "a", "link": {"rate": "20mbit", "limit": 50}}, {"name": "b"},
-                  # a delay line from the start, left running for down to stop
-                  # (running() checks that no process is left behind)
-                  {"name": "c", "link": {"delay": "2ms"}}]})
+def cluster():
     before = root_snapshot()
-    with running(path) as (name, _):
-        yield name
+    with lab({"name": NAME,
+              "cluster": {"underlay": "172.31.91.0/24", "clusterNetwork": "10.91.0.0/16",
+                          "serviceRange": "10.191.0.0/16", "link": {"loss": "1%"}},
+              "nodes": [{"name": "a", "link": {"rate": "20mbit", "limit": 50}}, {"name": "b"},
+                        # a delay line from the start, left running for down to stop
+                        # (lab() checks that no process is left behind)
+                        {"name": "c", "link": {"delay": "2ms"}}]}):
+        yield NAME
+    assert root_snapshot() == before, "the machine's own namespace changed"
     assert root_snapshot() == before, "the machine's own namespace changed"
 
 
