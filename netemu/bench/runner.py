@@ -94,24 +94,22 @@ class BenchCluster:
         self.name, self.backend, self.mtu, self.link = name, backend, mtu, link
         self.servers: list[subprocess.Popen] = []
         self.ips: dict[str, str] = {}
+        self.cluster = None             # a netemu.Cluster once built
 
     def up(self) -> None:
-        from netemu.topology.loader import load_topology_dict
+        import netemu
 
         if os.path.exists(names.state_dir(self.name)):
             clusters.teardown(self.name, graceful=False)     # a crashed bench's leftover
-        clusters.up(load_topology_dict(topology(self.name, self.backend, self.mtu, self.link)), kubeconfig=False)
-        from netemu.store import registry
-
-        store = clusters.open_store(self.name)
-        try:
-            for pod in (CLIENT, SERVER, LOCAL):
-                ip = ((registry.get(store, "Pod", "default", pod) or {}).get("status") or {}).get("podIP")
-                if not ip:
-                    raise BenchError(f"{self.name}: pod {pod} has no IP")
-                self.ips[pod] = ip
-        finally:
-            store.close()
+        # The Python API's up: built from a dict (no YAML file), ready when it
+        # returns; a throw-away cluster, so no kubeconfig context.
+        self.cluster = netemu.up(topology(self.name, self.backend, self.mtu, self.link), kubeconfig=False,
+                                 progress=lambda line: None)
+        for pod in (CLIENT, SERVER, LOCAL):
+            ip = self.cluster.pods[pod].ip
+            if not ip:
+                raise BenchError(f"{self.name}: pod {pod} has no IP")
+            self.ips[pod] = ip
         for pod in (SERVER, LOCAL):
             ns = self.ns(pod)
             for port in (TCP_PORT, *UDP_SENDERS):
@@ -128,7 +126,11 @@ class BenchCluster:
             proc.kill()
             proc.wait()
         self.servers = []
-        clusters.teardown(self.name, graceful=False)
+        if self.cluster is not None:
+            self.cluster.down()
+            self.cluster = None
+        else:
+            clusters.teardown(self.name, graceful=False)     # an up that failed has rolled back; idempotent
 
     def ns(self, pod: str) -> str:
         return names.pod_ns(self.name, "default", pod)

@@ -39,6 +39,7 @@ import subprocess
 import trio
 
 from netemu import names, netns
+from netemu.link import keep_delay_lines
 from netemu.images import plan as image_plan, write_site
 from netemu.node import hostport, probes as probing, runtime, sandbox as sandboxes
 from netemu.node.host import configure_bridge
@@ -355,6 +356,10 @@ class PodWorker:
                 for c in self.containers:
                     if not c.done:
                         nursery.start_soon(self._run_container, c)
+                if self.sandbox is not None and self.sandbox.link.strip():
+                    # The pod's delay lines, restarted should one die.
+                    nursery.start_soon(keep_delay_lines, sandboxes.pod_link(self.k.cluster, self.k.node, self.sandbox),
+                                       f"pod {self.key}'s link")
                 await self.pause.wait()
                 nursery.cancel_scope.cancel()
             self.changed.set()
