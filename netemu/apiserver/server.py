@@ -22,7 +22,7 @@ import re
 import trio
 
 from netemu import api, names, netns
-from netemu.apiserver import discovery, podexec, status, tables
+from netemu.apiserver import discovery, paging, podexec, status, tables
 from netemu.apiserver.http import Request, Response
 from netemu.k8s import jsonpatch, kinds, protobuf, selectors, strategicpatch
 from netemu.store import registry
@@ -241,18 +241,46 @@ class ApiServer:
         keep = self._filters(req, t)
         if req.arg("watch") in ("true", "1"):
             return self._watch(req, t, keep)
-        # The revision is read before the objects: a write in between shows in
-        # the list and again in a watch from that revision (harmless), while
-        # the other order could lose it.
-        rev = self.store.revision()
-        objs = [self._present(o, t) for o in registry.list_(self.store, t.kind.kind, t.namespace)
-                if keep(o)]
+        paged = self._page(req, t, keep)
+        if isinstance(paged, Response):
+            return paged
+        rev, objs, token = paged
+        objs = [self._present(o, t) for o in objs]
+        meta = {"resourceVersion": str(rev)}
+        if token:
+            meta["continue"] = token
         version = tables.wants_table(req.headers.get("accept"))
         if version:
-            return _json(200, tables.table(t.kind.kind, objs, str(rev), version,
-                                           req.arg("includeObject", "Metadata")))
-        return _json(200, {"kind": f"{t.kind.kind}List", "apiVersion": t.gv,
-                           "metadata": {"resourceVersion": str(rev)}, "items": objs})
+            table = tables.table(t.kind.kind, objs, str(rev), version, req.arg("includeObject", "Metadata"))
+            table["metadata"] = meta
+            return _json(200, table)
+        return _json(200, {"kind": f"{t.kind.kind}List", "apiVersion": t.gv, "metadata": meta, "items": objs})
+
+    def _page(self, req: Request, t: Target, keep) -> tuple[int, list[dict], str | None] | Response:
+        """(revision, objects, continue token or None) of the list asked for:
+        whole, or one page of it (?limit=, ?continue=: paging.py)."""
+        prefix = registry.prefix(t.kind.kind, t.namespace if t.kind.namespaced else None)
+        try:
+            limit = paging.parse_limit(req.arg("limit"))
+            token = req.arg("continue")
+            if token:
+                if req.arg("resourceVersion") not in (None, "", "0"):
+                    return status.bad_request("specifying resource version is not allowed when using continue")
+                rev, after = paging.decode_token(token, prefix)
+            else:
+                rev, after = self.store.revision(), ""
+        except paging.PagingError as err:
+            return status.bad_request(str(err))
+        if limit is None and not token:
+            # The revision is read before the objects: a write in between shows in
+            # the list and again in a watch from that revision (harmless), while
+            # the other order could lose it.
+            return rev, [o for o in registry.list_(self.store, t.kind.kind, t.namespace) if keep(o)], None
+        try:
+            objs, last = paging.page(self.store, prefix, rev, after, limit or paging.MAX_LIMIT, keep)
+        except Compacted:
+            return status.error("Expired", paging.TOO_OLD)
+        return rev, objs, (paging.encode_token(rev, last, prefix) if last else None)
 
     def _watch(self, req: Request, t: Target, keep) -> Response:
         version = tables.wants_table(req.headers.get("accept"))
