@@ -18,6 +18,7 @@ import copy
 import json
 import logging
 import re
+import time
 
 import trio
 
@@ -25,6 +26,7 @@ from netemu import api, names, netns
 from netemu.apiserver import discovery, paging, podexec, status, tables
 from netemu.apiserver.http import Request, Response
 from netemu.k8s import jsonpatch, kinds, protobuf, selectors, strategicpatch
+from netemu.node import logstamps
 from netemu.store import registry
 from netemu.store.base import Compacted
 from netemu.topology import manifests, schema
@@ -125,6 +127,32 @@ def _json_body(req: Request):
     except (ValueError, UnicodeDecodeError) as err:
         raise api.ApiError(f"the body of the request could not be decoded as JSON: {err}",
                            reason="BadRequest") from None
+
+class _LogLines:
+    """A log's bytes on their way out: as they are, or (timestamps, since)
+    line by line with the time each was written (node/logstamps.py). Lines
+    are sent whole; a line still being written waits for its newline, unless
+    the log is final."""
+
+    def __init__(self, times_path: str, timestamps: bool, since: int | None):
+        self.timestamps, self.since = timestamps, since
+        self.stamps = logstamps.StampFile(times_path) if timestamps or since is not None else None
+        self.pending = b""
+
+    def feed(self, data: bytes, offset: int, final: bool = False) -> bytes:
+        """DATA, read at byte OFFSET of the log, as it is to be sent."""
+        if self.stamps is None:
+            return data
+        buf, start = self.pending + data, offset - len(self.pending)
+        cut = len(buf) if final else buf.rfind(b"\n") + 1
+        buf, self.pending = buf[:cut], buf[cut:]
+        out = []
+        for line, ns in logstamps.line_times(buf, start, self.stamps.refresh(), time.time_ns()):
+            if self.since is not None and ns < self.since:
+                continue
+            out.append(logstamps.rfc3339nano(ns).encode() + b" " + line if self.timestamps else line)
+        return b"".join(out)
+
 
 class ApiServer:
     def __init__(self, store, settings=None, address: str = "127.0.0.1:8080", pod_dir=None,
@@ -602,20 +630,16 @@ class ApiServer:
     def _log(self, req: Request, t: Target) -> Response:
         """A container's output, as the kubelet serves it through the API server.
         The kubelet keeps the log of the running instance and of the one before
-        it (previous=true: names.container_log); it keeps no timestamps, so
-        timestamps, sinceSeconds and sinceTime are refused rather than answered
-        wrongly."""
+        it (previous=true: names.container_log), and when each line was written
+        (timestamps=true, sinceSeconds, sinceTime: node/logstamps.py). As the
+        kubelet, tailLines picks the lines first, then since filters them, then
+        limitBytes cuts what is sent (timestamps included)."""
         if req.method != "GET":
             return status.method_not_allowed()
         pod = self._pod_of_subresource(t)
         if isinstance(pod, Response):
             return pod
-        if req.arg("timestamps") in ("true", "1"):
-            return status.bad_request("timestamps=true is not supported by netemu's kubelet yet")
         previous = req.arg("previous") in ("true", "1")
-        for unsupported in ("sinceSeconds", "sinceTime"):
-            if req.arg(unsupported):
-                return status.bad_request(f"{unsupported} is not supported by netemu's kubelet yet")
         containers = [c["name"] for c in (pod.get("spec") or {}).get("containers") or []]
         container = req.arg("container")
         if not container:
@@ -633,7 +657,11 @@ class ApiServer:
         if (tail is not None and tail < 0) or (limit is not None and limit <= 0):
             return status.error("Invalid", 'PodLogOptions "" is invalid: tailLines or limitBytes: '
                                 "Invalid value: must be greater than or equal to 0 (limitBytes: 1)")
-        path = names.container_log(self.pod_dir(t.namespace or "default", t.name), container, previous)
+        since = self._log_since(req)
+        if isinstance(since, Response):
+            return since
+        pod_dir = self.pod_dir(t.namespace or "default", t.name)
+        path = names.container_log(pod_dir, container, previous)
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -646,18 +674,49 @@ class ApiServer:
                            for cs in (pod.get("status") or {}).get("containerStatuses") or []
                            if cs.get("name") == container), None) or "ContainerCreating"
             return status.bad_request(f'container "{container}" in pod "{t.name}" is waiting to start: {reason}')
+        base = 0
         if tail is not None:
             lines = data.splitlines(keepends=True)
-            data = b"".join(lines[len(lines) - tail:]) if tail else b""
+            kept = b"".join(lines[len(lines) - tail:]) if tail else b""
+            base, data = len(data) - len(kept), kept
+        lines = _LogLines(names.container_log_times(pod_dir, container, previous),
+                          req.arg("timestamps") in ("true", "1"), since)
+        following = req.arg("follow") in ("true", "1") and not previous
+        # A previous instance has ended: its log is whole, there is nothing to follow.
+        data = lines.feed(data, base, final=not following)
         if limit is not None:
             data = data[:limit]
-        # A previous instance has ended: its log is whole, there is nothing to follow.
-        if req.arg("follow") not in ("true", "1") or previous or (limit is not None and len(data) >= limit):
+        if not following or (limit is not None and len(data) >= limit):
             return Response(200, data, "text/plain")
-        return Response(200, lambda write: self._follow(write, t, path, read_up_to, data, limit),
+        return Response(200, lambda write: self._follow(write, t, path, read_up_to, data, limit, lines),
                         "text/plain")
 
-    async def _follow(self, write, t: Target, path: str, offset: int, first: bytes, limit: int | None) -> None:
+    def _log_since(self, req: Request) -> int | None | Response:
+        """?sinceSeconds= or ?sinceTime= as a time in ns, None if neither;
+        the API server's refusals otherwise."""
+        seconds, when = req.arg("sinceSeconds"), req.arg("sinceTime")
+        if seconds and when:
+            return status.error("Invalid", 'PodLogOptions "" is invalid: sinceSeconds: Forbidden: at most one '
+                                "of `sinceTime` or `sinceSeconds` may be specified")
+        if seconds:
+            try:
+                value = int(seconds)
+            except ValueError:
+                return status.bad_request(f'sinceSeconds: invalid value "{seconds}": must be an integer')
+            if value < 1:
+                return status.error("Invalid", 'PodLogOptions "" is invalid: sinceSeconds: Invalid value: '
+                                    f"{value}: must be greater than 0")
+            return time.time_ns() - min(value, 2 ** 33) * 1_000_000_000
+        if when:
+            try:
+                return logstamps.parse_rfc3339(when)
+            except (ValueError, OverflowError, OSError):
+                return status.bad_request(f'parsing time "{when}" as "2006-01-02T15:04:05Z07:00": '
+                                          "cannot parse as RFC 3339")
+        return None
+
+    async def _follow(self, write, t: Target, path: str, offset: int, first: bytes, limit: int | None,
+                      lines: "_LogLines") -> None:
         """Stream the log as it grows until the container stops for good (its
         pod finished or gone) or limitBytes is reached."""
         sent = len(first)
@@ -665,18 +724,22 @@ class ApiServer:
         with open(path, "rb") as f:
             f.seek(offset)
             while True:
+                at = f.tell()
                 chunk = f.read(65536)
                 if chunk:
+                    out = lines.feed(chunk, at)
                     if limit is not None:
-                        chunk = chunk[:limit - sent]
-                    sent += len(chunk)
-                    await write(chunk)
+                        out = out[:limit - sent]
+                    sent += len(out)
+                    if out:
+                        await write(out)
                     if limit is not None and sent >= limit:
                         return
                     continue
                 pod = self._read(t)
                 if pod is None or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
-                    rest = f.read()
+                    at = f.tell()
+                    rest = lines.feed(f.read(), at, final=True)
                     if rest:
                         await write(rest[:None if limit is None else limit - sent])
                     return

@@ -64,3 +64,28 @@ def test_get_in_chunks_pages_through_limit_and_continue(env):
     pages = re.findall(r"GET \S+/api/v1/namespaces\?(\S*limit=2\S*) 200", proc.stderr)
     assert len(pages) == 5 and all("continue=" in p for p in pages[1:]), proc.stderr
     kubectl(env, "delete", "namespace", *[f"chunk{i}" for i in range(5)], "--wait=false")
+
+
+def test_logs_with_timestamps_and_since(env):
+    import datetime
+
+    from netemu.node import logstamps
+
+    kubectl(env, "run", "stamped", "--image=busybox", "--restart=Never", "--command", "--",
+            "sh", "-c", "echo one; sleep 1.5; echo two; sleep 600")
+    wait_for(lambda: "two" in kubectl(env, "logs", "stamped", check=False).stdout, timeout=60,
+             what="both lines logged")
+    out = kubectl(env, "logs", "stamped", "--timestamps").stdout
+    lines = [line.split(" ", 1) for line in out.splitlines()]
+    assert [text for _, text in lines] == ["one", "two"]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z", stamp) for stamp, _ in lines)
+    first, second = (logstamps.parse_rfc3339(stamp) for stamp, _ in lines)
+    assert 1.3e9 < second - first < 5e9                     # the sleep between them
+    now = datetime.datetime.now(datetime.timezone.utc).timestamp() * 1e9
+    assert 0 < now - second < 120e9
+    assert kubectl(env, "logs", "stamped", "--since=1h").stdout.split() == ["one", "two"]
+    since = logstamps.rfc3339nano(second)                   # sinceTime: the second line on
+    assert kubectl(env, "logs", "stamped", f"--since-time={since}").stdout.split() == ["two"]
+    assert kubectl(env, "logs", "stamped", "--since=1h", "--tail=1", "--timestamps").stdout == \
+        f"{lines[1][0]} two\n"
+    kubectl(env, "delete", "pod", "stamped", "--grace-period=0", "--force")

@@ -95,3 +95,149 @@ def test_bad_and_expired_continue_tokens(server):
     # ... and a new list still works.
     code, body = call(server, "GET", "/api/v1/namespaces/default/pods?limit=5")
     assert code == 200 and len(body["items"]) == 2
+
+
+# -- pods/log: timestamps, sinceSeconds, sinceTime ----------------------------------
+
+def test_log_time_formats_are_go_rfc3339nano():
+    from netemu.node import logstamps
+
+    assert logstamps.rfc3339nano(1_700_000_000_123_456_789) == "2023-11-14T22:13:20.123456789Z"
+    assert logstamps.rfc3339nano(1_700_000_000_120_000_000) == "2023-11-14T22:13:20.12Z"
+    assert logstamps.rfc3339nano(1_700_000_000_000_000_000) == "2023-11-14T22:13:20Z"
+    assert logstamps.parse_rfc3339("2023-11-14T22:13:20.12Z") == 1_700_000_000_120_000_000
+    assert logstamps.parse_rfc3339("2023-11-14T23:13:20+01:00") == 1_700_000_000_000_000_000
+    for bad in ("yesterday", "2023-11-14", "2023-11-14T22:13:20.Z", "2023-11-14T22:13:20.1234567891Z"):
+        with pytest.raises(ValueError):
+            logstamps.parse_rfc3339(bad)
+
+
+def test_each_line_gets_the_time_its_first_byte_was_seen():
+    from netemu.node import logstamps
+
+    stamps = ([4, 10, 15], [100, 200, 300])          # 4 bytes by t=100, 10 by 200, 15 by 300
+    data = b"one\ntwo\nthree\nfour\nfive\n"
+    assert logstamps.line_times(data, 0, stamps, 999) == [
+        (b"one\n", 100), (b"two\n", 200), (b"three\n", 200), (b"four\n", 300), (b"five\n", 999)]
+    assert logstamps.line_times(b"three\nfour\n", 8, stamps, 999) == [(b"three\n", 200), (b"four\n", 300)]
+
+
+def test_log_stamper_records_growth_with_inotify(tmp_path):
+    import trio
+
+    from netemu.node import logstamps
+
+    log_path, times_path = str(tmp_path / "c.log"), str(tmp_path / "c.log.times")
+    open(log_path, "wb").close()
+
+    async def main():
+        stamper = logstamps.LogStamper()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stamper.run)
+            st = stamper.add(log_path, times_path)
+            with open(log_path, "ab", buffering=0) as f:
+                f.write(b"first\n")
+                await trio.sleep(0.3)
+                f.write(b"second\n")
+                await trio.sleep(0.3)
+                f.write(b"third")
+                stamper.remove(st)               # the container ended: its last bytes stamped
+                await trio.sleep(0.1)
+                f.write(b" more, unwatched\n")
+                await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+
+    before = __import__("time").time_ns()
+    trio.run(main)
+    ends, times = logstamps.read_stamps(times_path)
+    assert ends == [6, 13, 18]
+    assert before < times[0] < times[1] - 200_000_000 < times[2] - 400_000_000
+
+
+def _write_stamped_log(folder, container, lines, start_ns, step_ns):
+    folder.mkdir(parents=True, exist_ok=True)
+    data, records, at = b"", [], start_ns
+    for line in lines:
+        data += line
+        records.append(f"{len(data)} {at}\n")
+        at += step_ns
+    (folder / f"{container}.log").write_bytes(data)
+    (folder / f"{container}.log.times").write_text("".join(records))
+
+
+def test_pod_logs_timestamps_and_since(server, tmp_path):
+    import time
+
+    from netemu.node import logstamps
+
+    server.pod_dir = lambda ns, pod: str(tmp_path / ns / pod)
+    call(server, "POST", "/api/v1/namespaces/default/pods", POD)
+    hour = 3600 * 10 ** 9
+    t0 = time.time_ns() - 3 * hour                    # lines an hour apart: 3 h, 2 h, 1 h ago
+    _write_stamped_log(tmp_path / "default" / "web", "c", [b"a\n", b"b\n", b"c\n"], t0, hour)
+    url = "/api/v1/namespaces/default/pods/web/log"
+    stamps = [logstamps.rfc3339nano(t0 + i * hour) for i in range(3)]
+    code, body = call(server, "GET", url + "?timestamps=true")
+    assert body == f"{stamps[0]} a\n{stamps[1]} b\n{stamps[2]} c\n".encode()
+    assert call(server, "GET", url + "?sinceSeconds=9000")[1] == b"b\nc\n"         # 2.5 h
+    assert call(server, "GET", url + f"?sinceTime={stamps[1]}&timestamps=true")[1] == \
+        f"{stamps[1]} b\n{stamps[2]} c\n".encode()
+    assert call(server, "GET", url + "?sinceSeconds=60")[1] == b""
+    # tailLines first, then since, then limitBytes over what is sent
+    assert call(server, "GET", url + "?tailLines=2&sinceSeconds=99999")[1] == b"b\nc\n"
+    assert call(server, "GET", url + "?timestamps=true&limitBytes=10")[1] == stamps[0][:10].encode()
+    code, body = call(server, "GET", url + "?sinceSeconds=0")
+    assert (code, body["message"]) == (422, 'PodLogOptions "" is invalid: sinceSeconds: Invalid value: 0: '
+                                             "must be greater than 0")
+    code, body = call(server, "GET", url + f"?sinceSeconds=5&sinceTime={stamps[0]}")
+    assert code == 422 and "at most one of `sinceTime` or `sinceSeconds`" in body["message"]
+    code, body = call(server, "GET", url + "?sinceTime=yesterday")
+    assert code == 400 and body["message"].startswith('parsing time "yesterday"')
+    # A line the kubelet has not stamped yet: the time it is read.
+    with open(tmp_path / "default" / "web" / "c.log", "ab") as f:
+        f.write(b"fresh\n")
+    before = time.time_ns()
+    body = call(server, "GET", url + "?timestamps=true&tailLines=1")[1]
+    stamp, _, line = body.partition(b" ")
+    assert line == b"fresh\n" and logstamps.parse_rfc3339(stamp.decode()) >= before - 1000
+
+
+def test_pod_logs_follow_with_timestamps_sends_whole_lines(server, tmp_path):
+    import trio
+
+    from netemu.apiserver import http
+    from netemu.node import logstamps
+
+    server.pod_dir = lambda ns, pod: str(tmp_path / ns / pod)
+    call(server, "POST", "/api/v1/namespaces/default/pods", POD)
+    folder = tmp_path / "default" / "web"
+    _write_stamped_log(folder, "c", [b"a\n"], 1_700_000_000_000_000_000, 1)
+    got: list[bytes] = []
+
+    async def main():
+        req = http.Request("GET", "/api/v1/namespaces/default/pods/web/log",
+                           {"follow": ["true"], "timestamps": ["true"]}, {}, b"")
+        resp = await server.handle(req)
+
+        async def write(chunk):
+            got.append(chunk)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(resp.body, write)
+            await trio.sleep(0.3)
+            with open(folder / "c.log", "ab") as f:
+                f.write(b"half")
+            await trio.sleep(0.5)
+            assert b"half" not in b"".join(got)          # waits for its newline
+            with open(folder / "c.log", "ab") as f:
+                f.write(b" done\n")
+            with open(folder / "c.log.times", "a") as f:
+                f.write("12 1700000001000000000\n")           # len(b"a\nhalf done\n")
+            await trio.sleep(0.5)
+            registry.mutate(server.store, "Pod", "default", "web",
+                            lambda p: p.setdefault("status", {}).update(phase="Succeeded"))
+
+    trio.run(main)
+    assert b"".join(got) == (b"2023-11-14T22:13:20Z a\n"
+                             b"2023-11-14T22:13:21Z half done\n")
+    assert logstamps.rfc3339nano(1_700_000_001_000_000_000) == "2023-11-14T22:13:21Z"
