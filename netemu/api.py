@@ -540,13 +540,18 @@ def delete_pod(store: Store, namespace: str, name: str, *, uid: str | None = Non
 
 
 def delete(store: Store, kind: str, namespace: str | None, name: str,
-           grace_period: int | None = None) -> dict:
+           grace_period: int | None = None, *, orphan: bool = False) -> dict:
     """Delete one object and, as Kubernetes' garbage collector does in the
     background, what it owns: a workload's pods (a Deployment's ReplicaSets and
     their pods), a Service's Endpoints and allocations. Raises ApiError NotFound.
 
     The owner goes first, so its controller stops creating pods; a pod it created
-    in the same instant is caught by the garbage collector controller."""
+    in the same instant is caught by the garbage collector controller.
+
+    ORPHAN (propagationPolicy Orphan): what the workload owns stays, with the
+    owner's references removed, as the garbage collector's orphan finalizer
+    does: the owner is first marked as being deleted (its controller then
+    neither creates nor adopts), its dependents are released, then it goes."""
     kind = kinds.resolve(kind)
     obj = registry.get(store, kind, namespace, name)
     if obj is None:
@@ -556,14 +561,59 @@ def delete(store: Store, kind: str, namespace: str | None, name: str,
         return obj
     if kind == "Namespace":
         return _delete_namespace(store, obj)
+    if orphan and kind in kinds.WORKLOADS:
+        obj = _mark_orphaning(store, obj)
+        release_dependents(store, obj)
     if not registry.delete(store, kind, namespace, name):
         raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
     if kind == "Service":
         _free_service(store, obj)
         registry.delete(store, "Endpoints", namespace, name)
-    if kind in kinds.WORKLOADS:           # their pods (or ReplicaSets) go with them
+    if kind in kinds.WORKLOADS and not orphan:    # their pods (or ReplicaSets) go with them
         delete_dependents(store, obj)
     return obj
+
+
+def _mark_orphaning(store: Store, obj: dict) -> dict:
+    """OBJ with deletionTimestamp and the orphan finalizer, as stored."""
+    meta = obj["metadata"]
+
+    def mark(current: dict) -> None:
+        if current["metadata"].get("uid") != meta.get("uid"):
+            raise ApiError(f'{_resource(obj["kind"])} "{meta["name"]}" not found', reason="NotFound")
+        current["metadata"].setdefault("deletionTimestamp", registry.now())
+        current["metadata"]["deletionGracePeriodSeconds"] = 0
+        finalizers = current["metadata"].setdefault("finalizers", [])
+        if "orphan" not in finalizers:
+            finalizers.append("orphan")
+
+    marked = registry.mutate(store, obj["kind"], meta.get("namespace"), meta["name"], mark)
+    if marked is None:
+        raise ApiError(f'{_resource(obj["kind"])} "{meta["name"]}" not found', reason="NotFound")
+    return marked
+
+
+def release_dependents(store: Store, owner: dict) -> list[dict]:
+    """Remove OWNER's ownerReferences from what it owns (a workload's pods, a
+    Deployment's ReplicaSets), as orphaning does; the objects changed."""
+    ns = owner["metadata"].get("namespace", "default")
+    uid = owner["metadata"].get("uid")
+
+    def release(obj: dict) -> None:
+        refs = [r for r in obj["metadata"].get("ownerReferences") or [] if r.get("uid") != uid]
+        if refs:
+            obj["metadata"]["ownerReferences"] = refs
+        else:
+            obj["metadata"].pop("ownerReferences", None)
+
+    released = []
+    for kind in ("ReplicaSet", "Pod") if owner["kind"] == "Deployment" else ("Pod",):
+        for dependent in registry.list_(store, kind, ns):
+            if any(r.get("uid") == uid for r in dependent["metadata"].get("ownerReferences") or []):
+                changed = registry.mutate(store, kind, ns, dependent["metadata"]["name"], release)
+                if changed is not None:
+                    released.append(changed)
+    return released
 
 
 # Namespaces the API server will not delete.

@@ -23,7 +23,7 @@ import time
 import trio
 
 from netemu import api, names, netns
-from netemu.apiserver import discovery, paging, podexec, status, tables
+from netemu.apiserver import discovery, dryrun, paging, podexec, status, tables
 from netemu.apiserver.http import Request, Response
 from netemu.k8s import jsonpatch, kinds, protobuf, selectors, strategicpatch
 from netemu.node import logstamps
@@ -40,6 +40,12 @@ JSON_PATCH = "application/json-patch+json"
 STRATEGIC_PATCH = "application/strategic-merge-patch+json"
 # Server-side apply (application/apply-patch+yaml) is not served.
 PATCHES = (JSON_PATCH, MERGE_PATCH, STRATEGIC_PATCH)
+_WRITES = ("POST", "PUT", "PATCH", "DELETE")
+INT64_MAX = 2 ** 63 - 1
+# Kinds whose DELETE answers with the object deleted, not a Status, as their
+# kube-apiserver registries do (ReturnDeletedObject): the Python client decodes
+# the answer to delete_namespaced_pod as a Pod.
+_RETURN_DELETED = ("Pod", "Service")
 # kubectl's watch keeps a connection this long unless it says otherwise
 # (kube-apiserver's --min-request-timeout: 1800 s).
 DEFAULT_WATCH_TIMEOUT = 1800.0
@@ -185,8 +191,16 @@ class ApiServer:
                    "apis": discovery.api_group_list}.get(what)
             return _json(200, doc() if doc else arg)
         t: Target = arg
-        if req.arg("dryRun"):
-            return status.bad_request("dryRun is not supported by netemu's API server yet")
+        if req.method in _WRITES:
+            dry = self._dry_run_values(req)
+            if isinstance(dry, Response):
+                return dry
+            if dry:
+                return await self._dry_run(req, t)
+        return await self._object(req, t)
+
+    async def _object(self, req: Request, t: Target) -> Response:
+        """A request for an object, a list of them, or a subresource."""
         try:
             if t.subresource == "scale":
                 return await self._scale(req, t)
@@ -206,11 +220,57 @@ class ApiServer:
                 return self._patch(req, t)
             if req.method == "DELETE" and t.name is not None:
                 return self._delete(req, t)
+            if req.method == "DELETE" and t.name is None and t.kind.kind not in kinds.NO_DELETE_COLLECTION \
+                    and (t.namespace or not t.kind.namespaced) and t.subresource is None:
+                return self._delete_collection(req, t)
             return status.method_not_allowed()
         except selectors.SelectorError as err:
             return status.bad_request(str(err))
         except api.ApiError as err:
             return self._api_error(err, t)
+
+    # -- ?dryRun=All (dryrun.py) ---------------------------------------------------
+
+    def _dry_run_values(self, req: Request) -> list[str] | Response:
+        """The request's dryRun values: ?dryRun=, or a DELETE's DeleteOptions
+        (kubectl puts them in the body); a Status when they are not served."""
+        values = list(req.query.get("dryRun") or [])
+        if req.method == "DELETE" and req.body.strip():
+            with contextlib.suppress(ValueError, UnicodeDecodeError):
+                options = json.loads(req.body)
+                if isinstance(options, dict) and isinstance(options.get("dryRun"), list):
+                    values += [v for v in options["dryRun"] if isinstance(v, str)]
+        values = [v for v in values if v]
+        problem = dryrun.problem(values)
+        if problem:
+            options = {"POST": "CreateOptions", "PUT": "UpdateOptions", "PATCH": "PatchOptions",
+                       "DELETE": "DeleteOptions"}[req.method]
+            return status.error("Invalid", f'{options}.meta.k8s.io "" is invalid: {problem}')
+        return values
+
+    async def _dry_run(self, req: Request, t: Target) -> Response:
+        """The request served over a store that keeps no write (dryrun.py); the
+        answer shows the objects as they would be, with the resourceVersion
+        they still have (none for one that would be new)."""
+        scratch = dryrun.DryRunStore(self.store)
+        twin = copy.copy(self)
+        twin.store = scratch
+        resp = await twin._object(req, t)
+        if not isinstance(resp.body, bytes) or not resp.content_type.startswith(JSON) or resp.status >= 300:
+            return resp
+        body = json.loads(resp.body)
+        items = body.get("items") if isinstance(body.get("items"), list) else [body]
+        for obj in items:
+            meta = obj.get("metadata") if isinstance(obj, dict) else None
+            if not isinstance(meta, dict) or obj.get("kind") == "Status" or "name" not in meta:
+                continue
+            version = scratch.stored_version(registry.key(t.kind.kind, meta.get("namespace"), meta["name"]))
+            if version is None:
+                meta.pop("resourceVersion", None)
+            else:
+                meta["resourceVersion"] = version
+        return Response(resp.status, json.dumps(body, separators=(",", ":")).encode(), resp.content_type,
+                        resp.headers)
 
     def _api_error(self, err: api.ApiError, t: Target) -> Response:
         message = str(err)
@@ -547,31 +607,81 @@ class ApiServer:
         raise api.ApiError(f'Operation cannot be fulfilled on {t.kind.resource} "{t.name}": too many '
                            "concurrent changes", reason="Conflict")
 
-    def _delete(self, req: Request, t: Target) -> Response:
+    def _delete_options(self, req: Request) -> dict:
+        """DeleteOptions from the body and the query: propagationPolicy,
+        gracePeriodSeconds, preconditions (checked; ApiError)."""
         options = self._body(req) if req.body.strip() else {}
         policy = req.arg("propagationPolicy") or options.get("propagationPolicy") or "Background"
         if policy not in ("Background", "Foreground", "Orphan"):
-            return status.error("Invalid", f'DeleteOptions.meta.k8s.io "" is invalid: propagationPolicy: '
-                                f'Unsupported value: "{policy}": supported values: "Foreground", '
-                                '"Background", "Orphan"')
-        if policy == "Orphan":
-            return status.bad_request("propagationPolicy Orphan is not supported by netemu's API server yet")
+            raise api.ApiError(f'DeleteOptions.meta.k8s.io "" is invalid: propagationPolicy: Unsupported value: '
+                               f'"{policy}": supported values: "Foreground", "Background", "Orphan"')
+        if options.get("orphanDependents") is True and "propagationPolicy" not in options:
+            policy = "Orphan"               # the older spelling kubectl 1.20 may send
+        grace = req.arg("gracePeriodSeconds")
+        grace = options.get("gracePeriodSeconds") if grace is None else grace
+        if grace is not None:
+            try:
+                grace = int(grace)
+            except (TypeError, ValueError):
+                raise api.ApiError(f'DeleteOptions.meta.k8s.io "" is invalid: gracePeriodSeconds: Invalid '
+                                   f"value: {json.dumps(grace)}: must be an integer", reason="BadRequest") from None
+            if not -1 <= grace <= INT64_MAX:
+                raise api.ApiError(f'DeleteOptions.meta.k8s.io "" is invalid: gracePeriodSeconds: Invalid '
+                                   f"value: {grace}: must be greater than or equal to 0")
+            grace = max(grace, 0)
+        preconditions = options.get("preconditions") or {}
+        if not isinstance(preconditions, dict):
+            raise api.ApiError("DeleteOptions: preconditions must be an object", reason="BadRequest")
+        return {"policy": policy, "grace": grace, "uid": preconditions.get("uid")}
+
+    def _delete(self, req: Request, t: Target) -> Response:
+        options = self._delete_options(req)
         current = self._read(t)
         if current is None:
             return status.not_found(t.qualified, t.name, t.group)
-        want_uid = ((options.get("preconditions") or {}).get("uid"))
+        want_uid = options["uid"]
         if want_uid and want_uid != current["metadata"].get("uid"):
             return status.error("Conflict", f'Operation cannot be fulfilled on {t.qualified} "{t.name}": '
                                 f"Precondition failed: UID in precondition: {want_uid}, UID in object meta: "
                                 f"{current['metadata'].get('uid')}")
-        # Foreground and Background both delete the dependents (api.delete does,
-        # as the garbage collector would); the owner goes first either way.
-        api.delete(self.store, t.kind.kind, t.namespace if t.kind.namespaced else None, t.name)
+        self._delete_one(t, t.name, options)
         after = self._read(t)
         if after is not None and after["metadata"].get("uid") == current["metadata"].get("uid"):
             # Still there, terminating (a pod its kubelet is stopping): the object.
             return _json(200, self._present(after, t))
+        if t.kind.kind in _RETURN_DELETED:
+            return _json(200, self._present(current, t))
         return _json(200, status.success(t.name, t.group, t.kind.resource, current["metadata"].get("uid")))
+
+    def _delete_one(self, t: Target, name: str, options: dict) -> None:
+        # Foreground and Background both delete the dependents (api.delete does,
+        # as the garbage collector would); the owner goes first either way.
+        # Orphan releases them and keeps them.
+        api.delete(self.store, t.kind.kind, t.namespace if t.kind.namespaced else None, name,
+                   grace_period=options["grace"], orphan=options["policy"] == "Orphan")
+
+    def _delete_collection(self, req: Request, t: Target) -> Response:
+        """DELETE on a list (deletecollection): every object the label and
+        field selectors pick, each deleted as one DELETE would; the answer is
+        the list of them as they were (kube-apiserver's)."""
+        keep = self._filters(req, t)
+        options = self._delete_options(req)
+        if options["uid"]:
+            return status.bad_request("preconditions are not allowed when deleting a collection")
+        rev = self.store.revision()
+        deleted = []
+        for obj in registry.list_(self.store, t.kind.kind, t.namespace if t.kind.namespaced else None):
+            if not keep(obj):
+                continue
+            try:
+                self._delete_one(t, obj["metadata"]["name"], options)
+            except api.ApiError as err:
+                if err.reason != "NotFound":       # gone meanwhile: nothing left to do
+                    raise
+                continue
+            deleted.append(self._present(obj, t))
+        return _json(200, {"kind": f"{t.kind.kind}List", "apiVersion": t.gv,
+                           "metadata": {"resourceVersion": str(rev)}, "items": deleted})
 
     # -- /scale -----------------------------------------------------------------
 

@@ -21,9 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 
-# What a client may do with every resource served here. deletecollection is not
-# served, so it is not advertised: kubectl reads verbs to decide what to try.
+# What a client may do with every resource served here (kubectl reads verbs to
+# decide what to try); deletecollection too, but for namespaces, as Kubernetes.
 VERBS = ("create", "delete", "get", "list", "patch", "update", "watch")
+NO_DELETE_COLLECTION = ("Namespace",)
+
+
+def verbs(kind: str) -> list[str]:
+    return sorted(VERBS + (() if kind in NO_DELETE_COLLECTION else ("deletecollection",)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -89,3 +89,66 @@ def test_logs_with_timestamps_and_since(env):
     assert kubectl(env, "logs", "stamped", "--since=1h", "--tail=1", "--timestamps").stdout == \
         f"{lines[1][0]} two\n"
     kubectl(env, "delete", "pod", "stamped", "--grace-period=0", "--force")
+
+
+RC_YAML = """
+apiVersion: v1
+kind: ReplicationController
+metadata: {name: keeper}
+spec:
+  replicas: 2
+  selector: {app: keeper}
+  template:
+    metadata: {labels: {app: keeper, tier: web}}
+    spec: {containers: [{name: c, image: nginx}]}
+"""
+
+
+def test_dry_run_orphan_and_delete_all(env):
+    out = kubectl(env, "create", "-f", "-", "--dry-run=server", input=RC_YAML).stdout
+    assert out.strip() == "replicationcontroller/keeper created (server dry run)"
+    assert "NotFound" in kubectl(env, "get", "rc", "keeper", check=False).stderr
+    kubectl(env, "create", "-f", "-", input=RC_YAML)
+    wait_for(lambda: len(_names(kubectl(env, "get", "pods", "-l", "app=keeper").stdout)) == 2,
+             timeout=60, what="the rc's two pods")
+    pods = _names(kubectl(env, "get", "pods", "-l", "app=keeper").stdout)
+    out = kubectl(env, "delete", "pod", pods[0], "--dry-run=server").stdout
+    assert out.strip() == f'pod "{pods[0]}" deleted (server dry run)'
+    out = kubectl(env, "scale", "rc", "keeper", "--replicas=5", "--dry-run=server").stdout
+    assert "(server dry run)" in out
+    assert rows(kubectl(env, "get", "rc", "keeper").stdout)[1][1] == "2"
+    # --cascade=orphan: the rc goes, its pods stay, no longer owned
+    out = kubectl(env, "delete", "rc", "keeper", "--cascade=orphan").stdout
+    assert out.strip() == 'replicationcontroller "keeper" deleted'
+    assert "NotFound" in kubectl(env, "get", "rc", "keeper", check=False).stderr
+    import json
+    left = json.loads(kubectl(env, "get", "pods", "-l", "app=keeper", "-o", "json").stdout)["items"]
+    assert sorted(p["metadata"]["name"] for p in left) == sorted(pods)
+    assert all(not p["metadata"].get("ownerReferences") for p in left)
+    # and nobody deletes them a moment later (the garbage collector has no owner to follow)
+    import time
+    time.sleep(3)
+    assert sorted(_names(kubectl(env, "get", "pods", "-l", "app=keeper").stdout)) == sorted(pods)
+    # delete -l and --all
+    kubectl(env, "run", "other", "--image=nginx")
+    out = kubectl(env, "delete", "pods", "-l", "app=keeper", "--grace-period=0", "--force").stdout
+    assert sorted(re.findall(r'pod "([^"]+)" force deleted', out)) == sorted(pods)
+    assert _names(kubectl(env, "get", "pods").stdout) == ["other"]
+    out = kubectl(env, "delete", "pods", "--all", "--grace-period=0", "--force").stdout
+    assert 'pod "other" force deleted' in out
+    assert "No resources found" in kubectl(env, "get", "pods").stderr
+
+
+def test_python_client_deletes_a_collection(env):
+    kubernetes = pytest.importorskip("kubernetes")
+    config = kubernetes.client.Configuration()
+    config.host = f"http://127.0.0.1:{env['port']}"
+    v1 = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(config))
+    for name, app in (("col-a", "col"), ("col-b", "col"), ("col-c", "keep")):
+        v1.create_namespaced_pod("default", {"apiVersion": "v1", "kind": "Pod",
+                                             "metadata": {"name": name, "labels": {"app": app}},
+                                             "spec": {"containers": [{"name": "c", "image": "nginx"}]}})
+    v1.delete_collection_namespaced_pod("default", label_selector="app=col", grace_period_seconds=0)
+    names = sorted(p.metadata.name for p in v1.list_namespaced_pod("default").items)
+    assert names == ["col-c"]
+    v1.delete_namespaced_pod("col-c", "default", grace_period_seconds=0)

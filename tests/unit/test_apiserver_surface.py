@@ -241,3 +241,115 @@ def test_pod_logs_follow_with_timestamps_sends_whole_lines(server, tmp_path):
     assert b"".join(got) == (b"2023-11-14T22:13:20Z a\n"
                              b"2023-11-14T22:13:21Z half done\n")
     assert logstamps.rfc3339nano(1_700_000_001_000_000_000) == "2023-11-14T22:13:21Z"
+
+
+# -- dryRun, Orphan, deletecollection ------------------------------------------------
+
+SVC = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+       "spec": {"type": "NodePort", "selector": {"app": "nginx"}, "ports": [{"port": 80}]}}
+
+
+def test_dry_run_writes_nothing_and_answers_what_would_be(server):
+    rev = server.store.revision()
+    keys = {kv.key for kv in server.store.list("/")}
+    code, pod = call(server, "POST", "/api/v1/namespaces/default/pods?dryRun=All", POD)
+    assert code == 201 and pod["metadata"]["uid"] and "resourceVersion" not in pod["metadata"]
+    code, svc = call(server, "POST", "/api/v1/namespaces/default/services?dryRun=All", SVC)
+    assert code == 201 and svc["spec"]["clusterIP"] and 30000 <= svc["spec"]["ports"][0]["nodePort"] <= 32767
+    assert server.store.revision() == rev and {kv.key for kv in server.store.list("/")} == keys
+    assert call(server, "GET", "/api/v1/namespaces/default/pods/web")[0] == 404
+    # It refuses what the real request would refuse.
+    code, body = call(server, "POST", "/api/v1/namespaces/default/pods?dryRun=All",
+                      {**POD, "metadata": {"name": "Bad_Name"}})
+    assert code == 422
+    call(server, "POST", "/api/v1/namespaces/default/pods", POD)
+    code, body = call(server, "POST", "/api/v1/namespaces/default/pods?dryRun=All", POD)
+    assert (code, body["reason"]) == (409, "AlreadyExists")
+    stored = call(server, "GET", "/api/v1/namespaces/default/pods/web")[1]
+    rev = server.store.revision()
+    # update, patch, scale and delete: the answer as it would be, the store untouched
+    code, patched = call(server, "PATCH", "/api/v1/namespaces/default/pods/web?dryRun=All",
+                         {"metadata": {"labels": {"tier": "x"}}}, content_type="application/merge-patch+json")
+    assert code == 200 and patched["metadata"]["labels"]["tier"] == "x"
+    assert patched["metadata"]["resourceVersion"] == stored["metadata"]["resourceVersion"]
+    changed = {**stored, "metadata": {**stored["metadata"], "labels": {"app": "other"}}}
+    code, replaced = call(server, "PUT", "/api/v1/namespaces/default/pods/web?dryRun=All", changed)
+    assert code == 200 and replaced["metadata"]["labels"] == {"app": "other"}
+    code, body = call(server, "DELETE", "/api/v1/namespaces/default/pods/web", {"dryRun": ["All"]})
+    assert code == 200
+    code, body = call(server, "DELETE", "/api/v1/namespaces/default/pods?dryRun=All")
+    assert code == 200 and [p["metadata"]["name"] for p in body["items"]] == ["web"]
+    assert server.store.revision() == rev
+    assert call(server, "GET", "/api/v1/namespaces/default/pods/web")[1] == stored
+    code, body = call(server, "POST", "/api/v1/namespaces/default/pods?dryRun=Some", POD)
+    assert (code, body["message"]) == (422, 'CreateOptions.meta.k8s.io "" is invalid: dryRun: Unsupported '
+                                            'value: []string{"Some"}: supported values: "All"')
+
+
+RC = {"apiVersion": "v1", "kind": "ReplicationController", "metadata": {"name": "rc"},
+      "spec": {"replicas": 2, "selector": {"app": "nginx"},
+               "template": {"metadata": {"labels": {"app": "nginx"}},
+                            "spec": {"containers": [{"name": "c", "image": "nginx"}]}}}}
+
+
+def _owned_pods(server, owner: dict, n: int) -> None:
+    from netemu.k8s import ownership
+    for i in range(n):
+        pod = {**POD, "metadata": {"name": f"{owner['metadata']['name']}-{i}", "labels": {"app": "nginx"},
+                                   "ownerReferences": [ownership.owner_reference(owner)]}}
+        assert call(server, "POST", "/api/v1/namespaces/default/pods", pod)[0] == 201
+
+
+def test_orphan_delete_keeps_dependents_without_the_owner_reference(server):
+    code, rc = call(server, "POST", "/api/v1/namespaces/default/replicationcontrollers", RC)
+    _owned_pods(server, rc, 2)
+    code, body = call(server, "DELETE", "/api/v1/namespaces/default/replicationcontrollers/rc",
+                      {"propagationPolicy": "Orphan"})
+    assert code == 200 and body["status"] == "Success"
+    assert call(server, "GET", "/api/v1/namespaces/default/replicationcontrollers/rc")[0] == 404
+    pods = call(server, "GET", "/api/v1/namespaces/default/pods")[1]["items"]
+    assert [p["metadata"]["name"] for p in pods] == ["rc-0", "rc-1"]
+    assert all("ownerReferences" not in p["metadata"] for p in pods)
+    # Background (the default) takes them along, as before.
+    code, rc = call(server, "POST", "/api/v1/namespaces/default/replicationcontrollers",
+                    {**RC, "metadata": {"name": "rc2"}})
+    _owned_pods(server, rc, 1)
+    call(server, "DELETE", "/api/v1/namespaces/default/replicationcontrollers/rc2")
+    assert [p["metadata"]["name"] for p in call(server, "GET", "/api/v1/namespaces/default/pods")[1]["items"]] \
+        == ["rc-0", "rc-1"]
+
+
+def test_deployment_orphan_keeps_its_replicasets(server):
+    from netemu.k8s import ownership
+    deploy = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
+              "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "nginx"}},
+                       "template": RC["spec"]["template"]}}
+    code, d = call(server, "POST", "/apis/apps/v1/namespaces/default/deployments", deploy)
+    rs = {"apiVersion": "apps/v1", "kind": "ReplicaSet",
+          "metadata": {"name": "d-1", "ownerReferences": [ownership.owner_reference(d)]},
+          "spec": deploy["spec"]}
+    code, rs = call(server, "POST", "/apis/apps/v1/namespaces/default/replicasets", rs)
+    _owned_pods(server, rs, 1)
+    code, _ = call(server, "DELETE", "/apis/apps/v1/namespaces/default/deployments/d?propagationPolicy=Orphan")
+    assert code == 200
+    rs = call(server, "GET", "/apis/apps/v1/namespaces/default/replicasets/d-1")[1]
+    assert "ownerReferences" not in rs["metadata"]
+    pod = call(server, "GET", "/api/v1/namespaces/default/pods/d-1-0")[1]
+    assert pod["metadata"]["ownerReferences"][0]["name"] == "d-1"     # still its ReplicaSet's
+
+
+def test_delete_collection_by_selector(server):
+    for name, app in (("a", "x"), ("b", "x"), ("c", "y")):
+        call(server, "POST", "/api/v1/namespaces/default/pods", _pod(name, app=app))
+    call(server, "POST", "/api/v1/namespaces", {"metadata": {"name": "other"}})
+    call(server, "POST", "/api/v1/namespaces/other/pods", _pod("d", app="x"))
+    code, body = call(server, "DELETE", "/api/v1/namespaces/default/pods?labelSelector=app%3Dx")
+    assert code == 200 and body["kind"] == "PodList" and [p["metadata"]["name"] for p in body["items"]] == ["a", "b"]
+    left = call(server, "GET", "/api/v1/pods")[1]["items"]
+    assert sorted(p["metadata"]["name"] for p in left) == ["c", "d"]
+    code, body = call(server, "DELETE", "/api/v1/namespaces/default/pods")
+    assert [p["metadata"]["name"] for p in body["items"]] == ["c"]
+    assert [p["metadata"]["name"] for p in call(server, "GET", "/api/v1/pods")[1]["items"]] == ["d"]
+    assert call(server, "DELETE", "/api/v1/namespaces")[0] == 405       # not for namespaces, as Kubernetes
+    code, body = call(server, "DELETE", "/api/v1/namespaces/other/pods", {"propagationPolicy": "Sideways"})
+    assert code == 422 and "propagationPolicy" in body["message"]
