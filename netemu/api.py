@@ -151,6 +151,15 @@ def _valid_service_ip(net: ipaddress.IPv4Network, addr) -> bool:
     return 0 <= int(addr) - (int(net.network_address) + 2) < count
 
 
+KUBERNETES_SERVICE = "default/kubernetes"
+
+
+def kubernetes_service_ip(settings) -> str:
+    """The reserved first host address of the service range, the `kubernetes`
+    Service's (apiserver/bootstrap.py); no other Service may have it."""
+    return str(_service_range(settings).network_address + 1)
+
+
 class _Allocation:
     """What one Service request claimed, so a failure can give it all back."""
 
@@ -208,7 +217,8 @@ def _allocate_service(store: Store, svc: dict, old: dict | None, settings) -> _A
             except ValueError:
                 raise ApiError(f'Service "{name}" is invalid: spec.clusterIPs[0]: Invalid value: '
                                f'"{want}": must be a valid IP address') from None
-            if addr not in net or not _valid_service_ip(net, addr):
+            reserved = owner == KUBERNETES_SERVICE and want == kubernetes_service_ip(settings)
+            if addr not in net or not (_valid_service_ip(net, addr) or reserved):
                 raise ApiError(
                     f'Service "{name}" is invalid: spec.clusterIPs: Invalid value: []string{{"{want}"}}: '
                     f"failed to allocate IP {want}: the provided IP ({want}) is not in the valid range. "

@@ -16,7 +16,7 @@ import pytest
 
 from netemu import apiserver
 from tests.integration.clusters import running, wait_for, write_topology
-from tests.integration.test_apiserver import MASTER, kubectl, rows
+from tests.integration.test_apiserver import MASTER, _listening, kubectl, rows
 
 KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 
@@ -41,6 +41,7 @@ def env(tmp_path_factory):
     try:
         with running(path) as (cluster, _):
             port = apiserver.read_config(cluster)["port"]
+            wait_for(lambda: _listening(port), timeout=20, what="the API server's loopback socket")
             yield {"cluster": cluster, "kubeconfig": str(kubeconfig), "port": port, "tmp": tmp}
     finally:
         if old is None:
@@ -152,3 +153,31 @@ def test_python_client_deletes_a_collection(env):
     names = sorted(p.metadata.name for p in v1.list_namespaced_pod("default").items)
     assert names == ["col-c"]
     v1.delete_namespaced_pod("col-c", "default", grace_period_seconds=0)
+
+
+def test_the_kubernetes_service_leads_to_the_api_server(env):
+    import json
+
+    from netemu import names
+
+    def service_row():
+        found = [r for r in rows(kubectl(env, "get", "svc").stdout)[1:] if r[0] == "kubernetes"]
+        return found[0] if found else None
+    row = wait_for(service_row, timeout=30, what="the kubernetes Service")
+    assert row[1:5] == ["ClusterIP", "10.253.0.1", "<none>", "8080/TCP"]
+    described = kubectl(env, "describe", "svc", "kubernetes").stdout
+    assert re.search(r"^Endpoints:\s+10\.1\.97\.231:8080$", described, re.M), described
+    # From a pod, through the service proxy, the API server answers.
+    kubectl(env, "run", "asker", "--image=nginx")
+    wait_for(lambda: "Running" in kubectl(env, "get", "pod", "asker").stdout, timeout=60, what="asker Running")
+    pod_ns = names.pod_ns(env["cluster"], "default", "asker")
+
+    def version():
+        proc = subprocess.run(["ip", "netns", "exec", pod_ns, "curl", "-s", "-m", "3",
+                               "http://10.253.0.1:8080/version"], capture_output=True, text=True)
+        return json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.startswith("{") else None
+    assert wait_for(version, timeout=30, what="/version through the kubernetes Service")["major"] == "1"
+    # Deleted, it comes back (the API server keeps it).
+    kubectl(env, "delete", "svc", "kubernetes")
+    wait_for(service_row, timeout=30, what="the kubernetes Service back")
+    kubectl(env, "delete", "pod", "asker", "--grace-period=0", "--force")

@@ -353,3 +353,41 @@ def test_delete_collection_by_selector(server):
     assert call(server, "DELETE", "/api/v1/namespaces")[0] == 405       # not for namespaces, as Kubernetes
     code, body = call(server, "DELETE", "/api/v1/namespaces/other/pods", {"propagationPolicy": "Sideways"})
     assert code == 422 and "propagationPolicy" in body["message"]
+
+
+# -- the kubernetes Service -----------------------------------------------------------
+
+def test_the_kubernetes_service_is_kept(server):
+    from types import SimpleNamespace
+
+    from netemu.apiserver import bootstrap
+
+    settings = SimpleNamespace(service_range="10.254.0.0/16", time_scale=1.0)
+    store = server.store
+    assert bootstrap.reconcile(store, settings, "10.1.0.5", 8080) == [
+        "service created", "endpoints created", "endpointslice created"]
+    assert bootstrap.reconcile(store, settings, "10.1.0.5", 8080) == []          # nothing to do
+    svc = registry.get(store, "Service", "default", "kubernetes")
+    assert svc["spec"]["clusterIP"] == "10.254.0.1" and "selector" not in svc["spec"]
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 8080, "protocol": "TCP", "targetPort": 8080}]
+    ep = registry.get(store, "Endpoints", "default", "kubernetes")
+    assert ep["subsets"] == [{"addresses": [{"ip": "10.1.0.5"}],
+                              "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}]
+    code, slices = call(server, "GET", "/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"
+                                       "?labelSelector=kubernetes.io/service-name%3Dkubernetes")
+    assert [s["endpoints"][0]["addresses"] for s in slices["items"]] == [["10.1.0.5"]]
+    # No one else gets the reserved address ...
+    other = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
+             "spec": {"clusterIP": "10.254.0.1", "ports": [{"port": 80}]}}
+    from netemu import api
+    with pytest.raises(api.ApiError, match="not in the valid range"):
+        api.create(store, other, settings)
+    # ... deleted or changed, it comes back as it was (the address moves with the master)
+    api.delete(store, "Service", "default", "kubernetes")
+    registry.mutate(store, "EndpointSlice", "default", "kubernetes", lambda s: s.update(endpoints=[]))
+    assert bootstrap.reconcile(store, settings, "10.1.0.6", 8080) == [
+        "service created", "endpoints created", "endpointslice updated"]
+    assert registry.get(store, "Service", "default", "kubernetes")["spec"]["clusterIP"] == "10.254.0.1"
+    assert registry.get(store, "Endpoints", "default", "kubernetes")["subsets"][0]["addresses"] == [{"ip": "10.1.0.6"}]
+    code, table = call(server, "GET", "/api/v1/namespaces/default/services", accept=TABLE)
+    assert table["rows"][0]["cells"][:5] == ["kubernetes", "ClusterIP", "10.254.0.1", "<none>", "8080/TCP"]
