@@ -732,8 +732,25 @@ class ApiServer:
         if replicas < 0:
             return status.error("Invalid", f'Scale.autoscaling "{t.name}" is invalid: spec.replicas: '
                                 f"Invalid value: {replicas}: must be greater than or equal to 0")
-        obj = api.scale(self.store, t.kind.kind, t.name, replicas, namespace=t.namespace or "default")
-        return _json(200, self._scale_of(obj, t))
+        return _json(200, self._scale_of(self._set_replicas(t, replicas), t))
+
+    def _set_replicas(self, t: Target, replicas: int) -> dict:
+        """The object with its scale field at REPLICAS, written through
+        admission (an update on what was read, read again on a conflict)."""
+        for _ in range(20):
+            current = self._read(t)
+            if current is None:
+                raise api.ApiError(f'{t.qualified} "{t.name}" not found', reason="NotFound")
+            changed = copy.deepcopy(current)
+            changed.setdefault("spec", {})[t.kind.scale_field] = replicas
+            try:
+                stored, _ = api.update(self.store, changed, self.settings)
+                return stored
+            except api.ApiError as err:
+                if err.reason != "Conflict":
+                    raise
+        raise api.ApiError(f'Operation cannot be fulfilled on {t.qualified} "{t.name}": too many concurrent '
+                           "changes", reason="Conflict")
 
     # -- pods/log -----------------------------------------------------------------
 
