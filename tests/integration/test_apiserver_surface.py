@@ -181,3 +181,28 @@ def test_the_kubernetes_service_leads_to_the_api_server(env):
     kubectl(env, "delete", "svc", "kubernetes")
     wait_for(service_row, timeout=30, what="the kubernetes Service back")
     kubectl(env, "delete", "pod", "asker", "--grace-period=0", "--force")
+
+
+def test_typed_create_commands_send_protobuf_and_work(env):
+    out = kubectl(env, "create", "deployment", "typed", "--image=nginx", "--replicas=2", "--port=80").stdout
+    assert out.strip() == "deployment.apps/typed created"
+    wait_for(lambda: rows(kubectl(env, "get", "deploy", "typed").stdout)[1][1] == "2/2", timeout=90,
+             what="the deployment's two pods ready")
+    out = kubectl(env, "create", "service", "clusterip", "typed", "--tcp=80:80").stdout
+    assert out.strip() == "service/typed created"
+    described = kubectl(env, "describe", "svc", "typed").stdout
+    wait_for(lambda: len(re.findall(r"\d+\.\d+\.\d+\.\d+:80", kubectl(env, "describe", "svc", "typed").stdout)) == 2,
+             timeout=30, what="both pods behind the service")
+    assert re.search(r"^Type:\s+ClusterIP$", described, re.M)
+    out = kubectl(env, "create", "job", "typedjob", "--image=busybox", "--", "sh", "-c", "echo from-protobuf").stdout
+    assert out.strip() == "job.batch/typedjob created"
+    import json
+
+    def job_pod_output():
+        pods = json.loads(kubectl(env, "get", "pods", "-o", "json").stdout)["items"]
+        mine = [p["metadata"]["name"] for p in pods
+                if any(r.get("name") == "typedjob" for r in p["metadata"].get("ownerReferences") or [])]
+        return mine and "from-protobuf" in kubectl(env, "logs", mine[0], check=False).stdout
+    wait_for(job_pod_output, timeout=60, what="the job's output")
+    wait_for(lambda: "Complete" in kubectl(env, "get", "job", "typedjob").stdout, timeout=60, what="the job Complete")
+    kubectl(env, "delete", "deploy/typed", "svc/typed", "job/typedjob", timeout=90)

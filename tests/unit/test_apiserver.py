@@ -672,10 +672,10 @@ def test_protobuf_namespace_body_is_decoded_other_kinds_refused(server):
     body = json.loads(resp.body)
     assert resp.status == 201 and body["metadata"]["name"] == "new-namespace"
     assert body["metadata"]["labels"] == {"kubernetes.io/metadata.name": "new-namespace"}
-    # a Deployment (kubectl create deployment) is not decoded: 415, nothing stored
-    deployment = b"k8s\x00\n\x15\n\x07apps/v1\x12\nDeployment\x12\x07\n\x05\n\x03web"
-    req = http.Request("POST", "/apis/apps/v1/namespaces/default/deployments", {},
-                       {"content-type": "application/vnd.kubernetes.protobuf"}, deployment)
+    # a ReplicaSet (no kubectl command sends one) is not decoded: 415, nothing stored
+    replicaset = b"k8s\x00\n\x15\n\x07apps/v1\x12\nReplicaSet\x12\x07\n\x05\n\x03web"
+    req = http.Request("POST", "/apis/apps/v1/namespaces/default/replicasets", {},
+                       {"content-type": "application/vnd.kubernetes.protobuf"}, replicaset)
     resp = trio.run(server.handle, req)
     assert resp.status == 415 and b"not decoded by netemu yet" in resp.body
     # an unknown field number is an error, not silently dropped
