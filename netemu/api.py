@@ -442,13 +442,39 @@ def update(store: Store, obj: dict, settings=None) -> tuple[dict, str]:
         raise ApiError(stale, reason="Conflict") from None
 
 
+JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
+
+
+def _job_labels(uid: str, name: str) -> dict[str, str]:
+    return {JOB_UID_LABEL: uid, "batch.kubernetes.io/job-name": name, "controller-uid": uid, "job-name": name}
+
+
+def _generate_job_selector(job: dict) -> str | None:
+    """A batch/v1 Job without its own selector gets one on create, as the API
+    server's Job strategy generates it: its uid as a label of its pod template,
+    and a selector for that label (so `kubectl logs job/NAME` and `describe`
+    find its pods). Returns the uid chosen, None for a manual selector."""
+    spec = job.get("spec") or {}
+    if spec.get("manualSelector") or spec.get("selector") is not None:
+        return None
+    import uuid
+
+    uid = str(uuid.uuid4())
+    template = spec.setdefault("template", {})
+    tmeta = template.setdefault("metadata", {})
+    tmeta["labels"] = {**(tmeta.get("labels") or {}), **_job_labels(uid, job["metadata"]["name"])}
+    spec["selector"] = {"matchLabels": {JOB_UID_LABEL: uid}}
+    return uid
+
+
 def _create(store: Store, obj: dict, settings) -> dict:
     obj["metadata"]["generation"] = 1
     if obj["kind"] == "Namespace":
         obj["status"] = {"phase": "Active"}
+    uid = _generate_job_selector(obj) if obj["kind"] == "Job" else None
     alloc = _allocate_service(store, obj, None, settings) if obj["kind"] == "Service" else None
     try:
-        return registry.create(store, obj)
+        return registry.create(store, obj, uid=uid)
     except BaseException:
         if alloc:
             alloc.rollback()
@@ -479,6 +505,15 @@ def _update(store: Store, old: dict, new: dict, settings) -> tuple[dict, str]:
                            "`spec.tolerations` (only additions to existing tolerations) or "
                            "`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)")
         new_spec = old.get("spec") or {}
+    if kind == "Job" and "selector" not in new_spec and not new_spec.get("manualSelector") \
+            and (old.get("spec") or {}).get("selector"):
+        # The generated selector and its template labels stay (spec.selector
+        # is immutable): a manifest applied again does not carry them.
+        new_spec["selector"] = old["spec"]["selector"]
+        uid = old["metadata"].get("uid", "")
+        template = new_spec.setdefault("template", {})
+        tmeta = template.setdefault("metadata", {})
+        tmeta["labels"] = {**(tmeta.get("labels") or {}), **_job_labels(uid, old["metadata"]["name"])}
     if kind == "Node":
         # spec.podCIDR is set once; keep what the store has if the file omits it.
         for k in ("podCIDR", "podCIDRs"):

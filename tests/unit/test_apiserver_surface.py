@@ -434,3 +434,25 @@ def test_kubectl_protobuf_bodies_decode_to_what_kubectl_prints_and_are_stored(se
     # a field the tables do not have is refused by number, never dropped
     with pytest.raises(protobuf.DecodeError, match="PodSpec: unknown field number 14"):
         protobuf.decode_message(b"\x72\x00", "PodSpec")         # securityContext: {}
+
+
+def test_a_job_without_a_selector_gets_one_from_its_uid(server):
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "once"},
+           "spec": {"template": {"spec": {"containers": [{"name": "c", "image": "busybox"}],
+                                          "restartPolicy": "Never"}}}}
+    code, body = call(server, "POST", "/apis/batch/v1/namespaces/default/jobs", job)
+    uid = body["metadata"]["uid"]
+    assert code == 201 and body["spec"]["selector"] == {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
+    assert body["spec"]["template"]["metadata"]["labels"] == {
+        "batch.kubernetes.io/controller-uid": uid, "batch.kubernetes.io/job-name": "once",
+        "controller-uid": uid, "job-name": "once"}
+    # read back and written again (label, replace) it is accepted; the selector stays
+    code, body = call(server, "PATCH", "/apis/batch/v1/namespaces/default/jobs/once",
+                      {"metadata": {"labels": {"x": "y"}}}, content_type="application/merge-patch+json")
+    assert code == 200 and body["spec"]["selector"]["matchLabels"]["batch.kubernetes.io/controller-uid"] == uid
+    code, body = call(server, "PUT", "/apis/batch/v1/namespaces/default/jobs/once", body)
+    assert code == 200
+    # a selector of one's own still needs manualSelector
+    other = {**job, "metadata": {"name": "mine"}}
+    other["spec"] = {**job["spec"], "selector": {"matchLabels": {"a": "b"}}}
+    assert call(server, "POST", "/apis/batch/v1/namespaces/default/jobs", other)[0] == 422
