@@ -126,10 +126,10 @@ def _cluster_context(cluster: str, store):
     """(settings, nodes) to validate manifests against: the cluster's settings
     from its topology, the nodes as the store has them now (nodes added with
     `netemu node add` included)."""
-    from netemu.controlplane import load_topology
+    from netemu import clusterconfig
     from netemu.topology.model import NodeSpec
 
-    settings = load_topology(cluster).settings
+    settings = clusterconfig.read(cluster, store).settings
     nodes = [NodeSpec(name=n["metadata"]["name"], labels=dict(n["metadata"].get("labels") or {}),
                       address=None, pod_cidr=None, unschedulable=bool((n.get("spec") or {}).get("unschedulable")))
              for n in registry.list_(store, "Node")]
@@ -426,11 +426,12 @@ def cmd_expose(args) -> int:
     kind, name = _kind_name(args.kind, args.name, "expose")
     cluster, store = _open(args)
     try:
-        from netemu.controlplane import load_topology
-        settings = load_topology(cluster).settings
+        from netemu import clusterconfig
+        settings = clusterconfig.read(cluster, store).settings
         try:
-            svc = kubectl_verbs.expose(store, kind, name, args.port, args.target_port, args.type, args.service_name,
-                             args.protocol, namespace=args.namespace or "default", settings=settings)
+            svc = kubectl_verbs.expose(store, kind, name, args.port, args.target_port, args.type,
+                                       args.service_name, args.protocol, namespace=args.namespace or "default",
+                                       settings=settings)
         except api.ApiError as e:
             print(_server_error(e), file=sys.stderr)
             return 1
@@ -444,10 +445,10 @@ def cmd_scale(args) -> int:
     kind, name = _kind_name(args.kind, args.name, "scale")
     cluster, store = _open(args)
     try:
-        from netemu.controlplane import load_topology
+        from netemu import clusterconfig
         try:
             kubectl_verbs.scale(store, kind, name, args.replicas, namespace=args.namespace or "default",
-                                settings=load_topology(cluster).settings)
+                                settings=clusterconfig.read(cluster, store).settings)
         except api.ApiError as e:
             print(_server_error(e), file=sys.stderr)
             return 1
@@ -467,11 +468,11 @@ def cmd_label(args) -> int:
         raise WorkloadCliError("at least one label update is required (KEY=VALUE or KEY-)")
     cluster, store = _open(args)
     try:
-        from netemu.controlplane import load_topology
+        from netemu import clusterconfig
         try:
             _, changed = kubectl_verbs.label(store, kind, name, changes, overwrite=args.overwrite,
                                              namespace=args.namespace or "default",
-                                             settings=load_topology(cluster).settings)
+                                             settings=clusterconfig.read(cluster, store).settings)
         except api.ApiError as e:
             print(_server_error(e), file=sys.stderr)
             return 1
