@@ -42,7 +42,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
-from netemu import api, cluster as clusters, names
+from netemu import api, cluster as clusters, kubectl_verbs, names
 from netemu.k8s import kinds
 from netemu.store import registry
 
@@ -305,8 +305,9 @@ class Cluster:
         from netemu import clusterconfig
 
         with self._store(writes=True) as store:
-            return api.expose(store, _kind(kind), name, port, target_port, type, service_name, protocol,
-                              namespace=namespace, settings=clusterconfig.read(self.name, store).settings)
+            return kubectl_verbs.expose(store, _kind(kind), name, port, target_port, type, service_name,
+                                        protocol, namespace=namespace,
+                                        settings=clusterconfig.read(self.name, store).settings)
 
     # -- commands ------------------------------------------------------------------------
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 
-# What a client may do with every resource served here. deletecollection is not
-# served, so it is not advertised: kubectl reads verbs to decide what to try.
+# What a client may do with every resource served here (kubectl reads verbs to
+# decide what to try); deletecollection too, but for namespaces, as Kubernetes.
 VERBS = ("create", "delete", "get", "list", "patch", "update", "watch")
 READ_VERBS = ("get", "list", "watch")
+NO_DELETE_COLLECTION = ("Namespace",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,9 @@ class Kind:
 
     @property
     def verbs(self) -> tuple[str, ...]:
-        return READ_VERBS if self.read_only else VERBS
+        if self.read_only:
+            return READ_VERBS
+        return tuple(sorted(VERBS + (() if self.kind in NO_DELETE_COLLECTION else ("deletecollection",))))
 
     @property
     def group_version(self) -> str:

@@ -41,7 +41,7 @@ import trio
 from netemu import names, netns
 from netemu.link import keep_delay_lines
 from netemu.images import plan as image_plan, write_site
-from netemu.node import hostport, probes as probing, runtime, sandbox as sandboxes
+from netemu.node import hostport, logstamps, probes as probing, runtime, sandbox as sandboxes
 from netemu.node.host import configure_bridge
 from netemu.node.ipam import HostLocalIPAM
 from netemu.overlay import subnetenv
@@ -91,6 +91,7 @@ class Kubelet:
         self.by_key: dict[str, PodWorker] = {}     # "ns/name" -> its newest worker
         self.env: subnetenv.SubnetEnv | None = None
         self.ipam: HostLocalIPAM | None = None
+        self.log_stamper: logstamps.LogStamper | None = None
 
     async def run(self) -> None:
         self.env = await self._wait_for_subnet_env()
@@ -102,6 +103,11 @@ class Kubelet:
         self._set_node_ready()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
+            try:
+                self.log_stamper = logstamps.LogStamper()
+                nursery.start_soon(self.log_stamper.run)
+            except OSError as err:
+                log.warning("node %s: container log lines get no timestamps: %s", self.node, err)
             since = self.store.revision()
             pods = registry.list_(self.store, "Pod")
             try:
@@ -118,6 +124,18 @@ class Kubelet:
                 if uid is None:
                     continue
                 self._sync(uid, pod if ev.type == "PUT" else None)
+
+    def stamp_log(self, pod_dir: str, container: str):
+        """Start recording when the lines of a running container's log are
+        written (logstamps.py); None when this kubelet cannot (no inotify)."""
+        if self.log_stamper is None:
+            return None
+        return self.log_stamper.add(names.container_log(pod_dir, container),
+                                    names.container_log_times(pod_dir, container))
+
+    def unstamp_log(self, stamp) -> None:
+        if stamp is not None and self.log_stamper is not None:
+            self.log_stamper.remove(stamp)
 
     async def _wait_for_subnet_env(self) -> subnetenv.SubnetEnv:
         while True:
@@ -547,9 +565,12 @@ class PodWorker:
         log_path = names.container_log(self.dir, c.name)
         if c.restarts:
             # One log per instance, as the kubelet keeps them: the one that
-            # ended is what `logs --previous` reads.
+            # ended is what `logs --previous` reads (with its times).
             with contextlib.suppress(FileNotFoundError):
                 os.replace(log_path, names.container_log(self.dir, c.name, previous=True))
+            times = names.container_log_times(self.dir, c.name)
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(times, names.container_log_times(self.dir, c.name, previous=True))
         with open(log_path, "ab") as out:
             proc = await trio.lowlevel.open_process(
                 netns.exec_argv(sb.namespace, p.argv, uts_pid=sb.pause_pid),
@@ -598,11 +619,15 @@ class PodWorker:
                 if "readinessProbe" in c.probes:
                     c.probe_ready = c.adopted_ready
                 self.changed.set()
-            async with trio.open_nursery() as probes:
-                for probe in c.probes.values():
-                    probes.start_soon(self._probe, c, probe)
-                code = await c.handle.wait()
-                probes.cancel_scope.cancel()
+            stamp = self.k.stamp_log(self.dir, c.name)
+            try:
+                async with trio.open_nursery() as probes:
+                    for probe in c.probes.values():
+                        probes.start_soon(self._probe, c, probe)
+                    code = await c.handle.wait()
+                    probes.cancel_scope.cancel()
+            finally:
+                self.k.unstamp_log(stamp)
             finished = registry.now()
             if code is None:
                 terminated = {"exitCode": 255, "reason": "Unknown", "startedAt": c.started_at,

@@ -342,9 +342,9 @@ def test_namespace_created_used_and_deleted_with_its_pods(env):
     # (kubectl sends this one as protobuf)
     out = kubectl(env, "create", "namespace", "new-namespace").stdout
     assert out.strip() == "namespace/new-namespace created"
-    # `kubectl create deployment` too, and that kind's protobuf is not decoded yet: 415
-    proc = kubectl(env, "-n", "new-namespace", "create", "deployment", "web", "--image=nginx", check=False)
-    assert proc.returncode != 0 and "not decoded by netemu yet" in proc.stderr
+    # `kubectl create deployment` sends protobuf too (k8s/protobuf.py decodes it)
+    out = kubectl(env, "-n", "new-namespace", "create", "deployment", "web", "--image=nginx").stdout
+    assert out.strip() == "deployment.apps/web created"
     out = kubectl(env, "-n", "new-namespace", "create", "-f", os.path.join(TUTORIAL, "nginxpod.yaml")).stdout
     assert out.strip() == "pod/nginxpod created"
     wait_for(lambda: "Running" in kubectl(env, "-n", "new-namespace", "get", "pod", "nginxpod").stdout,

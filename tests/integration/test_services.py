@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from netemu import api, cluster as clusters, clusterconfig, names, netns
+from netemu import api, cluster as clusters, clusterconfig, kubectl_verbs, names, netns
 from netemu.store import registry
 
 from .clusters import cli, lab, wait_for
@@ -96,7 +96,7 @@ def test_tutorial_sections_3_and_4(mode):
         pods = wait_for(lambda: len(ready_pods(store, {"app": "nginx"})) == 2 and ready_pods(store, {"app": "nginx"}),
                         timeout=30, what="two nginx replicas")
         assert all(p["metadata"]["name"].startswith("podtoservcie-") for p in pods)
-        svc = api.expose(store, "rc", "podtoservcie", port=80, settings=settings(cluster))
+        svc = kubectl_verbs.expose(store, "rc", "podtoservcie", port=80, settings=settings(cluster))
         vip = svc["spec"]["clusterIP"]
         assert __import__("ipaddress").IPv4Address(vip) in settings(cluster).service_range
         wait_for(lambda: len(endpoints_ips(store, "podtoservcie")) == 2, what="endpoints")
@@ -116,7 +116,7 @@ def test_tutorial_sections_3_and_4(mode):
                           else ["iptables-save", "-t", "nat"]).stdout
         assert "default/podtoservcie" in rules
 
-        lb = api.expose(store, "rc", "podtoservcie", port=80, type_="LoadBalancer",
+        lb = kubectl_verbs.expose(store, "rc", "podtoservcie", port=80, type_="LoadBalancer",
                         name_override="my-second-service", settings=settings(cluster))
         node_port = lb["spec"]["ports"][0]["nodePort"]
         assert 30000 <= node_port <= 32767

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from netemu import clusterconfig
+from netemu import clusterconfig, kubectl_verbs
 from netemu.impairment import Impairment
 from netemu.store import registry
 from netemu.store.sqlite import SqliteStore
@@ -243,7 +243,7 @@ def test_the_api_serves_the_settings_read_only(tmp_path):
         code, status = call(method, p, body)
         assert (code, status["reason"]) == (405, "MethodNotAllowed"), (method, status)
     for change in (lambda: api.delete(store, "cm", "kube-system", "netemu-cluster"),
-                   lambda: api.label(store, "cm", "netemu-cluster", ["a=b"], namespace="kube-system")):
+                   lambda: kubectl_verbs.label(store, "cm", "netemu-cluster", ["a=b"], namespace="kube-system")):
         with pytest.raises(api.ApiError) as e:
             change()
         assert e.value.reason == "MethodNotAllowed"
