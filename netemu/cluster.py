@@ -346,7 +346,7 @@ def _diagnosis(cluster: str) -> str:
     logs = [os.path.join(names.state_dir(cluster), "controlplane.log")]
     nodes_dir = os.path.join(names.state_dir(cluster), "nodes")
     for node in sorted(os.listdir(nodes_dir)) if os.path.isdir(nodes_dir) else []:
-        logs += [os.path.join(nodes_dir, node, f"{d}.log") for d in ("overlay", "proxy")]
+        logs += [os.path.join(nodes_dir, node, f"{d}.log") for d in ("agent", "overlay", "proxy", "kubelet")]
     for path in logs:
         try:
             with open(path, errors="replace") as f:

@@ -1,7 +1,7 @@
 """The cluster's control plane: everything that keeps a cluster alive.
 
     python -m netemu.controlplane CLUSTER                    the supervisor
-    python -m netemu.controlplane CLUSTER --part nodes       kubelets, node daemons
+    python -m netemu.controlplane CLUSTER --part nodes       the node agents
     python -m netemu.controlplane CLUSTER --part controllers controllers, scheduler,
                                                              load balancer
 
@@ -12,10 +12,9 @@ are two processes for the reason Kubernetes runs kubelets apart from the
 controller manager: a hung kubelet (its lease no longer renewed) is noticed by
 the node lifecycle controller, which must not hang with it.
 
-  - nodes: per node, the overlay daemon (a supervised child process inside the
-    node's namespace), the service proxy (likewise), the kubelet (in-process: it
-    builds sandboxes from worker threads and starts containers through nsenter)
-    and the kubelet's lease heartbeat;
+  - nodes: per node, the node's agent (netemu.node.agent: kubelet, service
+    proxy, overlay daemon and the lease heartbeat in one process inside the
+    node's namespace), restarted when it exits;
   - controllers: the controllers (node lifecycle included), the scheduler and
     the cloud load balancer.
 
@@ -73,8 +72,8 @@ class ControlPlane:
         self.topology = load_topology(cluster)
         self.settings = self.topology.settings
         self.store = SqliteStore(names.store_path(cluster))
-        # Every Event is written by this process (controllers and kubelets), so
-        # its TTL is set here: Kubernetes' 1 h, scaled like the other delays.
+        # The controllers' Events: Kubernetes' 1 h TTL, scaled like the other
+        # delays (the node agents set the same for the kubelets' events).
         self.store.event_ttl = registry.EVENT_TTL * self.settings.time_scale
         self.nodes: dict[str, trio.CancelScope] = {}
 
@@ -136,47 +135,14 @@ class ControlPlane:
         self.nursery.start_soon(self._run_node, node, scope)
 
     async def _run_node(self, node: str, scope: trio.CancelScope) -> None:
+        """The node's agent (netemu.node.agent: kubelet, proxy, overlay in one
+        process), restarted when it exits. A session of its own, inside the
+        node's namespace: teardown finds it there."""
         node_dir = names.node_dir(self.cluster, node)
         os.makedirs(node_dir, exist_ok=True)
         with scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(supervise, self.cluster, f"overlay[{node}]",
-                                   python_argv("netemu.overlay.daemon", self.cluster, node),
-                                   os.path.join(node_dir, "overlay.log"),
-                                   os.path.join(node_dir, "overlay.restarts"))
-                nursery.start_soon(supervise, self.cluster, f"proxy[{node}]",
-                                   python_argv("netemu.proxy.daemon", self.cluster, node),
-                                   os.path.join(node_dir, "proxy.log"),
-                                   os.path.join(node_dir, "proxy.restarts"))
-                nursery.start_soon(self._kubelet, node)
-
-    async def _kubelet(self, node: str) -> None:
-        # Imported here: the node daemons read this module's topology helpers and
-        # should not pay for the kubelet's imports.
-        from netemu.node import lease
-        from netemu.node.kubelet import Kubelet
-
-        current: dict = {}
-
-        def kubelet_ready() -> bool:
-            k = current.get("kubelet")
-            return k is not None and getattr(k, "ipam", None) is not None
-
-        def post_ready() -> None:
-            current["kubelet"]._set_node_ready()
-
-        async with trio.open_nursery() as nursery:
-            # The heartbeat runs beside the kubelet from the start, as the
-            # kubelet's lease controller does, not once the node is ready.
-            nursery.start_soon(lease.heartbeat, self.store, node, self.settings, kubelet_ready, post_ready)
-            while True:
-                try:
-                    current["kubelet"] = Kubelet(self.cluster, node, self.store, self.settings)
-                    await current["kubelet"].run()
-                except Exception:
-                    log.exception("kubelet on %s failed; restarting", node)
-                    await trio.sleep(1)
-
+            await supervise(self.cluster, f"agent[{node}]", python_argv("netemu.node.agent", self.cluster, node),
+                            os.path.join(node_dir, "agent.log"), os.path.join(node_dir, "agent.restarts"))
 
 
 # -- the supervisor ------------------------------------------------------------
