@@ -84,6 +84,14 @@ class Backoff:
         return delay
 
 
+def describe(e: BaseException) -> str:
+    """One line for an exception, through the groups trio's nurseries wrap a
+    single failure in."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
+
+
 class Agent:
     def __init__(self, cluster: str, node: str, store):
         from netemu import controlplane
@@ -135,7 +143,7 @@ class Agent:
                 why = "returned"
             except Exception as e:      # noqa: BLE001 - any failure of a part restarts it alone
                 plog.exception("%s failed", part)
-                why = f"failed: {type(e).__name__}: {e}"[:300]
+                why = f"failed: {describe(e)}"
             delay = backoff.failed(time.monotonic() - started)
             self.restarts[part] += 1
             message = f"{part} {why}; restarting in {delay:g} s (restart {self.restarts[part]})"
