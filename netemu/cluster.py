@@ -296,9 +296,11 @@ def start_supervisor(cluster: str):
     return proc.stdin
 
 
-def wait_ready(cluster: str, progress, timeout: float = READY_TIMEOUT) -> dict:
+def wait_ready(cluster: str, progress, timeout: float | None = None) -> dict:
     """Wait until every node is Ready and every pod has settled (running and ready,
-    finished, or unschedulable). Returns a summary for printing."""
+    finished, or unschedulable), at most TIMEOUT (default READY_TIMEOUT, read
+    at the call: the benchmark raises it). Returns a summary for printing."""
+    timeout = READY_TIMEOUT if timeout is None else timeout
     store = open_store(cluster)
     deadline = time.monotonic() + timeout
     last = None
