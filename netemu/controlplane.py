@@ -75,26 +75,19 @@ class ControlPlane:
         # The controllers' Events: Kubernetes' 1 h TTL, scaled like the other
         # delays (the node agents set the same for the kubelets' events).
         self.store.event_ttl = registry.EVENT_TTL * self.settings.time_scale
-        self.nodes: dict[str, trio.CancelScope] = {}
 
     async def run(self, part: str) -> None:
         async with trio.open_nursery() as nursery:
-            self.nursery = nursery
             nursery.start_soon(stop_on_signal, nursery.cancel_scope)
             nursery.start_soon(self._tick, part)
-            if part == "nodes":
-                for node in registry.list_(self.store, "Node"):
-                    self.start_node(node["metadata"]["name"])
-                nursery.start_soon(self._follow_nodes)
-            else:
-                nursery.start_soon(self._controllers)
-                nursery.start_soon(self._load_balancer)
-                # The Kubernetes API server (netemu.apiserver), supervised here. It
-                # stays in the control plane's session: it lives in the machine's
-                # namespace (its loopback socket), so teardown finds it by session.
-                nursery.start_soon(functools.partial(
-                    supervise, self.cluster, "apiserver", python_argv("netemu.apiserver", self.cluster),
-                    os.path.join(names.state_dir(self.cluster), "apiserver.log"), new_session=False))
+            nursery.start_soon(self._controllers)
+            nursery.start_soon(self._load_balancer)
+            # The Kubernetes API server (netemu.apiserver), supervised here. It
+            # stays in the control plane's session: it lives in the machine's
+            # namespace (its loopback socket), so teardown finds it by session.
+            nursery.start_soon(functools.partial(
+                supervise, self.cluster, "apiserver", python_argv("netemu.apiserver", self.cluster),
+                os.path.join(names.state_dir(self.cluster), "apiserver.log"), new_session=False))
 
     async def _tick(self, part: str) -> None:
         """Touch the part's alive file every TICK seconds: proof for the
@@ -118,31 +111,6 @@ class ControlPlane:
             except Exception:
                 log.exception("load balancer controller failed; restarting")
                 await trio.sleep(1)
-
-    async def _follow_nodes(self) -> None:
-        """Nodes added or removed while the cluster runs (netemu node add/remove)."""
-        since = self.store.revision()
-        async for ev in self.store.watch(registry.prefix("Node"), since):
-            name = ev.key.rsplit("/", 1)[1]
-            if ev.type == "PUT" and name not in self.nodes:
-                self.start_node(name)
-            elif ev.type == "DELETE" and name in self.nodes:
-                self.nodes.pop(name).cancel()
-
-    def start_node(self, node: str) -> None:
-        scope = trio.CancelScope()
-        self.nodes[node] = scope
-        self.nursery.start_soon(self._run_node, node, scope)
-
-    async def _run_node(self, node: str, scope: trio.CancelScope) -> None:
-        """The node's agent (netemu.node.agent: kubelet, proxy, overlay in one
-        process), restarted when it exits. A session of its own, inside the
-        node's namespace: teardown finds it there."""
-        node_dir = names.node_dir(self.cluster, node)
-        os.makedirs(node_dir, exist_ok=True)
-        with scope:
-            await supervise(self.cluster, f"agent[{node}]", python_argv("netemu.node.agent", self.cluster, node),
-                            os.path.join(node_dir, "agent.log"), os.path.join(node_dir, "agent.restarts"))
 
 
 # -- the supervisor ------------------------------------------------------------
@@ -315,6 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     # A part whose supervisor is gone (kill -9) keeps running: pods and node
     # daemons are not stopped for want of a supervisor; the CLI says that the
     # control plane runs unsupervised.
+    if args.part == "nodes":
+        # Not trio: it forks the agents (see netemu.node.agents).
+        from netemu.node.agents import AgentSupervisor
+
+        def tick() -> None:
+            path = part_alive_path(args.cluster, "nodes")
+            with open(path, "a"):
+                os.utime(path)
+        return AgentSupervisor(args.cluster).run(tick)
     trio.run(ControlPlane(args.cluster).run, args.part)
     return 0
 
