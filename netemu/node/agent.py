@@ -94,10 +94,10 @@ def describe(e: BaseException) -> str:
 
 class Agent:
     def __init__(self, cluster: str, node: str, store):
-        from netemu import controlplane
+        from netemu import clusterconfig
 
         self.cluster, self.node, self.store = cluster, node, store
-        self.settings = controlplane.load_topology(cluster).settings
+        self.settings = clusterconfig.read(cluster, store).settings
         # The kubelet writes Events: Kubernetes' 1 h TTL, scaled like every delay.
         self.store.event_ttl = registry.EVENT_TTL * self.settings.time_scale
         self.restarts = dict.fromkeys(PARTS, 0)

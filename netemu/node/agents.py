@@ -49,6 +49,7 @@ def preload() -> None:
     import pyroute2  # noqa: F401
     import trio  # noqa: F401
 
+    import netemu.clusterconfig  # noqa: F401
     import netemu.node.kubelet  # noqa: F401
     import netemu.overlay.daemon  # noqa: F401
     import netemu.overlay.udp  # noqa: F401
