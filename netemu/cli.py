@@ -208,6 +208,9 @@ def cmd_up(args) -> int:
     topo = load_topology(args.file, name=args.name, backend=args.backend, proxy_mode=args.proxy_mode)
     for w in topo.warnings:
         print(f"netemu: warning: {w}", file=sys.stderr)
+    neighbours = clusters.neighbour_table_warning(len(topo.nodes))
+    if neighbours:
+        print(f"netemu: warning: {neighbours}", file=sys.stderr)
     quiet = args.quiet
     where = "--name" if args.name else f"{args.file}: name"
     clusters.check_name(topo.name, where)       # before "Building": one line, nothing built
