@@ -162,3 +162,19 @@ def test_a_killed_agent_is_restarted_and_adopts_its_pods(cluster):
              what="a1 -> b1 after n2's agent restarted")
     with open(os.path.join(names.node_dir(cluster, "n2"), "agent.restarts")) as f:
         assert f.read() == "1"
+
+
+def test_pods_and_docker0_have_permanent_neighbour_entries(cluster):
+    """Every MAC on a pod's wire is known in advance (02:42:<ip>): the pod's
+    entry for its gateway and docker0's for the pod are PERMANENT, not learnt,
+    so they do not count against the machine's gc_thresh3."""
+    ip = pod_ip(cluster, "a1")
+    mac = "02:42:" + ":".join(f"{int(b):02x}" for b in ip.split("."))
+    node = netns.run(names.node_ns(cluster, "n1"), ["ip", "neigh", "show", "dev", "docker0"]).stdout
+    assert f"{ip} lladdr {mac} PERMANENT" in node, node
+    bridge = netns.run(names.node_ns(cluster, "n1"), ["ip", "-br", "addr", "show", "dev", "docker0"]).stdout.split()
+    gateway = bridge[2].split("/")[0]
+    gateway_mac = "02:42:" + ":".join(f"{int(b):02x}" for b in gateway.split("."))
+    inside = netns.run(names.pod_ns(cluster, "default", "a1"), ["ip", "neigh", "show"]).stdout
+    assert f"{gateway} dev eth0 lladdr {gateway_mac} PERMANENT" in inside, inside
+    assert "pod b1" in curl(cluster, "a1", pod_ip(cluster, "b1"))
