@@ -104,11 +104,16 @@ def measure(name: str, nodes: int, idle: float) -> dict:
     if idle > 0:
         time.sleep(5)                   # let the last status writes settle
         procs = clusters.cluster_processes(name)
+        roles: dict[str, list[int]] = {}
+        for pid in procs:
+            roles.setdefault(role_of(pid) or "containers", []).append(pid)
         hz = os.sysconf("SC_CLK_TCK")
-        t0, c0 = time.monotonic(), cpu_ticks(procs)
+        t0, c0 = time.monotonic(), {role: cpu_ticks(pids) for role, pids in roles.items()}
         time.sleep(idle)
-        t1, c1 = time.monotonic(), cpu_ticks(procs)
-        report["idle_cpu_percent"] = 100.0 * (c1 - c0) / hz / (t1 - t0)
+        t1, c1 = time.monotonic(), {role: cpu_ticks(pids) for role, pids in roles.items()}
+        report["idle_cpu_percent"] = 100.0 * sum(c1[r] - c0[r] for r in roles) / hz / (t1 - t0)
+        for role in roles:
+            report["roles"].setdefault(role, {})["idle_cpu_percent"] = 100.0 * (c1[role] - c0[role]) / hz / (t1 - t0)
     return report
 
 
@@ -167,8 +172,9 @@ def main() -> int:
                   f"memory per node RSS {own['rss']:.1f} MB, PSS {own['pss']:.1f} MB, USS {own['uss']:.1f} MB; "
                   f"idle CPU {m.get('idle_cpu_percent', float('nan')):.1f}% of one core", flush=True)
             for role, mem in m["roles"].items():
-                print(f"    {role}: {mem['count']} processes, RSS {mem['rss'] / 1024:.0f} MB, "
-                      f"PSS {mem['pss'] / 1024:.0f} MB, USS {mem['uss'] / 1024:.0f} MB", flush=True)
+                print(f"    {role}: {mem.get('count', 0)} processes, RSS {mem.get('rss', 0) / 1024:.0f} MB, "
+                      f"PSS {mem.get('pss', 0) / 1024:.0f} MB, USS {mem.get('uss', 0) / 1024:.0f} MB, "
+                      f"idle CPU {mem.get('idle_cpu_percent', float('nan')):.1f}%", flush=True)
     print(f"{args.nodes} nodes x {args.pods_per_node} pods ({args.backend}): "
           f"up median {statistics.median(ups):.1f} s (min {min(ups):.1f}, max {max(ups):.1f}); "
           f"down median {statistics.median(downs):.1f} s (min {min(downs):.1f}, max {max(downs):.1f})")
