@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = with_cluster(verb("logs", cmd_logs, "print a container's output (POD, pod/POD, or KIND/NAME of a job, "
                                              "rc, rs, deployment, daemonset: its first pod), or a node daemon's "
-                                             "log (logs node/NAME overlay|proxy|kubelet)"))
+                                             "log (logs node/NAME overlay|proxy|kubelet|agent)"))
     sp.add_argument("pod")
     sp.add_argument("daemon", nargs="?")
     sp.add_argument("-c", "--container")
@@ -208,6 +208,9 @@ def cmd_up(args) -> int:
     topo = load_topology(args.file, name=args.name, backend=args.backend, proxy_mode=args.proxy_mode)
     for w in topo.warnings:
         print(f"netemu: warning: {w}", file=sys.stderr)
+    neighbours = clusters.neighbour_table_warning(len(topo.nodes))
+    if neighbours:
+        print(f"netemu: warning: {neighbours}", file=sys.stderr)
     quiet = args.quiet
     where = "--name" if args.name else f"{args.file}: name"
     clusters.check_name(topo.name, where)       # before "Building": one line, nothing built
@@ -637,9 +640,11 @@ def cmd_logs(args) -> int:
         if args.previous:
             raise CliError("--previous is for containers; a node daemon's log is one file")
         daemon = args.daemon or "overlay"
+        if daemon not in ("overlay", "proxy", "kubelet", "agent"):
+            raise CliError(f'a node has no daemon "{daemon}" (overlay, proxy, kubelet or agent)')
+        # The node agent's parts each log to their own file; agent.log is the
+        # agent's own (part restarts, anything no part claims).
         path = os.path.join(names.node_dir(cluster, node), f"{daemon}.log")
-        if daemon == "kubelet":
-            path = os.path.join(names.state_dir(cluster), "controlplane.log")
     else:
         pod_name, container, pod, path = container_log(cluster, store, args.namespace, args.pod,
                                                         args.container or args.daemon, args.previous)

@@ -23,9 +23,10 @@ What the real kubelet guarantees, this one does too:
     containers are killed, the sandbox is re-created and the containers
     restarted per restartPolicy.
 
-All kubelets of a cluster run as tasks of the control-plane process; they never
-switch that process's namespace (kernel work happens in worker threads that enter
-and leave namespaces, or in child processes started through nsenter).
+A kubelet runs as a part of its node's agent (netemu.node.agent), a process that
+lives in the node's namespace; it never switches that process's namespace
+(kernel work in other namespaces happens in worker threads that enter and leave
+them, or in child processes started through nsenter).
 """
 
 from __future__ import annotations

@@ -126,12 +126,46 @@ def docker_mac(ip: ipaddress.IPv4Address) -> str:
 
 
 def create_network(cluster: str, node: str, sb: Sandbox) -> None:
-    """Namespace, veth pair on docker0, address and default route, and the
-    link's impairment if the pod asks for one (blocking)."""
+    """Namespace, veth pair on docker0, address and default route, the two
+    static neighbour entries, and the link's impairment if the pod asks for one
+    (blocking).
+
+    Neighbour entries: every MAC on a pod's wire is known in advance (the pod's
+    is 02:42:<its ip>, docker0's 02:42:<the gateway's ip>, see
+    host.configure_bridge), so the pod gets a PERMANENT entry for its gateway
+    and the node one on docker0 for the pod, instead of learning them by ARP.
+    The kernel does not count PERMANENT entries against gc_thresh3, the
+    neighbour table's one limit for all namespaces together (1024 by default):
+    a thousand pods that talk would otherwise fill it twice over ("neighbour
+    table overflow", dropped packets)."""
     journal.create_netns(cluster, sb.namespace)
+    gateway_mac = docker_mac(ipaddress.IPv4Address(sb.gateway))
     pod_link(cluster, node, sb).create(
         far_before=["link set lo up"],
-        far_after=[f"route add default via {sb.gateway} dev {names.POD_IFACE}"])
+        far_after=[f"route add default via {sb.gateway} dev {names.POD_IFACE}",
+                   f"neigh replace {sb.gateway} lladdr {gateway_mac} dev {names.POD_IFACE} nud permanent"])
+    set_neighbour(cluster, node, sb.ip, present=True)
+
+
+def set_neighbour(cluster: str, node: str, ip: str, present: bool) -> None:
+    """The node's PERMANENT neighbour entry for pod IP on docker0 (added or
+    removed), over netlink from this process (no `ip` process per pod)."""
+    ipr = netns.iproute(names.node_ns(cluster, node))
+    try:
+        idx = ipr.link_lookup(ifname=names.NODE_BRIDGE)
+        if not idx:
+            return
+        if present:
+            ipr.neigh("replace", dst=ip, lladdr=docker_mac(ipaddress.IPv4Address(ip)), ifindex=idx[0],
+                      state=NUD_PERMANENT)
+        else:
+            with contextlib.suppress(Exception):      # already gone (or never made)
+                ipr.neigh("del", dst=ip, ifindex=idx[0])
+    finally:
+        ipr.close()
+
+
+NUD_PERMANENT = 0x80
 
 
 LINK_ANNOTATION = impairment.POD_ANNOTATION
@@ -173,3 +207,7 @@ def destroy_network(cluster: str, node: str, sb: Sandbox) -> None:
     # Only one this cluster made: a name that was taken when create_network ran
     # is someone else's.
     journal.delete_netns(cluster, sb.namespace)
+    # docker0's entry for the pod stays with docker0: remove it (one left
+    # behind would still be right, the MAC follows the IP, but it would pile up).
+    with contextlib.suppress(OSError, netns.NetnsError):
+        set_neighbour(cluster, node, sb.ip, present=False)
