@@ -142,8 +142,8 @@ class ControlPlane:
         await keep_delay_lines(uplink, f"node {node}'s uplink")
 
     async def _kubelet(self, node: str) -> None:
-        # Imported here: the node daemons read this module's topology helpers and
-        # should not pay for the kubelet's imports.
+        # Imported here: the supervisor imports this module and should not pay
+        # for the kubelet's imports.
         from netemu.node import lease
         from netemu.node.kubelet import Kubelet
 

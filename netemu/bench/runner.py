@@ -138,9 +138,14 @@ class BenchCluster:
     # -- the side figures ------------------------------------------------------
 
     def daemon_stats(self) -> dict[str, dict]:
-        from netemu.overlay.daemon import read_stats
+        """The overlay daemons' records in the store (netemu.overlay.stats)."""
+        from netemu.overlay import stats
 
-        return {node: read_stats(names.node_dir(self.name, node)) or {} for node in NODES}
+        store = clusters.open_store(self.name)
+        try:
+            return {node: stats.read(store, node) or {} for node in NODES}
+        finally:
+            store.close()
 
     def snapshot(self) -> dict[str, float]:
         """Cumulative figures whose differences around a run we report."""

@@ -270,7 +270,7 @@ class PodWorker:
         self.stop = trio.Event()
         self.vanished = False        # the object is gone (a forced delete)
         self.changed = trio.Event()
-        self.last_status: dict | None = None
+        self.last_status: tuple | None = None
         self.start_time = (pod.get("status") or {}).get("startTime") or registry.now()
 
     def update(self, pod: dict | None) -> None:
@@ -282,6 +282,11 @@ class PodWorker:
             self.stop.set()
         else:
             self.pod = pod
+        if pod is not None and self.last_status is not None and \
+                (pod["metadata"].get("annotations") or {}).get(sandboxes.ANNOTATION) != self.last_status[1]:
+            # Someone else changed what this kubelet publishes: say it again.
+            self.last_status = None
+            self.changed.set()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -751,16 +756,30 @@ class PodWorker:
         while True:
             await self.changed.wait()
             self.changed = trio.Event()
-            status = self.status()
-            if status != self.last_status:
-                self.last_status = status
-                self._write_status(status)
+            published = (self.status(), self.sandbox_annotation())
+            if published != self.last_status:
+                self.last_status = published
+                self._write_status(*published)
             await trio.sleep(0.02)
 
-    def _write_status(self, status: dict) -> None:
+    def sandbox_annotation(self) -> str | None:
+        """The running sandbox as the Pod shows it to readers off the node
+        (sandboxes.ANNOTATION); None while there is none (as status.podIP)."""
+        if self.sandbox is not None and self.sandbox.pause_pid:
+            return sandboxes.annotation(self.sandbox)
+        return None
+
+    def _write_status(self, status: dict, sandbox: str | None) -> None:
         def change(pod):
             if pod["metadata"]["uid"] == self.uid:
                 pod["status"] = status
+                annotations = pod["metadata"].setdefault("annotations", {})
+                if sandbox is None:
+                    annotations.pop(sandboxes.ANNOTATION, None)
+                    if not annotations:
+                        del pod["metadata"]["annotations"]
+                else:
+                    annotations[sandboxes.ANNOTATION] = sandbox
         try:
             registry.mutate(self.k.store, "Pod", self.ns, self.name, change)
         except Exception:
