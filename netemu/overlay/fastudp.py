@@ -370,7 +370,13 @@ class Worker:
         shared with the rx worker, so it stays blocking: reads ask not to wait
         (preadv2 RWF_NOWAIT), and when nothing is queued the loop waits in poll
         for at most WAKE, so that its heartbeat moves while it is idle; where the
-        kernel refuses RWF_NOWAIT, poll says first whether a read would wait.)"""
+        kernel refuses RWF_NOWAIT, poll says first whether a read would wait.)
+
+        A small packet that finds the TUN empty (the read before it would have
+        waited) is not held: nothing queued behind it can join it yet, so it
+        leaves at once, without the two calls that would only find that out
+        (a request/response exchange is all such packets). Those read back to
+        back after it are held as above."""
         buffer = bytearray(READ_SIZE)              # reused: every send copies out of it
         view = memoryview(buffer)
         batching = self.gso and bool(self.hdr_len)
@@ -388,13 +394,17 @@ class Worker:
                     pass
                 except OSError:
                     nowait = False                 # not for this kernel/device: poll
-            if not n:
-                if self.held and not queued.poll(0):
-                    self.flush_held()              # nothing more queued: the held batch leaves
-                if not queued.poll(wake_ms):
-                    continue                       # idle: beat, and wait again
-                n = os.readv(self.tun, [buffer])
-            self.forward_one(view, n, batching)
+            if n:
+                self.forward_one(view, n, batching)
+                continue
+            if self.held and not queued.poll(0):
+                self.flush_held()                  # nothing more queued: the held batch leaves
+            if not queued.poll(wake_ms):
+                continue                           # idle: beat, and wait again
+            n = os.readv(self.tun, [buffer])
+            # Read after the TUN was found empty: leave at once (without
+            # RWF_NOWAIT, poll(0) is how we learn of a queue: batch as before).
+            self.forward_one(view, n, batching and not nowait)
 
     def forward_one(self, view: memoryview, n: int, batching: bool) -> None:
         """One read from the TUN (N bytes of VIEW): route it and send or hold it."""
@@ -427,6 +437,7 @@ class Worker:
             elif batching:
                 self.hold(packet, next_hop)
             else:
+                self.flush_held()                  # (held ones were read before it)
                 self.send(packet, len(packet), 1, next_hop)
         elif gso_type != vnet.GSO_TCPV4 or not vnet.segmentable(packet, gso_size):
             # Not offered by us, or a super-packet we could not cut: the kernel
