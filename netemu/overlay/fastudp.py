@@ -326,6 +326,7 @@ class Worker:
         self.compiled = vnet.COMPILED and vnet_hdr
         # (A helper built from an older _vnetc.c lacks sources_within: the Python way then.)
         self.compiled_sources = self.compiled and hasattr(vnet.native, "sources_within")
+        self.compiled_check = self.compiled and hasattr(vnet.native, "ipv4_problem")
         self.segments = bytearray(SEGMENTS_SIZE)
         self.merged_out = bytearray(2 * RECV_SIZE + vnet.VNET_HDR_LEN)     # see vnet.coalesced_room
         self.merged_view = memoryview(self.merged_out)
@@ -617,7 +618,12 @@ class Worker:
         """The per-packet way in: validate, check the inner source against
         SOURCE's lease (None: checked already), TTL, write with an empty vnet
         header."""
-        problem = ipv4_problem(datagram)
+        compiled = self.compiled and self.compiled_check     # (one C call each: the latency path)
+        if compiled:
+            problem = vnet.native.ipv4_problem(datagram)
+            problem = MALFORMED[problem - 1] if problem else None
+        else:
+            problem = ipv4_problem(datagram)
         if problem is not None:
             self.drop_malformed(problem)
             return
@@ -625,7 +631,7 @@ class Worker:
             self.count("drop_spoofed_source")
             return
         packet = bytearray(datagram)
-        if not decrement_ttl(packet):
+        if not (vnet.native.forward(packet, 0, 0, 0) if compiled else decrement_ttl(packet)):
             self.count("drop_ttl")
             return
         if self.write_tun(self.plain_hdr + packet):
