@@ -26,6 +26,8 @@ def draw(rows: list[dict[str, Any]], config: dict[str, Any], path: str,
         width = 0.8 / len(tests)
         for k, test in enumerate(tests):
             got = {r["backend"]: r for r in rows if r["test"] == test and r["path"] == "cross-node"}
+            if not got:
+                continue                  # a test not run: no bar, no legend entry
             xs = [i + k * width for i, b in enumerate(backends) if b in got]
             meds = [got[b]["median"] for b in backends if b in got]
             errs = [[got[b]["median"] - got[b]["min"] for b in backends if b in got],
