@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from netemu import api, apiserver, controlplane, fabric, journal, loadbalancer, names, netns
+from netemu import api, apiserver, clusterconfig, fabric, journal, loadbalancer, names, netns
 from netemu.node import host
 from netemu.overlay import leases
 from netemu.store import registry
@@ -162,8 +162,8 @@ def up(topology, progress: Callable[[str], None] = lambda s: None,
         fcntl.flock(building, fcntl.LOCK_EX)
     builder = None
     try:
-        controlplane.save_topology(topology)
-        # First thing: the supervisor, holding the read end of the builder pipe,
+        _create_store(topology)
+        # Next: the supervisor, holding the read end of the builder pipe,
         # so that from here on a builder killed by SIGKILL is rolled back.
         builder = start_supervisor(cluster)
         _build(topology, progress, fail_after, builder, kubeconfig)
@@ -260,7 +260,7 @@ def _build(topology, progress, fail_after, builder, kubeconfig: bool = True) -> 
              f"{settings.lb_pool[0]}-{settings.lb_pool[-1]}" if settings.lb_pool else
              f"cloud load balancer {names.lb_ns(cluster)}: no address pool")
 
-    store = SqliteStore(names.store_path(cluster), create=True)
+    store = SqliteStore(names.store_path(cluster))
     try:
         store.put(leases.CONFIG_KEY, leases.network_config(settings.cluster_network, settings.subnet_len,
                                                            backend_config(settings)))
@@ -276,6 +276,21 @@ def _build(topology, progress, fail_after, builder, kubeconfig: bool = True) -> 
     apiserver.prepare(cluster, kubeconfig)      # the API server's loopback port and kubeconfig context
     _tell(builder, "start")
     progress("control plane started")
+
+
+def _create_store(topology) -> None:
+    """The cluster's store, with what kube-apiserver makes at its start (the
+    system namespaces) and the cluster's settings (the ConfigMap
+    kube-system/netemu-cluster): every process of the cluster reads its
+    settings from there (clusterconfig.read), the supervisor first."""
+    from netemu.apiserver.server import ensure_system_namespaces
+
+    store = SqliteStore(names.store_path(topology.name), create=True)
+    try:
+        ensure_system_namespaces(store)
+        clusterconfig.create(store, topology)
+    finally:
+        store.close()
 
 
 def start_supervisor(cluster: str):
@@ -599,7 +614,7 @@ def add_node(cluster: str, name: str, labels: dict | None = None, address: str |
     overlay daemon, which leases a subnet like any other node's."""
     from netemu.topology.model import NodeSpec
 
-    topology = controlplane.load_topology(cluster)
+    topology = clusterconfig.read(cluster)
     settings = topology.settings
     if any(n.name == name for n in topology.nodes):
         raise ClusterError(f'node "{name}" already exists')
@@ -633,8 +648,14 @@ def add_node(cluster: str, name: str, labels: dict | None = None, address: str |
             journal.delete_netns(cluster, names.node_ns(cluster, name))
             raise
         os.makedirs(names.node_dir(cluster, name), exist_ok=True)
-        topology.nodes.append(spec)
-        controlplane.save_topology(topology)
+
+        def append(t) -> None:
+            # On the settings as they are now (compare-and-swap): a `link set`
+            # or another `node add` meanwhile is kept.
+            if any(n.name == name for n in t.nodes):
+                raise ClusterError(f'node "{name}" already exists')
+            t.nodes.append(spec)
+        clusterconfig.update(cluster, append, store)
         registry.create(store, node_object(spec, iface))
         return iface
     finally:
@@ -653,7 +674,9 @@ def remove_node(cluster: str, name: str, timeout: float = 30.0) -> None:
     uncordoned if this cordoned it, no longer marked."""
     from netemu.k8s import ownership
 
-    topology = controlplane.load_topology(cluster)
+    topology = clusterconfig.read(cluster)
+    if [n.name for n in topology.nodes] == [name]:
+        raise ClusterError(f'node "{name}" is the cluster\'s last node (netemu down {cluster} instead)')
     store = open_store(cluster)
     try:
         node = registry.get(store, "Node", None, name)
@@ -727,8 +750,10 @@ def remove_node(cluster: str, name: str, timeout: float = 30.0) -> None:
     finally:
         store.close()
     shutil.rmtree(names.node_dir(cluster, name), ignore_errors=True)
-    topology.nodes = [n for n in topology.nodes if n.name != name]
-    controlplane.save_topology(topology)
+
+    def drop(t) -> None:
+        t.nodes = [n for n in t.nodes if n.name != name]
+    clusterconfig.update(cluster, drop)
 
 
 def _processes_in(inode: int) -> list[int]:

@@ -32,7 +32,6 @@ import argparse
 import functools
 import logging
 import os
-import pickle
 import select
 import signal
 import subprocess
@@ -41,7 +40,7 @@ import time
 
 import trio
 
-from netemu import journal, names
+from netemu import clusterconfig, journal, names
 from netemu.store import registry
 from netemu.store.sqlite import SqliteStore
 from netemu.supervisor import daemon_env, python_argv, stop_on_signal, supervise
@@ -49,30 +48,12 @@ from netemu.supervisor import daemon_env, python_argv, stop_on_signal, supervise
 log = logging.getLogger("netemu.controlplane")
 
 
-def topology_path(cluster: str) -> str:
-    return os.path.join(names.state_dir(cluster), "topology.pickle")
-
-
-def save_topology(topology) -> None:
-    # Whole or not at all: `netemu link set` and `node add` rewrite it while
-    # the control plane may be reading it.
-    path = topology_path(topology.name)
-    with open(path + ".tmp", "wb") as f:
-        pickle.dump(topology, f)
-    os.replace(path + ".tmp", path)
-
-
-def load_topology(cluster: str):
-    with open(topology_path(cluster), "rb") as f:
-        return pickle.load(f)
-
-
 class ControlPlane:
     def __init__(self, cluster: str):
         self.cluster = cluster
-        self.topology = load_topology(cluster)
-        self.settings = self.topology.settings
         self.store = SqliteStore(names.store_path(cluster))
+        self.topology = clusterconfig.read(cluster, self.store)
+        self.settings = self.topology.settings
         # Every Event is written by this process (controllers and kubelets), so
         # its TTL is set here: Kubernetes' 1 h, scaled like the other delays.
         self.store.event_ttl = registry.EVENT_TTL * self.settings.time_scale
@@ -258,7 +239,7 @@ class Supervisor:
         self.cluster = cluster
         self.parts = [Part(cluster, p) for p in PARTS]
         self.stopping = False
-        self.hung_after = hung_after(load_topology(cluster).settings)
+        self.hung_after = hung_after(clusterconfig.read(cluster).settings)
 
     def run(self) -> int:
         journal.record_process(self.cluster, os.getpid())

@@ -2,8 +2,9 @@
 
 `link set NODE --rate 10mbit --loss 1%` changes the properties given and keeps
 the others; `--clear` removes them all. The setting is written into the
-cluster's saved topology (so `link show` and a node's later rebuild know it) and
-put on the kernel at once, on both ends of the uplink (netemu.link.Link.impair).
+cluster's settings in its store (netemu.clusterconfig, compare-and-swap: a
+`node add` meanwhile is not lost; so `link show` and a node's later rebuild
+know it) and put on the kernel at once, on both ends of the uplink (netemu.link.Link.impair).
 set_link and show do the work and return what they did; the Python API
 (netemu.scripting: Cluster.link, Cluster.links) calls them too.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from netemu import controlplane, impairment, netns, printers
+from netemu import clusterconfig, impairment, netns, printers
 from netemu import cluster as clusters
 from netemu.impairment import Impairment, ImpairmentError
 
@@ -73,25 +74,31 @@ def merged(current: Impairment, given: dict, flag: str = "--") -> Impairment:
 
 def set_link(cluster: str, node: str, given: dict | None, flag: str = "--") -> Impairment:
     """Set NODE's uplink: the properties GIVEN over its current ones (None:
-    clear them all), on the kernel and in the saved topology; returns the
+    clear them all), on the kernel and in the cluster's settings; returns the
     link's new impairment. `link set` and the Python API's Cluster.link."""
-    topology = controlplane.load_topology(cluster)
-    settings = topology.settings
-    spec = _node(topology, node)
-    new = Impairment() if given is None else merged(spec.uplink(settings), given, flag)
-    try:
-        _uplink(cluster, spec.name, settings).impair(new)
-    except netns.NetnsError as e:
-        raise clusters.ClusterError(f"link {spec.name}: {' '.join(str(e).split())}") from None
-    spec.link = new
-    controlplane.save_topology(topology)
-    return new
+    done: list[Impairment] = []
+
+    def change(topology) -> None:
+        # Run again on fresh settings if another writer got there first, so
+        # that the kernel ends with what is stored.
+        settings = topology.settings
+        spec = _node(topology, node)
+        new = Impairment() if given is None else merged(spec.uplink(settings), given, flag)
+        try:
+            _uplink(cluster, spec.name, settings).impair(new)
+        except netns.NetnsError as e:
+            raise clusters.ClusterError(f"link {spec.name}: {' '.join(str(e).split())}") from None
+        spec.link = new
+        done[:] = [new]
+
+    clusterconfig.update(cluster, change)
+    return done[0]
 
 
 def show(cluster: str, node: str | None = None) -> dict:
     """NODE's uplink (None: every node's) as `link show -o json` prints it:
     {node: {"settings", "mechanisms", "installed"}}."""
-    topology = controlplane.load_topology(cluster)
+    topology = clusterconfig.read(cluster)
     settings = topology.settings
     result = {}
     for spec in [_node(topology, node)] if node else topology.nodes:
@@ -107,7 +114,7 @@ def show(cluster: str, node: str | None = None) -> dict:
 
 def cmd_link(args) -> int:
     cluster = clusters.resolve(args.cluster)
-    topology = controlplane.load_topology(cluster)
+    topology = clusterconfig.read(cluster)
     given = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
     if args.action == "show":
         if given or args.clear:

@@ -299,11 +299,11 @@ class Cluster:
         Service selecting what KIND/NAME selects. Returns it with what the API
         server allocated: spec.clusterIP, nodePorts, and a LoadBalancer's
         external IP (status.loadBalancer.ingress). Raises ApiError."""
-        from netemu.controlplane import load_topology
+        from netemu import clusterconfig
 
         with self._store(writes=True) as store:
             return api.expose(store, _kind(kind), name, port, target_port, type, service_name, protocol,
-                              namespace=namespace, settings=load_topology(self.name).settings)
+                              namespace=namespace, settings=clusterconfig.read(self.name, store).settings)
 
     # -- commands ------------------------------------------------------------------------
 

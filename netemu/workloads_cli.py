@@ -125,10 +125,10 @@ def _cluster_context(cluster: str, store):
     """(settings, nodes) to validate manifests against: the cluster's settings
     from its topology, the nodes as the store has them now (nodes added with
     `netemu node add` included)."""
-    from netemu.controlplane import load_topology
+    from netemu import clusterconfig
     from netemu.topology.model import NodeSpec
 
-    settings = load_topology(cluster).settings
+    settings = clusterconfig.read(cluster, store).settings
     nodes = [NodeSpec(name=n["metadata"]["name"], labels=dict(n["metadata"].get("labels") or {}),
                       address=None, pod_cidr=None, unschedulable=bool((n.get("spec") or {}).get("unschedulable")))
              for n in registry.list_(store, "Node")]
@@ -425,8 +425,8 @@ def cmd_expose(args) -> int:
     kind, name = _kind_name(args.kind, args.name, "expose")
     cluster, store = _open(args)
     try:
-        from netemu.controlplane import load_topology
-        settings = load_topology(cluster).settings
+        from netemu import clusterconfig
+        settings = clusterconfig.read(cluster, store).settings
         try:
             svc = api.expose(store, kind, name, args.port, args.target_port, args.type, args.service_name,
                              args.protocol, namespace=args.namespace or "default", settings=settings)

@@ -5,6 +5,9 @@
 #     strace (a test compares our nf_tables netlink batches with what nft sends),
 #     gcc, libc6-dev and python3-dev (pip builds the udp fast path's C helper; without them
 #     the package installs anyway and the fast path uses numpy, slower);
+#   - Debian's kubectl 1.20 (kubernetes-client, the tutorial's generation: it speaks
+#     only SPDY for exec), extracted into ./.kubectl/1.20/kubectl for the API tests,
+#     not installed and not on PATH (the package conflicts with the machine's kubectl);
 #   - the Python package and its dependencies into a virtual environment at
 #     ./.venv (next to this repository's setup.cfg), with `netemu` linked into
 #     /usr/local/bin so that `sudo netemu ...` finds it.
@@ -20,6 +23,24 @@ done
 if [ -n "$missing" ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+fi
+
+old_kubectl=.kubectl/1.20/kubectl
+if [ ! -x "$old_kubectl" ]; then
+  tmp=$(mktemp -d)
+  fetch() { (cd "$tmp" && apt-get download -qq kubernetes-client) >/dev/null 2>&1; }
+  if fetch || { apt-get update -qq && fetch; }; then
+    dpkg -x "$tmp"/kubernetes-client_*.deb "$tmp/root"
+    if "$tmp/root/usr/bin/kubectl" version --client 2>/dev/null | grep -q 'GitVersion:"v1\.20\.'; then
+      mkdir -p "$(dirname "$old_kubectl")"
+      install -m 0755 "$tmp/root/usr/bin/kubectl" "$old_kubectl"
+    else
+      echo "tools/install.sh: Debian's kubernetes-client is not kubectl 1.20 here; the 1.20 tests will be skipped" >&2
+    fi
+  else
+    echo "tools/install.sh: apt-get download kubernetes-client failed; the kubectl 1.20 tests will be skipped" >&2
+  fi
+  rm -rf "$tmp"
 fi
 
 python=${PYTHON:-python3}

@@ -9,7 +9,7 @@ import sys
 
 import trio
 
-from netemu import apiserver, controlplane, names, netns
+from netemu import apiserver, clusterconfig, names, netns
 from netemu.apiserver import http, status
 from netemu.apiserver.server import ApiServer, ensure_system_namespaces
 from netemu.store import registry
@@ -62,8 +62,8 @@ async def run(cluster: str) -> None:
     config = apiserver.read_config(cluster)
     if config is None:
         raise SystemExit(f"{apiserver.config_path(cluster)}: missing; the cluster was made without an API server")
-    topology = controlplane.load_topology(cluster)
     store = SqliteStore(names.store_path(cluster))
+    topology = clusterconfig.read(cluster, store)
     node = master_node(topology)
     node_obj = registry.get(store, "Node", None, node) or {}
     address = next((a["address"] for a in (node_obj.get("status") or {}).get("addresses") or []

@@ -3,7 +3,8 @@
     /api, /apis, /apis/<group>, /api/v1, /apis/<group>/<version>   discovery
     /version, /healthz, /livez, /readyz, /openapi/v2               server
     <gv>/[namespaces/<ns>/]<resource>[/<name>[/scale]]             objects
-    /api/v1/namespaces/<ns>/pods/<name>/log|exec                   logs, exec (podexec.py)
+    /api/v1/namespaces/<ns>/pods/<name>/log                        logs
+    /api/v1/namespaces/<ns>/pods/<name>/exec|attach|portforward    streams (podstream.py)
 
 Every write goes through netemu.api (admission: defaults, validation, cluster IP
 and node port allocation), the path netemu's own CLI takes; every read is the
@@ -21,8 +22,8 @@ import re
 
 import trio
 
-from netemu import api, names, netns
-from netemu.apiserver import discovery, podexec, status, tables
+from netemu import api, names
+from netemu.apiserver import discovery, podstream, status, tables
 from netemu.apiserver.http import Request, Response
 from netemu.k8s import jsonpatch, kinds, protobuf, selectors, strategicpatch
 from netemu.store import registry
@@ -44,6 +45,7 @@ DEFAULT_WATCH_TIMEOUT = 1800.0
 # A watch that asked for bookmarks (allowWatchBookmarks) gets one this often:
 # the revision it is up to, so a client that restarts it need not re-list.
 BOOKMARK_INTERVAL = 60.0
+STREAMS = ("exec", "attach", "portforward")
 FOLLOW_POLL = 0.2               # seconds between looks at a followed log that has not grown
 # The loader's warning about a field its schema does not know (manifests._decode_struct).
 _UNKNOWN_FIELD = re.compile(r": ([^\s:]+): unknown field \(")
@@ -99,7 +101,7 @@ def parse_path(path: str) -> tuple[str, object] | None:
     name = rest[1] if len(rest) >= 2 else None
     sub = rest[2] if len(rest) == 3 else None
     if sub is not None and not (sub == "scale" and kind.scale_field or
-                                sub in ("log", "exec") and kind.kind == "Pod"):
+                                sub in ("log", *STREAMS) and kind.kind == "Pod"):
         return None
     return "object", Target(gv, kind, namespace, name, sub)
 
@@ -164,8 +166,8 @@ class ApiServer:
                 return await self._scale(req, t)
             if t.subresource == "log":
                 return self._log(req, t)
-            if t.subresource == "exec":
-                return self._exec(req, t)
+            if t.subresource in STREAMS:
+                return self._stream(req, t)
             if req.method == "GET" and t.name is None:
                 return await self._list_or_watch(req, t)
             if req.method == "GET":
@@ -654,59 +656,19 @@ class ApiServer:
                     return
                 await trio.sleep(FOLLOW_POLL)
 
-    # -- pods/exec ------------------------------------------------------------------
+    # -- pods/exec, attach, portforward ------------------------------------------------
 
-    def _exec(self, req: Request, t: Target) -> Response:
-        """`kubectl exec` over WebSocket (podexec.py). SPDY, the only protocol of
-        kubectl up to 1.29, is not served."""
-        if req.method not in ("GET", "POST"):
-            return status.method_not_allowed()
+    def _stream(self, req: Request, t: Target) -> Response:
+        """exec, attach and port-forward, over WebSocket or SPDY (podstream.py)."""
         pod = self._pod_of_subresource(t)
         if isinstance(pod, Response):
             return pod
-        command = req.query.get("command") or []
-        if not command or not command[0]:
-            return status.bad_request("you must specify at least one command for the container")
-        containers = [c["name"] for c in (pod.get("spec") or {}).get("containers") or []]
-        container = req.arg("container") or (containers[0] if len(containers) == 1 else None)
-        if container is None:
-            return status.bad_request(f"a container name must be specified for pod {t.name}, "
-                                      f"choose one of: [{' '.join(containers)}]")
-        if container not in containers:
-            return status.bad_request(f"container {container} is not valid for pod {t.name}")
-        upgrade = (req.headers.get("upgrade") or "").lower()
-        protocol = podexec.choose_protocol(req.headers.get("sec-websocket-protocol"))
-        if upgrade != "websocket" or protocol is None or not req.headers.get("sec-websocket-key"):
-            return status.bad_request(f"unable to upgrade connection: {req.headers.get('upgrade') or 'no'} "
-                                      "upgrade: netemu serves exec over WebSocket "
-                                      f"({', '.join(podexec.PROTOCOLS)}, kubectl 1.30+), not SPDY")
-        from netemu.node.sandbox import Sandbox
-
-        sandbox = Sandbox.load(self.pod_dir(t.namespace or "default", t.name))
-        phase = (pod.get("status") or {}).get("phase")
-        if sandbox is None or not sandbox.pause_pid or phase in ("Succeeded", "Failed") \
-                or pod["metadata"].get("deletionTimestamp"):
-            return status.bad_request(f'unable to upgrade connection: container not found ("{container}")')
-        spec = next(c for c in pod["spec"]["containers"] if c["name"] == container)
-        tty = req.arg("tty") in ("true", "1")
-        env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-               "HOSTNAME": t.name, "NETEMU_POD": f"{t.namespace or 'default'}/{t.name}",
-               "NETEMU_CONTAINER": container, "HOME": "/root"}
-        if self.cluster:
-            env["NETEMU_CLUSTER"] = self.cluster
-        if tty:
-            env["TERM"] = "xterm"
-        for item in spec.get("env") or []:
-            if "value" in item:
-                env[item["name"]] = str(item["value"])
-        session = podexec.Session(netns.exec_argv(sandbox.namespace, command, uts_pid=sandbox.pause_pid),
-                                  env, command, protocol, stdin=req.arg("stdin") in ("true", "1"),
-                                  stdout=req.arg("stdout", "true") in ("true", "1"),
-                                  stderr=req.arg("stderr", "true") in ("true", "1") and not tty, tty=tty)
-        return Response(101, b"", headers=[
-            ("Upgrade", "websocket"), ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Accept", podexec.accept_token(req.headers["sec-websocket-key"])),
-            ("Sec-WebSocket-Protocol", protocol)], upgrade=session.run)
+        namespace = t.namespace or "default"
+        if t.subresource == "exec":
+            return podstream.exec_(self, req, pod, namespace, t.name)
+        if t.subresource == "attach":
+            return podstream.attach(self, req, pod, namespace, t.name, lambda: self._read(t))
+        return podstream.port_forward(self, req, pod, namespace, t.name)
 
 
 def ensure_system_namespaces(store) -> None:

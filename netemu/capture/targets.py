@@ -242,8 +242,8 @@ def _ipv4_of(ns: str, iface: str = "eth0") -> str | None:
 
 def _proxy_mode(cluster: str) -> str | None:
     try:
-        from netemu import controlplane
-        return getattr(controlplane.load_topology(cluster).settings, "proxy_mode", None)
+        from netemu import clusterconfig
+        return clusterconfig.read(cluster).settings.proxy_mode
     except Exception:  # noqa: BLE001 - the mode is a nicety for rule lookup
         return None
 

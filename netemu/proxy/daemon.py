@@ -27,7 +27,7 @@ import time
 
 import trio
 
-from netemu import controlplane, names
+from netemu import clusterconfig, names
 from netemu.proxy.proxier import make_proxier
 from netemu.store import registry
 from netemu.supervisor import run_node_daemon
@@ -48,8 +48,7 @@ def _service_key(store_key: str) -> tuple[str, str]:
 class ProxyDaemon:
     def __init__(self, cluster: str, node: str, store):
         self.cluster, self.node, self.store = cluster, node, store
-        topology = controlplane.load_topology(cluster)
-        self.settings = topology.settings
+        self.settings = clusterconfig.read(cluster, store).settings
         node_obj = registry.get(store, "Node", None, node)
         ips = [a["address"] for a in node_obj["status"]["addresses"] if a["type"] == "InternalIP"]
         self.proxier = make_proxier(self.settings.proxy_mode, node, ips, str(self.settings.cluster_network))

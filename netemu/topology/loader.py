@@ -365,7 +365,10 @@ def _check_on_underlay(f: _File, s: ClusterSettings, addr: IPv4Address, where: s
 # ---------------------------------------------------------------------------
 # nodes:
 
-def parse_nodes(f: _File, value: Any, s: ClusterSettings) -> list[NodeSpec]:
+def parse_nodes(f: _File, value: Any, s: ClusterSettings, *, links_over_cluster: bool = True) -> list[NodeSpec]:
+    """The `nodes:` list. LINKS_OVER_CLUSTER: a node's `link:` keys go over
+    cluster.link (a file); False: a node's `link:` is its whole link, {} for
+    none (the settings the store keeps, see load_topology_stored)."""
     if value is None:
         raise f.error("nodes", "required: a list of at least one node")
     if not isinstance(value, list) or not value:
@@ -430,7 +433,7 @@ def parse_nodes(f: _File, value: Any, s: ClusterSettings) -> list[NodeSpec]:
             raise f.error(f"{where}.unschedulable", f"must be true or false, got {describe(unschedulable)}")
         link = None
         if raw.get("link") is not None:
-            link = _link(f, raw["link"], f"{where}.link", s.link.settings())
+            link = _link(f, raw["link"], f"{where}.link", s.link.settings() if links_over_cluster else {})
         nodes.append(NodeSpec(name=name, labels=labels, address=address, pod_cidr=pod_cidr,
                               unschedulable=unschedulable, link=link))
     return nodes
@@ -590,9 +593,24 @@ def load_topology_dict(data: Any, *, name: str | None = None, backend: str | Non
                      proxy_mode=proxy_mode, host_networks=host_networks)
 
 
+def load_topology_stored(data: Any, display: str) -> Topology:
+    """A running cluster's settings as the store keeps them (netemu.clusterconfig):
+    a topology mapping with every default written out, no workloads, and each
+    node's `link:` its whole link rather than keys over cluster.link. The same
+    checks and one-line errors as a file's, DISPLAY naming where it came from."""
+    f = _File(display)
+    top = _mapping(f, data, "")
+    if "workloads" in top:
+        raise f.error("workloads", "not part of a cluster's stored settings")
+    if "name" not in top:
+        raise f.error("name", "required: the cluster's name")
+    return _topology(f, data, None, None, Path("."), name=None, backend=None, proxy_mode=None,
+                     host_networks=[], links_over_cluster=False)
+
+
 def _topology(f: _File, data: Any, source: Path | None, default_name: str | None, base: Path, *,
               name: str | None, backend: str | None, proxy_mode: str | None,
-              host_networks: Iterable[IPv4Network] | None) -> Topology:
+              host_networks: Iterable[IPv4Network] | None, links_over_cluster: bool = True) -> Topology:
     """The checks shared by files and dicts: DATA is the topology's one mapping."""
     top = _mapping(f, data, "")
     _unknown_keys(f, top, TOP_KEYS, "")
@@ -614,7 +632,7 @@ def _topology(f: _File, data: Any, source: Path | None, default_name: str | None
                       "(it prefixes namespace names)")
 
     settings, explicit_pool = parse_settings(f, top.get("cluster"), backend=backend, proxy_mode=proxy_mode)
-    nodes = parse_nodes(f, top.get("nodes"), settings)
+    nodes = parse_nodes(f, top.get("nodes"), settings, links_over_cluster=links_over_cluster)
     if len(nodes) > settings.subnet_count():
         raise f.error("cluster.clusterNetwork", f"{settings.cluster_network} holds {settings.subnet_count()} "
                       f"subnet(s) of /{settings.subnet_len}, fewer than the {len(nodes)} nodes")

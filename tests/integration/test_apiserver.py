@@ -115,13 +115,15 @@ def test_kubeconfig_context_added_and_printed(env):
     assert yaml.safe_load(out)["clusters"][0]["cluster"]["server"] == server
 
 
-# The tutorial era's kubectl (Debian's kubernetes-client 1.20, which conflicts with
-# the machine's kubectl: `apt-get download kubernetes-client && dpkg -x ...`), if given.
-OLD_KUBECTL = os.environ.get("NETEMU_KUBECTL_1_20", "")
+# The tutorial era's kubectl: Debian's kubernetes-client 1.20, which conflicts with
+# the machine's kubectl, so tools/install.sh extracts it (`apt-get download` and
+# `dpkg -x`) into .kubectl/1.20 in the checkout; NETEMU_KUBECTL_1_20 names another.
+OLD_KUBECTL = os.environ.get("NETEMU_KUBECTL_1_20") or os.path.join(REPO, ".kubectl", "1.20", "kubectl")
 BINARIES = [pytest.param(None, id="newest"),
-            pytest.param(OLD_KUBECTL or "/nonexistent", id="1.20",
-                         marks=pytest.mark.skipif(not os.path.exists(OLD_KUBECTL or "/nonexistent"),
-                                                  reason="set NETEMU_KUBECTL_1_20 to a kubectl 1.20"))]
+            pytest.param(OLD_KUBECTL, id="1.20",
+                         marks=pytest.mark.skipif(not os.path.exists(OLD_KUBECTL),
+                                                  reason="no kubectl 1.20: run tools/install.sh, or set "
+                                                         "NETEMU_KUBECTL_1_20"))]
 
 
 @pytest.mark.parametrize("binary", BINARIES)
@@ -401,3 +403,132 @@ def test_exec_over_websocket_with_stdin_tty_and_exit_codes(env):
     proc = kubectl(env, "exec", "shell", "-c", "nosuch", "--", "true", check=False)
     assert "container nosuch is not valid for pod shell" in proc.stderr
     kubectl(env, "delete", "pod", "shell", "--grace-period=1", timeout=90)
+
+
+# SPDY (kubectl up to 1.29) against WebSocket (1.30+; port-forward: SPDY tunnelled
+# in a WebSocket from 1.31). The image's google-cloud-sdk ships versioned builds.
+KUBECTL_1_29 = "/usr/lib/google-cloud-sdk/bin/kubectl.1.29"
+SPDY_BINARIES = [pytest.param(KUBECTL_1_29, id="1.29",
+                              marks=pytest.mark.skipif(not os.path.exists(KUBECTL_1_29), reason="no kubectl 1.29")),
+                 BINARIES[1]]
+BOTH_PROTOCOLS = [pytest.param(None, id="websocket"), SPDY_BINARIES[0]]
+
+
+def _run_pod(env, name: str, *args: str) -> None:
+    kubectl(env, "run", name, *args)
+    wait_for(lambda: "Running" in kubectl(env, "get", "pod", name).stdout, timeout=60, what=f"{name} Running")
+
+
+@pytest.mark.parametrize("binary", SPDY_BINARIES)
+def test_exec_over_spdy_with_stdin_tty_and_exit_codes(env, binary):
+    """kubectl up to 1.29 speaks only SPDY/3.1 for exec (1.20: the tutorial's)."""
+    k = functools.partial(kubectl, binary=binary)
+    _run_pod(env, "spdy-shell", "--image=busybox", "--command", "--", "sleep", "3600")
+    try:
+        proc = k(env, "exec", "spdy-shell", "--", "sh", "-c", "echo out; echo err >&2; hostname; exit 3",
+                 check=False)
+        assert proc.returncode == 3, proc.stderr
+        assert proc.stdout.splitlines() == ["out", "spdy-shell"]       # the pod's UTS namespace
+        assert proc.stderr.splitlines()[0] == "err"
+        assert "command terminated with exit code 3" in proc.stderr
+        proc = k(env, "exec", "-i", "spdy-shell", "--", "sh", "-c", "tr a-z A-Z; exit 0", input="hello\n")
+        assert proc.stdout == "HELLO\n"
+        # the tutorial's way in, on the master with no configuration
+        assert k(env, "exec", "spdy-shell", "--", "echo", "hi", master=True).stdout == "hi\n"
+        # -t needs a terminal on kubectl's side: script(1) gives it one.
+        cache = str(env["tmp"] / "cache-tty")
+        cmd = f"{binary} --cache-dir {cache} --context netemu-{env['cluster']} exec -it spdy-shell -- sh"
+        proc = subprocess.run(["script", "-qec", cmd, "/dev/null"], input="tty\necho in $HOSTNAME\nexit 7\n",
+                              capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, KUBECONFIG=env["kubeconfig"]))
+        assert proc.returncode == 7, (proc.stdout, proc.stderr)
+        assert re.search(r"^(# )?/dev/pts/\d+\r?$", proc.stdout, re.M), proc.stdout
+        assert re.search(r"^(# )?in spdy-shell\r?$", proc.stdout, re.M), proc.stdout
+        proc = k(env, "exec", "spdy-shell", "-c", "nosuch", "--", "true", check=False)
+        assert "container nosuch is not valid for pod spdy-shell" in proc.stderr
+    finally:
+        kubectl(env, "delete", "pod", "spdy-shell", "--grace-period=1", timeout=90)
+
+
+@pytest.mark.parametrize("binary", BOTH_PROTOCOLS)
+def test_attach_shows_the_output_from_now_until_the_container_stops(env, binary):
+    """netemu's containers have no stdin to attach to (the kubelet gives them
+    /dev/null), so attach shows what a real node shows for a container without
+    `stdin: true`: its output, from now on; it ends when the container does."""
+    name = "attached"
+    _run_pod(env, name, "--image=busybox", "--restart=Never", "--command", "--", "sh", "-c",
+             "echo early; sleep 2; i=0; while [ $i -lt 5 ]; do echo tick $i; i=$((i+1)); sleep 0.2; done")
+    try:
+        proc = kubectl(env, "attach", name, binary=binary, timeout=60)
+        lines = proc.stdout.splitlines()
+        assert "early" not in lines                                 # what was written before attach: logs' part
+        assert lines[-5:] == [f"tick {i}" for i in range(5)], proc.stdout
+    finally:
+        kubectl(env, "delete", "pod", name, "--grace-period=1", timeout=90)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("binary", BOTH_PROTOCOLS + [BINARIES[1]])
+def test_port_forward_and_curl_through_it(env, binary):
+    """`kubectl port-forward pod/x PORT:80`: kubectl's own socket on the machine,
+    the connection made by the API server inside the pod's namespace."""
+    name = "forwarded"
+    _run_pod(env, name, "--image=nginx", "--port=80")
+    local, refused = _free_port(), _free_port()
+    argv = [binary or KUBECTL, "--cache-dir", str(env["tmp"] / "cache-pf"), "--context", f"netemu-{env['cluster']}",
+            "port-forward", f"pod/{name}", f"{local}:80", f"{refused}:81"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, KUBECONFIG=env["kubeconfig"]))
+    try:
+        assert proc.stdout.readline().startswith(f"Forwarding from 127.0.0.1:{local} -> 80")
+        for _ in range(3):                                          # several connections over one SPDY session
+            curl = subprocess.run(["curl", "-s", "-m", "10", f"http://127.0.0.1:{local}/"],
+                                  capture_output=True, text=True, timeout=20)
+            assert curl.returncode == 0, curl.stderr
+            assert f"<p>pod {name}, container {name}," in curl.stdout, curl.stdout
+        # Nothing listens on 81 in the pod: kubectl reports the kubelet's words
+        # (and kubectl 1.29+ then stops: "lost connection to pod").
+        subprocess.run(["curl", "-s", "-m", "10", f"http://127.0.0.1:{refused}/"], capture_output=True, timeout=20)
+        if binary is not None and binary != OLD_KUBECTL:
+            proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        _out, err = proc.communicate(timeout=20)
+        kubectl(env, "delete", "pod", name, "--grace-period=1", timeout=90)
+    assert (f"an error occurred forwarding {refused} -> 81: error forwarding port 81 to pod default/{name}: "
+            "failed to connect to localhost:81 inside namespace") in err, err
+    assert "connect: connection refused" in err, err
+
+
+def test_port_forward_with_the_python_client(env):
+    """The kubelet's WebSocket port-forward (v4.channel.k8s.io, ports=80), which
+    the Python client speaks."""
+    from kubernetes import client, config
+    from kubernetes.stream import portforward
+
+    name = "pyforwarded"
+    _run_pod(env, name, "--image=nginx", "--port=80")
+    try:
+        config.load_kube_config(config_file=env["kubeconfig"], context=f"netemu-{env['cluster']}")
+        api = client.CoreV1Api()
+        pf = portforward(api.connect_get_namespaced_pod_portforward, name, "default", ports="80")
+        sock = pf.socket(80)
+        sock.setblocking(True)
+        sock.settimeout(20)
+        sock.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        sock.close()
+        assert data.startswith(b"HTTP/1.") and f"<p>pod {name}, container {name},".encode() in data, data
+        assert pf.error(80) is None
+    finally:
+        kubectl(env, "delete", "pod", name, "--grace-period=1", timeout=90)

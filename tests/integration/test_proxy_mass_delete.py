@@ -22,8 +22,7 @@ import time
 
 import pytest
 
-from netemu import api, cluster as clusters, names, netns
-from netemu.controlplane import load_topology
+from netemu import api, cluster as clusters, clusterconfig, names, netns
 
 from .clusters import cli, running, wait_for, write_topology
 
@@ -71,7 +70,7 @@ def test_mass_delete_does_not_hold_up_the_next_service(tmp_path, mode):
                            {"name": "c", "image": "busybox", "command": ["sleep", "infinity"]}]}}]})
     with running(path) as (cluster, _):
         store = clusters.open_store(cluster)
-        settings = load_topology(cluster).settings
+        settings = clusterconfig.read(cluster).settings
         try:
             vips = set()
             for i in range(SERVICES):

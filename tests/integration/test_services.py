@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from netemu import api, cluster as clusters, names, netns
-from netemu.controlplane import load_topology
+from netemu import api, cluster as clusters, clusterconfig, names, netns
 from netemu.store import registry
 
 from .clusters import cli, running, wait_for, write_topology
@@ -78,7 +77,7 @@ def pexec(cluster, pod, *argv, check=True):
 
 
 def settings(cluster):
-    return load_topology(cluster).settings
+    return clusterconfig.read(cluster).settings
 
 
 @pytest.mark.parametrize("mode", MODES)

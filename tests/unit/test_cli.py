@@ -249,17 +249,13 @@ def test_logs_takes_kind_slash_name_previous_and_follow(state):
 
 
 def test_apply_reads_manifests_from_stdin(state, monkeypatch):
-    import pickle
-
-    from netemu import controlplane
+    from netemu import clusterconfig
     from netemu.topology.loader import load_topology
 
     root, store = state
-    topology = load_topology(os.path.join(os.path.dirname(__file__), "..", "..", "topologies", "two-node.yaml"))
-    monkeypatch.setattr(controlplane.names, "STATE_ROOT", str(root))
-    path = controlplane.topology_path(CLUSTER)
-    with open(path, "wb") as f:
-        pickle.dump(topology, f)
+    topology = load_topology(os.path.join(os.path.dirname(__file__), "..", "..", "topologies", "two-node.yaml"),
+                             name=CLUSTER, host_networks=[])
+    clusterconfig.create(store, topology)
     manifest = ("apiVersion: v1\nkind: Pod\nmetadata: {name: from-stdin}\n"
                 "spec: {containers: [{name: c, image: nginx}]}\n")
     r = run(root, "apply", "-f", "-", stdin=manifest)

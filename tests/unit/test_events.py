@@ -73,7 +73,8 @@ def test_control_plane_scales_the_event_ttl_by_time_scale(tmp_path, monkeypatch)
     path = str(tmp_path / "state.db")
     SqliteStore(path, create=True).close()
     settings = types.SimpleNamespace(time_scale=0.01)
-    monkeypatch.setattr(controlplane, "load_topology", lambda c: types.SimpleNamespace(settings=settings))
+    monkeypatch.setattr(controlplane.clusterconfig, "read",
+                        lambda c, store=None: types.SimpleNamespace(settings=settings))
     monkeypatch.setattr(controlplane.names, "store_path", lambda c: path)
     cp = controlplane.ControlPlane("hfunit")
     try:
