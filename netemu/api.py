@@ -361,6 +361,13 @@ def _admit_metadata(obj: dict) -> dict:
     return obj
 
 
+def _writable(kind: str) -> None:
+    """Refuse a change to a kind served for reading only (netemu writes those)."""
+    if kinds.BY_KIND[kind].read_only:
+        raise ApiError(f"{_resource(kind)}: the server does not allow this method on the requested resource "
+                       "(netemu writes them itself)", reason="MethodNotAllowed")
+
+
 def create_or_update(store: Store, obj: dict, settings=None) -> tuple[dict, str]:
     """Store OBJ, as `kubectl apply`: defaulted and validated first (admit), so
     a raw manifest object is fine as well as one from the topology loader.
@@ -447,6 +454,16 @@ def _create(store: Store, obj: dict, settings) -> dict:
 _USER_META = ("labels", "annotations")
 
 
+def system_annotations() -> tuple[str, ...]:
+    """Annotations the cluster's own components write on objects (the kubelet's
+    netemu.io/sandbox on a Pod, the overlay daemon's flannel keys on a Node): an
+    update that does not give them keeps them, as kubectl apply's three-way
+    merge keeps what it never applied."""
+    from netemu.node.sandbox import ANNOTATION
+    from netemu.overlay import stats
+    return (ANNOTATION, *stats.NODE_ANNOTATIONS, stats.DATA_PATH_ANNOTATION)
+
+
 def _update(store: Store, old: dict, new: dict, settings) -> tuple[dict, str]:
     kind = old["kind"]
     merged = copy.deepcopy(old)
@@ -455,6 +472,10 @@ def _update(store: Store, old: dict, new: dict, settings) -> tuple[dict, str]:
             merged["metadata"][field] = new["metadata"][field]
         else:
             merged["metadata"].pop(field, None)
+    kept = {k: v for k, v in (old["metadata"].get("annotations") or {}).items()
+            if k in system_annotations() and k not in (new["metadata"].get("annotations") or {})}
+    if kept:
+        merged["metadata"]["annotations"] = {**(merged["metadata"].get("annotations") or {}), **kept}
     new_spec = copy.deepcopy(new.get("spec") or {})
     if kind == "Pod":
         # A pod's spec is immutable once created, apart from what its kubelet or
@@ -548,6 +569,7 @@ def delete(store: Store, kind: str, namespace: str | None, name: str,
     The owner goes first, so its controller stops creating pods; a pod it created
     in the same instant is caught by the garbage collector controller."""
     kind = kinds.resolve(kind)
+    _writable(kind)
     obj = registry.get(store, kind, namespace, name)
     if obj is None:
         raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
@@ -744,6 +766,7 @@ def label(store: Store, kind: str, name: str, changes: list[str], *, overwrite: 
     Changing an existing label's value needs overwrite=True, as kubectl's
     --overwrite."""
     kind = kinds.resolve(kind)
+    _writable(kind)
     sets, removes = parse_label_changes(changes)
     ns = namespace if kinds.BY_KIND[kind].namespaced else None
 

@@ -321,9 +321,11 @@ def _not_found(kind: str, name: str):
     return ApiError(f'{kinds.BY_KIND[kind].qualified()} "{name}" not found', reason="NotFound")
 
 
-def _overlay_stats(cluster: str, node: str) -> dict | None:
-    from netemu.overlay.daemon import read_stats
-    return read_stats(names.node_dir(cluster, node))
+def _overlay_stats(store, nodes: list[str]) -> dict[str, dict | None]:
+    """The overlay daemons' records of NODES, fresh (asked for; see
+    netemu.overlay.stats), from the store."""
+    from netemu.overlay import stats
+    return stats.collect(store, nodes)
 
 
 def _selector(args) -> list[dict] | None:
@@ -471,7 +473,7 @@ def tabulate(cluster: str, store, kind: str, objs: list[dict], wide: bool):
                 [printers.pod_row(o, wide) for o in objs])
     if kind == "Node":
         return (printers.NODE_HEADERS + (printers.NODE_WIDE if wide else []),
-                [printers.node_row(o, wide, _overlay_stats(cluster, o["metadata"]["name"])) for o in objs])
+                [printers.node_row(o, wide) for o in objs])
     from netemu import kubectl_tables
 
     if kubectl_tables.supports(kind):
@@ -518,14 +520,14 @@ def describe_text(cluster: str, store, kind: str, obj: dict) -> str:
     name = obj["metadata"]["name"]
     events = registry.events_for(store, obj)
     if kind == "Pod":
-        from netemu.node.sandbox import Sandbox
+        from netemu.node.sandbox import published
         import dataclasses
-        sb = Sandbox.load(names.pod_dir(cluster, obj["metadata"].get("namespace", "default"), name))
+        sb = published(obj)
         return printers.describe_pod(obj, events, dataclasses.asdict(sb) if sb else None)
     if kind == "Node":
         pods = [p for p in registry.list_(store, "Pod") if p.get("spec", {}).get("nodeName") == name
                 and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")]
-        return printers.describe_node(obj, pods, _overlay_stats(cluster, name), events)
+        return printers.describe_node(obj, pods, _overlay_stats(store, [name])[name], events)
     from netemu import kubectl_tables
 
     try:
@@ -557,20 +559,21 @@ def pod_exec(cluster: str, store, namespace: str, pod_name: str, container: str 
     (default: the first); shared by `netemu exec` and the Python API. Raises
     CliError when the pod, or the container, is not there or not running."""
     from netemu import netns
-    from netemu.node.sandbox import Sandbox
+    from netemu.node import sandbox as sandboxes
 
     pod = _pod(store, namespace, pod_name)
     containers = [c["name"] for c in pod["spec"].get("containers", [])]
     if container and container not in containers:
         raise CliError(f"container {container} is not valid for pod {pod_name} "
                        f"(containers: {', '.join(containers)})")
-    sb = Sandbox.load(names.pod_dir(cluster, namespace, pod_name))
-    if sb is None or not sb.pause_pid or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+    # What the pod's kubelet published on it (not its file), checked against the kernel.
+    pause_pid = sandboxes.pause_pid_of(cluster, pod)
+    if pause_pid is None or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
         raise CliError(f"pod {pod_name} is not running (status {printers.pod_status_word(pod)})")
     env = dict(os.environ, HOSTNAME=pod_name, NETEMU_POD=f"{namespace}/{pod_name}")
     env[names.CLUSTER_ENV] = cluster
     env["NETEMU_CONTAINER"] = container or containers[0]
-    return netns.exec_argv(sb.namespace, command, uts_pid=sb.pause_pid), env
+    return netns.exec_argv(names.pod_ns(cluster, namespace, pod_name), command, uts_pid=pause_pid), env
 
 
 def _pod_for_logs(store, namespace: str, ref: str) -> str:
@@ -716,11 +719,10 @@ def _inode(path: str) -> int | None:
 def cmd_stats(args) -> int:
     cluster, store = _store(args)
     nodes = [args.node] if args.node else [n["metadata"]["name"] for n in registry.list_(store, "Node")]
-    result = {}
     for node in nodes:
         if registry.get(store, "Node", None, node) is None:
             raise CliError(f'nodes "{node}" not found')
-        result[node] = _overlay_stats(cluster, node)
+    result = _overlay_stats(store, nodes)
     if args.output == "json":
         print(json.dumps(result, indent=2))
         return 0

@@ -747,6 +747,9 @@ def remove_node(cluster: str, name: str, timeout: float = 30.0) -> None:
     store = open_store(cluster)
     try:
         registry.delete(store, "Lease", "kube-node-lease", name)
+        from netemu.overlay import stats
+        store.delete(stats.stats_key(name))
+        store.delete(stats.request_key(name))
     finally:
         store.close()
     shutil.rmtree(names.node_dir(cluster, name), ignore_errors=True)

@@ -130,10 +130,20 @@ class ControlPlane:
                                    os.path.join(node_dir, "proxy.log"),
                                    os.path.join(node_dir, "proxy.restarts"))
                 nursery.start_soon(self._kubelet, node)
+                nursery.start_soon(self._keep_uplink, node)
+
+    async def _keep_uplink(self, node: str) -> None:
+        """Restart a delay line of NODE's uplink that died (netemu.link.Link.revive):
+        while none reads its tap, the link's frames go nowhere."""
+        from netemu.link import keep_delay_lines
+        from netemu.node import host
+
+        uplink = host.uplink(self.cluster, node, self.settings.underlay_mtu)
+        await keep_delay_lines(uplink, f"node {node}'s uplink")
 
     async def _kubelet(self, node: str) -> None:
-        # Imported here: the node daemons read this module's topology helpers and
-        # should not pay for the kubelet's imports.
+        # Imported here: the supervisor imports this module and should not pay
+        # for the kubelet's imports.
         from netemu.node import lease
         from netemu.node.kubelet import Kubelet
 

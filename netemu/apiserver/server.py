@@ -159,6 +159,8 @@ class ApiServer:
                    "apis": discovery.api_group_list}.get(what)
             return _json(200, doc() if doc else arg)
         t: Target = arg
+        if t.kind.read_only and (req.method != "GET" or t.subresource):
+            return status.method_not_allowed()
         if req.arg("dryRun"):
             return status.bad_request("dryRun is not supported by netemu's API server yet")
         try:

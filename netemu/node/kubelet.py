@@ -39,6 +39,7 @@ import subprocess
 import trio
 
 from netemu import names, netns
+from netemu.link import keep_delay_lines
 from netemu.images import plan as image_plan, write_site
 from netemu.node import hostport, probes as probing, runtime, sandbox as sandboxes
 from netemu.node.host import configure_bridge
@@ -269,7 +270,7 @@ class PodWorker:
         self.stop = trio.Event()
         self.vanished = False        # the object is gone (a forced delete)
         self.changed = trio.Event()
-        self.last_status: dict | None = None
+        self.last_status: tuple | None = None
         self.start_time = (pod.get("status") or {}).get("startTime") or registry.now()
 
     def update(self, pod: dict | None) -> None:
@@ -281,6 +282,11 @@ class PodWorker:
             self.stop.set()
         else:
             self.pod = pod
+        if pod is not None and self.last_status is not None and \
+                (pod["metadata"].get("annotations") or {}).get(sandboxes.ANNOTATION) != self.last_status[1]:
+            # Someone else changed what this kubelet publishes: say it again.
+            self.last_status = None
+            self.changed.set()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -350,6 +356,10 @@ class PodWorker:
                 for c in self.containers:
                     if not c.done:
                         nursery.start_soon(self._run_container, c)
+                if self.sandbox is not None and self.sandbox.link.strip():
+                    # The pod's delay lines, restarted should one die.
+                    nursery.start_soon(keep_delay_lines, sandboxes.pod_link(self.k.cluster, self.k.node, self.sandbox),
+                                       f"pod {self.key}'s link")
                 await self.pause.wait()
                 nursery.cancel_scope.cancel()
             self.changed.set()
@@ -746,16 +756,30 @@ class PodWorker:
         while True:
             await self.changed.wait()
             self.changed = trio.Event()
-            status = self.status()
-            if status != self.last_status:
-                self.last_status = status
-                self._write_status(status)
+            published = (self.status(), self.sandbox_annotation())
+            if published != self.last_status:
+                self.last_status = published
+                self._write_status(*published)
             await trio.sleep(0.02)
 
-    def _write_status(self, status: dict) -> None:
+    def sandbox_annotation(self) -> str | None:
+        """The running sandbox as the Pod shows it to readers off the node
+        (sandboxes.ANNOTATION); None while there is none (as status.podIP)."""
+        if self.sandbox is not None and self.sandbox.pause_pid:
+            return sandboxes.annotation(self.sandbox)
+        return None
+
+    def _write_status(self, status: dict, sandbox: str | None) -> None:
         def change(pod):
             if pod["metadata"]["uid"] == self.uid:
                 pod["status"] = status
+                annotations = pod["metadata"].setdefault("annotations", {})
+                if sandbox is None:
+                    annotations.pop(sandboxes.ANNOTATION, None)
+                    if not annotations:
+                        del pod["metadata"]["annotations"]
+                else:
+                    annotations[sandboxes.ANNOTATION] = sandbox
         try:
             registry.mutate(self.k.store, "Pod", self.ns, self.name, change)
         except Exception:

@@ -9,6 +9,8 @@ import pytest
 
 from netemu.bench import runner
 
+from .clusters import assert_gone
+
 pytestmark = [pytest.mark.root]
 
 
@@ -35,6 +37,9 @@ def test_bench_smoke_writes_json_markdown_and_png(tmp_path):
     md = (tmp_path / "bench.md").read_text().splitlines()
     assert md[2].startswith("| test |") and len(md) == 4 + len(results["summary"])
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # built and torn down through the Python API (netemu.up, Cluster.down): nothing left
+    for backend in ("udp", "hostgw"):
+        assert_gone(f"hb-bt-{backend}")
 
 
 def test_bench_refuses_to_run_beside_another(tmp_path):

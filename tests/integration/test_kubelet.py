@@ -253,6 +253,24 @@ def test_killed_pause_is_noticed_and_the_sandbox_recreated(cluster, tmp_path):
     assert now["status"]["podIP"] == before["status"]["podIP"]
     new = sandbox(cluster, "hd-pause")
     assert new["pause_pid"] != old["pause_pid"]
+    # What readers off the node see: the sandbox as the kubelet published it on the Pod.
+    for pod, sb in ((before, old), (now, new)):
+        assert json.loads(pod["metadata"]["annotations"]["netemu.io/sandbox"]) == {
+            "netns": sb["namespace"], "veth": sb["veth"], "pausePID": sb["pause_pid"],
+            "address": f"{sb['ip']}/{sb['prefixlen']}", "gateway": sb["gateway"], "mtu": sb["mtu"]}
+    assert f"Pause PID:          {new['pause_pid']}" in netemu(cluster, "describe", "pod", "hd-pause").stdout
+    assert netemu(cluster, "exec", "hd-pause", "--", "hostname").stdout.strip() == "hd-pause"
+    # A forged annotation (a PID outside the pod's namespace) is not entered,
+    # and the kubelet publishes the truth again.
+    forged = dict(json.loads(now["metadata"]["annotations"]["netemu.io/sandbox"]), pausePID=os.getpid())
+    store = clusters.open_store(cluster)
+    try:
+        registry.mutate(store, "Pod", "default", "hd-pause", lambda p: p["metadata"]["annotations"].update(
+            {"netemu.io/sandbox": json.dumps(forged)}))
+    finally:
+        store.close()
+    wait_for(lambda: json.loads(get(cluster, "Pod", "hd-pause")["metadata"]["annotations"]["netemu.io/sandbox"])
+             ["pausePID"] == new["pause_pid"], timeout=10, what="the kubelet's annotation restored")
     assert netemu(cluster, "exec", "hd-pause", "--", "hostname").stdout.strip() == "hd-pause"
     assert [e["message"] for e in events(cluster, "hd-pause") if e["reason"] == "SandboxChanged"] == \
         ["Pod sandbox changed, it will be killed and re-created."]

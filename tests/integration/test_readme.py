@@ -201,6 +201,7 @@ EXPECTED = [
     (r"^netemu kubeconfig", r"netemu-tutorial"),
     (r"^netemu link show srv-k8s-node2$", r"srv-k8s-node2"),
     (r"^netemu link show -o json", r'"srv-k8s-node1"'),
+    (r"^netemu link show pod/nginxpod", r"(?m)^pod/default/nginxpod\s+<none>"),
     (r"ip add \| grep inet", r"inet 10\.1\.96\.233/24"),
     (r"tcpdump -ni docker0", r"listening on docker0"),
     (r"^netemu stats", r"(?m)^NODE\s+BACKEND\s+SUBNET"),
