@@ -6,6 +6,14 @@ A *sample* is one measurement: (round, backend, test, path, value) plus its
 side figures (daemon CPU, retransmits, drops). The ratio of a sample is its value
 divided by host-gw's value for the same test, path and round, so that the
 machine's noise between rounds cancels out.
+
+CPU cost: around each run the runner reads the machine's busy CPU time
+(/proc/stat: user, nice, system, irq, softirq; all CPUs) and the overlay's own
+processes' (daemon and workers). `cpu_cost` turns them into cores busy per
+Gbit/s (TCP) or per 100 kpps (64-byte UDP): what a user pays for the data path,
+the kernel's forwarding included for every backend. The machine figure also
+counts iperf3 and whatever else ran on the machine meanwhile (compare it in the
+same round).
 """
 
 from __future__ import annotations
@@ -36,6 +44,48 @@ class Sample:
     path: str               # "cross-node" or "same-node"
     value: float
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# test -> (what its CPU cost is per, the figure's value in those units)
+COST_UNITS = {"tcp": ("Gbit/s", 1.0), "tcp-parallel": ("Gbit/s", 1.0), "udp-rate": ("100 kpps", 100.0)}
+
+
+def cpu_busy(stat_text: str) -> float:
+    """Busy jiffies of all CPUs from /proc/stat's first line (user, nice, system,
+    irq, softirq; not idle, iowait or steal, which is the host's)."""
+    fields = stat_text.split("\n", 1)[0].split()
+    if not fields or fields[0] != "cpu" or len(fields) < 8:
+        raise ValueError("/proc/stat: no cpu line")
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[1:8])
+    return float(user + nice + system + irq + softirq)
+
+
+def cpu_cost(test: str, value: float, seconds: float, machine_cpu_s: float,
+             overlay_cpu_s: float) -> dict[str, float]:
+    """Cores busy per unit of TEST's figure (see COST_UNITS) over a run of SECONDS
+    that reached VALUE: the machine's and the overlay processes' own. Empty for
+    tests without a cost unit, or a run that moved nothing."""
+    if test not in COST_UNITS or value <= 0 or seconds <= 0:
+        return {}
+    unit, scale = COST_UNITS[test]
+    units = value / scale
+    return {"cpu_machine_cores_per_unit": round(machine_cpu_s / seconds / units, 4),
+            "cpu_overlay_cores_per_unit": round(overlay_cpu_s / seconds / units, 4)}
+
+
+# Latency histograms: log-spaced bins from 10 µs to 100 ms, 20 per decade.
+HISTOGRAM_EDGES = [round(10 * 10 ** (k / 20), 3) for k in range(81)]
+
+
+def histogram(values: list[float], edges: list[float] = HISTOGRAM_EDGES) -> list[int]:
+    """Counts of VALUES per bin [edges[i], edges[i+1]); below the first edge
+    counts in the first bin, at or above the last in the last."""
+    import bisect
+
+    counts = [0] * (len(edges) - 1)
+    for v in values:
+        counts[min(max(bisect.bisect_right(edges, v) - 1, 0), len(counts) - 1)] += 1
+    return counts
 
 
 def parse_list(text: str, known: tuple[str, ...], what: str) -> list[str]:
@@ -115,6 +165,10 @@ def cells(row: dict[str, Any]) -> list[str]:
              if "ratio" in row else "")
     extra = row["extra"]
     side = []
+    if "cpu_machine_cores_per_unit" in extra:
+        unit = COST_UNITS[row["test"]][0]
+        side.append(f"CPU {extra['cpu_machine_cores_per_unit']:.3g} cores per {unit} "
+                    f"(overlay {extra['cpu_overlay_cores_per_unit']:.3g})")
     if "cpu_daemon_s" in extra:
         side.append(f"daemon CPU {extra['cpu_daemon_s']:.2f} s")
     if extra.get("retransmits"):

@@ -12,8 +12,11 @@ Tools run inside the pods' network namespaces: iperf3 (TCP, 1 and 4 streams;
 64-byte UDP from three senders at once for the packet rate), and
 netemu.bench.pingpong for request/response latency. Around each run we read
 the overlay daemons' CPU time (/proc/<pid>/stat, the daemon and its worker
-processes), their drop counters, flannel0's TX drops and UdpRcvbufErrors from
-each node namespace's /proc/net/snmp.
+processes), the whole machine's busy CPU time (/proc/stat; report.cpu_cost
+makes both into cores per Gbit/s or per 100 kpps), their drop counters,
+flannel0's TX drops and UdpRcvbufErrors from each node namespace's
+/proc/net/snmp. Every round trip of the latency test goes into a histogram per
+backend (bench.json's latency_histograms, and the PNG).
 
 Only one benchmark runs on a machine at a time: an exclusive flock on
 /run/netemu-bench.lock, held for the whole run.
@@ -209,6 +212,12 @@ def tun_tx_dropped(ns: str) -> int:
         return 0
 
 
+def machine_busy_seconds() -> float:
+    """The machine's busy CPU time so far, all CPUs (report.cpu_busy), in seconds."""
+    with open("/proc/stat") as f:
+        return report.cpu_busy(f.read()) / CLK_TCK
+
+
 def differences(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     out = {k: after[k] - before.get(k, 0) for k in after}
     out["cpu_daemon_s"] = sum(v for k, v in out.items() if k.startswith("cpu_"))
@@ -256,7 +265,8 @@ def run_test(bc: BenchCluster, test: str, target: str, duration: float) -> list[
         rtts = json.loads(proc.stdout)["rtt_us"]
         if not rtts:
             raise BenchError("latency: no round trip completed")
-        return [("latency-p50", report.percentile(rtts, 50), {"count": len(rtts)}),
+        return [("latency-p50", report.percentile(rtts, 50), {"count": len(rtts),
+                                                              "histogram": report.histogram(rtts)}),
                 ("latency-p99", report.percentile(rtts, 99), {"count": len(rtts)})]
     raise ValueError(f"unknown test {test}")
 
@@ -281,6 +291,7 @@ def run(opts: Options, on_step: Callable[[str], None] = lambda s: None,
     os.makedirs(opts.output, exist_ok=True)
     samples: list[Sample] = []
     failures: list[dict] = []
+    histograms: dict[str, list[int]] = {}          # backend -> round trips per bin, all rounds
     with exclusive(wait=opts.lock_wait):
         built: dict[str, BenchCluster] = {}
         try:
@@ -294,8 +305,10 @@ def run(opts: Options, on_step: Callable[[str], None] = lambda s: None,
                 path = "same-node" if target == LOCAL else "cross-node"
                 on_step(f"round {rnd + 1}: {backend} {test} {path}")
                 before = bc.snapshot()
+                busy, start = machine_busy_seconds(), time.monotonic()
                 try:
                     figures = run_test(bc, test, target, opts.duration)
+                    seconds, busy = time.monotonic() - start, machine_busy_seconds() - busy
                 except (BenchError, subprocess.TimeoutExpired, netns.NetnsError) as e:
                     # One failed run (e.g. iperf3's control connection starved by
                     # a UDP flood through a slow overlay) is reported, not fatal.
@@ -306,21 +319,28 @@ def run(opts: Options, on_step: Callable[[str], None] = lambda s: None,
                     time.sleep(1.2)          # the daemon publishes its counters once a second
                 side = differences(before, bc.snapshot())
                 for figure, value, extra in figures:
-                    samples.append(Sample(rnd, backend, figure, path, value, {**side, **extra}))
+                    counts = extra.pop("histogram", None)
+                    if counts is not None and path == "cross-node":
+                        total = histograms.setdefault(backend, [0] * len(counts))
+                        histograms[backend] = [a + b for a, b in zip(total, counts)]
+                    cost = report.cpu_cost(figure, value, seconds, busy, side.get("cpu_daemon_s", 0.0))
+                    samples.append(Sample(rnd, backend, figure, path, value, {**side, **extra, **cost}))
         finally:
             for bc in built.values():
                 bc.down()
-    return write_results(opts, samples, failures)
+    return write_results(opts, samples, failures, histograms)
 
 
-def write_results(opts: Options, samples: list[Sample], failures: list[dict] = ()) -> dict:
+def write_results(opts: Options, samples: list[Sample], failures: list[dict] = (),
+                  histograms: dict[str, list[int]] | None = None) -> dict:
     rows = report.summarize(samples)
     config = {"backends": opts.backends, "tests": opts.tests, "rounds": opts.rounds,
               "duration": opts.duration, "mtu": opts.mtu, "kernel": os.uname().release,
               "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               **({"link": opts.link} if opts.link else {})}
     results = {"config": config, "summary": rows, "samples": [dataclasses.asdict(s) for s in samples],
-               "failures": list(failures)}
+               "failures": list(failures),
+               "latency_histograms": {"edges_us": report.HISTOGRAM_EDGES, "counts": dict(histograms or {})}}
     with open(os.path.join(opts.output, "bench.json"), "w") as f:
         json.dump(results, f, indent=1)
     with open(os.path.join(opts.output, "bench.md"), "w") as f:
@@ -329,5 +349,5 @@ def write_results(opts: Options, samples: list[Sample], failures: list[dict] = (
             f.write(f"\nFailed: round {failure['round'] + 1} {failure['backend']} {failure['test']} "
                     f"{failure['path']}: {failure['error'][:200]}\n")
     from netemu.bench import plot
-    plot.draw(rows, config, os.path.join(opts.output, "bench.png"))
+    plot.draw(rows, config, os.path.join(opts.output, "bench.png"), results["latency_histograms"])
     return results

@@ -524,8 +524,38 @@ done:
     return result;
 }
 
+/* ---- one datagram from the underlay ----------------------------------------- */
+
+PyDoc_STRVAR(ipv4_problem_doc,
+"ipv4_problem(datagram) -> int\n\n"
+"packet.ipv4_problem as a number: 0 none, then 1 truncated, 2 version, 3 header\n"
+"length, 4 total length, 5 checksum (the order of fastudp.MALFORMED).");
+
+static PyObject *ipv4_problem(PyObject *self, PyObject *arg)
+{
+    Py_buffer pb;
+    if (PyObject_GetBuffer(arg, &pb, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const uint8_t *p = pb.buf;
+    Py_ssize_t n = pb.len, ihl;
+    long problem = 0;
+    if (n < 20)
+        problem = 1;
+    else if (p[0] >> 4 != 4)
+        problem = 2;
+    else if ((ihl = (Py_ssize_t)(p[0] & 0x0F) * 4) < 20 || ihl > n)
+        problem = 3;
+    else if ((Py_ssize_t)get16(p + 2) != n)
+        problem = 4;
+    else if (ones_sum(p, ihl) != 0)         /* version 4: never all zeros, so 0 mod 0xFFFF is valid */
+        problem = 5;
+    PyBuffer_Release(&pb);
+    return PyLong_FromLong(problem);
+}
+
 static PyMethodDef methods[] = {
     {"forward", forward, METH_VARARGS, forward_doc},
+    {"ipv4_problem", ipv4_problem, METH_O, ipv4_problem_doc},
     {"segment_into", segment_into, METH_VARARGS, segment_into_doc},
     {"coalesce_into", coalesce_into, METH_VARARGS, coalesce_into_doc},
     {"coalesce_udp_into", coalesce_udp_into, METH_VARARGS, coalesce_udp_into_doc},

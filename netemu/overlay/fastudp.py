@@ -326,6 +326,7 @@ class Worker:
         self.compiled = vnet.COMPILED and vnet_hdr
         # (A helper built from an older _vnetc.c lacks sources_within: the Python way then.)
         self.compiled_sources = self.compiled and hasattr(vnet.native, "sources_within")
+        self.compiled_check = self.compiled and hasattr(vnet.native, "ipv4_problem")
         self.segments = bytearray(SEGMENTS_SIZE)
         self.merged_out = bytearray(2 * RECV_SIZE + vnet.VNET_HDR_LEN)     # see vnet.coalesced_room
         self.merged_view = memoryview(self.merged_out)
@@ -370,7 +371,13 @@ class Worker:
         shared with the rx worker, so it stays blocking: reads ask not to wait
         (preadv2 RWF_NOWAIT), and when nothing is queued the loop waits in poll
         for at most WAKE, so that its heartbeat moves while it is idle; where the
-        kernel refuses RWF_NOWAIT, poll says first whether a read would wait.)"""
+        kernel refuses RWF_NOWAIT, poll says first whether a read would wait.)
+
+        A small packet that finds the TUN empty (the read before it would have
+        waited) is not held: nothing queued behind it can join it yet, so it
+        leaves at once, without the two calls that would only find that out
+        (a request/response exchange is all such packets). Those read back to
+        back after it are held as above."""
         buffer = bytearray(READ_SIZE)              # reused: every send copies out of it
         view = memoryview(buffer)
         batching = self.gso and bool(self.hdr_len)
@@ -388,13 +395,17 @@ class Worker:
                     pass
                 except OSError:
                     nowait = False                 # not for this kernel/device: poll
-            if not n:
-                if self.held and not queued.poll(0):
-                    self.flush_held()              # nothing more queued: the held batch leaves
-                if not queued.poll(wake_ms):
-                    continue                       # idle: beat, and wait again
-                n = os.readv(self.tun, [buffer])
-            self.forward_one(view, n, batching)
+            if n:
+                self.forward_one(view, n, batching)
+                continue
+            if self.held and not queued.poll(0):
+                self.flush_held()                  # nothing more queued: the held batch leaves
+            if not queued.poll(wake_ms):
+                continue                           # idle: beat, and wait again
+            n = os.readv(self.tun, [buffer])
+            # Read after the TUN was found empty: leave at once (without
+            # RWF_NOWAIT, poll(0) is how we learn of a queue: batch as before).
+            self.forward_one(view, n, batching and not nowait)
 
     def forward_one(self, view: memoryview, n: int, batching: bool) -> None:
         """One read from the TUN (N bytes of VIEW): route it and send or hold it."""
@@ -427,6 +438,7 @@ class Worker:
             elif batching:
                 self.hold(packet, next_hop)
             else:
+                self.flush_held()                  # (held ones were read before it)
                 self.send(packet, len(packet), 1, next_hop)
         elif gso_type != vnet.GSO_TCPV4 or not vnet.segmentable(packet, gso_size):
             # Not offered by us, or a super-packet we could not cut: the kernel
@@ -606,7 +618,12 @@ class Worker:
         """The per-packet way in: validate, check the inner source against
         SOURCE's lease (None: checked already), TTL, write with an empty vnet
         header."""
-        problem = ipv4_problem(datagram)
+        compiled = self.compiled and self.compiled_check     # (one C call each: the latency path)
+        if compiled:
+            problem = vnet.native.ipv4_problem(datagram)
+            problem = MALFORMED[problem - 1] if problem else None
+        else:
+            problem = ipv4_problem(datagram)
         if problem is not None:
             self.drop_malformed(problem)
             return
@@ -614,7 +631,7 @@ class Worker:
             self.count("drop_spoofed_source")
             return
         packet = bytearray(datagram)
-        if not decrement_ttl(packet):
+        if not (vnet.native.forward(packet, 0, 0, 0) if compiled else decrement_ttl(packet)):
             self.count("drop_ttl")
             return
         if self.write_tun(self.plain_hdr + packet):
