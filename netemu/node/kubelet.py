@@ -32,6 +32,7 @@ them, or in child processes started through nsenter).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -119,12 +120,24 @@ class Kubelet:
                 self._sync(pod["metadata"].get("uid"), pod)
             # Then one pod at a time, from the watch: a change to one pod never
             # makes every kubelet re-read every pod.
-            async for ev in self.store.watch(registry.prefix("Pod"), since):
+            async for ev in self._watch_pods(since):
                 pod = ev.value if isinstance(ev.value, dict) else {}
                 uid = pod.get("metadata", {}).get("uid")
                 if uid is None:
                     continue
                 self._sync(uid, pod if ev.type == "PUT" else None)
+
+    def _watch_pods(self, since: int):
+        """The watch of the pods: only this node's when the store can filter
+        before decoding (a pod's spec.nodeName never changes once set, and a
+        deletion carries the last value), so that at bring-up a kubelet does
+        not decode every other node's pod status writes; every pod otherwise
+        (_sync tells them apart)."""
+        watch_containing = getattr(self.store, "watch_containing", None)
+        if watch_containing is None:
+            return self.store.watch(registry.prefix("Pod"), since)
+        return watch_containing(registry.prefix("Pod"), since,
+                                json.dumps({"nodeName": self.node}, separators=(",", ":"))[1:-1])
 
     def stamp_log(self, pod_dir: str, container: str):
         """Start recording when the lines of a running container's log are

@@ -20,8 +20,12 @@ is taken in few reads; the revision is read at least once a second anyway (a
 missed event costs a second, not correctness). Without inotify, the revision is polled every few tens of
 milliseconds. All the watches of one store object share one wait (one read per
 wake-up): a process with many watches (the control plane has one per controller
-and kubelet) wakes once, not once per watch. Expired keys are looked for once a
-second.
+and kubelet) wakes once, not once per watch. That read also fetches the keys
+(not the values) written since the previous one; a watch none of whose keys
+are under its prefix moves on without reading or decoding events, so a write
+costs the processes that do not watch it one small read each, not one query
+per watch (every node's agent is woken by every write: with N agents that is
+N^2). Expired keys are looked for once a second.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ POLL_INTERVAL = 0.03            # without inotify; with it, the shortest time be
 SETTLE = 0.002                  # after a write is seen: let the rest of its burst land
 SAFETY_INTERVAL = 1.0           # read the revision at least this often anyway
 EXPIRY_CHECK_INTERVAL = 1.0
+WINDOW_MAX = 5000               # the most revisions a shared read fetches the keys of
 
 IN_MODIFY, IN_MOVED_TO, IN_CREATE = 0x2, 0x80, 0x100
 _INOTIFY_EVENT = struct.Struct("iIII")       # wd, mask, cookie, len; then the name
@@ -133,6 +138,9 @@ class SqliteStore:
         self._next_expiry_check = 0.0
         self._wal_watch: WalWatch | None | bool = None   # False: inotify unavailable
         self._last_read = 0.0                  # time.monotonic() of the last shared read
+        # (low, high, [(rev, key)]): the keys written after revision LOW up to
+        # HIGH, read by the last shared read; None: not known.
+        self._window: tuple[int, int, list] | None = None
 
     # -- reads ---------------------------------------------------------------
 
@@ -156,16 +164,21 @@ class SqliteStore:
                 "WHERE key >= ? AND key < ? ORDER BY key", (prefix, _prefix_end(prefix))).fetchall()
         return [_kv(r) for r in rows if not _expired(r[4])]
 
-    def events_since(self, revision: int, prefix: str = "") -> list[Event]:
-        """Every change under PREFIX with a revision greater than REVISION."""
+    def events_since(self, revision: int, prefix: str = "", *, containing: str | None = None) -> list[Event]:
+        """Every change under PREFIX with a revision greater than REVISION
+        (CONTAINING: only those whose value's JSON text contains it, filtered
+        before anything is decoded)."""
         self.expire()
+        sql = "SELECT rev, type, key, value FROM events WHERE rev > ? AND key >= ? AND key < ?"
+        args: tuple = (revision, prefix, _prefix_end(prefix))
+        if containing is not None:
+            sql += " AND instr(value, ?) > 0"
+            args += (containing,)
         with self._lock:
             compacted = self._db.execute("SELECT compacted FROM meta WHERE id = 0").fetchone()[0]
             if revision < compacted:
                 raise Compacted(f"revision {revision} is compacted (oldest kept: {compacted})")
-            rows = self._db.execute(
-                "SELECT rev, type, key, value FROM events WHERE rev > ? AND key >= ? AND key < ? "
-                "ORDER BY rev", (revision, prefix, _prefix_end(prefix))).fetchall()
+            rows = self._db.execute(sql + " ORDER BY rev", args).fetchall()
         return [Event(type=t, key=k, value=json.loads(v), revision=r) for r, t, k, v in rows]
 
     def list_at(self, prefix: str, revision: int, start_after: str = "",
@@ -277,6 +290,15 @@ class SqliteStore:
 
     async def watch(self, prefix: str, since: int) -> AsyncIterator[Event]:
         """Yield every change under PREFIX after revision SINCE, forever."""
+        async for ev in self.watch_containing(prefix, since, None):
+            yield ev
+
+    async def watch_containing(self, prefix: str, since: int, text: str | None) -> AsyncIterator[Event]:
+        """As watch, but only the changes whose value's JSON text (compact, keys
+        sorted: as put stores it) contains TEXT: the others are skipped before
+        they are decoded (a kubelet's '"nodeName":"NODE"'). A pre-filter only:
+        the text may also match elsewhere in a value. Not part of the Store
+        contract (base.py); callers fall back to watch without it."""
         last = since
         # Read the revision first: every write up to it is in the events read
         # next (one query, one snapshot), so moving `last` up to it skips only
@@ -284,8 +306,10 @@ class SqliteStore:
         # write that landed in between.
         current = self.revision()
         while True:
-            if current > last or self._expiry_due():
-                events = self.events_since(last, prefix)
+            if current > last and not self._expiry_due() and not self._touches(prefix, last, current):
+                last = current      # every write since LAST is outside PREFIX: nothing to read
+            elif current > last or self._expiry_due():
+                events = self.events_since(last, prefix, containing=text)
                 for ev in events:
                     yield ev
                 last = max([last, current] + [ev.revision for ev in events])
@@ -314,12 +338,36 @@ class SqliteStore:
                         await trio.lowlevel.wait_readable(watch.fd)
                     await trio.sleep(max(SETTLE, self._last_read + POLL_INTERVAL - time.monotonic()))
                 watch.drain()
-            self._ticked_revision = self.revision()
+            self._read_window()
             self._last_read = time.monotonic()
         finally:
             self._tick = None
             tick.set()
         return self._ticked_revision
+
+    def _read_window(self) -> None:
+        """Read the revision, and the keys written since the previous read (the
+        window every watch checks its prefix against before reading events)."""
+        low = self._ticked_revision
+        # The revision first: every write up to it is committed with its
+        # event, so the keys read next cover (LOW, revision] whole.
+        revision = self.revision()
+        keys = None
+        if 0 < revision - low <= WINDOW_MAX:
+            with self._lock:
+                keys = self._db.execute("SELECT rev, key FROM events WHERE rev > ? AND rev <= ?",
+                                        (low, revision)).fetchall()
+        if revision != low:
+            self._window = (low, revision, keys) if keys is not None else None
+        self._ticked_revision = revision
+
+    def _touches(self, prefix: str, last: int, current: int) -> bool:
+        """Could a write after LAST up to CURRENT be under PREFIX? False only when
+        the window of the last read covers them all and none is."""
+        window = self._window
+        if not prefix or window is None or not window[0] <= last or window[1] != current:
+            return True
+        return any(rev > last and key.startswith(prefix) for rev, key in window[2])
 
     def _watcher(self) -> WalWatch | None:
         if self._wal_watch is None:
