@@ -80,7 +80,7 @@ MAX_GSO_SEGMENTS = 64                        # the kernel's UDP_MAX_SEGMENTS is 
 READ_SIZE = 65536 + vnet.VNET_HDR_LEN
 RECV_SIZE = 1 << 17                          # a GRO receive holds up to 64 KB of datagrams
 SEGMENTS_SIZE = 1 << 17                      # a 64 KB super-packet cut at any usual MSS fits
-WAKE = 0.2                                   # an idle worker's loop turns at least this often (s)
+WAKE = 0.5                                   # an idle worker's loop turns at least this often (s)
 
 
 def open_offload_tun(name: str) -> int | None:

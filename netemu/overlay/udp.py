@@ -55,7 +55,7 @@ DEVICE = "flannel0"
 # and, from the daemon, worker_restarts: workers replaced (exited or hung).
 COUNTERS = fastudp.COUNTERS
 NO_OFFLOAD_ENV = "NETEMU_UDP_NO_OFFLOAD"
-WATCH_PERIOD = 0.25               # how often the daemon looks at its workers (s)
+WATCH_PERIOD = 1.0                # how often the daemon looks at its workers (s)
 WATCH_TIMEOUT = 2.0               # a heartbeat still for this long: a stopped or hung worker (s)
 RESTART_LIMIT = (5, 30.0)         # more restarts than this in that many seconds: give up (the daemon restarts)
 

@@ -181,11 +181,11 @@ def test_a_packet_that_finds_the_tun_empty_leaves_at_once_alone(tx, monkeypatch)
         assert [kind for kind, _, _ in sends] == ["sendto"] * k
     # Each read after a poll that waited is followed by its send, with no call
     # between them (no RWF_NOWAIT read, no poll(0) to learn the TUN is empty).
-    events = [e for e in tx.events if e != "poll(200):0"]          # idle turns
+    events = [e for e in tx.events if e != f"poll({int(fastudp.WAKE * 1000)}):0"]          # idle turns
     reads = [i for i, e in enumerate(events) if e == "readv"]
     assert len(reads) == 3
     for i in reads:
-        assert events[i - 1] == "poll(200):1" and events[i + 1] == "send", events
+        assert events[i - 1] == f"poll({int(fastudp.WAKE * 1000)}):1" and events[i + 1] == "send", events
     assert [ident(d) for d in tx.received(3)] == [1, 2, 3]
     assert tx.counters[fastudp.COUNTERS.index("tx_packets")] == 3
 
