@@ -283,3 +283,33 @@ def test_an_exited_child_is_not_alive_until_reaped_and_then_gone():
         time.sleep(0.01)
     assert journal.process_start_time(proc.pid) is None
     proc.returncode = -9                # reaped here, not by Popen
+
+
+def test_an_idle_delay_line_keeper_takes_no_thread_until_a_line_is_recorded(tmp_path, monkeypatch):
+    """keep_delay_lines asks delay_lines_recorded (two stats) before each
+    revive (a thread, a lock, a folder): a link without delay lines costs its
+    keeper no thread hop; one whose line is recorded is revived."""
+    import trio
+
+    from netemu import link as links, names
+
+    monkeypatch.setattr(names, "STATE_ROOT", str(tmp_path))
+    link = Link(near=End("hi-x-a", "veth1"), far=End("hi-x-b", "eth0"), mtu=1500, cluster="hi-x")
+    assert not link.delay_lines_recorded()
+    assert not (tmp_path / "hi-x").exists()          # asking made no folder
+    revived = []
+    monkeypatch.setattr(Link, "revive", lambda self: revived.append(1) or [])
+
+    async def main():
+        with trio.move_on_after(0.35):
+            await links.keep_delay_lines(link, "test", every=0.1)
+        assert revived == []
+        folder = tmp_path / "hi-x" / "links"
+        folder.mkdir(parents=True)
+        (folder / "hi-x-b.eth0.pid").write_text("1 2 3 4 5")
+        assert link.delay_lines_recorded()
+        with trio.move_on_after(0.35):
+            await links.keep_delay_lines(link, "test", every=0.1)
+        assert revived
+
+    trio.run(main)
