@@ -329,3 +329,41 @@ def test_list_at_is_the_state_at_that_revision_over_compaction(backend, store, m
         assert paged == want, rev
     with pytest.raises(Compacted):
         store.list_at("/registry/pods/", compacted - 1)
+
+
+OWNER = """
+import sys, time
+kind, where = sys.argv[1], sys.argv[2]
+if kind == "sqlite":
+    from netemu.store.sqlite import SqliteStore as Store
+else:
+    from netemu.store.etcd import EtcdStore as Store
+store = Store(where)
+while True:
+    store.put("/registry/leases/owner", {"pid": 1}, ttl=2)
+    print("renewed", flush=True)
+    time.sleep(0.5)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_ttl_key_goes_when_its_owner_process_is_killed(backend, store):
+    """An owner process renews its key; SIGKILL it, and the key expires."""
+    import subprocess
+    import sys
+
+    where = backend.path if backend.name == "sqlite" else backend.server.endpoint
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, backend.name, where],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(8):                      # 4 s of renewals: past the 2 s TTL
+            assert owner.stdout.readline().startswith("renewed")
+        assert store.get("/registry/leases/owner") is not None
+        owner.kill()
+        owner.wait()
+        assert store.get("/registry/leases/owner") is not None
+        assert wait_until(lambda: store.get("/registry/leases/owner") is None, 8)
+    finally:
+        owner.kill()
+        owner.wait()
+        owner.stdout.close()
