@@ -41,9 +41,11 @@ benchmarks at once) and note `uptime`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -144,6 +146,7 @@ def watch_latency(port: int, pod_name: str, count: int) -> list[float]:
     w.request("GET", f"/api/v1/namespaces/default/pods?watch=true&resourceVersion={rv}",
               headers={"Accept": JSON})
     resp = w.getresponse()
+    sock = w.sock
     arrived: dict[str, float] = {}
     done = threading.Event()
 
@@ -181,6 +184,11 @@ def watch_latency(port: int, pod_name: str, count: int) -> list[float]:
             time.sleep(0.1)
     finally:
         done.set()
+        # Wake the reader first: closing the response under a blocked readline
+        # would wait for the read's timeout (the reader holds the buffer's lock).
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        t.join(timeout=5)
         w.close()
         c.close()
     return out
@@ -276,6 +284,32 @@ def profile(cluster: str, pod_name: str, path: str) -> None:
     pstats.Stats(path).sort_stats("cumulative").print_stats(30)
 
 
+def measure(c: Client, port: int, args, one: str, what: str) -> list[dict]:
+    """The single-client figures on the namespace as it is now; returns its pods."""
+    code, data = c.request("GET", "/api/v1/namespaces/default/pods")
+    items = json.loads(data)["items"]
+    running = sum(1 for p in items if p.get("status", {}).get("phase") == "Running")
+    print(f"\n== {what}: {len(items)} pods in the namespace ({len(data) / 1e6:.2f} MB as JSON), "
+          f"{running} Running", flush=True)
+    print(f"uptime: {os.popen('uptime').read().strip()}", flush=True)
+    for _ in range(50):                                   # warm
+        c.timed("GET", "/version")
+    base = [c.timed("GET", "/version") for _ in range(args.gets)]
+    get_json = [c.timed("GET", f"/api/v1/namespaces/default/pods/{one}") for _ in range(args.gets)]
+    get_table = [c.timed("GET", f"/api/v1/namespaces/default/pods/{one}", TABLE) for _ in range(args.gets)]
+    list_json = [c.timed("GET", "/api/v1/namespaces/default/pods") for _ in range(args.lists)]
+    list_table = [c.timed("GET", "/api/v1/namespaces/default/pods?limit=500", TABLE) for _ in range(args.lists)]
+    b = statistics.median(base)
+    print(f"GET /version (baseline)    {ms(base)}")
+    for label, v in (("GET pod, JSON", get_json), ("GET pod, Table", get_table),
+                     (f"LIST {len(items)} pods, JSON", list_json),
+                     (f"LIST {len(items)} pods, Table", list_table)):
+        print(f"{label:26} {ms(v)}; p50 {statistics.median(v) / b:.3g}x baseline")
+    wl = watch_latency(port, one, args.patches)
+    print(f"{'PATCH -> watch event':26} {ms(wl)}; p50 {statistics.median(wl) / b:.3g}x baseline", flush=True)
+    return items
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", default="bench-api", help="the throw-away cluster's name")
@@ -283,6 +317,8 @@ def main() -> int:
     ap.add_argument("--backend", default="vxlan", choices=["udp", "vxlan", "host-gw"])
     ap.add_argument("--real-pods", type=int, default=200, help="pods with sandboxes")
     ap.add_argument("--object-pods", type=int, default=800, help="pods that are objects only (Pending)")
+    ap.add_argument("--total", type=int, help="object-only pods fill the namespace up to this many pods "
+                                              "(instead of --object-pods)")
     ap.add_argument("--up-timeout", type=float, default=600, help="seconds to wait for the real pods")
     ap.add_argument("--stall", type=float, default=120,
                     help="stop waiting when no more real pods have come up for this many seconds")
@@ -328,31 +364,13 @@ def main() -> int:
                     last, last_change = up, time.monotonic()
                 time.sleep(2)
             print(f"real pods Running: {up}/{args.real_pods} after {time.monotonic() - t0:.0f} s", flush=True)
-            dt = create_pods(c, "obj", args.object_pods, None)
-            print(f"created {args.object_pods} object-only pods (Pending, no sandbox) in {dt:.1f} s", flush=True)
-            code, data = c.request("GET", "/api/v1/namespaces/default/pods")
-            items = json.loads(data)["items"]
-            print(f"pods in the namespace: {len(items)} ({len(data) / 1e6:.2f} MB as JSON); "
-                  f"running {sum(1 for p in items if p.get('status', {}).get('phase') == 'Running')}", flush=True)
-            print(f"uptime: {os.popen('uptime').read().strip()}", flush=True)
-
-            one = "real-0" if args.real_pods else "obj-0"
-            for _ in range(50):                                   # warm
-                c.timed("GET", "/version")
-            base = [c.timed("GET", "/version") for _ in range(args.gets)]
-            get_json = [c.timed("GET", f"/api/v1/namespaces/default/pods/{one}") for _ in range(args.gets)]
-            get_table = [c.timed("GET", f"/api/v1/namespaces/default/pods/{one}", TABLE) for _ in range(args.gets)]
-            list_json = [c.timed("GET", "/api/v1/namespaces/default/pods") for _ in range(args.lists)]
-            list_table = [c.timed("GET", "/api/v1/namespaces/default/pods?limit=500", TABLE)
-                          for _ in range(args.lists)]
-            b = statistics.median(base)
-            print(f"\nGET /version (baseline)    {ms(base)}")
-            for label, v in (("GET pod, JSON", get_json), ("GET pod, Table", get_table),
-                             (f"LIST {len(items)} pods, JSON", list_json),
-                             (f"LIST {len(items)} pods, Table", list_table)):
-                print(f"{label:26} {ms(v)}; p50 {statistics.median(v) / b:.3g}x baseline")
-            wl = watch_latency(port, one, args.patches)
-            print(f"{'PATCH -> watch event':26} {ms(wl)}; p50 {statistics.median(wl) / b:.3g}x baseline", flush=True)
+            one = "real-0" if args.real_pods else "iperf-server"
+            items = measure(c, port, args, one, "real pods only")
+            objects = args.object_pods if args.total is None else max(0, args.total - len(items))
+            if objects:
+                dt = create_pods(c, "obj", objects, None)
+                print(f"\ncreated {objects} object-only pods (Pending, no sandbox) in {dt:.1f} s", flush=True)
+                items = measure(c, port, args, one, "real and object-only pods")
 
             pod_names = [p["metadata"]["name"] for p in items]
             load = finish_load(start_load(port, args.clients, args.load_seconds, pod_names))
