@@ -6,11 +6,14 @@ balancer address), stores it, and deletes it again with its dependents. This mod
 does that for netemu's CLI (and, later, for an HTTP front end):
 
   create_or_update  create, or update in place as `kubectl apply` does
+  create, update    an HTTP POST and PUT (update: optimistic concurrency)
   delete            delete, cascading to owned objects as the garbage collector does
+                    (or orphaning them)
   delete_pod        the one correct way to delete a pod (see there)
-  expose            `kubectl expose`
-  scale             `kubectl scale`
-  label             `kubectl label`
+
+kubectl's client-side verbs (expose, scale, label) are not here: like kubectl,
+netemu works them out on the client side and writes through create and update
+(netemu.kubectl_verbs).
 
 Allocation is race-free across processes without a lock: every allocated address
 or port is one key under /registry/ranges/..., created only if absent (the store's
@@ -24,9 +27,8 @@ from __future__ import annotations
 import copy
 import ipaddress
 import random
-import re
 
-from netemu.k8s import kinds, ownership, selectors
+from netemu.k8s import kinds, ownership
 from netemu.store import registry
 from netemu.store.base import Conflict, Store
 from netemu.topology import manifests, names, schema
@@ -151,6 +153,15 @@ def _valid_service_ip(net: ipaddress.IPv4Network, addr) -> bool:
     return 0 <= int(addr) - (int(net.network_address) + 2) < count
 
 
+KUBERNETES_SERVICE = "default/kubernetes"
+
+
+def kubernetes_service_ip(settings) -> str:
+    """The reserved first host address of the service range, the `kubernetes`
+    Service's (apiserver/bootstrap.py); no other Service may have it."""
+    return str(_service_range(settings).network_address + 1)
+
+
 class _Allocation:
     """What one Service request claimed, so a failure can give it all back."""
 
@@ -208,7 +219,8 @@ def _allocate_service(store: Store, svc: dict, old: dict | None, settings) -> _A
             except ValueError:
                 raise ApiError(f'Service "{name}" is invalid: spec.clusterIPs[0]: Invalid value: '
                                f'"{want}": must be a valid IP address') from None
-            if addr not in net or not _valid_service_ip(net, addr):
+            reserved = owner == KUBERNETES_SERVICE and want == kubernetes_service_ip(settings)
+            if addr not in net or not (_valid_service_ip(net, addr) or reserved):
                 raise ApiError(
                     f'Service "{name}" is invalid: spec.clusterIPs: Invalid value: []string{{"{want}"}}: '
                     f"failed to allocate IP {want}: the provided IP ({want}) is not in the valid range. "
@@ -361,6 +373,13 @@ def _admit_metadata(obj: dict) -> dict:
     return obj
 
 
+def _writable(kind: str) -> None:
+    """Refuse a change to a kind served for reading only (netemu writes those)."""
+    if kinds.BY_KIND[kind].read_only:
+        raise ApiError(f"{_resource(kind)}: the server does not allow this method on the requested resource "
+                       "(netemu writes them itself)", reason="MethodNotAllowed")
+
+
 def create_or_update(store: Store, obj: dict, settings=None) -> tuple[dict, str]:
     """Store OBJ, as `kubectl apply`: defaulted and validated first (admit), so
     a raw manifest object is fine as well as one from the topology loader.
@@ -430,13 +449,39 @@ def update(store: Store, obj: dict, settings=None) -> tuple[dict, str]:
         raise ApiError(stale, reason="Conflict") from None
 
 
+JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
+
+
+def _job_labels(uid: str, name: str) -> dict[str, str]:
+    return {JOB_UID_LABEL: uid, "batch.kubernetes.io/job-name": name, "controller-uid": uid, "job-name": name}
+
+
+def _generate_job_selector(job: dict) -> str | None:
+    """A batch/v1 Job without its own selector gets one on create, as the API
+    server's Job strategy generates it: its uid as a label of its pod template,
+    and a selector for that label (so `kubectl logs job/NAME` and `describe`
+    find its pods). Returns the uid chosen, None for a manual selector."""
+    spec = job.get("spec") or {}
+    if spec.get("manualSelector") or spec.get("selector") is not None:
+        return None
+    import uuid
+
+    uid = str(uuid.uuid4())
+    template = spec.setdefault("template", {})
+    tmeta = template.setdefault("metadata", {})
+    tmeta["labels"] = {**(tmeta.get("labels") or {}), **_job_labels(uid, job["metadata"]["name"])}
+    spec["selector"] = {"matchLabels": {JOB_UID_LABEL: uid}}
+    return uid
+
+
 def _create(store: Store, obj: dict, settings) -> dict:
     obj["metadata"]["generation"] = 1
     if obj["kind"] == "Namespace":
         obj["status"] = {"phase": "Active"}
+    uid = _generate_job_selector(obj) if obj["kind"] == "Job" else None
     alloc = _allocate_service(store, obj, None, settings) if obj["kind"] == "Service" else None
     try:
-        return registry.create(store, obj)
+        return registry.create(store, obj, uid=uid)
     except BaseException:
         if alloc:
             alloc.rollback()
@@ -447,6 +492,16 @@ def _create(store: Store, obj: dict, settings) -> dict:
 _USER_META = ("labels", "annotations")
 
 
+def system_annotations() -> tuple[str, ...]:
+    """Annotations the cluster's own components write on objects (the kubelet's
+    netemu.io/sandbox on a Pod, the overlay daemon's flannel keys on a Node): an
+    update that does not give them keeps them, as kubectl apply's three-way
+    merge keeps what it never applied."""
+    from netemu.node.sandbox import ANNOTATION
+    from netemu.overlay import stats
+    return (ANNOTATION, *stats.NODE_ANNOTATIONS, stats.DATA_PATH_ANNOTATION)
+
+
 def _update(store: Store, old: dict, new: dict, settings) -> tuple[dict, str]:
     kind = old["kind"]
     merged = copy.deepcopy(old)
@@ -455,6 +510,10 @@ def _update(store: Store, old: dict, new: dict, settings) -> tuple[dict, str]:
             merged["metadata"][field] = new["metadata"][field]
         else:
             merged["metadata"].pop(field, None)
+    kept = {k: v for k, v in (old["metadata"].get("annotations") or {}).items()
+            if k in system_annotations() and k not in (new["metadata"].get("annotations") or {})}
+    if kept:
+        merged["metadata"]["annotations"] = {**(merged["metadata"].get("annotations") or {}), **kept}
     new_spec = copy.deepcopy(new.get("spec") or {})
     if kind == "Pod":
         # A pod's spec is immutable once created, apart from what its kubelet or
@@ -467,6 +526,15 @@ def _update(store: Store, old: dict, new: dict, settings) -> tuple[dict, str]:
                            "`spec.tolerations` (only additions to existing tolerations) or "
                            "`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)")
         new_spec = old.get("spec") or {}
+    if kind == "Job" and "selector" not in new_spec and not new_spec.get("manualSelector") \
+            and (old.get("spec") or {}).get("selector"):
+        # The generated selector and its template labels stay (spec.selector
+        # is immutable): a manifest applied again does not carry them.
+        new_spec["selector"] = old["spec"]["selector"]
+        uid = old["metadata"].get("uid", "")
+        template = new_spec.setdefault("template", {})
+        tmeta = template.setdefault("metadata", {})
+        tmeta["labels"] = {**(tmeta.get("labels") or {}), **_job_labels(uid, old["metadata"]["name"])}
     if kind == "Node":
         # spec.podCIDR is set once; keep what the store has if the file omits it.
         for k in ("podCIDR", "podCIDRs"):
@@ -540,14 +608,20 @@ def delete_pod(store: Store, namespace: str, name: str, *, uid: str | None = Non
 
 
 def delete(store: Store, kind: str, namespace: str | None, name: str,
-           grace_period: int | None = None) -> dict:
+           grace_period: int | None = None, *, orphan: bool = False) -> dict:
     """Delete one object and, as Kubernetes' garbage collector does in the
     background, what it owns: a workload's pods (a Deployment's ReplicaSets and
     their pods), a Service's Endpoints and allocations. Raises ApiError NotFound.
 
     The owner goes first, so its controller stops creating pods; a pod it created
-    in the same instant is caught by the garbage collector controller."""
+    in the same instant is caught by the garbage collector controller.
+
+    ORPHAN (propagationPolicy Orphan): what the workload owns stays, with the
+    owner's references removed, as the garbage collector's orphan finalizer
+    does: the owner is first marked as being deleted (its controller then
+    neither creates nor adopts), its dependents are released, then it goes."""
     kind = kinds.resolve(kind)
+    _writable(kind)
     obj = registry.get(store, kind, namespace, name)
     if obj is None:
         raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
@@ -556,14 +630,59 @@ def delete(store: Store, kind: str, namespace: str | None, name: str,
         return obj
     if kind == "Namespace":
         return _delete_namespace(store, obj)
+    if orphan and kind in kinds.WORKLOADS:
+        obj = _mark_orphaning(store, obj)
+        release_dependents(store, obj)
     if not registry.delete(store, kind, namespace, name):
         raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
     if kind == "Service":
         _free_service(store, obj)
         registry.delete(store, "Endpoints", namespace, name)
-    if kind in kinds.WORKLOADS:           # their pods (or ReplicaSets) go with them
+    if kind in kinds.WORKLOADS and not orphan:    # their pods (or ReplicaSets) go with them
         delete_dependents(store, obj)
     return obj
+
+
+def _mark_orphaning(store: Store, obj: dict) -> dict:
+    """OBJ with deletionTimestamp and the orphan finalizer, as stored."""
+    meta = obj["metadata"]
+
+    def mark(current: dict) -> None:
+        if current["metadata"].get("uid") != meta.get("uid"):
+            raise ApiError(f'{_resource(obj["kind"])} "{meta["name"]}" not found', reason="NotFound")
+        current["metadata"].setdefault("deletionTimestamp", registry.now())
+        current["metadata"]["deletionGracePeriodSeconds"] = 0
+        finalizers = current["metadata"].setdefault("finalizers", [])
+        if "orphan" not in finalizers:
+            finalizers.append("orphan")
+
+    marked = registry.mutate(store, obj["kind"], meta.get("namespace"), meta["name"], mark)
+    if marked is None:
+        raise ApiError(f'{_resource(obj["kind"])} "{meta["name"]}" not found', reason="NotFound")
+    return marked
+
+
+def release_dependents(store: Store, owner: dict) -> list[dict]:
+    """Remove OWNER's ownerReferences from what it owns (a workload's pods, a
+    Deployment's ReplicaSets), as orphaning does; the objects changed."""
+    ns = owner["metadata"].get("namespace", "default")
+    uid = owner["metadata"].get("uid")
+
+    def release(obj: dict) -> None:
+        refs = [r for r in obj["metadata"].get("ownerReferences") or [] if r.get("uid") != uid]
+        if refs:
+            obj["metadata"]["ownerReferences"] = refs
+        else:
+            obj["metadata"].pop("ownerReferences", None)
+
+    released = []
+    for kind in ("ReplicaSet", "Pod") if owner["kind"] == "Deployment" else ("Pod",):
+        for dependent in registry.list_(store, kind, ns):
+            if any(r.get("uid") == uid for r in dependent["metadata"].get("ownerReferences") or []):
+                changed = registry.mutate(store, kind, ns, dependent["metadata"]["name"], release)
+                if changed is not None:
+                    released.append(changed)
+    return released
 
 
 # Namespaces the API server will not delete.
@@ -605,170 +724,3 @@ def _resource(kind: str) -> str:
     """The resource as kubectl's messages name it: pods, endpoints, jobs.batch
     (the API server names the group the client asked for: server._api_error)."""
     return kinds.BY_KIND[kind].qualified()
-
-
-# -- kubectl verbs -------------------------------------------------------------------
-
-def expose(store: Store, kind: str, name: str, port: int | None = None, target_port=None,
-           type_: str = "ClusterIP", name_override: str | None = None, protocol: str = "TCP",
-           *, namespace: str = "default", settings=None) -> dict:
-    """`kubectl expose KIND NAME --port=... [--target-port] [--type] [--name]`:
-    a Service selecting what KIND/NAME selects, labelled as it is."""
-    kind = kinds.resolve(kind)
-    src = registry.get(store, kind, namespace, name)
-    if src is None:
-        raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
-    spec = src.get("spec") or {}
-    template = spec.get("template") or {}
-    if kind == "Pod":
-        selector = src["metadata"].get("labels") or None
-        pod_spec = spec
-    elif kind == "Service":
-        selector = spec.get("selector") or None
-        pod_spec = {}
-    elif kind in ("ReplicationController", "ReplicaSet", "Deployment"):
-        raw = selectors.workload_selector(src)
-        selector = selectors.selector_as_map(raw)
-        if raw and selector is None:
-            raise ApiError(f"couldn't convert expressions in the selector of {kinds.BY_KIND[kind].singular} "
-                           f'"{name}" to a map: kubectl expose needs a map selector', reason="BadRequest")
-        pod_spec = template.get("spec") or {}
-    else:
-        raise ApiError(f"cannot expose a {kind}", reason="BadRequest")
-    if not selector:
-        raise ApiError(f"couldn't retrieve selectors via --selector flag or introspection: "
-                       f'the {kinds.BY_KIND[kind].singular} "{name}" has no selector', reason="BadRequest")
-    labels = src["metadata"].get("labels") or (
-        (template.get("metadata") or {}).get("labels") if kind == "ReplicationController" else None)
-    if port is not None:
-        ports = [{"port": int(port), "protocol": protocol,
-                  "targetPort": _port_value(target_port) if target_port is not None else int(port)}]
-    else:
-        # Introspection as kubectl does: every container port of the pod template.
-        found = [(c.get("name"), p) for c in pod_spec.get("containers") or [] for p in c.get("ports") or []]
-        if kind == "Service":
-            found = [(None, {"containerPort": p["port"], "protocol": p.get("protocol", "TCP"),
-                             "name": p.get("name")}) for p in spec.get("ports") or []]
-        if not found:
-            raise ApiError("couldn't find port via --port flag or introspection", reason="BadRequest")
-        ports = []
-        for i, (_, p) in enumerate(found):
-            entry = {"port": int(p["containerPort"]), "protocol": p.get("protocol", "TCP"),
-                     "targetPort": _port_value(target_port) if target_port is not None else int(p["containerPort"])}
-            if len(found) > 1:
-                entry["name"] = p.get("name") or f"port-{i + 1}"
-            ports.append(entry)
-    svc_name = name_override or name
-    svc = {"apiVersion": "v1", "kind": "Service",
-           "metadata": {"name": svc_name, "namespace": namespace},
-           "spec": {"ports": ports, "selector": dict(selector), "type": type_}}
-    if labels:
-        svc["metadata"]["labels"] = dict(labels)
-    if registry.get(store, "Service", namespace, svc_name) is not None:
-        raise ApiError(f'services "{svc_name}" already exists', reason="AlreadyExists")
-    try:
-        return _create(store, svc, settings)
-    except Conflict:
-        raise ApiError(f'services "{svc_name}" already exists', reason="AlreadyExists") from None
-
-
-def _port_value(value):
-    """A targetPort is a number or a container port's name."""
-    if isinstance(value, int):
-        return value
-    return int(value) if str(value).isdigit() else str(value)
-
-
-def scale(store: Store, kind: str, name: str, replicas: int, *, namespace: str = "default") -> dict:
-    """`kubectl scale KIND NAME --replicas=N` (Jobs scale their parallelism, as
-    older kubectl did)."""
-    kind = kinds.resolve(kind)
-    if replicas < 0:
-        raise ApiError("The --replicas=COUNT flag is required, and COUNT must be greater than or equal to 0",
-                       reason="BadRequest")
-    if replicas > INT32_MAX:
-        # spec.replicas is an int32: the API server cannot even decode more.
-        raise ApiError(f'Scale in version "v1" cannot be handled as a Scale: json: cannot unmarshal number '
-                       f"{replicas} into Go struct field ScaleSpec.spec.replicas of type int32",
-                       reason="BadRequest")
-    # A Job has no /scale subresource (no scale_field); kubectl once scaled its parallelism.
-    field = "parallelism" if kind == "Job" else kinds.BY_KIND[kind].scale_field
-    if field is None:
-        raise ApiError(f"cannot scale a {kind}", reason="BadRequest")
-
-    def change(obj: dict) -> None:
-        spec = obj.setdefault("spec", {})
-        if spec.get(field) != replicas:
-            spec[field] = replicas
-            obj["metadata"]["generation"] = int(obj["metadata"].get("generation") or 1) + 1
-
-    obj = registry.mutate(store, kind, namespace, name, change)
-    if obj is None:
-        raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
-    return obj
-
-
-_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-                        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
-
-
-def parse_label_changes(changes: list[str]) -> tuple[dict[str, str], list[str]]:
-    """["disk=ssd", "gpu-"] -> ({"disk": "ssd"}, ["gpu"]), checked as kubectl does."""
-    sets: dict[str, str] = {}
-    removes: list[str] = []
-    for change in changes:
-        if "=" in change:
-            k, v = change.split("=", 1)
-            if not _LABEL_KEY.match(k):
-                raise ApiError(f"invalid label spec: {change}", reason="BadRequest")
-            if not _LABEL_VALUE.match(v):
-                raise ApiError(f"invalid label value: \"{change}\": a valid label must be an empty string "
-                               "or consist of alphanumeric characters, '-', '_' or '.', and must start "
-                               "and end with an alphanumeric character", reason="BadRequest")
-            sets[k] = v
-        elif change.endswith("-") and _LABEL_KEY.match(change[:-1]):
-            removes.append(change[:-1])
-        else:
-            raise ApiError(f"invalid label spec: {change}", reason="BadRequest")
-    both = set(sets) & set(removes)
-    if both:
-        raise ApiError(f"can not both modify and remove a label in the same command: {sorted(both)[0]}",
-                       reason="BadRequest")
-    return sets, removes
-
-
-def label(store: Store, kind: str, name: str, changes: list[str], *, overwrite: bool = False,
-          namespace: str = "default") -> tuple[dict, bool]:
-    """`kubectl label KIND NAME k=v k2-`: returns (object, whether it changed).
-    Changing an existing label's value needs overwrite=True, as kubectl's
-    --overwrite."""
-    kind = kinds.resolve(kind)
-    sets, removes = parse_label_changes(changes)
-    ns = namespace if kinds.BY_KIND[kind].namespaced else None
-
-    def relabel(obj: dict) -> bool:
-        labels = dict(obj["metadata"].get("labels") or {})
-        for k, v in sets.items():
-            if k in labels and labels[k] != v and not overwrite:
-                raise ApiError(f"'{k}' already has a value ({labels[k]}), and --overwrite is false",
-                               reason="BadRequest")
-            labels[k] = v
-        for k in removes:
-            labels.pop(k, None)
-        changed = labels != (obj["metadata"].get("labels") or {})
-        if labels:
-            obj["metadata"]["labels"] = labels
-        else:
-            obj["metadata"].pop("labels", None)
-        return changed
-
-    current = registry.get(store, kind, ns, name)
-    if current is None:
-        raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
-    if not relabel(copy.deepcopy(current)):
-        return current, False          # kubectl: "not labeled"; nothing is written
-    obj = registry.mutate(store, kind, ns, name, relabel)
-    if obj is None:
-        raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
-    return obj, True

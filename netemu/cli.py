@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = with_cluster(verb("logs", cmd_logs, "print a container's output (POD, pod/POD, or KIND/NAME of a job, "
                                              "rc, rs, deployment, daemonset: its first pod), or a node daemon's "
-                                             "log (logs node/NAME overlay|proxy|kubelet)"))
+                                             "log (logs node/NAME overlay|proxy|kubelet|agent)"))
     sp.add_argument("pod")
     sp.add_argument("daemon", nargs="?")
     sp.add_argument("-c", "--container")
@@ -210,6 +210,9 @@ def cmd_up(args) -> int:
     topo = load_topology(args.file, name=args.name, backend=args.backend, proxy_mode=args.proxy_mode)
     for w in topo.warnings:
         print(f"netemu: warning: {w}", file=sys.stderr)
+    neighbours = clusters.neighbour_table_warning(len(topo.nodes))
+    if neighbours:
+        print(f"netemu: warning: {neighbours}", file=sys.stderr)
     quiet = args.quiet
     where = "--name" if args.name else f"{args.file}: name"
     clusters.check_name(topo.name, where)       # before "Building": one line, nothing built
@@ -323,9 +326,11 @@ def _not_found(kind: str, name: str):
     return ApiError(f'{kinds.BY_KIND[kind].qualified()} "{name}" not found', reason="NotFound")
 
 
-def _overlay_stats(cluster: str, node: str) -> dict | None:
-    from netemu.overlay.daemon import read_stats
-    return read_stats(names.node_dir(cluster, node))
+def _overlay_stats(store, nodes: list[str]) -> dict[str, dict | None]:
+    """The overlay daemons' records of NODES, fresh (asked for; see
+    netemu.overlay.stats), from the store."""
+    from netemu.overlay import stats
+    return stats.collect(store, nodes)
 
 
 def _selector(args) -> list[dict] | None:
@@ -473,7 +478,7 @@ def tabulate(cluster: str, store, kind: str, objs: list[dict], wide: bool):
                 [printers.pod_row(o, wide) for o in objs])
     if kind == "Node":
         return (printers.NODE_HEADERS + (printers.NODE_WIDE if wide else []),
-                [printers.node_row(o, wide, _overlay_stats(cluster, o["metadata"]["name"])) for o in objs])
+                [printers.node_row(o, wide) for o in objs])
     from netemu import kubectl_tables
 
     if kubectl_tables.supports(kind):
@@ -520,14 +525,14 @@ def describe_text(cluster: str, store, kind: str, obj: dict) -> str:
     name = obj["metadata"]["name"]
     events = registry.events_for(store, obj)
     if kind == "Pod":
-        from netemu.node.sandbox import Sandbox
+        from netemu.node.sandbox import published
         import dataclasses
-        sb = Sandbox.load(names.pod_dir(cluster, obj["metadata"].get("namespace", "default"), name))
+        sb = published(obj)
         return printers.describe_pod(obj, events, dataclasses.asdict(sb) if sb else None)
     if kind == "Node":
         pods = [p for p in registry.list_(store, "Pod") if p.get("spec", {}).get("nodeName") == name
                 and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")]
-        return printers.describe_node(obj, pods, _overlay_stats(cluster, name), events)
+        return printers.describe_node(obj, pods, _overlay_stats(store, [name])[name], events)
     from netemu import kubectl_tables
 
     try:
@@ -559,20 +564,21 @@ def pod_exec(cluster: str, store, namespace: str, pod_name: str, container: str 
     (default: the first); shared by `netemu exec` and the Python API. Raises
     CliError when the pod, or the container, is not there or not running."""
     from netemu import netns
-    from netemu.node.sandbox import Sandbox
+    from netemu.node import sandbox as sandboxes
 
     pod = _pod(store, namespace, pod_name)
     containers = [c["name"] for c in pod["spec"].get("containers", [])]
     if container and container not in containers:
         raise CliError(f"container {container} is not valid for pod {pod_name} "
                        f"(containers: {', '.join(containers)})")
-    sb = Sandbox.load(names.pod_dir(cluster, namespace, pod_name))
-    if sb is None or not sb.pause_pid or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+    # What the pod's kubelet published on it (not its file), checked against the kernel.
+    pause_pid = sandboxes.pause_pid_of(cluster, pod)
+    if pause_pid is None or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
         raise CliError(f"pod {pod_name} is not running (status {printers.pod_status_word(pod)})")
     env = dict(os.environ, HOSTNAME=pod_name, NETEMU_POD=f"{namespace}/{pod_name}")
     env[names.CLUSTER_ENV] = cluster
     env["NETEMU_CONTAINER"] = container or containers[0]
-    return netns.exec_argv(sb.namespace, command, uts_pid=sb.pause_pid), env
+    return netns.exec_argv(names.pod_ns(cluster, namespace, pod_name), command, uts_pid=pause_pid), env
 
 
 def _pod_for_logs(store, namespace: str, ref: str) -> str:
@@ -636,9 +642,11 @@ def cmd_logs(args) -> int:
         if args.previous:
             raise CliError("--previous is for containers; a node daemon's log is one file")
         daemon = args.daemon or "overlay"
+        if daemon not in ("overlay", "proxy", "kubelet", "agent"):
+            raise CliError(f'a node has no daemon "{daemon}" (overlay, proxy, kubelet or agent)')
+        # The node agent's parts each log to their own file; agent.log is the
+        # agent's own (part restarts, anything no part claims).
         path = os.path.join(names.node_dir(cluster, node), f"{daemon}.log")
-        if daemon == "kubelet":
-            path = os.path.join(names.state_dir(cluster), "controlplane.log")
     else:
         pod_name, container, pod, path = container_log(cluster, store, args.namespace, args.pod,
                                                         args.container or args.daemon, args.previous)
@@ -718,11 +726,10 @@ def _inode(path: str) -> int | None:
 def cmd_stats(args) -> int:
     cluster, store = _store(args)
     nodes = [args.node] if args.node else [n["metadata"]["name"] for n in registry.list_(store, "Node")]
-    result = {}
     for node in nodes:
         if registry.get(store, "Node", None, node) is None:
             raise CliError(f'nodes "{node}" not found')
-        result[node] = _overlay_stats(cluster, node)
+    result = _overlay_stats(store, nodes)
     if args.output == "json":
         print(json.dumps(result, indent=2))
         return 0

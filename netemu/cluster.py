@@ -131,6 +131,39 @@ def owned_names_taken(cluster: str) -> list[str]:
     return [ns for ns in netns.list_all() if names.cluster_of(ns) == cluster]
 
 
+GC_THRESH3 = "/proc/sys/net/ipv4/neigh/default/gc_thresh3"
+
+
+def neighbour_entries(nodes: int) -> int:
+    """The most dynamic (ARP-learnt) neighbour entries a cluster of NODES nodes
+    can make: every node's eth0 may learn every other node, the external
+    client and the load balancer; those two may learn every node. Pods make
+    none: their entries, and docker0's for them, are PERMANENT (see
+    node.sandbox.create_network), which the kernel does not count."""
+    return nodes * (nodes + 1) + 2 * nodes
+
+
+def neighbour_table_warning(nodes: int, path: str = GC_THRESH3) -> str | None:
+    """A warning when NODES nodes may need more dynamic neighbour entries than
+    the machine's table allows (gc_thresh3: one limit for all namespaces
+    together, set only in the machine's own namespace, which netemu never
+    changes). None when they fit or the limit cannot be read."""
+    try:
+        with open(path) as f:
+            limit = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    need = neighbour_entries(nodes)
+    if need <= limit:
+        return None
+    suggest = -(-(need + 1024) // 1024) * 1024
+    return (f"{nodes} nodes may need up to {need} ARP entries on the underlay (every node talking to every "
+            f"other), more than this machine's neighbour table allows for all namespaces together "
+            f"(net.ipv4.neigh.default.gc_thresh3 = {limit}); beyond it the kernel drops packets "
+            f"(\"neighbour table overflow\"). netemu does not change it; to raise it: "
+            f"sysctl -w net.ipv4.neigh.default.gc_thresh3={suggest}")
+
+
 def up(topology, progress: Callable[[str], None] = lambda s: None,
        fail_after: str | None = None, where: str | None = None, kubeconfig: bool = True) -> dict:
     """Build the cluster. FAIL_AFTER names a step after which to fail on purpose
@@ -311,9 +344,11 @@ def start_supervisor(cluster: str):
     return proc.stdin
 
 
-def wait_ready(cluster: str, progress, timeout: float = READY_TIMEOUT) -> dict:
+def wait_ready(cluster: str, progress, timeout: float | None = None) -> dict:
     """Wait until every node is Ready and every pod has settled (running and ready,
-    finished, or unschedulable). Returns a summary for printing."""
+    finished, or unschedulable), at most TIMEOUT (default READY_TIMEOUT, read
+    at the call: the benchmark raises it). Returns a summary for printing."""
+    timeout = READY_TIMEOUT if timeout is None else timeout
     store = open_store(cluster)
     deadline = time.monotonic() + timeout
     last = None
@@ -361,7 +396,7 @@ def _diagnosis(cluster: str) -> str:
     logs = [os.path.join(names.state_dir(cluster), "controlplane.log")]
     nodes_dir = os.path.join(names.state_dir(cluster), "nodes")
     for node in sorted(os.listdir(nodes_dir)) if os.path.isdir(nodes_dir) else []:
-        logs += [os.path.join(nodes_dir, node, f"{d}.log") for d in ("overlay", "proxy")]
+        logs += [os.path.join(nodes_dir, node, f"{d}.log") for d in ("agent", "overlay", "proxy", "kubelet")]
     for path in logs:
         try:
             with open(path, errors="replace") as f:
@@ -747,6 +782,9 @@ def remove_node(cluster: str, name: str, timeout: float = 30.0) -> None:
     store = open_store(cluster)
     try:
         registry.delete(store, "Lease", "kube-node-lease", name)
+        from netemu.overlay import stats
+        store.delete(stats.stats_key(name))
+        store.delete(stats.request_key(name))
     finally:
         store.close()
     shutil.rmtree(names.node_dir(cluster, name), ignore_errors=True)

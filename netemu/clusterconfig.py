@@ -9,13 +9,16 @@ API group or kind, and it sits in the store beside the objects it describes, so
 that whoever can read the store (a node agent, later one on another machine)
 can read the settings too: no side file.
 
-Its one data key, topology.yaml, is the topology as netemu up took it, in the
+Its one data key, topology.json, is the topology as netemu up took it, in the
 topology file's own vocabulary (`name:`, `cluster:`, `nodes:`, see
 netemu.topology.loader), with every default the loader filled in written out
 (the client's address, the load-balancer pool, the backend's port) and without
 the workloads (those are objects in the store). One difference from a file: a
 node's `link:` is the node's whole uplink, not keys over cluster.link (`{}`:
-none, after `netemu link set NODE --clear`).
+none, after `netemu link set NODE --clear`). JSON, as flannel keeps its
+net-conf.json in its ConfigMap: every process reads this at its start, and
+JSON parses in C (tools/bench_settings.py: YAML's pure-Python parser took about
+1 s for 1,000 nodes); JSON is YAML too, so the text is still a topology file.
 
     read(cluster)               THE reader: the settings as a Topology (name,
                                 settings, nodes); everything that needs them
@@ -35,10 +38,9 @@ object and the field.
 from __future__ import annotations
 
 import copy
+import json
 from ipaddress import IPv4Address
 from typing import Callable
-
-import yaml
 
 from netemu import names
 from netemu.store import registry
@@ -47,7 +49,7 @@ from netemu.topology.model import Topology, TopologyError
 
 NAMESPACE = "kube-system"
 NAME = "netemu-cluster"
-DATA_KEY = "topology.yaml"
+DATA_KEY = "topology.json"
 DISPLAY = f"configmap {NAMESPACE}/{NAME}"
 UPDATE_TRIES = 20
 
@@ -115,7 +117,7 @@ def to_mapping(topology: Topology) -> dict:
 
 def encode(topology: Topology) -> dict:
     """The ConfigMap that holds TOPOLOGY's settings (no resourceVersion)."""
-    text = yaml.safe_dump(to_mapping(topology), sort_keys=False, default_flow_style=False)
+    text = json.dumps(to_mapping(topology), indent=1) + "\n"
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": NAME, "namespace": NAMESPACE,
                          "labels": {"app.kubernetes.io/managed-by": "netemu"}},
@@ -129,18 +131,16 @@ def decode(obj: dict) -> Topology:
         raise ClusterConfigError(DISPLAY, "kind", "must be a ConfigMap")
     data = obj.get("data")
     if not isinstance(data, dict) or not isinstance(data.get(DATA_KEY), str):
-        raise ClusterConfigError(DISPLAY, f"data.{DATA_KEY}", "required: the cluster's topology as YAML text")
+        raise ClusterConfigError(DISPLAY, f"data.{DATA_KEY}", "required: the cluster's topology as JSON text")
     from netemu.topology import loader
-    from netemu.topology.yamlsource import load_documents
 
     display = f"{DISPLAY}: data.{DATA_KEY}"
     try:
-        docs = [d for d in load_documents(data[DATA_KEY], display) if d.data is not None]
-        if len(docs) != 1:
-            raise ClusterConfigError(display, "", f"must hold one YAML document, got {len(docs)}")
-        return loader.load_topology_stored(docs[0].data, display)
-    except ClusterConfigError:
-        raise
+        data = json.loads(data[DATA_KEY])
+    except ValueError as e:
+        raise ClusterConfigError(display, "", f"invalid JSON: {e}") from None
+    try:
+        return loader.load_topology_stored(data, display)
     except TopologyError as e:
         raise ClusterConfigError(e.file, e.where, e.problem) from None
 

@@ -1,7 +1,7 @@
 """The cluster's control plane: everything that keeps a cluster alive.
 
     python -m netemu.controlplane CLUSTER                    the supervisor
-    python -m netemu.controlplane CLUSTER --part nodes       kubelets, node daemons
+    python -m netemu.controlplane CLUSTER --part nodes       the node agents
     python -m netemu.controlplane CLUSTER --part controllers controllers, scheduler,
                                                              load balancer
 
@@ -12,10 +12,9 @@ are two processes for the reason Kubernetes runs kubelets apart from the
 controller manager: a hung kubelet (its lease no longer renewed) is noticed by
 the node lifecycle controller, which must not hang with it.
 
-  - nodes: per node, the overlay daemon (a supervised child process inside the
-    node's namespace), the service proxy (likewise), the kubelet (in-process: it
-    builds sandboxes from worker threads and starts containers through nsenter)
-    and the kubelet's lease heartbeat;
+  - nodes: per node, the node's agent (netemu.node.agent: kubelet, service
+    proxy, overlay daemon and the lease heartbeat in one process inside the
+    node's namespace), restarted when it exits;
   - controllers: the controllers (node lifecycle included), the scheduler and
     the cloud load balancer.
 
@@ -54,29 +53,22 @@ class ControlPlane:
         self.store = SqliteStore(names.store_path(cluster))
         self.topology = clusterconfig.read(cluster, self.store)
         self.settings = self.topology.settings
-        # Every Event is written by this process (controllers and kubelets), so
-        # its TTL is set here: Kubernetes' 1 h, scaled like the other delays.
+        # The controllers' Events: Kubernetes' 1 h TTL, scaled like the other
+        # delays (the node agents set the same for the kubelets' events).
         self.store.event_ttl = registry.EVENT_TTL * self.settings.time_scale
-        self.nodes: dict[str, trio.CancelScope] = {}
 
     async def run(self, part: str) -> None:
         async with trio.open_nursery() as nursery:
-            self.nursery = nursery
             nursery.start_soon(stop_on_signal, nursery.cancel_scope)
             nursery.start_soon(self._tick, part)
-            if part == "nodes":
-                for node in registry.list_(self.store, "Node"):
-                    self.start_node(node["metadata"]["name"])
-                nursery.start_soon(self._follow_nodes)
-            else:
-                nursery.start_soon(self._controllers)
-                nursery.start_soon(self._load_balancer)
-                # The Kubernetes API server (netemu.apiserver), supervised here. It
-                # stays in the control plane's session: it lives in the machine's
-                # namespace (its loopback socket), so teardown finds it by session.
-                nursery.start_soon(functools.partial(
-                    supervise, self.cluster, "apiserver", python_argv("netemu.apiserver", self.cluster),
-                    os.path.join(names.state_dir(self.cluster), "apiserver.log"), new_session=False))
+            nursery.start_soon(self._controllers)
+            nursery.start_soon(self._load_balancer)
+            # The Kubernetes API server (netemu.apiserver), supervised here. It
+            # stays in the control plane's session: it lives in the machine's
+            # namespace (its loopback socket), so teardown finds it by session.
+            nursery.start_soon(functools.partial(
+                supervise, self.cluster, "apiserver", python_argv("netemu.apiserver", self.cluster),
+                os.path.join(names.state_dir(self.cluster), "apiserver.log"), new_session=False))
 
     async def _tick(self, part: str) -> None:
         """Touch the part's alive file every TICK seconds: proof for the
@@ -100,64 +92,6 @@ class ControlPlane:
             except Exception:
                 log.exception("load balancer controller failed; restarting")
                 await trio.sleep(1)
-
-    async def _follow_nodes(self) -> None:
-        """Nodes added or removed while the cluster runs (netemu node add/remove)."""
-        since = self.store.revision()
-        async for ev in self.store.watch(registry.prefix("Node"), since):
-            name = ev.key.rsplit("/", 1)[1]
-            if ev.type == "PUT" and name not in self.nodes:
-                self.start_node(name)
-            elif ev.type == "DELETE" and name in self.nodes:
-                self.nodes.pop(name).cancel()
-
-    def start_node(self, node: str) -> None:
-        scope = trio.CancelScope()
-        self.nodes[node] = scope
-        self.nursery.start_soon(self._run_node, node, scope)
-
-    async def _run_node(self, node: str, scope: trio.CancelScope) -> None:
-        node_dir = names.node_dir(self.cluster, node)
-        os.makedirs(node_dir, exist_ok=True)
-        with scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(supervise, self.cluster, f"overlay[{node}]",
-                                   python_argv("netemu.overlay.daemon", self.cluster, node),
-                                   os.path.join(node_dir, "overlay.log"),
-                                   os.path.join(node_dir, "overlay.restarts"))
-                nursery.start_soon(supervise, self.cluster, f"proxy[{node}]",
-                                   python_argv("netemu.proxy.daemon", self.cluster, node),
-                                   os.path.join(node_dir, "proxy.log"),
-                                   os.path.join(node_dir, "proxy.restarts"))
-                nursery.start_soon(self._kubelet, node)
-
-    async def _kubelet(self, node: str) -> None:
-        # Imported here: the node daemons read this module's topology helpers and
-        # should not pay for the kubelet's imports.
-        from netemu.node import lease
-        from netemu.node.kubelet import Kubelet
-
-        current: dict = {}
-
-        def kubelet_ready() -> bool:
-            k = current.get("kubelet")
-            return k is not None and getattr(k, "ipam", None) is not None
-
-        def post_ready() -> None:
-            current["kubelet"]._set_node_ready()
-
-        async with trio.open_nursery() as nursery:
-            # The heartbeat runs beside the kubelet from the start, as the
-            # kubelet's lease controller does, not once the node is ready.
-            nursery.start_soon(lease.heartbeat, self.store, node, self.settings, kubelet_ready, post_ready)
-            while True:
-                try:
-                    current["kubelet"] = Kubelet(self.cluster, node, self.store, self.settings)
-                    await current["kubelet"].run()
-                except Exception:
-                    log.exception("kubelet on %s failed; restarting", node)
-                    await trio.sleep(1)
-
 
 
 # -- the supervisor ------------------------------------------------------------
@@ -330,6 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     # A part whose supervisor is gone (kill -9) keeps running: pods and node
     # daemons are not stopped for want of a supervisor; the CLI says that the
     # control plane runs unsupervised.
+    if args.part == "nodes":
+        # Not trio: it forks the agents (see netemu.node.agents).
+        from netemu.node.agents import AgentSupervisor
+
+        def tick() -> None:
+            path = part_alive_path(args.cluster, "nodes")
+            with open(path, "a"):
+                os.utime(path)
+        return AgentSupervisor(args.cluster).run(tick)
     trio.run(ControlPlane(args.cluster).run, args.part)
     return 0
 

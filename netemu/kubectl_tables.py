@@ -285,6 +285,9 @@ TABLES = {
     "DaemonSet": (["NAME", "DESIRED", "CURRENT", "READY", "UP-TO-DATE", "AVAILABLE", "NODE SELECTOR", "AGE"],
                   WORKLOAD_WIDE, _daemonset_row),
     "Endpoints": (["NAME", "ENDPOINTS", "AGE"], [], _endpoints_row),
+    # kubectl's printConfigMap: DATA counts data and binaryData keys.
+    "ConfigMap": (["NAME", "DATA", "AGE"], [], lambda o, wide: [
+        o["metadata"]["name"], str(len(o.get("data") or {}) + len(o.get("binaryData") or {})), _age(o)]),
     # -o wide replaces the event columns rather than adding to them.
     "Event": (["LAST SEEN", "TYPE", "REASON", "OBJECT", "MESSAGE"], None, _event_row),
 }

@@ -18,6 +18,7 @@ import dataclasses
 from collections.abc import Sequence
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -99,6 +100,11 @@ class Link:
         the rate (a root qdisc) and the loss and duplication (an nft table of its
         own), so what one end sends is impaired before the other receives it. An
         empty Impairment removes everything a previous one put there."""
+        with self._locked():
+            self._impair(imp)
+        self.impairment = imp
+
+    def _impair(self, imp: Impairment) -> None:
         for end, other in ((self.near, self.far), (self.far, self.near)):
             what = f"{end.name} -> {other.namespace}/{other.name}"
             # The delay line's tap must exist before a rule forwards to it, and
@@ -114,7 +120,39 @@ class Link:
             netns.run(end.namespace, ["tc", "qdisc", "del", "dev", end.name, "root"], check=False)
             for argv in tc_commands(end.name, imp, self.mtu):
                 netns.run(end.namespace, argv)
-        self.impairment = imp
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """Held while this link's delay lines are started or stopped: by
+        `link set` (impair) and by the control plane's restart of a dead line
+        (revive), which must not both start one on the same tap."""
+        if not self.cluster:
+            yield
+            return
+        with open(self._delay_line_file(self.near, "lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def revive(self) -> list[int]:
+        """Restart each delay line of this link that died (killed, crashed)
+        while its link still forwards to it, with the delay, jitter and reorder
+        it was started with; a line stopped on purpose (link set, --clear, pod
+        deletion) has no record left and stays stopped. Returns the pids of the
+        lines started: the caller's children, which it reaps (reap)."""
+        started = []
+        with self._locked():
+            for end in (self.near, self.far):
+                record = self._delay_line_record(end)
+                if record is None or _alive(*record[:2]):
+                    continue
+                reap(record[0])     # ours if this process started it
+                if not netns.exists(end.namespace):
+                    continue
+                started.append(self._spawn_delay_line(end, *record[2:]))
+        return started
 
     def _delay_line_file(self, end: End, suffix: str) -> str:
         folder = os.path.join(names.state_dir(self.cluster), "links")
@@ -129,6 +167,10 @@ class Link:
         if running and running[2:] == (imp.delay, imp.jitter, imp.reorder):
             return          # as it is: a restart would lose the frames it holds
         self._stop_delay_line(end, keep_tap=True)
+        self._spawn_delay_line(end, imp.delay, imp.jitter, imp.reorder)
+
+    def _spawn_delay_line(self, end: End, delay: int, jitter: int, reorder: int) -> int:
+        """Start END's delay line (its tap made if missing) and record it; its pid."""
         tap = tap_name(end.name)
         if netns.run(end.namespace, ["ip", "link", "show", "dev", tap], check=False).returncode != 0:
             netns.ip_batch(end.namespace, [f"tuntap add mode tap name {tap}", f"link set dev {tap} mtu {self.mtu}"])
@@ -140,7 +182,7 @@ class Link:
         with open(self._delay_line_file(end, "log"), "ab") as log:
             proc = subprocess.Popen(
                 netns.exec_argv(end.namespace, [sys.executable, "-m", "netemu.delayline", tap, end.name,
-                                                str(imp.delay), str(imp.jitter), str(imp.reorder)]),
+                                                str(delay), str(jitter), str(reorder)]),
                 stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
         journal.record_process(self.cluster, proc.pid)
         ready = proc.stdout.readline().strip()
@@ -151,11 +193,18 @@ class Link:
             raise netns.NetnsError(f"in {end.namespace}: the delay line of {end.name} did not start "
                                    f"(see {self._delay_line_file(end, 'log')})")
         with open(self._delay_line_file(end, "pid"), "w") as f:
-            f.write(f"{proc.pid} {journal.process_start_time(proc.pid)} {imp.delay} {imp.jitter} {imp.reorder}\n")
+            f.write(f"{proc.pid} {journal.process_start_time(proc.pid)} {delay} {jitter} {reorder}\n")
+        return proc.pid
 
     def _delay_line(self, end: End) -> tuple[int, ...] | None:
         """(pid, start time, delay, jitter, reorder) of END's running delay line, if any.
         Only the process its pid file names: a pid re-used since is someone else's."""
+        record = self._delay_line_record(end)
+        return record if record and _alive(*record[:2]) else None
+
+    def _delay_line_record(self, end: End) -> tuple[int, ...] | None:
+        """(pid, start time, delay, jitter, reorder) of the delay line last
+        started for END and not stopped since, running or not."""
         if not self.cluster:
             return None
         try:
@@ -163,7 +212,7 @@ class Link:
                 pid, start, delay, jitter, reorder = (int(x) for x in f.read().split())
         except (FileNotFoundError, ValueError):
             return None
-        return (pid, start, delay, jitter, reorder) if journal.process_start_time(pid) == start else None
+        return pid, start, delay, jitter, reorder
 
     def _stop_delay_line(self, end: End, keep_tap: bool = False) -> None:
         if self.cluster:
@@ -173,7 +222,7 @@ class Link:
                 pid, start = running[:2]
                 os.kill(pid, signal.SIGTERM)
                 deadline = time.monotonic() + 5
-                while journal.process_start_time(pid) == start and time.monotonic() < deadline:
+                while _alive(pid, start) and time.monotonic() < deadline:
                     with contextlib.suppress(ChildProcessError):
                         os.waitpid(pid, os.WNOHANG)     # ours (started by this process): reap it
                     time.sleep(0.02)
@@ -182,22 +231,94 @@ class Link:
         if not keep_tap:
             netns.run(end.namespace, ["ip", "link", "del", "dev", tap_name(end.name)], check=False)
 
-    def installed(self) -> dict:
+    def installed(self, lines: dict | None = None) -> dict:
         """What the kernel holds for this link's impairment, per end (read back,
         for `link show` and tests): root qdisc kinds, nft table names, and the
-        delay line's process."""
+        delay-line process, found among the machine's processes by its
+        namespace and its device (LINES: running_delay_lines(), read once for
+        many links). An end whose namespace is gone is None."""
+        if lines is None:
+            lines = running_delay_lines()
         out = {}
         for end in (self.near, self.far):
-            line = self._delay_line(end)
+            where = f"{end.namespace}/{end.name}"
+            ino = netns.inode(end.namespace)
+            if ino is None:
+                out[where] = None
+                continue
+            pids = lines.get((ino, end.name), [])
             qdiscs = json.loads(netns.run(end.namespace, ["tc", "-j", "qdisc", "show", "dev", end.name]).stdout
                                 or "[]")
             tables = netns.run(end.namespace, ["nft", "list", "tables", "netdev"]).stdout.split()
-            out[f"{end.namespace}/{end.name}"] = {
+            out[where] = {
                 "qdiscs": [q["kind"] for q in qdiscs if q.get("kind") not in ("noqueue",)],
                 "nftables": [t for t in tables if t == table_name(end.name)],
-                "delayLine": {"pid": line[0], "tap": tap_name(end.name)} if line else None,
+                "delayLine": {"pid": min(pids), "tap": tap_name(end.name)} if pids else None,
             }
         return out
+
+
+def running_delay_lines() -> dict[tuple[int, str], list[int]]:
+    """Every delay line running on the machine, read from /proc: {(inode of
+    its network namespace, the device it serves): [pids]} (a process that has
+    exited but is not yet reaped has no command line, so it is not listed)."""
+    out: dict[tuple[int, str], list[int]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+            if "netemu.delayline" not in argv:
+                continue
+            ino = os.stat(f"/proc/{pid}/ns/net").st_ino
+        except OSError:
+            continue
+        i = argv.index("netemu.delayline")
+        if len(argv) > i + 2:
+            out.setdefault((ino, argv[i + 2]), []).append(int(pid))
+    return out
+
+
+def _alive(pid: int, start: int) -> bool:
+    """PID is the process that started at START, and has not exited (a zombie
+    waiting for its parent to reap it has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return fields[0] not in ("Z", "X") and int(fields[19]) == start
+
+
+def reap(pid: int) -> bool:
+    """Collect PID's exit status if it is this process's child and has exited;
+    True when it has (or is not ours to wait for)."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return True
+
+
+async def keep_delay_lines(link, what: str, every: float = 1.0) -> None:
+    """Every EVERY seconds, restart LINK's dead delay lines (Link.revive) and
+    reap those this process started that have exited since. Runs until
+    cancelled; a check in progress finishes first (it holds the link's lock)."""
+    import logging
+
+    import trio
+
+    log = logging.getLogger("netemu.link")
+    children: set[int] = set()
+    while True:
+        try:
+            started = await trio.to_thread.run_sync(link.revive)
+        except Exception:
+            log.exception("%s: restarting a delay line failed", what)
+            started = []
+        for pid in started:
+            log.warning("%s: a delay line had stopped; restarted (pid %d)", what, pid)
+        children.update(started)
+        children = {pid for pid in children if not reap(pid)}
+        await trio.sleep(every)
 
 
 def set_tso(end: End, on: bool) -> None:

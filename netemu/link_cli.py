@@ -1,4 +1,5 @@
-"""`netemu link set|show`: a node uplink's impairment at run time.
+"""`netemu link set|show`: a node uplink's impairment at run time, and what
+impairs every link (node uplinks, and pods' own links).
 
 `link set NODE --rate 10mbit --loss 1%` changes the properties given and keeps
 the others; `--clear` removes them all. The setting is written into the
@@ -7,25 +8,33 @@ cluster's settings in its store (netemu.clusterconfig, compare-and-swap: a
 know it) and put on the kernel at once, on both ends of the uplink (netemu.link.Link.impair).
 set_link and show do the work and return what they did; the Python API
 (netemu.scripting: Cluster.link, Cluster.links) calls them too.
+
+A pod's own link (its eth0 and its vethXXXXXXX on docker0) is impaired by the
+kubelet from the pod's netemu.io/link annotation when it builds the sandbox
+(netemu.node.sandbox); `link show` lists it from the store (the pod's
+annotation, node and uid, which name its two ends) and reads what is installed
+from the kernel, as for an uplink. It is not set with `link set`.
 """
 
 from __future__ import annotations
 
 import json
 
-from netemu import clusterconfig, impairment, netns, printers
+from netemu import clusterconfig, impairment, link, names, netns, printers
 from netemu import cluster as clusters
 from netemu.impairment import Impairment, ImpairmentError
+from netemu.store import registry
 
 FLAGS = ("rate", "loss", "delay", "jitter", "duplicate", "reorder", "limit", "corrupt")
 
 
 def register(sub, verb, with_cluster) -> None:
-    sp = with_cluster(verb("link", cmd_link, "impair a node's uplink, or show what impairs it: "
+    sp = with_cluster(verb("link", cmd_link, "impair a node's uplink, or show what impairs the links: "
                                              "netemu link set NODE [--rate 100mbit] [--loss 1%] ... | --clear; "
-                                             "netemu link show [NODE] [-o json]"))
+                                             "netemu link show [NODE | pod/POD [-n NAMESPACE]] [-o json]"))
     sp.add_argument("action", choices=["set", "show"])
-    sp.add_argument("node", nargs="?")
+    sp.add_argument("node", nargs="?", help="a node (its uplink), or pod/NAME (show only: the pod's own link)")
+    sp.add_argument("-n", "--namespace", default=None, help="the namespace of pod/NAME (default: default)")
     sp.add_argument("--rate", help="bandwidth in tc's units (100mbit, 1gbit, 500kbit); 0 for none")
     sp.add_argument("--loss", help="packets dropped, in percent (1%%, 0.01%%)")
     sp.add_argument("--duplicate", help="packets sent twice, in percent")
@@ -95,21 +104,80 @@ def set_link(cluster: str, node: str, given: dict | None, flag: str = "--") -> I
     return done[0]
 
 
-def show(cluster: str, node: str | None = None) -> dict:
-    """NODE's uplink (None: every node's) as `link show -o json` prints it:
-    {node: {"settings", "mechanisms", "installed"}}."""
-    topology = clusterconfig.read(cluster)
-    settings = topology.settings
+def show(cluster: str, node: str | None = None, *, pod: str | None = None,
+         namespace: str | None = None) -> dict:
+    """As `link show -o json` prints it. Every node's uplink by node name,
+    then every pod's own link (pods annotated netemu.io/link) as
+    "pod/NAMESPACE/NAME"; NODE: that node's uplink only; POD (in NAMESPACE,
+    default "default"): that pod's link only. Each is {"settings",
+    "mechanisms", "installed"}: installed per end ("NAMESPACE/DEVICE") as
+    read from the kernel. A pod's also has "pod", "namespace", "node" and
+    "ends" (near: its veth in the node, far: its eth0)."""
+    if node is not None and pod is not None:
+        raise ValueError("link show: a node or a pod, not both")
+    lines = link.running_delay_lines()
     result = {}
-    for spec in [_node(topology, node)] if node else topology.nodes:
-        imp = spec.uplink(settings)
-        try:
-            installed = _uplink(cluster, spec.name, settings).installed()
-        except netns.NetnsError as e:
-            raise clusters.ClusterError(f"link {spec.name}: {' '.join(str(e).split())}") from None
-        result[spec.name] = {"settings": imp.settings(), "mechanisms": imp.mechanisms(),
-                             "installed": installed}
+    if pod is None:
+        topology = clusterconfig.read(cluster)
+        settings = topology.settings
+        for spec in [_node(topology, node)] if node else topology.nodes:
+            imp = spec.uplink(settings)
+            try:
+                installed = _uplink(cluster, spec.name, settings).installed(lines)
+            except netns.NetnsError as e:
+                raise clusters.ClusterError(f"link {spec.name}: {' '.join(str(e).split())}") from None
+            result[spec.name] = {"settings": imp.settings(), "mechanisms": imp.mechanisms(),
+                                 "installed": installed}
+        if node:
+            return result
+    store = clusters.open_store(cluster)
+    try:
+        if pod is not None:
+            obj = registry.get(store, "Pod", namespace or "default", pod)
+            if obj is None:
+                raise clusters.ClusterError(f'pods "{pod}" not found')
+            pods = [obj]
+        else:
+            pods = [p for p in registry.list_(store, "Pod", None)
+                    if impairment.POD_ANNOTATION in (p["metadata"].get("annotations") or {})]
+    finally:
+        store.close()
+    for obj in sorted(pods, key=lambda p: (p["metadata"].get("namespace") or "default", p["metadata"]["name"])):
+        meta = obj["metadata"]
+        ns, name = meta.get("namespace") or "default", meta["name"]
+        result[f"pod/{ns}/{name}"] = pod_link(cluster, obj, lines)
     return result
+
+
+def pod_link(cluster: str, pod: dict, lines: dict) -> dict:
+    """One pod's own link, as show lists it: its annotation's settings (the
+    API server checked it on write) and what the kernel holds on its two
+    ends. A pod not yet on a node has no ends; a sandbox not built (or gone)
+    has None for an end."""
+    meta = pod["metadata"]
+    ns, name = meta.get("namespace") or "default", meta["name"]
+    text = str((meta.get("annotations") or {}).get(impairment.POD_ANNOTATION) or "")
+    try:
+        imp = impairment.parse_words(text, f"metadata.annotations[{impairment.POD_ANNOTATION}]") \
+            if text.strip() else Impairment()
+    except ImpairmentError as e:
+        imp, problem = Impairment(), str(e)
+    else:
+        problem = None
+    node = (pod.get("spec") or {}).get("nodeName") or None
+    entry = {"pod": name, "namespace": ns, "node": node, "settings": imp.settings(),
+             "mechanisms": imp.mechanisms(), "ends": [], "installed": {}}
+    if problem:
+        entry["problem"] = problem
+    if node and meta.get("uid"):
+        near = link.End(names.node_ns(cluster, node), names.pod_veth(ns, name, meta["uid"]))
+        far = link.End(names.pod_ns(cluster, ns, name), names.POD_IFACE)
+        entry["ends"] = [f"{near.namespace}/{near.name}", f"{far.namespace}/{far.name}"]
+        try:
+            entry["installed"] = link.Link(near=near, far=far, mtu=0, cluster=cluster).installed(lines)
+        except netns.NetnsError as e:
+            raise clusters.ClusterError(f"link pod/{ns}/{name}: {' '.join(str(e).split())}") from None
+    return entry
 
 
 def cmd_link(args) -> int:
@@ -119,7 +187,17 @@ def cmd_link(args) -> int:
     if args.action == "show":
         if given or args.clear:
             raise ValueError("link show takes no impairment flags (use link set)")
+        if args.node and args.node.startswith("pod/"):
+            return _print(show(cluster, pod=args.node[len("pod/"):], namespace=args.namespace), args.output)
+        if args.namespace is not None:
+            raise ValueError("-n/--namespace: only with pod/NAME")
         return _print(show(cluster, args.node), args.output)
+    if args.namespace is not None:
+        raise ValueError("link set: -n/--namespace is for link show pod/NAME (a pod's link is its "
+                         "netemu.io/link annotation)")
+    if args.node and args.node.startswith("pod/"):
+        raise ValueError("link set: a pod's link is set by its netemu.io/link annotation, when its sandbox "
+                         "is built (not by link set)")
     if not args.node:
         raise ValueError("usage: netemu link set NODE [--rate R] [--delay D] [--jitter J] [--reorder P] "
                          "[--loss P] [--duplicate P] [--limit N] | --clear")
@@ -139,15 +217,25 @@ def _print(result: dict, output) -> int:
         print(json.dumps(result, indent=2))
         return 0
     rows = []
-    for node, r in result.items():
-        if not r["settings"]:
-            rows.append([node, "<none>", "", ""])
+    for name, r in result.items():
+        ends = [end for end in r["installed"].values()]
+        if "pod" in r and r["node"] is None:
+            state = " (not installed: the pod is not on a node yet)"
+        elif "pod" in r and (not ends or any(end is None for end in ends)):
+            state = " (not installed: the pod has no sandbox)"
+        else:
+            state = ""
+        if r.get("problem"):
+            rows.append([name, "<invalid>", r["problem"], ""])
+        elif not r["settings"]:
+            rows.append([name, "<none>", "", state.strip(" ()")])
         # A delay line that is not running holds the link's frames: say so.
-        dead = any(end["delayLine"] is None for end in r["installed"].values())
+        dead = any(end is not None and end["delayLine"] is None for end in ends)
         for key, value in r["settings"].items():
-            mechanism = r["mechanisms"][key]
-            if key in ("delay", "jitter", "reorder") and dead:
-                mechanism += " NOT RUNNING: the link is cut (link set --clear, then set it again)"
-            rows.append([node, key, value, mechanism])
-    print(printers.table(["NODE", "PROPERTY", "VALUE", "MECHANISM"], rows))
+            mechanism = r["mechanisms"][key] + state
+            if key in ("delay", "jitter", "reorder") and dead and not state:
+                mechanism += (" NOT RUNNING: the link is cut until the control plane restarts it "
+                              "(within a second while it runs)")
+            rows.append([name, key, value, mechanism])
+    print(printers.table(["LINK", "PROPERTY", "VALUE", "MECHANISM"], rows))
     return 0

@@ -79,6 +79,11 @@ def container_log(pod_dir: str, container: str, previous: bool = False) -> str:
     return os.path.join(pod_dir, f"{container}.previous.log" if previous else f"{container}.log")
 
 
+def container_log_times(pod_dir: str, container: str, previous: bool = False) -> str:
+    """When the lines of that log were written (node/logstamps.py), beside it."""
+    return container_log(pod_dir, container, previous) + ".times"
+
+
 def fabric_ns(cluster: str) -> str:
     return f"{cluster}-fabric"
 

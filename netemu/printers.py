@@ -108,7 +108,7 @@ POD_HEADERS = ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
 POD_WIDE = ["IP", "NODE", "NOMINATED NODE", "READINESS GATES"]
 
 
-def node_row(node: dict, wide: bool, overlay: dict | None = None) -> list[str]:
+def node_row(node: dict, wide: bool) -> list[str]:
     meta, spec, status = node["metadata"], node.get("spec", {}), node.get("status", {})
     ready = any(c["type"] == "Ready" and c["status"] == "True" for c in status.get("conditions", []))
     word = "Ready" if ready else "NotReady"
@@ -119,7 +119,9 @@ def node_row(node: dict, wide: bool, overlay: dict | None = None) -> list[str]:
     row = [meta["name"], word, ",".join(roles), age(meta.get("creationTimestamp")), "netemu"]
     if wide:
         addr = next((a["address"] for a in status.get("addresses", []) if a["type"] == "InternalIP"), "")
-        row += [addr, spec.get("podCIDR", "<none>"), (overlay or {}).get("backend", "<none>")]
+        # The backend as the node's overlay daemon annotated it (flannel's key).
+        backend = (meta.get("annotations") or {}).get("flannel.alpha.coreos.com/backend-type") or "<none>"
+        row += [addr, spec.get("podCIDR", "<none>"), backend]
     return row
 
 

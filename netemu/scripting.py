@@ -42,7 +42,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Sequence
 
-from netemu import api, cluster as clusters, names
+from netemu import api, cluster as clusters, kubectl_verbs, names
 from netemu.k8s import kinds
 from netemu.store import registry
 
@@ -88,7 +88,8 @@ def load(topology, *, name: str | None = None, backend: str | None = None,
 
 
 def up(topology, *, name: str | None = None, backend: str | None = None,
-       proxy_mode: str | None = None, base: str | os.PathLike | None = None, progress=None) -> "Cluster":
+       proxy_mode: str | None = None, base: str | os.PathLike | None = None, progress=None,
+       kubeconfig: bool = True) -> "Cluster":
     """Build a cluster and wait until it is ready (`netemu up`); returns it.
 
     As a context manager (`with netemu.up(...) as c:`) it is torn down when the
@@ -96,14 +97,16 @@ def up(topology, *, name: str | None = None, backend: str | None = None,
     into an exception while the block runs, as `netemu up` does). Without
     `with`, call down() yourself. A failed or interrupted up rolls back what it
     built. PROGRESS: a function given each progress line (default: the "netemu"
-    logger at INFO level)."""
+    logger at INFO level). KUBECONFIG=False: add no context to the user's
+    kubeconfig, and write nothing to it at down (throw-away clusters, such
+    as the benchmark's)."""
     topo = load(topology, name=name, backend=backend, proxy_mode=proxy_mode, base=base)
     for w in topo.warnings:
         log.warning("%s", w)
     clusters.require_root()
     where = "--name" if name else f"{topo.source or DICT}: name"
     with _signals_as_exceptions():
-        clusters.up(topo, progress or (lambda line: log.info("%s", line)), where=where)
+        clusters.up(topo, progress or (lambda line: log.info("%s", line)), where=where, kubeconfig=kubeconfig)
     cluster = Cluster(topo.name)
     cluster.owned = True
     cluster.warnings = list(topo.warnings)
@@ -302,8 +305,9 @@ class Cluster:
         from netemu import clusterconfig
 
         with self._store(writes=True) as store:
-            return api.expose(store, _kind(kind), name, port, target_port, type, service_name, protocol,
-                              namespace=namespace, settings=clusterconfig.read(self.name, store).settings)
+            return kubectl_verbs.expose(store, _kind(kind), name, port, target_port, type, service_name,
+                                        protocol, namespace=namespace,
+                                        settings=clusterconfig.read(self.name, store).settings)
 
     # -- commands ------------------------------------------------------------------------
 
@@ -439,15 +443,18 @@ class Cluster:
         # flag "": the error names the keyword as given ("rate: ..."), not --rate.
         return link_cli.set_link(self.name, node, None if clear else given, flag="").settings()
 
-    def links(self, node: str | None = None) -> dict:
-        """`netemu link show [NODE] -o json`: each node's uplink by node name:
-        {"settings": {"rate": "100mbit", ...}, "mechanisms": which kernel
+    def links(self, node: str | None = None, *, pod: str | None = None, namespace: str = "default") -> dict:
+        """`netemu link show [NODE | pod/POD -n NAMESPACE] -o json`: each node's
+        uplink by node name, then each pod's own link (its netemu.io/link
+        annotation) as "pod/NAMESPACE/NAME"; NODE or POD: that one only. Each
+        is {"settings": {"rate": "100mbit", ...}, "mechanisms": which kernel
         object does each, "installed": per end ("NAMESPACE/DEVICE"), its root
         qdiscs, nft tables and delay-line process ({"pid", "tap"} or None), as
-        read back from the kernel}."""
+        read back from the kernel (None: that end's namespace does not exist)};
+        a pod's also "pod", "namespace", "node" and "ends"."""
         from netemu import link_cli
 
-        return link_cli.show(self.name, node)
+        return link_cli.show(self.name, node, pod=pod, namespace=namespace if pod is not None else None)
 
     # -- nodes -------------------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 
 netemu.cli's build_parser calls `register(sub, verb, with_cluster)`. Each verb is
 a thin layer over netemu.api (the API server's admission: create_or_update,
-delete, expose, scale, label) on a running cluster's store, printing what
-kubectl prints:
+delete) and, for kubectl's client-side verbs, netemu.kubectl_verbs (expose,
+scale, label: worked out here, written through admission) on a running
+cluster's store, printing what kubectl prints:
 
     netemu apply -f FILE|DIR [-f ...]        pod/nginxpod created | service/x configured | ... unchanged
     netemu create -f FILE|DIR                 Error from server (AlreadyExists): ... if it exists
@@ -30,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from netemu import api, cluster as clusters
+from netemu import api, cluster as clusters, kubectl_verbs
 from netemu.k8s import kinds
 from netemu.store import registry
 
@@ -428,8 +429,9 @@ def cmd_expose(args) -> int:
         from netemu import clusterconfig
         settings = clusterconfig.read(cluster, store).settings
         try:
-            svc = api.expose(store, kind, name, args.port, args.target_port, args.type, args.service_name,
-                             args.protocol, namespace=args.namespace or "default", settings=settings)
+            svc = kubectl_verbs.expose(store, kind, name, args.port, args.target_port, args.type,
+                                       args.service_name, args.protocol, namespace=args.namespace or "default",
+                                       settings=settings)
         except api.ApiError as e:
             print(_server_error(e), file=sys.stderr)
             return 1
@@ -443,8 +445,10 @@ def cmd_scale(args) -> int:
     kind, name = _kind_name(args.kind, args.name, "scale")
     cluster, store = _open(args)
     try:
+        from netemu import clusterconfig
         try:
-            api.scale(store, kind, name, args.replicas, namespace=args.namespace or "default")
+            kubectl_verbs.scale(store, kind, name, args.replicas, namespace=args.namespace or "default",
+                                settings=clusterconfig.read(cluster, store).settings)
         except api.ApiError as e:
             print(_server_error(e), file=sys.stderr)
             return 1
@@ -464,9 +468,11 @@ def cmd_label(args) -> int:
         raise WorkloadCliError("at least one label update is required (KEY=VALUE or KEY-)")
     cluster, store = _open(args)
     try:
+        from netemu import clusterconfig
         try:
-            _, changed = api.label(store, kind, name, changes, overwrite=args.overwrite,
-                                   namespace=args.namespace or "default")
+            _, changed = kubectl_verbs.label(store, kind, name, changes, overwrite=args.overwrite,
+                                             namespace=args.namespace or "default",
+                                             settings=clusterconfig.read(cluster, store).settings)
         except api.ApiError as e:
             print(_server_error(e), file=sys.stderr)
             return 1

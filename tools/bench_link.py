@@ -3,7 +3,7 @@
 
     sudo .venv/bin/python tools/bench_link.py [--name linkbench] [--packets 100000]
         [--loss 1%,0.1%] [--rates 10mbit,100mbit,500mbit] [--delays 1ms,10ms,100ms]
-        [--duration 4]
+        [--duration 4] [--repeats 3]
 
 On a throw-away two-node cluster (nodes a and b, no pods), node a's uplink is
 impaired with `netemu link set` and traffic goes from node a to node b:
@@ -17,14 +17,19 @@ impaired with `netemu link set` and traffic goes from node a to node b:
   carried; iperf3's -O would drop that second from the sender's figures only,
   not from the receiver's, and the receiver's figures would be off). tc's rate counts whole frames, so the goodput expected at rate R
   is R x MSS / (MSS + 66): 66 = Ethernet 14 + IPv4 20 + TCP with timestamps 32.
-  Passes within 5%.
+  Run REPEATS times; passes when the median error is within 5% (min and max
+  are reported).
 - delay: ping from a to b (both directions delayed, so RTT = base + 2 x delay,
   the base measured first with nothing set), and TCP's RTT as the time a
   connect() takes (SYN to SYN-ACK: one RTT, no delayed ACK in it; its base,
   with Python's own cost in it, also measured first). Passes when
   the mean one-way delay derived from each is within 5% or 0.2 ms of the setting.
 - ceiling: TCP throughput through the delay line with a delay of 1 us, against
-  the same link with nothing set.
+  the same link with nothing set, alternated REPEATS times: medians, min-max,
+  and the ratio of each pair.
+
+The cluster comes from the Python API (netemu.up, a dict: no YAML file, no
+kubeconfig context) and is torn down however the run ends.
 
 Takes the machine's benchmark lock (/run/netemu-bench.lock), as `netemu bench`.
 """
@@ -35,19 +40,18 @@ import argparse
 import json
 import math
 import os
+import re
+import statistics
 import subprocess
 import sys
-import tempfile
 import time
-
-import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import netemu  # noqa: E402
 from netemu import cluster as clusters, names, netns  # noqa: E402
 from netemu.bench.runner import exclusive  # noqa: E402
 from netemu.impairment import parse_percent, parse_rate  # noqa: E402
-from netemu.topology.loader import load_topology  # noqa: E402
 
 NETEMU = [sys.executable, "-m", "netemu.cli"]
 PORT = 9000
@@ -146,11 +150,32 @@ def measure_rate(cluster: str, rate: str, duration: float) -> dict:
             "error_percent": round(100 * error, 2), "pass": abs(error) <= 0.05}
 
 
-def ping_rtt(cluster: str, count: int) -> float:
-    """Mean RTT in ms of COUNT pings from a to b."""
-    out = netns.run(names.node_ns(cluster, "a"), ["ping", "-q", "-c", str(count), "-i", "0.02",
+def ping_rtts(cluster: str, count: int) -> tuple[list[float], float]:
+    """The RTTs in ms of COUNT pings from a to b (the replies that came), and
+    their mean from ping's summary. ping prints each reply's time to 3
+    significant digits (a 200 ms RTT to the millisecond), its summary to the
+    microsecond: the mean is exact, the median and percentiles are not below
+    that resolution."""
+    out = netns.run(names.node_ns(cluster, "a"), ["ping", "-c", str(count), "-i", "0.02",
                                                   node_address(cluster, "b")], timeout=count + 30).stdout
-    return float(out.rsplit("=", 1)[1].split("/")[1])
+    return [float(m) for m in re.findall(r"time=([0-9.]+) ms", out)], float(out.rsplit("=", 1)[1].split("/")[1])
+
+
+def ping_spread(cluster: str, count: int) -> dict:
+    samples, mean = ping_rtts(cluster, count)
+    return {**spread(samples), "mean": mean}
+
+
+def spread(samples: list[float]) -> dict:
+    """Mean, median and the 10th-90th percentile spread of SAMPLES."""
+    xs = sorted(samples)
+
+    def pct(q: float) -> float:
+        i = q * (len(xs) - 1)
+        lo = math.floor(i)
+        return xs[lo] + (xs[min(lo + 1, len(xs) - 1)] - xs[lo]) * (i - lo)
+    return {"n": len(xs), "mean": statistics.fmean(xs), "median": statistics.median(xs),
+            "p10": pct(0.1), "p90": pct(0.9)}
 
 
 def iperf(cluster: str, duration: float, extra: list[str] = ()) -> dict:
@@ -179,19 +204,17 @@ while True:
 
 CONNECTOR = r"""
 import socket, sys, time
-total = 0.0
 for _ in range(int(sys.argv[3])):
     t = time.monotonic()
     c = socket.create_connection((sys.argv[1], int(sys.argv[2])))
-    total += time.monotonic() - t
+    print((time.monotonic() - t) * 1000)
     c.close()
     time.sleep(0.02)
-print(total / int(sys.argv[3]) * 1000)
 """
 
 
-def connect_rtt(cluster: str, count: int) -> float:
-    """Mean time in ms of COUNT TCP connects from a to b."""
+def connect_rtts(cluster: str, count: int) -> list[float]:
+    """The times in ms of COUNT TCP connects from a to b."""
     listener = subprocess.Popen(netns.exec_argv(names.node_ns(cluster, "b"),
                                                 [sys.executable, "-c", LISTENER, str(PORT + 1)]),
                                 stdout=subprocess.PIPE, text=True)
@@ -202,31 +225,47 @@ def connect_rtt(cluster: str, count: int) -> float:
                         timeout=count * 15 + 30).stdout
     finally:
         listener.kill()
-    return float(out)
+    return [float(x) for x in out.split()]
 
 
-def measure_delay(cluster: str, delay: str, base: float, base_tcp: float, count: int) -> dict:
+def measure_delay(cluster: str, delay: str, base: dict, base_tcp: dict, count: int) -> dict:
+    """One-way delay from the RTTs: (RTT - RTT with nothing set) / 2, from the
+    means (what passes or fails) and from the medians; the RTTs' 10th-90th
+    percentile spread as measured."""
     from netemu.impairment import parse_duration
     want = parse_duration(delay, "delay") / 1000          # ms
     cli("link", "set", "a", "--clear", "--cluster", cluster)
     cli("link", "set", "a", "--delay", delay, "--cluster", cluster)
-    rtt = ping_rtt(cluster, count)
-    one_way = (rtt - base) / 2
-    tcp_rtt = connect_rtt(cluster, count)
-    tcp_one_way = (tcp_rtt - base_tcp) / 2
+    rtt = ping_spread(cluster, count)
+    tcp = spread(connect_rtts(cluster, count))
+    one_way = (rtt["mean"] - base["mean"]) / 2
+    tcp_one_way = (tcp["mean"] - base_tcp["mean"]) / 2
     tolerance = max(0.05 * want, 0.2)
-    return {"delay_ms": want, "ping_rtt_ms": round(rtt, 3), "ping_one_way_ms": round(one_way, 3),
-            "tcp_rtt_ms": round(tcp_rtt, 3), "tcp_one_way_ms": round(tcp_one_way, 3),
+    return {"delay_ms": want, "ping_rtt_ms": round(rtt["mean"], 3), "ping_one_way_ms": round(one_way, 3),
+            "ping_one_way_median_ms": round((rtt["median"] - base["median"]) / 2, 3),
+            "ping_rtt_p10_p90_ms": [round(rtt["p10"], 3), round(rtt["p90"], 3)], "pings": rtt["n"],
+            "tcp_rtt_ms": round(tcp["mean"], 3), "tcp_one_way_ms": round(tcp_one_way, 3),
+            "tcp_one_way_median_ms": round((tcp["median"] - base_tcp["median"]) / 2, 3),
+            "tcp_rtt_p10_p90_ms": [round(tcp["p10"], 3), round(tcp["p90"], 3)],
             "pass": abs(one_way - want) <= tolerance and abs(tcp_one_way - want) <= tolerance}
 
 
-def measure_ceiling(cluster: str, duration: float) -> dict:
+def measure_ceiling(cluster: str, duration: float, repeats: int) -> dict:
+    """TCP through the delay line (delay 1 us) against the same link with
+    nothing set, alternated REPEATS times: medians, min-max, and the ratio."""
+    plain, lined = [], []
+    for _ in range(repeats):
+        cli("link", "set", "a", "--clear", "--cluster", cluster)
+        plain.append(iperf(cluster, duration)["end"]["sum_received"]["bits_per_second"])
+        cli("link", "set", "a", "--delay", "1us", "--cluster", cluster)
+        lined.append(iperf(cluster, duration)["end"]["sum_received"]["bits_per_second"])
     cli("link", "set", "a", "--clear", "--cluster", cluster)
-    plain = iperf(cluster, duration)["end"]["sum_received"]["bits_per_second"]
-    cli("link", "set", "a", "--delay", "1us", "--cluster", cluster)
-    lined = iperf(cluster, duration)["end"]["sum_received"]["bits_per_second"]
-    cli("link", "set", "a", "--clear", "--cluster", cluster)
-    return {"plain_bps": round(plain), "delay_line_bps": round(lined)}
+    ratios = [x / y for x, y in zip(lined, plain)]
+    return {"plain_bps": round(statistics.median(plain)), "delay_line_bps": round(statistics.median(lined)),
+            "plain_min_max_bps": [round(min(plain)), round(max(plain))],
+            "delay_line_min_max_bps": [round(min(lined)), round(max(lined))],
+            "ratio_median": round(statistics.median(ratios), 3),
+            "ratio_min_max": [round(min(ratios), 3), round(max(ratios), 3)], "repeats": repeats}
 
 
 def main() -> int:
@@ -238,46 +277,55 @@ def main() -> int:
     ap.add_argument("--delays", default="1ms,10ms,100ms", help="comma-separated delays")
     ap.add_argument("--pings", type=int, default=100, help="pings per delay")
     ap.add_argument("--duration", type=float, default=4.0, help="seconds per rate")
+    ap.add_argument("--repeats", type=int, default=3, help="runs per rate, and of the ceiling's pair")
     ap.add_argument("-o", "--output", help="write the results here as JSON")
     args = ap.parse_args()
     clusters.require_root()
     results = {"loss": [], "rate": [], "delay": []}
-    with exclusive(), tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, f"{args.name}.yaml")
-        with open(path, "w") as f:
-            yaml.safe_dump({"name": args.name, "nodes": [{"name": "a"}, {"name": "b"}]}, f)
-        topology = load_topology(path)
-        try:
-            clusters.up(topology)
-            for loss in filter(None, args.loss.split(",")):
-                r = measure_loss(args.name, loss, args.packets)
-                results["loss"].append(r)
-                print(f"loss {loss:>8}: {r['received']}/{r['sent']} received "
-                      f"({r['measured_loss_percent']:.4f}% lost), 99% interval {r['interval_99']}, "
-                      f"receiver drops {r['receiver_buffer_drops']}: {'PASS' if r['pass'] else 'FAIL'}", flush=True)
-            for rate in filter(None, args.rates.split(",")):
-                r = measure_rate(args.name, rate, args.duration)
-                results["rate"].append(r)
-                print(f"rate {rate:>8}: TCP goodput {r['goodput_bps'] / 1e6:.2f} Mbit/s, expected "
-                      f"{r['expected_goodput_bps'] / 1e6:.2f} (MSS {r['mss']}): {r['error_percent']:+.2f}%: "
-                      f"{'PASS' if r['pass'] else 'FAIL'}", flush=True)
-            if args.delays:
-                cli("link", "set", "a", "--clear", "--cluster", args.name)
-                base = ping_rtt(args.name, args.pings)
-                base_tcp = connect_rtt(args.name, args.pings)
-                print(f"base (nothing set): ping RTT {base:.3f} ms, TCP connect {base_tcp:.3f} ms", flush=True)
-            for delay in filter(None, args.delays.split(",")):
-                r = measure_delay(args.name, delay, base, base_tcp, args.pings)
-                results["delay"].append(r)
-                print(f"delay {delay:>7}: one way by ping {r['ping_one_way_ms']:.3f} ms, by TCP RTT "
-                      f"{r['tcp_one_way_ms']:.3f} ms: {'PASS' if r['pass'] else 'FAIL'}", flush=True)
-            if args.delays:
-                r = measure_ceiling(args.name, args.duration)
-                results["ceiling"] = r
-                print(f"delay line ceiling: TCP {r['delay_line_bps'] / 1e6:.1f} Mbit/s through it "
-                      f"(delay 1us), {r['plain_bps'] / 1e6:.1f} Mbit/s without", flush=True)
-        finally:
-            clusters.teardown(args.name, graceful=False)
+    # A throw-away cluster from the Python API (no YAML file, no kubeconfig
+    # context), torn down however the run ends.
+    with exclusive(), netemu.up({"name": args.name, "nodes": [{"name": "a"}, {"name": "b"}]},
+                                kubeconfig=False, progress=lambda line: None):
+        for loss in filter(None, args.loss.split(",")):
+            r = measure_loss(args.name, loss, args.packets)
+            results["loss"].append(r)
+            print(f"loss {loss:>8}: {r['received']}/{r['sent']} received "
+                  f"({r['measured_loss_percent']:.4f}% lost), 99% interval {r['interval_99']}, "
+                  f"receiver drops {r['receiver_buffer_drops']}: {'PASS' if r['pass'] else 'FAIL'}", flush=True)
+        for rate in filter(None, args.rates.split(",")):
+            runs = [measure_rate(args.name, rate, args.duration) for _ in range(args.repeats)]
+            errors = [x["error_percent"] for x in runs]
+            r = {**min(runs, key=lambda x: abs(x["error_percent"] - statistics.median(errors))),
+                 "error_percent": round(statistics.median(errors), 2),
+                 "error_min_max_percent": [min(errors), max(errors)], "runs": len(runs),
+                 "pass": abs(statistics.median(errors)) <= 5}
+            results["rate"].append(r)
+            print(f"rate {rate:>8}: TCP goodput {r['goodput_bps'] / 1e6:.2f} Mbit/s, expected "
+                  f"{r['expected_goodput_bps'] / 1e6:.2f} (MSS {r['mss']}): median {r['error_percent']:+.2f}% "
+                  f"(min {min(errors):+.2f}%, max {max(errors):+.2f}%, {len(runs)} runs): "
+                  f"{'PASS' if r['pass'] else 'FAIL'}", flush=True)
+        if args.delays:
+            cli("link", "set", "a", "--clear", "--cluster", args.name)
+            base = ping_spread(args.name, args.pings)
+            base_tcp = spread(connect_rtts(args.name, args.pings))
+            results["delay_base"] = {"ping_rtt_ms": base, "tcp_connect_ms": base_tcp}
+            print(f"base (nothing set): ping RTT mean {base['mean']:.3f} ms median {base['median']:.3f}, "
+                  f"TCP connect mean {base_tcp['mean']:.3f} ms median {base_tcp['median']:.3f}", flush=True)
+        for delay in filter(None, args.delays.split(",")):
+            r = measure_delay(args.name, delay, base, base_tcp, args.pings)
+            results["delay"].append(r)
+            print(f"delay {delay:>7}: one way by ping {r['ping_one_way_ms']:.3f} ms (median "
+                  f"{r['ping_one_way_median_ms']:.3f}, RTT p10-p90 {r['ping_rtt_p10_p90_ms']}), by TCP RTT "
+                  f"{r['tcp_one_way_ms']:.3f} ms (median {r['tcp_one_way_median_ms']:.3f}, RTT p10-p90 "
+                  f"{r['tcp_rtt_p10_p90_ms']}): {'PASS' if r['pass'] else 'FAIL'}", flush=True)
+        if args.delays:
+            r = measure_ceiling(args.name, args.duration, args.repeats)
+            results["ceiling"] = r
+            print(f"delay line ceiling: TCP median {r['delay_line_bps'] / 1e6:.1f} Mbit/s through it "
+                  f"(delay 1us; min-max {[round(x / 1e6, 1) for x in r['delay_line_min_max_bps']]}), "
+                  f"{r['plain_bps'] / 1e6:.1f} Mbit/s without (min-max "
+                  f"{[round(x / 1e6, 1) for x in r['plain_min_max_bps']]}): ratio median {r['ratio_median']} "
+                  f"(min-max {r['ratio_min_max']}, {r['repeats']} pairs)", flush=True)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(results, f, indent=2)

@@ -2,11 +2,18 @@
 """How long `up` and `down` take for N nodes x M pods (a benchmark, not a test).
 
     sudo .venv/bin/python tools/bench_up.py [--nodes 20] [--pods-per-node 10] [--rounds 3] [--backend udp]
+                                            [--name bench-up] [--idle 10]
 
 Each round builds a cluster whose pods are pinned to nodes (so the figure is the
 data plane's cost: namespaces, veths, addresses, processes, readiness), waits
 until every pod is Running and ready, then tears it down. Prints per round and the
-median; also the control plane's resident memory with everything running.
+median. With everything running it also measures the cluster's own processes
+(control plane, node agents or daemons, udp workers; not the containers'
+stand-ins): their number, and their memory as RSS, PSS (shared pages divided
+among the processes that share them: the fair figure for forked processes)
+and USS (pages of that process alone), from /proc/PID/smaps_rollup, per node;
+and, over --idle seconds after a settling pause, the CPU time of every process
+of the cluster (containers too) as a share of one core.
 """
 
 from __future__ import annotations
@@ -27,17 +34,87 @@ from netemu import cluster as clusters  # noqa: E402
 from netemu.topology.loader import load_topology  # noqa: E402
 
 
-def rss_mb(pids) -> float:
+ROLES = (("control plane", (b"netemu.controlplane", b"netemu.apiserver")),
+         ("node daemons", (b"netemu.node.agent", b"netemu.overlay.daemon", b"netemu.proxy.daemon")),
+         ("udp workers", (b"netemu.overlay.fastudp",)))
+
+
+def role_of(pid: int) -> str | None:
+    """Which of the cluster's own kinds of process PID is (None: a container's)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except FileNotFoundError:
+        return None
+    for role, modules in ROLES:
+        if any(m in argv for m in modules):
+            return role
+    return None
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """Rss, Pss and USS (Private_Clean + Private_Dirty) of PID, in kB."""
+    out = {"rss": 0, "pss": 0, "uss": 0}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key == "Rss":
+                    out["rss"] = int(rest.split()[0])
+                elif key == "Pss":
+                    out["pss"] = int(rest.split()[0])
+                elif key in ("Private_Clean", "Private_Dirty"):
+                    out["uss"] += int(rest.split()[0])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+def cpu_ticks(pids) -> int:
     total = 0
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-        except FileNotFoundError:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])      # utime, stime
+        except (FileNotFoundError, ProcessLookupError, IndexError):
             pass
-    return total / 1024
+    return total
+
+
+def measure(name: str, nodes: int, idle: float) -> dict:
+    procs = clusters.cluster_processes(name)
+    by_role: dict[str, list[int]] = {}
+    for pid in procs:
+        by_role.setdefault(role_of(pid) or "containers", []).append(pid)
+    report = {"processes": len(procs), "roles": {}}
+    own = {"count": 0, "rss": 0, "pss": 0, "uss": 0}
+    for role, pids in sorted(by_role.items()):
+        mem = {"count": len(pids), "rss": 0, "pss": 0, "uss": 0}
+        for pid in pids:
+            for k, v in memory_kb(pid).items():
+                mem[k] += v
+        report["roles"][role] = mem
+        if role != "containers":
+            for k in own:
+                own[k] += mem[k]
+    report["own"] = own
+    report["own_per_node_mb"] = {k: own[k] / 1024 / nodes for k in ("rss", "pss", "uss")}
+    report["own_processes_per_node"] = own["count"] / nodes
+    if idle > 0:
+        time.sleep(5)                   # let the last status writes settle
+        procs = clusters.cluster_processes(name)
+        roles: dict[str, list[int]] = {}
+        for pid in procs:
+            roles.setdefault(role_of(pid) or "containers", []).append(pid)
+        hz = os.sysconf("SC_CLK_TCK")
+        t0, c0 = time.monotonic(), {role: cpu_ticks(pids) for role, pids in roles.items()}
+        time.sleep(idle)
+        t1, c1 = time.monotonic(), {role: cpu_ticks(pids) for role, pids in roles.items()}
+        report["idle_cpu_percent"] = 100.0 * sum(c1[r] - c0[r] for r in roles) / hz / (t1 - t0)
+        for role in roles:
+            report["roles"].setdefault(role, {})["idle_cpu_percent"] = 100.0 * (c1[role] - c0[role]) / hz / (t1 - t0)
+    return report
 
 
 def main() -> int:
@@ -47,6 +124,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--backend", default="udp")
     ap.add_argument("--wait-lock", action="store_true", help="wait for another benchmark to finish")
+    ap.add_argument("--name", default="bench-up", help="the cluster's name")
+    ap.add_argument("--idle", type=float, default=10.0,
+                    help="seconds over which to measure idle CPU (0: do not)")
+    ap.add_argument("--timeout", type=float, default=None, help="up's readiness timeout (s)")
     args = ap.parse_args()
     # One benchmark at a time on this machine (the lock `netemu bench` takes too).
     lock = open("/run/netemu-bench.lock", "w")
@@ -57,7 +138,7 @@ def main() -> int:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             sys.exit("another benchmark is running (/run/netemu-bench.lock); try --wait-lock")
-    name = "bench-up"
+    name = args.name
     nodes = [{"name": f"n{i}"} for i in range(args.nodes)]
     pods = [{"apiVersion": "v1", "kind": "Pod",
              "metadata": {"name": f"p{i}-{j}"},
@@ -74,18 +155,26 @@ def main() -> int:
             topo = load_topology(path)
             t0 = time.monotonic()
             try:
-                clusters.up(topo)
+                if args.timeout:
+                    clusters.READY_TIMEOUT = args.timeout
+                clusters.up(topo, kubeconfig=False)
                 t1 = time.monotonic()
-                procs = clusters.cluster_processes(name)
-                mem = rss_mb(procs)
+                m = measure(name, args.nodes, args.idle)
             finally:
                 t2 = time.monotonic()
                 clusters.teardown(name, graceful=True)
                 t3 = time.monotonic()
             ups.append(t1 - t0)
             downs.append(t3 - t2)
-            print(f"round {r + 1}: up {t1 - t0:.1f} s, down {t3 - t2:.1f} s, "
-                  f"{len(procs)} processes, {mem:.0f} MB RSS in all", flush=True)
+            own = m["own_per_node_mb"]
+            print(f"round {r + 1}: up {t1 - t0:.1f} s, down {t3 - t2:.1f} s, {m['processes']} processes; "
+                  f"own processes per node {m['own_processes_per_node']:.2f}, "
+                  f"memory per node RSS {own['rss']:.1f} MB, PSS {own['pss']:.1f} MB, USS {own['uss']:.1f} MB; "
+                  f"idle CPU {m.get('idle_cpu_percent', float('nan')):.1f}% of one core", flush=True)
+            for role, mem in m["roles"].items():
+                print(f"    {role}: {mem.get('count', 0)} processes, RSS {mem.get('rss', 0) / 1024:.0f} MB, "
+                      f"PSS {mem.get('pss', 0) / 1024:.0f} MB, USS {mem.get('uss', 0) / 1024:.0f} MB, "
+                      f"idle CPU {mem.get('idle_cpu_percent', float('nan')):.1f}%", flush=True)
     print(f"{args.nodes} nodes x {args.pods_per_node} pods ({args.backend}): "
           f"up median {statistics.median(ups):.1f} s (min {min(ups):.1f}, max {max(ups):.1f}); "
           f"down median {statistics.median(downs):.1f} s (min {min(downs):.1f}, max {max(downs):.1f})")

@@ -10,7 +10,7 @@ import sys
 import trio
 
 from netemu import apiserver, clusterconfig, names, netns
-from netemu.apiserver import http, status
+from netemu.apiserver import bootstrap, http, status
 from netemu.apiserver.server import ApiServer, ensure_system_namespaces
 from netemu.store import registry
 from netemu.store.sqlite import SqliteStore
@@ -81,6 +81,7 @@ async def run(cluster: str) -> None:
         # server its successor starts (it needs our ports).
         nursery.start_soon(watch_parent, nursery.cancel_scope)
         nursery.start_soon(http.serve, listeners, server.handle, status.too_large, status.bad_request)
+        nursery.start_soon(bootstrap.run, store, topology.settings, address, apiserver.INSECURE_PORT)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,7 +51,7 @@ def resource_list(group_version: str) -> dict | None:
     resources = []
     for k in sorted(served, key=lambda k: k.resource):
         entry = {"name": k.resource, "singularName": k.singular, "namespaced": k.namespaced,
-                 "kind": k.kind, "verbs": list(kinds.VERBS)}
+                 "kind": k.kind, "verbs": list(k.verbs)}
         # Short names and `kubectl get all` lead to the version a kind is stored
         # in, not again to extensions/v1beta1 (kubectl warns of short names
         # that two groups claim).

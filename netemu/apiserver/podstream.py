@@ -65,15 +65,20 @@ def _container(req: Request, pod: dict, name: str) -> str | Response:
 
 
 def _sandbox(server, pod: dict, namespace: str, name: str, container: str):
-    """The running pod's sandbox, or the kubelet's refusal."""
-    from netemu.node.sandbox import Sandbox
+    """The running pod's sandbox as its kubelet published it on the Pod
+    (netemu.io/sandbox, not the kubelet's file), with the network namespace
+    netemu names for the pod and a pause PID checked to live in it; or the
+    kubelet's refusal."""
+    import dataclasses
 
-    sandbox = Sandbox.load(server.pod_dir(namespace, name))
+    from netemu.node import sandbox as sandboxes
+
+    pause_pid = sandboxes.pause_pid_of(server.cluster, pod) if server.cluster else None
     phase = (pod.get("status") or {}).get("phase")
-    if sandbox is None or not sandbox.pause_pid or phase in ("Succeeded", "Failed") \
-            or pod["metadata"].get("deletionTimestamp"):
+    if pause_pid is None or phase in ("Succeeded", "Failed") or pod["metadata"].get("deletionTimestamp"):
         return status.bad_request(f'unable to upgrade connection: container not found ("{container}")')
-    return sandbox
+    return dataclasses.replace(sandboxes.published(pod), namespace=names.pod_ns(server.cluster, namespace, name),
+                               pause_pid=pause_pid)
 
 
 def exec_(server, req: Request, pod: dict, namespace: str, name: str) -> Response:

@@ -19,13 +19,15 @@ import copy
 import json
 import logging
 import re
+import time
 
 import trio
 
 from netemu import api, names
-from netemu.apiserver import discovery, podstream, status, tables
+from netemu.apiserver import discovery, dryrun, paging, podstream, status, tables
 from netemu.apiserver.http import Request, Response
 from netemu.k8s import jsonpatch, kinds, protobuf, selectors, strategicpatch
+from netemu.node import logstamps
 from netemu.store import registry
 from netemu.store.base import Compacted
 from netemu.topology import manifests, schema
@@ -39,6 +41,12 @@ JSON_PATCH = "application/json-patch+json"
 STRATEGIC_PATCH = "application/strategic-merge-patch+json"
 # Server-side apply (application/apply-patch+yaml) is not served.
 PATCHES = (JSON_PATCH, MERGE_PATCH, STRATEGIC_PATCH)
+_WRITES = ("POST", "PUT", "PATCH", "DELETE")
+INT64_MAX = 2 ** 63 - 1
+# Kinds whose DELETE answers with the object deleted, not a Status, as their
+# kube-apiserver registries do (ReturnDeletedObject): the Python client decodes
+# the answer to delete_namespaced_pod as a Pod.
+_RETURN_DELETED = ("Pod", "Service")
 # kubectl's watch keeps a connection this long unless it says otherwise
 # (kube-apiserver's --min-request-timeout: 1800 s).
 DEFAULT_WATCH_TIMEOUT = 1800.0
@@ -128,6 +136,32 @@ def _json_body(req: Request):
         raise api.ApiError(f"the body of the request could not be decoded as JSON: {err}",
                            reason="BadRequest") from None
 
+class _LogLines:
+    """A log's bytes on their way out: as they are, or (timestamps, since)
+    line by line with the time each was written (node/logstamps.py). Lines
+    are sent whole; a line still being written waits for its newline, unless
+    the log is final."""
+
+    def __init__(self, times_path: str, timestamps: bool, since: int | None):
+        self.timestamps, self.since = timestamps, since
+        self.stamps = logstamps.StampFile(times_path) if timestamps or since is not None else None
+        self.pending = b""
+
+    def feed(self, data: bytes, offset: int, final: bool = False) -> bytes:
+        """DATA, read at byte OFFSET of the log, as it is to be sent."""
+        if self.stamps is None:
+            return data
+        buf, start = self.pending + data, offset - len(self.pending)
+        cut = len(buf) if final else buf.rfind(b"\n") + 1
+        buf, self.pending = buf[:cut], buf[cut:]
+        out = []
+        for line, ns in logstamps.line_times(buf, start, self.stamps.refresh(), time.time_ns()):
+            if self.since is not None and ns < self.since:
+                continue
+            out.append(logstamps.rfc3339nano(ns).encode() + b" " + line if self.timestamps else line)
+        return b"".join(out)
+
+
 class ApiServer:
     def __init__(self, store, settings=None, address: str = "127.0.0.1:8080", pod_dir=None,
                  cluster: str | None = None):
@@ -159,8 +193,18 @@ class ApiServer:
                    "apis": discovery.api_group_list}.get(what)
             return _json(200, doc() if doc else arg)
         t: Target = arg
-        if req.arg("dryRun"):
-            return status.bad_request("dryRun is not supported by netemu's API server yet")
+        if t.kind.read_only and (req.method != "GET" or t.subresource):
+            return status.method_not_allowed()
+        if req.method in _WRITES:
+            dry = self._dry_run_values(req)
+            if isinstance(dry, Response):
+                return dry
+            if dry:
+                return await self._dry_run(req, t)
+        return await self._object(req, t)
+
+    async def _object(self, req: Request, t: Target) -> Response:
+        """A request for an object, a list of them, or a subresource."""
         try:
             if t.subresource == "scale":
                 return await self._scale(req, t)
@@ -180,11 +224,57 @@ class ApiServer:
                 return self._patch(req, t)
             if req.method == "DELETE" and t.name is not None:
                 return self._delete(req, t)
+            if req.method == "DELETE" and t.name is None and t.kind.kind not in kinds.NO_DELETE_COLLECTION \
+                    and (t.namespace or not t.kind.namespaced) and t.subresource is None:
+                return self._delete_collection(req, t)
             return status.method_not_allowed()
         except selectors.SelectorError as err:
             return status.bad_request(str(err))
         except api.ApiError as err:
             return self._api_error(err, t)
+
+    # -- ?dryRun=All (dryrun.py) ---------------------------------------------------
+
+    def _dry_run_values(self, req: Request) -> list[str] | Response:
+        """The request's dryRun values: ?dryRun=, or a DELETE's DeleteOptions
+        (kubectl puts them in the body); a Status when they are not served."""
+        values = list(req.query.get("dryRun") or [])
+        if req.method == "DELETE" and req.body.strip():
+            with contextlib.suppress(ValueError, UnicodeDecodeError):
+                options = json.loads(req.body)
+                if isinstance(options, dict) and isinstance(options.get("dryRun"), list):
+                    values += [v for v in options["dryRun"] if isinstance(v, str)]
+        values = [v for v in values if v]
+        problem = dryrun.problem(values)
+        if problem:
+            options = {"POST": "CreateOptions", "PUT": "UpdateOptions", "PATCH": "PatchOptions",
+                       "DELETE": "DeleteOptions"}[req.method]
+            return status.error("Invalid", f'{options}.meta.k8s.io "" is invalid: {problem}')
+        return values
+
+    async def _dry_run(self, req: Request, t: Target) -> Response:
+        """The request served over a store that keeps no write (dryrun.py); the
+        answer shows the objects as they would be, with the resourceVersion
+        they still have (none for one that would be new)."""
+        scratch = dryrun.DryRunStore(self.store)
+        twin = copy.copy(self)
+        twin.store = scratch
+        resp = await twin._object(req, t)
+        if not isinstance(resp.body, bytes) or not resp.content_type.startswith(JSON) or resp.status >= 300:
+            return resp
+        body = json.loads(resp.body)
+        items = body.get("items") if isinstance(body.get("items"), list) else [body]
+        for obj in items:
+            meta = obj.get("metadata") if isinstance(obj, dict) else None
+            if not isinstance(meta, dict) or obj.get("kind") == "Status" or "name" not in meta:
+                continue
+            version = scratch.stored_version(registry.key(t.kind.kind, meta.get("namespace"), meta["name"]))
+            if version is None:
+                meta.pop("resourceVersion", None)
+            else:
+                meta["resourceVersion"] = version
+        return Response(resp.status, json.dumps(body, separators=(",", ":")).encode(), resp.content_type,
+                        resp.headers)
 
     def _api_error(self, err: api.ApiError, t: Target) -> Response:
         message = str(err)
@@ -243,18 +333,46 @@ class ApiServer:
         keep = self._filters(req, t)
         if req.arg("watch") in ("true", "1"):
             return self._watch(req, t, keep)
-        # The revision is read before the objects: a write in between shows in
-        # the list and again in a watch from that revision (harmless), while
-        # the other order could lose it.
-        rev = self.store.revision()
-        objs = [self._present(o, t) for o in registry.list_(self.store, t.kind.kind, t.namespace)
-                if keep(o)]
+        paged = self._page(req, t, keep)
+        if isinstance(paged, Response):
+            return paged
+        rev, objs, token = paged
+        objs = [self._present(o, t) for o in objs]
+        meta = {"resourceVersion": str(rev)}
+        if token:
+            meta["continue"] = token
         version = tables.wants_table(req.headers.get("accept"))
         if version:
-            return _json(200, tables.table(t.kind.kind, objs, str(rev), version,
-                                           req.arg("includeObject", "Metadata")))
-        return _json(200, {"kind": f"{t.kind.kind}List", "apiVersion": t.gv,
-                           "metadata": {"resourceVersion": str(rev)}, "items": objs})
+            table = tables.table(t.kind.kind, objs, str(rev), version, req.arg("includeObject", "Metadata"))
+            table["metadata"] = meta
+            return _json(200, table)
+        return _json(200, {"kind": f"{t.kind.kind}List", "apiVersion": t.gv, "metadata": meta, "items": objs})
+
+    def _page(self, req: Request, t: Target, keep) -> tuple[int, list[dict], str | None] | Response:
+        """(revision, objects, continue token or None) of the list asked for:
+        whole, or one page of it (?limit=, ?continue=: paging.py)."""
+        prefix = registry.prefix(t.kind.kind, t.namespace if t.kind.namespaced else None)
+        try:
+            limit = paging.parse_limit(req.arg("limit"))
+            token = req.arg("continue")
+            if token:
+                if req.arg("resourceVersion") not in (None, "", "0"):
+                    return status.bad_request("specifying resource version is not allowed when using continue")
+                rev, after = paging.decode_token(token, prefix)
+            else:
+                rev, after = self.store.revision(), ""
+        except paging.PagingError as err:
+            return status.bad_request(str(err))
+        if limit is None and not token:
+            # The revision is read before the objects: a write in between shows in
+            # the list and again in a watch from that revision (harmless), while
+            # the other order could lose it.
+            return rev, [o for o in registry.list_(self.store, t.kind.kind, t.namespace) if keep(o)], None
+        try:
+            objs, last = paging.page(self.store, prefix, rev, after, limit or paging.MAX_LIMIT, keep)
+        except Compacted:
+            return status.error("Expired", paging.TOO_OLD)
+        return rev, objs, (paging.encode_token(rev, last, prefix) if last else None)
 
     def _watch(self, req: Request, t: Target, keep) -> Response:
         version = tables.wants_table(req.headers.get("accept"))
@@ -493,31 +611,81 @@ class ApiServer:
         raise api.ApiError(f'Operation cannot be fulfilled on {t.kind.resource} "{t.name}": too many '
                            "concurrent changes", reason="Conflict")
 
-    def _delete(self, req: Request, t: Target) -> Response:
+    def _delete_options(self, req: Request) -> dict:
+        """DeleteOptions from the body and the query: propagationPolicy,
+        gracePeriodSeconds, preconditions (checked; ApiError)."""
         options = self._body(req) if req.body.strip() else {}
         policy = req.arg("propagationPolicy") or options.get("propagationPolicy") or "Background"
         if policy not in ("Background", "Foreground", "Orphan"):
-            return status.error("Invalid", f'DeleteOptions.meta.k8s.io "" is invalid: propagationPolicy: '
-                                f'Unsupported value: "{policy}": supported values: "Foreground", '
-                                '"Background", "Orphan"')
-        if policy == "Orphan":
-            return status.bad_request("propagationPolicy Orphan is not supported by netemu's API server yet")
+            raise api.ApiError(f'DeleteOptions.meta.k8s.io "" is invalid: propagationPolicy: Unsupported value: '
+                               f'"{policy}": supported values: "Foreground", "Background", "Orphan"')
+        if options.get("orphanDependents") is True and "propagationPolicy" not in options:
+            policy = "Orphan"               # the older spelling kubectl 1.20 may send
+        grace = req.arg("gracePeriodSeconds")
+        grace = options.get("gracePeriodSeconds") if grace is None else grace
+        if grace is not None:
+            try:
+                grace = int(grace)
+            except (TypeError, ValueError):
+                raise api.ApiError(f'DeleteOptions.meta.k8s.io "" is invalid: gracePeriodSeconds: Invalid '
+                                   f"value: {json.dumps(grace)}: must be an integer", reason="BadRequest") from None
+            if not -1 <= grace <= INT64_MAX:
+                raise api.ApiError(f'DeleteOptions.meta.k8s.io "" is invalid: gracePeriodSeconds: Invalid '
+                                   f"value: {grace}: must be greater than or equal to 0")
+            grace = max(grace, 0)
+        preconditions = options.get("preconditions") or {}
+        if not isinstance(preconditions, dict):
+            raise api.ApiError("DeleteOptions: preconditions must be an object", reason="BadRequest")
+        return {"policy": policy, "grace": grace, "uid": preconditions.get("uid")}
+
+    def _delete(self, req: Request, t: Target) -> Response:
+        options = self._delete_options(req)
         current = self._read(t)
         if current is None:
             return status.not_found(t.qualified, t.name, t.group)
-        want_uid = ((options.get("preconditions") or {}).get("uid"))
+        want_uid = options["uid"]
         if want_uid and want_uid != current["metadata"].get("uid"):
             return status.error("Conflict", f'Operation cannot be fulfilled on {t.qualified} "{t.name}": '
                                 f"Precondition failed: UID in precondition: {want_uid}, UID in object meta: "
                                 f"{current['metadata'].get('uid')}")
-        # Foreground and Background both delete the dependents (api.delete does,
-        # as the garbage collector would); the owner goes first either way.
-        api.delete(self.store, t.kind.kind, t.namespace if t.kind.namespaced else None, t.name)
+        self._delete_one(t, t.name, options)
         after = self._read(t)
         if after is not None and after["metadata"].get("uid") == current["metadata"].get("uid"):
             # Still there, terminating (a pod its kubelet is stopping): the object.
             return _json(200, self._present(after, t))
+        if t.kind.kind in _RETURN_DELETED:
+            return _json(200, self._present(current, t))
         return _json(200, status.success(t.name, t.group, t.kind.resource, current["metadata"].get("uid")))
+
+    def _delete_one(self, t: Target, name: str, options: dict) -> None:
+        # Foreground and Background both delete the dependents (api.delete does,
+        # as the garbage collector would); the owner goes first either way.
+        # Orphan releases them and keeps them.
+        api.delete(self.store, t.kind.kind, t.namespace if t.kind.namespaced else None, name,
+                   grace_period=options["grace"], orphan=options["policy"] == "Orphan")
+
+    def _delete_collection(self, req: Request, t: Target) -> Response:
+        """DELETE on a list (deletecollection): every object the label and
+        field selectors pick, each deleted as one DELETE would; the answer is
+        the list of them as they were (kube-apiserver's)."""
+        keep = self._filters(req, t)
+        options = self._delete_options(req)
+        if options["uid"]:
+            return status.bad_request("preconditions are not allowed when deleting a collection")
+        rev = self.store.revision()
+        deleted = []
+        for obj in registry.list_(self.store, t.kind.kind, t.namespace if t.kind.namespaced else None):
+            if not keep(obj):
+                continue
+            try:
+                self._delete_one(t, obj["metadata"]["name"], options)
+            except api.ApiError as err:
+                if err.reason != "NotFound":       # gone meanwhile: nothing left to do
+                    raise
+                continue
+            deleted.append(self._present(obj, t))
+        return _json(200, {"kind": f"{t.kind.kind}List", "apiVersion": t.gv,
+                           "metadata": {"resourceVersion": str(rev)}, "items": deleted})
 
     # -- /scale -----------------------------------------------------------------
 
@@ -568,28 +736,41 @@ class ApiServer:
         if replicas < 0:
             return status.error("Invalid", f'Scale.autoscaling "{t.name}" is invalid: spec.replicas: '
                                 f"Invalid value: {replicas}: must be greater than or equal to 0")
-        obj = api.scale(self.store, t.kind.kind, t.name, replicas, namespace=t.namespace or "default")
-        return _json(200, self._scale_of(obj, t))
+        return _json(200, self._scale_of(self._set_replicas(t, replicas), t))
+
+    def _set_replicas(self, t: Target, replicas: int) -> dict:
+        """The object with its scale field at REPLICAS, written through
+        admission (an update on what was read, read again on a conflict)."""
+        for _ in range(20):
+            current = self._read(t)
+            if current is None:
+                raise api.ApiError(f'{t.qualified} "{t.name}" not found', reason="NotFound")
+            changed = copy.deepcopy(current)
+            changed.setdefault("spec", {})[t.kind.scale_field] = replicas
+            try:
+                stored, _ = api.update(self.store, changed, self.settings)
+                return stored
+            except api.ApiError as err:
+                if err.reason != "Conflict":
+                    raise
+        raise api.ApiError(f'Operation cannot be fulfilled on {t.qualified} "{t.name}": too many concurrent '
+                           "changes", reason="Conflict")
 
     # -- pods/log -----------------------------------------------------------------
 
     def _log(self, req: Request, t: Target) -> Response:
         """A container's output, as the kubelet serves it through the API server.
         The kubelet keeps the log of the running instance and of the one before
-        it (previous=true: names.container_log); it keeps no timestamps, so
-        timestamps, sinceSeconds and sinceTime are refused rather than answered
-        wrongly."""
+        it (previous=true: names.container_log), and when each line was written
+        (timestamps=true, sinceSeconds, sinceTime: node/logstamps.py). As the
+        kubelet, tailLines picks the lines first, then since filters them, then
+        limitBytes cuts what is sent (timestamps included)."""
         if req.method != "GET":
             return status.method_not_allowed()
         pod = self._pod_of_subresource(t)
         if isinstance(pod, Response):
             return pod
-        if req.arg("timestamps") in ("true", "1"):
-            return status.bad_request("timestamps=true is not supported by netemu's kubelet yet")
         previous = req.arg("previous") in ("true", "1")
-        for unsupported in ("sinceSeconds", "sinceTime"):
-            if req.arg(unsupported):
-                return status.bad_request(f"{unsupported} is not supported by netemu's kubelet yet")
         containers = [c["name"] for c in (pod.get("spec") or {}).get("containers") or []]
         container = req.arg("container")
         if not container:
@@ -607,7 +788,11 @@ class ApiServer:
         if (tail is not None and tail < 0) or (limit is not None and limit <= 0):
             return status.error("Invalid", 'PodLogOptions "" is invalid: tailLines or limitBytes: '
                                 "Invalid value: must be greater than or equal to 0 (limitBytes: 1)")
-        path = names.container_log(self.pod_dir(t.namespace or "default", t.name), container, previous)
+        since = self._log_since(req)
+        if isinstance(since, Response):
+            return since
+        pod_dir = self.pod_dir(t.namespace or "default", t.name)
+        path = names.container_log(pod_dir, container, previous)
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -620,18 +805,49 @@ class ApiServer:
                            for cs in (pod.get("status") or {}).get("containerStatuses") or []
                            if cs.get("name") == container), None) or "ContainerCreating"
             return status.bad_request(f'container "{container}" in pod "{t.name}" is waiting to start: {reason}')
+        base = 0
         if tail is not None:
             lines = data.splitlines(keepends=True)
-            data = b"".join(lines[len(lines) - tail:]) if tail else b""
+            kept = b"".join(lines[len(lines) - tail:]) if tail else b""
+            base, data = len(data) - len(kept), kept
+        lines = _LogLines(names.container_log_times(pod_dir, container, previous),
+                          req.arg("timestamps") in ("true", "1"), since)
+        following = req.arg("follow") in ("true", "1") and not previous
+        # A previous instance has ended: its log is whole, there is nothing to follow.
+        data = lines.feed(data, base, final=not following)
         if limit is not None:
             data = data[:limit]
-        # A previous instance has ended: its log is whole, there is nothing to follow.
-        if req.arg("follow") not in ("true", "1") or previous or (limit is not None and len(data) >= limit):
+        if not following or (limit is not None and len(data) >= limit):
             return Response(200, data, "text/plain")
-        return Response(200, lambda write: self._follow(write, t, path, read_up_to, data, limit),
+        return Response(200, lambda write: self._follow(write, t, path, read_up_to, data, limit, lines),
                         "text/plain")
 
-    async def _follow(self, write, t: Target, path: str, offset: int, first: bytes, limit: int | None) -> None:
+    def _log_since(self, req: Request) -> int | None | Response:
+        """?sinceSeconds= or ?sinceTime= as a time in ns, None if neither;
+        the API server's refusals otherwise."""
+        seconds, when = req.arg("sinceSeconds"), req.arg("sinceTime")
+        if seconds and when:
+            return status.error("Invalid", 'PodLogOptions "" is invalid: sinceSeconds: Forbidden: at most one '
+                                "of `sinceTime` or `sinceSeconds` may be specified")
+        if seconds:
+            try:
+                value = int(seconds)
+            except ValueError:
+                return status.bad_request(f'sinceSeconds: invalid value "{seconds}": must be an integer')
+            if value < 1:
+                return status.error("Invalid", 'PodLogOptions "" is invalid: sinceSeconds: Invalid value: '
+                                    f"{value}: must be greater than 0")
+            return time.time_ns() - min(value, 2 ** 33) * 1_000_000_000
+        if when:
+            try:
+                return logstamps.parse_rfc3339(when)
+            except (ValueError, OverflowError, OSError):
+                return status.bad_request(f'parsing time "{when}" as "2006-01-02T15:04:05Z07:00": '
+                                          "cannot parse as RFC 3339")
+        return None
+
+    async def _follow(self, write, t: Target, path: str, offset: int, first: bytes, limit: int | None,
+                      lines: "_LogLines") -> None:
         """Stream the log as it grows until the container stops for good (its
         pod finished or gone) or limitBytes is reached."""
         sent = len(first)
@@ -639,18 +855,22 @@ class ApiServer:
         with open(path, "rb") as f:
             f.seek(offset)
             while True:
+                at = f.tell()
                 chunk = f.read(65536)
                 if chunk:
+                    out = lines.feed(chunk, at)
                     if limit is not None:
-                        chunk = chunk[:limit - sent]
-                    sent += len(chunk)
-                    await write(chunk)
+                        out = out[:limit - sent]
+                    sent += len(out)
+                    if out:
+                        await write(out)
                     if limit is not None and sent >= limit:
                         return
                     continue
                 pod = self._read(t)
                 if pod is None or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
-                    rest = f.read()
+                    at = f.tell()
+                    rest = lines.feed(f.read(), at, final=True)
                     if rest:
                         await write(rest[:None if limit is None else limit - sent])
                     return

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 from netemu import kubectl_tables, printers
 
-# Nodes: netemu's wide columns, less BACKEND (read by the CLI from the overlay's
-# stats file, which the API server does not read: see issue 13, part 1).
-_NODE_WIDE = ["INTERNAL-IP", "POD-CIDR"]
 
 
 def _endpoint_slice_row(es: dict) -> list[str]:
@@ -43,8 +40,9 @@ def _columns(kind: str) -> tuple[list[str], list[str], object]:
         return (printers.POD_HEADERS + printers.POD_WIDE, printers.POD_WIDE,
                 lambda o: printers.pod_row(o, True))
     if kind == "Node":
-        return (printers.NODE_HEADERS + _NODE_WIDE, _NODE_WIDE,
-                lambda o: printers.node_row(o, True)[:len(printers.NODE_HEADERS) + len(_NODE_WIDE)])
+        # BACKEND: the overlay daemon's flannel annotation on the Node.
+        return (printers.NODE_HEADERS + printers.NODE_WIDE, printers.NODE_WIDE,
+                lambda o: printers.node_row(o, True))
     headers, wide, row = kubectl_tables.TABLES[kind]
     if wide is None:            # events: -o wide has its own column order
         narrow = set(headers)

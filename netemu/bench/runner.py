@@ -34,7 +34,6 @@ from typing import Callable, Iterator
 from netemu import cluster as clusters, names, netns
 from netemu.bench import report
 from netemu.bench.report import Sample
-from netemu.node.sandbox import Sandbox
 
 LOCK_PATH = "/run/netemu-bench.lock"
 NODES = ("node1", "node2")
@@ -95,18 +94,22 @@ class BenchCluster:
         self.name, self.backend, self.mtu, self.link = name, backend, mtu, link
         self.servers: list[subprocess.Popen] = []
         self.ips: dict[str, str] = {}
+        self.cluster = None             # a netemu.Cluster once built
 
     def up(self) -> None:
-        from netemu.topology.loader import load_topology_dict
+        import netemu
 
         if os.path.exists(names.state_dir(self.name)):
             clusters.teardown(self.name, graceful=False)     # a crashed bench's leftover
-        clusters.up(load_topology_dict(topology(self.name, self.backend, self.mtu, self.link)), kubeconfig=False)
+        # The Python API's up: built from a dict (no YAML file), ready when it
+        # returns; a throw-away cluster, so no kubeconfig context.
+        self.cluster = netemu.up(topology(self.name, self.backend, self.mtu, self.link), kubeconfig=False,
+                                 progress=lambda line: None)
         for pod in (CLIENT, SERVER, LOCAL):
-            sandbox = Sandbox.load(names.pod_dir(self.name, "default", pod))
-            if sandbox is None:
-                raise BenchError(f"{self.name}: pod {pod} has no sandbox")
-            self.ips[pod] = sandbox.ip
+            ip = self.cluster.pods[pod].ip
+            if not ip:
+                raise BenchError(f"{self.name}: pod {pod} has no IP")
+            self.ips[pod] = ip
         for pod in (SERVER, LOCAL):
             ns = self.ns(pod)
             for port in (TCP_PORT, *UDP_SENDERS):
@@ -123,7 +126,11 @@ class BenchCluster:
             proc.kill()
             proc.wait()
         self.servers = []
-        clusters.teardown(self.name, graceful=False)
+        if self.cluster is not None:
+            self.cluster.down()
+            self.cluster = None
+        else:
+            clusters.teardown(self.name, graceful=False)     # an up that failed has rolled back; idempotent
 
     def ns(self, pod: str) -> str:
         return names.pod_ns(self.name, "default", pod)
@@ -131,9 +138,14 @@ class BenchCluster:
     # -- the side figures ------------------------------------------------------
 
     def daemon_stats(self) -> dict[str, dict]:
-        from netemu.overlay.daemon import read_stats
+        """The overlay daemons' records in the store (netemu.overlay.stats)."""
+        from netemu.overlay import stats
 
-        return {node: read_stats(names.node_dir(self.name, node)) or {} for node in NODES}
+        store = clusters.open_store(self.name)
+        try:
+            return {node: stats.read(store, node) or {} for node in NODES}
+        finally:
+            store.close()
 
     def snapshot(self) -> dict[str, float]:
         """Cumulative figures whose differences around a run we report."""

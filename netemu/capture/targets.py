@@ -240,18 +240,20 @@ def _ipv4_of(ns: str, iface: str = "eth0") -> str | None:
     return None
 
 
-def _proxy_mode(cluster: str) -> str | None:
+def _proxy_mode(cluster: str, store) -> str | None:
     try:
         from netemu import clusterconfig
-        return clusterconfig.read(cluster).settings.proxy_mode
+        return clusterconfig.read(cluster, store).settings.proxy_mode
     except Exception:  # noqa: BLE001 - the mode is a nicety for rule lookup
         return None
 
 
 def load_view(cluster: str, store=None) -> ClusterView:
-    """Read the running CLUSTER's layout (store, sandbox files, overlay stats)."""
+    """Read the running CLUSTER's layout from its store (objects, leases, the
+    sandboxes the kubelets published on their pods, the cluster's settings)
+    and the client's and balancer's addresses from the kernel."""
     from netemu import cluster as clusters, netns
-    from netemu.node.sandbox import Sandbox
+    from netemu.node.sandbox import published
     from netemu.overlay import leases
     from netemu.store import registry
 
@@ -265,13 +267,14 @@ def load_view(cluster: str, store=None) -> ClusterView:
         services = registry.list_(store, "Service")
         endpoints = registry.list_(store, "Endpoints")
         subnets = {lease.node: str(lease.subnet) for lease in leases.read_leases(store) if lease.node}
+        proxy_mode = _proxy_mode(cluster, store)
     finally:
         if own:
             store.close()
     veths = {}
     for p in pods:
         ns, name = p["metadata"].get("namespace", "default"), p["metadata"]["name"]
-        sb = Sandbox.load(names.pod_dir(cluster, ns, name))
+        sb = published(p)
         if sb is not None:
             veths[name if ns == "default" else f"{ns}/{name}"] = sb.veth
     lb = names.lb_ns(cluster)
@@ -280,7 +283,7 @@ def load_view(cluster: str, store=None) -> ClusterView:
         cluster, network_config=config, nodes=nodes, pods=pods, services=services, endpoints=endpoints,
         subnets=subnets, veths=veths, client_address=_ipv4_of(names.client_ns(cluster)),
         lb_address=_ipv4_of(lb) if lb_exists else None, lb_exists=lb_exists,
-        proxy_mode=_proxy_mode(cluster))
+        proxy_mode=proxy_mode)
 
 
 # --- capture targets -------------------------------------------------------------

@@ -85,6 +85,8 @@ def reconcile_job(job: dict, pods: list[dict], now: float, time_scale: float = 1
     pods of its namespace. NOW: wall-clock seconds."""
     spec = job.get("spec") or {}
     meta = job["metadata"]
+    if meta.get("deletionTimestamp"):
+        return [], None         # being deleted (its pods orphaned first): nothing new starts
     old_status = job.get("status") or {}
     status = dict(old_status)
     mine = [p for p in pods if ownership.owned_by(p, job)]

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 
-# What a client may do with every resource served here. deletecollection is not
-# served, so it is not advertised: kubectl reads verbs to decide what to try.
+# What a client may do with every resource served here (kubectl reads verbs to
+# decide what to try); deletecollection too, but for namespaces, as Kubernetes.
 VERBS = ("create", "delete", "get", "list", "patch", "update", "watch")
+READ_VERBS = ("get", "list", "watch")
+NO_DELETE_COLLECTION = ("Namespace",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +50,14 @@ class Kind:
     old_versions: tuple[str, ...] = ()
     # Owns pods through a pod template (spec.template): its pods go with it.
     workload: bool = False
+    # Served for reading only (READ_VERBS): netemu writes these objects itself.
+    read_only: bool = False
+
+    @property
+    def verbs(self) -> tuple[str, ...]:
+        if self.read_only:
+            return READ_VERBS
+        return tuple(sorted(VERBS + (() if self.kind in NO_DELETE_COLLECTION else ("deletecollection",))))
 
     @property
     def group_version(self) -> str:
@@ -111,9 +121,9 @@ KINDS: tuple[Kind, ...] = (
          fields=("addressType",)),
     # Node heartbeats: one per node in namespace kube-node-lease, renewed by its kubelet.
     Kind("Lease", "leases", "lease", (), "coordination.k8s.io", "v1", True),
-    # Stored, not yet served: kube-system/netemu-cluster holds the cluster's
-    # settings (netemu.clusterconfig), as kubeadm keeps kube-system/kubeadm-config.
-    Kind("ConfigMap", "configmaps", "configmap", ("cm",), "", "v1", True),
+    # Served read-only: netemu's own, kube-system/netemu-cluster, holds the
+    # cluster's settings (netemu.clusterconfig), as kubeadm keeps kube-system/kubeadm-config.
+    Kind("ConfigMap", "configmaps", "configmap", ("cm",), "", "v1", True, read_only=True),
     Kind("Namespace", "namespaces", "namespace", ("ns",), "", "v1", False, fields=("status.phase",)),
     # The API server keeps nodes under "minions", a name from Kubernetes' first days.
     Kind("Node", "nodes", "node", ("no",), "", "v1", False, fields=("spec.unschedulable",),
@@ -146,7 +156,7 @@ GROUP_VERSIONS: tuple[str, ...] = ("v1", "apps/v1", "batch/v1", "extensions/v1be
 # group/version -> kinds served there. extensions/v1beta1 is the tutorial's:
 # DaemonSets, Deployments, ReplicaSets and Jobs, converted to their current versions.
 SERVED: dict[str, tuple[str, ...]] = {
-    "v1": ("Pod", "Service", "Endpoints", "Node", "Event", "ReplicationController", "Namespace"),
+    "v1": ("Pod", "Service", "Endpoints", "Node", "Event", "ReplicationController", "Namespace", "ConfigMap"),
     "apps/v1": ("DaemonSet", "Deployment", "ReplicaSet"),
     "batch/v1": ("Job",),
     "extensions/v1beta1": ("DaemonSet", "Deployment", "ReplicaSet", "Job"),

@@ -47,7 +47,11 @@ def create(cluster: str, node: str, address: ipaddress.IPv4Interface, mtu: int,
 
 
 def configure_bridge(node_namespace: str, env: SubnetEnv) -> None:
-    """Create or re-address docker0 from subnet.env (idempotent)."""
+    """Create or re-address docker0 from subnet.env (idempotent). Its MAC is
+    Docker's scheme, 02:42:<its ip>, known in advance: every pod gets a
+    PERMANENT neighbour entry for it (sandbox.create_network)."""
+    from netemu.node.sandbox import docker_mac
+
     ipr = netns.iproute(node_namespace)
     try:
         idx = ipr.link_lookup(ifname=names.NODE_BRIDGE)
@@ -56,7 +60,7 @@ def configure_bridge(node_namespace: str, env: SubnetEnv) -> None:
                      br_forward_delay=0)
             idx = ipr.link_lookup(ifname=names.NODE_BRIDGE)
         idx = idx[0]
-        ipr.link("set", index=idx, mtu=env.mtu)
+        ipr.link("set", index=idx, mtu=env.mtu, address=docker_mac(env.subnet.ip))
         want = (str(env.subnet.ip), env.subnet.network.prefixlen)
         have = [(a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in ipr.get_addr(index=idx, family=2)]
         for addr, plen in have:

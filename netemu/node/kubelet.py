@@ -23,9 +23,10 @@ What the real kubelet guarantees, this one does too:
     containers are killed, the sandbox is re-created and the containers
     restarted per restartPolicy.
 
-All kubelets of a cluster run as tasks of the control-plane process; they never
-switch that process's namespace (kernel work happens in worker threads that enter
-and leave namespaces, or in child processes started through nsenter).
+A kubelet runs as a part of its node's agent (netemu.node.agent), a process that
+lives in the node's namespace; it never switches that process's namespace
+(kernel work in other namespaces happens in worker threads that enter and leave
+them, or in child processes started through nsenter).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ import subprocess
 import trio
 
 from netemu import names, netns
+from netemu.link import keep_delay_lines
 from netemu.images import plan as image_plan, write_site
-from netemu.node import hostport, probes as probing, runtime, sandbox as sandboxes
+from netemu.node import hostport, logstamps, probes as probing, runtime, sandbox as sandboxes
 from netemu.node.host import configure_bridge
 from netemu.node.ipam import HostLocalIPAM
 from netemu.overlay import subnetenv
@@ -90,6 +92,7 @@ class Kubelet:
         self.by_key: dict[str, PodWorker] = {}     # "ns/name" -> its newest worker
         self.env: subnetenv.SubnetEnv | None = None
         self.ipam: HostLocalIPAM | None = None
+        self.log_stamper: logstamps.LogStamper | None = None
 
     async def run(self) -> None:
         self.env = await self._wait_for_subnet_env()
@@ -101,6 +104,11 @@ class Kubelet:
         self._set_node_ready()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
+            try:
+                self.log_stamper = logstamps.LogStamper()
+                nursery.start_soon(self.log_stamper.run)
+            except OSError as err:
+                log.warning("node %s: container log lines get no timestamps: %s", self.node, err)
             since = self.store.revision()
             pods = registry.list_(self.store, "Pod")
             try:
@@ -117,6 +125,18 @@ class Kubelet:
                 if uid is None:
                     continue
                 self._sync(uid, pod if ev.type == "PUT" else None)
+
+    def stamp_log(self, pod_dir: str, container: str):
+        """Start recording when the lines of a running container's log are
+        written (logstamps.py); None when this kubelet cannot (no inotify)."""
+        if self.log_stamper is None:
+            return None
+        return self.log_stamper.add(names.container_log(pod_dir, container),
+                                    names.container_log_times(pod_dir, container))
+
+    def unstamp_log(self, stamp) -> None:
+        if stamp is not None and self.log_stamper is not None:
+            self.log_stamper.remove(stamp)
 
     async def _wait_for_subnet_env(self) -> subnetenv.SubnetEnv:
         while True:
@@ -269,7 +289,7 @@ class PodWorker:
         self.stop = trio.Event()
         self.vanished = False        # the object is gone (a forced delete)
         self.changed = trio.Event()
-        self.last_status: dict | None = None
+        self.last_status: tuple | None = None
         self.start_time = (pod.get("status") or {}).get("startTime") or registry.now()
 
     def update(self, pod: dict | None) -> None:
@@ -281,6 +301,11 @@ class PodWorker:
             self.stop.set()
         else:
             self.pod = pod
+        if pod is not None and self.last_status is not None and \
+                (pod["metadata"].get("annotations") or {}).get(sandboxes.ANNOTATION) != self.last_status[1]:
+            # Someone else changed what this kubelet publishes: say it again.
+            self.last_status = None
+            self.changed.set()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -350,6 +375,10 @@ class PodWorker:
                 for c in self.containers:
                     if not c.done:
                         nursery.start_soon(self._run_container, c)
+                if self.sandbox is not None and self.sandbox.link.strip():
+                    # The pod's delay lines, restarted should one die.
+                    nursery.start_soon(keep_delay_lines, sandboxes.pod_link(self.k.cluster, self.k.node, self.sandbox),
+                                       f"pod {self.key}'s link")
                 await self.pause.wait()
                 nursery.cancel_scope.cancel()
             self.changed.set()
@@ -537,9 +566,12 @@ class PodWorker:
         log_path = names.container_log(self.dir, c.name)
         if c.restarts:
             # One log per instance, as the kubelet keeps them: the one that
-            # ended is what `logs --previous` reads.
+            # ended is what `logs --previous` reads (with its times).
             with contextlib.suppress(FileNotFoundError):
                 os.replace(log_path, names.container_log(self.dir, c.name, previous=True))
+            times = names.container_log_times(self.dir, c.name)
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(times, names.container_log_times(self.dir, c.name, previous=True))
         with open(log_path, "ab") as out:
             proc = await trio.lowlevel.open_process(
                 netns.exec_argv(sb.namespace, p.argv, uts_pid=sb.pause_pid),
@@ -588,11 +620,15 @@ class PodWorker:
                 if "readinessProbe" in c.probes:
                     c.probe_ready = c.adopted_ready
                 self.changed.set()
-            async with trio.open_nursery() as probes:
-                for probe in c.probes.values():
-                    probes.start_soon(self._probe, c, probe)
-                code = await c.handle.wait()
-                probes.cancel_scope.cancel()
+            stamp = self.k.stamp_log(self.dir, c.name)
+            try:
+                async with trio.open_nursery() as probes:
+                    for probe in c.probes.values():
+                        probes.start_soon(self._probe, c, probe)
+                    code = await c.handle.wait()
+                    probes.cancel_scope.cancel()
+            finally:
+                self.k.unstamp_log(stamp)
             finished = registry.now()
             if code is None:
                 terminated = {"exitCode": 255, "reason": "Unknown", "startedAt": c.started_at,
@@ -746,16 +782,30 @@ class PodWorker:
         while True:
             await self.changed.wait()
             self.changed = trio.Event()
-            status = self.status()
-            if status != self.last_status:
-                self.last_status = status
-                self._write_status(status)
+            published = (self.status(), self.sandbox_annotation())
+            if published != self.last_status:
+                self.last_status = published
+                self._write_status(*published)
             await trio.sleep(0.02)
 
-    def _write_status(self, status: dict) -> None:
+    def sandbox_annotation(self) -> str | None:
+        """The running sandbox as the Pod shows it to readers off the node
+        (sandboxes.ANNOTATION); None while there is none (as status.podIP)."""
+        if self.sandbox is not None and self.sandbox.pause_pid:
+            return sandboxes.annotation(self.sandbox)
+        return None
+
+    def _write_status(self, status: dict, sandbox: str | None) -> None:
         def change(pod):
             if pod["metadata"]["uid"] == self.uid:
                 pod["status"] = status
+                annotations = pod["metadata"].setdefault("annotations", {})
+                if sandbox is None:
+                    annotations.pop(sandboxes.ANNOTATION, None)
+                    if not annotations:
+                        del pod["metadata"]["annotations"]
+                else:
+                    annotations[sandboxes.ANNOTATION] = sandbox
         try:
             registry.mutate(self.k.store, "Pod", self.ns, self.name, change)
         except Exception:

@@ -6,6 +6,12 @@ tiny process named `pause`. Its eth0 is one end of a veth pair whose other end
 (vethXXXXXXX) is a port of the node's docker0, with hairpin mode on so that a
 pod can reach itself through a Service. The MAC follows Docker's 02:42:<ip>.
 
+The kubelet keeps its sandbox record in the pod's folder (sandbox.json), for
+itself alone: a restarted kubelet adopts the sandbox from it. What readers off
+the node need (describe, exec, capture, the API server) it publishes on the
+Pod, with status.podIP: the annotation netemu.io/sandbox (annotation(),
+published()), one line of JSON as Multus publishes k8s.v1.cni.cncf.io/network-status.
+
 A pod annotated `netemu.io/link: "rate 10mbit delay 5ms loss 1%"` gets that
 impairment on its veth pair, both directions (netemu.link.Link.impair), when
 its sandbox is built: read once, as the CNI bandwidth plugin reads
@@ -65,17 +71,101 @@ class Sandbox:
             return None
 
 
+ANNOTATION = "netemu.io/sandbox"
+
+
+def annotation(sb: Sandbox) -> str:
+    """SB as the kubelet publishes it on its Pod (ANNOTATION): what is needed
+    to find and enter it from off the node."""
+    return json.dumps({"netns": sb.namespace, "veth": sb.veth, "pausePID": sb.pause_pid,
+                       "address": f"{sb.ip}/{sb.prefixlen}", "gateway": sb.gateway, "mtu": sb.mtu},
+                      separators=(",", ":"))
+
+
+def published(pod: dict) -> Sandbox | None:
+    """The sandbox POD's kubelet published (ANNOTATION), as a Sandbox (node
+    and uid from the Pod); None when there is none or it is malformed (an
+    annotation anyone may write: whoever enters it checks it, see
+    pause_pid_of)."""
+    meta = pod.get("metadata") or {}
+    text = (meta.get("annotations") or {}).get(ANNOTATION)
+    if not isinstance(text, str):
+        return None
+    try:
+        data = json.loads(text)
+        iface = ipaddress.IPv4Interface(data["address"])
+        sb = Sandbox(namespace=data["netns"], veth=data["veth"], ip=str(iface.ip), gateway=data["gateway"],
+                     prefixlen=iface.network.prefixlen, mtu=data["mtu"], pause_pid=data["pausePID"],
+                     uid=str(meta.get("uid") or ""), node=str((pod.get("spec") or {}).get("nodeName") or ""))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    ok = (all(isinstance(v, str) and v for v in (sb.namespace, sb.veth, sb.gateway))
+          and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (sb.mtu, sb.pause_pid)))
+    return sb if ok else None
+
+
+def pause_pid_of(cluster: str, pod: dict) -> int | None:
+    """The pause process of POD's running sandbox, checked against the kernel:
+    the published PID must live in the pod's own network namespace (the name
+    netemu gives it, not the annotation's word). None when it is not running.
+    What exec enters, from the CLI or the API server."""
+    sb = published(pod)
+    meta = pod.get("metadata") or {}
+    if sb is None:
+        return None
+    expected = netns.inode(names.pod_ns(cluster, meta.get("namespace") or "default", meta.get("name") or ""))
+    try:
+        actual = os.stat(f"/proc/{sb.pause_pid}/ns/net").st_ino
+    except OSError:
+        return None
+    return sb.pause_pid if expected is not None and actual == expected else None
+
+
 def docker_mac(ip: ipaddress.IPv4Address) -> str:
     return "02:42:" + ":".join(f"{b:02x}" for b in ip.packed)
 
 
 def create_network(cluster: str, node: str, sb: Sandbox) -> None:
-    """Namespace, veth pair on docker0, address and default route, and the
-    link's impairment if the pod asks for one (blocking)."""
+    """Namespace, veth pair on docker0, address and default route, the two
+    static neighbour entries, and the link's impairment if the pod asks for one
+    (blocking).
+
+    Neighbour entries: every MAC on a pod's wire is known in advance (the pod's
+    is 02:42:<its ip>, docker0's 02:42:<the gateway's ip>, see
+    host.configure_bridge), so the pod gets a PERMANENT entry for its gateway
+    and the node one on docker0 for the pod, instead of learning them by ARP.
+    The kernel does not count PERMANENT entries against gc_thresh3, the
+    neighbour table's one limit for all namespaces together (1024 by default):
+    a thousand pods that talk would otherwise fill it twice over ("neighbour
+    table overflow", dropped packets)."""
     journal.create_netns(cluster, sb.namespace)
+    gateway_mac = docker_mac(ipaddress.IPv4Address(sb.gateway))
     pod_link(cluster, node, sb).create(
         far_before=["link set lo up"],
-        far_after=[f"route add default via {sb.gateway} dev {names.POD_IFACE}"])
+        far_after=[f"route add default via {sb.gateway} dev {names.POD_IFACE}",
+                   f"neigh replace {sb.gateway} lladdr {gateway_mac} dev {names.POD_IFACE} nud permanent"])
+    set_neighbour(cluster, node, sb.ip, present=True)
+
+
+def set_neighbour(cluster: str, node: str, ip: str, present: bool) -> None:
+    """The node's PERMANENT neighbour entry for pod IP on docker0 (added or
+    removed), over netlink from this process (no `ip` process per pod)."""
+    ipr = netns.iproute(names.node_ns(cluster, node))
+    try:
+        idx = ipr.link_lookup(ifname=names.NODE_BRIDGE)
+        if not idx:
+            return
+        if present:
+            ipr.neigh("replace", dst=ip, lladdr=docker_mac(ipaddress.IPv4Address(ip)), ifindex=idx[0],
+                      state=NUD_PERMANENT)
+        else:
+            with contextlib.suppress(Exception):      # already gone (or never made)
+                ipr.neigh("del", dst=ip, ifindex=idx[0])
+    finally:
+        ipr.close()
+
+
+NUD_PERMANENT = 0x80
 
 
 LINK_ANNOTATION = impairment.POD_ANNOTATION
@@ -117,3 +207,7 @@ def destroy_network(cluster: str, node: str, sb: Sandbox) -> None:
     # Only one this cluster made: a name that was taken when create_network ran
     # is someone else's.
     journal.delete_netns(cluster, sb.namespace)
+    # docker0's entry for the pod stays with docker0: remove it (one left
+    # behind would still be right, the MAC follows the IP, but it would pile up).
+    with contextlib.suppress(OSError, netns.NetnsError):
+        set_neighbour(cluster, node, sb.ip, present=False)

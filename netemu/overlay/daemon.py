@@ -6,9 +6,12 @@ Runs inside the node's network namespace (it enters it first thing, before any
 thread exists, so every socket and device it makes is the node's). It reads the
 network config from the state store, leases a subnet, writes subnet.env, sets up
 its backend, keeps the backend in step with the other nodes' leases, renews its
-lease, and publishes its counters for `netemu stats` / `describe node`.
-Counters survive a restart of the daemon (a crash, kill -9): the new one
-starts from the figures its predecessor last published.
+lease, and publishes what the rest of the cluster reads of it in the store
+(netemu.overlay.stats): flannel's annotations on its Node, and its counters for
+`netemu stats` / `describe node`. Counters survive a restart of the daemon (a
+crash, kill -9): the new one starts from the figures its predecessor last
+wrote to overlay-stats.json, the node's own file, which only this node's
+daemon reads.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ import json
 import logging
 import os
 import sys
+import time
 
 import trio
 
 from netemu import names
-from netemu.overlay import backend as backends, leases, subnetenv
+from netemu.overlay import backend as backends, leases, stats, subnetenv
 from netemu.overlay.backend import Lease, LocalConfig
 from netemu.store import registry
 from netemu.supervisor import run_node_daemon
@@ -37,8 +41,9 @@ def stats_path(node_dir: str) -> str:
 
 
 def read_stats(node_dir: str) -> dict | None:
-    """What the node's overlay daemon last published (see _publish_stats), or
-    None when there is nothing (yet) to read."""
+    """What the node's overlay daemon last wrote to its own file (see
+    _publish_stats), or None when there is nothing (yet) to read. For the
+    node's next daemon only: others read the store (netemu.overlay.stats)."""
     try:
         with open(stats_path(node_dir)) as f:
             return json.load(f)
@@ -79,6 +84,8 @@ class OverlayDaemon:
         self.node_dir = names.node_dir(cluster, node)
         self.peers: dict[ipaddress.IPv4Network, Lease] = {}
         self.carried: dict[str, int] = {}          # counters of the daemons before us (see carried_counters)
+        self.stats_wanted = trio.Event()            # a reader asked for a fresh record
+        self.requested = 0                          # the revision of the last request seen
 
     def _local_config(self, config: dict) -> tuple[LocalConfig, ipaddress.IPv4Network | None]:
         node = registry.get(self.store, "Node", None, self.node)
@@ -110,9 +117,11 @@ class OverlayDaemon:
             backend.setup(lease)
             subnetenv.write(self.node_dir, subnetenv.SubnetEnv.for_lease(local.network, lease.subnet,
                                                                          backend.mtu()))
+            self._annotate_node(local)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._follow_peers)
                 nursery.start_soon(self._renew)
+                nursery.start_soon(self._follow_requests)
                 nursery.start_soon(self._publish_stats)
                 await backend.run()
         finally:
@@ -167,8 +176,33 @@ class OverlayDaemon:
             await trio.sleep(leases.LEASE_TTL - leases.RENEW_MARGIN)
             leases.renew(self.store, self.lease)
 
+    def _annotate_node(self, local: LocalConfig) -> None:
+        """flannel's annotations on our Node (stats.node_annotations), written
+        only if they differ from what is there."""
+        want = stats.node_annotations(self.backend.name, self.lease.backend_data, str(local.public_ip),
+                                      self.backend.data_path())
+
+        def change(node: dict) -> None:
+            node["metadata"].setdefault("annotations", {}).update(want)
+        node = registry.get(self.store, "Node", None, self.node) or {"metadata": {}}
+        have = node["metadata"].get("annotations") or {}
+        if any(have.get(k) != v for k, v in want.items()):
+            registry.mutate(self.store, "Node", None, self.node, change)
+
+    async def _follow_requests(self) -> None:
+        """Readers ask for a fresh record by writing our request key (stats.collect)."""
+        async for ev in self.store.watch(stats.request_key(self.node), self.store.revision()):
+            if ev.type == "PUT":
+                self.requested = max(self.requested, ev.revision)
+                self.stats_wanted.set()
+
     async def _publish_stats(self) -> None:
+        """Every STATS_PERIOD, the node's own file (the next daemon's carried
+        counters); the store's record when it changed, at most every
+        stats.PUBLISH_PERIOD, and at once when asked."""
         path = stats_path(self.node_dir)
+        last: dict | None = None
+        last_at, answered = 0.0, 0
         while True:
             data = {"node": self.node, "backend": self.backend.name, "data_path": self.backend.data_path(),
                     "subnet": str(self.lease.subnet),
@@ -179,7 +213,17 @@ class OverlayDaemon:
             with open(tmp, "w") as f:
                 json.dump(data, f)
             os.replace(tmp, path)
-            await trio.sleep(STATS_PERIOD)
+            requested = self.requested
+            now = time.monotonic()
+            if stats.worth_publishing(data, last, last_at, now, requested > answered):
+                try:
+                    self.store.put(stats.stats_key(self.node), dict(data, answers=requested))
+                    last, last_at, answered = data, now, requested
+                except Exception:
+                    log.exception("publishing the counters failed")
+            with trio.move_on_after(STATS_PERIOD):
+                await self.stats_wanted.wait()
+            self.stats_wanted = trio.Event()
 
 
 def main(argv: list[str] | None = None) -> int:

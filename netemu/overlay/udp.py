@@ -233,7 +233,7 @@ class UdpBackend(Backend):
             worker.stdin.close()
 
     def worker_pids(self) -> dict[str, int]:
-        """The workers' process ids by direction (for overlay-stats.json)."""
+        """The workers' process ids by direction (for the daemon's stats record)."""
         return {direction: worker.pid for direction, (worker, _watch) in self._workers.items()}
 
     @property

@@ -49,6 +49,12 @@ class Store(Protocol):
 
     def list(self, prefix: str) -> list[KeyValue]: ...
 
+    def list_at(self, prefix: str, revision: int, start_after: str = "",
+                limit: int | None = None) -> list[KeyValue]:
+        """The keys under PREFIX as they were at REVISION, after START_AFTER, in
+        key order, at most LIMIT (one page of a consistent list). Raises
+        Compacted when REVISION is older than the history kept."""
+
     def put(self, key: str, value: Any, *, ttl: float | None = None,
             expect_revision: int | None = None) -> int:
         """Write KEY. expect_revision: 0 means "only if absent"; N means "only if its

@@ -75,10 +75,11 @@ def list_(store: Store, kind: str, namespace: str | None = None) -> list[dict]:
     return [_with_version(kv.value, kv.mod_revision) for kv in store.list(prefix(kind, namespace))]
 
 
-def create(store: Store, obj: dict, *, ttl: float | None = None) -> dict:
+def create(store: Store, obj: dict, *, ttl: float | None = None, uid: str | None = None) -> dict:
     """Store a new object, filling metadata as the API server does. Raises Conflict
     if an object of that kind and name exists. generateName gets a random suffix.
-    TTL: seconds until the store drops the object (Events)."""
+    TTL: seconds until the store drops the object (Events). UID: the one
+    admission chose already (a Job's generated selector names it)."""
     obj = copy.deepcopy(obj)
     kind = obj["kind"]
     meta = obj.setdefault("metadata", {})
@@ -91,7 +92,7 @@ def create(store: Store, obj: dict, *, ttl: float | None = None) -> dict:
             generated = True
         else:
             generated = False
-        meta["uid"] = str(uuid.uuid4())
+        meta["uid"] = uid or str(uuid.uuid4())
         meta["creationTimestamp"] = now()
         meta.pop("resourceVersion", None)
         rev = store.create(key(kind, meta.get("namespace"), meta["name"]), obj, ttl=ttl)

@@ -7,6 +7,7 @@ node's daemons) work beside one writer at a time; writes are short transactions.
 Layout:
   kv(key, value JSON, create_rev, mod_rev, expires_at)   the current state
   events(rev, type, key, value)                          the change log watchers read
+                                                         (and paged lists: list_at)
   meta(revision)                                         the global revision counter
 
 Watch: SQLite has no notification across processes, but every commit appends to
@@ -52,6 +53,9 @@ CREATE TABLE IF NOT EXISTS events (
     key TEXT NOT NULL,
     value TEXT NOT NULL
 );
+-- A key's history, newest first: a list at an old revision (list_at) and
+-- existed_before read it; compaction (_bump) keeps each key's newest PUT.
+CREATE INDEX IF NOT EXISTS events_key ON events(key, rev);
 CREATE TABLE IF NOT EXISTS meta (id INTEGER PRIMARY KEY CHECK (id = 0), revision INTEGER NOT NULL,
                                  compacted INTEGER NOT NULL DEFAULT 0);
 INSERT OR IGNORE INTO meta (id, revision) VALUES (0, 0);
@@ -163,6 +167,42 @@ class SqliteStore:
                 "SELECT rev, type, key, value FROM events WHERE rev > ? AND key >= ? AND key < ? "
                 "ORDER BY rev", (revision, prefix, _prefix_end(prefix))).fetchall()
         return [Event(type=t, key=k, value=json.loads(v), revision=r) for r, t, k, v in rows]
+
+    def list_at(self, prefix: str, revision: int, start_after: str = "",
+                limit: int | None = None) -> list[KeyValue]:
+        """The keys under PREFIX as they were at REVISION, in key order, those
+        after START_AFTER only, at most LIMIT: one page of a list that stays
+        consistent over its pages, as etcd serves a paged list at the
+        revision of its first page. Raises Compacted when REVISION is older
+        than the history kept.
+
+        A key unchanged since REVISION is read from the current state; one
+        changed after it, from its newest event at or before REVISION (a PUT:
+        it was there with that value; a DELETE or none: it was not). That
+        history is whole because compaction keeps every key's newest PUT (see
+        _bump). Historical rows carry no TTL and create_revision 0."""
+        end = _prefix_end(prefix)
+        low = max(prefix, start_after)
+        cap = -1 if limit is None else int(limit)
+        with self._lock:
+            compacted = self._db.execute("SELECT compacted FROM meta WHERE id = 0").fetchone()[0]
+            if revision < compacted:
+                raise Compacted(f"revision {revision} is compacted (oldest kept: {compacted})")
+            rows = self._db.execute(
+                "SELECT key, value, mod_rev, create_rev, expires_at FROM kv "
+                "WHERE key > ? AND key < ? AND mod_rev <= ? ORDER BY key LIMIT ?",
+                (low, end, revision, cap)).fetchall()
+            # Keys changed after REVISION: their state then, from their history.
+            past = self._db.execute(
+                "SELECT e.key, e.type, e.value, e.rev FROM events e "
+                "WHERE e.key IN (SELECT DISTINCT key FROM events WHERE rev > ? AND key > ? AND key < ?) "
+                "AND e.rev = (SELECT MAX(x.rev) FROM events x WHERE x.key = e.key AND x.rev <= ?)",
+                (revision, low, end, revision)).fetchall()
+        out = [_kv(r) for r in rows if not _expired(r[4])]
+        out += [KeyValue(key=k, value=json.loads(v), mod_revision=r, create_revision=0)
+                for k, t, v, r in past if t == "PUT"]
+        out.sort(key=lambda kv: kv.key)
+        return out if limit is None else out[:limit]
 
     def existed_before(self, key: str, revision: int) -> bool | None:
         """Did KEY exist just before REVISION? None when the history that would
@@ -341,7 +381,13 @@ class SqliteStore:
         if rev % 1000 == 0:
             floor = rev - EVENTS_KEPT
             if floor > 0:
-                db.execute("DELETE FROM events WHERE rev <= ?", (floor,))
+                # History up to FLOOR goes, but for each key its newest PUT up
+                # to FLOOR, if it is newer than the key's last DELETE: what
+                # the key held at FLOOR, so the state at any kept revision
+                # can still be told (list_at). At most one row per key.
+                db.execute("DELETE FROM events WHERE rev <= ? AND NOT (type = 'PUT' AND rev = "
+                           "(SELECT MAX(x.rev) FROM events x WHERE x.key = events.key AND x.rev <= ?))",
+                           (floor, floor))
                 db.execute("UPDATE meta SET compacted = ? WHERE id = 0", (floor,))
         return rev
 

@@ -454,7 +454,9 @@ def _selector_mismatch(origin: Origin, labels: dict) -> TopologyError:
                         f"Invalid value: {names.go_repr(labels)}: selector does not match template labels")
 
 
-def _controller(obj: dict, origin: Origin) -> None:
+def _controller(obj: dict, origin: Origin, uid: str | None = None) -> None:
+    """UID: the object's metadata.uid when it has one (an update): a Job's
+    selector generated from it is its own, not a manual one."""
     kind, spec = obj["kind"], obj.setdefault("spec", {})
     labels = _template_labels(spec, origin)
     _check_labels(origin, "spec.template.metadata.labels", labels)
@@ -494,15 +496,17 @@ def _controller(obj: dict, origin: Origin) -> None:
                     "ttlSecondsAfterFinished"):
             if key in spec:
                 _check_non_negative(origin, f"spec.{key}", spec[key])
+        generated = {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
         if spec.get("selector") is not None:
-            if not spec.get("manualSelector"):
+            if not spec.get("manualSelector") and not (uid and spec["selector"] == generated):
                 raise origin.error("spec.selector", f"Invalid value: {spec['selector']}: `selector` not "
                                    "auto-generated (set spec.manualSelector: true to use your own)")
             _label_selector(spec["selector"], "spec.selector", kind, origin)
             if not selectors.matches(spec["selector"], labels):
                 raise _selector_mismatch(origin, labels)
-        # Without a selector the controller generates one from the Job's uid when
-        # the Job is created, as Kubernetes does.
+        # Without a selector, admission generates one from the Job's uid when
+        # the Job is created (api._generate_job_selector), as Kubernetes does;
+        # that one is accepted back on updates.
     else:
         _label_selector(spec.get("selector"), "spec.selector", kind, origin)
         if not selectors.matches(spec["selector"], labels):
@@ -694,7 +698,8 @@ def normalize_object(raw: Any, file: str, where: str) -> tuple[dict, list[str]]:
         _metadata(obj, namespaced, names.dns1123_label, origin)
     else:
         _metadata(obj, namespaced, names.dns1123_subdomain, origin)
-        _controller(obj, origin)
+        raw_uid = (raw.get("metadata") or {}).get("uid")
+        _controller(obj, origin, raw_uid if isinstance(raw_uid, str) else None)
     return obj, origin.warnings
 
 

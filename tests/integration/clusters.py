@@ -58,3 +58,19 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.1, what: str 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+@contextlib.contextmanager
+def lab(topology, **options):
+    """A cluster built by the Python API (netemu.up: a topology dict, no YAML
+    file; or a topology file's path, with NAME among OPTIONS to rename it),
+    torn down by it when the block ends, and checked gone after, even when the
+    block failed. Yields the netemu.Cluster."""
+    import netemu
+
+    name = options.get("name") or topology["name"]
+    try:
+        with netemu.up(topology, **options) as cluster:
+            yield cluster
+    finally:
+        assert_gone(name)

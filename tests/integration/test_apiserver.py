@@ -342,9 +342,9 @@ def test_namespace_created_used_and_deleted_with_its_pods(env):
     # (kubectl sends this one as protobuf)
     out = kubectl(env, "create", "namespace", "new-namespace").stdout
     assert out.strip() == "namespace/new-namespace created"
-    # `kubectl create deployment` too, and that kind's protobuf is not decoded yet: 415
-    proc = kubectl(env, "-n", "new-namespace", "create", "deployment", "web", "--image=nginx", check=False)
-    assert proc.returncode != 0 and "not decoded by netemu yet" in proc.stderr
+    # `kubectl create deployment` sends protobuf too (k8s/protobuf.py decodes it)
+    out = kubectl(env, "-n", "new-namespace", "create", "deployment", "web", "--image=nginx").stdout
+    assert out.strip() == "deployment.apps/web created"
     out = kubectl(env, "-n", "new-namespace", "create", "-f", os.path.join(TUTORIAL, "nginxpod.yaml")).stdout
     assert out.strip() == "pod/nginxpod created"
     wait_for(lambda: "Running" in kubectl(env, "-n", "new-namespace", "get", "pod", "nginxpod").stdout,
@@ -532,3 +532,40 @@ def test_port_forward_with_the_python_client(env):
         assert pf.error(80) is None
     finally:
         kubectl(env, "delete", "pod", name, "--grace-period=1", timeout=90)
+
+
+def test_cluster_settings_node_facts_and_sandbox_read_with_kubectl(env):
+    """What used to be side files, read with kubectl (issue 13, part 1): the
+    cluster's settings (ConfigMap kube-system/netemu-cluster, read-only), the
+    overlay's facts on each Node (flannel's annotations), a running pod's
+    sandbox (netemu.io/sandbox, next to status.podIP and hostIP)."""
+    cm = json.loads(kubectl(env, "-n", "kube-system", "get", "configmap", "netemu-cluster", "-o", "json").stdout)
+    settings = json.loads(cm["data"]["topology.json"])
+    assert settings["name"] == env["cluster"]
+    assert settings["cluster"]["underlay"] == "10.1.96.0/24" and settings["cluster"]["timeScale"] == 0.01
+    assert [n["name"] for n in settings["nodes"]][:3] == [MASTER, "srv-k8s-node1", "srv-k8s-node2"]
+    assert rows(kubectl(env, "-n", "kube-system", "get", "cm").stdout)[1][:2] == ["netemu-cluster", "1"]
+    proc = kubectl(env, "-n", "kube-system", "delete", "cm", "netemu-cluster", check=False)
+    assert proc.returncode != 0 and "MethodNotAllowed" in proc.stderr, proc.stderr
+    assert kubectl(env, "-n", "kube-system", "get", "cm", "netemu-cluster", "-o", "name").stdout.strip() == \
+        "configmap/netemu-cluster"
+
+    node = json.loads(kubectl(env, "get", "node", "srv-k8s-node1", "-o", "json").stdout)
+    ann = node["metadata"]["annotations"]
+    assert (ann["flannel.alpha.coreos.com/backend-type"], ann["flannel.alpha.coreos.com/backend-data"],
+            ann["flannel.alpha.coreos.com/public-ip"], ann["flannel.alpha.coreos.com/kube-subnet-manager"]) == \
+        ("udp", "null", "10.1.96.232", "true")
+    assert ann["netemu.io/data-path"]
+    wide = rows(kubectl(env, "get", "nodes", "-o", "wide").stdout)
+    assert wide[0][-1] == "BACKEND" and all(r[-1] == "udp" for r in wide[1:])
+
+    kubectl(env, "run", "hg-sandbox", "--image=busybox", "--restart=Never", "--command", "--", "sleep", "3600", check=False)
+    pod = wait_for(lambda: (lambda p: p if p.get("status", {}).get("phase") == "Running" else None)(
+        json.loads(kubectl(env, "get", "pod", "hg-sandbox", "-o", "json", check=False).stdout or "{}")),
+        timeout=60, what="pod hg-sandbox running")
+    sandbox = json.loads(pod["metadata"]["annotations"]["netemu.io/sandbox"])
+    assert sandbox["address"].split("/")[0] == pod["status"]["podIP"]
+    assert sandbox["netns"] == names.pod_ns(env["cluster"], "default", "hg-sandbox")
+    assert os.stat(f"/proc/{sandbox['pausePID']}/ns/net").st_ino == os.stat(f"/run/netns/{sandbox['netns']}").st_ino
+    assert pod["status"]["hostIP"] in ("10.1.96.232", "10.1.96.233")
+    kubectl(env, "delete", "pod", "hg-sandbox", timeout=90)

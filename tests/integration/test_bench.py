@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 
 import pytest
 
 from netemu.bench import runner
+
+from .clusters import assert_gone
 
 pytestmark = [pytest.mark.root]
 
@@ -18,6 +21,8 @@ def test_bench_smoke_writes_json_markdown_and_png(tmp_path):
                           duration=1, output=str(tmp_path), prefix="hb-bt",
                           lock_wait=60)   # other engineers' benchmarks take the same lock
     steps = []
+    kubeconfig = os.environ["KUBECONFIG"]           # the session's own (tests/conftest.py)
+    before = open(kubeconfig).read() if os.path.exists(kubeconfig) else None
     runner.run(opts, on_step=steps.append)
     assert len(steps) == len(runner.plan(opts)) == 8
     results = json.loads((tmp_path / "bench.json").read_text())
@@ -35,6 +40,11 @@ def test_bench_smoke_writes_json_markdown_and_png(tmp_path):
     md = (tmp_path / "bench.md").read_text().splitlines()
     assert md[2].startswith("| test |") and len(md) == 4 + len(results["summary"])
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # built and torn down through the Python API (netemu.up, Cluster.down): nothing left
+    for backend in ("udp", "hostgw"):
+        assert_gone(f"hb-bt-{backend}")
+    # throw-away clusters (netemu.up(kubeconfig=False)): the kubeconfig is not even written
+    assert (open(kubeconfig).read() if os.path.exists(kubeconfig) else None) == before
 
 
 def test_bench_refuses_to_run_beside_another(tmp_path):

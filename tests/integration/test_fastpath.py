@@ -12,9 +12,8 @@ import time
 import pytest
 
 from netemu import names, netns
-from netemu.node.sandbox import Sandbox
 from netemu.overlay import udp
-from netemu.overlay.daemon import read_stats
+from netemu.overlay import stats as overlay_stats
 from tests.integration.clusters import running, write_topology
 
 pytestmark = [pytest.mark.root]
@@ -85,9 +84,16 @@ def topology(tmp_path, name: str) -> str:
 
 
 def pod_ip(cluster: str, pod: str) -> str:
-    sandbox = Sandbox.load(names.pod_dir(cluster, "default", pod))
-    assert sandbox is not None, f"pod {pod} has no sandbox"
-    return sandbox.ip
+    from netemu import cluster as clusters
+    from netemu.store import registry
+
+    store = clusters.open_store(cluster)
+    try:
+        ip = ((registry.get(store, "Pod", "default", pod) or {}).get("status") or {}).get("podIP")
+    finally:
+        store.close()
+    assert ip, f"pod {pod} has no IP"
+    return ip
 
 
 def transfer(cluster: str, src: str, dst: str, nbytes: int, port: int = 9100) -> None:
@@ -123,13 +129,24 @@ def udp_blast(cluster: str, src: str, dst: str, count: int, port: int = 9200) ->
     return int(out[0]), int(out[1]), int(out[2])
 
 
+def read_stats(cluster: str, node: str) -> dict:
+    """NODE's overlay record, fresh (asked for), from the store."""
+    from netemu import cluster as clusters
+
+    store = clusters.open_store(cluster)
+    try:
+        return overlay_stats.collect(store, [node], timeout=10)[node]
+    finally:
+        store.close()
+
+
 def rx_counters(cluster: str, node: str) -> dict:
-    return read_stats(names.node_dir(cluster, node))["counters"]
+    return read_stats(cluster, node)["counters"]
 
 
 def fast_path_running(cluster: str, node: str) -> bool:
     """The node's udp workers run with offloads (not --plain)."""
-    stats = read_stats(names.node_dir(cluster, node))
+    stats = read_stats(cluster, node)
     pid = stats["pid"]
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         kids = f.read().split()

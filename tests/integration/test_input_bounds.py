@@ -13,7 +13,7 @@ import yaml
 from netemu import cluster as clusters
 from netemu.store import registry
 
-from .clusters import cli, running, wait_for, write_topology
+from .clusters import cli, lab, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
@@ -42,8 +42,8 @@ def test_refusals_and_long_pod_names_on_a_running_cluster(tmp_path):
     name = f"hc-in-{uuid.uuid4().hex[:4]}"
     long_pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": LONG_NAME},
                 "spec": {"containers": [{"name": "web", "image": "nginx", "ports": [{"containerPort": 80}]}]}}
-    path = write_topology(tmp_path, name, {"nodes": [{"name": "n1"}], "workloads": [long_pod]})
-    with running(path) as (cluster, _):
+    with lab({"name": name, "nodes": [{"name": "n1"}], "workloads": [long_pod]}):
+        cluster = name
         # The long-named pod runs, with the kubelet's truncated hostname.
         wait_for(lambda: (stored(cluster, "Pod", LONG_NAME) or {}).get("status", {}).get("phase") == "Running",
                  timeout=60, what="the long-named pod to run")

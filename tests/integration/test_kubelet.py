@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from netemu import api, cluster as clusters, names, netns
-from netemu.node import runtime
+from netemu.node import agent, runtime
 from netemu.node.sandbox import Sandbox
 from netemu.k8s import kinds
 from netemu.store import registry
@@ -118,29 +118,23 @@ def waiting_reason(pod) -> tuple[str, str] | None:
     return None
 
 
-def kubelets_pid(cluster) -> int:
-    """The process the cluster's kubelets run in: the control plane, or its
-    "nodes" part where a supervisor runs the control plane as parts."""
-    part = os.path.join(names.state_dir(cluster), "controlplane-nodes.pid")
-    if os.path.exists(part):
-        with open(part) as f:
-            return int(f.read())
-    return clusters._read_pid(cluster)
-
-
-def restart_control_plane(cluster):
-    """kill -9 the process the kubelets run in, then let it come back: by its
-    supervisor if the cluster has one, else started again as `up` starts it."""
-    pid = kubelets_pid(cluster)
-    os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not clusters._alive(pid), timeout=10, what="control plane gone")
+def kubelets_pid(cluster, node) -> int | None:
+    """The process NODE's kubelet runs in: the node's agent (netemu.node.agent)."""
     try:
-        wait_for(lambda: kubelets_pid(cluster) != pid and clusters._alive(kubelets_pid(cluster)),
-                 timeout=8, what="kubelets restarted by a supervisor")
-    except AssertionError:
-        if not hasattr(clusters, "start_control_plane"):
-            raise
-        clusters.start_control_plane(cluster)
+        with open(agent.pid_path(cluster, node)) as f:
+            return int(f.read())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def restart_agent(cluster, node="n2"):
+    """kill -9 the process NODE's kubelet runs in (its agent), then wait for
+    the control plane's nodes part to start a new one."""
+    pid = kubelets_pid(cluster, node)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not clusters._alive(pid), timeout=10, what="agent gone")
+    wait_for(lambda: kubelets_pid(cluster, node) not in (None, pid) and clusters._alive(kubelets_pid(cluster, node)),
+             timeout=8, what="the agent restarted by the control plane")
 
 
 def endpoint_ips(cluster, service) -> set[str]:
@@ -193,7 +187,7 @@ def test_pod_that_cannot_start_fails_alone_and_can_be_force_deleted(cluster, tmp
 
 # -- item 4: a restarted control plane adopts what runs ------------------------------
 
-def test_restarted_control_plane_adopts_running_pods(cluster, tmp_path):
+def test_restarted_agent_adopts_running_pods(cluster, tmp_path):
     apply(cluster, tmp_path,
           pod_manifest("hd-adopt", "n2", {"name": "web", "image": "nginx", "ports": [{"containerPort": 80}]}),
           pod_manifest("hd-adopt-ready", "n2", sleeper(readinessProbe={"exec": {"command": ["true"]},
@@ -206,7 +200,7 @@ def test_restarted_control_plane_adopts_running_pods(cluster, tmp_path):
         return runtime.ref_of(sandbox(cluster, name)["pause_pid"]), runtime.ref_of(container)
     held = {n: processes(n, p) for n, p in before.items()}
     inodes = {n: netns.inode(names.pod_ns(cluster, "default", n)) for n in before}
-    restart_control_plane(cluster)
+    restart_agent(cluster)
     # A pod created after the restart runs: the new kubelet is at work.
     apply(cluster, tmp_path, pod_manifest("hd-adopt-new", "n2", sleeper()))
     wait_ready(cluster, "hd-adopt-new")
@@ -253,6 +247,24 @@ def test_killed_pause_is_noticed_and_the_sandbox_recreated(cluster, tmp_path):
     assert now["status"]["podIP"] == before["status"]["podIP"]
     new = sandbox(cluster, "hd-pause")
     assert new["pause_pid"] != old["pause_pid"]
+    # What readers off the node see: the sandbox as the kubelet published it on the Pod.
+    for pod, sb in ((before, old), (now, new)):
+        assert json.loads(pod["metadata"]["annotations"]["netemu.io/sandbox"]) == {
+            "netns": sb["namespace"], "veth": sb["veth"], "pausePID": sb["pause_pid"],
+            "address": f"{sb['ip']}/{sb['prefixlen']}", "gateway": sb["gateway"], "mtu": sb["mtu"]}
+    assert f"Pause PID:          {new['pause_pid']}" in netemu(cluster, "describe", "pod", "hd-pause").stdout
+    assert netemu(cluster, "exec", "hd-pause", "--", "hostname").stdout.strip() == "hd-pause"
+    # A forged annotation (a PID outside the pod's namespace) is not entered,
+    # and the kubelet publishes the truth again.
+    forged = dict(json.loads(now["metadata"]["annotations"]["netemu.io/sandbox"]), pausePID=os.getpid())
+    store = clusters.open_store(cluster)
+    try:
+        registry.mutate(store, "Pod", "default", "hd-pause", lambda p: p["metadata"]["annotations"].update(
+            {"netemu.io/sandbox": json.dumps(forged)}))
+    finally:
+        store.close()
+    wait_for(lambda: json.loads(get(cluster, "Pod", "hd-pause")["metadata"]["annotations"]["netemu.io/sandbox"])
+             ["pausePID"] == new["pause_pid"], timeout=10, what="the kubelet's annotation restored")
     assert netemu(cluster, "exec", "hd-pause", "--", "hostname").stdout.strip() == "hd-pause"
     assert [e["message"] for e in events(cluster, "hd-pause") if e["reason"] == "SandboxChanged"] == \
         ["Pod sandbox changed, it will be killed and re-created."]
@@ -409,13 +421,13 @@ def test_pod_folders_go_with_their_pods(cluster, tmp_path):
     wait_ready(cluster, "hd-orphan")
     sb = sandbox(cluster, "hd-orphan")
     # Stopped, so that its kubelet cannot see the delete; then killed and restarted.
-    os.kill(kubelets_pid(cluster), signal.SIGSTOP)
+    os.kill(kubelets_pid(cluster, "n2"), signal.SIGSTOP)
     store = clusters.open_store(cluster)
     try:
         assert api.delete_pod(store, "default", "hd-orphan", grace_period=0)
     finally:
         store.close()
-    restart_control_plane(cluster)
+    restart_agent(cluster)
     wait_for(lambda: not os.path.exists(os.path.join(pods_root, "default_hd-orphan"))
              and not netns.exists(sb["namespace"])
              and not runtime.alive(runtime.ProcessRef(sb["pause_pid"], sb["pause_start"])),

@@ -18,6 +18,7 @@ import pytest
 
 from netemu import cluster as clusters, journal, names, netns
 from netemu.controlplane import part_pid_path, part_restarts_path
+from netemu.node import agent
 from netemu.store import registry
 from netemu.topology.loader import load_topology
 
@@ -323,14 +324,15 @@ def test_a_stopped_kubelet_makes_its_nodes_unknown(tmp_path):
                                              "nodes": [{"name": "n1"}], "workloads": [pod("p")]})
     with running(path) as (name, _):
         store = clusters.open_store(name)
-        nodes_part = _pid(name, "nodes")
+        with open(agent.pid_path(name, "n1")) as f:
+            kubelet = int(f.read())       # n1's agent: its kubelet and lease heartbeat
         try:
             lease = registry.get(store, "Lease", "kube-node-lease", "n1")
             assert lease["spec"]["holderIdentity"] == "n1" and lease["spec"]["leaseDurationSeconds"] == 5
             first = lease["spec"]["renewTime"]
             wait_for(lambda: registry.get(store, "Lease", "kube-node-lease", "n1")["spec"]["renewTime"] != first,
                      timeout=10, what="a lease renewal")
-            os.kill(nodes_part, signal.SIGSTOP)
+            os.kill(kubelet, signal.SIGSTOP)
             stopped = time.monotonic()
             wait_for(lambda: _ready(store, "n1")["status"] == "Unknown", timeout=20, what="Ready=Unknown")
             assert time.monotonic() - stopped >= 3.5      # not before the grace period (5 s, less a renewal)
@@ -339,10 +341,10 @@ def test_a_stopped_kubelet_makes_its_nodes_unknown(tmp_path):
             assert cond["message"] == "Kubelet stopped posting node status."
             table = cli("get", "--cluster", name, "nodes").stdout.splitlines()
             assert table[1].split()[:2] == ["n1", "NotReady"]
-            os.kill(nodes_part, signal.SIGCONT)
+            os.kill(kubelet, signal.SIGCONT)
             wait_for(lambda: _ready(store, "n1")["status"] == "True", timeout=20, what="Ready again")
         finally:
-            os.kill(nodes_part, signal.SIGCONT)
+            os.kill(kubelet, signal.SIGCONT)
             store.close()
 
 

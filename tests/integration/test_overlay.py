@@ -15,7 +15,7 @@ from netemu import cluster as clusters, names, netns
 from netemu.capture.decode import decode_pcap
 from netemu.capture.tcpdump import capture
 from netemu.overlay import subnetenv
-from netemu.overlay.daemon import read_stats
+from netemu.overlay import stats as overlay_stats
 from netemu.store import registry
 
 from .clusters import cli, running, wait_for, write_topology
@@ -127,12 +127,13 @@ def test_daemon_killed_is_restarted_and_keeps_its_subnet(tmp_path):
         store = clusters.open_store(cluster)
         ips = pod_ips(store)
         env_before = subnetenv.read(names.node_dir(cluster, "n2"))
-        pid = read_stats(names.node_dir(cluster, "n2"))["pid"]
+        pid = overlay_stats.read(store, "n2")["pid"]
         t0 = time.monotonic()
         os.kill(pid, signal.SIGKILL)
 
         def back():
-            data = read_stats(names.node_dir(cluster, "n2"))
+            # A new daemon publishes its record at once.
+            data = overlay_stats.read(store, "n2")
             return data is not None and data["pid"] != pid and data["pid"]
         wait_for(back, timeout=20, what="overlay daemon restart")
         ok = wait_for(lambda: "pod b1" in pexec(cluster, "a1", "curl", "-s", "-m", "2", ips["b1"],

@@ -24,7 +24,7 @@ import time
 import pytest
 
 from netemu import cluster as clusters, names, netns
-from netemu.overlay.daemon import read_stats
+from netemu.overlay import stats as overlay_stats
 from netemu.overlay.packet import internet_checksum
 from netemu.store import registry
 
@@ -76,7 +76,12 @@ class Cluster:
                         for n in registry.list_(store, "Node")}
 
     def stats(self, node: str) -> dict:
-        return read_stats(names.node_dir(self.name, node))
+        """NODE's overlay record, fresh (asked for), from the store."""
+        store = clusters.open_store(self.name)
+        try:
+            return overlay_stats.collect(store, [node], timeout=10)[node]
+        finally:
+            store.close()
 
     def counters(self, node: str) -> dict:
         return self.stats(node)["counters"]

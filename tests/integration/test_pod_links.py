@@ -158,3 +158,55 @@ def test_a_bad_annotation_the_api_never_checked_fails_the_sandbox_with_an_event(
         assert lab.pods["unchecked"].ip is None
     finally:
         lab.delete("pod", "unchecked")
+
+
+def test_link_show_lists_the_pods_link_from_the_store_and_the_kernel(lab):
+    """`link show` and links() list a pod's own link after the node uplinks:
+    its annotation's properties and mechanisms, its node and two ends, and
+    what the kernel holds on each end (the delay line found by its namespace
+    and device among the machine's processes)."""
+    from .clusters import cli
+
+    shown = lab.links()
+    assert list(shown) == ["a", "pod/default/slow"]          # "plain" has no annotation
+    slow = shown["pod/default/slow"]
+    link_ends = ends(lab, "slow")
+    assert slow["pod"] == "slow" and slow["namespace"] == "default" and slow["node"] == "a"
+    assert slow["ends"] == [f"{ns}/{dev}" for ns, dev in link_ends]
+    assert slow["settings"] == {"rate": "20mbit", "delay": "10ms"}
+    assert slow["mechanisms"]["rate"].startswith("tc tbf") and "delay line" in slow["mechanisms"]["delay"]
+    pids = delay_lines(link_ends)
+    for (ns, dev), where in zip(link_ends, slow["ends"]):
+        end = slow["installed"][where]
+        assert end["qdiscs"] == ["tbf"] and end["nftables"] == [f"netemu-link-{dev}"], (where, end)
+        assert end["delayLine"]["pid"] in pids and end["delayLine"]["tap"] == impairment.tap_name(dev)
+    # One pod by name, with or without an annotation; the command line agrees.
+    assert lab.links(pod="slow") == {"pod/default/slow": slow}
+    plain = lab.links(pod="plain")["pod/default/plain"]
+    assert plain["settings"] == {} and all(end == {"qdiscs": [], "nftables": [], "delayLine": None}
+                                           for end in plain["installed"].values())
+    assert json.loads(cli("link", "show", "-o", "json", "--cluster", lab.name).stdout) == shown
+    assert json.loads(cli("link", "show", "pod/slow", "-n", "default", "-o", "json",
+                          "--cluster", lab.name).stdout) == {"pod/default/slow": slow}
+    text = cli("link", "show", "--cluster", lab.name).stdout
+    assert any(line.split()[:3] == ["pod/default/slow", "delay", "10ms"] for line in text.splitlines()), text
+    assert "NOT RUNNING" not in text
+    wrong = cli("link", "show", "pod/nope", "--cluster", lab.name, check=False)
+    assert wrong.returncode != 0 and 'pods "nope" not found' in wrong.stderr
+    wrong = cli("link", "set", "pod/slow", "--rate", "1mbit", "--cluster", lab.name, check=False)
+    assert wrong.returncode != 0 and "netemu.io/link annotation" in wrong.stderr
+
+
+def test_a_killed_delay_line_of_a_pod_is_restarted(lab):
+    """The kubelet restarts a pod's delay line that died, with the same delay:
+    the pod is reachable again, still delayed."""
+    link_ends = ends(lab, "slow")
+    before = delay_lines(link_ends)
+    assert len(before) == 2
+    os.kill(before[0], 9)
+    after = wait_for(lambda: (lambda now: now if len(now) == 2 and before[0] not in now else None)(
+        delay_lines(link_ends)), timeout=10, what="the pod's delay line to be restarted")
+    assert before[1] in after
+    assert rtt_min(lab, lab.pods["slow"].ip) >= 20.0
+    where = f"{link_ends[0][0]}/{link_ends[0][1]}"
+    assert lab.links(pod="slow")["pod/default/slow"]["installed"][where]["delayLine"]["pid"] in after

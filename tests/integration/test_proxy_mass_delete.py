@@ -24,7 +24,7 @@ import pytest
 
 from netemu import api, cluster as clusters, clusterconfig, names, netns
 
-from .clusters import cli, running, wait_for, write_topology
+from .clusters import cli, lab, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
@@ -61,14 +61,13 @@ def udp_entries_to(cluster, node, vips):
 
 
 @pytest.mark.parametrize("mode", ["nftables", "iptables"])
-def test_mass_delete_does_not_hold_up_the_next_service(tmp_path, mode):
-    path = write_topology(tmp_path, f"hfmass{mode[:3]}", {
-        "cluster": {"proxyMode": mode},
-        "nodes": [{"name": "n1"}, {"name": "n2"}],
-        "workloads": [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client"},
-                       "spec": {"nodeName": "n1", "containers": [
-                           {"name": "c", "image": "busybox", "command": ["sleep", "infinity"]}]}}]})
-    with running(path) as (cluster, _):
+def test_mass_delete_does_not_hold_up_the_next_service(mode):
+    cluster = f"hfmass{mode[:3]}"
+    with lab({"name": cluster, "cluster": {"proxyMode": mode},
+              "nodes": [{"name": "n1"}, {"name": "n2"}],
+              "workloads": [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "client"},
+                             "spec": {"nodeName": "n1", "containers": [
+                                 {"name": "c", "image": "busybox", "command": ["sleep", "infinity"]}]}}]}):
         store = clusters.open_store(cluster)
         settings = clusterconfig.read(cluster).settings
         try:

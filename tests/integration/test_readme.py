@@ -200,9 +200,13 @@ EXPECTED = [
     (r"kubectl .*describe service podtoservcie", r"(?m)^Name:\s+podtoservcie$"),
     (r"kubectl .*scale rc podtoservcie", r"replicationcontroller/podtoservcie scaled"),
     (r"kubectl .*get rc podtoservcie", r"podtoservcie\s+3\s"),
+    (r"kubectl .*get svc kubernetes", r"kubernetes\s+ClusterIP\s+10\.254\.0\.1\s+<none>\s+8080/TCP"),
+    (r"kubectl .*--chunk-size=2", r"nginxpod\s+2/2\s+Running"),
+    (r"kubectl .*--timestamps", r"(?m)^\d{4}-\d\d-\d\dT[\d:.]+Z ii  \S"),       # dpkg -l's last lines, stamped
     (r"^netemu kubeconfig", r"netemu-tutorial"),
     (r"^netemu link show srv-k8s-node2$", r"srv-k8s-node2"),
     (r"^netemu link show -o json", r'"srv-k8s-node1"'),
+    (r"^netemu link show pod/nginxpod", r"(?m)^pod/default/nginxpod\s+<none>"),
     (r"ip add \| grep inet", r"inet 10\.1\.96\.233/24"),
     (r"tcpdump -ni docker0", r"listening on docker0"),
     (r"^netemu stats", r"(?m)^NODE\s+BACKEND\s+SUBNET"),

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from netemu import api, cluster as clusters, clusterconfig, names, netns
+from netemu import api, cluster as clusters, clusterconfig, kubectl_verbs, names, netns
 from netemu.store import registry
 
-from .clusters import cli, running, wait_for, write_topology
+from .clusters import cli, lab, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
@@ -81,12 +81,13 @@ def settings(cluster):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_tutorial_sections_3_and_4(tmp_path, mode):
+def test_tutorial_sections_3_and_4(mode):
     """Two replicas behind `expose rc podtoservcie --port=80`; a pod on another node
     reaches both through the ClusterIP; `expose ... --type=LoadBalancer` answers on
     every node's NodePort and on the external IP from the outside client."""
     top = os.path.join(TOPOLOGIES, "tutorial.yaml")
-    with running(top, name=f"ts-tut-{mode[:3]}", proxy_mode=mode) as (cluster, _):
+    with lab(top, name=f"ts-tut-{mode[:3]}", proxy_mode=mode) as built:
+        cluster = built.name
         store = clusters.open_store(cluster)
         objs = [o for o in __import__("netemu.topology.manifests", fromlist=["x"]).load_manifests(
             os.path.join(TOPOLOGIES, "tutorial", "nginx-rc.yaml"), settings(cluster))[0]]
@@ -95,7 +96,7 @@ def test_tutorial_sections_3_and_4(tmp_path, mode):
         pods = wait_for(lambda: len(ready_pods(store, {"app": "nginx"})) == 2 and ready_pods(store, {"app": "nginx"}),
                         timeout=30, what="two nginx replicas")
         assert all(p["metadata"]["name"].startswith("podtoservcie-") for p in pods)
-        svc = api.expose(store, "rc", "podtoservcie", port=80, settings=settings(cluster))
+        svc = kubectl_verbs.expose(store, "rc", "podtoservcie", port=80, settings=settings(cluster))
         vip = svc["spec"]["clusterIP"]
         assert __import__("ipaddress").IPv4Address(vip) in settings(cluster).service_range
         wait_for(lambda: len(endpoints_ips(store, "podtoservcie")) == 2, what="endpoints")
@@ -115,7 +116,7 @@ def test_tutorial_sections_3_and_4(tmp_path, mode):
                           else ["iptables-save", "-t", "nat"]).stdout
         assert "default/podtoservcie" in rules
 
-        lb = api.expose(store, "rc", "podtoservcie", port=80, type_="LoadBalancer",
+        lb = kubectl_verbs.expose(store, "rc", "podtoservcie", port=80, type_="LoadBalancer",
                         name_override="my-second-service", settings=settings(cluster))
         node_port = lb["spec"]["ports"][0]["nodePort"]
         assert 30000 <= node_port <= 32767
@@ -138,9 +139,8 @@ def test_tutorial_sections_3_and_4(tmp_path, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_spread_affinity_endpoints_follow_pods(tmp_path, mode):
-    path = write_topology(tmp_path, f"ts-spread-{mode[:3]}", {
-        "cluster": {"proxyMode": mode},
+def test_spread_affinity_endpoints_follow_pods(mode):
+    topology = {"name": f"ts-spread-{mode[:3]}", "cluster": {"proxyMode": mode},
         "nodes": [{"name": "n1"}, {"name": "n2"}],
         "workloads": [
             rc("web", 4, web_containers(), {"app": "web"}),
@@ -151,8 +151,9 @@ def test_spread_affinity_endpoints_follow_pods(tmp_path, mode):
              "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}},
             {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sticky"},
              "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}], "sessionAffinity": "ClientIP"}},
-        ]})
-    with running(path) as (cluster, _):
+        ]}
+    with lab(topology) as built:
+        cluster = built.name
         store = clusters.open_store(cluster)
         wait_for(lambda: len(endpoints_ips(store, "web")) == 4, timeout=30, what="4 endpoints")
         vip = registry.get(store, "Service", "default", "web")["spec"]["clusterIP"]
@@ -186,9 +187,8 @@ def test_spread_affinity_endpoints_follow_pods(tmp_path, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_udp_service_follows_endpoint_change_and_hairpin(tmp_path, mode):
-    path = write_topology(tmp_path, f"ts-udp-{mode[:3]}", {
-        "cluster": {"proxyMode": mode},
+def test_udp_service_follows_endpoint_change_and_hairpin(mode):
+    topology = {"name": f"ts-udp-{mode[:3]}", "cluster": {"proxyMode": mode},
         "nodes": [{"name": "n1"}, {"name": "n2"}],
         "workloads": [
             {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "dns1", "labels": {"app": "dns"}},
@@ -202,8 +202,9 @@ def test_udp_service_follows_endpoint_change_and_hairpin(tmp_path, mode):
              "spec": {"selector": {"app": "dns"}, "ports": [{"name": "dns", "port": 53, "targetPort": 5353,
                                                              "protocol": "UDP"},
                                                             {"name": "http", "port": 8080, "targetPort": 80}]}},
-        ]})
-    with running(path) as (cluster, _):
+        ]}
+    with lab(topology) as built:
+        cluster = built.name
         store = clusters.open_store(cluster)
         vip = registry.get(store, "Service", "default", "dns")["spec"]["clusterIP"]
         wait_for(lambda: endpoints_ips(store, "dns"), what="an endpoint")

@@ -6,7 +6,8 @@ HTTP on port 80, and three services: bsvc (ClusterIP, its only endpoint b on
 n2), csvc (ClusterIP, endpoint c on n1, the same node as a) and blb
 (LoadBalancer, endpoint b). The udp cluster runs kube-proxy's nftables mode,
 the vxlan one its iptables mode, so both rule layouts are traced. Every cluster
-is torn down at the end of the module (`running()` checks nothing is left), and
+is built from a topology dict by the Python API and torn down at the end of the
+module (netemu.up through clusters.lab, which checks nothing is left), and
 every test checks that no tcpdump of the cluster is left.
 """
 
@@ -25,7 +26,7 @@ import pytest
 from netemu import cluster as clusters
 from netemu.capture import decode, rules, tcpdump, trace
 from netemu.capture.targets import load_view
-from tests.integration.clusters import running, wait_for, write_topology
+from tests.integration.clusters import lab, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
 
@@ -73,7 +74,7 @@ def _ready(name: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     """cluster(backend) -> name of a running cluster with that backend, built on
     first use and torn down when the module's tests are done."""
     if os.geteuid() != 0:
@@ -83,13 +84,13 @@ def cluster(tmp_path_factory):
         def get(backend: str) -> str:
             if backend not in made:
                 name = f"hr-{backend.replace('-', '')[:5]}-{uuid.uuid4().hex[:4]}"
-                path = write_topology(tmp_path_factory.mktemp(name), name, {
-                    "cluster": {"backend": backend, "proxyMode": PROXY_MODE[backend]},
+                stack.enter_context(lab({
+                    "name": name, "cluster": {"backend": backend, "proxyMode": PROXY_MODE[backend]},
                     "nodes": [{"name": "n1"}, {"name": "n2"}],
                     "workloads": [web("a", "n1"), web("b", "n2"), web("c", "n1"),
                                   service("bsvc", "b", 8080), service("csvc", "c", 80),
-                                  service("blb", "b", 80, "LoadBalancer")]})
-                made[backend] = stack.enter_context(running(path))[0]
+                                  service("blb", "b", 80, "LoadBalancer")]}))
+                made[backend] = name
                 wait_for(lambda: _ready(made[backend]), timeout=30, interval=0.3,
                          what="pod IPs, endpoints and the external IP")
             return made[backend]

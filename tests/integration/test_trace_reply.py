@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from netemu.capture.targets import load_view
-from tests.integration.clusters import cli, running, wait_for, write_topology
+from tests.integration.clusters import cli, lab, wait_for
 from tests.integration.test_trace import hop_lines, sections, tcpdumps_of, web
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
@@ -25,13 +25,11 @@ def nodeport_service(name, pod):
 
 
 @pytest.mark.parametrize("backend", ["udp", "vxlan"])
-def test_trace_pod_to_another_nodes_nodeport_sees_the_reply_through_the_overlay(backend, tmp_path):
+def test_trace_pod_to_another_nodes_nodeport_sees_the_reply_through_the_overlay(backend):
     name = f"he-tr-{backend[:3]}-{uuid.uuid4().hex[:4]}"
-    path = write_topology(tmp_path, name, {
-        "cluster": {"backend": backend},
-        "nodes": [{"name": "n1"}, {"name": "n2"}],
-        "workloads": [web("a", "n1"), web("b", "n2"), nodeport_service("bnp", "b")]})
-    with running(path):
+    with lab({"name": name, "cluster": {"backend": backend},
+              "nodes": [{"name": "n1"}, {"name": "n2"}],
+              "workloads": [web("a", "n1"), web("b", "n2"), nodeport_service("bnp", "b")]}):
         def ready():
             view = load_view(name)
             svc = view.services.get("default/bnp")

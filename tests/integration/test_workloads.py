@@ -3,8 +3,9 @@ tables and describe texts, on a real cluster (names hk-*).
 
 One cluster for the module, shaped like the tutorial's: a cordoned master and
 two nodes, with timeScale 0.01 so that Job back-offs and container restart
-back-offs take milliseconds instead of seconds. It is torn down in `running()`'s
-finally. Each test uses object names of its own.
+back-offs take milliseconds instead of seconds. It is built from a topology dict
+by the Python API (netemu.up, through clusters.lab), which tears it down when the
+module ends, however it ends. Each test uses object names of its own.
 
 The verbs are run through the netemu command (python -m netemu.cli).
 """
@@ -23,7 +24,7 @@ import yaml
 from netemu import cluster as clusters
 from netemu.k8s import kinds
 from netemu.store import registry
-from tests.integration.clusters import running, wait_for, write_topology
+from tests.integration.clusters import lab, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 
@@ -33,17 +34,16 @@ TUTORIAL = os.path.join(REPO, "topologies", "tutorial")
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     if os.geteuid() != 0:
         pytest.skip("needs root")
     name = f"hk-wl-{uuid.uuid4().hex[:4]}"
-    path = write_topology(tmp_path_factory.mktemp("topo"), name, {
-        "cluster": {"timeScale": 0.01, "serviceRange": "10.254.0.0/16"},
-        "nodes": [{"name": "k8s-master", "unschedulable": True, "labels": {"node-role.kubernetes.io/master": ""}},
-                  {"name": "n1", "labels": {"disk": "ssd"}},
-                  {"name": "n2"}]})
-    with running(path) as (cluster_name, _):
-        yield cluster_name
+    with lab({"name": name, "cluster": {"timeScale": 0.01, "serviceRange": "10.254.0.0/16"},
+              "nodes": [{"name": "k8s-master", "unschedulable": True,
+                         "labels": {"node-role.kubernetes.io/master": ""}},
+                        {"name": "n1", "labels": {"disk": "ssd"}},
+                        {"name": "n2"}]}):
+        yield name
 
 
 def netemu(cluster, *args, check=True, timeout=90):

@@ -1,4 +1,4 @@
-"""API admission: service allocation, cascading delete, expose, scale, label."""
+"""API admission: service allocation, cascading delete (kubectl's verbs: test_kubectl_verbs.py)."""
 
 from __future__ import annotations
 
@@ -183,65 +183,6 @@ def test_delete_deployment_removes_its_replicasets_and_pods(tmp_path):
     registry.create(store, pod("web-abc-x", {"app": "web"}, owner=rs))
     api.delete(store, "deploy", "default", "web")
     assert registry.list_(store, "ReplicaSet") == [] and registry.list_(store, "Pod") == []
-
-
-def test_expose_rc_like_the_tutorial(tmp_path):
-    store = open_store(tmp_path)
-    registry.create(store, workload("ReplicationController", "podtoservcie", replicas=2, labels={"app": "nginx"}))
-    svc = api.expose(store, "rc", "podtoservcie", port=80)
-    assert svc["metadata"]["name"] == "podtoservcie"
-    assert svc["metadata"]["labels"] == {"app": "nginx"}
-    assert svc["spec"]["selector"] == {"app": "nginx"}
-    assert svc["spec"]["ports"] == [{"port": 80, "protocol": "TCP", "targetPort": 80}]
-    lb = api.expose(store, "rc", "podtoservcie", port=80, type_="LoadBalancer", name_override="my-second-service")
-    assert lb["spec"]["type"] == "LoadBalancer" and 30000 <= lb["spec"]["ports"][0]["nodePort"] <= 32767
-    with pytest.raises(api.ApiError, match="already exists"):
-        api.expose(store, "rc", "podtoservcie", port=80)
-
-
-def test_expose_refuses_without_selector(tmp_path):
-    store = open_store(tmp_path)
-    registry.create(store, pod("bare"))
-    with pytest.raises(api.ApiError, match="selector"):
-        api.expose(store, "pod", "bare", port=80)
-    rs = workload("ReplicaSet", "exprs", replicas=1,
-                  selector={"matchExpressions": [{"key": "app", "operator": "In", "values": ["exprs"]}]})
-    registry.create(store, rs)
-    with pytest.raises(api.ApiError, match="expressions"):
-        api.expose(store, "rs", "exprs", port=80)
-
-
-def test_expose_deployment_introspects_ports(tmp_path):
-    store = open_store(tmp_path)
-    registry.create(store, workload("Deployment", "web", replicas=1))
-    svc = api.expose(store, "deployment", "web", target_port="http")
-    assert svc["spec"]["selector"] == {"app": "web"}
-    assert svc["spec"]["ports"] == [{"port": 80, "protocol": "TCP", "targetPort": "http"}]
-
-
-def test_scale_and_label(tmp_path):
-    store = open_store(tmp_path)
-    registry.create(store, workload("ReplicationController", "web", replicas=2))
-    scaled = api.scale(store, "rc", "web", 5)
-    assert scaled["spec"]["replicas"] == 5
-    with pytest.raises(api.ApiError):
-        api.scale(store, "rc", "web", -1)
-    with pytest.raises(api.ApiError, match="not found"):
-        api.scale(store, "rc", "nope", 1)
-
-    registry.create(store, {"kind": "Node", "metadata": {"name": "node1", "labels": {"gpu": "yes"}}})
-    obj, changed = api.label(store, "node", "node1", ["disk=ssd", "gpu-"])
-    assert changed and obj["metadata"]["labels"] == {"disk": "ssd"}
-    before = registry.get(store, "Node", None, "node1")["metadata"]["resourceVersion"]
-    obj, changed = api.label(store, "nodes", "node1", ["disk=ssd"])
-    assert not changed
-    assert registry.get(store, "Node", None, "node1")["metadata"]["resourceVersion"] == before
-    with pytest.raises(api.ApiError, match="--overwrite is false"):
-        api.label(store, "no", "node1", ["disk=hdd"])
-    obj, changed = api.label(store, "no", "node1", ["disk=hdd"], overwrite=True)
-    assert changed and obj["metadata"]["labels"] == {"disk": "hdd"}
-    with pytest.raises(api.ApiError, match="invalid label spec"):
-        api.label(store, "no", "node1", ["bad key=1"])
 
 
 def test_pod_spec_is_immutable_but_labels_are_not(tmp_path):

@@ -47,7 +47,7 @@ def test_discovery_lists_short_names_and_the_tutorials_extensions_group():
     v1 = discovery.resource_list("v1")
     pods = next(r for r in v1["resources"] if r["name"] == "pods")
     assert (pods["kind"], pods["singularName"], pods["namespaced"], pods["shortNames"]) == ("Pod", "pod", True, ["po"])
-    assert "watch" in pods["verbs"] and "deletecollection" not in pods["verbs"]
+    assert "watch" in pods["verbs"] and "deletecollection" in pods["verbs"]
     ep = next(r for r in v1["resources"] if r["name"] == "endpoints")
     assert ep["shortNames"] == ["ep"]
     ext = discovery.resource_list("extensions/v1beta1")
@@ -177,9 +177,14 @@ def test_put_with_a_stale_resource_version_is_a_conflict(server):
 
 
 def test_delete_returns_status_and_is_404_after(server):
+    node = {"kind": "Node", "apiVersion": "v1", "metadata": {"name": "n2"}}
+    call(server, "POST", "/api/v1/nodes", node)
+    code, body = call(server, "DELETE", "/api/v1/nodes/n2", {"propagationPolicy": "Background"})
+    assert code == 200 and body["status"] == "Success" and body["details"]["name"] == "n2"
+    # A pod's (and a Service's) DELETE answers with the object, as their registries do.
     call(server, "POST", "/api/v1/namespaces/default/pods", POD)
     code, body = call(server, "DELETE", "/api/v1/namespaces/default/pods/web", {"propagationPolicy": "Background"})
-    assert code == 200 and body["status"] == "Success" and body["details"]["name"] == "web"
+    assert code == 200 and body["kind"] == "Pod" and body["metadata"]["name"] == "web"
     assert call(server, "GET", "/api/v1/namespaces/default/pods/web")[0] == 404
     assert call(server, "DELETE", "/api/v1/namespaces/default/pods/web")[0] == 404
 
@@ -667,10 +672,10 @@ def test_protobuf_namespace_body_is_decoded_other_kinds_refused(server):
     body = json.loads(resp.body)
     assert resp.status == 201 and body["metadata"]["name"] == "new-namespace"
     assert body["metadata"]["labels"] == {"kubernetes.io/metadata.name": "new-namespace"}
-    # a Deployment (kubectl create deployment) is not decoded: 415, nothing stored
-    deployment = b"k8s\x00\n\x15\n\x07apps/v1\x12\nDeployment\x12\x07\n\x05\n\x03web"
-    req = http.Request("POST", "/apis/apps/v1/namespaces/default/deployments", {},
-                       {"content-type": "application/vnd.kubernetes.protobuf"}, deployment)
+    # a ReplicaSet (no kubectl command sends one) is not decoded: 415, nothing stored
+    replicaset = b"k8s\x00\n\x15\n\x07apps/v1\x12\nReplicaSet\x12\x07\n\x05\n\x03web"
+    req = http.Request("POST", "/apis/apps/v1/namespaces/default/replicasets", {},
+                       {"content-type": "application/vnd.kubernetes.protobuf"}, replicaset)
     resp = trio.run(server.handle, req)
     assert resp.status == 415 and b"not decoded by netemu yet" in resp.body
     # an unknown field number is an error, not silently dropped

@@ -297,15 +297,14 @@ def test_get_missing_object_words_it_as_kubectl(tmp_path, monkeypatch, capsys, w
 
 
 def test_stats_shows_malformed_reasons_only_wide(state):
-    import json
+    from netemu.overlay import stats
 
     root, store = state
     registry.create(store, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}})
-    node_dir = root / CLUSTER / "nodes" / "n1"
-    node_dir.mkdir(parents=True)
-    (node_dir / "overlay-stats.json").write_text(json.dumps(
-        {"backend": "udp", "subnet": "10.244.1.0/24",
-         "counters": {"tx_packets": 5, "drop_malformed": 3, "malformed_truncated": 2, "malformed_checksum": 1}}))
+    # What n1's overlay daemon last published; no daemon answers the CLI's
+    # request for a fresh one (stats.COLLECT_TIMEOUT), so this is shown.
+    store.put(stats.stats_key("n1"), {"backend": "udp", "subnet": "10.244.1.0/24", "counters": {
+        "tx_packets": 5, "drop_malformed": 3, "malformed_truncated": 2, "malformed_checksum": 1}})
     r = run(root, "stats")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[0].split() == ["NODE", "BACKEND", "SUBNET", "DROP_MALFORMED", "TX_PACKETS"]

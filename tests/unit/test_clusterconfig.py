@@ -4,13 +4,13 @@ compare-and-swap of update. No root, no cluster: a store in a temp folder."""
 
 from __future__ import annotations
 
+import json
 from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
-import yaml
 
-from netemu import clusterconfig
+from netemu import clusterconfig, kubectl_verbs
 from netemu.impairment import Impairment
 from netemu.store import registry
 from netemu.store.sqlite import SqliteStore
@@ -49,8 +49,8 @@ def test_every_setting_round_trips_and_reads_as_a_topology_file():
     obj = clusterconfig.encode(topo)
     assert obj["apiVersion"] == "v1" and obj["kind"] == "ConfigMap"
     assert (obj["metadata"]["namespace"], obj["metadata"]["name"]) == ("kube-system", "netemu-cluster")
-    assert list(obj["data"]) == ["topology.yaml"]
-    text = yaml.safe_load(obj["data"]["topology.yaml"])
+    assert list(obj["data"]) == ["topology.json"]
+    text = json.loads(obj["data"]["topology.json"])
     # The topology file's own keys, defaults written out.
     assert text["cluster"]["backend"] == {"type": "vxlan", "port": 4789, "vni": 7}
     assert text["cluster"]["loadBalancerPool"] == ["172.31.0.100-172.31.0.103", "172.31.0.120"]
@@ -61,7 +61,7 @@ def test_every_setting_round_trips_and_reads_as_a_topology_file():
 
 def test_defaults_are_written_out():
     topo = load_topology_dict({"name": "hsd", "nodes": [{"name": "a"}]}, host_networks=[])
-    text = yaml.safe_load(clusterconfig.encode(topo)["data"]["topology.yaml"])
+    text = json.loads(clusterconfig.encode(topo)["data"]["topology.json"])
     assert text["cluster"]["clientAddress"] == "172.30.0.254"
     assert text["cluster"]["loadBalancerPool"] == ["172.30.0.239-172.30.0.253"]    # 16 minus the client
     assert text["cluster"]["backend"] == {"type": "udp"}
@@ -88,12 +88,12 @@ def test_the_api_server_node_is_left_out_once_removed():
 
 def damaged(text: str) -> dict:
     obj = clusterconfig.encode(load_topology_dict(FULL, host_networks=[]))
-    obj["data"]["topology.yaml"] = text
+    obj["data"]["topology.json"] = text
     return obj
 
 
 def good_text() -> dict:
-    return yaml.safe_load(clusterconfig.encode(load_topology_dict(FULL, host_networks=[]))["data"]["topology.yaml"])
+    return json.loads(clusterconfig.encode(load_topology_dict(FULL, host_networks=[]))["data"]["topology.json"])
 
 
 def error_of(obj) -> str:
@@ -104,33 +104,33 @@ def error_of(obj) -> str:
     return message
 
 
-WHERE = "configmap kube-system/netemu-cluster: data.topology.yaml"
+WHERE = "configmap kube-system/netemu-cluster: data.topology.json"
 
 
 def test_damaged_objects_are_refused_naming_the_field():
     assert error_of({"kind": "Secret"}) == "configmap kube-system/netemu-cluster: kind: must be a ConfigMap"
     no_data = clusterconfig.encode(load_topology_dict(FULL, host_networks=[]))
     no_data["data"] = {}
-    assert error_of(no_data) == ("configmap kube-system/netemu-cluster: data.topology.yaml: "
-                                 "required: the cluster's topology as YAML text")
-    assert error_of(damaged("name: [unclosed")).startswith(WHERE)
-    assert error_of(damaged("")) == f"{WHERE}: must hold one YAML document, got 0"
+    assert error_of(no_data) == ("configmap kube-system/netemu-cluster: data.topology.json: "
+                                 "required: the cluster's topology as JSON text")
+    assert error_of(damaged('{"name": [')).startswith(f"{WHERE}: invalid JSON: Expecting value: line 1")
+    assert error_of(damaged("[]")) == f"{WHERE}: must be a mapping, got a list"
     bad = good_text()
     bad["cluster"]["underlay"] = "10.0.0.0/33"
-    assert error_of(damaged(yaml.safe_dump(bad))).startswith(f"{WHERE}: cluster.underlay: invalid CIDR")
+    assert error_of(damaged(json.dumps(bad))).startswith(f"{WHERE}: cluster.underlay: invalid CIDR")
     bad = good_text()
     bad["nodes"][1]["address"] = "172.31.0.10"
-    assert error_of(damaged(yaml.safe_dump(bad))) == (
+    assert error_of(damaged(json.dumps(bad))) == (
         f"{WHERE}: nodes[1].address: 172.31.0.10 is the client's address (cluster.clientAddress)")
     bad = good_text()
     bad["workloads"] = []
-    assert error_of(damaged(yaml.safe_dump(bad))) == f"{WHERE}: workloads: not part of a cluster's stored settings"
+    assert error_of(damaged(json.dumps(bad))) == f"{WHERE}: workloads: not part of a cluster's stored settings"
     bad = good_text()
     del bad["name"]
-    assert error_of(damaged(yaml.safe_dump(bad))) == f"{WHERE}: name: required: the cluster's name"
+    assert error_of(damaged(json.dumps(bad))) == f"{WHERE}: name: required: the cluster's name"
     bad = good_text()
     bad["cluster"]["bogus"] = 1
-    assert error_of(damaged(yaml.safe_dump(bad))).startswith(f"{WHERE}: cluster.bogus: unknown key")
+    assert error_of(damaged(json.dumps(bad))).startswith(f"{WHERE}: cluster.bogus: unknown key")
 
 
 @pytest.fixture
@@ -199,3 +199,53 @@ def test_a_refused_change_writes_nothing(cluster):
     with pytest.raises(ValueError):
         clusterconfig.update(name, refuse)
     assert registry.get(store, "ConfigMap", "kube-system", "netemu-cluster")["metadata"]["resourceVersion"] == before
+
+
+# -- served read-only by the API server ----------------------------------------------------
+
+def test_the_api_serves_the_settings_read_only(tmp_path):
+    """kubectl get cm -n kube-system netemu-cluster works; changing it does not
+    (netemu writes it: 405, and netemu's own delete and label refuse too)."""
+    import urllib.parse
+
+    import trio
+
+    from netemu import api
+    from netemu.apiserver import discovery, http
+    from netemu.apiserver.server import ApiServer, ensure_system_namespaces
+
+    store = SqliteStore(str(tmp_path / "state.db"), create=True)
+    ensure_system_namespaces(store)
+    topo = load_topology_dict(dict(FULL, name="hsapi"), host_networks=[])
+    clusterconfig.create(store, topo)
+    server = ApiServer(store)
+
+    def call(method, path, body=None, accept="application/json"):
+        path, _, qs = path.partition("?")
+        req = http.Request(method, path, urllib.parse.parse_qs(qs), {"accept": accept,
+                           "content-type": "application/merge-patch+json"},
+                           json.dumps(body).encode() if body is not None else b"")
+        resp = trio.run(server.handle, req)
+        return resp.status, json.loads(resp.body)
+
+    cms = next(r for r in discovery.resource_list("v1")["resources"] if r["name"] == "configmaps")
+    assert (cms["kind"], cms["shortNames"], cms["verbs"]) == ("ConfigMap", ["cm"], ["get", "list", "watch"])
+    path = "/api/v1/namespaces/kube-system/configmaps/netemu-cluster"
+    code, obj = call("GET", path)
+    assert code == 200
+    same(clusterconfig.decode(obj), topo)
+    code, table = call("GET", path, accept="application/json;as=Table;v=v1;g=meta.k8s.io")
+    assert [c["name"] for c in table["columnDefinitions"]] == ["NAME", "DATA", "AGE"]
+    assert table["rows"][0]["cells"][:2] == ["netemu-cluster", "1"]
+    assert call("GET", "/api/v1/configmaps")[1]["items"][0]["metadata"]["name"] == "netemu-cluster"
+    for method, p, body in (("DELETE", path, None), ("PATCH", path, {"data": {"x": "y"}}),
+                            ("PUT", path, obj), ("POST", "/api/v1/namespaces/kube-system/configmaps", obj)):
+        code, status = call(method, p, body)
+        assert (code, status["reason"]) == (405, "MethodNotAllowed"), (method, status)
+    for change in (lambda: api.delete(store, "cm", "kube-system", "netemu-cluster"),
+                   lambda: kubectl_verbs.label(store, "cm", "netemu-cluster", ["a=b"], namespace="kube-system")):
+        with pytest.raises(api.ApiError) as e:
+            change()
+        assert e.value.reason == "MethodNotAllowed"
+    same(clusterconfig.read("hsapi", store), topo)
+    store.close()

@@ -7,7 +7,7 @@ import functools
 import pytest
 import trio
 
-from netemu import api
+from netemu import api, kubectl_verbs
 from netemu.controllers import manager
 from netemu.controllers import podutil
 from netemu.k8s import ownership
@@ -83,7 +83,7 @@ def test_job_never_fails_after_backoff_limit(tmp_path):
 def test_rc_replaces_deleted_pod_and_endpoints_follow(tmp_path):
     store = store_with_nodes(tmp_path)
     registry.create(store, workload("ReplicationController", "podtoservcie", replicas=2, labels={"app": "nginx"}))
-    api.expose(store, "rc", "podtoservcie", port=80, settings=settings())
+    kubectl_verbs.expose(store, "rc", "podtoservcie", port=80, settings=settings())
 
     def endpoint_ips():
         ep = registry.get(store, "Endpoints", "default", "podtoservcie")
@@ -125,10 +125,10 @@ def test_daemonset_follows_node_labels(tmp_path):
 
     async def scenario(kubelet):
         await wait_for(lambda: nodes_with_pod() == ["node1"])
-        api.label(store, "node", "node2", ["disk=ssd"])
-        api.label(store, "node", "master", ["disk=ssd"])
+        kubectl_verbs.label(store, "node", "node2", ["disk=ssd"])
+        kubectl_verbs.label(store, "node", "master", ["disk=ssd"])
         await wait_for(lambda: nodes_with_pod() == ["master", "node1", "node2"])
-        api.label(store, "node", "node1", ["disk-"])
+        kubectl_verbs.label(store, "node", "node1", ["disk-"])
         await wait_for(lambda: nodes_with_pod() == ["master", "node2"])
 
         def status_ok():

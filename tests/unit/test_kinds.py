@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import netemu
-from netemu import api, workloads_cli
+from netemu import api, kubectl_verbs, workloads_cli
 from netemu.k8s import kinds
 from netemu.store import registry
 from netemu.topology import manifests
@@ -133,8 +133,8 @@ def test_admission_names_resources_as_kubectl_does(tmp_path):
     store = open_store(tmp_path)
     ensure_system_namespaces(store)
     for verb in (lambda: api.delete(store, "Deployment", "default", "nosuch"),
-                 lambda: api.scale(store, "Deployment", "nosuch", 1),
-                 lambda: api.label(store, "deploy", "nosuch", ["a=b"])):
+                 lambda: kubectl_verbs.scale(store, "Deployment", "nosuch", 1),
+                 lambda: kubectl_verbs.label(store, "deploy", "nosuch", ["a=b"])):
         with pytest.raises(api.ApiError, match=r'^deployments\.apps "nosuch" not found$'):
             verb()
     with pytest.raises(api.ApiError, match=r'^endpoints "nosuch" not found$'):

@@ -228,3 +228,58 @@ def test_a_bad_pod_link_annotation_is_refused_by_the_manifest_checks():
            "spec": {"ports": [{"port": 80}]}}
     bad_pod["metadata"]["annotations"]["netemu.io/link"] = "delay 5ms rate 1mbit"
     assert netemu.load({**topology(bad_pod), "workloads": [bad_pod, svc]}).name == "hkx"
+
+
+# -- link show: pods' links and a dead delay line (pure, no root) --------------
+
+def test_a_pod_not_on_a_node_yet_has_its_settings_and_no_ends():
+    from netemu import link_cli
+
+    pod = {"metadata": {"name": "w", "namespace": "ns1", "annotations": {"netemu.io/link": "delay 5ms loss 1%"}},
+           "spec": {}}
+    entry = link_cli.pod_link("c", pod, {})
+    assert entry == {"pod": "w", "namespace": "ns1", "node": None, "settings": {"loss": "1%", "delay": "5ms"},
+                     "mechanisms": impairment.parse_words("delay 5ms loss 1%", "x").mechanisms(),
+                     "ends": [], "installed": {}}
+
+
+def test_link_show_says_not_running_for_a_dead_delay_line_and_not_installed_for_a_pod_without_sandbox(capsys):
+    from netemu import link_cli
+
+    imp = impairment.parse_words("delay 5ms", "x")
+    line = {"qdiscs": [], "nftables": ["netemu-link-eth0"], "delayLine": None}
+    result = {"a": {"settings": imp.settings(), "mechanisms": imp.mechanisms(),
+                    "installed": {"c-node-a/eth0": line, "c-fabric/a": dict(line, delayLine={"pid": 1})}},
+              "pod/default/w": {"pod": "w", "namespace": "default", "node": "a", "settings": imp.settings(),
+                                "mechanisms": imp.mechanisms(), "ends": ["c-node-a/veth1", "c-pod-w/eth0"],
+                                "installed": {"c-node-a/veth1": None, "c-pod-w/eth0": None}}}
+    link_cli._print(result, None)
+    rows = [line.split(None, 3) for line in capsys.readouterr().out.splitlines()]
+    assert rows[0] == ["LINK", "PROPERTY", "VALUE", "MECHANISM"]
+    assert rows[1][:3] == ["a", "delay", "5ms"] and "NOT RUNNING" in rows[1][3]
+    assert rows[2][:3] == ["pod/default/w", "delay", "5ms"]
+    assert rows[2][3].endswith("(not installed: the pod has no sandbox)") and "NOT RUNNING" not in rows[2][3]
+
+
+def test_an_exited_child_is_not_alive_until_reaped_and_then_gone():
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from netemu import journal
+    from netemu.link import _alive, reap
+
+    proc = subprocess.Popen(["sleep", "30"])
+    start = journal.process_start_time(proc.pid)
+    assert _alive(proc.pid, start) and not _alive(proc.pid, start + 1)
+    assert not reap(proc.pid)           # running: nothing to collect
+    os.kill(proc.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while journal.process_start_time(proc.pid) == start and _alive(proc.pid, start) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _alive(proc.pid, start)  # a zombie has exited
+    while not reap(proc.pid):
+        time.sleep(0.01)
+    assert journal.process_start_time(proc.pid) is None
+    proc.returncode = -9                # reaped here, not by Popen

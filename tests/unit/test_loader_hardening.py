@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from netemu import api
+from netemu import api, kubectl_verbs
 from netemu.store import registry
 from netemu.topology import names
 from netemu.topology.loader import load_topology
@@ -158,7 +158,7 @@ def test_scale_refuses_more_than_int32(tmp_path):
     api.create_or_update(store, controller("ReplicationController", replicas=1), settings())
     with pytest.raises(api.ApiError, match="cannot unmarshal number 2147483648 into Go struct field "
                                            r"ScaleSpec.spec.replicas of type int32"):
-        api.scale(store, "rc", "w", 2147483648)
+        kubectl_verbs.scale(store, "rc", "w", 2147483648)
     assert registry.get(store, "ReplicationController", "default", "w")["spec"]["replicas"] == 1
 
 

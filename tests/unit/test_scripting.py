@@ -81,3 +81,32 @@ def test_benchmark_takes_a_link_checked_before_anything_runs(monkeypatch):
     monkeypatch.setattr(runner, "run", lambda opts, **_: seen.append(opts) or {})
     netemu.benchmark(["udp"], link={"delay": "10ms", "loss": "0.1%"})
     assert seen[0].link == {"delay": "10ms", "loss": "0.1%"} and seen[0].backends == ["udp", "host-gw"]
+
+
+def test_up_passes_kubeconfig_and_the_bench_builds_through_it_without_one(monkeypatch):
+    """netemu.up(kubeconfig=False) reaches cluster.up (no context for a
+    throw-away cluster); the benchmark's clusters are built by netemu.up with
+    it (the build itself is the integration tests' business)."""
+    from netemu import cluster as clusters
+    from netemu.bench import runner
+
+    calls = []
+    monkeypatch.setattr(clusters, "require_root", lambda: None)
+    monkeypatch.setattr(clusters, "up", lambda topo, progress, **kw: calls.append((topo.name, kw)))
+    monkeypatch.setattr(clusters, "resolve", lambda name: name)     # nothing was built to attach to
+    netemu.up({"name": "hkunit", "nodes": [{"name": "a"}]}, kubeconfig=False)
+    netemu.up({"name": "hkunit2", "nodes": [{"name": "a"}]})
+    assert [(name, kw["kubeconfig"]) for name, kw in calls] == [("hkunit", False), ("hkunit2", True)]
+
+    built = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_up(topology, **kw):
+        built.append((topology["name"], kw.get("kubeconfig")))
+        raise Stop
+    monkeypatch.setattr(netemu, "up", fake_up)
+    with pytest.raises(Stop):
+        runner.BenchCluster("hkb-udp", "udp", 1500).up()
+    assert built == [("hkb-udp", False)]

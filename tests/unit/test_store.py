@@ -120,3 +120,49 @@ def test_an_idle_watch_waits_for_writes_instead_of_polling(store, tmp_path):
     # 2.5 s idle: the first read, then one safety read a second (polling: ~80).
     assert idle_reads <= 5
     assert seen == ["/w/x"]
+
+
+def test_list_at_is_the_state_at_that_revision_over_compaction(store, monkeypatch):
+    """A paged list reads every page at its first page's revision (list_at);
+    compaction keeps what that needs (each key's newest PUT) for every
+    revision it has not compacted, and refuses older ones."""
+    import random
+
+    from netemu.store import sqlite
+    from netemu.store.base import Compacted
+
+    monkeypatch.setattr(sqlite, "EVENTS_KEPT", 300)
+    rng = random.Random(7)
+    keys = [f"/registry/pods/default/p{i:02d}" for i in range(25)]
+    state: dict[str, tuple[int, int]] = {}          # key -> (value, mod_revision)
+    snapshots = {}
+    store.put("/registry/podsx/default/other", 0)   # another prefix: never listed
+    for n in range(2100):
+        k = rng.choice(keys)
+        if k in state and rng.random() < 0.3:
+            store.delete(k)
+            del state[k]
+        else:
+            rev = store.put(k, n)
+            state[k] = (n, rev)
+        snapshots[store.revision()] = dict(state)
+    current = store.revision()
+    compacted = store._db.execute("SELECT compacted FROM meta WHERE id = 0").fetchone()[0]
+    assert compacted == 2000 - 300
+    rows = store._db.execute("SELECT COUNT(*) FROM events WHERE rev <= ?", (compacted,)).fetchone()[0]
+    assert rows <= len(keys) + 1                     # at most one kept row per key
+    for rev in [compacted, compacted + 1, current - 1, current] + rng.sample(range(compacted, current), 40):
+        want = sorted((k, v, r) for k, (v, r) in snapshots[rev].items())
+        got = [(kv.key, kv.value, kv.mod_revision) for kv in store.list_at("/registry/pods/", rev)]
+        assert got == want, rev
+        # in pages of 4, each after the last key of the one before
+        paged, start = [], ""
+        while True:
+            page = store.list_at("/registry/pods/", rev, start, 4)
+            paged += [(kv.key, kv.value, kv.mod_revision) for kv in page]
+            if len(page) < 4:
+                break
+            start = page[-1].key
+        assert paged == want, rev
+    with pytest.raises(Compacted):
+        store.list_at("/registry/pods/", compacted - 1)

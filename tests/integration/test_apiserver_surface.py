@@ -1,0 +1,208 @@
+"""The rest of the API surface (issue 13) with the real kubectl: paged lists,
+logs with timestamps and --since, dry runs, orphaning deletes, delete --all and
+-l, the `kubernetes` Service. One cluster (ha-surface-*), kubectl through its
+kubeconfig context in a temp KUBECONFIG (tests/integration/test_apiserver.py's
+helper) and in the master's namespace with no configuration."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import uuid
+
+import pytest
+
+from netemu import apiserver
+from tests.integration.clusters import running, wait_for, write_topology
+from tests.integration.test_apiserver import MASTER, _listening, kubectl, rows
+
+KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    if not os.path.exists(KUBECTL):
+        pytest.skip("no kubectl on this machine")
+    tmp = tmp_path_factory.mktemp("surface")
+    kubeconfig = tmp / "kubeconfig"
+    old = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(kubeconfig)
+    name = f"ha-surface-{uuid.uuid4().hex[:4]}"
+    path = write_topology(tmp, name, {
+        "cluster": {"timeScale": 0.01, "underlay": "10.1.97.0/24", "serviceRange": "10.253.0.0/16"},
+        "nodes": [{"name": MASTER, "address": "10.1.97.231", "unschedulable": True},
+                  {"name": "srv-k8s-node1", "address": "10.1.97.232"}]})
+    try:
+        with running(path) as (cluster, _):
+            port = apiserver.read_config(cluster)["port"]
+            wait_for(lambda: _listening(port), timeout=20, what="the API server's loopback socket")
+            yield {"cluster": cluster, "kubeconfig": str(kubeconfig), "port": port, "tmp": tmp}
+    finally:
+        if old is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = old
+
+
+def _names(out: str) -> list[str]:
+    return [r[0] for r in rows(out)[1:]]
+
+
+def test_get_in_chunks_pages_through_limit_and_continue(env):
+    for i in range(5):
+        kubectl(env, "create", "namespace", f"chunk{i}")
+    proc = kubectl(env, "get", "namespaces", "--chunk-size=2", "-v=6")
+    # One table over the pages: every namespace once, in order.
+    listed = _names(proc.stdout)
+    assert [n for n in listed if n.startswith("chunk")] == [f"chunk{i}" for i in range(5)]
+    assert len(listed) == len(set(listed)) == 9          # and default, kube-*
+    pages = re.findall(r"GET \S+/api/v1/namespaces\?(\S*limit=2\S*) 200", proc.stderr)
+    assert len(pages) == 5 and all("continue=" in p for p in pages[1:]), proc.stderr
+    kubectl(env, "delete", "namespace", *[f"chunk{i}" for i in range(5)], "--wait=false")
+
+
+def test_logs_with_timestamps_and_since(env):
+    import datetime
+
+    from netemu.node import logstamps
+
+    kubectl(env, "run", "stamped", "--image=busybox", "--restart=Never", "--command", "--",
+            "sh", "-c", "echo one; sleep 1.5; echo two; sleep 600")
+    wait_for(lambda: "two" in kubectl(env, "logs", "stamped", check=False).stdout, timeout=60,
+             what="both lines logged")
+    out = kubectl(env, "logs", "stamped", "--timestamps").stdout
+    lines = [line.split(" ", 1) for line in out.splitlines()]
+    assert [text for _, text in lines] == ["one", "two"]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z", stamp) for stamp, _ in lines)
+    first, second = (logstamps.parse_rfc3339(stamp) for stamp, _ in lines)
+    assert 1.3e9 < second - first < 5e9                     # the sleep between them
+    now = datetime.datetime.now(datetime.timezone.utc).timestamp() * 1e9
+    assert 0 < now - second < 120e9
+    assert kubectl(env, "logs", "stamped", "--since=1h").stdout.split() == ["one", "two"]
+    since = logstamps.rfc3339nano(second)                   # sinceTime: the second line on
+    assert kubectl(env, "logs", "stamped", f"--since-time={since}").stdout.split() == ["two"]
+    assert kubectl(env, "logs", "stamped", "--since=1h", "--tail=1", "--timestamps").stdout == \
+        f"{lines[1][0]} two\n"
+    kubectl(env, "delete", "pod", "stamped", "--grace-period=0", "--force")
+
+
+RC_YAML = """
+apiVersion: v1
+kind: ReplicationController
+metadata: {name: keeper}
+spec:
+  replicas: 2
+  selector: {app: keeper}
+  template:
+    metadata: {labels: {app: keeper, tier: web}}
+    spec: {containers: [{name: c, image: nginx}]}
+"""
+
+
+def test_dry_run_orphan_and_delete_all(env):
+    out = kubectl(env, "create", "-f", "-", "--dry-run=server", input=RC_YAML).stdout
+    assert out.strip() == "replicationcontroller/keeper created (server dry run)"
+    assert "NotFound" in kubectl(env, "get", "rc", "keeper", check=False).stderr
+    kubectl(env, "create", "-f", "-", input=RC_YAML)
+    wait_for(lambda: len(_names(kubectl(env, "get", "pods", "-l", "app=keeper").stdout)) == 2,
+             timeout=60, what="the rc's two pods")
+    pods = _names(kubectl(env, "get", "pods", "-l", "app=keeper").stdout)
+    out = kubectl(env, "delete", "pod", pods[0], "--dry-run=server").stdout
+    assert out.strip() == f'pod "{pods[0]}" deleted (server dry run)'
+    out = kubectl(env, "scale", "rc", "keeper", "--replicas=5", "--dry-run=server").stdout
+    assert "(server dry run)" in out
+    assert rows(kubectl(env, "get", "rc", "keeper").stdout)[1][1] == "2"
+    # --cascade=orphan: the rc goes, its pods stay, no longer owned
+    out = kubectl(env, "delete", "rc", "keeper", "--cascade=orphan").stdout
+    assert out.strip() == 'replicationcontroller "keeper" deleted'
+    assert "NotFound" in kubectl(env, "get", "rc", "keeper", check=False).stderr
+    import json
+    left = json.loads(kubectl(env, "get", "pods", "-l", "app=keeper", "-o", "json").stdout)["items"]
+    assert sorted(p["metadata"]["name"] for p in left) == sorted(pods)
+    assert all(not p["metadata"].get("ownerReferences") for p in left)
+    # and nobody deletes them a moment later (the garbage collector has no owner to follow)
+    import time
+    time.sleep(3)
+    assert sorted(_names(kubectl(env, "get", "pods", "-l", "app=keeper").stdout)) == sorted(pods)
+    # delete -l and --all
+    kubectl(env, "run", "other", "--image=nginx")
+    out = kubectl(env, "delete", "pods", "-l", "app=keeper", "--grace-period=0", "--force").stdout
+    assert sorted(re.findall(r'pod "([^"]+)" force deleted', out)) == sorted(pods)
+    assert _names(kubectl(env, "get", "pods").stdout) == ["other"]
+    out = kubectl(env, "delete", "pods", "--all", "--grace-period=0", "--force").stdout
+    assert 'pod "other" force deleted' in out
+    assert "No resources found" in kubectl(env, "get", "pods").stderr
+
+
+def test_python_client_deletes_a_collection(env):
+    kubernetes = pytest.importorskip("kubernetes")
+    config = kubernetes.client.Configuration()
+    config.host = f"http://127.0.0.1:{env['port']}"
+    v1 = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(config))
+    for name, app in (("col-a", "col"), ("col-b", "col"), ("col-c", "keep")):
+        v1.create_namespaced_pod("default", {"apiVersion": "v1", "kind": "Pod",
+                                             "metadata": {"name": name, "labels": {"app": app}},
+                                             "spec": {"containers": [{"name": "c", "image": "nginx"}]}})
+    v1.delete_collection_namespaced_pod("default", label_selector="app=col", grace_period_seconds=0)
+    names = sorted(p.metadata.name for p in v1.list_namespaced_pod("default").items)
+    assert names == ["col-c"]
+    v1.delete_namespaced_pod("col-c", "default", grace_period_seconds=0)
+
+
+def test_the_kubernetes_service_leads_to_the_api_server(env):
+    import json
+
+    from netemu import names
+
+    def service_row():
+        found = [r for r in rows(kubectl(env, "get", "svc").stdout)[1:] if r[0] == "kubernetes"]
+        return found[0] if found else None
+    row = wait_for(service_row, timeout=30, what="the kubernetes Service")
+    assert row[1:5] == ["ClusterIP", "10.253.0.1", "<none>", "8080/TCP"]
+    described = kubectl(env, "describe", "svc", "kubernetes").stdout
+    assert re.search(r"^Endpoints:\s+10\.1\.97\.231:8080$", described, re.M), described
+    # From a pod, through the service proxy, the API server answers.
+    kubectl(env, "run", "asker", "--image=nginx")
+    wait_for(lambda: "Running" in kubectl(env, "get", "pod", "asker").stdout, timeout=60, what="asker Running")
+    pod_ns = names.pod_ns(env["cluster"], "default", "asker")
+
+    def version():
+        proc = subprocess.run(["ip", "netns", "exec", pod_ns, "curl", "-s", "-m", "3",
+                               "http://10.253.0.1:8080/version"], capture_output=True, text=True)
+        return json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.startswith("{") else None
+    assert wait_for(version, timeout=30, what="/version through the kubernetes Service")["major"] == "1"
+    # Deleted, it comes back (the API server keeps it).
+    kubectl(env, "delete", "svc", "kubernetes")
+    wait_for(service_row, timeout=30, what="the kubernetes Service back")
+    kubectl(env, "delete", "pod", "asker", "--grace-period=0", "--force")
+
+
+def test_typed_create_commands_send_protobuf_and_work(env):
+    out = kubectl(env, "create", "deployment", "typed", "--image=nginx", "--replicas=2", "--port=80").stdout
+    assert out.strip() == "deployment.apps/typed created"
+    wait_for(lambda: rows(kubectl(env, "get", "deploy", "typed").stdout)[1][1] == "2/2", timeout=90,
+             what="the deployment's two pods ready")
+    out = kubectl(env, "create", "service", "clusterip", "typed", "--tcp=80:80").stdout
+    assert out.strip() == "service/typed created"
+    described = kubectl(env, "describe", "svc", "typed").stdout
+    wait_for(lambda: len(re.findall(r"\d+\.\d+\.\d+\.\d+:80", kubectl(env, "describe", "svc", "typed").stdout)) == 2,
+             timeout=30, what="both pods behind the service")
+    assert re.search(r"^Type:\s+ClusterIP$", described, re.M)
+    out = kubectl(env, "create", "job", "typedjob", "--image=busybox", "--", "sh", "-c", "echo from-protobuf").stdout
+    assert out.strip() == "job.batch/typedjob created"
+    import json
+
+    def job_pod_output():
+        pods = json.loads(kubectl(env, "get", "pods", "-o", "json").stdout)["items"]
+        mine = [p["metadata"]["name"] for p in pods
+                if any(r.get("name") == "typedjob" for r in p["metadata"].get("ownerReferences") or [])]
+        return mine and "from-protobuf" in kubectl(env, "logs", mine[0], check=False).stdout
+    wait_for(job_pod_output, timeout=60, what="the job's output")
+    wait_for(lambda: "Complete" in kubectl(env, "get", "job", "typedjob").stdout, timeout=60, what="the job Complete")
+    kubectl(env, "delete", "deploy/typed", "svc/typed", "job/typedjob", timeout=90)
