@@ -87,9 +87,13 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     """HOST and PORT from "http://HOST:PORT", "etcd://HOST:PORT" or "HOST:PORT"."""
     text = endpoint if "://" in endpoint else "http://" + endpoint
     url = urllib.parse.urlsplit(text)
-    if url.scheme not in ("http", "etcd") or not url.hostname or not url.port:
+    try:
+        port = url.port
+    except ValueError:
+        port = None
+    if url.scheme not in ("http", "etcd") or not url.hostname or not port:
         raise ValueError(f"etcd endpoint {endpoint!r}: expected http://HOST:PORT or etcd://HOST:PORT")
-    return url.hostname, url.port
+    return url.hostname, port
 
 
 class EtcdStore:
@@ -114,17 +118,23 @@ class EtcdStore:
 
     def _call(self, path: str, body: dict) -> dict:
         data = json.dumps(body).encode()
-        for attempt in (0, 1):
+        while True:
             conn = self._conn()
+            reused = getattr(self._local, "used", False)
             try:
                 conn.request("POST", path, data, {"Content-Type": "application/json"})
                 resp = conn.getresponse()
                 payload = resp.read()
+                self._local.used = True
                 break
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
                 self._local.conn = None
-                if attempt:          # a stale keep-alive connection gets one retry
+                self._local.used = False
+                # A kept-alive connection the server has closed meanwhile gets
+                # one retry on a new one; a new connection's failure is final.
+                if not (reused and isinstance(e, (http.client.RemoteDisconnected, BrokenPipeError,
+                                                  ConnectionResetError))):
                     raise EtcdError(f"etcd at {self.host}:{self.port}: {path}: {e}") from e
         reply = json.loads(payload or b"{}")
         if resp.status != 200 or "error" in reply:
@@ -316,6 +326,7 @@ class EtcdStore:
         if conn is not None:
             conn.close()
             self._local.conn = None
+            self._local.used = False
 
 
 class _WatchStream:

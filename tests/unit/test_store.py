@@ -367,3 +367,18 @@ def test_a_ttl_key_goes_when_its_owner_process_is_killed(backend, store):
         owner.kill()
         owner.wait()
         owner.stdout.close()
+
+
+def test_etcd_store_bad_endpoint_and_unreachable_etcd_are_one_line_errors():
+    from netemu.store.etcd import EtcdError, EtcdStore, parse_endpoint
+    from netemu.store.etcdrun import free_port
+
+    assert parse_endpoint("etcd://10.0.0.1:2379") == ("10.0.0.1", 2379)
+    assert parse_endpoint("127.0.0.1:2379") == ("127.0.0.1", 2379)
+    with pytest.raises(ValueError, match="expected http://HOST:PORT"):
+        parse_endpoint("http://example:2379x")
+    with pytest.raises(ValueError, match="'ftp://h:1'"):
+        parse_endpoint("ftp://h:1")
+    with pytest.raises(EtcdError, match=r"etcd at 127\.0\.0\.1:\d+: /v3/maintenance/status: ") as e:
+        EtcdStore(f"http://127.0.0.1:{free_port()}")
+    assert "\n" not in str(e.value)
