@@ -382,3 +382,37 @@ def test_etcd_store_bad_endpoint_and_unreachable_etcd_are_one_line_errors():
     with pytest.raises(EtcdError, match=r"etcd at 127\.0\.0\.1:\d+: /v3/maintenance/status: ") as e:
         EtcdStore(f"http://127.0.0.1:{free_port()}")
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.timeout(60)
+def test_a_cancelled_watch_leaves_no_thread_or_stream_behind(backend, store):
+    """Watches come and go (every kubectl get -w): ending one must free what it
+    holds (with etcd: its reader thread and its HTTP stream)."""
+    before = {t.ident for t in threading.enumerate()}
+
+    async def main():
+        for i in range(5):
+            since = store.revision()
+            with trio.move_on_after(5):
+                async for ev in store.watch("/gone/", since):
+                    assert ev.key == f"/gone/{i}"
+                    break
+                else:
+                    raise AssertionError("the watch ended by itself")
+            await trio.sleep(0)
+
+    async def run():
+        async with trio.open_nursery() as nursery:
+            async def writes():
+                for i in range(5):
+                    await trio.sleep(0.3)
+                    await trio.to_thread.run_sync(store.put, f"/gone/{i}", i)
+            nursery.start_soon(writes)
+            await main()
+
+    trio.run(run)
+
+    def watch_threads():                  # trio's own idle worker threads aside
+        return [t.name for t in threading.enumerate()
+                if t.ident not in before and not t.name.startswith("Trio thread")]
+    assert wait_until(lambda: not watch_threads(), 5), watch_threads()
