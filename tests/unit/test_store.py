@@ -239,14 +239,14 @@ def test_watch_sees_every_write_under_concurrent_writers(backend, store):
 
 
 @pytest.mark.timeout(60)
-def test_sqlite_an_idle_watch_waits_for_writes_instead_of_polling(backend, store, tmp_path):
-    """Watches wake on the WAL's inotify events: while nothing is written the store
-    is read about once a second (the safety read), and a write from another
-    connection (another process in a cluster) is still seen."""
+def test_sqlite_an_idle_watch_waits_for_writes_instead_of_polling(tmp_path):
+    """The SQLite store's own wait (etcd's watch is a stream): watches wake on
+    the WAL's inotify events: while nothing is written the store is read about
+    once a second (the safety read), and a write from another connection
+    (another process in a cluster) is still seen."""
     from netemu.store import sqlite
 
-    if backend.name != "sqlite":
-        pytest.skip("the SQLite store's own wait (inotify on its WAL); etcd's watch is a stream")
+    store = SqliteStore(str(tmp_path / "state.db"), create=True)
     other = SqliteStore(str(tmp_path / "state.db"))
     reads = []
     real_revision = store.revision
@@ -274,7 +274,10 @@ def test_sqlite_an_idle_watch_waits_for_writes_instead_of_polling(backend, store
 
     idle_reads = trio.run(main)
     other.close()
-    assert isinstance(store._wal_watch, sqlite.WalWatch), "inotify unavailable here"
+    store.revision = real_revision
+    wal_watch = store._wal_watch
+    store.close()
+    assert isinstance(wal_watch, sqlite.WalWatch), "inotify unavailable here"
     # 2.5 s idle: the first read, then one safety read a second (polling: ~80).
     assert idle_reads <= 5
     assert seen == ["/w/x"]
