@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_cli.register(sub, verb, with_cluster)
     from netemu import link_cli
     link_cli.register(sub, verb, with_cluster)
+    from netemu import shell_cli
+    shell_cli.register(sub, verb, with_cluster)
 
     sp = with_cluster(verb("client", cmd_client, "run a command on the external client (outside the cluster): "
                                                  "netemu client exec -- CMD"))

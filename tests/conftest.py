@@ -75,3 +75,20 @@ def kubeconfig_in_a_temp_file(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture
+def etcd_server(tmp_path_factory):
+    """A real etcd of this test's own: loopback, free ports, a temp data dir,
+    stopped after. Skipped (with the reason) only where the etcd binary is
+    absent; tools/install.sh installs it, so CI runs these."""
+    from netemu.store.etcdrun import EtcdServer, etcd_binary
+
+    if etcd_binary() is None:
+        pytest.skip("etcd binary not found (tools/install.sh installs Debian's etcd-server)")
+    server = EtcdServer(str(tmp_path_factory.mktemp("etcd")))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -5,6 +5,10 @@
 #     strace (a test compares our nf_tables netlink batches with what nft sends),
 #     gcc, libc6-dev and python3-dev (pip builds the udp fast path's C helper; without them
 #     the package installs anyway and the fast path uses numpy, slower);
+#   - Debian's etcd-server (3.4), the store of a cluster spread over several
+#     machines and of the store contract tests; its system service is neither
+#     started nor enabled (netemu and the tests start their own etcd on a free
+#     loopback port with a data dir of their own);
 #   - Debian's kubectl 1.20 (kubernetes-client, the tutorial's generation: it speaks
 #     only SPDY for exec), extracted into ./.kubectl/1.20/kubectl for the API tests,
 #     not installed and not on PATH (the package conflicts with the machine's kubectl);
@@ -24,6 +28,36 @@ if [ -n "$missing" ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
 fi
+
+# etcd-server: the package's postinst would start and enable etcd on 2379.
+# A policy-rc.d that denies every start (unless one is there already) keeps
+# it down during the install; then the service is disabled and masked, and
+# stopped should anything have started it anyway.
+if ! dpkg-query -W -f='${Status}' etcd-server 2>/dev/null | grep -q "install ok installed"; then
+  own_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 0755 /usr/sbin/policy-rc.d
+    own_policy=1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null || true
+  [ -n "$own_policy" ] && rm -f /usr/sbin/policy-rc.d
+  if ! command -v etcd >/dev/null; then
+    echo "tools/install.sh: etcd-server did not install; the etcd store tests will be skipped" >&2
+  fi
+fi
+if [ -e /lib/systemd/system/etcd.service ]; then
+  if [ -d /run/systemd/system ]; then
+    systemctl disable --now etcd.service >/dev/null 2>&1 || true
+    systemctl mask etcd.service >/dev/null 2>&1 || true
+  else
+    rm -f /etc/systemd/system/multi-user.target.wants/etcd.service
+    ln -sf /dev/null /etc/systemd/system/etcd.service
+    [ -x /etc/init.d/etcd ] && /etc/init.d/etcd stop >/dev/null 2>&1 || true
+  fi
+fi
+command -v update-rc.d >/dev/null && [ -e /etc/init.d/etcd ] && update-rc.d etcd disable >/dev/null 2>&1 || true
 
 old_kubectl=.kubectl/1.20/kubectl
 if [ ! -x "$old_kubectl" ]; then

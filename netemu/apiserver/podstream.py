@@ -81,6 +81,22 @@ def _sandbox(server, pod: dict, namespace: str, name: str, container: str):
                                pause_pid=pause_pid)
 
 
+def _container_stream(server, req: Request, pod: dict, namespace: str, name: str):
+    """What exec and attach check before the 101, in kube-apiserver's order:
+    the container, the upgrade asked, the running sandbox. (container,
+    sandbox, (transport, protocol, headers)), or the Response refusing it."""
+    container = _container(req, pod, name)
+    if isinstance(container, Response):
+        return container
+    upgrade = _upgrade(req, podexec.PROTOCOLS, podexec.SPDY_PROTOCOLS)
+    if isinstance(upgrade, Response):
+        return upgrade
+    sandbox = _sandbox(server, pod, namespace, name, container)
+    if isinstance(sandbox, Response):
+        return sandbox
+    return container, sandbox, upgrade
+
+
 def exec_(server, req: Request, pod: dict, namespace: str, name: str) -> Response:
     """`kubectl exec`: a command in the pod's namespaces (podexec.Session)."""
     if req.method not in ("GET", "POST"):
@@ -88,16 +104,10 @@ def exec_(server, req: Request, pod: dict, namespace: str, name: str) -> Respons
     command = req.query.get("command") or []
     if not command or not command[0]:
         return status.bad_request("you must specify at least one command for the container")
-    container = _container(req, pod, name)
-    if isinstance(container, Response):
-        return container
-    upgrade = _upgrade(req, podexec.PROTOCOLS, podexec.SPDY_PROTOCOLS)
-    if isinstance(upgrade, Response):
-        return upgrade
-    transport, protocol, headers = upgrade
-    sandbox = _sandbox(server, pod, namespace, name, container)
-    if isinstance(sandbox, Response):
-        return sandbox
+    checked = _container_stream(server, req, pod, namespace, name)
+    if isinstance(checked, Response):
+        return checked
+    container, sandbox, (transport, protocol, headers) = checked
     spec = next(c for c in pod["spec"]["containers"] if c["name"] == container)
     tty = _flag(req, "tty")
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -134,16 +144,10 @@ def attach(server, req: Request, pod: dict, namespace: str, name: str, read) -> 
     until the instance attached to stops (READ() -> the pod now, or None)."""
     if req.method not in ("GET", "POST"):
         return status.method_not_allowed()
-    container = _container(req, pod, name)
-    if isinstance(container, Response):
-        return container
-    upgrade = _upgrade(req, podexec.PROTOCOLS, podexec.SPDY_PROTOCOLS)
-    if isinstance(upgrade, Response):
-        return upgrade
-    transport, protocol, headers = upgrade
-    sandbox = _sandbox(server, pod, namespace, name, container)
-    if isinstance(sandbox, Response):
-        return sandbox
+    checked = _container_stream(server, req, pod, namespace, name)
+    if isinstance(checked, Response):
+        return checked
+    container, sandbox, (transport, protocol, headers) = checked
     if _flag(req, "tty"):
         # kubectl asks for a TTY only when the container has one (spec.tty);
         # netemu's containers never do.
@@ -157,9 +161,9 @@ def attach(server, req: Request, pod: dict, namespace: str, name: str, read) -> 
         open(log_path, "rb").close()
     except OSError:
         return status.bad_request(f'unable to upgrade connection: container not found ("{container}")')
-    session = podexec.AttachSession(log_path, lambda: _instance(read(), container) == instance, stdout=_flag(req, "stdout", "true"),
-                                    stderr=_flag(req, "stderr", "true"), transport=transport,
-                                    protocol=protocol, stdin=_flag(req, "stdin"))
+    session = podexec.AttachSession(log_path, lambda: _instance(read(), container) == instance,
+                                    stdout=_flag(req, "stdout", "true"), stderr=_flag(req, "stderr", "true"),
+                                    transport=transport, protocol=protocol, stdin=_flag(req, "stdin"))
     return Response(101, b"", headers=headers, upgrade=session.run)
 
 

@@ -7,7 +7,11 @@ keys may carry a TTL and vanish when it runs out; watchers receive every change
 under a prefix after a given revision, deletions included.
 
 The embedded SQLite store (netemu.store.sqlite) implements this for one machine;
-an etcd store can implement the same interface for a cluster spread over several.
+the etcd store (netemu.store.etcd, over etcd v3) implements it for a cluster
+spread over several. tests/unit/test_store.py is the contract both pass. A TTL
+key stays while its owner writes it again before the TTL runs out (with etcd:
+its lease is renewed; lease TTLs are whole seconds, at least etcd's minimum)
+and goes, as a DELETE event, once the owner stops.
 """
 
 from __future__ import annotations

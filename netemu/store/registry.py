@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import hashlib
 import secrets
 import uuid
@@ -40,6 +41,14 @@ def now() -> str:
 def parse_time(stamp: str | None) -> datetime.datetime | None:
     if not stamp:
         return None
+    return _parse_time(stamp)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_time(stamp: str) -> datetime.datetime:
+    # Cached: strptime was a third of a server-side Table of 1,000 pods (an AGE
+    # cell per row), and objects made together share their stamps. A datetime
+    # is immutable; a bad stamp raises ValueError each time (not cached).
     return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
 
 

@@ -157,7 +157,8 @@ def test_the_readme_has_the_blocks_this_test_runs():
     assert [c.split()[:2] for c, _ in bench] == [["netemu", "bench"], ["netemu", "bench"],
                                                  [".venv/bin/python", "tools/bench_proxy.py"],
                                                  [".venv/bin/python", "tools/bench_up.py"],
-                                                 [".venv/bin/python", "tools/latency_hops.py"]]
+                                                 [".venv/bin/python", "tools/latency_hops.py"],
+                                                 [".venv/bin/python", "tools/bench_api.py"]]
     assert "64-byte UDP rate" in bench[0][1]                   # a comment continued on the next line
     assert sum("until Ctrl-C" in comment for _, comment in run) >= 3
 
@@ -195,6 +196,8 @@ EXPECTED = [
     (r"curl -s (?!http://localhost:8080)", r"<p>pod \S+, container \S+, node srv-k8s-\w+</p>"),
     (r"curl -s http://localhost:8080/apis/extensions/v1beta1", r'"name": ?"daemonsets"'),
     (r"kubectl get pods -o wide", r"nginxpod\s+2/2\s+Running"),
+    (r"^netemu shell srv-k8s-master1 -- hostname$", r"^srv-k8s-master1$"),
+    (r"^netemu shell srv-k8s-node2 -- kubectl get nodes", r"srv-k8s-master1\s+Ready"),
     (r"kubectl .*describe service podtoservcie", r"(?m)^Name:\s+podtoservcie$"),
     (r"kubectl .*scale rc podtoservcie", r"replicationcontroller/podtoservcie scaled"),
     (r"kubectl .*get rc podtoservcie", r"podtoservcie\s+3\s"),

@@ -1,17 +1,75 @@
+"""The Store contract: every behavioural test here runs unchanged against the
+SQLite store and the etcd store (a real etcd per test, see the etcd_server
+fixture); tests of one backend's internals say so in their name."""
+
 import threading
+import time
 
 import pytest
 import trio
 
-from netemu.store.base import Conflict
+from netemu.store.base import Compacted, Conflict
 from netemu.store.sqlite import SqliteStore
 
 
+class SqliteBackend:
+    name = "sqlite"
+
+    def __init__(self, tmp_path):
+        self.path = str(tmp_path / "state.db")
+        SqliteStore(self.path, create=True).close()
+
+    def open(self):
+        return SqliteStore(self.path)
+
+    def compact(self, store, revision):
+        """Forget history up to REVISION as the store's own compaction does
+        (SqliteStore compacts by itself every 1000 writes; here, at once)."""
+        with store._write() as db:
+            db.execute("DELETE FROM events WHERE rev <= ? AND NOT (type = 'PUT' AND rev = "
+                       "(SELECT MAX(x.rev) FROM events x WHERE x.key = events.key AND x.rev <= ?))",
+                       (revision, revision))
+            db.execute("UPDATE meta SET compacted = ? WHERE id = 0", (revision,))
+
+    def close(self):
+        pass
+
+
+class EtcdBackend:
+    name = "etcd"
+
+    def __init__(self, server):
+        self.server = server
+
+    def open(self):
+        from netemu.store.etcd import EtcdStore
+        return EtcdStore(self.server.endpoint)
+
+    def compact(self, store, revision):
+        store.compact(revision)
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def backend(request, tmp_path):
+    if request.param == "sqlite":
+        return SqliteBackend(tmp_path)
+    return EtcdBackend(request.getfixturevalue("etcd_server"))
+
+
 @pytest.fixture
-def store(tmp_path):
-    s = SqliteStore(str(tmp_path / "state.db"), create=True)
+def store(backend):
+    s = backend.open()
     yield s
     s.close()
+
+
+def wait_until(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
 
 
 def test_revisions_and_conditional_writes(store):
@@ -37,24 +95,122 @@ def test_prefix_listing_is_exact(store):
 
 
 def test_ttl_expiry_is_a_delete_event(store):
-    store.put("/lease", {"n": 1}, ttl=0.05)
+    store.put("/lease", {"n": 1}, ttl=1)
     rev = store.revision()
-    import time
-    time.sleep(0.1)
-    assert store.get("/lease") is None
+    assert wait_until(lambda: store.get("/lease") is None, 8)
     events = store.events_since(rev, "/lease")
-    assert [e.type for e in events] == ["DELETE"]
+    assert [(e.type, e.value) for e in events] == [("DELETE", {"n": 1})]
+
+
+def test_a_ttl_key_lives_while_its_owner_renews_it_and_goes_when_it_stops(backend, store):
+    """The owner keeps a TTL key alive by writing it again (with etcd: the
+    key's lease is renewed); when the owner stops (dies), the key expires."""
+    owner = backend.open()
+    owner.put("/registry/leases/n1", {"holder": "n1"}, ttl=2)
+    first = store.get("/registry/leases/n1")
+    start = time.monotonic()
+    while time.monotonic() - start < 5:          # well past the TTL (and etcd's minimum)
+        owner.put("/registry/leases/n1", {"holder": "n1"}, ttl=2)
+        assert store.get("/registry/leases/n1") is not None
+        time.sleep(0.5)
+    assert store.get("/registry/leases/n1").create_revision == first.create_revision
+    owner.close()                                # the owner is gone: no more renewals
+    assert store.get("/registry/leases/n1") is not None
+    assert wait_until(lambda: (store.expire() or True) and store.get("/registry/leases/n1") is None, 8)
+
+
+def test_a_watch_from_a_compacted_revision_raises_compacted(backend, store):
+    first = store.put("/c/a", 1)
+    for i in range(5):
+        store.put("/c/a", i)
+    backend.compact(store, store.revision() - 1)
+    with pytest.raises(Compacted):
+        store.events_since(first, "/c/")
+    with pytest.raises(Compacted):
+        store.list_at("/c/", first)
+
+    async def main():
+        with trio.fail_after(10):
+            async for _ in store.watch("/c/", first):
+                pass
+
+    with pytest.raises(Compacted):
+        trio.run(main)
+    # revisions from the compaction point on are still served
+    assert [kv.value for kv in store.list_at("/c/", store.revision())] == [4]
+
+
+def test_concurrent_compare_and_swap_from_two_clients_exactly_one_wins(backend, store):
+    rev = store.put("/cas", {"n": 0})
+    clients = [backend.open(), backend.open()]
+    barrier = threading.Barrier(2)
+    outcome = [None, None]
+
+    def swap(i):
+        barrier.wait()
+        try:
+            outcome[i] = clients[i].put("/cas", {"n": i + 1}, expect_revision=rev)
+        except Conflict:
+            outcome[i] = "conflict"
+
+    for _ in range(10):
+        rev = store.get("/cas").mod_revision
+        threads = [threading.Thread(target=swap, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [o for o in outcome if o != "conflict"]
+        assert len(winners) == 1, outcome
+        assert store.get("/cas").mod_revision == winners[0]
+    for c in clients:
+        c.close()
+
+
+def test_create_if_absent_from_two_clients_exactly_one_wins(backend, store):
+    clients = [backend.open(), backend.open()]
+    barrier = threading.Barrier(2)
+    outcome = [None, None]
+
+    def create(i):
+        barrier.wait()
+        outcome[i] = clients[i].create("/registry/nodes/n1", {"by": i})
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(o is None for o in outcome) == [False, True]
+    winner = 0 if outcome[0] is not None else 1
+    assert store.get("/registry/nodes/n1").value == {"by": winner}
+    for c in clients:
+        c.close()
+
+
+def test_delete_prefix_and_events_since_carry_deleted_values(store):
+    base = store.revision()
+    store.put("/d/a", "A")
+    store.put("/d/b", "B")
+    store.put("/dx/c", "C")
+    assert store.delete_prefix("/d/") == 2
+    assert store.list("/d/") == [] and [kv.key for kv in store.list("/dx/")] == ["/dx/c"]
+    events = [(e.type, e.key, e.value) for e in store.events_since(base, "/d/")]
+    assert events == [("PUT", "/d/a", "A"), ("PUT", "/d/b", "B"),
+                      ("DELETE", "/d/a", "A"), ("DELETE", "/d/b", "B")]
+    assert store.existed_before("/d/a", store.revision() + 1) is False
+    assert store.existed_before("/d/a", base + 2) is True
 
 
 @pytest.mark.timeout(120)
-def test_watch_sees_every_write_under_concurrent_writers(store, tmp_path):
+def test_watch_sees_every_write_under_concurrent_writers(backend, store):
     """No event may be skipped, however the writers interleave with the poll."""
     n_writers, per_writer = 3, 150
     seen = []
     errors = []
 
     def writer(i):
-        other = SqliteStore(str(tmp_path / "state.db"))
+        other = backend.open()
         try:
             for k in range(per_writer):
                 other.put(f"/w/{i}/{k}", k)
@@ -83,12 +239,14 @@ def test_watch_sees_every_write_under_concurrent_writers(store, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_an_idle_watch_waits_for_writes_instead_of_polling(store, tmp_path):
-    """Watches wake on the WAL's inotify events: while nothing is written the store
-    is read about once a second (the safety read), and a write from another
-    connection (another process in a cluster) is still seen."""
+def test_sqlite_an_idle_watch_waits_for_writes_instead_of_polling(tmp_path):
+    """The SQLite store's own wait (etcd's watch is a stream): watches wake on
+    the WAL's inotify events: while nothing is written the store is read about
+    once a second (the safety read), and a write from another connection
+    (another process in a cluster) is still seen."""
     from netemu.store import sqlite
 
+    store = SqliteStore(str(tmp_path / "state.db"), create=True)
     other = SqliteStore(str(tmp_path / "state.db"))
     reads = []
     real_revision = store.revision
@@ -116,20 +274,23 @@ def test_an_idle_watch_waits_for_writes_instead_of_polling(store, tmp_path):
 
     idle_reads = trio.run(main)
     other.close()
-    assert isinstance(store._wal_watch, sqlite.WalWatch), "inotify unavailable here"
+    store.revision = real_revision
+    wal_watch = store._wal_watch
+    store.close()
+    assert isinstance(wal_watch, sqlite.WalWatch), "inotify unavailable here"
     # 2.5 s idle: the first read, then one safety read a second (polling: ~80).
     assert idle_reads <= 5
     assert seen == ["/w/x"]
 
 
-def test_list_at_is_the_state_at_that_revision_over_compaction(store, monkeypatch):
+def test_list_at_is_the_state_at_that_revision_over_compaction(backend, store, monkeypatch):
     """A paged list reads every page at its first page's revision (list_at);
-    compaction keeps what that needs (each key's newest PUT) for every
-    revision it has not compacted, and refuses older ones."""
+    compaction keeps what that needs for every revision it has not
+    compacted, and refuses older ones. (SQLite compacts by itself every 1000
+    writes, keeping EVENTS_KEPT; etcd is compacted here by hand.)"""
     import random
 
     from netemu.store import sqlite
-    from netemu.store.base import Compacted
 
     monkeypatch.setattr(sqlite, "EVENTS_KEPT", 300)
     rng = random.Random(7)
@@ -137,7 +298,8 @@ def test_list_at_is_the_state_at_that_revision_over_compaction(store, monkeypatc
     state: dict[str, tuple[int, int]] = {}          # key -> (value, mod_revision)
     snapshots = {}
     store.put("/registry/podsx/default/other", 0)   # another prefix: never listed
-    for n in range(2100):
+    writes = 2100 if backend.name == "sqlite" else 700
+    for n in range(writes):
         k = rng.choice(keys)
         if k in state and rng.random() < 0.3:
             store.delete(k)
@@ -147,10 +309,14 @@ def test_list_at_is_the_state_at_that_revision_over_compaction(store, monkeypatc
             state[k] = (n, rev)
         snapshots[store.revision()] = dict(state)
     current = store.revision()
-    compacted = store._db.execute("SELECT compacted FROM meta WHERE id = 0").fetchone()[0]
-    assert compacted == 2000 - 300
-    rows = store._db.execute("SELECT COUNT(*) FROM events WHERE rev <= ?", (compacted,)).fetchone()[0]
-    assert rows <= len(keys) + 1                     # at most one kept row per key
+    if backend.name == "sqlite":
+        compacted = store._db.execute("SELECT compacted FROM meta WHERE id = 0").fetchone()[0]
+        assert compacted == 2000 - 300
+        rows = store._db.execute("SELECT COUNT(*) FROM events WHERE rev <= ?", (compacted,)).fetchone()[0]
+        assert rows <= len(keys) + 1                 # at most one kept row per key
+    else:
+        compacted = current - 300
+        backend.compact(store, compacted)
     for rev in [compacted, compacted + 1, current - 1, current] + rng.sample(range(compacted, current), 40):
         want = sorted((k, v, r) for k, (v, r) in snapshots[rev].items())
         got = [(kv.key, kv.value, kv.mod_revision) for kv in store.list_at("/registry/pods/", rev)]
@@ -166,3 +332,90 @@ def test_list_at_is_the_state_at_that_revision_over_compaction(store, monkeypatc
         assert paged == want, rev
     with pytest.raises(Compacted):
         store.list_at("/registry/pods/", compacted - 1)
+
+
+OWNER = """
+import sys, time
+kind, where = sys.argv[1], sys.argv[2]
+if kind == "sqlite":
+    from netemu.store.sqlite import SqliteStore as Store
+else:
+    from netemu.store.etcd import EtcdStore as Store
+store = Store(where)
+while True:
+    store.put("/registry/leases/owner", {"pid": 1}, ttl=2)
+    print("renewed", flush=True)
+    time.sleep(0.5)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_ttl_key_goes_when_its_owner_process_is_killed(backend, store):
+    """An owner process renews its key; SIGKILL it, and the key expires."""
+    import subprocess
+    import sys
+
+    where = backend.path if backend.name == "sqlite" else backend.server.endpoint
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, backend.name, where],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(8):                      # 4 s of renewals: past the 2 s TTL
+            assert owner.stdout.readline().startswith("renewed")
+        assert store.get("/registry/leases/owner") is not None
+        owner.kill()
+        owner.wait()
+        assert store.get("/registry/leases/owner") is not None
+        assert wait_until(lambda: store.get("/registry/leases/owner") is None, 8)
+    finally:
+        owner.kill()
+        owner.wait()
+        owner.stdout.close()
+
+
+def test_etcd_store_bad_endpoint_and_unreachable_etcd_are_one_line_errors():
+    from netemu.store.etcd import EtcdError, EtcdStore, parse_endpoint
+    from netemu.store.etcdrun import free_port
+
+    assert parse_endpoint("etcd://10.0.0.1:2379") == ("10.0.0.1", 2379)
+    assert parse_endpoint("127.0.0.1:2379") == ("127.0.0.1", 2379)
+    with pytest.raises(ValueError, match="expected http://HOST:PORT"):
+        parse_endpoint("http://example:2379x")
+    with pytest.raises(ValueError, match="'ftp://h:1'"):
+        parse_endpoint("ftp://h:1")
+    with pytest.raises(EtcdError, match=r"etcd at 127\.0\.0\.1:\d+: /v3/maintenance/status: ") as e:
+        EtcdStore(f"http://127.0.0.1:{free_port()}")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.timeout(60)
+def test_a_cancelled_watch_leaves_no_thread_or_stream_behind(backend, store):
+    """Watches come and go (every kubectl get -w): ending one must free what it
+    holds (with etcd: its reader thread and its HTTP stream)."""
+    before = {t.ident for t in threading.enumerate()}
+
+    async def main():
+        for i in range(5):
+            since = store.revision()
+            with trio.move_on_after(5):
+                async for ev in store.watch("/gone/", since):
+                    assert ev.key == f"/gone/{i}"
+                    break
+                else:
+                    raise AssertionError("the watch ended by itself")
+            await trio.sleep(0)
+
+    async def run():
+        async with trio.open_nursery() as nursery:
+            async def writes():
+                for i in range(5):
+                    await trio.sleep(0.3)
+                    await trio.to_thread.run_sync(store.put, f"/gone/{i}", i)
+            nursery.start_soon(writes)
+            await main()
+
+    trio.run(run)
+
+    def watch_threads():                  # trio's own idle worker threads aside
+        return [t.name for t in threading.enumerate()
+                if t.ident not in before and not t.name.startswith("Trio thread")]
+    assert wait_until(lambda: not watch_threads(), 5), watch_threads()
