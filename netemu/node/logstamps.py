@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import ctypes
 import datetime
 import logging
 import os
-import struct
 import time
+
+from netemu.inotify import IN_MODIFY, Inotify
 
 log = logging.getLogger("netemu.kubelet")
 
 STAMP_INTERVAL = 0.01           # seconds: how long the stamper lets writes gather
-IN_MODIFY = 0x2
-_EVENT = struct.Struct("iIII")    # wd, mask, cookie, len; then the name
 
 
 def read_stamps(path: str) -> tuple[list[int], list[int]]:
@@ -105,24 +103,19 @@ class LogStamper:
     """One kubelet's watch over its containers' logs (one inotify instance)."""
 
     def __init__(self) -> None:
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = self._libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if self.fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        self.inotify = Inotify()
+        self.fd = self.inotify.fd
         self.by_wd: dict[int, Stamp] = {}
 
     def add(self, log_path: str, times_path: str) -> Stamp:
         """Watch LOG_PATH from now on (its bytes so far are stamped now)."""
         st = Stamp(log_path, times_path)
         st.stamp()
-        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(log_path), IN_MODIFY)
-        if wd < 0:
-            err = ctypes.get_errno()
+        try:
+            self.by_wd[self.inotify.add_watch(log_path, IN_MODIFY)] = st
+        except OSError as err:
             log.warning("%s: no inotify watch (%s): its lines are stamped when its container ends",
-                        log_path, os.strerror(err))
-        else:
-            self.by_wd[wd] = st
+                        log_path, err.strerror)
         return st
 
     def remove(self, st: Stamp) -> None:
@@ -131,7 +124,7 @@ class LogStamper:
         for wd, other in list(self.by_wd.items()):
             if other is st:
                 del self.by_wd[wd]
-                self._libc.inotify_rm_watch(self.fd, wd)
+                self.inotify.rm_watch(wd)
 
     async def run(self) -> None:
         import trio
@@ -141,26 +134,12 @@ class LogStamper:
                 await trio.lowlevel.wait_readable(self.fd)
                 # Let a burst of writes land: one record for all of it.
                 await trio.sleep(STAMP_INTERVAL)
-                for wd in self._drain():
+                for wd in {wd for wd, _ in self.inotify.drain()}:
                     st = self.by_wd.get(wd)
                     if st is not None:
                         st.stamp()
         finally:
-            os.close(self.fd)
-
-    def _drain(self) -> set[int]:
-        wds: set[int] = set()
-        while True:
-            try:
-                data = os.read(self.fd, 65536)
-            except BlockingIOError:
-                return wds
-            at = 0
-            while at + _EVENT.size <= len(data):
-                wd, _, _, length = _EVENT.unpack_from(data, at)
-                wds.add(wd)
-                at += _EVENT.size + length
-
+            self.inotify.close()
 
 class StampFile:
     """A times file read as it grows (a followed log's)."""

@@ -30,16 +30,15 @@ N^2). Expired keys are looked for once a second.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import sqlite3
-import struct
 import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from netemu.inotify import IN_CREATE, IN_MODIFY, IN_MOVED_TO, Inotify
 from netemu.store.base import Compacted, Conflict, Event, KeyValue
 
 SCHEMA = """
@@ -73,44 +72,27 @@ SAFETY_INTERVAL = 1.0           # read the revision at least this often anyway
 EXPIRY_CHECK_INTERVAL = 1.0
 WINDOW_MAX = 5000               # the most revisions a shared read fetches the keys of
 
-IN_MODIFY, IN_MOVED_TO, IN_CREATE = 0x2, 0x80, 0x100
-_INOTIFY_EVENT = struct.Struct("iIII")       # wd, mask, cookie, len; then the name
-
-
 class WalWatch:
     """inotify on a store's directory, reporting writes to its files (the WAL)."""
 
     def __init__(self, db_path: str) -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1")
+        self.inotify = Inotify()
         directory = os.path.dirname(os.path.abspath(db_path))
-        if libc.inotify_add_watch(fd, os.fsencode(directory), IN_MODIFY | IN_MOVED_TO | IN_CREATE) < 0:
-            err = ctypes.get_errno()
-            os.close(fd)
-            raise OSError(err, f"inotify_add_watch {directory}")
-        self.fd = fd
+        try:
+            self.inotify.add_watch(directory, IN_MODIFY | IN_MOVED_TO | IN_CREATE)
+        except OSError:
+            self.inotify.close()
+            raise
+        self.fd = self.inotify.fd
         base = os.fsencode(os.path.basename(db_path))
         self.names = {base, base + b"-wal"}
 
     def drain(self) -> bool:
         """Read every pending event; True if one was about the store's files."""
-        hit = False
-        while True:
-            try:
-                data = os.read(self.fd, 65536)
-            except BlockingIOError:
-                return hit
-            at = 0
-            while at + _INOTIFY_EVENT.size <= len(data):
-                length = _INOTIFY_EVENT.unpack_from(data, at)[3]
-                name = data[at + _INOTIFY_EVENT.size:at + _INOTIFY_EVENT.size + length].split(b"\0", 1)[0]
-                hit = hit or name in self.names
-                at += _INOTIFY_EVENT.size + length
+        return any(name in self.names for _, name in self.inotify.drain())
 
     def close(self) -> None:
-        os.close(self.fd)
+        self.inotify.close()
 
 
 class SqliteStore:
