@@ -180,19 +180,26 @@ class SqliteStore:
         low = max(prefix, start_after)
         cap = -1 if limit is None else int(limit)
         with self._lock:
-            compacted = self._db.execute("SELECT compacted FROM meta WHERE id = 0").fetchone()[0]
-            if revision < compacted:
-                raise Compacted(f"revision {revision} is compacted (oldest kept: {compacted})")
-            rows = self._db.execute(
-                "SELECT key, value, mod_rev, create_rev, expires_at FROM kv "
-                "WHERE key > ? AND key < ? AND mod_rev <= ? ORDER BY key LIMIT ?",
-                (low, end, revision, cap)).fetchall()
-            # Keys changed after REVISION: their state then, from their history.
-            past = self._db.execute(
-                "SELECT e.key, e.type, e.value, e.rev FROM events e "
-                "WHERE e.key IN (SELECT DISTINCT key FROM events WHERE rev > ? AND key > ? AND key < ?) "
-                "AND e.rev = (SELECT MAX(x.rev) FROM events x WHERE x.key = e.key AND x.rev <= ?)",
-                (revision, low, end, revision)).fetchall()
+            # One read transaction: the three reads see one snapshot. Read one
+            # by one, a write by another process between the kv read and the
+            # history read put its key in both (the same pod twice in a list).
+            self._db.execute("BEGIN")
+            try:
+                compacted = self._db.execute("SELECT compacted FROM meta WHERE id = 0").fetchone()[0]
+                if revision < compacted:
+                    raise Compacted(f"revision {revision} is compacted (oldest kept: {compacted})")
+                rows = self._db.execute(
+                    "SELECT key, value, mod_rev, create_rev, expires_at FROM kv "
+                    "WHERE key > ? AND key < ? AND mod_rev <= ? ORDER BY key LIMIT ?",
+                    (low, end, revision, cap)).fetchall()
+                # Keys changed after REVISION: their state then, from their history.
+                past = self._db.execute(
+                    "SELECT e.key, e.type, e.value, e.rev FROM events e "
+                    "WHERE e.key IN (SELECT DISTINCT key FROM events WHERE rev > ? AND key > ? AND key < ?) "
+                    "AND e.rev = (SELECT MAX(x.rev) FROM events x WHERE x.key = e.key AND x.rev <= ?)",
+                    (revision, low, end, revision)).fetchall()
+            finally:
+                self._db.execute("COMMIT")
         out = [_kv(r) for r in rows if not _expired(r[4])]
         out += [KeyValue(key=k, value=json.loads(v), mod_revision=r, create_revision=0)
                 for k, t, v, r in past if t == "PUT"]

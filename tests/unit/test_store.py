@@ -334,6 +334,42 @@ def test_list_at_is_the_state_at_that_revision_over_compaction(backend, store, m
         store.list_at("/registry/pods/", compacted - 1)
 
 
+def test_sqlite_list_at_reads_one_snapshot_while_another_process_writes(tmp_path):
+    """list_at reads the current rows and the history of keys changed since
+    REVISION in two queries; a write committed by another connection between
+    them must not put its key in both (it did: the same pod twice in a
+    kubectl get, CI of stop 19)."""
+    backend = SqliteBackend(tmp_path)
+    store, other = backend.open(), backend.open()
+    store.put("/registry/pods/default/a", 1)
+    store.put("/registry/pods/default/b", 1)
+    rev = store.revision()
+
+    class Interleaved:
+        """The store's connection, with OTHER's write committed just before
+        the history query (WAL: a writer does not wait for a reader)."""
+        def __init__(self, db):
+            self.db = db
+
+        def execute(self, sql, *args):
+            if "FROM events e" in sql:
+                writer = threading.Thread(target=other.put, args=("/registry/pods/default/a", 2))
+                writer.start()
+                writer.join(timeout=10)
+                assert not writer.is_alive()
+            return self.db.execute(sql, *args)
+
+    real = store._db
+    store._db = Interleaved(real)
+    try:
+        got = [(kv.key, kv.value) for kv in store.list_at("/registry/pods/", rev)]
+    finally:
+        store._db = real
+    assert got == [("/registry/pods/default/a", 1), ("/registry/pods/default/b", 1)]
+    assert store.get("/registry/pods/default/a").value == 2
+    assert [(kv.key, kv.value) for kv in store.list_at("/registry/pods/", rev)] == got
+
+
 OWNER = """
 import sys, time
 kind, where = sys.argv[1], sys.argv[2]
