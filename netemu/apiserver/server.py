@@ -189,6 +189,13 @@ class ApiServer:
         if what != "object":
             if req.method != "GET":
                 return status.method_not_allowed()
+            if what in ("api", "apis"):
+                version = discovery.wants_aggregated(req.headers.get("accept"))
+                if version:
+                    resp = _json(200, discovery.aggregated(what, version))
+                    resp.content_type = discovery.aggregated_content_type(version)
+                    resp.headers.append(("Vary", "Accept"))
+                    return resp
             doc = {"api": lambda: discovery.api_versions(self.address),
                    "apis": discovery.api_group_list}.get(what)
             return _json(200, doc() if doc else arg)

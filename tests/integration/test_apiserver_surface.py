@@ -207,3 +207,21 @@ def test_typed_create_commands_send_protobuf_and_work(env):
     wait_for(job_pod_output, timeout=60, what="the job's output")
     wait_for(lambda: "Complete" in kubectl(env, "get", "job", "typedjob").stdout, timeout=60, what="the job Complete")
     kubectl(env, "delete", "deploy/typed", "svc/typed", "job/typedjob", timeout=90)
+
+
+@pytest.mark.parametrize("version", ["1.27", "1.33"])
+def test_kubectl_learns_the_server_from_aggregated_discovery(env, version):
+    """kubectl 1.26–1.29 ask /api and /apis for apidiscovery v2beta1, 1.30 and
+    later for v2: two requests, where the legacy lists take one per group
+    version; what kubectl learns is the same (short names, categories, the
+    tutorial's extensions/v1beta1)."""
+    binary = f"/usr/lib/google-cloud-sdk/bin/kubectl.{version}"
+    if not os.path.exists(binary):
+        pytest.skip(f"no kubectl {version} on this machine")
+    proc = kubectl(env, "api-resources", "-v=6", binary=binary)
+    urls = re.findall(r'(?:GET |url=")http://[^/]+(/[^?" ]*)', proc.stderr)
+    assert urls == ["/api", "/apis"], proc.stderr[-2000:]
+    table = rows(proc.stdout)
+    assert ["pods", "po", "v1", "true", "Pod"] in table
+    assert ["daemonsets", "extensions/v1beta1", "true", "DaemonSet"] in table
+    assert "service/kubernetes" in kubectl(env, "get", "all", binary=binary).stdout

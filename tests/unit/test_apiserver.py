@@ -61,6 +61,60 @@ def test_discovery_lists_short_names_and_the_tutorials_extensions_group():
     assert discovery.resource_list("networking.k8s.io/v1") is None
 
 
+KUBECTL_133_DISCOVERY = ("application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,"
+                         "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,"
+                         "application/json")
+
+
+def test_aggregated_discovery_is_served_to_who_asks_first_for_it():
+    assert discovery.wants_aggregated(KUBECTL_133_DISCOVERY) == "v2"
+    assert discovery.wants_aggregated("application/json;g=apidiscovery.k8s.io;v=v2beta1;"
+                                      "as=APIGroupDiscoveryList,application/json") == "v2beta1"
+    assert discovery.wants_aggregated("application/json, */*") is None
+    assert discovery.wants_aggregated("application/json,application/json;g=apidiscovery.k8s.io;"
+                                      "v=v2;as=APIGroupDiscoveryList") is None
+    assert discovery.wants_aggregated("application/json;g=apidiscovery.k8s.io;v=v1;"
+                                      "as=APIGroupDiscoveryList") is None
+    assert discovery.wants_aggregated(None) is None
+
+
+def test_aggregated_discovery_nests_subresources_and_keeps_legacy_facts():
+    core = discovery.aggregated("api", "v2")
+    assert core["apiVersion"] == "apidiscovery.k8s.io/v2"
+    [group] = core["items"]
+    assert group["metadata"]["name"] == "" and [v["version"] for v in group["versions"]] == ["v1"]
+    pods = next(r for r in group["versions"][0]["resources"] if r["resource"] == "pods")
+    assert pods["responseKind"] == {"group": "", "version": "v1", "kind": "Pod"}
+    assert (pods["scope"], pods["singularResource"], pods["shortNames"]) == ("Namespaced", "pod", ["po"])
+    assert {"log", "exec"} <= {s["subresource"] for s in pods["subresources"]}
+    apis = discovery.aggregated("apis", "v2beta1")
+    names = [g["metadata"]["name"] for g in apis["items"]]
+    assert names == discovery.groups()
+    apps = apis["items"][names.index("apps")]["versions"][0]
+    deploy = next(r for r in apps["resources"] if r["resource"] == "deployments")
+    scale = next(s for s in deploy["subresources"] if s["subresource"] == "scale")
+    assert scale["responseKind"] == {"group": "autoscaling", "version": "v1", "kind": "Scale"}
+    nodes = next(r for r in group["versions"][0]["resources"] if r["resource"] == "nodes")
+    assert nodes["scope"] == "Cluster"
+    # the same resources as the legacy per-version lists, none lost or added
+    for gv in ("v1", "apps/v1", "extensions/v1beta1"):
+        legacy = {r["name"] for r in discovery.resource_list(gv)["resources"]}
+        doc = core if gv == "v1" else apis
+        version = next(v for g in doc["items"] for v in g["versions"]
+                       if (g["metadata"]["name"] + "/" + v["version"]).lstrip("/") == gv)
+        agg = {r["resource"] for r in version["resources"]}
+        agg |= {f"{r['resource']}/{s['subresource']}" for r in version["resources"]
+                for s in r.get("subresources", [])}
+        assert agg == legacy, gv
+
+
+def test_discovery_roots_answer_in_the_format_asked_for(server):
+    code, body = call(server, "GET", "/apis", accept=KUBECTL_133_DISCOVERY)
+    assert code == 200 and body["kind"] == "APIGroupDiscoveryList"
+    code, body = call(server, "GET", "/api", accept="application/json, */*")
+    assert code == 200 and body["kind"] == "APIVersions" and body["versions"] == ["v1"]
+
+
 def test_paths_not_served_are_404_and_wrong_methods_405(server):
     assert call(server, "GET", "/apis/networking.k8s.io/v1/namespaces/x/ingresses/n1")[0] == 404
     assert call(server, "GET", "/api/v1/namespaces/default/nodes/n1")[0] == 404   # nodes are cluster-scoped
