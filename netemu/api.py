@@ -24,6 +24,7 @@ per item is the same guarantee with simpler conflicts.) Keys are freed on delete
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ipaddress
 import random
@@ -410,9 +411,11 @@ def create_or_update(store: Store, obj: dict, settings=None) -> tuple[dict, str]
                    reason="Conflict")
 
 
-def create(store: Store, obj: dict, settings=None) -> dict:
+def create(store: Store, obj: dict, settings=None, managed=None) -> dict:
     """Store a new OBJ (an HTTP POST): admitted as create_or_update does, but an
-    existing object of that name is an error (AlreadyExists), never updated."""
+    existing object of that name is an error (AlreadyExists), never updated.
+    MANAGED(old, new) -> managedFields: the API server's record of who set
+    which field (netemu.k8s.managedfields), written with the object."""
     obj = admit(copy.deepcopy(obj))
     kind, meta = obj.get("kind"), obj.setdefault("metadata", {})
     if kind not in kinds.BY_KIND:
@@ -422,12 +425,12 @@ def create(store: Store, obj: dict, settings=None) -> dict:
     if kinds.BY_KIND[kind].namespaced:
         meta.setdefault("namespace", "default")
     try:
-        return _create(store, obj, settings)
+        return _create(store, obj, settings, managed)
     except Conflict:
         raise ApiError(f'{_resource(kind)} "{meta["name"]}" already exists', reason="AlreadyExists") from None
 
 
-def update(store: Store, obj: dict, settings=None) -> tuple[dict, str]:
+def update(store: Store, obj: dict, settings=None, managed=None) -> tuple[dict, str]:
     """Replace a stored object with OBJ (an HTTP PUT): admitted as on create; a
     metadata.resourceVersion, when given, must still be the stored one
     (Conflict otherwise), as optimistic concurrency on the API server works."""
@@ -444,7 +447,7 @@ def update(store: Store, obj: dict, settings=None) -> tuple[dict, str]:
     if want and str(want) != old["metadata"]["resourceVersion"]:
         raise ApiError(stale, reason="Conflict")
     try:
-        return _update(store, old, obj, settings)
+        return _update(store, old, obj, settings, managed)
     except Conflict:
         raise ApiError(stale, reason="Conflict") from None
 
@@ -474,12 +477,14 @@ def _generate_job_selector(job: dict) -> str | None:
     return uid
 
 
-def _create(store: Store, obj: dict, settings) -> dict:
+def _create(store: Store, obj: dict, settings, managed=None) -> dict:
     obj["metadata"]["generation"] = 1
     if obj["kind"] == "Namespace":
         obj["status"] = {"phase": "Active"}
     uid = _generate_job_selector(obj) if obj["kind"] == "Job" else None
     alloc = _allocate_service(store, obj, None, settings) if obj["kind"] == "Service" else None
+    if managed is not None:
+        obj["metadata"]["managedFields"] = managed(None, obj)
     try:
         return registry.create(store, obj, uid=uid)
     except BaseException:
@@ -502,7 +507,7 @@ def system_annotations() -> tuple[str, ...]:
     return (ANNOTATION, *stats.NODE_ANNOTATIONS, stats.DATA_PATH_ANNOTATION)
 
 
-def _update(store: Store, old: dict, new: dict, settings) -> tuple[dict, str]:
+def _update(store: Store, old: dict, new: dict, settings, managed=None) -> tuple[dict, str]:
     kind = old["kind"]
     merged = copy.deepcopy(old)
     for field in _USER_META:
@@ -559,6 +564,12 @@ def _update(store: Store, old: dict, new: dict, settings) -> tuple[dict, str]:
     merged["spec"] = new_spec
     if spec_changed:
         merged["metadata"]["generation"] = int(old["metadata"].get("generation") or 1) + 1
+    if managed is not None:
+        fields = managed(old, merged)
+        if fields:
+            merged["metadata"]["managedFields"] = fields
+        else:
+            merged["metadata"].pop("managedFields", None)
     if merged == old:
         return old, "unchanged"
     try:
@@ -608,7 +619,7 @@ def delete_pod(store: Store, namespace: str, name: str, *, uid: str | None = Non
 
 
 def delete(store: Store, kind: str, namespace: str | None, name: str,
-           grace_period: int | None = None, *, orphan: bool = False) -> dict:
+           grace_period: int | None = None, *, orphan: bool = False, foreground: bool = False) -> dict:
     """Delete one object and, as Kubernetes' garbage collector does in the
     background, what it owns: a workload's pods (a Deployment's ReplicaSets and
     their pods), a Service's Endpoints and allocations. Raises ApiError NotFound.
@@ -619,7 +630,13 @@ def delete(store: Store, kind: str, namespace: str | None, name: str,
     ORPHAN (propagationPolicy Orphan): what the workload owns stays, with the
     owner's references removed, as the garbage collector's orphan finalizer
     does: the owner is first marked as being deleted (its controller then
-    neither creates nor adopts), its dependents are released, then it goes."""
+    neither creates nor adopts), its dependents are released, then it goes.
+
+    FOREGROUND (propagationPolicy Foreground): the owner is marked (the
+    foregroundDeletion finalizer), its dependents are deleted (a Deployment's
+    ReplicaSets in the foreground too), and it stays, visible and terminating,
+    until they are gone; the garbage collector then removes it
+    (finish_foreground)."""
     kind = kinds.resolve(kind)
     _writable(kind)
     obj = registry.get(store, kind, namespace, name)
@@ -630,8 +647,13 @@ def delete(store: Store, kind: str, namespace: str | None, name: str,
         return obj
     if kind == "Namespace":
         return _delete_namespace(store, obj)
+    if foreground and not orphan and kind in kinds.WORKLOADS:
+        obj = _mark_deleting(store, obj, FOREGROUND)
+        delete_dependents(store, obj, foreground=True)
+        finish_foreground(store, obj)
+        return obj
     if orphan and kind in kinds.WORKLOADS:
-        obj = _mark_orphaning(store, obj)
+        obj = _mark_deleting(store, obj, "orphan")
         release_dependents(store, obj)
     if not registry.delete(store, kind, namespace, name):
         raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
@@ -643,8 +665,11 @@ def delete(store: Store, kind: str, namespace: str | None, name: str,
     return obj
 
 
-def _mark_orphaning(store: Store, obj: dict) -> dict:
-    """OBJ with deletionTimestamp and the orphan finalizer, as stored."""
+FOREGROUND = "foregroundDeletion"
+
+
+def _mark_deleting(store: Store, obj: dict, finalizer: str) -> dict:
+    """OBJ with deletionTimestamp and FINALIZER (orphan, foregroundDeletion), as stored."""
     meta = obj["metadata"]
 
     def mark(current: dict) -> None:
@@ -653,8 +678,8 @@ def _mark_orphaning(store: Store, obj: dict) -> dict:
         current["metadata"].setdefault("deletionTimestamp", registry.now())
         current["metadata"]["deletionGracePeriodSeconds"] = 0
         finalizers = current["metadata"].setdefault("finalizers", [])
-        if "orphan" not in finalizers:
-            finalizers.append("orphan")
+        if finalizer not in finalizers:
+            finalizers.append(finalizer)
 
     marked = registry.mutate(store, obj["kind"], meta.get("namespace"), meta["name"], mark)
     if marked is None:
@@ -709,15 +734,59 @@ def _delete_namespace(store: Store, ns: dict) -> dict:
     return marked
 
 
-def delete_dependents(store: Store, owner: dict) -> None:
+def delete_dependents(store: Store, owner: dict, foreground: bool = False) -> None:
+    """Delete what OWNER controls: its pods, a Deployment's ReplicaSets and
+    theirs. FOREGROUND: the ReplicaSets are deleted in the foreground too, as
+    the garbage collector deletes the dependents of a foreground deletion."""
     ns = owner["metadata"].get("namespace", "default")
     if owner["kind"] == "Deployment":
         for rs in registry.list_(store, "ReplicaSet", ns):
-            if ownership.owned_by(rs, owner) and registry.delete(store, "ReplicaSet", ns, rs["metadata"]["name"]):
+            if not ownership.owned_by(rs, owner):
+                continue
+            if foreground:
+                with contextlib.suppress(ApiError):      # gone meanwhile
+                    if FOREGROUND not in (rs["metadata"].get("finalizers") or []):
+                        rs = _mark_deleting(store, rs, FOREGROUND)
+                    delete_dependents(store, rs, foreground=True)
+                    finish_foreground(store, rs)
+            elif registry.delete(store, "ReplicaSet", ns, rs["metadata"]["name"]):
                 delete_dependents(store, rs)
     for pod in registry.list_(store, "Pod", ns):
         if ownership.owned_by(pod, owner):
             delete_pod(store, ns, pod["metadata"]["name"], uid=pod["metadata"].get("uid"))
+
+
+def blocking_dependents(owner: dict, pods: list[dict], replicasets: list[dict]) -> list[dict]:
+    """What still holds OWNER's foreground deletion: the objects among PODS and
+    REPLICASETS whose ownerReference to it says blockOwnerDeletion."""
+    uid = owner["metadata"].get("uid")
+    return [o for o in pods + replicasets
+            if any(r.get("uid") == uid and r.get("blockOwnerDeletion")
+                   for r in o["metadata"].get("ownerReferences") or [])]
+
+
+def finish_foreground(store: Store, owner: dict, pods: list[dict] | None = None,
+                      replicasets: list[dict] | None = None) -> bool:
+    """Remove OWNER, marked for foreground deletion, once nothing blocks it
+    (PODS and REPLICASETS of its namespace: read here when not given). True if
+    it went."""
+    meta = owner["metadata"]
+    if FOREGROUND not in (meta.get("finalizers") or []) or not meta.get("deletionTimestamp"):
+        return False
+    ns = meta.get("namespace", "default")
+    if pods is None:
+        pods = registry.list_(store, "Pod", ns)
+    if replicasets is None:
+        replicasets = registry.list_(store, "ReplicaSet", ns) if owner["kind"] == "Deployment" else []
+    if blocking_dependents(owner, pods, replicasets):
+        return False
+    kv = store.get(registry.key(owner["kind"], ns, meta["name"]))
+    if kv is None or kv.value["metadata"].get("uid") != meta.get("uid"):
+        return False
+    try:
+        return store.delete(kv.key, expect_revision=kv.mod_revision)
+    except Conflict:
+        return False                 # changed meanwhile: the next pass decides again
 
 
 def _resource(kind: str) -> str:

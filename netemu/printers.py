@@ -56,6 +56,10 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def dump(objs: list[dict], fmt: str, single: bool) -> str:
+    # metadata.managedFields is left out, as kubectl leaves it out of -o
+    # json|yaml (unless --show-managed-fields, which netemu's verbs lack).
+    objs = [{**o, "metadata": {k: v for k, v in o["metadata"].items() if k != "managedFields"}}
+            if isinstance(o.get("metadata"), dict) and "managedFields" in o["metadata"] else o for o in objs]
     if single and len(objs) == 1:
         data = objs[0]
     else:

@@ -22,11 +22,12 @@ import re
 import time
 
 import trio
+import yaml
 
 from netemu import api, names
 from netemu.apiserver import discovery, dryrun, paging, podstream, status, tables
 from netemu.apiserver.http import Request, Response
-from netemu.k8s import jsonpatch, kinds, protobuf, selectors, strategicpatch
+from netemu.k8s import jsonpatch, kinds, managedfields, protobuf, selectors, strategicpatch
 from netemu.node import logstamps
 from netemu.store import registry
 from netemu.store.base import Compacted
@@ -39,8 +40,8 @@ JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 STRATEGIC_PATCH = "application/strategic-merge-patch+json"
-# Server-side apply (application/apply-patch+yaml) is not served.
-PATCHES = (JSON_PATCH, MERGE_PATCH, STRATEGIC_PATCH)
+APPLY_PATCH = "application/apply-patch+yaml"      # server-side apply (managedfields.py)
+PATCHES = (JSON_PATCH, MERGE_PATCH, STRATEGIC_PATCH, APPLY_PATCH)
 _WRITES = ("POST", "PUT", "PATCH", "DELETE")
 INT64_MAX = 2 ** 63 - 1
 # Kinds whose DELETE answers with the object deleted, not a Status, as their
@@ -556,7 +557,7 @@ class ApiServer:
         self._namespace_open(t)
         obj = self._check_body(self._body(req), t)
         warnings = self._validate_fields(req, obj, t)
-        stored = api.create(self.store, obj, self.settings)
+        stored = api.create(self.store, obj, self.settings, managed=self._tracker(req, t))
         resp = _json(201, self._present(stored, t))
         resp.headers += [("Warning", w) for w in warnings]
         return resp
@@ -566,7 +567,8 @@ class ApiServer:
         if self._read(t) is None:
             return status.not_found(t.qualified, t.name, t.group)
         warnings = self._validate_fields(req, obj, t)
-        stored, _ = api.update(self.store, obj, self.settings)
+        stored, _ = api.update(self.store, obj, self.settings,
+                               managed=self._tracker(req, t, given=obj["metadata"].get("managedFields")))
         resp = _json(200, self._present(stored, t))
         resp.headers += [("Warning", w) for w in warnings]
         return resp
@@ -574,6 +576,9 @@ class ApiServer:
     def _patched(self, req: Request, current: dict, kind: str):
         """CURRENT with the request's patch applied, by its Content-Type."""
         media = (req.headers.get("content-type") or "").split(";")[0].strip()
+        if media == APPLY_PATCH:
+            raise api.ApiError(f"server-side apply of {kind} is not served here; use a merge patch",
+                               reason="UnsupportedMediaType")
         if media not in PATCHES:
             raise api.ApiError("the body of the request was in an unknown format - accepted media types "
                                f"include: {', '.join(PATCHES)}", reason="UnsupportedMediaType")
@@ -590,6 +595,11 @@ class ApiServer:
             raise api.ApiError(str(err), reason="Invalid" if media == JSON_PATCH else "BadRequest") from None
 
     def _patch(self, req: Request, t: Target) -> Response:
+        if (req.headers.get("content-type") or "").split(";")[0].strip() == APPLY_PATCH:
+            return self._apply(req, t)
+        if req.arg("force") is not None:
+            return status.error("Invalid", 'PatchOptions.meta.k8s.io "" is invalid: force: Forbidden: may '
+                                "not be specified for non-apply patch")
         for _ in range(5):
             current = self._read(t)
             if current is None:
@@ -606,13 +616,93 @@ class ApiServer:
             if not pinned:
                 patched["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
             warnings = self._validate_fields(req, patched, t)
+            given = patched["metadata"].get("managedFields")
+            if given == current["metadata"].get("managedFields"):
+                given = None                   # not touched by the patch
             try:
-                stored, _ = api.update(self.store, patched, self.settings)
+                stored, _ = api.update(self.store, patched, self.settings,
+                                       managed=self._tracker(req, t, given=given))
             except api.ApiError as err:
                 if err.reason == "Conflict" and not pinned:
                     continue
                 raise
             resp = _json(200, self._present(stored, t))
+            resp.headers += [("Warning", w) for w in warnings]
+            return resp
+        raise api.ApiError(f'Operation cannot be fulfilled on {t.kind.resource} "{t.name}": too many '
+                           "concurrent changes", reason="Conflict")
+
+    # -- field managers and server-side apply (netemu/k8s/managedfields.py) --------
+
+    @staticmethod
+    def _manager(req: Request) -> str:
+        """?fieldManager=, else the User-Agent's first word, as kube-apiserver
+        names a writer that does not say (kubectl/v1.33.0 ... -> "kubectl")."""
+        given = req.arg("fieldManager")
+        if given:
+            return given
+        return (req.headers.get("user-agent") or "").split("/", 1)[0][:128]
+
+    def _tracker(self, req: Request, t: Target, subresource: str = "", given=None):
+        """The managedFields of an update by this request's manager (api.create
+        and api.update call it with the stored and the new object). GIVEN: the
+        managedFields the request itself wrote (kubectl's client-side apply
+        upgrade does), taken as the record before this update."""
+        manager, kind = self._manager(req), t.kind.kind
+        if given is not None and not isinstance(given, list):
+            raise api.ApiError("metadata.managedFields must be a list", reason="BadRequest")
+
+        def managed(old, new):
+            return managedfields.record_update(old, new, kind, manager, t.gv, registry.now(), subresource,
+                                               entries=given)
+        return managed
+
+    def _apply(self, req: Request, t: Target) -> Response:
+        """PATCH with application/apply-patch+yaml: server-side apply."""
+        manager = req.arg("fieldManager")
+        if not manager:
+            return status.error("Invalid", 'PatchOptions.meta.k8s.io "" is invalid: fieldManager: Required '
+                                "value: is required for apply patch")
+        force = (req.arg("force") or "false").lower()
+        if force not in ("true", "false"):
+            return status.bad_request(f'invalid force "{force}": must be true or false')
+        try:
+            body = yaml.load(req.body or b"", Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        except yaml.YAMLError as err:
+            raise api.ApiError(f"error decoding YAML: {status.one_line(str(err))}", reason="BadRequest") from None
+        if not isinstance(body, dict):
+            raise api.ApiError("the body of the request must be an object", reason="BadRequest")
+        for field in ("apiVersion", "kind"):
+            if not body.get(field):
+                raise api.ApiError(f"{field} must be set", reason="BadRequest")
+        applied = self._check_body(body, t)
+        applied["metadata"].pop("resourceVersion", None)
+        warnings = self._validate_fields(req, applied, t)
+        for _ in range(5):
+            current = self._read(t)
+            live = self._present(copy.deepcopy(current), t) if current is not None else None
+            try:
+                merged, entries = managedfields.apply(live, applied, t.kind.kind, manager, t.gv,
+                                                      registry.now(), force=force == "true")
+            except managedfields.ApplyConflict as err:
+                # The message keeps its newlines (one per field), as kubectl prints it.
+                body = status.status("Conflict", "", {"causes": managedfields.conflict_causes(err.conflicts)})
+                body["message"] = str(err)
+                return _json(409, body)
+            try:
+                if current is None:
+                    self._namespace_open(t)
+                    stored, code = api.create(self.store, merged, self.settings,
+                                              managed=lambda old, new: entries), 201
+                else:
+                    merged["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+                    stored, _ = api.update(self.store, merged, self.settings, managed=lambda old, new: entries)
+                    code = 200
+            except api.ApiError as err:
+                if err.reason in ("Conflict", "AlreadyExists"):
+                    continue                   # changed or created meanwhile: apply again on it
+                raise
+            resp = _json(code, self._present(stored, t))
             resp.headers += [("Warning", w) for w in warnings]
             return resp
         raise api.ApiError(f'Operation cannot be fulfilled on {t.kind.resource} "{t.name}": too many '
@@ -665,11 +755,12 @@ class ApiServer:
         return _json(200, status.success(t.name, t.group, t.kind.resource, current["metadata"].get("uid")))
 
     def _delete_one(self, t: Target, name: str, options: dict) -> None:
-        # Foreground and Background both delete the dependents (api.delete does,
-        # as the garbage collector would); the owner goes first either way.
-        # Orphan releases them and keeps them.
+        # Background: the owner goes first, then its dependents (api.delete
+        # does, as the garbage collector would). Foreground: the owner stays,
+        # terminating, until they are gone. Orphan releases and keeps them.
         api.delete(self.store, t.kind.kind, t.namespace if t.kind.namespaced else None, name,
-                   grace_period=options["grace"], orphan=options["policy"] == "Orphan")
+                   grace_period=options["grace"], orphan=options["policy"] == "Orphan",
+                   foreground=options["policy"] == "Foreground")
 
     def _delete_collection(self, req: Request, t: Target) -> Response:
         """DELETE on a list (deletecollection): every object the label and
@@ -743,9 +834,9 @@ class ApiServer:
         if replicas < 0:
             return status.error("Invalid", f'Scale.autoscaling "{t.name}" is invalid: spec.replicas: '
                                 f"Invalid value: {replicas}: must be greater than or equal to 0")
-        return _json(200, self._scale_of(self._set_replicas(t, replicas), t))
+        return _json(200, self._scale_of(self._set_replicas(t, replicas, self._tracker(req, t, "scale")), t))
 
-    def _set_replicas(self, t: Target, replicas: int) -> dict:
+    def _set_replicas(self, t: Target, replicas: int, managed=None) -> dict:
         """The object with its scale field at REPLICAS, written through
         admission (an update on what was read, read again on a conflict)."""
         for _ in range(20):
@@ -755,7 +846,7 @@ class ApiServer:
             changed = copy.deepcopy(current)
             changed.setdefault("spec", {})[t.kind.scale_field] = replicas
             try:
-                stored, _ = api.update(self.store, changed, self.settings)
+                stored, _ = api.update(self.store, changed, self.settings, managed=managed)
                 return stored
             except api.ApiError as err:
                 if err.reason != "Conflict":

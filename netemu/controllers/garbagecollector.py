@@ -52,7 +52,7 @@ def orphan_leases(leases: list[dict], nodes: list[dict]) -> list[dict]:
                    for r in lease["metadata"].get("ownerReferences") or [])]
 
 
-def sync_once(store: Store) -> None:
+def sync_once(store: Store) -> float | None:
     # Dependents first, owners second: an owner created after the first read
     # cannot have dependents in it, so no live owner looks missing.
     leases = registry.list_(store, "Lease", "kube-node-lease")
@@ -64,6 +64,21 @@ def sync_once(store: Store) -> None:
     owners = [o for kind in kinds.WORKLOADS if kind != "ReplicaSet" for o in registry.list_(store, kind)]
     owners += registry.list_(store, "ReplicaSet")
     act.apply(store, plan(pods, replicasets, owners), SOURCE)
+    # Owners deleted in the foreground go once their dependents have; pods
+    # leaving do not wake this loop, so it looks again soon while any waits.
+    from netemu import api
+    waiting = [o for o in owners if api.FOREGROUND in (o["metadata"].get("finalizers") or [])]
+    pending = False
+    for owner in waiting:
+        if not api.finish_foreground(store, owner, pods, replicasets):
+            # A dependent made just before the owner was marked is deleted too.
+            api.delete_dependents(store, owner, foreground=True)
+            pending = True
+    return FOREGROUND_POLL if pending else None
+
+
+# Seconds between looks at an owner waiting for its dependents to go.
+FOREGROUND_POLL = 0.2
 
 
 async def run(store: Store, settings=None) -> None:

@@ -225,3 +225,122 @@ def test_kubectl_learns_the_server_from_aggregated_discovery(env, version):
     assert ["pods", "po", "v1", "true", "Pod"] in table
     assert ["daemonsets", "extensions/v1beta1", "true", "DaemonSet"] in table
     assert "service/kubernetes" in kubectl(env, "get", "all", binary=binary).stdout
+
+
+SSA_DEPLOY = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: NAME, labels: {app: NAME, tier: web}}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: NAME}}
+  template:
+    metadata: {labels: {app: NAME}}
+    spec: {containers: [{name: c, image: nginx, ports: [{containerPort: 80}]}]}
+"""
+
+
+def _managers(env, kind_name):
+    import json
+    obj = json.loads(kubectl(env, "get", kind_name, "-o", "json", "--show-managed-fields").stdout)
+    return [(e["manager"], e["operation"]) for e in obj["metadata"].get("managedFields") or []], obj
+
+
+def test_kubectl_server_side_apply_conflicts_forces_and_removes(env):
+    manifest = SSA_DEPLOY.replace("NAME", "ssa")
+    out = kubectl(env, "apply", "--server-side", "-f", "-", input=manifest).stdout
+    assert out.strip() == "deployment.apps/ssa serverside-applied"
+    managers, obj = _managers(env, "deploy/ssa")
+    assert managers == [("kubectl", "Apply")]
+    assert "managedFields" not in kubectl(env, "get", "deploy/ssa", "-o", "yaml").stdout   # hidden by kubectl
+    # another writer takes spec.replicas; applying the old value is a conflict kubectl explains
+    kubectl(env, "scale", "deploy/ssa", "--replicas=3")
+    proc = kubectl(env, "apply", "--server-side", "-f", "-", input=manifest, check=False)
+    assert proc.returncode == 1
+    assert re.search(r'error: Apply failed with 1 conflict: conflict with "[^"]+" with subresource "scale" '
+                     r"using apps/v1 at \S+: \.spec\.replicas", proc.stderr), proc.stderr
+    assert "--force-conflicts" in proc.stderr
+    assert kubectl(env, "get", "deploy/ssa", "-o", "jsonpath={.spec.replicas}").stdout == "3"
+    # dry run: answered as applied, nothing kept
+    out = kubectl(env, "apply", "--server-side", "--force-conflicts", "--dry-run=server", "-f", "-",
+                  input=manifest).stdout
+    assert "serverside-applied (server dry run)" in out
+    assert kubectl(env, "get", "deploy/ssa", "-o", "jsonpath={.spec.replicas}").stdout == "3"
+    kubectl(env, "apply", "--server-side", "--force-conflicts", "-f", "-", input=manifest)
+    assert kubectl(env, "get", "deploy/ssa", "-o", "jsonpath={.spec.replicas}").stdout == "2"
+    managers, _ = _managers(env, "deploy/ssa")
+    assert ("kubectl", "Apply") in managers and not any(m[1] == "Update" and "scale" in m[0] for m in managers)
+    # a field no longer applied is removed: the label and the container port
+    kubectl(env, "apply", "--server-side", "-f", "-",
+            input=manifest.replace(", tier: web", "").replace(", ports: [{containerPort: 80}]", ""))
+    _, obj = _managers(env, "deploy/ssa")
+    assert obj["metadata"]["labels"] == {"app": "ssa"}
+    assert "ports" not in obj["spec"]["template"]["spec"]["containers"][0]
+    kubectl(env, "delete", "deploy/ssa")
+
+
+def test_kubectl_server_side_apply_takes_over_from_client_side_apply(env):
+    manifest = SSA_DEPLOY.replace("NAME", "csa")
+    kubectl(env, "apply", "-f", "-", input=manifest)
+    managers, _ = _managers(env, "deploy/csa")
+    assert managers == [("kubectl-client-side-apply", "Update")]
+    kubectl(env, "apply", "--server-side", "-f", "-", input=manifest.replace("replicas: 2", "replicas: 1"))
+    managers, obj = _managers(env, "deploy/csa")
+    assert obj["spec"]["replicas"] == 1
+    assert ("kubectl", "Apply") in managers and ("kubectl-client-side-apply", "Update") not in managers
+    # and client-side apply still works after it
+    kubectl(env, "apply", "-f", "-", input=manifest.replace("replicas: 2", "replicas: 3"))
+    assert kubectl(env, "get", "deploy/csa", "-o", "jsonpath={.spec.replicas}").stdout == "3"
+    kubectl(env, "delete", "deploy/csa")
+
+
+def test_python_client_server_side_apply(env):
+    kubernetes = pytest.importorskip("kubernetes")
+    config = kubernetes.client.Configuration()
+    config.host = f"http://127.0.0.1:{env['port']}"
+    client = kubernetes.client.ApiClient(config)
+    v1 = kubernetes.client.CoreV1Api(client)
+    body = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "ssa-svc"},
+            "spec": {"selector": {"app": "x"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+    svc = v1.patch_namespaced_service("ssa-svc", "default", body, field_manager="lab-script",
+                                      _content_type="application/apply-patch+yaml")
+    assert svc.spec.cluster_ip and svc.metadata.managed_fields[0].manager == "lab-script"
+    body["spec"]["ports"][0]["targetPort"] = 9090
+    with pytest.raises(kubernetes.client.ApiException) as err:
+        v1.patch_namespaced_service("ssa-svc", "default", body, field_manager="other",
+                                    _content_type="application/apply-patch+yaml")
+    import json
+    causes = json.loads(err.value.body)["details"]["causes"]
+    assert err.value.status == 409 and causes == [{"reason": "FieldManagerConflict",
+                                                   "message": 'conflict with "lab-script"',
+                                                   "field": '.spec.ports[port=80,protocol="TCP"].targetPort'}]
+    svc = v1.patch_namespaced_service("ssa-svc", "default", body, field_manager="other", force=True,
+                                      _content_type="application/apply-patch+yaml")
+    assert svc.spec.ports[0].target_port == 9090
+    v1.delete_namespaced_service("ssa-svc", "default")
+
+
+def test_foreground_delete_waits_for_the_pods(env):
+    """`kubectl delete --cascade=foreground`: the Deployment stays, terminating
+    (foregroundDeletion), until its ReplicaSet and pods are gone; kubectl waits
+    for it and returns when everything is gone."""
+    import json
+    kubectl(env, "create", "deployment", "fg", "--image=nginx", "--replicas=2")
+    wait_for(lambda: len(_names(kubectl(env, "get", "pods", "-l", "app=fg").stdout)) == 2,
+             timeout=60, what="the deployment's two pods")
+    proc = subprocess.Popen([KUBECTL, "--context", f"netemu-{env['cluster']}", "delete", "deploy", "fg",
+                             "--cascade=foreground"], env=dict(os.environ, KUBECONFIG=env["kubeconfig"]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def marked():
+            got = kubectl(env, "get", "deploy", "fg", "-o", "json", check=False)
+            return got.returncode != 0 or json.loads(got.stdout)["metadata"].get("finalizers")
+        wait_for(marked, timeout=30, what="the deployment marked for foreground deletion")
+        out, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.strip() == 'deployment.apps "fg" deleted', err
+    # kubectl returned once the owner was gone, and the owner went after its pods
+    assert "NotFound" in kubectl(env, "get", "deploy", "fg", check=False).stderr
+    assert _names(kubectl(env, "get", "pods", "-l", "app=fg").stdout) == []
+    assert _names(kubectl(env, "get", "rs", "-l", "app=fg").stdout) == []

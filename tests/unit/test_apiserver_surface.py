@@ -338,6 +338,48 @@ def test_deployment_orphan_keeps_its_replicasets(server):
     assert pod["metadata"]["ownerReferences"][0]["name"] == "d-1"     # still its ReplicaSet's
 
 
+def _bind(server, name: str) -> None:
+    """Put pod NAME on node n1, as the scheduler would: deleting it then waits
+    for its kubelet (deletionTimestamp), which no kubelet here ever does."""
+    registry.mutate(server.store, "Pod", "default", name, lambda p: p["spec"].__setitem__("nodeName", "n1"))
+
+
+def test_foreground_delete_keeps_the_owner_until_its_dependents_are_gone(server):
+    from netemu.controllers import garbagecollector
+    deploy = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "fg"},
+              "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "nginx"}},
+                       "template": RC["spec"]["template"]}}
+    from netemu.k8s import ownership
+    code, d = call(server, "POST", "/apis/apps/v1/namespaces/default/deployments", deploy)
+    code, rs = call(server, "POST", "/apis/apps/v1/namespaces/default/replicasets",
+                    {"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                     "metadata": {"name": "fg-1", "ownerReferences": [ownership.owner_reference(d)]},
+                     "spec": deploy["spec"]})
+    _owned_pods(server, rs, 2)
+    for name in ("fg-1-0", "fg-1-1"):
+        _bind(server, name)
+    code, body = call(server, "DELETE", "/apis/apps/v1/namespaces/default/deployments/fg",
+                      {"propagationPolicy": "Foreground"})
+    # still there, terminating, with the finalizer; so is its ReplicaSet; the pods are terminating
+    assert code == 200 and body["kind"] == "Deployment", body
+    assert body["metadata"]["finalizers"] == ["foregroundDeletion"] and body["metadata"]["deletionTimestamp"]
+    rs = call(server, "GET", "/apis/apps/v1/namespaces/default/replicasets/fg-1")[1]
+    assert rs["metadata"]["finalizers"] == ["foregroundDeletion"]
+    pods = call(server, "GET", "/api/v1/namespaces/default/pods")[1]["items"]
+    assert all(p["metadata"].get("deletionTimestamp") for p in pods)
+    assert garbagecollector.sync_once(server.store) == garbagecollector.FOREGROUND_POLL
+    assert call(server, "GET", "/apis/apps/v1/namespaces/default/deployments/fg")[0] == 200
+    # the kubelet finishes one pod: still blocked; both: the ReplicaSet goes, then the Deployment
+    server.store.delete(registry.key("Pod", "default", "fg-1-0"))
+    garbagecollector.sync_once(server.store)
+    assert call(server, "GET", "/apis/apps/v1/namespaces/default/replicasets/fg-1")[0] == 200
+    server.store.delete(registry.key("Pod", "default", "fg-1-1"))
+    garbagecollector.sync_once(server.store)
+    assert call(server, "GET", "/apis/apps/v1/namespaces/default/replicasets/fg-1")[0] == 404
+    assert garbagecollector.sync_once(server.store) is None
+    assert call(server, "GET", "/apis/apps/v1/namespaces/default/deployments/fg")[0] == 404
+
+
 def test_delete_collection_by_selector(server):
     for name, app in (("a", "x"), ("b", "x"), ("c", "y")):
         call(server, "POST", "/api/v1/namespaces/default/pods", _pod(name, app=app))
