@@ -24,10 +24,14 @@ per item is the same guarantee with simpler conflicts.) Keys are freed on delete
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import copy
 import ipaddress
+import json
 import random
+import re
 
 from netemu.k8s import kinds, ownership
 from netemu.store import registry
@@ -344,6 +348,8 @@ def admit(obj: dict) -> dict:
         name = meta.get("name") if isinstance(meta.get("name"), str) else ""
         detail = f"{err.field}: {err.problem}" if err.field else err.problem
         raise ApiError(f'{kind} "{name}" is invalid: {detail}') from None
+    if kind == "ConfigMap":
+        _check_config_map(admitted)
     if kind == "Namespace":
         # The API server labels every namespace with its name (so selectors can
         # pick namespaces by name) and gives it the "kubernetes" finalizer.
@@ -354,6 +360,64 @@ def admit(obj: dict) -> dict:
 
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+
+# A ConfigMap's data and binaryData together, at most (kube's MaxSecretSize).
+CONFIG_MAP_MAX_BYTES = 1024 * 1024
+_CONFIG_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+
+
+def _check_config_map(obj: dict) -> None:
+    """A ConfigMap as kube-apiserver's validation takes it: data (strings) and
+    binaryData (base64) under valid config keys, no key in both, 1 MiB in all."""
+    name = obj["metadata"].get("name", "")
+    total = 0
+    seen: set[str] = set()
+    for field in ("data", "binaryData"):
+        values = obj.get(field)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ApiError(f'ConfigMap "{name}" is invalid: {field}: must be an object of strings')
+        for key, value in values.items():
+            where = f"{field}[{key}]"
+            if not _CONFIG_KEY.fullmatch(key) or len(key) > 253 or key in (".", ".."):
+                raise ApiError(f'ConfigMap "{name}" is invalid: {where}: Invalid value: {json.dumps(key)}: a '
+                               "valid config key must consist of alphanumeric characters, '-', '_' or '.' "
+                               "(e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for validation "
+                               "is '[-._a-zA-Z0-9]+')")
+            if not isinstance(value, str):
+                raise ApiError(f'ConfigMap "{name}" is invalid: {where}: must be a string')
+            if key in seen:
+                raise ApiError(f'ConfigMap "{name}" is invalid: {where}: Invalid value: {json.dumps(key)}: '
+                               "duplicate of key present in data")
+            seen.add(key)
+            if field == "binaryData":
+                try:
+                    value = base64.b64decode(value, validate=True)
+                except (binascii.Error, ValueError):
+                    raise ApiError(f'ConfigMap "{name}" is invalid: {where}: must be base64') from None
+            total += len(key) + len(value)
+    if total > CONFIG_MAP_MAX_BYTES:
+        raise ApiError(f'ConfigMap "{name}" is invalid: []: Too long: must have at most '
+                       f"{CONFIG_MAP_MAX_BYTES} bytes")
+    if "immutable" in obj and not isinstance(obj["immutable"], bool):
+        raise ApiError(f'ConfigMap "{name}" is invalid: immutable: must be true or false')
+    extra = set(obj) - {"apiVersion", "kind", "metadata", "data", "binaryData", "immutable"}
+    if extra:
+        raise ApiError(f'ConfigMap "{name}" is invalid: {sorted(extra)[0]}: unknown field')
+
+
+def protected(kind: str, namespace: str | None, name: str) -> bool:
+    """The cluster's own settings (kube-system/netemu-cluster): netemu writes
+    them (netemu.clusterconfig), no client does."""
+    from netemu import clusterconfig
+    return kind == "ConfigMap" and (namespace, name) == (clusterconfig.NAMESPACE, clusterconfig.NAME)
+
+
+def _refuse_protected(kind: str, namespace: str | None, name: str) -> None:
+    if protected(kind, namespace, name):
+        raise ApiError(f'configmaps "{name}" is forbidden: the cluster\'s settings are changed with netemu '
+                       "(netemu link set, node add), not through the API", reason="Forbidden")
 
 
 def _admit_metadata(obj: dict) -> dict:
@@ -372,6 +436,10 @@ def _admit_metadata(obj: dict) -> dict:
         if field in obj and not isinstance(obj[field], dict):
             raise origin.error(field, f"must be an object, got {manifests.describe(obj[field])}")
     return obj
+
+
+def meta_name(obj: dict) -> str:
+    return (obj.get("metadata") or {}).get("name", "")
 
 
 def _writable(kind: str) -> None:
@@ -424,6 +492,7 @@ def create(store: Store, obj: dict, settings=None, managed=None) -> dict:
         raise ApiError(f"{kind}: metadata.name: Required value: name or generateName is required")
     if kinds.BY_KIND[kind].namespaced:
         meta.setdefault("namespace", "default")
+    _refuse_protected(kind, meta.get("namespace"), meta.get("name", ""))
     try:
         return _create(store, obj, settings, managed)
     except Conflict:
@@ -439,6 +508,7 @@ def update(store: Store, obj: dict, settings=None, managed=None) -> tuple[dict, 
     obj = admit(copy.deepcopy(obj))
     kind, meta = obj.get("kind"), obj.setdefault("metadata", {})
     ns = meta.get("namespace", "default") if kinds.BY_KIND[kind].namespaced else None
+    _refuse_protected(kind, ns, meta.get("name", ""))
     old = registry.get(store, kind, ns, meta.get("name", ""))
     if old is None:
         raise ApiError(f'{_resource(kind)} "{meta.get("name")}" not found', reason="NotFound")
@@ -545,10 +615,19 @@ def _update(store: Store, old: dict, new: dict, settings, managed=None) -> tuple
         for k in ("podCIDR", "podCIDRs"):
             if k in (old.get("spec") or {}) and k not in new_spec:
                 new_spec[k] = old["spec"][k]
-    if kind in ("Event", "Endpoints"):
+    if kind in ("Event", "Endpoints", "ConfigMap"):
         merged = copy.deepcopy(new)
         merged["metadata"].update({k: old["metadata"][k] for k in ("uid", "creationTimestamp",
                                                                     "resourceVersion") if k in old["metadata"]})
+        if kind == "ConfigMap" and old.get("immutable"):
+            for field in ("data", "binaryData", "immutable"):
+                if merged.get(field) != old.get(field):
+                    raise ApiError(f'ConfigMap "{meta_name(old)}" is invalid: {field}: Forbidden: field is '
+                                   "immutable when `immutable` is set")
+        if managed is not None:
+            merged["metadata"]["managedFields"] = managed(old, merged)
+            if not merged["metadata"]["managedFields"]:
+                del merged["metadata"]["managedFields"]
         if merged == old:
             return old, "unchanged"
         return registry.update(store, merged), "configured"
@@ -642,6 +721,7 @@ def delete(store: Store, kind: str, namespace: str | None, name: str,
     obj = registry.get(store, kind, namespace, name)
     if obj is None:
         raise ApiError(f'{_resource(kind)} "{name}" not found', reason="NotFound")
+    _refuse_protected(kind, namespace, name)
     if kind == "Pod":
         delete_pod(store, namespace or "default", name, grace_period=grace_period)
         return obj

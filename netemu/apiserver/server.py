@@ -773,7 +773,8 @@ class ApiServer:
         rev = self.store.revision()
         deleted = []
         for obj in registry.list_(self.store, t.kind.kind, t.namespace if t.kind.namespaced else None):
-            if not keep(obj):
+            if not keep(obj) or api.protected(t.kind.kind, obj["metadata"].get("namespace"),
+                                              obj["metadata"]["name"]):
                 continue
             try:
                 self._delete_one(t, obj["metadata"]["name"], options)

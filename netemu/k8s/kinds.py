@@ -123,7 +123,7 @@ KINDS: tuple[Kind, ...] = (
     Kind("Lease", "leases", "lease", (), "coordination.k8s.io", "v1", True),
     # Served read-only: netemu's own, kube-system/netemu-cluster, holds the
     # cluster's settings (netemu.clusterconfig), as kubeadm keeps kube-system/kubeadm-config.
-    Kind("ConfigMap", "configmaps", "configmap", ("cm",), "", "v1", True, read_only=True),
+    Kind("ConfigMap", "configmaps", "configmap", ("cm",), "", "v1", True),
     Kind("Namespace", "namespaces", "namespace", ("ns",), "", "v1", False, fields=("status.phase",)),
     # The API server keeps nodes under "minions", a name from Kubernetes' first days.
     Kind("Node", "nodes", "node", ("no",), "", "v1", False, fields=("spec.unschedulable",),

@@ -157,11 +157,14 @@ MESSAGES: dict[str, dict[int, tuple[str, str]]] = {
                     6: ("appProtocol", "string?"), 3: ("port", "int"),
                     4: ("targetPort", "intstr"), 5: ("nodePort", "int")},
     "ServiceStatus": {1: ("loadBalancer", "LoadBalancerStatus")},
+    # core/v1 ConfigMap (`kubectl create configmap`; binaryData, bytes, is not decoded)
+    "ConfigMap": {1: ("metadata", "ObjectMeta"), 2: ("data", "map"), 4: ("immutable", "bool?")},
     "LoadBalancerStatus": {},
 }
 # kind -> its message, for the kinds whose bodies are decoded (what kubectl's
 # typed `create` commands send for the kinds netemu serves).
-KINDS = {"Namespace": "Namespace", "Deployment": "Deployment", "Job": "Job", "Service": "Service"}
+KINDS = {"Namespace": "Namespace", "Deployment": "Deployment", "Job": "Job", "Service": "Service",
+         "ConfigMap": "ConfigMap"}
 
 
 class _Set:

@@ -344,3 +344,23 @@ def test_foreground_delete_waits_for_the_pods(env):
     assert "NotFound" in kubectl(env, "get", "deploy", "fg", check=False).stderr
     assert _names(kubectl(env, "get", "pods", "-l", "app=fg").stdout) == []
     assert _names(kubectl(env, "get", "rs", "-l", "app=fg").stdout) == []
+
+
+def test_config_maps_with_kubectl(env):
+    """`kubectl create configmap` (a protobuf body from the typed client),
+    get, describe, edit by patch, delete; the cluster's own settings stay
+    netemu's."""
+    import json
+    out = kubectl(env, "create", "configmap", "game", "--from-literal=lives=3",
+                  "--from-literal=ui.properties=color=blue").stdout
+    assert out.strip() == "configmap/game created"
+    assert rows(kubectl(env, "get", "cm", "game").stdout)[1][:2] == ["game", "2"]
+    assert "lives:\n----\n3" in kubectl(env, "describe", "cm", "game").stdout
+    kubectl(env, "patch", "cm", "game", "-p", '{"data": {"lives": "4"}}')
+    cm = json.loads(kubectl(env, "get", "cm", "game", "-o", "json").stdout)
+    assert cm["data"] == {"lives": "4", "ui.properties": "color=blue"}
+    proc = kubectl(env, "create", "configmap", "bad", "--from-literal=a b=1", check=False)
+    assert proc.returncode == 1 and "a valid config key must consist of" in proc.stderr
+    proc = kubectl(env, "-n", "kube-system", "label", "cm", "netemu-cluster", "x=y", check=False)
+    assert proc.returncode == 1 and 'configmaps "netemu-cluster" is forbidden' in proc.stderr
+    assert kubectl(env, "delete", "cm", "game").stdout.strip() == 'configmap "game" deleted'

@@ -498,3 +498,29 @@ def test_a_job_without_a_selector_gets_one_from_its_uid(server):
     other = {**job, "metadata": {"name": "mine"}}
     other["spec"] = {**job["spec"], "selector": {"matchLabels": {"a": "b"}}}
     assert call(server, "POST", "/apis/batch/v1/namespaces/default/jobs", other)[0] == 422
+
+
+def test_config_maps_are_ordinary_objects_with_kubes_rules(server):
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "app"}, "data": {"a.conf": "x=1"}}
+    code, stored = call(server, "POST", "/api/v1/namespaces/default/configmaps", cm)
+    assert code == 201 and stored["data"] == {"a.conf": "x=1"}
+    code, stored = call(server, "PUT", "/api/v1/namespaces/default/configmaps/app",
+                        {**cm, "data": {"a.conf": "x=2"}, "binaryData": {"b": "AAE="}})
+    assert code == 200 and stored["data"] == {"a.conf": "x=2"} and stored["binaryData"] == {"b": "AAE="}
+    code, table = call(server, "GET", "/api/v1/namespaces/default/configmaps", accept=TABLE)
+    assert table["rows"][0]["cells"][:2] == ["app", "2"]
+    for bad, problem in (({"data": {"a b": "x"}}, "data[a b]: Invalid value: \"a b\": a valid config key"),
+                         ({"data": {"k": 1}}, "data[k]: must be a string"),
+                         ({"binaryData": {"k": "!!"}}, "binaryData[k]: must be base64"),
+                         ({"data": {"k": "x" * (1024 * 1024)}}, "[]: Too long: must have at most 1048576 bytes"),
+                         ({"data": {"k": "a"}, "binaryData": {"k": "AA=="}}, "duplicate of key")):
+        code, status = call(server, "POST", "/api/v1/namespaces/default/configmaps",
+                            {**cm, "metadata": {"name": "bad"}, **bad})
+        assert code == 422 and problem in status["message"], status
+    assert call(server, "GET", "/api/v1/namespaces/default/configmaps/bad")[0] == 404
+    # immutable: its data can no longer change, the object can still be deleted
+    call(server, "PUT", "/api/v1/namespaces/default/configmaps/app", {**cm, "immutable": True})
+    code, status = call(server, "PUT", "/api/v1/namespaces/default/configmaps/app",
+                        {**cm, "data": {"a.conf": "x=3"}, "immutable": True})
+    assert code == 422 and "data: Forbidden: field is immutable when `immutable` is set" in status["message"]
+    assert call(server, "DELETE", "/api/v1/namespaces/default/configmaps/app")[0] == 200

@@ -205,7 +205,8 @@ def test_a_refused_change_writes_nothing(cluster):
 
 def test_the_api_serves_the_settings_read_only(tmp_path):
     """kubectl get cm -n kube-system netemu-cluster works; changing it does not
-    (netemu writes it: 405, and netemu's own delete and label refuse too)."""
+    (netemu writes it: 403, and netemu's own delete and label refuse too);
+    other ConfigMaps are ordinary objects."""
     import urllib.parse
 
     import trio
@@ -222,14 +223,14 @@ def test_the_api_serves_the_settings_read_only(tmp_path):
 
     def call(method, path, body=None, accept="application/json"):
         path, _, qs = path.partition("?")
-        req = http.Request(method, path, urllib.parse.parse_qs(qs), {"accept": accept,
-                           "content-type": "application/merge-patch+json"},
+        media = "application/merge-patch+json" if method == "PATCH" else "application/json"
+        req = http.Request(method, path, urllib.parse.parse_qs(qs), {"accept": accept, "content-type": media},
                            json.dumps(body).encode() if body is not None else b"")
         resp = trio.run(server.handle, req)
         return resp.status, json.loads(resp.body)
 
     cms = next(r for r in discovery.resource_list("v1")["resources"] if r["name"] == "configmaps")
-    assert (cms["kind"], cms["shortNames"], cms["verbs"]) == ("ConfigMap", ["cm"], ["get", "list", "watch"])
+    assert (cms["kind"], cms["shortNames"]) == ("ConfigMap", ["cm"]) and "create" in cms["verbs"]
     path = "/api/v1/namespaces/kube-system/configmaps/netemu-cluster"
     code, obj = call("GET", path)
     assert code == 200
@@ -241,11 +242,12 @@ def test_the_api_serves_the_settings_read_only(tmp_path):
     for method, p, body in (("DELETE", path, None), ("PATCH", path, {"data": {"x": "y"}}),
                             ("PUT", path, obj), ("POST", "/api/v1/namespaces/kube-system/configmaps", obj)):
         code, status = call(method, p, body)
-        assert (code, status["reason"]) == (405, "MethodNotAllowed"), (method, status)
+        assert (code, status["reason"]) == (403, "Forbidden"), (method, status)
+        assert status["message"].startswith('configmaps "netemu-cluster" is forbidden: ')
     for change in (lambda: api.delete(store, "cm", "kube-system", "netemu-cluster"),
                    lambda: kubectl_verbs.label(store, "cm", "netemu-cluster", ["a=b"], namespace="kube-system")):
         with pytest.raises(api.ApiError) as e:
             change()
-        assert e.value.reason == "MethodNotAllowed"
+        assert e.value.reason == "Forbidden"
     same(clusterconfig.read("hsapi", store), topo)
     store.close()
