@@ -3,7 +3,7 @@
 netemu.cli's build_parser calls `register(sub, verb, with_cluster)`.
 
     netemu bench [--backends udp,vxlan,host-gw] [--tests tcp,tcp-parallel,udp-rate,latency]
-                 [--rounds N] [--duration S] [--mtu M] [--wait S] [-o DIR]
+                 [--rounds N] [--duration S] [--mtu M] [--wait S] [--name-prefix P] [-o DIR]
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ def register(sub, verb, with_cluster) -> None:
                     help="wait up to S seconds for another benchmark to finish (default: refuse at once)")
     sp.add_argument("--link", default="", metavar="PROPS",
                     help='impair every node uplink: "rate 100mbit loss 0.1%%" (as netemu link set)')
+    sp.add_argument("--name-prefix", default="hb-b", metavar="P",
+                    help="the throw-away clusters are named P-<backend> (default hb-b), so a run beside "
+                         "other clusters of the machine can keep clear of their names")
     sp.add_argument("-o", "--output", default="bench-results", metavar="DIR",
                     help="folder for bench.json, bench.md and bench.png")
 
@@ -46,6 +49,24 @@ def parse_link(text: str) -> dict:
     return props
 
 
+def check_prefix(prefix: str) -> str:
+    """--name-prefix: every cluster name it makes (P-udp ... P-hostgw) must be one
+    `netemu up --name` takes, so a bad prefix fails here, before any cluster."""
+    from netemu import names
+    from netemu.topology import names as rules
+    from netemu.topology.loader import CLUSTER_NAME_MAX
+
+    for backend in report.BACKENDS:
+        name = f"{prefix}-{backend.replace('-', '')}"
+        if len(name) > CLUSTER_NAME_MAX or rules.dns1123_label(name):
+            raise ValueError(f'--name-prefix "{prefix}": the cluster name "{name}" it makes is not a lowercase '
+                             f"DNS label of at most {CLUSTER_NAME_MAX} characters")
+        problem = names.cluster_name_problem(name)
+        if problem:
+            raise ValueError(f'--name-prefix "{prefix}": the cluster name "{name}": {problem}')
+    return prefix
+
+
 def cmd_bench(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -58,7 +79,8 @@ def cmd_bench(args) -> int:
         backends.append("host-gw")           # every ratio needs it, in the same round
     opts = runner.Options(backends=backends, tests=report.parse_list(args.tests, report.TESTS, "test"),
                           rounds=args.rounds, duration=args.duration, mtu=args.mtu, output=args.output,
-                          lock_wait=args.wait, link=parse_link(args.link))
+                          lock_wait=args.wait, link=parse_link(args.link),
+                          prefix=check_prefix(args.name_prefix))
     if opts.rounds < 1 or opts.duration <= 0:
         raise ValueError("--rounds must be ≥ 1 and --duration > 0")
     console = Console(stderr=True)

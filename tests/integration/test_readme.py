@@ -154,7 +154,7 @@ def test_the_readme_has_the_blocks_this_test_runs():
         assert expected in texts
     assert not any("sudo" in c for c in texts + [c for c, _ in bench] + setup)
     assert not any(c.startswith(("netemu bench", ".venv/bin/python tools/bench")) for c in texts)
-    assert [c.split()[:2] for c, _ in bench] == [["netemu", "bench"], ["netemu", "bench"],
+    assert [c.split()[:2] for c, _ in bench] == [["netemu", "bench"], ["netemu", "bench"], ["netemu", "bench"],
                                                  [".venv/bin/python", "tools/bench_proxy.py"],
                                                  [".venv/bin/python", "tools/bench_up.py"],
                                                  [".venv/bin/python", "tools/latency_hops.py"],

@@ -102,3 +102,13 @@ def test_the_png_has_the_latency_distribution_beside_the_bars(tmp_path):
     from PIL import Image
     wide, narrow = Image.open(with_hist).size, Image.open(without).size
     assert wide[0] == 2 * narrow[0]              # one more 5-inch panel
+
+
+def test_name_prefix_must_make_cluster_names_up_takes():
+    from netemu.bench import cli
+    assert cli.check_prefix("su-b") == "su-b"
+    for bad, words in (("Upper", "lowercase DNS label"), ("a-very-long-prefix", "at most 20"),
+                       ("x-node", 'segment "node"')):
+        with pytest.raises(ValueError) as err:
+            cli.check_prefix(bad)
+        assert words in str(err.value) and "--name-prefix" in str(err.value)
