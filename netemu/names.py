@@ -84,6 +84,13 @@ def container_log_times(pod_dir: str, container: str, previous: bool = False) ->
     return container_log(pod_dir, container, previous) + ".times"
 
 
+def container_stdin(pod_dir: str, container: str) -> str:
+    """The FIFO a container with `stdin: true` reads; `kubectl attach -i` writes
+    it (and, for `stdinOnce`, leaves FIFO + ".once" behind: its first attach
+    took the stdin, and its end is the container's end of input)."""
+    return os.path.join(pod_dir, f"{container}.stdin")
+
+
 def fabric_ns(cluster: str) -> str:
     return f"{cluster}-fabric"
 

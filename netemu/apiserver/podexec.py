@@ -424,14 +424,19 @@ class LogFollower:
 class AttachSession(Session):
     """`kubectl attach`: the container's output from now on, until it stops.
 
-    netemu's kubelet starts containers with stdin on /dev/null and their output
-    in the log file (runtime.py, kubelet.py), so there is no stdin to attach
-    to: a client's stdin is read and dropped, as for a container without
-    `stdin: true` on a real node, and the output is followed."""
+    netemu's kubelet starts a container's output in its log file, which is
+    followed. Its stdin is /dev/null unless the container says `stdin: true`:
+    then it is a FIFO the kubelet made (names.container_stdin), and the
+    client's stdin is written into it (STDIN_PATH); a `stdinOnce` container's
+    stdin goes to its first attach only, whose end is the container's end of
+    input. Without one, a client's stdin is read and dropped, as for a
+    container without `stdin: true` on a real node."""
 
     def __init__(self, log_path: str, running, stdout: bool, stderr: bool, transport: str, protocol: str,
-                 stdin: bool = False, poll: float = 0.2):
+                 stdin: bool = False, poll: float = 0.2, stdin_path: str | None = None,
+                 stdin_once: bool = False):
         self.log_path, self.running, self.poll = log_path, running, poll
+        self.stdin_path, self.stdin_once = stdin_path, stdin_once
         super().__init__([], {}, [], protocol, stdin=stdin, stdout=stdout, stderr=stderr, tty=False,
                          transport=transport)
         # The log holds stdout and stderr together: it goes out on stdout (or
@@ -441,7 +446,27 @@ class AttachSession(Session):
 
     async def _start(self):
         self.follower = LogFollower(self.log_path, self.poll)
-        return [(self.channel, self.follower)], Input(None, None, False)
+        return [(self.channel, self.follower)], Input(self._open_stdin(), None, False)
+
+    def _open_stdin(self):
+        """The container's stdin FIFO opened for writing, or None: not asked
+        for, not kept open by the container, not running, or (stdinOnce)
+        taken by an earlier attach."""
+        if not self.want_stdin or self.stdin_path is None:
+            return None
+        once = self.stdin_path + ".once"
+        if self.stdin_once and os.path.exists(once):
+            return None
+        try:
+            fd = os.open(self.stdin_path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None                 # ENXIO: nobody reads it (the container is not running)
+        if self.stdin_once:
+            # Taken: the kubelet lets go of its write end, so this attach's
+            # end is the container's end of input.
+            with open(once, "w"):
+                pass
+        return trio.lowlevel.FdStream(fd)
 
     async def _wait(self) -> dict:
         while self.running():

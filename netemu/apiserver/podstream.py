@@ -161,9 +161,12 @@ def attach(server, req: Request, pod: dict, namespace: str, name: str, read) -> 
         open(log_path, "rb").close()
     except OSError:
         return status.bad_request(f'unable to upgrade connection: container not found ("{container}")')
+    spec = next((c for c in (pod.get("spec") or {}).get("containers") or [] if c.get("name") == container), {})
     session = podexec.AttachSession(log_path, lambda: _instance(read(), container) == instance,
                                     stdout=_flag(req, "stdout", "true"), stderr=_flag(req, "stderr", "true"),
-                                    transport=transport, protocol=protocol, stdin=_flag(req, "stdin"))
+                                    transport=transport, protocol=protocol, stdin=_flag(req, "stdin"),
+                                    stdin_path=names.container_stdin(server.pod_dir(namespace, name), container)
+                                    if spec.get("stdin") else None, stdin_once=bool(spec.get("stdinOnce")))
     return Response(101, b"", headers=headers, upgrade=session.run)
 
 

@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import subprocess
 
 import trio
@@ -56,6 +57,7 @@ BACKOFF_MAX = 300.0      # capped at five minutes
 MIN_GRACE = 2.0          # the kubelet's minimumGracePeriodInSeconds
 DEFAULT_GRACE = 30.0     # terminationGracePeriodSeconds' default
 EVENT_EVERY = 10         # a failing probe's event: its first failure, then every 10th
+STDIN_POLL = 0.1         # seconds between looks for a stdinOnce container's first attach
 
 
 
@@ -262,6 +264,7 @@ class ContainerState:
         self.started = False        # startupProbe passed (or none)
         self.probe_ready: bool | None = None   # readinessProbe's verdict (None: no probe)
         self.adopted_ready = False  # the readiness published before a kubelet restart
+        self.stdin_keeper: int | None = None   # a stdinOnce container's write end (_open_stdin)
 
     @property
     def running(self) -> bool:
@@ -585,12 +588,57 @@ class PodWorker:
             times = names.container_log_times(self.dir, c.name)
             with contextlib.suppress(FileNotFoundError):
                 os.replace(times, names.container_log_times(self.dir, c.name, previous=True))
-        with open(log_path, "ab") as out:
-            proc = await trio.lowlevel.open_process(
-                netns.exec_argv(sb.namespace, p.argv, uts_pid=sb.pause_pid),
-                stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env,
-                cwd=cwd, start_new_session=True)
+        stdin = self._open_stdin(c)
+        try:
+            with open(log_path, "ab") as out:
+                proc = await trio.lowlevel.open_process(
+                    netns.exec_argv(sb.namespace, p.argv, uts_pid=sb.pause_pid),
+                    stdin=subprocess.DEVNULL if stdin is None else stdin, stdout=out, stderr=out, env=env,
+                    cwd=cwd, start_new_session=True)
+        finally:
+            if stdin is not None:
+                os.close(stdin)
         return runtime.Handle(runtime.ref_of(proc.pid) or runtime.ProcessRef(proc.pid, 0), proc)
+
+    def _open_stdin(self, c: ContainerState) -> int | None:
+        """The stdin of a container with `stdin: true`: a FIFO in the pod's
+        folder that `kubectl attach -i` writes (names.container_stdin). The
+        container holds it open for writing too, so it never reads an end of
+        input; with `stdinOnce` it does not: the kubelet holds the write end
+        until the first attach has taken it (_release_stdin), and that
+        attach's end is the container's end of input, as on a real node."""
+        if not c.spec.get("stdin"):
+            return None
+        path = names.container_stdin(self.dir, c.name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + ".once")
+        try:
+            fifo = stat.S_ISFIFO(os.lstat(path).st_mode)
+        except FileNotFoundError:
+            fifo = None
+        if not fifo:
+            if fifo is False:
+                os.unlink(path)              # not ours to read: make the FIFO anew
+            os.mkfifo(path, 0o600)
+        if not c.spec.get("stdinOnce"):
+            return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        os.set_blocking(fd, True)
+        if c.stdin_keeper is not None:
+            os.close(c.stdin_keeper)
+        c.stdin_keeper = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        return fd
+
+    async def _release_stdin(self, c: ContainerState) -> None:
+        """A stdinOnce container's write end, held until its first attach."""
+        once = names.container_stdin(self.dir, c.name) + ".once"
+        try:
+            while c.stdin_keeper is not None and not os.path.exists(once):
+                await trio.sleep(STDIN_POLL)
+        finally:
+            if c.stdin_keeper is not None:
+                os.close(c.stdin_keeper)
+                c.stdin_keeper = None
 
     async def _run_container(self, c: ContainerState) -> None:
         backoff = BACKOFF_START
@@ -638,6 +686,8 @@ class PodWorker:
                 async with trio.open_nursery() as probes:
                     for probe in c.probes.values():
                         probes.start_soon(self._probe, c, probe)
+                    if c.stdin_keeper is not None:
+                        probes.start_soon(self._release_stdin, c)
                     code = await c.handle.wait()
                     probes.cancel_scope.cancel()
             finally:

@@ -69,10 +69,13 @@ STRUCTS: dict[str, Struct] = {s.name: s for s in [
     _s("Container",
        {"name": "string", "image": "string", "command": "[]string", "args": "[]string",
         "env": ("list", "EnvVar"), "ports": ("list", "ContainerPort"), "workingDir": "string",
-        "livenessProbe": "Probe", "readinessProbe": "Probe", "startupProbe": "Probe"},
+        "livenessProbe": "Probe", "readinessProbe": "Probe", "startupProbe": "Probe",
+        # stdin: a FIFO the kubelet keeps for `kubectl attach -i`; tty is
+        # kept but not given (attach -t is refused).
+        "stdin": "boolean", "stdinOnce": "boolean"},
        "envFrom imagePullPolicy lifecycle resizePolicy "
-       "resources restartPolicy restartPolicyRules securityContext stdin "
-       "stdinOnce terminationMessagePath terminationMessagePolicy tty volumeDevices volumeMounts"),
+       "resources restartPolicy restartPolicyRules securityContext "
+       "terminationMessagePath terminationMessagePolicy tty volumeDevices volumeMounts"),
     _s("EnvVar", {"name": "string", "value": "string"}, "valueFrom"),
     # Probes: run by the kubelet (netemu.node.probes); grpc is not emulated.
     _s("Probe",

@@ -16,7 +16,7 @@ import pytest
 
 from netemu import apiserver
 from tests.integration.clusters import running, wait_for, write_topology
-from tests.integration.test_apiserver import MASTER, _listening, kubectl, rows
+from tests.integration.test_apiserver import BINARIES, MASTER, _listening, kubectl, rows
 
 KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 
@@ -364,3 +364,43 @@ def test_config_maps_with_kubectl(env):
     proc = kubectl(env, "-n", "kube-system", "label", "cm", "netemu-cluster", "x=y", check=False)
     assert proc.returncode == 1 and 'configmaps "netemu-cluster" is forbidden' in proc.stderr
     assert kubectl(env, "delete", "cm", "game").stdout.strip() == 'configmap "game" deleted'
+
+
+@pytest.mark.parametrize("binary", BINARIES)
+def test_stdin_of_containers_that_keep_it(env, binary):
+    """`kubectl run -i` (stdin and stdinOnce: the piped input reaches the
+    container, its end ends the container) and `kubectl attach -i` to a
+    container with `stdin: true` (the input reaches it; it reads no end), over
+    WebSocket (newest kubectl) and SPDY (1.20)."""
+    tag = "old" if binary else "new"
+    proc = kubectl(env, "run", f"cat-{tag}", "--image=busybox", "--restart=Never", "-i", "--", "cat",
+                   input="piped in\n", binary=binary)
+    assert proc.stdout.startswith("piped in\n"), proc
+    wait_for(lambda: "Completed" in kubectl(env, "get", "pod", f"cat-{tag}").stdout, timeout=30,
+             what="cat to end with its input")
+    kubectl(env, "apply", "-f", "-", input=f"""
+apiVersion: v1
+kind: Pod
+metadata: {{name: reader-{tag}}}
+spec:
+  containers: [{{name: c, image: busybox, stdin: true,
+                 command: [sh, -c, 'while read l; do echo "got: $l"; done; echo eof']}}]
+""")
+    wait_for(lambda: "Running" in kubectl(env, "get", "pod", f"reader-{tag}").stdout, timeout=30,
+             what="the reader running")
+    for line in ("one", "two"):
+        attach = subprocess.Popen([binary or KUBECTL, "--context", f"netemu-{env['cluster']}", "attach", "-i",
+                                   f"reader-{tag}"], env=dict(os.environ, KUBECONFIG=env["kubeconfig"]),
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            attach.stdin.write(f"{line}\n".encode())
+            attach.stdin.close()
+            wait_for(lambda: f"got: {line}" in kubectl(env, "logs", f"reader-{tag}").stdout, timeout=20,
+                     what=f"the reader to get line {line}")
+        finally:
+            attach.kill()
+            attach.wait()
+    # no end of input for a container that keeps its stdin: still running, no "eof"
+    assert "eof" not in kubectl(env, "logs", f"reader-{tag}").stdout
+    assert "Running" in kubectl(env, "get", "pod", f"reader-{tag}").stdout
+    kubectl(env, "delete", "pod", f"cat-{tag}", f"reader-{tag}", "--grace-period=0", "--force")
