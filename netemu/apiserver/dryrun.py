@@ -65,6 +65,9 @@ class DryRunStore:
     def list_at(self, prefix: str, revision: int, start_after: str = "", limit: int | None = None):
         return self.base.list_at(prefix, revision, start_after, limit)
 
+    def count_at(self, prefix: str, revision: int, start_after: str = "") -> int:
+        return self.base.count_at(prefix, revision, start_after)
+
     def put(self, key: str, value: Any, *, ttl: float | None = None,
             expect_revision: int | None = None) -> int:
         current = self.get(key)

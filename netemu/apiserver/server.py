@@ -344,11 +344,13 @@ class ApiServer:
         paged = self._page(req, t, keep)
         if isinstance(paged, Response):
             return paged
-        rev, objs, token = paged
+        rev, objs, token, remaining = paged
         objs = [self._present(o, t) for o in objs]
         meta = {"resourceVersion": str(rev)}
         if token:
             meta["continue"] = token
+        if remaining is not None:
+            meta["remainingItemCount"] = remaining
         version = tables.wants_table(req.headers.get("accept"))
         if version:
             table = tables.table(t.kind.kind, objs, str(rev), version, req.arg("includeObject", "Metadata"))
@@ -356,9 +358,11 @@ class ApiServer:
             return _json(200, table)
         return _json(200, {"kind": f"{t.kind.kind}List", "apiVersion": t.gv, "metadata": meta, "items": objs})
 
-    def _page(self, req: Request, t: Target, keep) -> tuple[int, list[dict], str | None] | Response:
-        """(revision, objects, continue token or None) of the list asked for:
-        whole, or one page of it (?limit=, ?continue=: paging.py)."""
+    def _page(self, req: Request, t: Target, keep) -> tuple[int, list[dict], str | None, int | None] | Response:
+        """(revision, objects, continue token or None, remainingItemCount or
+        None) of the list asked for: whole, or one page of it (?limit=,
+        ?continue=: paging.py). The count is there when more follow and the
+        list is not filtered, as kube-apiserver sets it."""
         prefix = registry.prefix(t.kind.kind, t.namespace if t.kind.namespaced else None)
         try:
             limit = paging.parse_limit(req.arg("limit"))
@@ -375,12 +379,14 @@ class ApiServer:
             # The revision is read before the objects: a write in between shows in
             # the list and again in a watch from that revision (harmless), while
             # the other order could lose it.
-            return rev, [o for o in registry.list_(self.store, t.kind.kind, t.namespace) if keep(o)], None
+            return rev, [o for o in registry.list_(self.store, t.kind.kind, t.namespace) if keep(o)], None, None
         try:
             objs, last = paging.page(self.store, prefix, rev, after, limit or paging.MAX_LIMIT, keep)
+            filtered = bool(req.arg("labelSelector") or req.arg("fieldSelector"))
+            remaining = self.store.count_at(prefix, rev, last) if last and not filtered else None
         except Compacted:
             return status.error("Expired", paging.TOO_OLD)
-        return rev, objs, (paging.encode_token(rev, last, prefix) if last else None)
+        return rev, objs, (paging.encode_token(rev, last, prefix) if last else None), remaining
 
     def _watch(self, req: Request, t: Target, keep) -> Response:
         version = tables.wants_table(req.headers.get("accept"))

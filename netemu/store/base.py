@@ -59,6 +59,10 @@ class Store(Protocol):
         key order, at most LIMIT (one page of a consistent list). Raises
         Compacted when REVISION is older than the history kept."""
 
+    def count_at(self, prefix: str, revision: int, start_after: str = "") -> int:
+        """How many keys list_at(PREFIX, REVISION, START_AFTER) holds, without
+        reading their values (a paged list's remainingItemCount)."""
+
     def put(self, key: str, value: Any, *, ttl: float | None = None,
             expect_revision: int | None = None) -> int:
         """Write KEY. expect_revision: 0 means "only if absent"; N means "only if its

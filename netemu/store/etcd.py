@@ -170,6 +170,12 @@ class EtcdStore:
             body["limit"] = str(limit)
         return [_kv(raw) for raw in self._call("/v3/kv/range", body).get("kvs", [])]
 
+    def count_at(self, prefix: str, revision: int, start_after: str = "") -> int:
+        start = start_after + "\0" if start_after >= prefix else (prefix or "\0")
+        reply = self._call("/v3/kv/range", {"key": _b64(start), "range_end": _range_end_b64(prefix),
+                                            "revision": str(max(revision, 0)), "count_only": True})
+        return int(reply.get("count", 0))
+
     def existed_before(self, key: str, revision: int) -> bool | None:
         """Did KEY exist just before REVISION? None when that is compacted."""
         if revision <= 1:

@@ -206,6 +206,29 @@ class SqliteStore:
         out.sort(key=lambda kv: kv.key)
         return out if limit is None else out[:limit]
 
+    def count_at(self, prefix: str, revision: int, start_after: str = "") -> int:
+        """len(list_at(PREFIX, REVISION, START_AFTER)), counted in SQLite
+        (expired TTL rows aside: counted until they are swept)."""
+        end = _prefix_end(prefix)
+        low = max(prefix, start_after)
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                compacted = self._db.execute("SELECT compacted FROM meta WHERE id = 0").fetchone()[0]
+                if revision < compacted:
+                    raise Compacted(f"revision {revision} is compacted (oldest kept: {compacted})")
+                now = self._db.execute("SELECT COUNT(*) FROM kv WHERE key > ? AND key < ? AND mod_rev <= ?",
+                                       (low, end, revision)).fetchone()[0]
+                then = self._db.execute(
+                    "SELECT COUNT(*) FROM events e "
+                    "WHERE e.key IN (SELECT DISTINCT key FROM events WHERE rev > ? AND key > ? AND key < ?) "
+                    "AND e.type = 'PUT' "
+                    "AND e.rev = (SELECT MAX(x.rev) FROM events x WHERE x.key = e.key AND x.rev <= ?)",
+                    (revision, low, end, revision)).fetchone()[0]
+            finally:
+                self._db.execute("COMMIT")
+        return now + then
+
     def existed_before(self, key: str, revision: int) -> bool | None:
         """Did KEY exist just before REVISION? None when the history that would
         tell is compacted. (A watch's ADDED versus MODIFIED: the change log

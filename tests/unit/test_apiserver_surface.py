@@ -39,6 +39,7 @@ def test_limit_and_continue_page_one_consistent_list(server):
         call(server, "POST", "/api/v1/namespaces/default/pods", _pod(f"p{i}"))
     code, first = call(server, "GET", "/api/v1/namespaces/default/pods?limit=3")
     assert [p["metadata"]["name"] for p in first["items"]] == ["p0", "p1", "p2"]
+    assert first["metadata"]["remainingItemCount"] == 4
     token = first["metadata"]["continue"]
     data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
     assert data == {"v": "meta.k8s.io/v1", "rv": int(first["metadata"]["resourceVersion"]),
@@ -53,9 +54,14 @@ def test_limit_and_continue_page_one_consistent_list(server):
     assert [p["metadata"]["name"] for p in second["items"]] == ["p3", "p4", "p5"]
     assert "x" not in second["items"][2]["metadata"]["labels"]
     assert second["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
+    assert second["metadata"]["remainingItemCount"] == 1         # counted at the first page's revision
     code, last = call(server, "GET", f"/api/v1/namespaces/default/pods?limit=3&continue="
                                      f"{second['metadata']['continue']}")
     assert [p["metadata"]["name"] for p in last["items"]] == ["p6"] and "continue" not in last["metadata"]
+    assert "remainingItemCount" not in last["metadata"]
+    # a filtered list does not say how many remain (kube-apiserver cannot know)
+    code, filtered = call(server, "GET", "/api/v1/namespaces/default/pods?limit=1&labelSelector=app%3Dnginx")
+    assert "continue" in filtered["metadata"] and "remainingItemCount" not in filtered["metadata"]
     # A new list sees the changes; an exact fit has no continue.
     pages = _pages(server, "/api/v1/namespaces/default/pods?limit=7")
     assert pages[0][0] == ["p0", "p1", "p2", "p3", "p35", "p5", "p6"] and len(pages) == 1

@@ -326,6 +326,7 @@ def test_list_at_is_the_state_at_that_revision_over_compaction(backend, store, m
         while True:
             page = store.list_at("/registry/pods/", rev, start, 4)
             paged += [(kv.key, kv.value, kv.mod_revision) for kv in page]
+            assert store.count_at("/registry/pods/", rev, start) == len(want) - len(paged) + len(page)
             if len(page) < 4:
                 break
             start = page[-1].key
