@@ -65,6 +65,9 @@ def resource_list(group_version: str) -> dict | None:
                               "verbs": ["get"]})
             resources.append({"name": "pods/exec", "singularName": "", "namespaced": True,
                               "kind": "PodExecOptions", "verbs": ["create", "get"]})
+        if k.kind in kinds.WITH_STATUS:
+            resources.append({"name": f"{k.resource}/status", "singularName": "", "namespaced": k.namespaced,
+                              "kind": k.kind, "verbs": ["get", "patch", "update"]})
         if k.scale_field:
             resources.append({"name": f"{k.resource}/scale", "singularName": "", "namespaced": k.namespaced,
                               "group": "autoscaling", "version": "v1", "kind": "Scale",

@@ -30,7 +30,7 @@ from netemu.apiserver.http import Request, Response
 from netemu.k8s import jsonpatch, kinds, managedfields, protobuf, selectors, strategicpatch
 from netemu.node import logstamps
 from netemu.store import registry
-from netemu.store.base import Compacted
+from netemu.store.base import Compacted, Conflict
 from netemu.topology import manifests, schema
 from netemu.topology.model import TopologyError
 
@@ -110,6 +110,7 @@ def parse_path(path: str) -> tuple[str, object] | None:
     name = rest[1] if len(rest) >= 2 else None
     sub = rest[2] if len(rest) == 3 else None
     if sub is not None and not (sub == "scale" and kind.scale_field or
+                                sub == "status" and kind.kind in kinds.WITH_STATUS or
                                 sub in ("log", *STREAMS) and kind.kind == "Pod"):
         return None
     return "object", Target(gv, kind, namespace, name, sub)
@@ -127,6 +128,47 @@ def merge_patch(target, patch):
             out[k] = merge_patch(out.get(k), v)
     return out
 
+
+
+# What a status written through /status may hold, by field, wherever it is in
+# the status (every reader of netemu's, printers and controllers, relies on these
+# shapes): strings, counters, lists of objects.
+_STATUS_STRINGS = frozenset("phase podIP hostIP reason message nominatedNodeName qosClass startTime "
+                            "completionTime type status lastTransitionTime lastUpdateTime lastProbeTime "
+                            "ip hostname name image imageID containerID".split())
+_STATUS_COUNTS = frozenset("replicas readyReplicas availableReplicas updatedReplicas unavailableReplicas "
+                           "fullyLabeledReplicas observedGeneration active succeeded failed ready terminating "
+                           "currentNumberScheduled numberMisscheduled desiredNumberScheduled numberReady "
+                           "updatedNumberScheduled numberAvailable numberUnavailable collisionCount "
+                           "restartCount".split())
+_STATUS_LISTS = frozenset("conditions containerStatuses initContainerStatuses podIPs hostIPs addresses "
+                          "ingress ports".split())
+
+
+def _status_problem(value, path: str = "status") -> str | None:
+    """Why VALUE cannot be stored as an object's status, or None."""
+    if not isinstance(value, dict):
+        return f"{path}: Invalid value: must be an object"
+    for key, item in value.items():
+        where = f"{path}.{key}"
+        if item is None:
+            continue
+        if key in _STATUS_STRINGS and not isinstance(item, str):
+            return f"{where}: Invalid value: {json.dumps(item)[:60]}: must be a string"
+        if key in _STATUS_COUNTS and (isinstance(item, bool) or not isinstance(item, int) or item < 0):
+            return f"{where}: Invalid value: {json.dumps(item)[:60]}: must be a non-negative integer"
+        if key in _STATUS_LISTS:
+            if not isinstance(item, list):
+                return f"{where}: Invalid value: must be a list"
+            for i, element in enumerate(item):
+                problem = _status_problem(element, f"{where}[{i}]")
+                if problem:
+                    return problem
+        elif isinstance(item, dict):
+            problem = _status_problem(item, where)
+            if problem:
+                return problem
+    return None
 
 
 def _json_body(req: Request):
@@ -216,6 +258,8 @@ class ApiServer:
         try:
             if t.subresource == "scale":
                 return await self._scale(req, t)
+            if t.subresource == "status":
+                return self._status(req, t)
             if t.subresource == "log":
                 return self._log(req, t)
             if t.subresource in STREAMS:
@@ -635,6 +679,52 @@ class ApiServer:
             resp = _json(200, self._present(stored, t))
             resp.headers += [("Warning", w) for w in warnings]
             return resp
+        raise api.ApiError(f'Operation cannot be fulfilled on {t.kind.resource} "{t.name}": too many '
+                           "concurrent changes", reason="Conflict")
+
+    # -- /status ------------------------------------------------------------------
+
+    def _status(self, req: Request, t: Target) -> Response:
+        """GET, PUT or PATCH on OBJECT/status: the whole object; a write takes
+        only its status, as kube-apiserver's status strategies reset the rest
+        (spec, labels, annotations) to what is stored."""
+        if req.method == "GET":
+            return self._get(req, t)
+        if req.method not in ("PUT", "PATCH"):
+            return status.method_not_allowed()
+        for _ in range(5):
+            current = self._read(t)
+            if current is None:
+                return status.not_found(t.qualified, t.name, t.group)
+            if req.method == "PUT":
+                body = self._check_body(self._body(req), t)
+            else:
+                body = self._patched(req, self._present(copy.deepcopy(current), t), t.kind.kind)
+                if not isinstance(body, dict):
+                    raise api.ApiError("the patch must leave an object", reason="BadRequest")
+            new_status = body.get("status", {})
+            problem = _status_problem(new_status)
+            if problem:
+                raise api.ApiError(f'{t.kind.kind} "{t.name}" is invalid: {problem}')
+            want = (body.get("metadata") or {}).get("resourceVersion") if isinstance(body.get("metadata"), dict) \
+                else None
+            rv = current["metadata"]["resourceVersion"]
+            if req.method == "PUT" and want and str(want) != rv:
+                return status.error("Conflict", f'Operation cannot be fulfilled on {t.qualified} "{t.name}": '
+                                    "the object has been modified; please apply your changes to the latest "
+                                    "version and try again")
+            if new_status == current.get("status", {}):
+                return _json(200, self._present(current, t))
+            changed = copy.deepcopy(current)
+            changed["status"] = new_status
+            try:
+                stored = registry.update(self.store, changed)
+            except Conflict:
+                if req.method == "PUT" and want:
+                    raise api.ApiError(f'Operation cannot be fulfilled on {t.qualified} "{t.name}": the object '
+                                       "has been modified", reason="Conflict") from None
+                continue                       # changed meanwhile: again on the new object
+            return _json(200, self._present(stored, t))
         raise api.ApiError(f'Operation cannot be fulfilled on {t.kind.resource} "{t.name}": too many '
                            "concurrent changes", reason="Conflict")
 

@@ -121,8 +121,9 @@ KINDS: tuple[Kind, ...] = (
          fields=("addressType",)),
     # Node heartbeats: one per node in namespace kube-node-lease, renewed by its kubelet.
     Kind("Lease", "leases", "lease", (), "coordination.k8s.io", "v1", True),
-    # Served read-only: netemu's own, kube-system/netemu-cluster, holds the
-    # cluster's settings (netemu.clusterconfig), as kubeadm keeps kube-system/kubeadm-config.
+    # netemu's own, kube-system/netemu-cluster, holds the cluster's settings
+    # (netemu.clusterconfig), as kubeadm keeps kube-system/kubeadm-config; other
+    # ConfigMaps are the users'.
     Kind("ConfigMap", "configmaps", "configmap", ("cm",), "", "v1", True),
     Kind("Namespace", "namespaces", "namespace", ("ns",), "", "v1", False, fields=("status.phase",)),
     # The API server keeps nodes under "minions", a name from Kubernetes' first days.
@@ -138,6 +139,11 @@ ALIASES = {word: k.kind for k in KINDS for word in k.words}
 
 # The kinds that own pods through a pod template, in the order of KINDS.
 WORKLOADS: tuple[str, ...] = tuple(k.kind for k in KINDS if k.workload)
+
+# The kinds with a /status subresource (their status is written apart from
+# their spec, as kube-apiserver's status strategies do).
+WITH_STATUS = frozenset(("Pod", "Service", "ReplicationController", "ReplicaSet", "Deployment", "DaemonSet",
+                         "Job", "Namespace", "Node"))
 
 
 def resolve(word: str) -> str:

@@ -404,3 +404,15 @@ spec:
     assert "eof" not in kubectl(env, "logs", f"reader-{tag}").stdout
     assert "Running" in kubectl(env, "get", "pod", f"reader-{tag}").stdout
     kubectl(env, "delete", "pod", f"cat-{tag}", f"reader-{tag}", "--grace-period=0", "--force")
+
+
+def test_status_subresource_with_kubectl(env):
+    kubectl(env, "create", "service", "clusterip", "st-svc", "--tcp=80:80")
+    cond = ('{"status": {"conditions": [{"type": "Checked", "status": "True", "reason": "ByHand", '
+            '"message": "ok", "lastTransitionTime": "2026-12-02T00:00:00Z"}]}, "spec": {"type": "NodePort"}}')
+    out = kubectl(env, "patch", "svc", "st-svc", "--subresource=status", "--type=merge", "-p", cond).stdout
+    assert out.strip() == "service/st-svc patched"
+    got = kubectl(env, "get", "svc", "st-svc", "--subresource=status",
+                  "-o", "jsonpath={.status.conditions[0].type} {.spec.type}").stdout
+    assert got == "Checked ClusterIP"            # the status is written, the spec in the body is not
+    kubectl(env, "delete", "svc", "st-svc")

@@ -530,3 +530,26 @@ def test_config_maps_are_ordinary_objects_with_kubes_rules(server):
                         {**cm, "data": {"a.conf": "x=3"}, "immutable": True})
     assert code == 422 and "data: Forbidden: field is immutable when `immutable` is set" in status["message"]
     assert call(server, "DELETE", "/api/v1/namespaces/default/configmaps/app")[0] == 200
+
+
+def test_status_subresource_writes_only_the_status(server):
+    code, d = call(server, "POST", "/apis/apps/v1/namespaces/default/deployments",
+                   {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "st"},
+                    "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "nginx"}},
+                             "template": RC["spec"]["template"]}})
+    url = "/apis/apps/v1/namespaces/default/deployments/st/status"
+    code, got = call(server, "GET", url)
+    assert code == 200 and got["metadata"]["name"] == "st"
+    # a status patch: the status changes, the spec and labels in the same body do not
+    code, patched = call(server, "PATCH", url, {"status": {"replicas": 3, "observedGeneration": 1},
+                                                "spec": {"replicas": 9}, "metadata": {"labels": {"x": "y"}}},
+                         content_type="application/merge-patch+json")
+    assert code == 200 and patched["status"]["replicas"] == 3
+    assert patched["spec"]["replicas"] == 1 and "x" not in (patched["metadata"].get("labels") or {})
+    # a PUT with a stale resourceVersion is a conflict; a status no reader could take is refused
+    stale = {**patched, "metadata": {**patched["metadata"], "resourceVersion": d["metadata"]["resourceVersion"]}}
+    assert call(server, "PUT", url, stale)[0] == 409
+    for bad in ({"replicas": -1}, {"conditions": [1, 2]}, {"conditions": {"type": "x"}}, "up"):
+        code, status = call(server, "PATCH", url, {"status": bad}, content_type="application/merge-patch+json")
+        assert code == 422 and "is invalid: status" in status["message"], (bad, status)
+    assert call(server, "GET", "/api/v1/namespaces/default/configmaps/x/status")[0] == 404
