@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", help="cluster name (overrides the file)")
     sp.add_argument("--backend", choices=["udp", "vxlan", "host-gw"])
     sp.add_argument("--proxy-mode", choices=["nftables", "iptables"])
+    sp.add_argument("--store", metavar="etcd://HOST:PORT",
+                    help="keep the cluster's state in this etcd (under /netemu/NAME) instead of a "
+                         "SQLite file in /run/netemu/NAME")
     sp.add_argument("-q", "--quiet", action="store_true")
 
     sp = verb("down", cmd_down, "stop a cluster and remove everything it made")
@@ -225,7 +228,7 @@ def cmd_up(args) -> int:
         print(f'Building cluster "{topo.name}" from {args.file} (backend {topo.settings.backend}, '
               f'proxy {topo.settings.proxy_mode})', file=sys.stderr)
     with _signals_interrupt():
-        summary = clusters.up(topo, progress, where=where)
+        summary = clusters.up(topo, progress, where=where, store=args.store)
     print_summary(topo.name, summary)
     return 0
 

@@ -29,8 +29,9 @@ from collections.abc import Callable
 from netemu import api, apiserver, clusterconfig, fabric, journal, loadbalancer, names, netns
 from netemu.node import host
 from netemu.overlay import leases
+import netemu.store as store_module
+from netemu.store import open_store as store_of
 from netemu.store import registry
-from netemu.store.sqlite import SqliteStore
 from netemu.supervisor import daemon_env, python_argv
 
 READY_TIMEOUT = 120.0
@@ -72,8 +73,8 @@ def resolve(name: str | None) -> str:
     raise ClusterError(f"several clusters are running ({', '.join(clusters)}): pick one with --cluster")
 
 
-def open_store(cluster: str) -> SqliteStore:
-    return SqliteStore(names.store_path(cluster))
+def open_store(cluster: str):
+    return store_of(cluster)
 
 
 def plan_addresses(topology) -> tuple[list[NodePlan], ipaddress.IPv4Interface]:
@@ -165,12 +166,15 @@ def neighbour_table_warning(nodes: int, path: str = GC_THRESH3) -> str | None:
 
 
 def up(topology, progress: Callable[[str], None] = lambda s: None,
-       fail_after: str | None = None, where: str | None = None, kubeconfig: bool = True) -> dict:
+       fail_after: str | None = None, where: str | None = None, kubeconfig: bool = True,
+       store: str | None = None) -> dict:
     """Build the cluster. FAIL_AFTER names a step after which to fail on purpose
     (tests use it to prove that a failed up rolls back). WHERE: the file and
     field the cluster's name came from, for errors. KUBECONFIG: add the
     cluster's context to the user's kubeconfig (not for throw-away clusters
     such as the benchmark's, which must leave the user's files alone).
+    STORE: etcd://HOST:PORT, an etcd to keep the cluster's state in (under
+    /netemu/<cluster>) instead of the SQLite file in its state folder.
 
     Every way up can end early rolls back: an exception (SIGINT's
     KeyboardInterrupt, and SIGTERM/SIGHUP, which the CLI turns into
@@ -195,6 +199,12 @@ def up(topology, progress: Callable[[str], None] = lambda s: None,
         fcntl.flock(building, fcntl.LOCK_EX)
     builder = None
     try:
+        if store:
+            try:
+                store_module.use_etcd(cluster, store).close()
+            except ValueError as e:
+                raise ClusterError(str(e)) from None
+            progress(f"state store: {store_module.describe(cluster)}")
         _create_store(topology)
         # Next: the supervisor, holding the read end of the builder pipe,
         # so that from here on a builder killed by SIGKILL is rolled back.
@@ -293,7 +303,7 @@ def _build(topology, progress, fail_after, builder, kubeconfig: bool = True) -> 
              f"{settings.lb_pool[0]}-{settings.lb_pool[-1]}" if settings.lb_pool else
              f"cloud load balancer {names.lb_ns(cluster)}: no address pool")
 
-    store = SqliteStore(names.store_path(cluster))
+    store = store_of(cluster)
     try:
         store.put(leases.CONFIG_KEY, leases.network_config(settings.cluster_network, settings.subnet_len,
                                                            backend_config(settings)))
@@ -318,7 +328,7 @@ def _create_store(topology) -> None:
     settings from there (clusterconfig.read), the supervisor first."""
     from netemu.apiserver.server import ensure_system_namespaces
 
-    store = SqliteStore(names.store_path(topology.name), create=True)
+    store = store_of(topology.name, create=True)
     try:
         ensure_system_namespaces(store)
         clusterconfig.create(store, topology)
@@ -627,6 +637,9 @@ def teardown(cluster: str, graceful: bool = True) -> None:
         except netns.NetnsError as e:
             errors.append(str(e))
     apiserver.forget(cluster)       # the kubeconfig context up added
+    problem = store_module.forget(cluster)     # its keys in etcd, when it kept its state there
+    if problem:
+        errors.append(problem)
     shutil.rmtree(names.state_dir(cluster), ignore_errors=True)
     if errors:
         raise ClusterError("; ".join(errors))

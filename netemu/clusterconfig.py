@@ -150,10 +150,10 @@ def _get(store) -> dict | None:
 
 
 def _open(cluster: str):
-    from netemu.store.sqlite import SqliteStore
+    from netemu.store import open_store
 
     try:
-        return SqliteStore(names.store_path(cluster))
+        return open_store(cluster)
     except FileNotFoundError:
         raise ClusterConfigError(names.store_path(cluster), "",
                                  f'no state store: cluster "{cluster}" is not up') from None

@@ -40,8 +40,7 @@ import time
 import trio
 
 from netemu import clusterconfig, journal, names
-from netemu.store import registry
-from netemu.store.sqlite import SqliteStore
+from netemu.store import open_store, registry
 from netemu.supervisor import daemon_env, python_argv, stop_on_signal, supervise
 
 log = logging.getLogger("netemu.controlplane")
@@ -50,7 +49,7 @@ log = logging.getLogger("netemu.controlplane")
 class ControlPlane:
     def __init__(self, cluster: str):
         self.cluster = cluster
-        self.store = SqliteStore(names.store_path(cluster))
+        self.store = open_store(cluster)
         self.topology = clusterconfig.read(cluster, self.store)
         self.settings = self.topology.settings
         # The controllers' Events: Kubernetes' 1 h TTL, scaled like the other

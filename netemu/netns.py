@@ -124,9 +124,48 @@ def setns_path(ns_path: str, nstype: int = CLONE_NEWNET) -> None:
         os.close(fd)
 
 
+_home_fd: int | None = None
+
+
 def enter(name: str) -> None:
-    """Move the calling thread into namespace NAME for good (daemons at start-up)."""
+    """Move the calling thread into namespace NAME for good (daemons at start-up).
+    The namespace it leaves (the machine's) stays reachable: home_fd()."""
+    global _home_fd
+    if _home_fd is None:
+        _home_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     setns_path(path(name))
+
+
+def home_fd() -> int | None:
+    """The network namespace this process started in (the machine's), held
+    open since it entered another for good; None if it never did."""
+    return _home_fd
+
+
+def connect_in(ns_fd: int, address: tuple[str, int], timeout: float):
+    """A TCP connection made from the network namespace NS_FD (a socket
+    belongs to the namespace it was made in, wherever it is used), by a
+    short-lived thread, so no other thread moves."""
+    import socket
+    import threading
+
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            if _libc.setns(ns_fd, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"setns: {os.strerror(err)}")
+            result["sock"] = socket.create_connection(address, timeout)
+        except BaseException as e:   # handed to the caller
+            result["error"] = e
+
+    thread = threading.Thread(target=work, name="connect-in-namespace")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["sock"]
 
 
 @contextlib.contextmanager

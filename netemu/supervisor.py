@@ -118,7 +118,7 @@ def run_node_daemon(role: str, factory, argv: list[str] | None = None) -> int:
     import argparse
 
     from netemu import netns
-    from netemu.store.sqlite import SqliteStore
+    from netemu.store import open_store
 
     parser = argparse.ArgumentParser(prog=f"netemu-{role}")
     parser.add_argument("cluster")
@@ -127,7 +127,7 @@ def run_node_daemon(role: str, factory, argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {role}[{args.node}] %(levelname)s %(message)s")
     netns.enter(names.node_ns(args.cluster, args.node))
-    store = SqliteStore(names.store_path(args.cluster))
+    store = open_store(args.cluster)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

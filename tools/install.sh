@@ -47,6 +47,12 @@ if ! dpkg-query -W -f='${Status}' etcd-server 2>/dev/null | grep -q "install ok 
     echo "tools/install.sh: etcd-server did not install; the etcd store tests will be skipped" >&2
   fi
 fi
+# etcdctl (Debian's etcd-client), to read a cluster's keys as flannel's users do:
+# `etcdctl get --prefix /netemu/<cluster>/coreos.com/network`.
+if ! command -v etcdctl >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-client >/dev/null || \
+    echo "tools/install.sh: etcd-client did not install; etcdctl checks will be skipped" >&2
+fi
 if [ -e /lib/systemd/system/etcd.service ]; then
   if [ -d /run/systemd/system ]; then
     systemctl disable --now etcd.service >/dev/null 2>&1 || true

@@ -12,8 +12,7 @@ import trio
 from netemu import apiserver, clusterconfig, names, netns
 from netemu.apiserver import bootstrap, http, status
 from netemu.apiserver.server import ApiServer, ensure_system_namespaces
-from netemu.store import registry
-from netemu.store.sqlite import SqliteStore
+from netemu.store import open_store, registry
 from netemu.supervisor import stop_on_signal, watch_parent
 
 log = logging.getLogger("netemu.apiserver")
@@ -62,7 +61,7 @@ async def run(cluster: str) -> None:
     config = apiserver.read_config(cluster)
     if config is None:
         raise SystemExit(f"{apiserver.config_path(cluster)}: missing; the cluster was made without an API server")
-    store = SqliteStore(names.store_path(cluster))
+    store = open_store(cluster)
     topology = clusterconfig.read(cluster, store)
     node = master_node(topology)
     node_obj = registry.get(store, "Node", None, node) or {}

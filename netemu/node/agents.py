@@ -80,7 +80,7 @@ class AgentSupervisor:
         """TICK(): touch the part's alive file (the control plane's supervisor's
         proof that this part runs)."""
         from netemu.store import registry
-        from netemu.store.sqlite import SqliteStore
+        from netemu.store import open_store
 
         preload()
         # Everything imported so far is shared with the agents: keep the
@@ -89,7 +89,7 @@ class AgentSupervisor:
         gc.freeze()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
-        store = SqliteStore(names.store_path(self.cluster))
+        store = open_store(self.cluster)
         next_look = 0.0
         try:
             while not self.stopping:

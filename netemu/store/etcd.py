@@ -77,10 +77,23 @@ def _decode_value(data: str | None) -> Any:
     return json.loads(base64.b64decode(data)) if data else None
 
 
-def _kv(raw: dict) -> KeyValue:
-    return KeyValue(key=_unb64(raw.get("key")), value=_decode_value(raw.get("value")),
+def _kv(raw: dict, namespace: str = "") -> KeyValue:
+    return KeyValue(key=_unb64(raw.get("key"))[len(namespace):], value=_decode_value(raw.get("value")),
                     mod_revision=int(raw.get("mod_revision", 0)),
                     create_revision=int(raw.get("create_revision", 0)))
+
+
+def _connection(host: str, port: int, netns_fd: int | None) -> http.client.HTTPConnection:
+    """An HTTP connection to etcd, its socket made in NETNS_FD's namespace
+    (None: the calling thread's)."""
+    conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+    if netns_fd is not None:
+        from netemu import netns
+        try:
+            conn.sock = netns.connect_in(netns_fd, (host, port), TIMEOUT)
+        except OSError as e:
+            raise EtcdError(f"etcd at {host}:{port}: {e}") from e
+    return conn
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -97,10 +110,20 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
 
 
 class EtcdStore:
+    """NAMESPACE: a key prefix this store's keys live under, invisible to its
+    users (as etcd's own `--namespace` proxy does): several clusters share one
+    etcd, each seeing only its own keys. "" is the whole key space."""
+
     event_ttl: float | None = None     # as SqliteStore.event_ttl
 
-    def __init__(self, endpoint: str):
+    def __init__(self, endpoint: str, namespace: str = ""):
+        from netemu import netns
+
         self.host, self.port = parse_endpoint(endpoint)
+        self.ns = namespace
+        # Connections are made from the machine's network namespace, where
+        # etcd is reached, even by a daemon that has moved into a node's.
+        self._netns_fd = netns.home_fd()
         self._local = threading.local()            # one keep-alive connection per thread
         self._leases: dict[str, tuple[int, int]] = {}   # key -> (lease id, TTL) we granted
         self._leases_lock = threading.Lock()
@@ -112,7 +135,7 @@ class EtcdStore:
     def _conn(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=TIMEOUT)
+            conn = _connection(self.host, self.port, self._netns_fd)
             self._local.conn = conn
         return conn
 
@@ -150,29 +173,31 @@ class EtcdStore:
         reply = self._call("/v3/kv/range", {"key": _b64("\0"), "count_only": True})
         return int(reply["header"]["revision"])
 
+    def _range(self, prefix: str, start_after: str = "") -> dict[str, str]:
+        """key and range_end of "the keys under PREFIX (after START_AFTER)", in
+        this store's namespace."""
+        start = start_after + "\0" if start_after >= prefix else prefix
+        return {"key": _b64(self.ns + start or "\0"), "range_end": _range_end_b64(self.ns + prefix)}
+
     def get(self, key: str) -> KeyValue | None:
-        kvs = self._call("/v3/kv/range", {"key": _b64(key)}).get("kvs", [])
-        return _kv(kvs[0]) if kvs else None
+        kvs = self._call("/v3/kv/range", {"key": _b64(self.ns + key)}).get("kvs", [])
+        return _kv(kvs[0], self.ns) if kvs else None
 
     def list(self, prefix: str) -> list[KeyValue]:
-        reply = self._call("/v3/kv/range", {"key": _b64(prefix or "\0"),
-                                            "range_end": _range_end_b64(prefix)})
-        return [_kv(raw) for raw in reply.get("kvs", [])]
+        reply = self._call("/v3/kv/range", self._range(prefix))
+        return [_kv(raw, self.ns) for raw in reply.get("kvs", [])]
 
     def list_at(self, prefix: str, revision: int, start_after: str = "",
                 limit: int | None = None) -> list[KeyValue]:
-        start = start_after + "\0" if start_after >= prefix else (prefix or "\0")
-        body: dict[str, Any] = {"key": _b64(start), "range_end": _range_end_b64(prefix),
-                                "revision": str(max(revision, 0))}
+        body: dict[str, Any] = {**self._range(prefix, start_after), "revision": str(max(revision, 0))}
         if limit is not None:
             if limit <= 0:
                 return []
             body["limit"] = str(limit)
-        return [_kv(raw) for raw in self._call("/v3/kv/range", body).get("kvs", [])]
+        return [_kv(raw, self.ns) for raw in self._call("/v3/kv/range", body).get("kvs", [])]
 
     def count_at(self, prefix: str, revision: int, start_after: str = "") -> int:
-        start = start_after + "\0" if start_after >= prefix else (prefix or "\0")
-        reply = self._call("/v3/kv/range", {"key": _b64(start), "range_end": _range_end_b64(prefix),
+        reply = self._call("/v3/kv/range", {**self._range(prefix, start_after),
                                             "revision": str(max(revision, 0)), "count_only": True})
         return int(reply.get("count", 0))
 
@@ -181,7 +206,7 @@ class EtcdStore:
         if revision <= 1:
             return False
         try:
-            reply = self._call("/v3/kv/range", {"key": _b64(key), "revision": str(revision - 1),
+            reply = self._call("/v3/kv/range", {"key": _b64(self.ns + key), "revision": str(revision - 1),
                                                 "count_only": True})
         except Compacted:
             return None
@@ -192,13 +217,13 @@ class EtcdStore:
     def put(self, key: str, value: Any, *, ttl: float | None = None,
             expect_revision: int | None = None) -> int:
         data = json.dumps(value, sort_keys=True, separators=(",", ":"))
-        request: dict[str, Any] = {"key": _b64(key), "value": _b64(data)}
+        request: dict[str, Any] = {"key": _b64(self.ns + key), "value": _b64(data)}
         lease = self._lease_for(key, ttl) if ttl is not None else 0
         if lease:
             request["lease"] = str(lease)
         compare = []
         if expect_revision is not None:
-            compare = [{"key": _b64(key), "target": "MOD", "result": "EQUAL",
+            compare = [{"key": _b64(self.ns + key), "target": "MOD", "result": "EQUAL",
                         "mod_revision": str(expect_revision)}]
         try:
             reply = self._call("/v3/kv/txn", {"compare": compare, "success": [{"request_put": request}]})
@@ -243,10 +268,10 @@ class EtcdStore:
     def delete(self, key: str, *, expect_revision: int | None = None) -> bool:
         compare = []
         if expect_revision is not None:
-            compare = [{"key": _b64(key), "target": "MOD", "result": "EQUAL",
+            compare = [{"key": _b64(self.ns + key), "target": "MOD", "result": "EQUAL",
                         "mod_revision": str(expect_revision)}]
         reply = self._call("/v3/kv/txn", {"compare": compare,
-                                          "success": [{"request_delete_range": {"key": _b64(key)}}]})
+                                          "success": [{"request_delete_range": {"key": _b64(self.ns + key)}}]})
         if not reply.get("succeeded"):
             found = self.get(key)
             raise Conflict(f"{key}: expected revision {expect_revision}, "
@@ -257,8 +282,7 @@ class EtcdStore:
         return int(deleted.get("deleted", 0)) > 0
 
     def delete_prefix(self, prefix: str) -> int:
-        reply = self._call("/v3/kv/deleterange", {"key": _b64(prefix or "\0"),
-                                                  "range_end": _range_end_b64(prefix)})
+        reply = self._call("/v3/kv/deleterange", self._range(prefix))
         return int(reply.get("deleted", 0))
 
     def expire(self) -> None:
@@ -279,12 +303,13 @@ class EtcdStore:
         if current <= revision:
             return []
         out: list[Event] = []
-        stream = _WatchStream(self.host, self.port, "", revision + 1)
+        stream = _WatchStream(self.host, self.port, "", revision + 1, netns_fd=self._netns_fd)
         try:
             for batch in stream:
                 for ev in batch:
-                    if ev.key.startswith(prefix) and ev.revision <= current:
-                        out.append(ev)
+                    if ev.key.startswith(self.ns + prefix) and ev.revision <= current:
+                        out.append(Event(type=ev.type, key=ev.key[len(self.ns):], value=ev.value,
+                                         revision=ev.revision))
                 if batch and batch[-1].revision >= current:
                     break
         finally:
@@ -298,7 +323,8 @@ class EtcdStore:
 
         send, receive = trio.open_memory_channel(64)
         token = trio.lowlevel.current_trio_token()
-        stream = _WatchStream(self.host, self.port, prefix, since + 1)
+        stream = _WatchStream(self.host, self.port, self.ns + prefix, since + 1, strip=len(self.ns),
+                              netns_fd=self._netns_fd)
 
         def reader() -> None:
             try:
@@ -340,9 +366,10 @@ class _WatchStream:
     list, one revision's or more); raises Compacted if etcd cancels the watch
     for compaction. close() from another thread ends the iteration."""
 
-    def __init__(self, host: str, port: int, prefix: str, start_revision: int):
-        self.closed = False
-        self._conn = http.client.HTTPConnection(host, port, timeout=TIMEOUT)
+    def __init__(self, host: str, port: int, prefix: str, start_revision: int, strip: int = 0,
+                 netns_fd: int | None = None):
+        self.closed, self.strip = False, strip
+        self._conn = _connection(host, port, netns_fd)
         body = {"create_request": {"key": _b64(prefix or "\0"), "range_end": _range_end_b64(prefix),
                                    "start_revision": str(max(start_revision, 1)), "prev_kv": True}}
         self._conn.request("POST", "/v3/watch", json.dumps(body).encode(),
@@ -382,11 +409,11 @@ class _WatchStream:
                 kv = raw.get("kv", {})
                 if raw.get("type") == "DELETE":
                     prev = raw.get("prev_kv") or {}
-                    events.append(Event(type="DELETE", key=_unb64(kv.get("key")),
+                    events.append(Event(type="DELETE", key=_unb64(kv.get("key"))[self.strip:],
                                         value=_decode_value(prev.get("value")),
                                         revision=int(kv.get("mod_revision", 0))))
                 else:
-                    events.append(Event(type="PUT", key=_unb64(kv.get("key")),
+                    events.append(Event(type="PUT", key=_unb64(kv.get("key"))[self.strip:],
                                         value=_decode_value(kv.get("value")),
                                         revision=int(kv.get("mod_revision", 0))))
             if events:

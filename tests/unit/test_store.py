@@ -456,3 +456,47 @@ def test_a_cancelled_watch_leaves_no_thread_or_stream_behind(backend, store):
         return [t.name for t in threading.enumerate()
                 if t.ident not in before and not t.name.startswith("Trio thread")]
     assert wait_until(lambda: not watch_threads(), 5), watch_threads()
+
+
+def test_etcd_namespaces_keep_clusters_apart(etcd_server):
+    """Two clusters on one etcd (EtcdStore(namespace=...)): each sees, lists,
+    pages, watches and deletes only its own keys, under the same names."""
+    from netemu.store.etcd import EtcdStore
+
+    a = EtcdStore(etcd_server.endpoint, namespace="/netemu/a")
+    b = EtcdStore(etcd_server.endpoint, namespace="/netemu/b")
+    whole = EtcdStore(etcd_server.endpoint)
+    a.put("/registry/pods/default/x", 1)
+    rev = b.put("/registry/pods/default/x", 2)
+    b.put("/registry/pods/default/y", 3)
+    assert a.get("/registry/pods/default/x").value == 1 and b.get("/registry/pods/default/x").value == 2
+    assert [kv.key for kv in a.list("")] == ["/registry/pods/default/x"]
+    assert [kv.key for kv in b.list_at("/registry/", rev, "/registry/pods/default/x")] == []
+    assert b.count_at("/registry/pods/", b.revision()) == 2
+    assert [kv.key for kv in whole.list("/netemu/")] == ["/netemu/a/registry/pods/default/x",
+                                                          "/netemu/b/registry/pods/default/x",
+                                                          "/netemu/b/registry/pods/default/y"]
+    assert [(e.key, e.value) for e in a.events_since(0)] == [("/registry/pods/default/x", 1)]
+
+    async def first_event():
+        async for ev in a.watch("", rev):
+            return ev.key, ev.value
+
+    async def run():
+        async with trio.open_nursery() as nursery:
+            result = {}
+
+            async def watch():
+                result["ev"] = await first_event()
+            nursery.start_soon(watch)
+            await trio.sleep(0.3)
+            b.put("/registry/pods/default/z", 9)           # not a's
+            a.put("/registry/pods/default/w", 7)
+            with trio.fail_after(10):
+                while "ev" not in result:
+                    await trio.sleep(0.05)
+        return result["ev"]
+
+    assert trio.run(run) == ("/registry/pods/default/w", 7)
+    assert a.delete_prefix("") == 2
+    assert a.list("") == [] and len(b.list("")) == 3
