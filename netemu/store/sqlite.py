@@ -30,6 +30,7 @@ N^2). Expired keys are looked for once a second.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -72,6 +73,13 @@ SAFETY_INTERVAL = 1.0           # read the revision at least this often anyway
 EXPIRY_CHECK_INTERVAL = 1.0
 WINDOW_MAX = 5000               # the most revisions a shared read fetches the keys of
 
+# The newest event at or before revision ?1 of each key under (?2, ?3) that
+# changed after ?1: its state then (list_at, count_at; parameters: revision,
+# low, end, revision).
+_STATE_THEN = ("e.key IN (SELECT DISTINCT key FROM events WHERE rev > ? AND key > ? AND key < ?) "
+               "AND e.rev = (SELECT MAX(x.rev) FROM events x WHERE x.key = e.key AND x.rev <= ?)")
+
+
 class WalWatch:
     """inotify on a store's directory, reporting writes to its files (the WAL)."""
 
@@ -100,6 +108,9 @@ class SqliteStore:
     # API server's --event-ttl; the control plane sets it from the cluster's
     # timeScale. None: registry.EVENT_TTL.
     event_ttl: float | None = None
+    # The shortest time between two reads of the store by this object's
+    # watches (with inotify: writes closer together are read at once).
+    read_interval: float = POLL_INTERVAL
 
     def __init__(self, path: str, *, create: bool = False):
         if not create and not os.path.exists(path):
@@ -179,27 +190,14 @@ class SqliteStore:
         end = _prefix_end(prefix)
         low = max(prefix, start_after)
         cap = -1 if limit is None else int(limit)
-        with self._lock:
-            # One read transaction: the three reads see one snapshot. Read one
-            # by one, a write by another process between the kv read and the
-            # history read put its key in both (the same pod twice in a list).
-            self._db.execute("BEGIN")
-            try:
-                compacted = self._db.execute("SELECT compacted FROM meta WHERE id = 0").fetchone()[0]
-                if revision < compacted:
-                    raise Compacted(f"revision {revision} is compacted (oldest kept: {compacted})")
-                rows = self._db.execute(
-                    "SELECT key, value, mod_rev, create_rev, expires_at FROM kv "
-                    "WHERE key > ? AND key < ? AND mod_rev <= ? ORDER BY key LIMIT ?",
-                    (low, end, revision, cap)).fetchall()
-                # Keys changed after REVISION: their state then, from their history.
-                past = self._db.execute(
-                    "SELECT e.key, e.type, e.value, e.rev FROM events e "
-                    "WHERE e.key IN (SELECT DISTINCT key FROM events WHERE rev > ? AND key > ? AND key < ?) "
-                    "AND e.rev = (SELECT MAX(x.rev) FROM events x WHERE x.key = e.key AND x.rev <= ?)",
-                    (revision, low, end, revision)).fetchall()
-            finally:
-                self._db.execute("COMMIT")
+        with self._snapshot(revision) as db:
+            rows = db.execute(
+                "SELECT key, value, mod_rev, create_rev, expires_at FROM kv "
+                "WHERE key > ? AND key < ? AND mod_rev <= ? ORDER BY key LIMIT ?",
+                (low, end, revision, cap)).fetchall()
+            # Keys changed after REVISION: their state then, from their history.
+            past = db.execute("SELECT e.key, e.type, e.value, e.rev FROM events e WHERE " + _STATE_THEN,
+                              (revision, low, end, revision)).fetchall()
         out = [_kv(r) for r in rows if not _expired(r[4])]
         out += [KeyValue(key=k, value=json.loads(v), mod_revision=r, create_revision=0)
                 for k, t, v, r in past if t == "PUT"]
@@ -211,23 +209,28 @@ class SqliteStore:
         (expired TTL rows aside: counted until they are swept)."""
         end = _prefix_end(prefix)
         low = max(prefix, start_after)
+        with self._snapshot(revision) as db:
+            now = db.execute("SELECT COUNT(*) FROM kv WHERE key > ? AND key < ? AND mod_rev <= ?",
+                             (low, end, revision)).fetchone()[0]
+            then = db.execute("SELECT COUNT(*) FROM events e WHERE e.type = 'PUT' AND " + _STATE_THEN,
+                              (revision, low, end, revision)).fetchone()[0]
+        return now + then
+
+    @contextlib.contextmanager
+    def _snapshot(self, revision: int):
+        """One read transaction, so its reads see one snapshot (read one by one,
+        a write by another process between the current rows and the history
+        put its key in both: the same pod twice in a list). Raises Compacted
+        when REVISION is older than the history kept."""
         with self._lock:
             self._db.execute("BEGIN")
             try:
                 compacted = self._db.execute("SELECT compacted FROM meta WHERE id = 0").fetchone()[0]
                 if revision < compacted:
                     raise Compacted(f"revision {revision} is compacted (oldest kept: {compacted})")
-                now = self._db.execute("SELECT COUNT(*) FROM kv WHERE key > ? AND key < ? AND mod_rev <= ?",
-                                       (low, end, revision)).fetchone()[0]
-                then = self._db.execute(
-                    "SELECT COUNT(*) FROM events e "
-                    "WHERE e.key IN (SELECT DISTINCT key FROM events WHERE rev > ? AND key > ? AND key < ?) "
-                    "AND e.type = 'PUT' "
-                    "AND e.rev = (SELECT MAX(x.rev) FROM events x WHERE x.key = e.key AND x.rev <= ?)",
-                    (revision, low, end, revision)).fetchone()[0]
+                yield self._db
             finally:
                 self._db.execute("COMMIT")
-        return now + then
 
     def existed_before(self, key: str, revision: int) -> bool | None:
         """Did KEY exist just before REVISION? None when the history that would
@@ -348,7 +351,7 @@ class SqliteStore:
                 with trio.move_on_after(SAFETY_INTERVAL):
                     while not watch.drain():
                         await trio.lowlevel.wait_readable(watch.fd)
-                    await trio.sleep(max(SETTLE, self._last_read + POLL_INTERVAL - time.monotonic()))
+                    await trio.sleep(max(SETTLE, self._last_read + self.read_interval - time.monotonic()))
                 watch.drain()
             self._read_window()
             self._last_read = time.monotonic()
