@@ -77,11 +77,10 @@ def kubeconfig_in_a_temp_file(tmp_path_factory):
             os.environ[key] = value
 
 
-@pytest.fixture
-def etcd_server(tmp_path_factory):
-    """A real etcd of this test's own: loopback, free ports, a temp data dir,
-    stopped after. Skipped (with the reason) only where the etcd binary is
-    absent; tools/install.sh installs it, so CI runs these."""
+def _etcd(tmp_path_factory):
+    """A real etcd: loopback, free ports, a temp data dir, stopped after.
+    Skipped (with the reason) only where the etcd binary is absent;
+    tools/install.sh installs it, so CI runs these."""
     from netemu.store.etcdrun import EtcdServer, etcd_binary
 
     if etcd_binary() is None:
@@ -92,3 +91,15 @@ def etcd_server(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def etcd_server(tmp_path_factory):
+    """An etcd of this test's own (_etcd)."""
+    yield from _etcd(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def etcd_server_module(tmp_path_factory):
+    """An etcd the tests of one module share (_etcd)."""
+    yield from _etcd(tmp_path_factory)

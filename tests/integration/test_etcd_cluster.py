@@ -23,18 +23,10 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
+def etcd(etcd_server_module):
     if os.geteuid() != 0:
         pytest.skip("needs root")
-    from netemu.store.etcdrun import EtcdServer, etcd_binary
-    if etcd_binary() is None:
-        pytest.skip("etcd binary not found (tools/install.sh installs Debian's etcd-server)")
-    server = EtcdServer(str(tmp_path_factory.mktemp("etcd")))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    return etcd_server_module
 
 
 def _topology(tmp_path, name: str, third: int) -> str:
