@@ -745,8 +745,9 @@ class ApiServer:
         managedFields the request itself wrote (kubectl's client-side apply
         upgrade does), taken as the record before this update."""
         manager, kind = self._manager(req), t.kind.kind
-        if given is not None and not isinstance(given, list):
-            raise api.ApiError("metadata.managedFields must be a list", reason="BadRequest")
+        problem = managedfields.entries_problem(given) if given is not None else None
+        if problem:
+            raise api.ApiError(f'{kind} "{t.name or ""}" is invalid: {problem}')
 
         def managed(old, new):
             return managedfields.record_update(old, new, kind, manager, t.gv, registry.now(), subresource,

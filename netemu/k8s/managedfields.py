@@ -230,6 +230,35 @@ def conflict_causes(conflicts: list[tuple[dict, Path]]) -> list[dict]:
 
 # -- the record ----------------------------------------------------------------
 
+def entries_problem(entries) -> str | None:
+    """Why ENTRIES, managedFields a client wrote itself (kubectl's client-side
+    apply upgrade does), cannot be stored; None when they can. Every later
+    apply reads them, so their shape is checked as kube-apiserver decodes them."""
+    if not isinstance(entries, list):
+        return "metadata.managedFields: must be a list"
+    for i, entry in enumerate(entries):
+        where = f"metadata.managedFields[{i}]"
+        if not isinstance(entry, dict):
+            return f"{where}: must be an object"
+        if not isinstance(entry.get("manager", ""), str) or len(entry.get("manager", "")) > 128:
+            return f"{where}.manager: must be a string of at most 128 characters"
+        if entry.get("operation") not in ("Apply", "Update"):
+            return f'{where}.operation: Unsupported value: {json.dumps(entry.get("operation"))}: supported ' \
+                   'values: "Apply", "Update"'
+        if entry.get("fieldsType", "FieldsV1") != "FieldsV1":
+            return f'{where}.fieldsType: Unsupported value: {json.dumps(entry.get("fieldsType"))}: ' \
+                   'supported values: "FieldsV1"'
+        if not _fields_doc(entry.get("fieldsV1", {})):
+            return f"{where}.fieldsV1: must be an object of objects (FieldsV1)"
+    return None
+
+
+def _fields_doc(doc, depth: int = 0) -> bool:
+    if not isinstance(doc, dict) or depth > 64:
+        return False
+    return all(isinstance(k, str) and _fields_doc(v, depth + 1) for k, v in doc.items())
+
+
 def _entries(obj: dict | None) -> list[dict]:
     return copy.deepcopy(((obj or {}).get("metadata") or {}).get("managedFields") or [])
 

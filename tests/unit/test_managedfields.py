@@ -206,3 +206,19 @@ def test_kubectl_server_side_apply_takes_over_from_client_side_apply():
     csa["spec"]["replicas"] = 5
     with pytest.raises(mf.ApplyConflict):
         mf.apply(csa, change, "Deployment", "kubectl", "apps/v1", NOW)
+
+
+def test_managed_fields_a_client_writes_are_checked(server):
+    code, _ = call(server, "POST", "/api/v1/namespaces/default/configmaps",
+                   {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "m"}, "data": {"a": "b"}})
+    assert code == 201
+    url = "/api/v1/namespaces/default/configmaps/m"
+    for bad in ([1], [{"manager": "x", "operation": "Delete"}], [{"manager": "x", "operation": "Apply",
+                                                                   "fieldsV1": {"f:data": 3}}], "all"):
+        code, status = call(server, "PATCH", url, {"metadata": {"managedFields": bad}},
+                            "application/merge-patch+json")
+        assert code == 422 and "metadata.managedFields" in status["message"], (bad, status)
+    good = [{"manager": "mine", "operation": "Apply", "apiVersion": "v1", "fieldsType": "FieldsV1",
+             "fieldsV1": {"f:data": {"f:a": {}}}}]
+    code, obj = call(server, "PATCH", url, {"metadata": {"managedFields": good}}, "application/merge-patch+json")
+    assert code == 200 and [e["manager"] for e in obj["metadata"]["managedFields"]] == ["mine"]
