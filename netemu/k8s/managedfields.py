@@ -271,13 +271,12 @@ def _same_owner(entry: dict, manager: str, operation: str, subresource: str) -> 
 def _replace_entry(entries: list[dict], manager: str, operation: str, api_version: str,
                    subresource: str, fields: set[Path], now: str) -> list[dict]:
     """ENTRIES with MANAGER's entry for OPERATION holding FIELDS (dropped when
-    empty); its time moves only when its fields change."""
-    out, old = [], None
-    for entry in entries:
-        if _same_owner(entry, manager, operation, subresource):
-            old = entry
-        else:
-            out.append(entry)
+    empty), where it was (a new one last); its time moves only when its
+    fields change, so an update that changes nothing leaves the record as it
+    was (and the object unchanged)."""
+    at = next((i for i, e in enumerate(entries) if _same_owner(e, manager, operation, subresource)), None)
+    old = entries[at] if at is not None else None
+    out = [e for i, e in enumerate(entries) if i != at]
     if not fields:
         return out
     doc = to_fields_v1(fields)
@@ -288,7 +287,8 @@ def _replace_entry(entries: list[dict], manager: str, operation: str, api_versio
                  "fieldsType": "FieldsV1", "fieldsV1": doc}
         if subresource:
             entry["subresource"] = subresource
-    return out + [entry]
+    out.insert(len(out) if at is None else at, entry)
+    return out
 
 
 def _without(entries: list[dict], taken: set[Path], keep: tuple[str, str, str] | None) -> list[dict]:

@@ -222,3 +222,14 @@ def test_managed_fields_a_client_writes_are_checked(server):
              "fieldsV1": {"f:data": {"f:a": {}}}}]
     code, obj = call(server, "PATCH", url, {"metadata": {"managedFields": good}}, "application/merge-patch+json")
     assert code == 200 and [e["manager"] for e in obj["metadata"]["managedFields"]] == ["mine"]
+
+
+def test_an_update_that_changes_nothing_leaves_the_record_as_it_was():
+    first = mf.record_update(None, DEPLOY, "Deployment", "kubectl-create", "apps/v1", NOW)
+    scaled = json.loads(json.dumps(DEPLOY))
+    scaled["spec"]["replicas"] = 5
+    old = {**DEPLOY, "metadata": {**DEPLOY["metadata"], "managedFields": first}}
+    two = mf.record_update(old, scaled, "Deployment", "kubectl-scale", "apps/v1", NOW, "scale")
+    again = {**scaled, "metadata": {**scaled["metadata"], "managedFields": two}}
+    # kubectl-create, first of two, writes the same object again: same record, same order, same times
+    assert mf.record_update(again, scaled, "Deployment", "kubectl-create", "apps/v1", "later") == two
