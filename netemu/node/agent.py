@@ -68,11 +68,12 @@ def part_log_path(cluster: str, node: str, part: str) -> str:
 # An agent's watches read the store at most this often, in the cluster's time
 # (timeScale scales it; never below the store's own POLL_INTERVAL): every write
 # wakes every agent, so at N nodes each read is paid N times. Measured at 40
-# nodes x 10 pods (tools/bench_up.py, paired rounds): 0.03 s (the store's
-# default) up 27.1 s, idle 33% of a core; 0.5 s up 20.5 s, idle 21%. A kubelet
-# or proxy sees a change up to this much later (kube-proxy's own minimum sync
-# period is 1 s).
-AGENT_READ_INTERVAL = 0.5
+# nodes x 10 pods (tools/bench_up.py, paired rounds, medians): 0.03 s (the
+# store's default) up 28.1 s, idle 33% of a core; 0.1 s up 24.9 s, idle 29%;
+# 0.5 s up 20.5 s, idle 21%, but then a node's overlay learns a new peer up to
+# 0.5 s after `up` has returned (a ping right after up failed in CI): `up`
+# does not wait for every node's routes. Until it does, 0.1 s.
+AGENT_READ_INTERVAL = 0.1
 
 class Backoff:
     """The delay before a failed part's next start: RESTART_DELAY, doubling per
