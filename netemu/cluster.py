@@ -375,18 +375,45 @@ def wait_ready(cluster: str, progress, timeout: float | None = None) -> dict:
             patient = nodes_ready_at is not None and time.monotonic() - nodes_ready_at > UNSCHEDULABLE_GRACE
             settled = [p for p in pods if _settled(p, patient)]
             line = f"nodes ready {len(ready_nodes)}/{len(nodes)}, pods settled {len(settled)}/{len(pods)}"
+            done = len(ready_nodes) == len(nodes) and len(settled) == len(pods) and _controllers_done(store)
+            late: list[str] = []
+            if done:
+                late = _data_path_late(cluster, store, nodes)
+                line += f", data path in place {len(nodes) - len(late)}/{len(nodes)}"
+                done = not late
             if line != last:
                 progress(line)
                 last = line
-            if len(ready_nodes) == len(nodes) and len(settled) == len(pods) and _controllers_done(store):
+            if done:
                 return {"nodes": nodes, "pods": pods}
             if not _control_plane_alive(cluster):
                 raise ClusterError(f"the control plane died; see {names.state_dir(cluster)}/controlplane.log")
             if time.monotonic() > deadline:
-                raise ClusterError(f"cluster not ready after {timeout:.0f} s ({line})" + _diagnosis(cluster))
+                waiting = f"; not in place: {', '.join(late[:5])}{' ...' if len(late) > 5 else ''}" if late else ""
+                raise ClusterError(f"cluster not ready after {timeout:.0f} s ({line}){waiting}"
+                                   + _diagnosis(cluster))
             time.sleep(0.1)
     finally:
         store.close()
+
+
+def _data_path_late(cluster: str, store, nodes: list[dict]) -> list[str]:
+    """The nodes whose overlay or proxy does not hold the store's newest lease,
+    Service or Endpoints yet (node.synced), as 'node (part, ...)'."""
+    from netemu.node import synced
+    from netemu.overlay import leases
+
+    def newest(prefix: str) -> int:
+        return max((kv.mod_revision for kv in store.list(prefix)), default=0)
+
+    wanted = {"overlay": {leases.SUBNETS: newest(leases.SUBNETS)},
+              "proxy": {p: newest(p) for p in (registry.prefix("Service"), registry.prefix("Endpoints"))}}
+    late = []
+    for node in nodes:
+        parts = synced.lagging(cluster, node["metadata"]["name"], wanted)
+        if parts:
+            late.append(f"{node['metadata']['name']} ({', '.join(parts)})")
+    return late
 
 
 def wait_node_ready(store, name: str, timeout: float = 30.0) -> dict:

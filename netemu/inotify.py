@@ -1,6 +1,7 @@
 """inotify, the little of it netemu uses: one non-blocking instance, watches
 added and removed, and every pending event read at once. The SQLite store
-watches its directory for writes to its WAL (store/sqlite.py); a kubelet
+watches its directory for writes to its WAL, or the bells of the prefixes it
+watches (store/sqlite.py); a kubelet
 watches its containers' logs (node/logstamps.py)."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import ctypes
 import os
 import struct
 
-IN_MODIFY, IN_MOVED_TO, IN_CREATE = 0x2, 0x80, 0x100
+IN_MODIFY, IN_ATTRIB, IN_MOVED_TO, IN_CREATE = 0x2, 0x4, 0x80, 0x100
 _EVENT = struct.Struct("iIII")          # wd, mask, cookie, len; then the name
 
 

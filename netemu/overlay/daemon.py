@@ -27,6 +27,7 @@ import trio
 
 from netemu import names
 from netemu.overlay import backend as backends, leases, stats, subnetenv
+from netemu.node import synced
 from netemu.overlay.backend import Lease, LocalConfig
 from netemu.store import registry
 from netemu.supervisor import run_node_daemon
@@ -134,18 +135,23 @@ class OverlayDaemon:
     async def _follow_peers(self) -> None:
         since = self.store.revision()
         self._resync(leases.read_leases(self.store))
+        self._synced(since)
         async for ev in self.store.watch(leases.SUBNETS, since):
             try:
                 lease = Lease.from_json(ev.key[len(leases.SUBNETS):], ev.value)
             except (KeyError, ValueError):
                 log.warning("ignoring malformed lease %s", ev.key)
-                continue
-            if lease.subnet == self.lease.subnet:
-                continue
-            if ev.type == "PUT":
-                self._add(lease)
-            else:
-                self._remove(lease)
+                lease = None
+            if lease is not None and lease.subnet != self.lease.subnet:
+                if ev.type == "PUT":
+                    self._add(lease)
+                else:
+                    self._remove(lease)
+            self._synced(ev.revision)
+
+    def _synced(self, revision: int) -> None:
+        """Peers are in place up to REVISION of the leases (node.synced)."""
+        synced.mark(self.cluster, self.node, "overlay", {leases.SUBNETS: revision})
 
     def _resync(self, all_leases: list[Lease]) -> None:
         current = {l.subnet: l for l in all_leases if l.subnet != self.lease.subnet}

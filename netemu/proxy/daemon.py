@@ -28,6 +28,7 @@ import time
 import trio
 
 from netemu import clusterconfig, names
+from netemu.node import synced
 from netemu.proxy.proxier import make_proxier
 from netemu.store import registry
 from netemu.supervisor import run_node_daemon
@@ -61,9 +62,13 @@ class ProxyDaemon:
         self.conntrack_dirty = trio.Event()
         self.stats_path = os.path.join(names.node_dir(cluster, node), "proxy-stats.json")
         self.syncs = 0
+        # The revision of each watched prefix the pending changes reach
+        # (node.synced: written once they are in the rules).
+        self.seen: dict[str, int] = {}
 
     async def run(self) -> None:
         since = self.store.revision()
+        self.seen = {registry.prefix("Service"): since, registry.prefix("Endpoints"): since}
         for kv in self.store.list(registry.prefix("Service")):
             self.pending_services[_service_key(kv.key)] = kv.value
         for kv in self.store.list(registry.prefix("Endpoints")):
@@ -79,6 +84,7 @@ class ProxyDaemon:
     async def _watch(self, prefix: str, pending: dict, since: int) -> None:
         async for ev in self.store.watch(prefix, since):
             pending[_service_key(ev.key)] = ev.value if ev.type == "PUT" else None
+            self.seen[prefix] = ev.revision
             self.dirty.set()
 
     async def _periodic(self) -> None:
@@ -95,6 +101,7 @@ class ProxyDaemon:
             services, endpoints = dict(self.pending_services), dict(self.pending_endpoints)
             self.pending_services.clear()
             self.pending_endpoints.clear()
+            seen = dict(self.seen)
             try:
                 # The proxier is bound to this process's namespace, which every
                 # thread shares (entered before any thread existed).
@@ -116,6 +123,7 @@ class ProxyDaemon:
                          result.service_ports, result.mode, "full" if result.full else "incremental",
                          result.changed_services, result.seconds * 1000, result.transaction_bytes)
             self._write_stats(result)
+            synced.mark(self.cluster, self.node, "proxy", seen)
 
     async def _conntrack_loop(self) -> None:
         """Delete the stale UDP entries the syncs left, all pending flows in one

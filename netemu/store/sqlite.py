@@ -24,8 +24,19 @@ and kubelet) wakes once, not once per watch. That read also fetches the keys
 (not the values) written since the previous one; a watch none of whose keys
 are under its prefix moves on without reading or decoding events, so a write
 costs the processes that do not watch it one small read each, not one query
-per watch (every node's agent is woken by every write: with N agents that is
-N^2). Expired keys are looked for once a second.
+per watch. Expired keys are looked for once a second.
+
+Bells: woken by every write, N node agents would pay N reads for each of the
+cluster's writes (N^2 with each node's own heartbeats). So a store whose
+watches all have a prefix of at least two whole segments (/registry/pods/,
+/coreos.com/network/subnets/) waits on bells instead of the WAL: after each
+commit, the writer touches (utime) the bell files of the written keys' first
+two- and three-segment prefixes that someone has made (<store>.bells/, one
+empty file per prefix; a missing one is skipped for the cost of a failed
+lookup), and a watcher has inotify report changes to its prefixes' bells
+only. A write under /registry/leases/ then wakes the control plane (which
+watches /registry/ and so the WAL) and no agent. A store with a shallower
+watch waits on the WAL as before.
 """
 
 from __future__ import annotations
@@ -34,12 +45,14 @@ import contextlib
 import json
 import os
 import sqlite3
+import urllib.parse
+from collections import Counter
 import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from netemu.inotify import IN_CREATE, IN_MODIFY, IN_MOVED_TO, Inotify
+from netemu.inotify import IN_ATTRIB, IN_CREATE, IN_MODIFY, IN_MOVED_TO, Inotify
 from netemu.store.base import Compacted, Conflict, Event, KeyValue
 
 SCHEMA = """
@@ -103,6 +116,71 @@ class WalWatch:
         self.inotify.close()
 
 
+def bells_dir(db_path: str) -> str:
+    """Where the bells of the store at DB_PATH hang (see the module's text)."""
+    return db_path + ".bells"
+
+
+def _bell_file(bells: str, prefix: str) -> str:
+    return os.path.join(bells, urllib.parse.quote(prefix, safe=""))
+
+
+def rung_by(key: str) -> list[str]:
+    """The bells a write of KEY rings: its first two- and three-segment
+    prefixes ('/registry/pods/' and '/registry/pods/default/' for
+    '/registry/pods/default/web')."""
+    bells: list[str] = []
+    at = 0
+    for depth in (1, 2, 3):
+        at = key.find("/", at + 1)
+        if at < 0 or not key.startswith("/"):
+            break
+        if depth > 1:
+            bells.append(key[:at + 1])
+    return bells
+
+
+def bell_for(prefix: str) -> str | None:
+    """The bell that rings for every write under PREFIX: its longest prefix of
+    two or three whole segments; None when it has fewer than two (such a
+    watch waits on the WAL)."""
+    whole = prefix.split("/")[1:-1] if prefix.startswith("/") else []
+    if len(whole) < 2:
+        return None
+    return "/" + "/".join(whole[:3]) + "/"
+
+
+class BellWatch:
+    """inotify on the bells of some prefixes (see the module's text)."""
+
+    def __init__(self, db_path: str) -> None:
+        self.dir = bells_dir(db_path)
+        self.inotify = Inotify()
+        self.fd = self.inotify.fd
+        self.wds: dict[str, int] = {}
+
+    def sync(self, bells: set[str]) -> bool:
+        """Watch exactly BELLS (making their files); True if one was added
+        (a write just before it may have rung nobody: read before waiting)."""
+        added = False
+        for bell in bells - self.wds.keys():
+            os.makedirs(self.dir, exist_ok=True)
+            path = _bell_file(self.dir, bell)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+            self.wds[bell] = self.inotify.add_watch(path, IN_ATTRIB)
+            added = True
+        for bell in self.wds.keys() - bells:
+            with contextlib.suppress(OSError):
+                self.inotify.rm_watch(self.wds.pop(bell))
+        return added
+
+    def drain(self) -> bool:
+        return bool(self.inotify.drain())
+
+    def close(self) -> None:
+        self.inotify.close()
+
+
 class SqliteStore:
     # Seconds an Event lives after its last write (registry.record_event), the
     # API server's --event-ttl; the control plane sets it from the cluster's
@@ -130,6 +208,11 @@ class SqliteStore:
         self._ticked_revision = 0
         self._next_expiry_check = 0.0
         self._wal_watch: WalWatch | None | bool = None   # False: inotify unavailable
+        self._bell_watch: BellWatch | None | bool = None
+        self._bells = bells_dir(path)
+        self._written: set[str] = set()        # bells the open write transaction rings
+        self._watching: Counter = Counter()    # the prefixes of this object's running watches
+        self._wait_scope: Any = None           # the shared wait in progress (a trio CancelScope)
         self._last_read = 0.0                  # time.monotonic() of the last shared read
         # (low, high, [(rev, key)]): the keys written after revision LOW up to
         # HIGH, read by the last shared read; None: not known.
@@ -262,6 +345,7 @@ class SqliteStore:
                        "VALUES (?, ?, ?, ?, ?)", (key, data, create_rev, rev, expires))
             db.execute("INSERT INTO events (rev, type, key, value) VALUES (?, 'PUT', ?, ?)",
                        (rev, key, data))
+            self._written.update(rung_by(key))
             return rev
 
     def create(self, key: str, value: Any, *, ttl: float | None = None) -> int | None:
@@ -315,20 +399,28 @@ class SqliteStore:
         the text may also match elsewhere in a value. Not part of the Store
         contract (base.py); callers fall back to watch without it."""
         last = since
-        # Read the revision first: every write up to it is in the events read
-        # next (one query, one snapshot), so moving `last` up to it skips only
-        # revisions outside PREFIX. Reading it after the events would lose a
-        # write that landed in between.
-        current = self.revision()
-        while True:
-            if current > last and not self._expiry_due() and not self._touches(prefix, last, current):
-                last = current      # every write since LAST is outside PREFIX: nothing to read
-            elif current > last or self._expiry_due():
-                events = self.events_since(last, prefix, containing=text)
-                for ev in events:
-                    yield ev
-                last = max([last, current] + [ev.revision for ev in events])
-            current = await self._next_poll()
+        if self._wait_scope is not None and bell_for(prefix) not in self._waiting_on:
+            self._wait_scope.cancel()       # the wait in progress does not hear this prefix
+        self._watching[prefix] += 1
+        try:
+            # Read the revision first: every write up to it is in the events read
+            # next (one query, one snapshot), so moving `last` up to it skips only
+            # revisions outside PREFIX. Reading it after the events would lose a
+            # write that landed in between.
+            current = self.revision()
+            while True:
+                if current > last and not self._expiry_due() and not self._touches(prefix, last, current):
+                    last = current      # every write since LAST is outside PREFIX: nothing to read
+                elif current > last or self._expiry_due():
+                    events = self.events_since(last, prefix, containing=text)
+                    for ev in events:
+                        yield ev
+                    last = max([last, current] + [ev.revision for ev in events])
+                current = await self._next_poll()
+        finally:
+            self._watching[prefix] -= 1
+            if not self._watching[prefix]:
+                del self._watching[prefix]
 
     async def _next_poll(self) -> int:
         """Wait for the next write (or a poll period); return the revision read then.
@@ -348,14 +440,17 @@ class SqliteStore:
             if watch is None:
                 await trio.sleep(POLL_INTERVAL)
             else:
-                with trio.move_on_after(SAFETY_INTERVAL):
-                    while not watch.drain():
-                        await trio.lowlevel.wait_readable(watch.fd)
-                    await trio.sleep(max(SETTLE, self._last_read + self.read_interval - time.monotonic()))
+                with trio.move_on_after(SAFETY_INTERVAL) as self._wait_scope:
+                    if not (isinstance(watch, BellWatch) and watch.sync(self._waiting_on)):
+                        while not watch.drain():
+                            await trio.lowlevel.wait_readable(watch.fd)
+                        await trio.sleep(max(SETTLE, self._last_read + self.read_interval - time.monotonic()))
+                self._wait_scope = None
                 watch.drain()
             self._read_window()
             self._last_read = time.monotonic()
         finally:
+            self._wait_scope = None
             self._tick = None
             tick.set()
         return self._ticked_revision
@@ -384,7 +479,23 @@ class SqliteStore:
             return True
         return any(rev > last and key.startswith(prefix) for rev, key in window[2])
 
-    def _watcher(self) -> WalWatch | None:
+    @property
+    def _waiting_on(self) -> set:
+        """The bells of this object's running watches (None among them: one
+        waits on the WAL)."""
+        return {bell_for(prefix) for prefix in self._watching}
+
+    def _watcher(self) -> WalWatch | BellWatch | None:
+        """What the next shared wait waits on: the bells of the running watches'
+        prefixes when each has one, else the WAL (None: poll)."""
+        bells = self._waiting_on
+        if bells and None not in bells and self._bell_watch is None:
+            try:
+                self._bell_watch = BellWatch(self.path)
+            except OSError:
+                self._bell_watch = False
+        if bells and None not in bells and self._bell_watch:
+            return self._bell_watch
         if self._wal_watch is None:
             try:
                 self._wal_watch = WalWatch(self.path)
@@ -404,9 +515,10 @@ class SqliteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-        if self._wal_watch:
-            self._wal_watch.close()
-            self._wal_watch = False
+        for watch in (self._wal_watch, self._bell_watch):
+            if watch:
+                watch.close()
+        self._wal_watch = self._bell_watch = False
 
     # -- internals -----------------------------------------------------------
 
@@ -431,11 +543,22 @@ class SqliteStore:
             def __exit__(self_inner, exc_type, exc, tb):
                 try:
                     store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+                    if not exc_type:
+                        store._ring()
                 finally:
+                    store._written.clear()
                     store._lock.release()
                 return False
 
         return _Tx()
+
+    def _ring(self) -> None:
+        """Touch the bells of the keys just committed that someone watches."""
+        for bell in self._written:
+            try:
+                os.utime(_bell_file(self._bells, bell))
+            except FileNotFoundError:
+                pass            # nobody has watched that prefix
 
     @staticmethod
     def _bump(db) -> int:
@@ -459,6 +582,7 @@ class SqliteStore:
         db.execute("DELETE FROM kv WHERE key = ?", (key,))
         db.execute("INSERT INTO events (rev, type, key, value) VALUES (?, 'DELETE', ?, ?)",
                    (rev, key, value))
+        self._written.update(rung_by(key))
 
     def _expire_locked(self, db) -> None:
         rows = db.execute("SELECT key, value FROM kv WHERE expires_at IS NOT NULL AND expires_at <= ?",

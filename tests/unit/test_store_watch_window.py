@@ -111,3 +111,109 @@ def test_a_kubelet_watches_only_its_own_nodes_pods(store):
 
     trio.run(plain_main)
     assert seen == [f"/registry/pods/default/{n}" for n in ("n1", "n10", "n2", "pending")]
+
+
+def test_every_key_under_a_prefix_rings_that_prefixs_bell():
+    """bell_for(P) is among rung_by(K) for every key K under P (the property
+    the bells rest on), on random keys and prefixes."""
+    import random
+
+    rng = random.Random(3)
+    segments = ["registry", "pods", "default", "a", "web", "x.y", "coreos.com", "network", "subnets"]
+    checked = 0
+    for _ in range(3000):
+        key = "/" + "/".join(rng.choice(segments) for _ in range(rng.randint(1, 6)))
+        if rng.random() < 0.2:
+            key += "/"
+        cut = rng.randint(0, len(key))
+        prefix = key[:cut]
+        bell = sqlite.bell_for(prefix)
+        if bell is not None:
+            assert key.startswith(bell) and bell in sqlite.rung_by(key), (key, prefix, bell)
+            checked += 1
+    assert checked > 1000
+    assert sqlite.bell_for("/registry/") is None and sqlite.bell_for("") is None
+    assert sqlite.rung_by("/registry/pods/default/web") == ["/registry/pods/", "/registry/pods/default/"]
+
+
+@pytest.mark.timeout(60)
+def test_writes_under_other_bells_do_not_wake_a_watch(store, tmp_path, monkeypatch):
+    """A watch of /registry/pods/ waits on its bell: another process's writes
+    under /registry/leases/ wake it not once (no safety read either: the
+    interval is an hour here), and the pod written next is seen, which only
+    its bell can have told."""
+    monkeypatch.setattr(sqlite, "SAFETY_INTERVAL", 3600.0)
+    monkeypatch.setattr(sqlite, "EXPIRY_CHECK_INTERVAL", 3600.0)
+    other = SqliteStore(str(tmp_path / "state.db"))
+    wakes = []
+    real = store._read_window
+
+    def counted():
+        wakes.append(1)
+        real()
+
+    monkeypatch.setattr(store, "_read_window", counted)
+    seen = []
+
+    async def main():
+        since = store.revision()
+        async with trio.open_nursery() as nursery:
+            async def watch():
+                async for ev in store.watch("/registry/pods/", since):
+                    seen.append(ev.key)
+                    nursery.cancel_scope.cancel()
+            nursery.start_soon(watch)
+            await trio.sleep(0.3)
+            before = len(wakes)
+            for i in range(30):
+                other.put(f"/registry/leases/kube-node-lease/n{i}", i)
+                await trio.sleep(0.01)
+            await trio.sleep(0.3)
+            noise = len(wakes) - before
+            other.put("/registry/pods/default/web", 1)
+            await trio.sleep(30)            # cancelled by the watch
+        return noise
+
+    noise = trio.run(main)
+    other.close()
+    assert isinstance(store._bell_watch, sqlite.BellWatch), "inotify unavailable here"
+    assert noise == 0
+    assert seen == ["/registry/pods/default/web"]
+
+
+@pytest.mark.timeout(60)
+def test_a_new_watch_is_heard_while_another_waits(store, tmp_path, monkeypatch):
+    """A watch that starts while the store object's shared wait listens to
+    other bells (or only to bells, for a shallow prefix: the WAL) is heard at
+    once, not at the next safety read."""
+    monkeypatch.setattr(sqlite, "SAFETY_INTERVAL", 3600.0)
+    monkeypatch.setattr(sqlite, "EXPIRY_CHECK_INTERVAL", 3600.0)
+    other = SqliteStore(str(tmp_path / "state.db"))
+    seen = []
+
+    async def main():
+        since = store.revision()
+        async with trio.open_nursery() as nursery:
+            async def watch(prefix):
+                async for ev in store.watch(prefix, since):
+                    seen.append((prefix, ev.key))
+            nursery.start_soon(watch, "/registry/services/")
+            await trio.sleep(0.3)
+            nursery.start_soon(watch, "/coreos.com/network/subnets/")
+            await trio.sleep(0.3)
+            other.put("/coreos.com/network/subnets/10.1.0.0-24", 1)
+            with trio.move_on_after(20):
+                while len(seen) < 1:
+                    await trio.sleep(0.01)
+            nursery.start_soon(watch, "/x/")              # one segment: the WAL
+            await trio.sleep(0.3)
+            other.put("/x/y", 2)
+            with trio.move_on_after(20):
+                while len(seen) < 2:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    other.close()
+    assert seen == [("/coreos.com/network/subnets/", "/coreos.com/network/subnets/10.1.0.0-24"),
+                    ("/x/", "/x/y")]
