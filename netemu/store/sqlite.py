@@ -36,7 +36,11 @@ empty file per prefix; a missing one is skipped for the cost of a failed
 lookup), and a watcher has inotify report changes to its prefixes' bells
 only. A write under /registry/leases/ then wakes the control plane (which
 watches /registry/ and so the WAL) and no agent. A store with a shallower
-watch waits on the WAL as before.
+watch waits on the WAL as before. A watch_containing(prefix, text) listens to
+a bell of its own, (prefix, text), which a writer rings only when the value
+it wrote (a deletion: the value deleted) contains the text: a kubelet is
+woken by its own node's pods, not by every pod of the cluster. Writers find
+the texts listened to in the bells' folder (listed again when it changes).
 """
 
 from __future__ import annotations
@@ -121,8 +125,24 @@ def bells_dir(db_path: str) -> str:
     return db_path + ".bells"
 
 
-def _bell_file(bells: str, prefix: str) -> str:
-    return os.path.join(bells, urllib.parse.quote(prefix, safe=""))
+# A bell is (prefix, text): text None rings for every write under the prefix;
+# a text, only for writes whose value's JSON text (a deletion: the last value)
+# contains it (a kubelet's '"nodeName":"NODE"': watch_containing).
+Bell = tuple[str, "str | None"]
+TAG = "@"               # between a bell file's prefix and text (quote() escapes it in both)
+
+
+def _bell_file(bells: str, bell: Bell) -> str:
+    prefix, text = bell
+    name = urllib.parse.quote(prefix, safe="")
+    if text is not None:
+        name += TAG + urllib.parse.quote(text, safe="")
+    return os.path.join(bells, name)
+
+
+def _bell_of_file(name: str) -> Bell:
+    prefix, tag, text = name.partition(TAG)
+    return urllib.parse.unquote(prefix), (urllib.parse.unquote(text) if tag else None)
 
 
 def rung_by(key: str) -> list[str]:
@@ -138,6 +158,12 @@ def rung_by(key: str) -> list[str]:
         if depth > 1:
             bells.append(key[:at + 1])
     return bells
+
+
+def _bell(watching: tuple[str, str | None]) -> Bell | None:
+    """The bell of a watch of (prefix, text); None: the WAL."""
+    prefix = bell_for(watching[0])
+    return None if prefix is None else (prefix, watching[1])
 
 
 def bell_for(prefix: str) -> str | None:
@@ -157,9 +183,9 @@ class BellWatch:
         self.dir = bells_dir(db_path)
         self.inotify = Inotify()
         self.fd = self.inotify.fd
-        self.wds: dict[str, int] = {}
+        self.wds: dict[Bell, int] = {}
 
-    def sync(self, bells: set[str]) -> bool:
+    def sync(self, bells: set[Bell]) -> bool:
         """Watch exactly BELLS (making their files); True if one was added
         (a write just before it may have rung nobody: read before waiting)."""
         added = False
@@ -210,8 +236,10 @@ class SqliteStore:
         self._wal_watch: WalWatch | None | bool = None   # False: inotify unavailable
         self._bell_watch: BellWatch | None | bool = None
         self._bells = bells_dir(path)
-        self._written: set[str] = set()        # bells the open write transaction rings
-        self._watching: Counter = Counter()    # the prefixes of this object's running watches
+        # What the open write transaction wrote: (bells of its key, value text).
+        self._written: list[tuple[list[str], str]] = []
+        self._texts: tuple[int, dict[str, list[str]]] = (-1, {})   # see _texts_listened
+        self._watching: Counter = Counter()    # (prefix, text) of this object's running watches
         self._wait_scope: Any = None           # the shared wait in progress (a trio CancelScope)
         self._last_read = 0.0                  # time.monotonic() of the last shared read
         # (low, high, [(rev, key)]): the keys written after revision LOW up to
@@ -345,7 +373,7 @@ class SqliteStore:
                        "VALUES (?, ?, ?, ?, ?)", (key, data, create_rev, rev, expires))
             db.execute("INSERT INTO events (rev, type, key, value) VALUES (?, 'PUT', ?, ?)",
                        (rev, key, data))
-            self._written.update(rung_by(key))
+            self._written.append((rung_by(key), data))
             return rev
 
     def create(self, key: str, value: Any, *, ttl: float | None = None) -> int | None:
@@ -399,9 +427,10 @@ class SqliteStore:
         the text may also match elsewhere in a value. Not part of the Store
         contract (base.py); callers fall back to watch without it."""
         last = since
-        if self._wait_scope is not None and bell_for(prefix) not in self._waiting_on:
-            self._wait_scope.cancel()       # the wait in progress does not hear this prefix
-        self._watching[prefix] += 1
+        watching = (prefix, text)
+        if self._wait_scope is not None and _bell(watching) not in self._waiting_on:
+            self._wait_scope.cancel()       # the wait in progress does not hear this watch
+        self._watching[watching] += 1
         try:
             # Read the revision first: every write up to it is in the events read
             # next (one query, one snapshot), so moving `last` up to it skips only
@@ -418,9 +447,9 @@ class SqliteStore:
                     last = max([last, current] + [ev.revision for ev in events])
                 current = await self._next_poll()
         finally:
-            self._watching[prefix] -= 1
-            if not self._watching[prefix]:
-                del self._watching[prefix]
+            self._watching[watching] -= 1
+            if not self._watching[watching]:
+                del self._watching[watching]
 
     async def _next_poll(self) -> int:
         """Wait for the next write (or a poll period); return the revision read then.
@@ -483,7 +512,7 @@ class SqliteStore:
     def _waiting_on(self) -> set:
         """The bells of this object's running watches (None among them: one
         waits on the WAL)."""
-        return {bell_for(prefix) for prefix in self._watching}
+        return {_bell(w) for w in self._watching}
 
     def _watcher(self) -> WalWatch | BellWatch | None:
         """What the next shared wait waits on: the bells of the running watches'
@@ -553,12 +582,34 @@ class SqliteStore:
         return _Tx()
 
     def _ring(self) -> None:
-        """Touch the bells of the keys just committed that someone watches."""
-        for bell in self._written:
+        """Touch the bells of the writes just committed that someone listens to."""
+        rung: set[Bell] = set()
+        texts = self._texts_listened() if self._written else {}
+        for prefixes, value in self._written:
+            for prefix in prefixes:
+                rung.add((prefix, None))
+                rung.update((prefix, t) for t in texts.get(prefix, ()) if t in value)
+        for bell in rung:
             try:
                 os.utime(_bell_file(self._bells, bell))
             except FileNotFoundError:
-                pass            # nobody has watched that prefix
+                pass            # nobody has listened to that bell
+
+    def _texts_listened(self) -> dict[str, list[str]]:
+        """{prefix: [text]} of the bells with a text someone has made, read
+        again when the bells' folder changed (a stat per commit)."""
+        try:
+            stamp = os.stat(self._bells).st_mtime_ns
+        except FileNotFoundError:
+            return {}
+        if stamp != self._texts[0]:
+            texts: dict[str, list[str]] = {}
+            for name in os.listdir(self._bells):
+                prefix, text = _bell_of_file(name)
+                if text is not None:
+                    texts.setdefault(prefix, []).append(text)
+            self._texts = (stamp, texts)
+        return self._texts[1]
 
     @staticmethod
     def _bump(db) -> int:
@@ -582,7 +633,7 @@ class SqliteStore:
         db.execute("DELETE FROM kv WHERE key = ?", (key,))
         db.execute("INSERT INTO events (rev, type, key, value) VALUES (?, 'DELETE', ?, ?)",
                    (rev, key, value))
-        self._written.update(rung_by(key))
+        self._written.append((rung_by(key), value))
 
     def _expire_locked(self, db) -> None:
         rows = db.execute("SELECT key, value FROM kv WHERE expires_at IS NOT NULL AND expires_at <= ?",

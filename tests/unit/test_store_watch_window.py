@@ -217,3 +217,51 @@ def test_a_new_watch_is_heard_while_another_waits(store, tmp_path, monkeypatch):
     other.close()
     assert seen == [("/coreos.com/network/subnets/", "/coreos.com/network/subnets/10.1.0.0-24"),
                     ("/x/", "/x/y")]
+
+
+@pytest.mark.timeout(60)
+def test_a_kubelets_bell_rings_for_its_own_nodes_pods_only(store, tmp_path, monkeypatch):
+    """watch_containing listens to a bell of its text: another process's
+    writes of other nodes' pods wake it not once; its own pod's write and
+    deletion do (and only its bell can have told: no safety read)."""
+    monkeypatch.setattr(sqlite, "SAFETY_INTERVAL", 3600.0)
+    monkeypatch.setattr(sqlite, "EXPIRY_CHECK_INTERVAL", 3600.0)
+    other = SqliteStore(str(tmp_path / "state.db"))
+    wakes = []
+    real = store._read_window
+
+    def counted():
+        wakes.append(1)
+        real()
+
+    monkeypatch.setattr(store, "_read_window", counted)
+    seen = []
+
+    async def main():
+        since = store.revision()
+        async with trio.open_nursery() as nursery:
+            async def watch():
+                async for ev in store.watch_containing("/registry/pods/", since, '"nodeName":"n1"'):
+                    seen.append((ev.type, ev.key))
+                    if ev.type == "DELETE":
+                        nursery.cancel_scope.cancel()
+            nursery.start_soon(watch)
+            await trio.sleep(0.3)
+            before = len(wakes)
+            for i in range(20):
+                other.put(f"/registry/pods/default/p{i}", {"spec": {"nodeName": f"n1{i}"}})
+                await trio.sleep(0.01)
+            await trio.sleep(0.3)
+            noise = len(wakes) - before
+            other.put("/registry/pods/default/mine", {"spec": {"nodeName": "n1"}})
+            with trio.move_on_after(20):
+                while not seen:
+                    await trio.sleep(0.01)
+            other.delete("/registry/pods/default/mine")
+            await trio.sleep(30)            # cancelled by the watch
+        return noise
+
+    noise = trio.run(main)
+    other.close()
+    assert noise == 0
+    assert seen == [("PUT", "/registry/pods/default/mine"), ("DELETE", "/registry/pods/default/mine")]
