@@ -37,7 +37,6 @@ import time
 
 from netemu import names, netns
 from netemu.node.agent import Backoff
-from netemu.proctitle import set_title
 
 log = logging.getLogger("netemu.controlplane.nodes")
 
@@ -184,6 +183,24 @@ class AgentSupervisor:
                 time.sleep(0.05)
             if not pids:
                 return
+
+
+PR_SET_NAME = 15
+
+
+def set_title(argv: list[str], name: str) -> None:
+    """Show this forked process as ARGV in /proc/PID/cmdline (ps, pgrep -f) and
+    as NAME in /proc/PID/comm: written over the command line the process was
+    started with (as setproctitle does), so cut to that length. A forked agent
+    would otherwise look like the nodes part it was forked from."""
+    import ctypes
+
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    start, end = int(fields[45]), int(fields[46])       # arg_start, arg_end (fields 48, 49)
+    raw = "\0".join(argv).encode()[:end - start - 1]
+    ctypes.memmove(start, raw + b"\0" * (end - start - len(raw)), end - start)
+    ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def agent_child(cluster: str, node: str, log_path: str) -> int:

@@ -30,9 +30,7 @@ and GRO are each optional.
 
     python -m netemu.overlay.fastudp {tx|rx} TUN_FD SOCK_FD COUNTERS_FD PORT TUN_ADDRESS [--gso] [--plain]
 
-The udp daemon forks its workers (ForkedWorker: they share the daemon's
-loaded interpreter instead of starting their own); `python -m` runs one alone.
-A worker reads its peer table as JSON lines on stdin (forked: on its control pipe) ({"peers": {subnet: ip}})
+A worker reads its peer table as JSON lines on stdin ({"peers": {subnet: ip}})
 and exits when stdin closes (its daemon is gone). Its counters live in a shared
 memory file (COUNTERS_FD, a memfd of the daemon's): one int64 per name of
 COUNTERS, one block per direction, so the daemon reads them fresh at any time.
@@ -52,14 +50,12 @@ reason; nothing a datagram holds may raise.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fcntl
 import ipaddress
 import json
 import mmap
 import os
 import select
-import signal
 import socket
 import struct
 import sys
@@ -179,7 +175,6 @@ COUNTERS = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "drop_unknown_so
             "drop_ttl", "drop_no_route", "icmp_unreachable_sent", "drop_not_ipv4", "tx_errors",
             "rx_errors", "rx_coalesced", "drop_spoofed_source", "drop_internal_error",
             *(malformed_counter(r) for r in MALFORMED))
-MODULE = "netemu.overlay.fastudp"
 DIRECTIONS = ("tx", "rx")
 BLOCK = 8 * len(COUNTERS)
 HEARTBEATS = BLOCK * len(DIRECTIONS)         # offset of the heartbeats, one int64 per direction
@@ -319,8 +314,7 @@ class Peers:
 
 class Worker:
     def __init__(self, tun_fd: int, sock: socket.socket, port: int, tun_address: bytes, gso: bool,
-                 counters: memoryview, vnet_hdr: bool = True, heartbeat: memoryview | None = None,
-                 control=None):
+                 counters: memoryview, vnet_hdr: bool = True, heartbeat: memoryview | None = None):
         self.tun, self.sock, self.port = tun_fd, sock, port
         self.tun_address, self.gso = tun_address, gso
         # With offloads every TUN read and write starts with a virtio-net header.
@@ -342,7 +336,6 @@ class Worker:
         self.counters = counters                      # int64 view of our block of the memfd
         self.index = {name: i for i, name in enumerate(COUNTERS)}
         self.heartbeat = heartbeat if heartbeat is not None else memoryview(bytearray(8)).cast("q")
-        self.control = control              # the daemon's peer tables (None: stdin)
         self.internal_errors_logged = 0
 
     def count(self, name: str, n: int = 1) -> None:
@@ -649,7 +642,7 @@ class Worker:
 
     def read_control(self) -> bool:
         """Take the daemon's next peer table; False when the daemon is gone."""
-        line = (self.control or sys.stdin).readline()
+        line = sys.stdin.readline()
         if not line:
             return False
         try:
@@ -664,84 +657,7 @@ class Worker:
         os._exit(0)
 
 
-class ForkedWorker:
-    """A worker forked from the daemon's process, not started by exec: it
-    shares the interpreter and the modules already loaded with its parent
-    (copy on write) instead of loading its own (about 8.7 MB each, two per
-    node). What subprocess.Popen offers the daemon: pid, stdin (the control
-    pipe), poll, returncode, kill, wait. ARGV is main's; KEEP, the fds it names.
-
-    The daemon runs trio (threads of its own may exist): the child has only
-    the forking thread, and touches nothing of the parent's but the fds it
-    keeps. It drops the parent's signal handlers and trio's wakeup fd, closes
-    every other fd, freezes the inherited objects (so the collector does not
-    write to their pages), and runs main; it never returns into the parent's
-    code."""
-
-    def __init__(self, argv: list[str], keep: tuple[int, ...]) -> None:
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:                                # the child
-            code = 1
-            try:
-                os.close(write_end)
-                code = _forked_main(argv, read_end, keep)
-            except BaseException:                   # noqa: BLE001 - whatever happens, never return
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        os.close(read_end)
-        self.pid = pid
-        self.returncode: int | None = None
-        self.stdin = os.fdopen(write_end, "wb")
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:
-                self.returncode = -1                # reaped by someone else: gone
-            else:
-                if pid:
-                    self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def kill(self) -> None:
-        if self.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-
-    def wait(self) -> int:
-        while self.poll() is None:
-            try:
-                _, status = os.waitpid(self.pid, 0)
-            except ChildProcessError:
-                self.returncode = -1
-            else:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-
-def _forked_main(argv: list[str], control_fd: int, keep: tuple[int, ...]) -> int:
-    import gc
-
-    from netemu.proctitle import set_title
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.set_wakeup_fd(-1)
-    kept = {0, 1, 2, control_fd, *keep}
-    for name in os.listdir("/proc/self/fd"):
-        if int(name) not in kept:
-            with contextlib.suppress(OSError):
-                os.close(int(name))
-    gc.freeze()
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        set_title([MODULE] + [a for a in argv if a.startswith("--") or a in DIRECTIONS], "netemu-fastudp")
-    return main(argv, control=os.fdopen(control_fd, "r"))
-
-
-def main(argv: list[str] | None = None, control=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="netemu-fastudp")
     parser.add_argument("direction", choices=["tx", "rx"])
     parser.add_argument("tun_fd", type=int)
@@ -767,7 +683,7 @@ def main(argv: list[str] | None = None, control=None) -> int:
     counters = memoryview(block)[BLOCK * index:BLOCK * (index + 1)].cast("q")
     heartbeat = memoryview(block)[HEARTBEATS + 8 * index:HEARTBEATS + 8 * (index + 1)].cast("q")
     worker = Worker(args.tun_fd, sock, args.port, ipaddress.IPv4Address(args.tun_address).packed, args.gso,
-                    counters, vnet_hdr=not args.plain, heartbeat=heartbeat, control=control)
+                    counters, vnet_hdr=not args.plain, heartbeat=heartbeat)
     # The daemon sends the peer table first thing: wait for it, or the packets
     # queued in flannel0 meanwhile would all be answered "net unreachable".
     if not worker.read_control():

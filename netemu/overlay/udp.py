@@ -58,9 +58,6 @@ NO_OFFLOAD_ENV = "NETEMU_UDP_NO_OFFLOAD"
 WATCH_PERIOD = 1.0                # how often the daemon looks at its workers (s)
 WATCH_TIMEOUT = 2.0               # a heartbeat still for this long: a stopped or hung worker (s)
 RESTART_LIMIT = (5, 30.0)         # more restarts than this in that many seconds: give up (the daemon restarts)
-# Workers are forked from the daemon (fastudp.ForkedWorker: they share its
-# loaded interpreter, about 8.7 MB less each) rather than started by exec.
-FORK_WORKERS = True
 
 log = logging.getLogger("netemu.overlay")
 
@@ -216,18 +213,15 @@ class UdpBackend(Backend):
 
     def _start_worker(self, direction: str) -> None:
         fastudp.reset_heartbeat(self._counters_fd, direction)
-        args = [direction, str(self._tun_fd), str(self._sock.fileno()), str(self._counters_fd), str(self.port),
+        argv = [sys.executable, "-m", "netemu.overlay.fastudp", direction, str(self._tun_fd),
+                str(self._sock.fileno()), str(self._counters_fd), str(self.port),
                 str(self.lease.subnet.network_address)]
         if self.features.get("gso"):
-            args.append("--gso")
+            argv.append("--gso")
         if not self.fast:
-            args.append("--plain")
-        fds = (self._tun_fd, self._sock.fileno(), self._counters_fd)
-        if FORK_WORKERS:
-            worker = fastudp.ForkedWorker(args, fds)
-        else:
-            worker = subprocess.Popen([sys.executable, "-m", fastudp.MODULE, *args], stdin=subprocess.PIPE,
-                                      pass_fds=fds)
+            argv.append("--plain")
+        worker = subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                  pass_fds=(self._tun_fd, self._sock.fileno(), self._counters_fd))
         self._workers[direction] = (worker, fastudp.Watchdog(time.monotonic(), timeout=WATCH_TIMEOUT))
         self._tell(worker)
 
