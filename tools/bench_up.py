@@ -70,16 +70,40 @@ def memory_kb(pid: int) -> dict[str, int]:
     return out
 
 
-def cpu_ticks(pids) -> int:
+def cpu_ticks(pids, children: bool = False) -> int:
+    """utime + stime of PIDS (CHILDREN: of the children they have reaped,
+    cutime + cstime: the short-lived commands they ran)."""
     total = 0
+    first = 13 if children else 11
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])      # utime, stime
+            total += int(fields[first]) + int(fields[first + 1])
         except (FileNotFoundError, ProcessLookupError, IndexError):
             pass
     return total
+
+
+def machine_busy_ticks() -> int:
+    """CPU ticks the whole machine spent busy since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return sum(fields) - fields[3] - fields[4]          # all but idle and iowait
+
+
+def up_cpu(name: str) -> dict[str, float]:
+    """CPU seconds the cluster's processes have used since they started (at the
+    end of up: its cost), by role, their own and their reaped children's."""
+    hz = os.sysconf("SC_CLK_TCK")
+    roles: dict[str, list[int]] = {}
+    for pid in clusters.cluster_processes(name):
+        roles.setdefault(role_of(pid) or "containers", []).append(pid)
+    out = {}
+    for role, pids in roles.items():
+        out[role] = cpu_ticks(pids) / hz
+        out[role + " (children)"] = cpu_ticks(pids, children=True) / hz
+    return out
 
 
 def measure(name: str, nodes: int, idle: float) -> dict:
@@ -117,6 +141,33 @@ def measure(name: str, nodes: int, idle: float) -> dict:
     return report
 
 
+def write_topology(path: str, name: str, nodes: int, pods_per_node: int, backend: str) -> str:
+    """The benchmark's cluster: NODES nodes n0..., PODS_PER_NODE pods p<node>-<j>
+    pinned to each (labelled app=web-n<node>), in a topology file at PATH."""
+    pods = [{"apiVersion": "v1", "kind": "Pod",
+             "metadata": {"name": f"p{i}-{j}", "labels": {"app": f"web-n{i}"}},
+             "spec": {"nodeName": f"n{i}", "containers": [
+                 {"name": "web", "image": "nginx", "ports": [{"containerPort": 80}]}]}}
+            for i in range(nodes) for j in range(pods_per_node)]
+    with open(path, "w") as f:
+        yaml.safe_dump({"name": name, "cluster": {"backend": backend},
+                        "nodes": [{"name": f"n{i}"} for i in range(nodes)], "workloads": pods}, f)
+    return path
+
+
+def take_lock(wait: bool):
+    """One benchmark at a time on this machine (the lock `netemu bench` takes too)."""
+    lock = open("/run/netemu-bench.lock", "w")
+    if wait:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    else:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit("another benchmark is running (/run/netemu-bench.lock); try --wait-lock")
+    return lock
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=20)
@@ -129,36 +180,21 @@ def main() -> int:
                     help="seconds over which to measure idle CPU (0: do not)")
     ap.add_argument("--timeout", type=float, default=None, help="up's readiness timeout (s)")
     args = ap.parse_args()
-    # One benchmark at a time on this machine (the lock `netemu bench` takes too).
-    lock = open("/run/netemu-bench.lock", "w")
-    if args.wait_lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-    else:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            sys.exit("another benchmark is running (/run/netemu-bench.lock); try --wait-lock")
+    lock = take_lock(args.wait_lock)  # noqa: F841 - held until exit
     name = args.name
-    nodes = [{"name": f"n{i}"} for i in range(args.nodes)]
-    pods = [{"apiVersion": "v1", "kind": "Pod",
-             "metadata": {"name": f"p{i}-{j}"},
-             "spec": {"nodeName": f"n{i}", "containers": [
-                 {"name": "web", "image": "nginx", "ports": [{"containerPort": 80}]}]}}
-            for i in range(args.nodes) for j in range(args.pods_per_node)]
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "bench.yaml")
-        with open(path, "w") as f:
-            yaml.safe_dump({"name": name, "cluster": {"backend": args.backend}, "nodes": nodes,
-                            "workloads": pods}, f)
+        path = write_topology(os.path.join(tmp, "bench.yaml"), name, args.nodes, args.pods_per_node,
+                              args.backend)
         ups, downs = [], []
         for r in range(args.rounds):
             topo = load_topology(path)
-            t0 = time.monotonic()
+            t0, busy0 = time.monotonic(), machine_busy_ticks()
             try:
                 if args.timeout:
                     clusters.READY_TIMEOUT = args.timeout
                 clusters.up(topo, kubeconfig=False)
-                t1 = time.monotonic()
+                t1, busy1 = time.monotonic(), machine_busy_ticks()
+                spent = up_cpu(name)
                 m = measure(name, args.nodes, args.idle)
             finally:
                 t2 = time.monotonic()
@@ -171,6 +207,8 @@ def main() -> int:
                   f"own processes per node {m['own_processes_per_node']:.2f}, "
                   f"memory per node RSS {own['rss']:.1f} MB, PSS {own['pss']:.1f} MB, USS {own['uss']:.1f} MB; "
                   f"idle CPU {m.get('idle_cpu_percent', float('nan')):.1f}% of one core", flush=True)
+            print(f"    CPU during up: machine {(busy1 - busy0) / os.sysconf('SC_CLK_TCK'):.1f} s; "
+                  + ", ".join(f"{role} {sec:.1f} s" for role, sec in sorted(spent.items())), flush=True)
             for role, mem in m["roles"].items():
                 print(f"    {role}: {mem.get('count', 0)} processes, RSS {mem.get('rss', 0) / 1024:.0f} MB, "
                       f"PSS {mem.get('pss', 0) / 1024:.0f} MB, USS {mem.get('uss', 0) / 1024:.0f} MB, "
