@@ -85,6 +85,8 @@ class OverlayDaemon:
         self.node_dir = names.node_dir(cluster, node)
         self.peers: dict[ipaddress.IPv4Network, Lease] = {}
         self.peers_changes = 0                      # bumped by every change to self.peers
+        self.synced_revision = 0                    # leases applied up to this revision (_synced)
+        self.synced_changed = trio.Event()
         self.carried: dict[str, int] = {}          # counters of the daemons before us (see carried_counters)
         self.stats_wanted = trio.Event()            # a reader asked for a fresh record
         self.requested = 0                          # the revision of the last request seen
@@ -122,6 +124,7 @@ class OverlayDaemon:
             self._annotate_node(local)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._follow_peers)
+                nursery.start_soon(self._publish_synced)
                 nursery.start_soon(self._renew)
                 nursery.start_soon(self._follow_requests)
                 nursery.start_soon(self._publish_stats)
@@ -150,8 +153,20 @@ class OverlayDaemon:
             self._synced(ev.revision)
 
     def _synced(self, revision: int) -> None:
-        """Peers are in place up to REVISION of the leases (node.synced)."""
-        synced.mark(self.cluster, self.node, "overlay", {leases.SUBNETS: revision})
+        """Peers are in place up to REVISION of the leases: said by
+        _publish_synced, once per batch of the watch's events (a file write
+        per event cost more than the rest of bring-up's peer handling)."""
+        self.synced_revision = revision
+        self.synced_changed.set()
+
+    async def _publish_synced(self) -> None:
+        written = None
+        while True:
+            await self.synced_changed.wait()
+            self.synced_changed = trio.Event()
+            if self.synced_revision != written:
+                written = self.synced_revision
+                synced.mark(self.cluster, self.node, "overlay", {leases.SUBNETS: written})
 
     def _resync(self, all_leases: list[Lease]) -> None:
         current = {l.subnet: l for l in all_leases if l.subnet != self.lease.subnet}
