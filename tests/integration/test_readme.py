@@ -157,6 +157,7 @@ def test_the_readme_has_the_blocks_this_test_runs():
     assert [c.split()[:2] for c, _ in bench] == [["netemu", "bench"], ["netemu", "bench"], ["netemu", "bench"],
                                                  [".venv/bin/python", "tools/bench_proxy.py"],
                                                  [".venv/bin/python", "tools/bench_up.py"],
+                                                 [".venv/bin/python", "tools/bench_propagation.py"],
                                                  [".venv/bin/python", "tools/latency_hops.py"],
                                                  [".venv/bin/python", "tools/bench_api.py"]]
     assert "64-byte UDP rate" in bench[0][1]                   # a comment continued on the next line
