@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from netemu.controllers import actions as act
 from netemu.controllers import podutil
-from netemu.controllers.loop import guarded, run_reconciler
+from netemu.controllers.loop import IDLE_RESYNC, guarded, run_reconciler
 from netemu.k8s import ownership, selectors
 from netemu.store import registry
 from netemu.store.base import Store
@@ -125,4 +125,4 @@ def sync_once(store: Store) -> None:
 async def run(store: Store, settings=None) -> None:
     await run_reconciler(store, "daemonset",
                          [registry.prefix(k) for k in ("Pod", "Node", "DaemonSet")],
-                         lambda: sync_once(store))
+                         lambda: sync_once(store), idle_resync=IDLE_RESYNC)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from netemu.controllers import actions as act
 from netemu.controllers import podutil
-from netemu.controllers.loop import guarded, run_reconciler
+from netemu.controllers.loop import IDLE_RESYNC, guarded, run_reconciler
 from netemu.k8s import selectors
 from netemu.store import registry
 from netemu.store.base import Store
@@ -134,4 +134,4 @@ def sync_once(store: Store) -> None:
 async def run(store: Store, settings=None) -> None:
     await run_reconciler(store, "endpoints",
                          [registry.prefix(k) for k in ("Pod", "Service", "Endpoints")],
-                         lambda: sync_once(store))
+                         lambda: sync_once(store), idle_resync=IDLE_RESYNC)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from netemu.controllers import actions as act, podutil
 from netemu.controllers.endpoints import desired_subsets
-from netemu.controllers.loop import guarded, run_reconciler
+from netemu.controllers.loop import IDLE_RESYNC, guarded, run_reconciler
 from netemu.store import registry
 from netemu.store.base import Store
 
@@ -112,4 +112,4 @@ def sync_once(store: Store) -> None:
 async def run(store: Store, settings=None) -> None:
     await run_reconciler(store, "endpointslice",
                          [registry.prefix(k) for k in ("Pod", "Service", "EndpointSlice")],
-                         lambda: sync_once(store))
+                         lambda: sync_once(store), idle_resync=IDLE_RESYNC)

@@ -25,7 +25,7 @@ from collections import Counter
 
 from netemu.controllers import actions as act
 from netemu.controllers import podutil
-from netemu.controllers.loop import run_reconciler
+from netemu.controllers.loop import IDLE_RESYNC, run_reconciler
 from netemu.k8s import ownership, selectors
 from netemu.store import registry
 from netemu.store.base import Conflict, Store
@@ -195,4 +195,4 @@ def sync_once(store: Store) -> None:
 
 async def run(store: Store, settings=None) -> None:
     await run_reconciler(store, "scheduler", [registry.prefix("Pod"), registry.prefix("Node")],
-                         lambda: sync_once(store))
+                         lambda: sync_once(store), idle_resync=IDLE_RESYNC)
