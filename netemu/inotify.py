@@ -1,8 +1,9 @@
 """inotify, the little of it netemu uses: one non-blocking instance, watches
 added and removed, and every pending event read at once. The SQLite store
-watches its directory for writes to its WAL, or the bells of the prefixes it
-watches (store/sqlite.py); a kubelet
-watches its containers' logs (node/logstamps.py)."""
+watches its directory for writes to its WAL (store/sqlite.py: a process with
+a shallow watch, the control plane; the agents' bells are FIFOs, since
+instances are few: fs.inotify.max_user_instances per user, machine-wide); a
+kubelet watches its containers' logs (node/logstamps.py)."""
 
 from __future__ import annotations
 

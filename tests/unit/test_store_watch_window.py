@@ -176,7 +176,7 @@ def test_writes_under_other_bells_do_not_wake_a_watch(store, tmp_path, monkeypat
 
     noise = trio.run(main)
     other.close()
-    assert isinstance(store._bell_watch, sqlite.BellWatch), "inotify unavailable here"
+    assert isinstance(store._bell_watch, sqlite.BellWatch), "no FIFO bell here"
     assert noise == 0
     assert seen == ["/registry/pods/default/web"]
 
@@ -265,3 +265,55 @@ def test_a_kubelets_bell_rings_for_its_own_nodes_pods_only(store, tmp_path, monk
     other.close()
     assert noise == 0
     assert seen == [("PUT", "/registry/pods/default/mine"), ("DELETE", "/registry/pods/default/mine")]
+
+
+@pytest.mark.timeout(60)
+def test_bells_need_no_inotify_instance(store, tmp_path, monkeypatch):
+    """inotify instances are few and machine-wide (fs.inotify.max_user_instances):
+    with none to be had, a bell watch still hears its write at once (no safety
+    read here), through its FIFO."""
+    monkeypatch.setattr(sqlite, "SAFETY_INTERVAL", 3600.0)
+    monkeypatch.setattr(sqlite, "EXPIRY_CHECK_INTERVAL", 3600.0)
+
+    def no_instances():
+        raise OSError(24, "inotify_init1: Too many open files")
+
+    monkeypatch.setattr(sqlite, "Inotify", no_instances)
+    other = SqliteStore(str(tmp_path / "state.db"))
+    seen = []
+
+    async def main():
+        since = store.revision()
+        async with trio.open_nursery() as nursery:
+            async def watch():
+                async for ev in store.watch("/registry/services/", since):
+                    seen.append(ev.key)
+                    nursery.cancel_scope.cancel()
+            nursery.start_soon(watch)
+            await trio.sleep(0.3)
+            other.put("/registry/services/default/web", 1)
+            await trio.sleep(30)            # cancelled by the watch
+    trio.run(main)
+    other.close()
+    assert seen == ["/registry/services/default/web"]
+    assert isinstance(store._bell_watch, sqlite.BellWatch) and store._wal_watch is None
+
+
+def test_a_dead_listeners_link_is_removed_by_the_next_ring(tmp_path):
+    """A listener's link with no reader behind it (its process died) costs the
+    writer one failed open, once: the ring removes it. A listener that closes
+    takes its links and FIFO with it."""
+    db = str(tmp_path / "state.db")
+    alive, dead = sqlite.BellWatch(db), sqlite.BellWatch(db)
+    bell = ("/registry/services/", None)
+    alive.sync({bell})
+    dead.sync({bell})
+    folder = sqlite._bell_file(sqlite.bells_dir(db), bell)
+    assert sorted(os.listdir(folder)) == sorted([alive.name, dead.name])
+    os.close(dead.fd)                        # as if its process had died: no reader left
+    sqlite.ring(folder)
+    assert os.listdir(folder) == [alive.name]
+    assert alive.drain() and not alive.drain()
+    alive.close()
+    assert os.listdir(folder) == []
+    assert os.listdir(os.path.join(sqlite.bells_dir(db), sqlite.EARS)) == [dead.name]
