@@ -11,8 +11,9 @@ flannel's C proxy (pkg/backend/udp/proxy_amd64.c) does.
 The per-packet decisions live in netemu.overlay.packet; this module holds the
 devices and the peer table. The data path runs in two worker processes, one per
 direction (netemu.overlay.fastudp), fed the peer table on stdin. A worker that
-exits, or whose heartbeat stops (stopped by a signal, or hung), is killed and
-replaced on its own, in about WATCH_TIMEOUT seconds; the daemon goes on.
+exits (its pidfd says so at once), or whose heartbeat stops while packets wait
+for it (stopped by a signal, or hung), is killed and replaced on its own, in
+about WATCH_TIMEOUT seconds; the daemon goes on.
 
 Fast path: when the kernel offers TUN offloads, the workers move TCP
 super-packets from the TUN with UDP GSO sends and UDP GRO receives, with the
@@ -29,6 +30,7 @@ import collections
 import json
 import logging
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -55,8 +57,8 @@ DEVICE = "flannel0"
 # and, from the daemon, worker_restarts: workers replaced (exited or hung).
 COUNTERS = fastudp.COUNTERS
 NO_OFFLOAD_ENV = "NETEMU_UDP_NO_OFFLOAD"
-WATCH_PERIOD = 1.0                # how often the daemon looks at its workers (s)
-WATCH_TIMEOUT = 2.0               # a heartbeat still for this long: a stopped or hung worker (s)
+WATCH_TIMEOUT = 2.0               # a heartbeat still this long while work waits: a stopped or hung worker (s)
+WATCH_GRACE = 15.0                # the same, for a worker not started yet (imports, the peer table)
 RESTART_LIMIT = (5, 30.0)         # more restarts than this in that many seconds: give up (the daemon restarts)
 
 log = logging.getLogger("netemu.overlay")
@@ -86,7 +88,7 @@ class UdpBackend(Backend):
         self.offload = offload_wanted(local.node, local.backend_conf)
         self.fast = False                            # offloads negotiated: workers run the data path
         self.features: dict[str, bool] = {}
-        self._workers: dict[str, tuple[subprocess.Popen, fastudp.Watchdog]] = {}     # by direction
+        self._workers: dict[str, subprocess.Popen] = {}     # by direction
         self._counters_fd: int | None = None
         self.worker_restarts = 0
 
@@ -145,7 +147,7 @@ class UdpBackend(Backend):
             self._tell_workers()
 
     def _tell_workers(self) -> None:
-        for worker, _watch in self._workers.values():
+        for worker in self._workers.values():
             self._tell(worker)
 
     def _tell(self, worker: subprocess.Popen) -> None:
@@ -175,43 +177,86 @@ class UdpBackend(Backend):
 
     async def _run_workers(self) -> None:
         """One worker process per direction, fed peer tables on stdin, counting
-        in shared memory (see `counters`), watched: one that exits or stops
-        beating (fastudp.Watchdog) is killed and replaced, alone."""
+        in shared memory (see `counters`), each watched by a task of its own
+        (_watch_worker): one that exits or stalls is killed and replaced, alone.
+        Nothing here wakes while the workers are idle and alive."""
         self._counters_fd = fastudp.counters_memory()
         restarts: collections.deque[float] = collections.deque()
+        give_up: RuntimeError | None = None
         try:
-            for direction in fastudp.DIRECTIONS:
-                self._start_worker(direction)
-            while True:
-                await trio.sleep(WATCH_PERIOD)
-                now = time.monotonic()
-                for direction, (worker, watch) in list(self._workers.items()):
-                    if worker.poll() is not None:
-                        why = f"exited with status {worker.returncode}"
-                    elif watch.hung(fastudp.read_heartbeat(self._counters_fd, direction), now):
-                        why = f"made no progress for {WATCH_TIMEOUT:g} s (stopped or hung)"
-                    else:
-                        continue
+            async with trio.open_nursery() as nursery:
+                tell, troubles = trio.open_memory_channel(len(fastudp.DIRECTIONS))
+                for direction in fastudp.DIRECTIONS:
+                    nursery.start_soon(self._watch_worker, self._start_worker(direction), direction, tell)
+                async for direction, worker, why in troubles:
                     log.warning("udp data path: the %s worker (pid %d) %s: replacing it", direction,
                                 worker.pid, why)
                     self._stop_worker(worker)
+                    now = time.monotonic()
                     restarts.append(now)
                     while restarts and restarts[0] < now - RESTART_LIMIT[1]:
                         restarts.popleft()
                     if len(restarts) > RESTART_LIMIT[0]:
-                        raise RuntimeError(f"udp data path: {len(restarts)} worker restarts in "
-                                           f"{RESTART_LIMIT[1]:g} s: giving up")
+                        give_up = RuntimeError(f"udp data path: {len(restarts)} worker restarts in "
+                                               f"{RESTART_LIMIT[1]:g} s: giving up")
+                        nursery.cancel_scope.cancel()
+                        break
                     self.worker_restarts += 1
-                    self._start_worker(direction)
+                    nursery.start_soon(self._watch_worker, self._start_worker(direction), direction, tell)
         finally:
-            for worker, _watch in self._workers.values():
+            for worker in self._workers.values():
                 self._stop_worker(worker)
             self._workers = {}
             self._counters = self.counters           # keep the last figures
             os.close(self._counters_fd)
             self._counters_fd = None
+        if give_up is not None:
+            raise give_up
 
-    def _start_worker(self, direction: str) -> None:
+    async def _watch_worker(self, worker: subprocess.Popen, direction: str, tell) -> None:
+        """Wait until WORKER exits (its pidfd) or stalls (_stalled); then TELL
+        _run_workers which and why."""
+        why = ""
+        pidfd = os.pidfd_open(worker.pid)
+        try:
+            async with trio.open_nursery() as nursery:
+                async def exited() -> None:
+                    nonlocal why
+                    await trio.lowlevel.wait_readable(pidfd)
+                    why = f"exited with status {worker.wait()}"
+                    nursery.cancel_scope.cancel()
+
+                async def stalled() -> None:
+                    nonlocal why
+                    why = await self._stalled(direction)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(exited)
+                nursery.start_soon(stalled)
+        finally:
+            trio.lowlevel.notify_closing(pidfd)
+            os.close(pidfd)
+        await tell.send((direction, worker, why))
+
+    async def _stalled(self, direction: str) -> str:
+        """Return (why) once DIRECTION's worker has had work waiting and taken
+        none for WATCH_TIMEOUT (WATCH_GRACE before its first beat: it is
+        starting). Sleeps while its input is empty: an idle node's watch costs
+        no wake-up; under traffic, one per WATCH_TIMEOUT."""
+        source = self._tun_fd if direction == "tx" else self._sock.fileno()
+        waiting = select.poll()
+        waiting.register(source, select.POLLIN)
+        while True:
+            await trio.lowlevel.wait_readable(source)
+            before = fastudp.read_heartbeat(self._counters_fd, direction)
+            asked = WATCH_TIMEOUT if before else WATCH_GRACE
+            started = time.monotonic()
+            await trio.sleep(asked)
+            if fastudp.stalled(before, fastudp.read_heartbeat(self._counters_fd, direction),
+                               bool(waiting.poll(0)), time.monotonic() - started, asked):
+                return f"made no progress for {asked:g} s with work waiting (stopped or hung)"
+
+    def _start_worker(self, direction: str) -> subprocess.Popen:
         fastudp.reset_heartbeat(self._counters_fd, direction)
         argv = [sys.executable, "-m", "netemu.overlay.fastudp", direction, str(self._tun_fd),
                 str(self._sock.fileno()), str(self._counters_fd), str(self.port),
@@ -222,8 +267,9 @@ class UdpBackend(Backend):
             argv.append("--plain")
         worker = subprocess.Popen(argv, stdin=subprocess.PIPE,
                                   pass_fds=(self._tun_fd, self._sock.fileno(), self._counters_fd))
-        self._workers[direction] = (worker, fastudp.Watchdog(time.monotonic(), timeout=WATCH_TIMEOUT))
+        self._workers[direction] = worker
         self._tell(worker)
+        return worker
 
     @staticmethod
     def _stop_worker(worker: subprocess.Popen) -> None:
@@ -234,7 +280,7 @@ class UdpBackend(Backend):
 
     def worker_pids(self) -> dict[str, int]:
         """The workers' process ids by direction (for the daemon's stats record)."""
-        return {direction: worker.pid for direction, (worker, _watch) in self._workers.items()}
+        return {direction: worker.pid for direction, worker in self._workers.items()}
 
     @property
     def counters(self) -> dict[str, int]:
