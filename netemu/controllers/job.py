@@ -28,7 +28,7 @@ import time
 
 from netemu.controllers import actions as act
 from netemu.controllers import podutil
-from netemu.controllers.loop import guarded, min_delay, run_reconciler
+from netemu.controllers.loop import IDLE_RESYNC, guarded, min_delay, run_reconciler
 from netemu.k8s import ownership
 from netemu.store import registry
 from netemu.store.base import Store
@@ -198,5 +198,7 @@ def sync_once(store: Store, time_scale: float = 1.0) -> float | None:
 
 async def run(store: Store, settings=None) -> None:
     scale = float(getattr(settings, "time_scale", 1.0) or 1.0)
+    # A pass reports its timers (backoff, activeDeadlineSeconds): otherwise
+    # nothing changes without a write, so an idle pass need not come back.
     await run_reconciler(store, "job", [registry.prefix("Pod"), registry.prefix("Job")],
-                         lambda: sync_once(store, scale))
+                         lambda: sync_once(store, scale), idle_resync=IDLE_RESYNC)

@@ -29,7 +29,7 @@ import math
 
 from netemu.controllers import actions as act
 from netemu.controllers import podutil
-from netemu.controllers.loop import guarded, run_reconciler
+from netemu.controllers.loop import IDLE_RESYNC, guarded, min_delay, run_reconciler
 from netemu.k8s import ownership, selectors
 from netemu.store import registry
 from netemu.store.base import Store
@@ -107,6 +107,29 @@ def _available(pod: dict, min_ready_seconds: int, now: float | None) -> bool:
             since = registry.parse_time(cond.get("lastTransitionTime"))
             return since is None or now - since.timestamp() >= min_ready_seconds
     return False
+
+
+def _available_in(pod: dict, min_ready_seconds: int, now: float) -> float | None:
+    """Seconds until a ready POD becomes available (ready for minReadySeconds),
+    or None if it is not ready or already available."""
+    if not min_ready_seconds or not podutil.ready(pod):
+        return None
+    for cond in (pod.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Ready":
+            since = registry.parse_time(cond.get("lastTransitionTime"))
+            left = None if since is None else since.timestamp() + min_ready_seconds - now
+            return left if left is not None and left > 0 else None
+    return None
+
+
+def next_available(owner: dict, pods: list[dict], now: float) -> float | None:
+    """Seconds until one of OWNER's ready pods becomes available: its
+    availableReplicas changes then with no write to wake the controller."""
+    min_ready = int((owner.get("spec") or {}).get("minReadySeconds") or 0)
+    if not min_ready:
+        return None
+    mine, _ = _claim_pods(owner, pods)
+    return min_delay(*(_available_in(p, min_ready, now) for p in mine if podutil.active(p)))
 
 
 def reconcile_replicas(owner: dict, pods: list[dict], now: float | None = None) -> list:
@@ -264,7 +287,7 @@ def reconcile_deployment(deploy: dict, replicasets: list[dict]) -> list:
 
 # -- loop --------------------------------------------------------------------------------
 
-def sync_once(store: Store) -> None:
+def sync_once(store: Store) -> float | None:
     # Pods first: a workload created after this read has no pods in it yet, never
     # the other way round (which would look like missing pods).
     import time
@@ -280,15 +303,21 @@ def sync_once(store: Store) -> None:
         guarded("deployment " + deploy["metadata"]["name"],
                 lambda: act.apply(store, reconcile_deployment(deploy, same_ns), SOURCES["Deployment"]))()
     now = time.time()
+    wake = None
     for kind in ("ReplicationController", "ReplicaSet"):
         owners = replicasets if kind == "ReplicaSet" else registry.list_(store, kind)
         for owner in owners:
             ns = owner["metadata"].get("namespace", "default")
-            guarded(f"{kind} {owner['metadata']['name']}",
-                    lambda: act.apply(store, reconcile_replicas(owner, by_ns.get(ns, []), now), SOURCES[kind]))()
+
+            def step(owner=owner, pods=by_ns.get(ns, []), kind=kind) -> float | None:
+                act.apply(store, reconcile_replicas(owner, pods, now), SOURCES[kind])
+                return next_available(owner, pods, now)
+            wake = min_delay(wake, guarded(f"{kind} {owner['metadata']['name']}", step)())
+    # A wake-up just after the next pod's minReadySeconds run out.
+    return None if wake is None else wake + 0.01
 
 
 async def run(store: Store, settings=None) -> None:
     await run_reconciler(store, "replication",
                          [registry.prefix(k) for k in ("Pod", "ReplicationController", "ReplicaSet", "Deployment")],
-                         lambda: sync_once(store))
+                         lambda: sync_once(store), idle_resync=IDLE_RESYNC)
