@@ -20,6 +20,35 @@ def store(tmp_path):
     s.close()
 
 
+def quiet(monkeypatch) -> None:
+    """No safety read and no expiry check: only a bell (or the WAL) can wake a watch."""
+    monkeypatch.setattr(sqlite, "SAFETY_INTERVAL", 3600.0)
+    monkeypatch.setattr(sqlite, "EXPIRY_CHECK_INTERVAL", 3600.0)
+
+
+def count_wakes(store, monkeypatch) -> list:
+    """A list that grows by one at each of STORE's shared reads."""
+    wakes = []
+    real = store._read_window
+
+    def counted():
+        wakes.append(1)
+        real()
+
+    monkeypatch.setattr(store, "_read_window", counted)
+    return wakes
+
+
+def watch_until_seen(nursery, store, prefix: str, since: int, seen: list) -> None:
+    """Watch PREFIX from SINCE in NURSERY: the first event's key goes to SEEN
+    and ends the nursery."""
+    async def watch():
+        async for ev in store.watch(prefix, since):
+            seen.append(ev.key)
+            nursery.cancel_scope.cancel()
+    nursery.start_soon(watch)
+
+
 @pytest.mark.timeout(60)
 def test_writes_outside_the_prefix_read_no_events(store, tmp_path, monkeypatch):
     """Writes under /b/ (another process's) wake the watch of /a/, but it reads
@@ -39,11 +68,7 @@ def test_writes_outside_the_prefix_read_no_events(store, tmp_path, monkeypatch):
     async def main():
         since = store.revision()
         async with trio.open_nursery() as nursery:
-            async def watch():
-                async for ev in store.watch("/a/", since):
-                    seen.append(ev.key)
-                    nursery.cancel_scope.cancel()
-            nursery.start_soon(watch)
+            watch_until_seen(nursery, store, "/a/", since, seen)
             await trio.sleep(0.2)
             for i in range(40):
                 other.put(f"/b/{i}", i)
@@ -142,27 +167,15 @@ def test_writes_under_other_bells_do_not_wake_a_watch(store, tmp_path, monkeypat
     under /registry/leases/ wake it not once (no safety read either: the
     interval is an hour here), and the pod written next is seen, which only
     its bell can have told."""
-    monkeypatch.setattr(sqlite, "SAFETY_INTERVAL", 3600.0)
-    monkeypatch.setattr(sqlite, "EXPIRY_CHECK_INTERVAL", 3600.0)
+    quiet(monkeypatch)
     other = SqliteStore(str(tmp_path / "state.db"))
-    wakes = []
-    real = store._read_window
-
-    def counted():
-        wakes.append(1)
-        real()
-
-    monkeypatch.setattr(store, "_read_window", counted)
+    wakes = count_wakes(store, monkeypatch)
     seen = []
 
     async def main():
         since = store.revision()
         async with trio.open_nursery() as nursery:
-            async def watch():
-                async for ev in store.watch("/registry/pods/", since):
-                    seen.append(ev.key)
-                    nursery.cancel_scope.cancel()
-            nursery.start_soon(watch)
+            watch_until_seen(nursery, store, "/registry/pods/", since, seen)
             await trio.sleep(0.3)
             before = len(wakes)
             for i in range(30):
@@ -186,8 +199,7 @@ def test_a_new_watch_is_heard_while_another_waits(store, tmp_path, monkeypatch):
     """A watch that starts while the store object's shared wait listens to
     other bells (or only to bells, for a shallow prefix: the WAL) is heard at
     once, not at the next safety read."""
-    monkeypatch.setattr(sqlite, "SAFETY_INTERVAL", 3600.0)
-    monkeypatch.setattr(sqlite, "EXPIRY_CHECK_INTERVAL", 3600.0)
+    quiet(monkeypatch)
     other = SqliteStore(str(tmp_path / "state.db"))
     seen = []
 
@@ -224,17 +236,9 @@ def test_a_kubelets_bell_rings_for_its_own_nodes_pods_only(store, tmp_path, monk
     """watch_containing listens to a bell of its text: another process's
     writes of other nodes' pods wake it not once; its own pod's write and
     deletion do (and only its bell can have told: no safety read)."""
-    monkeypatch.setattr(sqlite, "SAFETY_INTERVAL", 3600.0)
-    monkeypatch.setattr(sqlite, "EXPIRY_CHECK_INTERVAL", 3600.0)
+    quiet(monkeypatch)
     other = SqliteStore(str(tmp_path / "state.db"))
-    wakes = []
-    real = store._read_window
-
-    def counted():
-        wakes.append(1)
-        real()
-
-    monkeypatch.setattr(store, "_read_window", counted)
+    wakes = count_wakes(store, monkeypatch)
     seen = []
 
     async def main():
@@ -272,8 +276,7 @@ def test_bells_need_no_inotify_instance(store, tmp_path, monkeypatch):
     """inotify instances are few and machine-wide (fs.inotify.max_user_instances):
     with none to be had, a bell watch still hears its write at once (no safety
     read here), through its FIFO."""
-    monkeypatch.setattr(sqlite, "SAFETY_INTERVAL", 3600.0)
-    monkeypatch.setattr(sqlite, "EXPIRY_CHECK_INTERVAL", 3600.0)
+    quiet(monkeypatch)
 
     def no_instances():
         raise OSError(24, "inotify_init1: Too many open files")
@@ -285,11 +288,7 @@ def test_bells_need_no_inotify_instance(store, tmp_path, monkeypatch):
     async def main():
         since = store.revision()
         async with trio.open_nursery() as nursery:
-            async def watch():
-                async for ev in store.watch("/registry/services/", since):
-                    seen.append(ev.key)
-                    nursery.cancel_scope.cancel()
-            nursery.start_soon(watch)
+            watch_until_seen(nursery, store, "/registry/services/", since, seen)
             await trio.sleep(0.3)
             other.put("/registry/services/default/web", 1)
             await trio.sleep(30)            # cancelled by the watch
