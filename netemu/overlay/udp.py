@@ -72,6 +72,21 @@ def offload_wanted(node: str, backend_conf: dict, environ=os.environ) -> bool:
     return not ({"*", node} & listed)
 
 
+def worker_environment(environ=os.environ) -> dict[str, str]:
+    """The workers' environment: they start with `python -S` (no site: its
+    import hooks, an editable install's among them, were a quarter of a
+    worker's start-up, paid twice per node), so the path to this netemu and
+    to the packages it may fall back on (numpy, where _vnetc is not built)
+    goes in PYTHONPATH, before whatever the caller had there."""
+    import sysconfig
+
+    import netemu
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(netemu.__file__)))
+    paths = [here, sysconfig.get_paths()["purelib"]] + [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(environ, PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
+
+
 @register
 class UdpBackend(Backend):
     name = "udp"
@@ -258,14 +273,14 @@ class UdpBackend(Backend):
 
     def _start_worker(self, direction: str) -> subprocess.Popen:
         fastudp.reset_heartbeat(self._counters_fd, direction)
-        argv = [sys.executable, "-m", "netemu.overlay.fastudp", direction, str(self._tun_fd),
+        argv = [sys.executable, "-S", "-m", "netemu.overlay.fastudp", direction, str(self._tun_fd),
                 str(self._sock.fileno()), str(self._counters_fd), str(self.port),
                 str(self.lease.subnet.network_address)]
         if self.features.get("gso"):
             argv.append("--gso")
         if not self.fast:
             argv.append("--plain")
-        worker = subprocess.Popen(argv, stdin=subprocess.PIPE,
+        worker = subprocess.Popen(argv, stdin=subprocess.PIPE, env=worker_environment(),
                                   pass_fds=(self._tun_fd, self._sock.fileno(), self._counters_fd))
         self._workers[direction] = worker
         self._tell(worker)

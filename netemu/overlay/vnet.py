@@ -30,7 +30,7 @@ nothing touches a socket or a device.
 
 from __future__ import annotations
 
-import dataclasses
+import collections
 import struct
 
 from netemu.overlay.packet import decrement_ttl
@@ -62,22 +62,17 @@ TCP_FIN, TCP_PSH, TCP_ACK, TCP_CWR = 0x01, 0x08, 0x10, 0x80
 _M = 0xFFFF
 
 
-@dataclasses.dataclass(frozen=True)
-class VnetHeader:
-    flags: int
-    gso_type: int
-    hdr_len: int
-    gso_size: int
-    csum_start: int
-    csum_offset: int
+class VnetHeader(collections.namedtuple("VnetHeader", "flags gso_type hdr_len gso_size csum_start csum_offset")):
+    # A named tuple, not a dataclass: the udp workers import this module, and
+    # dataclasses (with inspect and re) was a fifth of a worker's start-up.
+    __slots__ = ()
 
     @classmethod
     def parse(cls, data) -> "VnetHeader":
         return cls(*VNET_HDR.unpack_from(data))
 
     def pack(self) -> bytes:
-        return VNET_HDR.pack(self.flags, self.gso_type, self.hdr_len, self.gso_size,
-                             self.csum_start, self.csum_offset)
+        return VNET_HDR.pack(*self)
 
 
 def ones_sum(data) -> int:
@@ -153,19 +148,26 @@ def segment(packet, mss: int) -> tuple[memoryview, int, int]:
     return memoryview(out)[:n], size, count
 
 
-@dataclasses.dataclass
 class Coalesced:
     """What a GRO buffer turned into: super-packets, each a list of buffers for
     one writev to the TUN (vnet header included), and the leftover datagrams,
     each to go the per-packet way."""
 
-    super_packets: list[list]
-    merged: int                       # datagrams inside super_packets
-    singles: list[bytes]
-    dropped_ttl: int = 0
-    # Both kinds in arrival order (super-packet: a list; single: bytes): what to
-    # write, so that no flow's packets are reordered.
-    sequence: list = dataclasses.field(default_factory=list)
+    __slots__ = ("super_packets", "merged", "singles", "dropped_ttl", "sequence")
+
+    def __init__(self, super_packets: list[list], merged: int, singles: list[bytes], dropped_ttl: int = 0,
+                 sequence: list | None = None):
+        self.super_packets = super_packets
+        self.merged = merged                  # datagrams inside super_packets
+        self.singles = singles
+        self.dropped_ttl = dropped_ttl
+        # Both kinds in arrival order (super-packet: a list; single: bytes): what
+        # to write, so that no flow's packets are reordered.
+        self.sequence = [] if sequence is None else sequence
+
+    def __repr__(self) -> str:
+        return (f"Coalesced(super_packets={self.super_packets!r}, merged={self.merged!r}, "
+                f"singles={self.singles!r}, dropped_ttl={self.dropped_ttl!r}, sequence={self.sequence!r})")
 
     def add_super(self, iov: list, datagrams: int) -> None:
         self.super_packets.append(iov)
