@@ -11,11 +11,14 @@ shared, copy-on-write, with every other agent's: what a hundred agents cost in
 memory is mostly what each one writes.
 
 This process stays single-threaded and never runs trio (forking a process with
-threads can copy a lock some other thread held). It looks at the store's Node
-objects once a second (nodes added or removed while the cluster runs), reaps
-agents that exit and starts them again with back-off (1 s doubling to 30 s),
-counting restarts in the node's agent.restarts, and touches the part's alive
-file every second for the control plane's supervisor. SIGTERM stops every
+threads can copy a lock some other thread held). It sleeps in select() until
+a signal (SIGCHLD: an agent exited; SIGTERM), the bell of the store's Node
+objects (a node added or removed while the cluster runs; without a bell, on
+etcd, it looks once a second) or its next timer; it reaps agents that exit and
+starts them again with back-off (1 s doubling to 30 s), counting restarts in
+the node's agent.restarts, and touches the part's alive file every second for
+the control plane's supervisor. (It used to turn every 0.1 s: 4 ms of CPU a
+second at 100 nodes.) SIGTERM stops every
 agent (SIGTERM to its process group, SIGKILL after the grace) and then itself.
 
 A forked agent enters its node's namespace before it leaves the control
@@ -31,6 +34,7 @@ import contextlib
 import gc
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -40,7 +44,9 @@ from netemu.node.agent import Backoff
 
 log = logging.getLogger("netemu.controlplane.nodes")
 
-LOOK_EVERY = 1.0            # seconds between looks at the Node objects
+LOOK_EVERY = 1.0            # seconds between looks at the Node objects (etcd: no bell)
+LOOK_SAFETY = 10.0          # ... when the Node bell says when to look (SQLite)
+TICK = 1.0                  # seconds between touches of the part's alive file
 STOP_GRACE = 3.0
 
 
@@ -75,6 +81,8 @@ class AgentSupervisor:
         self.cluster = cluster
         self.children: dict[str, Child] = {}
         self.stopping = False
+        self._wake_r = -1
+        self._close_in_child: list[int] = []     # the loop's fds: not the agents'
 
     def run(self, tick) -> int:
         """TICK(): touch the part's alive file (the control plane's supervisor's
@@ -90,27 +98,64 @@ class AgentSupervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         store = open_store(self.cluster)
-        next_look = 0.0
+        ears = self._ears(store)
+        next_look = next_tick = 0.0
         try:
             while not self.stopping:
                 now = time.monotonic()
-                if now >= next_look:
+                if now >= next_tick:
                     tick()
+                    next_tick = now + TICK
+                if now >= next_look or (ears is not None and ears.drain()):
                     wanted = {n["metadata"]["name"] for n in registry.list_(store, "Node")}
                     for node in wanted - set(self.children):
                         self.children[node] = Child(node)
                     for node in set(self.children) - wanted:
                         self._stop_child(self.children.pop(node))
-                    next_look = now + LOOK_EVERY
+                    next_look = now + (LOOK_SAFETY if ears is not None else LOOK_EVERY)
                 self._reap()
                 for child in self.children.values():
                     if child.due is not None and time.monotonic() >= child.due and not self.stopping:
                         self._start(child)
-                time.sleep(0.1)
+                due = [c.due for c in self.children.values() if c.due is not None]
+                self._wait(ears, min([next_tick, next_look] + due) - time.monotonic())
         finally:
+            if ears is not None:
+                ears.close()
             store.close()
             self._stop_all()
         return 0
+
+    def _ears(self, store):
+        """What wakes this loop besides its timers: a byte on a pipe for each
+        signal (SIGCHLD: an agent exited; SIGTERM), and, on the SQLite store, a
+        bell of the Node objects (a node added or removed: one list then, not
+        once a second). Returns the bell's listener, or None (etcd: the Nodes
+        are listed every LOOK_EVERY)."""
+        self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._close_in_child += [self._wake_r, wake_w]
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)   # delivered, so it wakes the pipe
+        from netemu.store import registry, sqlite
+
+        if not isinstance(store, sqlite.SqliteStore):
+            return None
+        try:
+            ears = sqlite.BellWatch(store.path)
+            ears.sync({(sqlite.bell_for(registry.prefix("Node")), None)})
+        except OSError:
+            return None
+        self._close_in_child.append(ears.fd)
+        return ears
+
+    def _wait(self, ears, timeout: float) -> None:
+        """Sleep up to TIMEOUT, less if a signal comes or the Node bell rings."""
+        fds = [self._wake_r] + ([ears.fd] if ears is not None else [])
+        if timeout > 0 and not self.stopping:
+            select.select(fds, [], [], timeout)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 512):
+                pass
 
     def _stop(self, signum, frame) -> None:
         self.stopping = True
@@ -124,6 +169,10 @@ class AgentSupervisor:
         if pid == 0:
             code = 1
             try:
+                signal.set_wakeup_fd(-1)
+                for fd in self._close_in_child:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
                 code = agent_child(self.cluster, child.node, log_path)
             except BaseException:       # noqa: BLE001 - the child ends here, whatever happens
                 import traceback
