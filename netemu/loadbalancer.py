@@ -103,25 +103,31 @@ class LoadBalancerController:
         self.cluster, self.store, self.settings = cluster, store, settings
         self.ns = names.lb_ns(cluster)
         self.applied = None
+        self._dirty = trio.Event()
 
     async def run(self) -> None:
         since = self.store.revision()
         await self._sync()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._ticker)
-            async for _ in self._changes(since):
+            for prefix in ("/registry/services/", registry.prefix("Node")):
+                nursery.start_soon(self._watch, prefix, since)
+            while True:
+                await self._dirty.wait()
+                self._dirty = trio.Event()
                 await self._sync()
 
-    async def _changes(self, since):
-        prefixes = ("/registry/services/", registry.prefix("Node"))
-        async for ev in self.store.watch("/registry/", since):
-            if ev.key.startswith(prefixes):
-                yield ev
+    async def _watch(self, prefix: str, since: int) -> None:
+        """One watch per prefix. (One watch of all of /registry/ made the
+        controllers' store wait on every write: each node's Lease renewal, ten
+        a second at 100 nodes, woke the process for nothing.)"""
+        async for _ in self.store.watch(prefix, since):
+            self._dirty.set()
 
     async def _ticker(self) -> None:
         while True:
             await trio.sleep(RESYNC)
-            await self._sync()
+            self._dirty.set()
 
     async def _sync(self) -> None:
         services = registry.list_(self.store, "Service")
