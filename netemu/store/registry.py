@@ -75,6 +75,29 @@ def list_(store: Store, kind: str, namespace: str | None = None) -> list[dict]:
     return [_with_version(kv.value, kv.mod_revision) for kv in store.list(prefix(kind, namespace))]
 
 
+def list_containing(store: Store, kind: str, text: str) -> list[dict]:
+    """The objects of KIND whose stored JSON contains TEXT, where the store can
+    tell before decoding (SqliteStore.list_containing); every object of KIND
+    where it cannot. A pre-filter: callers check what they need."""
+    select = getattr(store, "list_containing", None)
+    kvs = store.list(prefix(kind)) if select is None else select(prefix(kind), text)
+    return [_with_version(kv.value, kv.mod_revision) for kv in kvs]
+
+
+def names_(store: Store, kind: str) -> list[tuple[str | None, str]]:
+    """(namespace, name) of every object of KIND, decoding none where the store
+    can list keys alone (SqliteStore.keys)."""
+    keys = getattr(store, "keys", None)
+    where = prefix(kind)
+    if keys is None:
+        return [(o["metadata"].get("namespace"), o["metadata"]["name"]) for o in list_(store, kind)]
+    found = []
+    for k in keys(where):
+        parts = k[len(where):].split("/")
+        found.append((parts[0], parts[1]) if len(parts) == 2 else (None, parts[0]))
+    return found
+
+
 def create(store: Store, obj: dict, *, ttl: float | None = None, uid: str | None = None) -> dict:
     """Store a new object, filling metadata as the API server does. Raises Conflict
     if an object of that kind and name exists. generateName gets a random suffix.
