@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 
 NETNS_DIR = "/run/netns"
+MNT_DETACH = 2
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUTS = 0x04000000
 
@@ -100,9 +101,17 @@ def delete(name: str, only_inode: int | None = None) -> bool:
     current = inode(name)
     if current is None or (only_inode is not None and current != only_inode):
         return False
-    proc = subprocess.run(["ip", "netns", "delete", name], capture_output=True, text=True)
-    if proc.returncode != 0 and exists(name):
-        raise NetnsError(f"ip netns delete {name}: {proc.stderr.strip()}")
+    # What `ip netns delete` does (iproute2's delete_namespace): a lazy unmount
+    # of the name's bind mount, then the file. Not one `ip` process per
+    # namespace: those were 5.6 of the 9.9 s of a 100x10 `down` (py-spy).
+    where = path(name)
+    _libc.umount2(os.fsencode(where), MNT_DETACH)     # not mounted (half made): unlink alone
+    try:
+        os.unlink(where)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise NetnsError(f"deleting network namespace {name}: cannot remove {where}: {e.strerror}") from None
     return True
 
 

@@ -225,3 +225,26 @@ def test_cluster_is_sealed_from_the_machine(tmp_path):
         for addr in machine:
             out = cli("exec", "--cluster", name, "p", "--", "ping", "-c", "1", "-W", "1", addr, check=False)
             assert out.returncode != 0 and " 0 received" in out.stdout
+
+
+def test_netns_delete_unmounts_and_unlinks_as_ip_netns_delete_does():
+    """netns.delete makes the syscalls `ip netns delete` makes (a lazy unmount
+    of the name's bind mount, then the file), in-process: afterwards neither
+    `ip netns list` nor this process's mount table knows the name; a bare file
+    left by an attach that never happened goes too; a name already gone is
+    False."""
+    name = "fd-netns-delete"
+    bare = "fd-netns-bare"
+    try:
+        netns.create(name)
+        assert name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert netns.delete(name)
+        assert name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        with open("/proc/self/mountinfo") as f:
+            assert f"/run/netns/{name} " not in f.read()
+        assert not netns.delete(name)
+        open(netns.path(bare), "w").close()
+        assert netns.delete(bare) and not os.path.exists(netns.path(bare))
+    finally:
+        for n in (name, bare):
+            subprocess.run(["ip", "netns", "delete", n], capture_output=True)
