@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import subprocess
 import threading
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 NETNS_DIR = "/run/netns"
 MNT_DETACH = 2
+MS_BIND, MS_REC, MS_SHARED = 0x1000, 0x4000, 1 << 20
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUTS = 0x04000000
 
@@ -52,7 +54,7 @@ def create(name: str, record: Callable[[int], None] | None = None) -> int:
     Fails, touching nothing, if NAME is taken: the namespace is made first,
     unnamed, in a helper thread (unshare(2) acts on the calling thread only), its
     inode goes to RECORD (the cluster's journal), and only then is it given its
-    name with `ip netns attach`, which refuses an existing name (O_EXCL). So the
+    name (attach, as `ip netns attach`), which refuses an existing name (O_EXCL). So the
     journal names every namespace before it can be seen, and never claims one it
     did not make: a crash before the attach leaves an inode that nothing under
     /run/netns has; a name taken by someone else keeps its own inode.
@@ -67,13 +69,7 @@ def create(name: str, record: Callable[[int], None] | None = None) -> int:
             ino = os.stat("/proc/thread-self/ns/net").st_ino
             if record is not None:
                 record(ino)
-            # ip runs in this thread's new namespace and attaches it by thread id.
-            proc = subprocess.run(["ip", "netns", "attach", name, str(threading.get_native_id())],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                if "File exists" in proc.stderr:
-                    raise NetnsError(f"network namespace {name} already exists")
-                raise NetnsError(f"ip netns attach {name}: {proc.stderr.strip()}")
+            attach(name, "/proc/thread-self/ns/net")
             result["inode"] = ino
         except BaseException as e:      # handed to the caller's thread
             result["error"] = e
@@ -91,6 +87,44 @@ def create(name: str, record: Callable[[int], None] | None = None) -> int:
     if "error" in result:
         raise result["error"]
     return result["inode"]
+
+
+def _mount(source: str, target: str, flags: int) -> int:
+    """mount(2) with no filesystem type or data; 0, or the errno."""
+    if _libc.mount(os.fsencode(source), os.fsencode(target), b"none", ctypes.c_ulong(flags), None) != 0:
+        return ctypes.get_errno()
+    return 0
+
+
+def attach(name: str, ns_file: str) -> None:
+    """Give the network namespace at NS_FILE the name NAME: what `ip netns
+    attach` does (iproute2's netns_add), in-process: /run/netns made a shared
+    mount point (a bind mount of itself the first time), so that the names'
+    mounts propagate between mount namespaces; the name's file created with
+    O_EXCL (a taken name fails, touching nothing); the namespace bind-mounted
+    on it. One `ip` process per namespace was ~5 ms of CPU, 1,100 times for
+    a 100-node cluster of 1,000 pods."""
+    os.makedirs(NETNS_DIR, mode=0o755, exist_ok=True)
+    made_mount_point = False
+    while (err := _mount("", NETNS_DIR, MS_SHARED | MS_REC)) != 0:
+        if err != errno.EINVAL or made_mount_point:
+            raise NetnsError(f"cannot make {NETNS_DIR} a shared mount: {os.strerror(err)}")
+        err = _mount(NETNS_DIR, NETNS_DIR, MS_BIND | MS_REC)
+        if err != 0:
+            raise NetnsError(f"cannot bind-mount {NETNS_DIR} on itself: {os.strerror(err)}")
+        made_mount_point = True
+    where = path(name)
+    try:
+        os.close(os.open(where, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+    except FileExistsError:
+        raise NetnsError(f"network namespace {name} already exists") from None
+    except OSError as e:
+        raise NetnsError(f"cannot create namespace file {where}: {e.strerror}") from None
+    err = _mount(ns_file, where, MS_BIND)
+    if err != 0:
+        with contextlib.suppress(OSError):
+            os.unlink(where)
+        raise NetnsError(f"bind {ns_file} -> {where} failed: {os.strerror(err)}")
 
 
 def delete(name: str, only_inode: int | None = None) -> bool:

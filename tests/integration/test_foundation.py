@@ -227,6 +227,26 @@ def test_cluster_is_sealed_from_the_machine(tmp_path):
             assert out.returncode != 0 and " 0 received" in out.stdout
 
 
+def test_netns_create_names_a_namespace_as_ip_netns_attach_does():
+    """netns.create names its namespace in-process as `ip netns attach` would:
+    ip lists it, `ip netns exec` enters it (its own loopback, nothing else),
+    its name leads to the inode create returned, and a taken name is refused
+    without touching the namespace that holds it."""
+    name = "fd-netns-create"
+    try:
+        ino = netns.create(name)
+        assert name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        links = subprocess.run(["ip", "netns", "exec", name, "ip", "-o", "link"], capture_output=True,
+                               text=True, check=True).stdout.splitlines()
+        assert len(links) == 1 and ": lo:" in links[0]
+        assert netns.inode(name) == ino
+        with pytest.raises(netns.NetnsError, match="already exists"):
+            netns.create(name)
+        assert netns.inode(name) == ino
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+
+
 def test_netns_delete_unmounts_and_unlinks_as_ip_netns_delete_does():
     """netns.delete makes the syscalls `ip netns delete` makes (a lazy unmount
     of the name's bind mount, then the file), in-process: afterwards neither
