@@ -174,7 +174,16 @@ def worker_role(pid: int) -> str:
             argv = f.read().split(b"\0")
     except OSError:
         return f"child{pid}"
-    return argv[3].decode() if len(argv) > 3 and argv[2] == b"netemu.overlay.fastudp" else f"child{pid}"
+    return role_of(argv) or f"child{pid}"
+
+
+def role_of(argv: list[bytes]) -> str | None:
+    """"tx" or "rx" for a udp worker's command line (python [-S] -m
+    netemu.overlay.fastudp DIRECTION ...: the word after the module)."""
+    if b"netemu.overlay.fastudp" not in argv[:4]:
+        return None
+    at = argv.index(b"netemu.overlay.fastudp") + 1
+    return argv[at].decode() if at < len(argv) and argv[at] in (b"tx", b"rx") else None
 
 
 def children(pid: int) -> list[int]:
