@@ -11,7 +11,7 @@ import ctypes
 import os
 import struct
 
-IN_MODIFY, IN_ATTRIB, IN_MOVED_TO, IN_CREATE = 0x2, 0x4, 0x80, 0x100
+IN_MODIFY, IN_MOVED_TO, IN_CREATE = 0x2, 0x80, 0x100
 _EVENT = struct.Struct("iIII")          # wd, mask, cookie, len; then the name
 
 

@@ -223,8 +223,7 @@ class Kubelet:
         processes, sandbox, hostPorts, address, folder): pods deleted while no
         kubelet ran, or force-deleted before their clean-up finished. PODS:
         this node's pods; KEYS: <namespace>_<name> of every pod of the cluster."""
-        live = {p["metadata"].get("uid") for p in pods
-                if (p.get("spec") or {}).get("nodeName") == self.node}
+        live = {p["metadata"].get("uid") for p in pods}
         try:
             folders = os.listdir(self.pods_dir)
         except FileNotFoundError:

@@ -20,9 +20,10 @@ is taken in few reads; the revision is read at least every SAFETY_INTERVAL
 (10 s) anyway: a write whose bell was never rung (its writer died between the
 commit and the bell) costs that long, not correctness. An idle agent at 100
 nodes paid about 0.4 ms of CPU per wake-up, so that read is not once a second.
-Without inotify, the revision is polled every few tens of milliseconds. All the watches of one store object share one wait (one read per
-wake-up): a process with many watches (the control plane has one per controller
-and kubelet) wakes once, not once per watch. That read also fetches the keys
+Without inotify, the revision is polled every few tens of milliseconds. All
+the watches of one store object share one wait (one read per wake-up): a
+process with many watches (the controllers process has one per controller)
+wakes once, not once per watch. That read also fetches the keys
 (not the values) written since the previous one; a watch none of whose keys
 are under its prefix moves on without reading or decoding events, so a write
 costs the processes that do not watch it one small read each, not one query
@@ -42,9 +43,9 @@ three-segment prefixes: for each link in such a folder, one byte written
 without blocking (a full FIFO has been rung already; a missing folder costs a
 failed lookup). A link no process holds open any more is a listener that died:
 its open fails (ENXIO) and the writer removes it. A write under
-/registry/leases/ then wakes the control plane (which watches /registry/ and
-so the WAL) and no agent. A store with a shallower watch waits on the WAL as
-before. A watch_containing(prefix, text) listens to a bell of its own,
+/registry/leases/ (a node's heartbeat) then wakes no agent and no controller:
+none watches a prefix that shallow. A store with a shallower watch waits on
+the WAL as before. A watch_containing(prefix, text) listens to a bell of its own,
 (prefix, text), which a writer rings only when the value it wrote (a deletion:
 the value deleted) contains the text: a kubelet is woken by its own node's
 pods, not by every pod of the cluster. Writers find the texts listened to in
@@ -333,33 +334,30 @@ class SqliteStore:
         return _kv(row)
 
     def list(self, prefix: str) -> list[KeyValue]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT key, value, mod_rev, create_rev, expires_at FROM kv "
-                "WHERE key >= ? AND key < ? ORDER BY key", (prefix, _prefix_end(prefix))).fetchall()
-        return [_kv(r) for r in rows if not _expired(r[4])]
+        return self.list_containing(prefix, None)
 
-    def list_containing(self, prefix: str, text: str) -> list[KeyValue]:
-        """As list, but only the keys whose value's JSON text contains TEXT,
-        filtered before anything is decoded (a kubelet's own pods at its start,
-        not the cluster's: 1,000 decoded pods were 5.6 MB of each agent at
-        100 nodes). A pre-filter only, as watch_containing's; not part of the
-        Store contract (base.py)."""
+    def list_containing(self, prefix: str, text: str | None) -> list[KeyValue]:
+        """As list, but only the keys whose value's JSON text contains TEXT
+        (None: all), filtered before anything is decoded (a kubelet's own pods
+        at its start, not the cluster's: 1,000 decoded pods were 5.6 MB of each
+        agent at 100 nodes). A pre-filter only, as watch_containing's; not part
+        of the Store contract (base.py)."""
+        sql = "SELECT key, value, mod_rev, create_rev, expires_at FROM kv WHERE key >= ? AND key < ?"
+        args: tuple = (prefix, _prefix_end(prefix))
+        if text is not None:
+            sql += " AND instr(value, ?) > 0"
+            args += (text,)
         with self._lock:
-            rows = self._db.execute(
-                "SELECT key, value, mod_rev, create_rev, expires_at FROM kv "
-                "WHERE key >= ? AND key < ? AND instr(value, ?) > 0 ORDER BY key",
-                (prefix, _prefix_end(prefix), text)).fetchall()
+            rows = self._db.execute(sql + " ORDER BY key", args).fetchall()
         return [_kv(r) for r in rows if not _expired(r[4])]
 
     def keys(self, prefix: str) -> list[str]:
         """The keys under PREFIX, their values neither read nor decoded (not
         part of the Store contract)."""
-        now = time.time()
         with self._lock:
             rows = self._db.execute("SELECT key, expires_at FROM kv WHERE key >= ? AND key < ? ORDER BY key",
                                     (prefix, _prefix_end(prefix))).fetchall()
-        return [k for k, expires_at in rows if expires_at is None or expires_at > now]
+        return [k for k, expires_at in rows if not _expired(expires_at)]
 
     def events_since(self, revision: int, prefix: str = "", *, containing: str | None = None) -> list[Event]:
         """Every change under PREFIX with a revision greater than REVISION
