@@ -6,4 +6,5 @@ says which one runs). Everything else is in setup.cfg."""
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("netemu.overlay._vnetc", ["netemu/overlay/_vnetc.c"],
+                             depends=["netemu/overlay/vnet_core.h"],
                              extra_compile_args=["-O3", "-Wall"], optional=True)])

@@ -1,96 +1,19 @@
 /*
- * netemu.overlay._vnetc: the udp fast path's per-byte work, compiled.
+ * netemu.overlay._vnetc: the udp fast path's per-byte work, compiled, for
+ * Python: netemu/overlay/vnet.py and the Python worker (fastudp.py).
  *
- * The same three operations as netemu/overlay/vnet.py (segment, coalesce,
- * coalesce_udp), with the same results byte for byte (tests/unit check each
- * against the Python/numpy way). In Python the cost of these is per
- * operation, not per byte: about 80-100 microseconds per 64 KB super-packet
- * on a 2-vCPU machine, the largest user-space cost of the udp backend. Here
- * they are one pass over the bytes. Nothing touches a socket or a device:
- * the worker (fastudp.py) still does every system call.
- *
- * Sums follow vnet.ones_sum: the big-endian 16-bit one's-complement sum,
- * reduced mod 0xFFFF (0..0xFFFE), so that every header written here is the
- * very one the Python code writes.
- *
- * The buffers of coalesce_into and coalesce_udp_into come from the underlay:
- * any length, any bytes, any segment size. Every read below is within the
- * datagram it belongs to; where that rests on an earlier check, the comment
- * next to the read names it (tests/unit/test_fastpath_fuzz.py throws garbage
- * of every length at both). Bad input gives ValueError or single datagrams
- * (which the worker validates one by one), never a read out of bounds.
+ * The same three operations as vnet.py (segment, coalesce, coalesce_udp), with
+ * the same results byte for byte (tests/unit check each against the
+ * Python/numpy way), and the per-packet checks of the latency path. In Python
+ * the cost of these is per operation, not per byte: about 80-100 microseconds
+ * per 64 KB super-packet on a 2-vCPU machine, the largest user-space cost of
+ * the udp backend. Here they are one pass over the bytes. The work itself is
+ * in vnet_core.h, which the compiled worker (fastudp_worker.c) shares; this
+ * file only wraps it. Nothing touches a socket or a device.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <stdint.h>
-#include <string.h>
-
-#if !PY_LITTLE_ENDIAN
-#error "ones_sum assumes a little-endian host"
-#endif
-
-#define M 0xFFFFu
-#define VNET_HDR_LEN 10
-#define VNET_F_NEEDS_CSUM 1
-#define GSO_TCPV4 1
-#define GSO_UDP_L4 5
-#define IPPROTO_TCP_ 6
-#define IPPROTO_UDP_ 17
-#define TCP_FIN 0x01
-#define TCP_PSH 0x08
-#define TCP_ACK 0x10
-#define TCP_CWR 0x80
-
-/* Big-endian one's-complement sum of P[0:N] mod 0xFFFF (an odd last byte is
- * the high byte of its word). Adds native little-endian 32-bit words: each is
- * congruent to the sum of its two little-endian 16-bit words, and the
- * little-endian sum times 256 is the big-endian one (2^16 = 1 mod 0xFFFF). */
-static uint32_t ones_sum(const uint8_t *p, Py_ssize_t n)
-{
-    uint64_t s = 0;
-    Py_ssize_t i = 0;
-    for (; i + 4 <= n; i += 4) {
-        uint32_t w;
-        memcpy(&w, p + i, 4);
-        s += w;
-    }
-    if (i + 2 <= n) {
-        s += (uint32_t)p[i] | ((uint32_t)p[i + 1] << 8);
-        i += 2;
-    }
-    if (i < n)
-        s += p[i];
-    return (uint32_t)(((s % M) * 256) % M);
-}
-
-static inline void put16(uint8_t *p, uint32_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
-static inline uint32_t get16(const uint8_t *p) { return ((uint32_t)p[0] << 8) | p[1]; }
-static inline uint32_t get32(const uint8_t *p)
-{
-    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
-}
-static inline void put32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)(v >> 24); p[1] = (uint8_t)(v >> 16); p[2] = (uint8_t)(v >> 8); p[3] = (uint8_t)v;
-}
-static inline uint32_t negate(uint32_t s) { return (M - s % M) % M; }   /* (-s) % 0xFFFF */
-
-static void put_vnet(uint8_t *p, int gso_type, uint32_t hdr_len, uint32_t gso_size, uint32_t csum_offset)
-{
-    /* <BBHHHH: flags, gso_type, hdr_len, gso_size, csum_start (20: no L2), csum_offset */
-    p[0] = VNET_F_NEEDS_CSUM; p[1] = (uint8_t)gso_type;
-    p[2] = (uint8_t)hdr_len; p[3] = (uint8_t)(hdr_len >> 8);
-    p[4] = (uint8_t)gso_size; p[5] = (uint8_t)(gso_size >> 8);
-    p[6] = 20; p[7] = 0;
-    p[8] = (uint8_t)csum_offset; p[9] = 0;
-}
-
-/* IP header checksum of H[0:ihl] (its checksum field ignored), written in place. */
-static void ip_checksum(uint8_t *h, Py_ssize_t ihl)
-{
-    h[10] = h[11] = 0;
-    put16(h + 10, negate(ones_sum(h, ihl)));
-}
+#include "vnet_core.h"
 
 /* ---- segment -------------------------------------------------------------- */
 
@@ -107,108 +30,29 @@ static PyObject *segment_into(PyObject *self, PyObject *args)
     PyObject *result = NULL;
     if (!PyArg_ParseTuple(args, "y*nw*", &in, &mss, &out))
         return NULL;
-    const uint8_t *p = in.buf;
-    uint8_t *o = out.buf;
-    Py_ssize_t n = in.len;
-    if (n < 40 || mss < 1 || mss > 0xFFFF) {
+    ssize_t total, size, count;
+    switch (vnet_segment(in.buf, in.len, mss, out.buf, out.len, &total, &size, &count)) {
+    case 0:
+        result = Py_BuildValue("nnn", (Py_ssize_t)total, (Py_ssize_t)size, (Py_ssize_t)count);
+        break;
+    case VNET_ENOTTCP:
         PyErr_SetString(PyExc_ValueError, "not a TCP/IPv4 super-packet (or no MSS)");
-        goto done;
-    }
-    Py_ssize_t ihl = (p[0] & 0x0F) * 4;
-    if (ihl < 20 || ihl + 20 > n) {
+        break;
+    case VNET_EIHL:
         PyErr_SetString(PyExc_ValueError, "bad IPv4 header length");
-        goto done;
-    }
-    Py_ssize_t thl = (p[ihl + 12] >> 4) * 4, hdr = ihl + thl;
-    if (thl < 20 || hdr > n) {
+        break;
+    case VNET_ETHL:
         PyErr_SetString(PyExc_ValueError, "bad TCP header length");
-        goto done;
-    }
-    Py_ssize_t payload = n - hdr;
-    Py_ssize_t count = payload > 0 ? payload / mss + (payload % mss != 0) : 1;
-    Py_ssize_t size = hdr + mss, last = payload - (count - 1) * mss;
-    Py_ssize_t total = (count - 1) * size + hdr + last;
-    if (count > 0xFFFF || size > 0xFFFF || out.len < total) {
+        break;
+    default:
         PyErr_SetString(PyExc_ValueError, "output buffer too small");
-        goto done;
     }
-    /* IP: the template's sum without total length, id and checksum. */
-    uint8_t iph[60];
-    memcpy(iph, p, ihl);
-    memset(iph + 2, 0, 4);
-    iph[10] = iph[11] = 0;
-    uint32_t ip_base = ones_sum(iph, ihl);
-    uint32_t ident0 = get16(p + 4), seq0 = get32(p + ihl + 4);
-    uint32_t addresses = ones_sum(p + 12, 8);
-    const uint8_t *data = p + hdr;
-    for (Py_ssize_t k = 0; k < count; k++) {
-        uint8_t *row = o + k * size;
-        Py_ssize_t chunk = k == count - 1 ? last : mss;
-        uint32_t length = (uint32_t)(hdr + chunk), ident = (ident0 + (uint32_t)k) & M;
-        memcpy(row, p, hdr);
-        memcpy(row + hdr, data + k * mss, chunk);
-        put16(row + 2, length);
-        put16(row + 4, ident);
-        put16(row + 10, negate(ip_base + length + ident));
-        uint8_t *tcp = row + ihl;
-        put32(tcp + 4, seq0 + (uint32_t)(k * mss));
-        if (k < count - 1) tcp[13] &= (uint8_t)~(TCP_FIN | TCP_PSH);
-        if (k > 0) tcp[13] &= (uint8_t)~TCP_CWR;
-        tcp[16] = tcp[17] = 0;
-        uint64_t s = (uint64_t)ones_sum(tcp, thl) + ones_sum(row + hdr, chunk)
-                     + addresses + IPPROTO_TCP_ + (length - ihl);
-        put16(tcp + 16, negate((uint32_t)(s % M)));
-    }
-    result = Py_BuildValue("nnn", total, size, count);
-done:
     PyBuffer_Release(&in);
     PyBuffer_Release(&out);
     return result;
 }
 
-/* ---- coalesce (TCP) ------------------------------------------------------ */
-
-/* Bytes of a TCP/IPv4 header (no IP options) that segments of one flow share:
- * all but total length (2-3), id (4-5), IP checksum (10-11), seq (24-27),
- * flags (33) and TCP checksum (36-37). */
-static int shared_byte(Py_ssize_t i)
-{
-    return !((i >= 2 && i < 6) || (i >= 10 && i < 12) || (i >= 24 && i < 28) || i == 33
-             || (i >= 36 && i < 38));
-}
-
-typedef struct {
-    PyObject *list;
-    uint8_t *out;
-    Py_ssize_t out_len, used;
-} Items;
-
-/* One item: (merged, start, end); merged 0: a single datagram, buffer[start:end];
- * merged >= 2: a super-packet of that many datagrams, out[start:end]. */
-static int add_item(Items *it, Py_ssize_t merged, Py_ssize_t start, Py_ssize_t end)
-{
-    PyObject *t = Py_BuildValue("(nnn)", merged, start, end);
-    if (t == NULL)
-        return -1;
-    int r = PyList_Append(it->list, t);
-    Py_DECREF(t);
-    return r;
-}
-
-/* In tcp_items and udp_items: the length of datagram I of the receive (COUNT
- * datagrams in N bytes, each SIZE bytes but the last: 1 to SIZE bytes). */
-#define LEN(i) ((i) == count - 1 ? n - (i) * size : size)
-
-static uint8_t *reserve(Items *it, Py_ssize_t n)
-{
-    if (it->used + n > it->out_len) {
-        PyErr_SetString(PyExc_ValueError, "output buffer too small");
-        return NULL;
-    }
-    uint8_t *at = it->out + it->used;
-    it->used += n;
-    return at;
-}
+/* ---- coalesce and coalesce_udp ------------------------------------------- */
 
 PyDoc_STRVAR(coalesce_into_doc,
 "coalesce_into(buffer, size, out) -> [(merged, start, end), ...]\n\n"
@@ -216,240 +60,51 @@ PyDoc_STRVAR(coalesce_into_doc,
 "payloads) into OUT. Items in arrival order: merged == 0 is a single datagram,\n"
 "buffer[start:end]; merged >= 2 a super-packet of that many, out[start:end].");
 
-/* The items of coalesce_into (see its doc) for the datagrams B[0:N] of SIZE
- * bytes each but the last; 0, or -1 with an exception set. */
-static int tcp_items(Items *it, const uint8_t *b, Py_ssize_t n, Py_ssize_t size)
-{
-    uint8_t *valid = NULL, *joins = NULL;
-    int status = -1;
-    Py_ssize_t count = n / size + (n % size != 0);     /* not (n + size - 1): no overflow */
-    Py_ssize_t hdr = n >= 33 ? 20 + (b[32] >> 4) * 4 : 0;
-    /* count >= 2 means the first datagram is whole: SIZE (>= 40) bytes, so
-     * b[0], b[9] and b[32] are its own. From here on, 40 <= HDR < SIZE (a TCP
-     * data offset under 5 is no TCP header: nothing is merged). */
-    if (count < 2 || size < 40 || size % 2 || b[0] != 0x45 || b[9] != IPPROTO_TCP_ || hdr < 40 || hdr >= size) {
-        for (Py_ssize_t i = 0; i < count; i++) {
-            Py_ssize_t end = (i + 1) * size < n ? (i + 1) * size : n;
-            if (add_item(it, 0, i * size, end) < 0)
-                goto out;
-        }
-        status = 0;
-        goto out;
-    }
-    valid = PyMem_Calloc(count, 1);
-    joins = PyMem_Calloc(count, 1);
-    if (valid == NULL || joins == NULL) {
-        PyErr_NoMemory();
-        goto out;
-    }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        const uint8_t *d = b + i * size;
-        Py_ssize_t len = LEN(i);
-        uint8_t fl = len > 33 ? d[33] : 0;
-        /* whole and valid (IP and TCP checksums with its own pseudo-header), with
-         * data (pure ACKs are never merged), flags ACK or ACK|PSH. LEN > HDR
-         * (>= 40) comes first: every later read is within the datagram. */
-        valid[i] = len > hdr && get16(d + 2) == (uint32_t)len
-                   && ones_sum(d, 20) == 0
-                   && ((uint64_t)ones_sum(d + 12, 8) + IPPROTO_TCP_ + (len - 20) + ones_sum(d + 20, len - 20)) % M == 0
-                   && (fl | TCP_PSH) == (TCP_ACK | TCP_PSH);
-    }
-    for (Py_ssize_t i = 1; i < count; i++) {
-        const uint8_t *d = b + i * size, *prev = d - size;
-        if (!valid[i] || !valid[i - 1] || prev[33] != TCP_ACK)   /* valid: longer than HDR */
-            continue;
-        int same = 1;
-        for (Py_ssize_t j = 0; j < hdr && same; j++)
-            same = !shared_byte(j) || d[j] == prev[j];
-        joins[i] = same && ((get32(d + 24) - get32(prev + 24)) == (uint32_t)(size - hdr));
-    }
-    Py_ssize_t start = 0;
-    while (start < count) {
-        Py_ssize_t end = start + 1;
-        while (end < count && joins[end])
-            end++;
-        /* A run of 2+ starts with a valid datagram (joins needs valid[i - 1]):
-         * h[0..HDR) is its own. A run of one may be the short last datagram,
-         * so END - START >= 2 is tested before any read of h. */
-        const uint8_t *h = b + start * size;
-        Py_ssize_t total = (end - start - 1) * (size - hdr) + LEN(end - 1);   /* merged */
-        if (end - start >= 2 && total <= 0xFFFF && h[0] == 0x45 && (h[6] & 0x3F) == 0 && h[7] == 0
-                && h[8] > 1 && h[9] == IPPROTO_TCP_) {
-            Py_ssize_t at = it->used;
-            uint8_t *o = reserve(it, VNET_HDR_LEN + total);
-            if (o == NULL)
-                goto out;
-            put_vnet(o, GSO_TCPV4, (uint32_t)hdr, (uint32_t)(size - hdr), 16);
-            uint8_t *head = o + VNET_HDR_LEN, *w = head + hdr;
-            memcpy(head, h, hdr);
-            for (Py_ssize_t i = start; i < end; i++) {
-                Py_ssize_t chunk = LEN(i) - hdr;
-                memcpy(w, b + i * size + hdr, chunk);
-                w += chunk;
-            }
-            put16(head + 2, (uint32_t)total);
-            head[8] -= 1;                                   /* TTL, checked > 1 */
-            head[33] = b[(end - 1) * size + 33];            /* PSH of the last segment */
-            ip_checksum(head, 20);
-            /* TCP checksum field: the pseudo-header sum, for the kernel to finish */
-            put16(head + 36, (ones_sum(head + 12, 8) + IPPROTO_TCP_ + (uint32_t)(total - 20)) % M);
-            if (add_item(it, end - start, at, at + VNET_HDR_LEN + total) < 0)
-                goto out;
-        } else {
-            for (Py_ssize_t i = start; i < end; i++)
-                if (add_item(it, 0, i * size, i * size + LEN(i)) < 0)
-                    goto out;
-        }
-        start = end;
-    }
-    status = 0;
-out:
-    PyMem_Free(valid);
-    PyMem_Free(joins);
-    return status;
-}
-
-/* ---- coalesce_udp --------------------------------------------------------- */
-
-/* N > 28 is tested first: every later read is within the datagram. */
-static int valid_udp(const uint8_t *d, Py_ssize_t n)
-{
-    return n > 28 && d[0] == 0x45 && d[9] == IPPROTO_UDP_ && get16(d + 2) == (uint32_t)n
-           && !((d[6] & 0x3F) || d[7]) && d[8] > 1 && get16(d + 24) == (uint32_t)(n - 20)
-           && (d[26] || d[27]) && ones_sum(d, 20) == 0
-           && ((uint64_t)ones_sum(d + 12, 8) + IPPROTO_UDP_ + (n - 20) + ones_sum(d + 20, n - 20)) % M == 0;
-}
-
-typedef struct {
-    Py_ssize_t first, last;     /* datagram numbers of the run's first and last member */
-    Py_ssize_t members, size;   /* how many; every member's length but the last's */
-    uint32_t ident;             /* IP id of the last member */
-    int open;                   /* no shorter (last) member yet */
-    int latest;                 /* the newest run of its flow (the one a datagram may join) */
-} Run;
-
 PyDoc_STRVAR(coalesce_udp_into_doc,
 "coalesce_udp_into(buffer, size, out) -> [(merged, start, end), ...]\n\n"
 "vnet.coalesce_udp (the per-datagram way's rules and order) with UDP GSO\n"
 "super-packets written whole into OUT; items as coalesce_into's.");
 
-/* The items of coalesce_udp_into, as tcp_items. */
-static int udp_items(Items *it, const uint8_t *b, Py_ssize_t n, Py_ssize_t size)
+/* An item, appended to the list CTX as (merged, start, end). */
+static int append_item(void *ctx, ssize_t merged, ssize_t start, ssize_t end)
 {
-    Run *runs = NULL;
-    Py_ssize_t *order = NULL, *next = NULL;   /* order: run number, or -1 - datagram (invalid) */
-    int status = -1;
-    Py_ssize_t count = n / size + (n % size != 0), nruns = 0, norder = 0;   /* no overflow */
-    runs = PyMem_Calloc(count ? count : 1, sizeof(Run));
-    order = PyMem_Calloc(count ? count : 1, sizeof(Py_ssize_t));
-    next = PyMem_Calloc(count ? count : 1, sizeof(Py_ssize_t));   /* next member of a run, -1 at the end */
-    if (runs == NULL || order == NULL || next == NULL) {
-        PyErr_NoMemory();
-        goto out;
-    }
-    for (Py_ssize_t i = 0; i < count; i++) {
-        const uint8_t *d = b + i * size;
-        Py_ssize_t len = LEN(i);
-        next[i] = -1;
-        if (!valid_udp(d, len)) {
-            order[norder++] = -1 - i;
-            continue;
-        }
-        uint32_t ident = get16(d + 4);
-        Run *run = NULL;
-        for (Py_ssize_t r = nruns - 1; r >= 0; r--) {
-            const uint8_t *f = b + runs[r].first * size;
-            if (runs[r].latest && memcmp(f + 12, d + 12, 12) == 0) {
-                run = &runs[r];
-                break;
-            }
-        }
-        if (run != NULL) {
-            const uint8_t *f = b + run->first * size;
-            if (run->open && len <= run->size && ident == ((run->ident + 1) & M)
-                    && d[1] == f[1] && d[6] == f[6] && d[8] == f[8]) {
-                next[run->last] = i;
-                run->last = i;
-                run->members++;
-                run->ident = ident;
-                run->open = len == run->size;
-                continue;
-            }
-            run->latest = 0;
-        }
-        runs[nruns] = (Run){i, i, 1, len, ident, 1, 1};
-        order[norder++] = nruns++;
-    }
-    for (Py_ssize_t k = 0; k < norder; k++) {
-        if (order[k] < 0) {
-            Py_ssize_t i = -1 - order[k];
-            if (add_item(it, 0, i * size, i * size + LEN(i)) < 0)
-                goto out;
-            continue;
-        }
-        Run *run = &runs[order[k]];
-        if (run->members == 1) {
-            if (add_item(it, 0, run->first * size, run->first * size + LEN(run->first)) < 0)
-                goto out;
-            continue;
-        }
-        Py_ssize_t total = 28;
-        for (Py_ssize_t i = run->first; i >= 0; i = next[i])
-            total += LEN(i) - 28;
-        if (total > 0xFFFF) {                  /* cannot be one IPv4 packet: one by one */
-            for (Py_ssize_t i = run->first; i >= 0; i = next[i])
-                if (add_item(it, 0, i * size, i * size + LEN(i)) < 0)
-                    goto out;
-            continue;
-        }
-        Py_ssize_t at = it->used;
-        uint8_t *o = reserve(it, VNET_HDR_LEN + total);
-        if (o == NULL)
-            goto out;
-        put_vnet(o, GSO_UDP_L4, 28, (uint32_t)(run->size - 28), 6);
-        uint8_t *head = o + VNET_HDR_LEN, *w = head + 28;
-        memcpy(head, b + run->first * size, 28);
-        for (Py_ssize_t i = run->first; i >= 0; i = next[i]) {
-            memcpy(w, b + i * size + 28, LEN(i) - 28);
-            w += LEN(i) - 28;
-        }
-        put16(head + 2, (uint32_t)total);
-        head[8] -= 1;                                       /* TTL, checked > 1 */
-        ip_checksum(head, 20);
-        put16(head + 24, (uint32_t)(total - 20));
-        put16(head + 26, (ones_sum(head + 12, 8) + IPPROTO_UDP_ + (uint32_t)(total - 20)) % M);
-        if (add_item(it, run->members, at, at + VNET_HDR_LEN + total) < 0)
-            goto out;
-    }
-    status = 0;
-out:
-    PyMem_Free(runs);
-    PyMem_Free(order);
-    PyMem_Free(next);
-    return status;
+    PyObject *t = Py_BuildValue("(nnn)", (Py_ssize_t)merged, (Py_ssize_t)start, (Py_ssize_t)end);
+    if (t == NULL)
+        return -1;
+    int r = PyList_Append((PyObject *)ctx, t);
+    Py_DECREF(t);
+    return r;
 }
 
 /* Parse (buffer, size, out), collect the items with MERGE. */
-static PyObject *coalesce_with(PyObject *args, int (*merge)(Items *, const uint8_t *, Py_ssize_t, Py_ssize_t))
+static PyObject *coalesce_with(PyObject *args, int (*merge)(Items *, const uint8_t *, ssize_t, ssize_t))
 {
     Py_buffer in, out;
     Py_ssize_t size;
     if (!PyArg_ParseTuple(args, "y*nw*", &in, &size, &out))
         return NULL;
-    Items it = {PyList_New(0), out.buf, out.len, 0};
-    if (it.list != NULL && size < 1) {
+    PyObject *list = PyList_New(0);
+    if (list != NULL && size < 1) {
         PyErr_SetString(PyExc_ValueError, "size must be positive");
-        Py_CLEAR(it.list);
+        Py_CLEAR(list);
     }
-    if (it.list != NULL && merge(&it, in.buf, in.len, size) < 0)
-        Py_CLEAR(it.list);
+    if (list != NULL) {
+        Items it = {append_item, list, out.buf, out.len, 0};
+        int status = merge(&it, in.buf, in.len, size);
+        if (status == VNET_ENOMEM)
+            PyErr_NoMemory();
+        else if (status == VNET_ESPACE)
+            PyErr_SetString(PyExc_ValueError, "output buffer too small");
+        if (status)                                  /* (VNET_EEMIT: append_item set the error) */
+            Py_CLEAR(list);
+    }
     PyBuffer_Release(&in);
     PyBuffer_Release(&out);
-    return it.list;
+    return list;
 }
 
-static PyObject *coalesce_into(PyObject *self, PyObject *args) { return coalesce_with(args, tcp_items); }
-static PyObject *coalesce_udp_into(PyObject *self, PyObject *args) { return coalesce_with(args, udp_items); }
+static PyObject *coalesce_into(PyObject *self, PyObject *args) { return coalesce_with(args, vnet_tcp_items); }
+static PyObject *coalesce_udp_into(PyObject *self, PyObject *args) { return coalesce_with(args, vnet_udp_items); }
 
 /* ---- inner sources ---------------------------------------------------------- */
 
@@ -472,11 +127,7 @@ static PyObject *sources_within(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "size must be at least an IPv4 header (20)");
         return NULL;
     }
-    const uint8_t *b = in.buf;
-    int ok = 1;
-    /* each datagram at AT has AT + 20 <= N bytes before its end: 12-15 are its own */
-    for (Py_ssize_t at = 0; ok && at + 20 <= in.len; at += size)
-        ok = (get32(b + at + 12) & (uint32_t)mask) == (uint32_t)network;
+    int ok = vnet_sources_within(in.buf, in.len, size, (uint32_t)network, (uint32_t)mask);
     PyBuffer_Release(&in);
     return PyBool_FromLong(ok);
 }
@@ -496,32 +147,9 @@ static PyObject *forward(PyObject *self, PyObject *args)
     Py_ssize_t csum_start, csum_offset;
     if (!PyArg_ParseTuple(args, "w*inn", &pb, &flags, &csum_start, &csum_offset))
         return NULL;
-    uint8_t *p = pb.buf;
-    Py_ssize_t n = pb.len;
-    PyObject *result = Py_False;
-    if (n < 20 || p[8] <= 1)
-        goto done;
-    /* Each bounded first, so that their sum cannot overflow. */
-    int checksum = (flags & VNET_F_NEEDS_CSUM) && csum_start >= 0 && csum_offset >= 0
-                   && csum_start <= n && csum_offset <= n && csum_start + csum_offset + 2 <= n;
-    /* RFC 1624 eqn. 3 over the TTL/protocol word, as packet.decrement_ttl */
-    uint32_t old_word = ((uint32_t)p[8] << 8) | p[9], new_word = old_word - 0x100;
-    uint32_t total = (~get16(p + 10) & M) + (~old_word & M) + new_word;
-    total = (total & M) + (total >> 16);
-    total = (total & M) + (total >> 16);
-    p[8] -= 1;
-    put16(p + 10, ~total & M);
-    if (checksum) {
-        uint32_t csum = negate(ones_sum(p + csum_start, n - csum_start));
-        if (csum == 0 && p[9] == IPPROTO_UDP_)
-            csum = M;                       /* UDP: 0 would mean "no checksum" */
-        put16(p + csum_start + csum_offset, csum);
-    }
-    result = Py_True;
-done:
+    int done = vnet_forward(pb.buf, pb.len, flags, csum_start, csum_offset);
     PyBuffer_Release(&pb);
-    Py_INCREF(result);
-    return result;
+    return PyBool_FromLong(done);
 }
 
 /* ---- one datagram from the underlay ----------------------------------------- */
@@ -536,19 +164,7 @@ static PyObject *ipv4_problem(PyObject *self, PyObject *arg)
     Py_buffer pb;
     if (PyObject_GetBuffer(arg, &pb, PyBUF_SIMPLE) < 0)
         return NULL;
-    const uint8_t *p = pb.buf;
-    Py_ssize_t n = pb.len, ihl;
-    long problem = 0;
-    if (n < 20)
-        problem = 1;
-    else if (p[0] >> 4 != 4)
-        problem = 2;
-    else if ((ihl = (Py_ssize_t)(p[0] & 0x0F) * 4) < 20 || ihl > n)
-        problem = 3;
-    else if ((Py_ssize_t)get16(p + 2) != n)
-        problem = 4;
-    else if (ones_sum(p, ihl) != 0)         /* version 4: never all zeros, so 0 mod 0xFFFF is valid */
-        problem = 5;
+    int problem = vnet_ipv4_problem(pb.buf, pb.len);
     PyBuffer_Release(&pb);
     return PyLong_FromLong(problem);
 }
