@@ -31,12 +31,12 @@ import yaml
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from netemu import cluster as clusters  # noqa: E402
+from netemu.overlay import fastudp  # noqa: E402
 from netemu.topology.loader import load_topology  # noqa: E402
 
 
 ROLES = (("control plane", (b"netemu.controlplane", b"netemu.apiserver")),
-         ("node daemons", (b"netemu.node.agent", b"netemu.overlay.daemon", b"netemu.proxy.daemon")),
-         ("udp workers", (b"netemu.overlay.fastudp",)))
+         ("node daemons", (b"netemu.node.agent", b"netemu.overlay.daemon", b"netemu.proxy.daemon")))
 
 
 def role_of(pid: int) -> str | None:
@@ -49,7 +49,7 @@ def role_of(pid: int) -> str | None:
     for role, modules in ROLES:
         if any(m in argv for m in modules):
             return role
-    return None
+    return "udp workers" if fastudp.worker_direction(argv) else None
 
 
 def memory_kb(pid: int) -> dict[str, int]:

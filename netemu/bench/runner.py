@@ -178,12 +178,10 @@ def worker_role(pid: int) -> str:
 
 
 def role_of(argv: list[bytes]) -> str | None:
-    """"tx" or "rx" for a udp worker's command line (python [-S] -m
-    netemu.overlay.fastudp DIRECTION ...: the word after the module)."""
-    if b"netemu.overlay.fastudp" not in argv[:4]:
-        return None
-    at = argv.index(b"netemu.overlay.fastudp") + 1
-    return argv[at].decode() if at < len(argv) and argv[at] in (b"tx", b"rx") else None
+    """"tx" or "rx" for a udp worker's command line (fastudp.worker_direction)."""
+    from netemu.overlay.fastudp import worker_direction
+
+    return worker_direction(argv)
 
 
 def children(pid: int) -> list[int]:

@@ -30,8 +30,15 @@ and GRO are each optional.
 
     python -m netemu.overlay.fastudp {tx|rx} TUN_FD SOCK_FD COUNTERS_FD PORT TUN_ADDRESS [--gso] [--plain]
 
-A worker reads its peer table as JSON lines on stdin ({"peers": {subnet: ip}})
-and exits when stdin closes (its daemon is gone). Its counters live in a shared
+The same worker exists compiled (fastudp_worker.c, the executable WORKER next
+to this file, built at install with the C helper): same command line (after
+the program), counters, heartbeat, peer table and behaviour, without an
+interpreter (a few hundred kB instead of about 6.7 MB, and no cold Python on a
+small packet's hop). The daemon runs it where it was built (`worker_argv`);
+this module is the reference it follows and the fallback.
+
+A worker reads its peer table as lines on stdin (`peer_line`: "peers
+SUBNET=ADDRESS ...") and exits when stdin closes (its daemon is gone). Its counters live in a shared
 memory file (COUNTERS_FD, a memfd of the daemon's): one int64 per name of
 COUNTERS, one block per direction, so the daemon reads them fresh at any time.
 After the blocks, one int64 per direction is the worker's heartbeat: it counts
@@ -53,7 +60,6 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
-import json
 import mmap
 import os
 import select
@@ -229,6 +235,55 @@ def stalled(before: int, after: int, waiting: bool, slept: float, asked: float) 
     never blamed; a watcher that slept far longer than it asked (a loaded
     machine) has seen nothing and blames no one. Pure logic."""
     return waiting and after == before and slept < 2 * asked
+
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastudp-worker")
+WORKER_ENV = "NETEMU_UDP_WORKER"             # "python": the Python worker even where WORKER was built
+
+
+def compiled_worker(environ=os.environ) -> str | None:
+    """The compiled worker's path, if it was built and not declined (WORKER_ENV)."""
+    if environ.get(WORKER_ENV, "").strip().lower() == "python":
+        return None
+    return WORKER if os.access(WORKER, os.X_OK) else None
+
+
+def worker_argv(args: list[str], environ=os.environ) -> list[str]:
+    """The command line of a worker with ARGS (direction, fds, port, address,
+    flags): the compiled one where there is one, else this module under
+    `python -S` (see udp.worker_environment)."""
+    program = compiled_worker(environ)
+    return ([program] if program else [sys.executable, "-S", "-m", "netemu.overlay.fastudp"]) + args
+
+
+def worker_direction(argv: list[bytes]) -> str | None:
+    """"tx" or "rx" if ARGV (a /proc cmdline, split) is a udp worker's: the
+    word after the module (python [-S] -m netemu.overlay.fastudp DIRECTION ...)
+    or after the compiled program (.../fastudp-worker DIRECTION ...)."""
+    for at, word in enumerate(argv[:4]):
+        if word == b"netemu.overlay.fastudp" or os.path.basename(word) == b"fastudp-worker":
+            following = argv[at + 1] if at + 1 < len(argv) else b""
+            return following.decode() if following in (b"tx", b"rx") else None
+    return None
+
+
+def peer_line(peers: dict[str, str]) -> bytes:
+    """The daemon's peer table for its workers' stdin: SUBNET -> underlay address."""
+    return ("peers" + "".join(f" {subnet}={address}" for subnet, address in peers.items()) + "\n").encode()
+
+
+def parse_peer_line(line: str) -> dict[str, str] | None:
+    """peer_line's table back, or None if LINE is not one."""
+    words = line.split()
+    if not words or words[0] != "peers":
+        return None
+    peers = {}
+    for word in words[1:]:
+        subnet, sep, address = word.partition("=")
+        if not sep:
+            return None
+        peers[subnet] = address
+    return peers
 
 
 _AND_TABLES: dict[int, bytes] = {}
@@ -630,10 +685,12 @@ class Worker:
         line = sys.stdin.readline()
         if not line:
             return False
-        try:
-            self.peers.replace(json.loads(line)["peers"])
-        except (ValueError, KeyError):
-            pass
+        peers = parse_peer_line(line)
+        if peers is not None:
+            try:
+                self.peers.replace(peers)
+            except ValueError:                     # not an address: ignored, as the compiled worker does
+                pass
         return True
 
     def follow_control(self) -> None:

@@ -27,13 +27,11 @@ a plain TUN, as they do when negotiation fails.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import select
 import socket
 import subprocess
-import sys
 import time
 
 import trio
@@ -145,10 +143,14 @@ class UdpBackend(Backend):
             fastudp.enlarge_buffers(self._sock)
 
     def data_path(self) -> str:
+        compiled = fastudp.compiled_worker() is not None
         if not self.fast:
-            return "per-packet workers (plain TUN)"
+            return "per-packet workers (plain TUN, " + ("compiled" if compiled else "Python") + " workers)"
         used = ["TUN TSO4+CSUM"] + [f"UDP {f.upper()}" for f in ("gso", "gro") if self.features.get(f)]
-        used.append("compiled segmentation" if vnet.COMPILED else "numpy segmentation")
+        if compiled:
+            used.append("compiled workers")
+        else:
+            used.append("Python workers, " + ("compiled" if vnet.COMPILED else "numpy") + " segmentation")
         return "offload workers (" + ", ".join(used) + ")"
 
     def add_peer(self, lease: Lease) -> None:
@@ -166,9 +168,9 @@ class UdpBackend(Backend):
             self._tell(worker)
 
     def _tell(self, worker: subprocess.Popen) -> None:
-        line = json.dumps({"peers": {str(s): a for s, a in self._peers.items()}}) + "\n"
+        line = fastudp.peer_line({str(s): a for s, a in self._peers.items()})
         try:
-            worker.stdin.write(line.encode())
+            worker.stdin.write(line)
             worker.stdin.flush()
         except OSError:
             pass                                     # it died: _run_workers replaces it
@@ -273,9 +275,9 @@ class UdpBackend(Backend):
 
     def _start_worker(self, direction: str) -> subprocess.Popen:
         fastudp.reset_heartbeat(self._counters_fd, direction)
-        argv = [sys.executable, "-S", "-m", "netemu.overlay.fastudp", direction, str(self._tun_fd),
-                str(self._sock.fileno()), str(self._counters_fd), str(self.port),
-                str(self.lease.subnet.network_address)]
+        argv = fastudp.worker_argv([direction, str(self._tun_fd), str(self._sock.fileno()),
+                                    str(self._counters_fd), str(self.port),
+                                    str(self.lease.subnet.network_address)])
         if self.features.get("gso"):
             argv.append("--gso")
         if not self.fast:

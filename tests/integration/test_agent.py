@@ -14,6 +14,7 @@ import pytest
 
 from netemu import cluster as clusters, names, netns
 from netemu.node import agent
+from netemu.overlay import fastudp
 from netemu.store import registry
 from tests.integration.clusters import running, wait_for, write_topology
 
@@ -90,7 +91,7 @@ def test_one_agent_process_per_node_runs_kubelet_proxy_and_overlay(cluster):
         workers = stats(cluster, node, "overlay")["workers"]
         assert sorted(workers) == ["rx", "tx"]
         assert set(workers.values()) <= set(children(pid))
-        assert all("netemu.overlay.fastudp" in argv(w) for w in workers.values())
+        assert all(fastudp.worker_direction([a.encode() for a in argv(w)]) for w in workers.values())
     # The heartbeat is the agent's: the node's Lease is renewed.
     store = clusters.open_store(cluster)
     try:

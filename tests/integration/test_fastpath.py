@@ -12,7 +12,7 @@ import time
 import pytest
 
 from netemu import names, netns
-from netemu.overlay import udp
+from netemu.overlay import fastudp, udp
 from netemu.overlay import stats as overlay_stats
 from tests.integration.clusters import running, write_topology
 
@@ -151,7 +151,7 @@ def fast_path_running(cluster: str, node: str) -> bool:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         kids = f.read().split()
     argvs = [open(f"/proc/{k}/cmdline", "rb").read().split(b"\0") for k in kids]
-    workers = [a for a in argvs if b"netemu.overlay.fastudp" in a]
+    workers = [a for a in argvs if fastudp.worker_direction(a)]
     assert len(workers) == 2, argvs                    # one per direction, in both modes
     fast = all(b"--plain" not in a for a in workers)
     assert stats["data_path"].startswith("offload" if fast else "per-packet"), stats

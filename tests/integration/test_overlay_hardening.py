@@ -24,6 +24,7 @@ import time
 import pytest
 
 from netemu import cluster as clusters, names, netns
+from netemu.overlay import fastudp
 from netemu.overlay import stats as overlay_stats
 from netemu.overlay.packet import internet_checksum
 from netemu.store import registry
@@ -99,8 +100,9 @@ class Cluster:
                     argv = f.read().split(b"\0")
             except FileNotFoundError:
                 continue
-            if b"netemu.overlay.fastudp" in argv:
-                found[argv[argv.index(b"netemu.overlay.fastudp") + 1].decode()] = kid
+            direction = fastudp.worker_direction(argv)
+            if direction:
+                found[direction] = kid
         return found
 
     def subnet(self, node: str) -> ipaddress.IPv4Network:
