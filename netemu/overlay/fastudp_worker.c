@@ -521,7 +521,7 @@ static void receive_batch(Worker *w, uint8_t *b, ssize_t n, ssize_t size, uint32
         drop_malformed(w, PROBLEM_TRUNCATED, n / size + (n % size != 0));
         return;
     }
-    Route lease;
+    Route lease = {0, 0, 0};
     int leased = w->hdr_len && leases_of(peer, &lease) == 1
                  && vnet_sources_within(b, n, size, lease.network, lease.mask);
     if (!leased || !w->hdr_len) {                   /* (no offloads: nothing to merge into) */
@@ -595,7 +595,7 @@ static void rx_loop(Worker *w)
         }
         uint32_t peer = msg.msg_namelen >= sizeof from && from.sin_family == AF_INET ? ntohl(from.sin_addr.s_addr) : 0;
         ssize_t size = gro_segment_size(&msg, n);
-        Route first;
+        Route first = {0, 0, 0};
         if (peer == 0 || leases_of(peer, &first) == 0) {
             count(w, DROP_UNKNOWN_SOURCE, size > 0 ? n / size + (n % size != 0) : 1);
             continue;
