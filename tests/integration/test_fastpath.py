@@ -12,7 +12,7 @@ import time
 import pytest
 
 from netemu import names, netns
-from netemu.overlay import fastudp, udp
+from netemu.overlay import fastudp, udp, vnet
 from netemu.overlay import stats as overlay_stats
 from tests.integration.clusters import running, write_topology
 
@@ -144,18 +144,31 @@ def rx_counters(cluster: str, node: str) -> dict:
     return read_stats(cluster, node)["counters"]
 
 
-def fast_path_running(cluster: str, node: str) -> bool:
-    """The node's udp workers run with offloads (not --plain)."""
-    stats = read_stats(cluster, node)
-    pid = stats["pid"]
+def workers_of(cluster: str, node: str) -> list[list[bytes]]:
+    """The command lines of the node's udp workers, as /proc shows its daemon's children."""
+    pid = read_stats(cluster, node)["pid"]
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         kids = f.read().split()
     argvs = [open(f"/proc/{k}/cmdline", "rb").read().split(b"\0") for k in kids]
     workers = [a for a in argvs if fastudp.worker_direction(a)]
     assert len(workers) == 2, argvs                    # one per direction, in both modes
-    fast = all(b"--plain" not in a for a in workers)
+    return workers
+
+
+def fast_path_running(cluster: str, node: str) -> bool:
+    """The node's udp workers run with offloads (not --plain)."""
+    stats = read_stats(cluster, node)
+    fast = all(b"--plain" not in a for a in workers_of(cluster, node))
     assert stats["data_path"].startswith("offload" if fast else "per-packet"), stats
     return fast
+
+
+def compiled_workers_running(cluster: str, node: str) -> bool:
+    """The node's udp workers are the compiled ones (not the Python module), as describe says."""
+    compiled = all(a[0].endswith(b"/fastudp-worker") for a in workers_of(cluster, node))
+    assert all(compiled or b"netemu.overlay.fastudp" in a for a in workers_of(cluster, node))
+    assert ("compiled workers" if compiled else "Python workers") in read_stats(cluster, node)["data_path"]
+    return compiled
 
 
 def set_udp_segmentation(ns: str, on: bool) -> None:
@@ -240,5 +253,22 @@ def test_interoperates_with_the_per_packet_path(tmp_path, monkeypatch):
     with running(topology(tmp_path, "hb-fp2")) as (cluster, _):
         assert fast_path_running(cluster, "node1")
         assert not fast_path_running(cluster, "node2")
+        # (built at install wherever the C helper is: see test_fastudp_worker)
+        assert all(compiled_workers_running(cluster, n) == vnet.COMPILED for n in ("node1", "node2"))
         transfer(cluster, "a", "b", 20 << 20, port=9101)
         transfer(cluster, "b", "a", 20 << 20, port=9102)
+
+
+@pytest.mark.timeout(150)
+def test_the_python_workers_carry_the_same_traffic(tmp_path, monkeypatch):
+    """NETEMU_UDP_WORKER=python: the Python workers, the fallback where nothing
+    was compiled, run the data path, with offloads and per packet."""
+    monkeypatch.setenv(fastudp.WORKER_ENV, "python")
+    monkeypatch.setenv(udp.NO_OFFLOAD_ENV, "node2")
+    with running(topology(tmp_path, "hb-fp3")) as (cluster, _):
+        assert fast_path_running(cluster, "node1") and not fast_path_running(cluster, "node2")
+        assert not compiled_workers_running(cluster, "node1") and not compiled_workers_running(cluster, "node2")
+        transfer(cluster, "a", "b", 20 << 20, port=9103)
+        transfer(cluster, "b", "a", 20 << 20, port=9104)
+        received, bad, reordered = udp_blast(cluster, "a", "b", 5_000, port=9203)
+        assert received > 5_000 and bad == 0 and reordered == 0, (received, bad, reordered)
