@@ -113,6 +113,8 @@ def reconcile_daemonset(ds: dict, nodes: list[dict], pods: list[dict]) -> list:
 
 
 def sync_once(store: Store) -> None:
+    if not registry.names_(store, "DaemonSet"):
+        return                          # nothing to control: no pod decoded (see loop.py)
     pods = registry.list_(store, "Pod")
     nodes = registry.list_(store, "Node")
     for ds in registry.list_(store, "DaemonSet"):

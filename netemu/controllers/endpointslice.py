@@ -11,13 +11,15 @@ the Service. Which pods and ports is the endpoints controller's computation
 (endpoints.desired_subsets), so the two views never disagree: a ready address
 is an endpoint with ready/serving true, a not-ready one with both false.
 Slices are written only when they change; slices of a gone Service are deleted.
+It runs in the endpoints controller's pass, on the same listing of pods and
+Services (endpoints.sync_with_slices).
 """
 
 from __future__ import annotations
 
 from netemu.controllers import actions as act, podutil
 from netemu.controllers.endpoints import desired_subsets
-from netemu.controllers.loop import IDLE_RESYNC, guarded, run_reconciler
+from netemu.controllers.loop import guarded
 from netemu.store import registry
 from netemu.store.base import Store
 
@@ -82,9 +84,11 @@ def reconcile_slices(service: dict, pods: list[dict], current: list[dict]) -> li
     return actions
 
 
-def sync_once(store: Store) -> None:
-    pods = registry.list_(store, "Pod")
-    services = registry.list_(store, "Service")
+def sync_once(store: Store, pods: list[dict] | None = None, services: list[dict] | None = None) -> None:
+    """One pass over every Service (PODS and SERVICES: listed already, or listed
+    here). It runs in the endpoints controller's pass (endpoints.sync_with_slices)."""
+    pods = registry.list_(store, "Pod") if pods is None else pods
+    services = registry.list_(store, "Service") if services is None else services
     by_ns = podutil.by_namespace(pods)
     slices: dict[tuple[str, str], list[dict]] = {}
     for s in registry.list_(store, "EndpointSlice"):
@@ -108,8 +112,3 @@ def sync_once(store: Store) -> None:
         if (ns, name) not in seen and registry.get(store, "Service", ns, name) is None:
             act.apply(store, [act.DeleteObject("EndpointSlice", ns, s["metadata"]["name"]) for s in gone], SOURCE)
 
-
-async def run(store: Store, settings=None) -> None:
-    await run_reconciler(store, "endpointslice",
-                         [registry.prefix(k) for k in ("Pod", "Service", "EndpointSlice")],
-                         lambda: sync_once(store), idle_resync=IDLE_RESYNC)

@@ -180,6 +180,8 @@ def _clean(status: dict) -> dict:
 
 
 def sync_once(store: Store, time_scale: float = 1.0) -> float | None:
+    if not registry.names_(store, "Job"):
+        return None                     # nothing to control: no pod decoded (see loop.py)
     pods = registry.list_(store, "Pod")
     by_ns: dict[str, list[dict]] = {}
     for pod in pods:

@@ -13,8 +13,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from netemu.controllers import (daemonset, endpoints, endpointslice, garbagecollector, job, namespace,
-                                nodelifecycle, replication, scheduler)
+from netemu.controllers import (daemonset, endpoints, garbagecollector, job, namespace, nodelifecycle,
+                                replication, scheduler)
 from netemu.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -23,8 +23,7 @@ RESTART_DELAY = 1.0
 
 CONTROLLERS: dict[str, Callable[..., Awaitable[None]]] = {
     "scheduler": scheduler.run,
-    "endpoints": endpoints.run,
-    "endpointslice": endpointslice.run,
+    "endpoints": endpoints.run,         # and the EndpointSlice controller, in the same pass
     "namespace": namespace.run,
     "replication": replication.run,
     "job": job.run,

@@ -292,6 +292,8 @@ def sync_once(store: Store) -> float | None:
     # the other way round (which would look like missing pods).
     import time
 
+    if not any(registry.names_(store, kind) for kind in ("Deployment", "ReplicaSet", "ReplicationController")):
+        return None                     # nothing to control: no pod decoded (see loop.py)
     pods = registry.list_(store, "Pod")
     by_ns: dict[str, list[dict]] = {}
     for pod in pods:
