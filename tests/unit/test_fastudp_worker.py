@@ -199,11 +199,16 @@ def run_tx(implementation: str, records: list[bytes]) -> tuple[list[bytes], list
         peer.close()
 
 
-def test_tx_the_compiled_worker_sends_what_the_python_worker_sends():
-    records = tx_corpus()
-    results = {implementation: run_tx(implementation, records) for implementation in IMPLEMENTATIONS}
-    datagrams, replies, counters = results["compiled"]
+def compared(run, corpus):
+    """RUN's result for CORPUS with each worker: the compiled one's, which must
+    equal the Python one's."""
+    results = {implementation: run(implementation, corpus) for implementation in IMPLEMENTATIONS}
     assert results["python"] == results["compiled"]
+    return results["compiled"]
+
+
+def test_tx_the_compiled_worker_sends_what_the_python_worker_sends():
+    datagrams, replies, counters = compared(run_tx, tx_corpus())
     # ...and that is the right thing (so that two equal wrongs do not pass).
     assert len(replies) == 1 and replies[0][vnet.VNET_HDR_LEN + 20] == 3         # ICMP net unreachable
     assert counters["drop_ttl"] == 1 and counters["drop_no_route"] == 2 and counters["drop_not_ipv4"] == 2
@@ -282,10 +287,7 @@ def run_rx(implementation: str, corpus) -> tuple[list[bytes], dict, list[bool]]:
 
 
 def test_rx_the_compiled_worker_delivers_what_the_python_worker_delivers():
-    corpus = rx_corpus()
-    results = {implementation: run_rx(implementation, corpus) for implementation in IMPLEMENTATIONS}
-    records, counters, accepted = results["compiled"]
-    assert results["python"] == results["compiled"]
+    records, counters, accepted = compared(run_rx, rx_corpus())
     assert all(accepted[:-2]), accepted                 # (the 1-byte segments: as the kernel allows)
     assert counters["drop_spoofed_source"] == 2 and counters["drop_ttl"] == 1       # (one of them in a batch)
     for reason in ("truncated", "version", "header_length", "total_length", "checksum"):
