@@ -244,8 +244,10 @@ static int looks_like_ipv4(const uint8_t *p, ssize_t n)
     return n >= 20 && p[0] >> 4 == 4 && (p[0] & 0x0F) >= 5;
 }
 
-/* packet.net_unreachable into OUT (at least 20 + 8 + 60 bytes): its length,
- * or 0 where flannel sends nothing. */
+#define UNREACHABLE_ROOM (20 + 8 + 56 + 8)     /* IP, ICMP, the quoted header (< 60) and 8 bytes */
+
+/* packet.net_unreachable into OUT (UNREACHABLE_ROOM bytes): its length, or 0
+ * where flannel sends nothing. */
 static size_t net_unreachable(const uint8_t *o, ssize_t n, const uint8_t source[4], uint8_t *out)
 {
     if (!looks_like_ipv4(o, n))
@@ -362,7 +364,7 @@ static void send_segmented(Worker *w, const uint8_t *p, ssize_t n, uint32_t mss,
         send_packets(w, w->segments, (size_t)total, (size_t)size, (size_t)count_, hop);
         return;
     }
-    ssize_t room = (n / mss + 1) * (n < 0xFFFF ? n : 0xFFFF);       /* rows of at most N bytes */
+    ssize_t room = (n / mss + 1) * (120 + (ssize_t)mss);    /* rows of at most 60 + 60 header bytes + MSS */
     uint8_t *own = malloc((size_t)room);
     if (own != NULL && vnet_segment(p, n, mss, own, room, &total, &size, &count_) == 0)
         send_packets(w, own, (size_t)total, (size_t)size, (size_t)count_, hop);
@@ -397,7 +399,7 @@ static void forward_one(Worker *w, uint8_t *buf, ssize_t n, int batching)
     uint32_t hop = next_hop(get32(p + 16));
     if (hop == 0) {
         count(w, DROP_NO_ROUTE, 1);
-        uint8_t reply[20 + 8 + 60];
+        uint8_t reply[UNREACHABLE_ROOM];
         size_t size = net_unreachable(p, len, w->tun_address, reply);
         if (size) {
             /* Counted first: the pod may see the error before write() returns. */

@@ -26,6 +26,7 @@ import time
 import pytest
 
 from netemu.overlay import fastudp, udp, vnet
+from netemu.overlay.packet import internet_checksum
 from tests.unit.test_fastpath_fuzz import Flows, ip_header, l4_checksum
 
 pytestmark = pytest.mark.skipif(not vnet.COMPILED, reason="no C compiler: neither C part was built")
@@ -154,6 +155,17 @@ def outgoing(size: int, ident: int, ttl: int = 64, dst: bytes = REMOTE, proto: i
     return tun_record(bytes(header + body))
 
 
+def options(ihl: int, dst: bytes) -> bytes:
+    """A UDP packet with an IHL-byte header (options: no-ops), for DST."""
+    header = bytearray(ip_header(ihl + 16, 70, 64, 17, POD, dst))
+    header[0] = 0x40 | ihl // 4
+    header[20:] = b""
+    header += bytes([1]) * (ihl - 20)
+    header[10:12] = b"\0\0"
+    header[10:12] = internet_checksum(bytes(header)).to_bytes(2, "big")
+    return bytes(header) + struct.pack("!HHHH", 5000, 6000, 16, 0) + bytes(8)
+
+
 def super_packet(payload: int, mss: int, seq: int = 1000) -> bytes:
     """A TCP super-packet of PAYLOAD bytes for MSS-sized segments."""
     header = ip_header(40 + payload, 77, 64, 6, POD, REMOTE)
@@ -169,6 +181,7 @@ def tx_corpus() -> list[bytes]:
     records += [outgoing(100, 40), outgoing(80, 41), outgoing(120, 42)]       # shorter, then longer
     records += [outgoing(60, 50, ttl=1),                                     # TTL: dropped
                 outgoing(60, 51, dst=bytes([10, 244, 9, 9])),                # no route: ICMP error back
+                tun_record(options(56, dst=bytes([10, 244, 9, 9]))),         # ...quoting the longest header
                 outgoing(60, 52, dst=bytes([10, 244, 9, 9]), proto=1),       # ...not about ICMP itself
                 tun_record(bytes([0x60]) + bytes(59)),                      # IPv6 chatter
                 bytes(5),                                                    # shorter than a vnet header
@@ -210,8 +223,9 @@ def compared(run, corpus):
 def test_tx_the_compiled_worker_sends_what_the_python_worker_sends():
     datagrams, replies, counters = compared(run_tx, tx_corpus())
     # ...and that is the right thing (so that two equal wrongs do not pass).
-    assert len(replies) == 1 and replies[0][vnet.VNET_HDR_LEN + 20] == 3         # ICMP net unreachable
-    assert counters["drop_ttl"] == 1 and counters["drop_no_route"] == 2 and counters["drop_not_ipv4"] == 2
+    assert len(replies) == 2 and all(r[vnet.VNET_HDR_LEN + 20] == 3 for r in replies)   # net unreachable
+    assert len(replies[1]) == vnet.VNET_HDR_LEN + 20 + 8 + 56 + 8
+    assert counters["drop_ttl"] == 1 and counters["drop_no_route"] == 3 and counters["drop_not_ipv4"] == 2
     assert counters["drop_malformed"] == counters["malformed_header_length"] == 1
     segments = -(-20_000 // 1448) + -(-3000 // 536) + 1
     assert len(datagrams) == 3 + 20 + 3 + segments                         # (one more went to 127.0.0.4)
