@@ -213,8 +213,13 @@ def test_up_ended_by_a_signal_rolls_back(tmp_path, sig):
     name = f"ha7{sig.name[3:].lower()}"
     path = write_topology(tmp_path, name, {"nodes": [{"name": "n1"}, {"name": "n2"}], "workloads": [pod("p")]})
     try:
+        # As from a terminal's shell: the signals at their defaults, even if this test
+        # runs under nohup (an ignored SIGHUP stays ignored: see the nohup test).
+        def defaults() -> None:
+            for s in (signal.SIGHUP, signal.SIGTERM):
+                signal.signal(s, signal.SIG_DFL)
         proc = subprocess.Popen(NETEMU + ["up", path], env=env_with(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=defaults)
         # Mid-build: the control plane runs, the cluster is not ready yet.
         wait_for(lambda: os.path.exists(part_pid_path(name, "nodes")) or proc.poll() is not None,
                  timeout=60, interval=0.02, what="the control plane to start")
