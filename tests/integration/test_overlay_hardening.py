@@ -262,8 +262,11 @@ def test_udp_inner_sources_outside_the_peers_lease_are_dropped_and_counted(udp: 
     not lease: none reaches a1, each is counted; ones from b1's address, n2's
     flannel0 and n2's own underlay address (a NodePort reply un-NATed on n2) do."""
     n1_subnet, n2_subnet = udp.subnet("n1"), udp.subnet("n2")
+    # A pod address of a subnet nobody leases (subnets are leased at random: not a fixed one).
+    unleased = next(s for s in (ipaddress.IPv4Network("10.244.250.0/24"), ipaddress.IPv4Network("10.244.251.0/24"))
+                    if s not in (n1_subnet, n2_subnet))
     forged = {"8.8.8.8", "127.0.0.1", udp.node_ip["n1"], str(n1_subnet.network_address),
-              str(n1_subnet.network_address + 1), udp.pod_ip["a1"], "10.244.250.1"}
+              str(n1_subnet.network_address + 1), udp.pod_ip["a1"], str(unleased.network_address + 1)}
     before = udp.counters("n1").get("drop_spoofed_source", 0)
     with netns.inside(udp.node_ns("n2")):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
