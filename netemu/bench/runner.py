@@ -174,14 +174,9 @@ def worker_role(pid: int) -> str:
             argv = f.read().split(b"\0")
     except OSError:
         return f"child{pid}"
-    return role_of(argv) or f"child{pid}"
-
-
-def role_of(argv: list[bytes]) -> str | None:
-    """"tx" or "rx" for a udp worker's command line (fastudp.worker_direction)."""
     from netemu.overlay.fastudp import worker_direction
 
-    return worker_direction(argv)
+    return worker_direction(argv) or f"child{pid}"
 
 
 def children(pid: int) -> list[int]:

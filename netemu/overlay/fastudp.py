@@ -38,8 +38,8 @@ small packet's hop). The daemon runs it where it was built (`worker_argv`);
 this module is the reference it follows and the fallback.
 
 A worker reads its peer table as lines on stdin (`peer_line`: "peers
-SUBNET=ADDRESS ...") and exits when stdin closes (its daemon is gone). Its counters live in a shared
-memory file (COUNTERS_FD, a memfd of the daemon's): one int64 per name of
+SUBNET=ADDRESS ...") and exits when stdin closes (its daemon is gone). Its
+counters live in a shared memory file (COUNTERS_FD, a memfd of the daemon's): one int64 per name of
 COUNTERS, one block per direction, so the daemon reads them fresh at any time.
 After the blocks, one int64 per direction is the worker's heartbeat: it counts
 the turns of its loop. The daemon side (udp.py) looks at it only when the

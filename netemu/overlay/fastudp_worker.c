@@ -515,20 +515,20 @@ static int collect(void *ctx, ssize_t merged, ssize_t start, ssize_t end)
 }
 
 /* fastudp.Worker.receive_batch: a GRO receive from PEER, B[0:N], datagrams of
- * SIZE bytes (the last may be shorter). */
-static void receive_batch(Worker *w, uint8_t *b, ssize_t n, ssize_t size, uint32_t peer)
+ * SIZE bytes (the last may be shorter). PEER leases NLEASES subnets, the
+ * first of them LEASE (as leases_of found them). */
+static void receive_batch(Worker *w, uint8_t *b, ssize_t n, ssize_t size, uint32_t peer, size_t nleases,
+                          const Route *lease)
 {
     static Item items[RECV_SIZE / 20 + 2];          /* at most one per 20-byte datagram */
     if (size < 20) {
         drop_malformed(w, PROBLEM_TRUNCATED, n / size + (n % size != 0));
         return;
     }
-    Route lease = {0, 0, 0};
-    int leased = w->hdr_len && leases_of(peer, &lease) == 1
-                 && vnet_sources_within(b, n, size, lease.network, lease.mask);
-    if (!leased || !w->hdr_len) {                   /* (no offloads: nothing to merge into) */
+    /* (no offloads: nothing to merge into, one by one) */
+    if (!w->hdr_len || nleases != 1 || !vnet_sources_within(b, n, size, lease->network, lease->mask)) {
         for (ssize_t at = 0; at < n; at += size)
-            deliver(w, b + at, n - at < size ? n - at : size, leased ? 0 : peer);
+            deliver(w, b + at, n - at < size ? n - at : size, peer);
         return;
     }
     int inner_udp = b[9] == IPPROTO_UDP_ && w->udp_merge;       /* size >= 20: a whole header */
@@ -598,14 +598,15 @@ static void rx_loop(Worker *w)
         uint32_t peer = msg.msg_namelen >= sizeof from && from.sin_family == AF_INET ? ntohl(from.sin_addr.s_addr) : 0;
         ssize_t size = gro_segment_size(&msg, n);
         Route first = {0, 0, 0};
-        if (peer == 0 || leases_of(peer, &first) == 0) {
+        size_t nleases = peer ? leases_of(peer, &first) : 0;
+        if (nleases == 0) {
             count(w, DROP_UNKNOWN_SOURCE, size > 0 ? n / size + (n % size != 0) : 1);
             continue;
         }
         if (size < 0)
             drop_malformed(w, PROBLEM_SEGMENT_SIZE, 1);
         else if (size < n)
-            receive_batch(w, buf, n, size, peer);
+            receive_batch(w, buf, n, size, peer, nleases, &first);
         else
             deliver(w, buf, n, peer);
     }

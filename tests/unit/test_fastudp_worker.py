@@ -71,8 +71,12 @@ def test_peer_lines_round_trip_and_reject_what_is_not_one():
 
 
 def test_worker_direction_knows_both_workers():
+    """(What the bench's CPU split and tools/bench_up.py's roles go by.)"""
     assert fastudp.worker_direction([b"/x/netemu/overlay/fastudp-worker", b"rx", b"20"]) == "rx"
     assert fastudp.worker_direction([b"/venv/bin/python", b"-S", b"-m", b"netemu.overlay.fastudp", b"tx"]) == "tx"
+    assert fastudp.worker_direction([b"/venv/bin/python", b"-S", b"-m", b"netemu.overlay.fastudp", b"rx", b"20"]) == "rx"
+    assert fastudp.worker_direction([b"/venv/bin/python", b"-m", b"netemu.overlay.fastudp", b"tx", b"20"]) == "tx"
+    assert fastudp.worker_direction([b"/venv/bin/python", b"-m", b"netemu.node.agent", b"c", b"n1"]) is None
     assert fastudp.worker_direction([b"/usr/bin/fastudp-helper", b"tx"]) is None
     assert fastudp.worker_direction([b"/x/fastudp-worker", b"--counters"]) is None
 

@@ -64,11 +64,3 @@ def test_a_restart_keeps_counting_up():
         base = carried_counters(published, "udp", frozenset())
         published = {"backend": "udp", "counters": add_counters(base, {"rx_packets": 10}, frozenset())}
     assert published["counters"]["rx_packets"] == 30
-
-
-def test_the_bench_tells_a_workers_direction_from_its_command_line():
-    from netemu.bench.runner import role_of
-
-    assert role_of([b"/venv/bin/python", b"-S", b"-m", b"netemu.overlay.fastudp", b"rx", b"20"]) == "rx"
-    assert role_of([b"/venv/bin/python", b"-m", b"netemu.overlay.fastudp", b"tx", b"20"]) == "tx"
-    assert role_of([b"/venv/bin/python", b"-m", b"netemu.node.agent", b"c", b"n1"]) is None
