@@ -111,8 +111,13 @@ def to_mapping(topology: Topology) -> dict:
             node["podCIDR"] = str(n.pod_cidr)
         if n.link is not None:
             node["link"] = n.link.settings()
+        if n.machine is not None:
+            node["machine"] = n.machine
         nodes.append(node)
-    return {"name": topology.name, "cluster": cluster, "nodes": nodes}
+    out = {"name": topology.name, "cluster": cluster, "nodes": nodes}
+    if topology.machines:
+        out["machines"] = [{"name": m.name, "address": str(m.address)} for m in topology.machines]
+    return out
 
 
 def encode(topology: Topology) -> dict:
@@ -147,6 +152,11 @@ def decode(obj: dict) -> Topology:
 
 def _get(store) -> dict | None:
     return registry.get(store, "ConfigMap", NAMESPACE, NAME)
+
+
+def stored(store) -> dict | None:
+    """The ConfigMap as the store holds it (None: the cluster is gone)."""
+    return _get(store)
 
 
 def _open(cluster: str):

@@ -133,6 +133,18 @@ def pod_veth(namespace: str, pod: str, uid: str) -> str:
     return "veth" + short_hash(f"{namespace}/{pod}/{uid}")
 
 
+# The label that says which machine a node runs on (a cluster over several
+# machines): `kubectl get nodes -L netemu.io/machine`.
+MACHINE_LABEL = "netemu.io/machine"
+
+
+def machine_port(machine: str) -> str:
+    """The fabric's tunnel port to another machine: "m-" and its name when that fits."""
+    if len(machine) + 2 <= IFNAMSIZ:
+        return "m-" + machine
+    return "m-" + short_hash(machine, 8)
+
+
 def fabric_port(node: str) -> str:
     """The fabric-side end of a node's uplink: the node's name when it fits."""
     if len(node) <= IFNAMSIZ and node not in (FABRIC_BRIDGE, "client", "lb", "lo"):

@@ -19,13 +19,8 @@ log = logging.getLogger("netemu.apiserver")
 
 
 def master_node(topology) -> str:
-    """The node the API server listens on: cluster.apiServerNode, else the first
-    unschedulable node (the tutorial's master), else the first node."""
-    chosen = getattr(topology.settings, "api_server_node", None)
-    if chosen:
-        return chosen
-    nodes = topology.nodes
-    return next((n.name for n in nodes if n.unschedulable), nodes[0].name)
+    """The node the API server listens on (Topology.master_node)."""
+    return topology.master_node()
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -40,6 +40,12 @@ never silently ignored). Example with every key:
                                        # with rate), delay and jitter (20ms,
                                        # 500us), reorder (percent, with delay);
                                        # default: none
+    machines:                          # optional: one cluster over several machines
+      - name: m1                       # (needs --store etcd://; see README); the
+        address: 192.168.77.1          # first runs `netemu up`, the others `netemu
+      - name: m2                       # join`; address: where the others reach it.
+        address: 192.168.77.2          # With machines, underlayMTU defaults to 1450
+                                       # (the fabric crosses in 50 bytes of VXLAN)
     nodes:                             # at least one
       - name: srv-k8s-master1          # DNS-1123 label, unique
         unschedulable: true            # like `kubectl cordon`; default false
@@ -51,6 +57,9 @@ never silently ignored). Example with every key:
         podCIDR: 10.244.96.0/24        # requested subnet: inside clusterNetwork,
                                        # prefix subnetLen (default: leased)
         link: {rate: 10mbit}           # this uplink: these keys over cluster.link
+        machine: m2                    # with machines: where it runs (default: the
+                                       # API server's node on the first machine, the
+                                       # others where fewest nodes are so far)
     workloads:                         # created in this order once the cluster is up
       - ../manifests/nginxpod.yaml     # a manifest file or directory, relative to
                                        # this file (multi-document YAML allowed)
@@ -87,16 +96,17 @@ from netemu.impairment import Impairment
 from . import names
 from .manifests import (Entry, Origin, check_batch, describe, manifest_files, normalize_object,
                         object_label, read_manifest_file)
-from .model import (BACKENDS, DEFAULT_LB_POOL_SPAN, PROXY_MODES, ClusterSettings, NodeSpec,
-                    Topology, TopologyError)
+from .model import (BACKENDS, DEFAULT_LB_POOL_SPAN, PROXY_MODES, ClusterSettings, MachineSpec,
+                    NodeSpec, Topology, TopologyError)
 from .yamlsource import file_problem, load_documents, read_text
 
-TOP_KEYS = ("name", "cluster", "nodes", "workloads")
+TOP_KEYS = ("name", "cluster", "machines", "nodes", "workloads")
+MACHINE_KEYS = ("name", "address")
 CLUSTER_KEYS = ("underlay", "underlayMTU", "clusterNetwork", "subnetLen", "serviceRange",
                 "nodePortRange", "backend", "proxyMode", "loadBalancerPool", "clientAddress",
                 "timeScale", "apiServerNode", "link")
 BACKEND_KEYS = ("type", "port", "vni")
-NODE_KEYS = ("name", "labels", "address", "podCIDR", "unschedulable", "link")
+NODE_KEYS = ("name", "labels", "address", "podCIDR", "unschedulable", "link", "machine")
 CLUSTER_NAME_MAX = 20
 LB_POOL_MAX = 65536          # a pool is expanded to a list; refuse absurd ones
 # The underlay's addresses are listed when nodes are placed on it; a /16 holds
@@ -434,9 +444,88 @@ def parse_nodes(f: _File, value: Any, s: ClusterSettings, *, links_over_cluster:
         link = None
         if raw.get("link") is not None:
             link = _link(f, raw["link"], f"{where}.link", s.link.settings() if links_over_cluster else {})
+        machine = raw.get("machine")
+        if machine is not None and not isinstance(machine, str):
+            raise f.error(f"{where}.machine", f"must be the name of one of machines:, got {describe(machine)}")
         nodes.append(NodeSpec(name=name, labels=labels, address=address, pod_cidr=pod_cidr,
-                              unschedulable=unschedulable, link=link))
+                              unschedulable=unschedulable, link=link, machine=machine))
     return nodes
+
+
+# The cluster's fabric crosses machines in VXLAN: 50 bytes of outer IPv4, UDP,
+# VXLAN and inner Ethernet headers on every fabric frame.
+MACHINE_TUNNEL_OVERHEAD = 50
+MACHINE_LINK_MTU = 1500         # what a machine's network is assumed to carry
+
+
+def parse_machines(f: _File, value: Any) -> list[MachineSpec]:
+    """The `machines:` list (absent: the cluster runs on this machine alone)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not value:
+        raise f.error("machines", f"must be a list of at least one machine ({{name, address}}), "
+                      f"got {'an empty list' if value == [] else describe(value)}")
+    machines: list[MachineSpec] = []
+    seen_name: dict[str, int] = {}
+    seen_address: dict[IPv4Address, int] = {}
+    for i, raw in enumerate(value):
+        where = f"machines[{i}]"
+        raw = _mapping(f, raw, where)
+        _unknown_keys(f, raw, MACHINE_KEYS, where)
+        name = raw.get("name")
+        if not isinstance(name, str) or not name:
+            raise f.error(f"{where}.name", f"required: a DNS-1123 label, got {describe(name)}")
+        problem = names.dns1123_label(name)
+        if problem:
+            raise f.error(f"{where}.name", f'invalid machine name "{name}": {problem}')
+        if name in seen_name:
+            raise f.error(f"{where}.name", f'duplicate machine name "{name}" (also machines[{seen_name[name]}])')
+        seen_name[name] = i
+        if raw.get("address") is None:
+            raise f.error(f"{where}.address", "required: the IPv4 address the other machines reach it at")
+        address = _address(f, raw["address"], f"{where}.address")
+        if address.is_loopback or address.is_multicast or address.is_unspecified or address.is_link_local:
+            raise f.error(f"{where}.address", f"{address} is not an address another machine can reach")
+        if address in seen_address:
+            raise f.error(f"{where}.address", f"duplicate address {address} (also machines[{seen_address[address]}])")
+        seen_address[address] = i
+        machines.append(MachineSpec(name=name, address=address))
+    return machines
+
+
+def place_nodes(f: _File, machines: list[MachineSpec], nodes: list[NodeSpec], master: str) -> None:
+    """Check each node's `machine:` and give the others one: the API server's
+    node on the first machine (whose control plane serves the API from it),
+    then each node to the machine with the fewest nodes so far (file order on
+    a tie)."""
+    index = {m.name: i for i, m in enumerate(machines)}
+    for i, n in enumerate(nodes):
+        if n.machine is None:
+            continue
+        if not machines:
+            raise f.error(f"nodes[{i}].machine", "the file has no machines: list them in machines: first")
+        if n.machine not in index:
+            raise f.error(f"nodes[{i}].machine", f'unknown machine "{n.machine}" (machines: '
+                          f"{', '.join(index)})")
+    if not machines:
+        return
+    first = machines[0].name
+    for i, n in enumerate(nodes):
+        if n.name == master:
+            if n.machine is None:
+                n.machine = first
+            elif n.machine != first:
+                raise f.error(f"nodes[{i}].machine", f'node "{n.name}" serves the Kubernetes API '
+                              f"(cluster.apiServerNode, or the first unschedulable node): it must be on the "
+                              f'first machine, "{first}", where netemu up runs the control plane')
+    count = {m.name: 0 for m in machines}
+    for n in nodes:
+        if n.machine is not None:
+            count[n.machine] += 1
+    for n in nodes:
+        if n.machine is None:
+            n.machine = min(count, key=lambda m: (count[m], index[m]))
+            count[n.machine] += 1
 
 
 def _fit_underlay(f: _File, s: ClusterSettings, nodes: list[NodeSpec], explicit_pool: bool,
@@ -643,6 +732,13 @@ def _topology(f: _File, data: Any, source: Path | None, default_name: str | None
             raise f.error("cluster.apiServerNode", f"{describe(api_node)} is not one of the nodes "
                           f"({', '.join(n.name for n in nodes)})")
         settings.api_server_node = api_node
+    machines = parse_machines(f, top.get("machines"))
+    topology = Topology(name=cluster_name, source=source, settings=settings, nodes=nodes, objects=[],
+                        warnings=warnings, machines=machines)
+    place_nodes(f, machines, nodes, topology.master_node())
+    if machines and "underlayMTU" not in (top.get("cluster") or {}):
+        # The fabric's frames cross the machines' network inside VXLAN.
+        settings.underlay_mtu = MACHINE_LINK_MTU - MACHINE_TUNNEL_OVERHEAD
     if all(n.unschedulable for n in nodes):
         warnings.append(f"{f.display}: nodes: every node is unschedulable: only DaemonSet pods "
                         "and pods with spec.nodeName will run")
@@ -652,5 +748,5 @@ def _topology(f: _File, data: Any, source: Path | None, default_name: str | None
     if host_networks is None:
         host_networks = read_host_networks()
     warnings.extend(host_network_warnings(settings, host_networks, f.display))
-    return Topology(name=cluster_name, source=source, settings=settings, nodes=nodes,
-                    objects=[e.obj for e in entries], warnings=warnings)
+    topology.objects = [e.obj for e in entries]
+    return topology

@@ -111,10 +111,21 @@ class NodeSpec:
     # The uplink's impairment: cluster.link with the node's own `link:` keys
     # over it (None: cluster.link alone).
     link: Impairment | None = None
+    # The machine the node runs on (a name in Topology.machines); None: the
+    # cluster is on one machine.
+    machine: str | None = None
 
     def uplink(self, settings: "ClusterSettings") -> Impairment:
         # getattr: a cluster saved before links had properties has no settings.link.
         return self.link if self.link is not None else getattr(settings, "link", Impairment())
+
+
+@dataclass
+class MachineSpec:
+    """One machine of a cluster over several (`machines:`): the first runs the
+    control plane (`netemu up`), the others `netemu join`."""
+    name: str                       # DNS-1123 label
+    address: IPv4Address            # where the other machines reach it (its tunnel's end)
 
 
 @dataclass
@@ -125,6 +136,27 @@ class Topology:
     nodes: list[NodeSpec]
     objects: list[dict]             # Kubernetes objects in API shape, in file order
     warnings: list[str]
+    # The machines the cluster spans (`machines:`); empty: this machine alone.
+    machines: list[MachineSpec] = field(default_factory=list)
+
+    def machine(self, name: str) -> MachineSpec:
+        for m in self.machines:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def nodes_on(self, machine: str | None) -> list[NodeSpec]:
+        """The nodes that run on MACHINE (None, or a cluster on one machine: all)."""
+        if machine is None or not self.machines:
+            return list(self.nodes)
+        return [n for n in self.nodes if n.machine == machine]
+
+    def master_node(self) -> str:
+        """The node the API server listens in: cluster.apiServerNode, else the
+        first unschedulable node (the tutorial's master), else the first node."""
+        if self.settings.api_server_node:
+            return self.settings.api_server_node
+        return next((n.name for n in self.nodes if n.unschedulable), self.nodes[0].name)
 
     def node(self, name: str) -> NodeSpec:
         for n in self.nodes:

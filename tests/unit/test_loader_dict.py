@@ -84,7 +84,7 @@ BAD = [
     ("bad name", {"name": "Lab_1", "nodes": [{"name": "a"}]}, '<dict>: name: invalid cluster name "Lab_1"'),
     ("name not a string", {"name": 7, "nodes": [{"name": "a"}]}, "<dict>: name: must be a non-empty string"),
     ("unknown node key", {"name": "x", "nodes": [{"name": "a", "adress": "172.30.0.9"}]},
-     '<dict>: nodes[0].adress: unknown key (allowed: name, labels, address, podCIDR, unschedulable, link); '
+     '<dict>: nodes[0].adress: unknown key (allowed: name, labels, address, podCIDR, unschedulable, link, machine); '
      'did you mean "address"?'),
     ("duplicate node", {"name": "x", "nodes": [{"name": "a"}, {"name": "a"}]},
      '<dict>: nodes[1].name: duplicate node name "a"'),
