@@ -121,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "SQLite file in /run/netemu/NAME")
     sp.add_argument("-q", "--quiet", action="store_true")
 
+    sp = verb("join", cmd_join, "build this machine's part of a cluster over several machines "
+              "(netemu up runs on the first; see machines: in the topology)")
+    sp.add_argument("--store", metavar="etcd://HOST:PORT", required=True,
+                    help="the etcd the cluster keeps its state in (as given to netemu up)")
+    sp.add_argument("--machine", required=True, help="this machine's name in the topology's machines:")
+    sp.add_argument("--cluster", help="the cluster to join (default: the only one in that etcd)")
+    sp.add_argument("-q", "--quiet", action="store_true")
+
     sp = verb("down", cmd_down, "stop a cluster and remove everything it made")
     sp.add_argument("name", nargs="?", metavar="CLUSTER")
     sp.add_argument("--cluster", dest="cluster_opt")
@@ -271,12 +279,33 @@ def print_summary(name: str, summary: dict) -> None:
         print(printers.table(printers.POD_HEADERS[:3] + ["IP", "NODE"],
                              [printers.pod_row(p, True)[:3] + printers.pod_row(p, True)[5:7]
                               for p in summary["pods"]]))
+    for machine, nodes, command in summary.get("waiting", []):
+        print(f"\nmachine {machine} ({', '.join(nodes)}) has not joined yet; on it: {command}")
     print(f"\nTry: netemu get pods -o wide --cluster {name}   |   netemu down {name}")
+
+
+def cmd_join(args) -> int:
+    def progress(line):
+        if not args.quiet:
+            print(f"  … {line}", file=sys.stderr, flush=True)
+
+    cluster = args.cluster or os.environ.get(names.CLUSTER_ENV)
+    if not args.quiet:
+        which = f'cluster "{cluster}"' if cluster else "the cluster"
+        print(f"Joining {which} in {args.store} as machine {args.machine}", file=sys.stderr)
+    with _signals_interrupt():
+        summary = clusters.join(cluster, args.store, args.machine, progress)
+    print_summary(summary["cluster"], summary)
+    return 0
 
 
 def cmd_down(args) -> int:
     name = clusters.resolve(args.name or args.cluster_opt)
-    clusters.teardown(name, graceful=True)
+
+    def progress(line):
+        print(f"  … {line}", file=sys.stderr, flush=True)
+
+    clusters.take_down(name, progress)
     print(f'cluster "{name}" removed')
     return 0
 
@@ -480,8 +509,14 @@ def tabulate(cluster: str, store, kind: str, objs: list[dict], wide: bool):
         return (printers.POD_HEADERS + (printers.POD_WIDE if wide else []),
                 [printers.pod_row(o, wide) for o in objs])
     if kind == "Node":
-        return (printers.NODE_HEADERS + (printers.NODE_WIDE if wide else []),
-                [printers.node_row(o, wide) for o in objs])
+        headers = printers.NODE_HEADERS + (printers.NODE_WIDE if wide else [])
+        rows = [printers.node_row(o, wide) for o in objs]
+        machine = [(o["metadata"].get("labels") or {}).get(names.MACHINE_LABEL) for o in objs]
+        if wide and any(machine):
+            # a cluster over several machines: where each node runs
+            headers = headers + ["MACHINE"]
+            rows = [row + [m or "<none>"] for row, m in zip(rows, machine)]
+        return headers, rows
     from netemu import kubectl_tables
 
     if kubectl_tables.supports(kind):

@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from netemu import api, apiserver, clusterconfig, fabric, journal, loadbalancer, names, netns
+from netemu import api, apiserver, clusterconfig, fabric, journal, loadbalancer, machines, names, netns
 from netemu.node import host
 from netemu.overlay import leases
 import netemu.store as store_module
@@ -101,7 +101,9 @@ def node_object(spec, address: ipaddress.IPv4Interface) -> dict:
     return {
         "kind": "Node",
         "metadata": {"name": spec.name, "labels": {"kubernetes.io/hostname": spec.name,
-                                                   "kubernetes.io/os": "linux", **spec.labels},
+                                                   "kubernetes.io/os": "linux", **spec.labels,
+                                                   **({names.MACHINE_LABEL: spec.machine}
+                                                      if spec.machine else {})},
                      "annotations": annotations},
         "spec": {"unschedulable": bool(spec.unschedulable)},
         "status": {"addresses": [{"type": "InternalIP", "address": str(address.ip)},
@@ -183,20 +185,17 @@ def up(topology, progress: Callable[[str], None] = lambda s: None,
     builder pipe close before the commit and rolls back itself."""
     cluster = topology.name
     check_name(cluster, where or f"{getattr(topology, 'source', '') or cluster}: name")
-    state = names.state_dir(cluster)
-    os.makedirs(names.STATE_ROOT, exist_ok=True)
-    with _root_lock():
-        if os.path.exists(state) and not _remove_if_stillborn(cluster):
-            raise ClusterError(f'cluster "{cluster}" already exists (netemu down {cluster} first)')
-        taken = owned_names_taken(cluster)
-        if taken:
-            raise ClusterError(f"network namespaces named like this cluster's exist already: "
-                               f"{', '.join(taken[:3])}")
-        os.makedirs(state)
-        # Held while this up runs: another up of the same name must not take
-        # this half-built cluster for a stillborn one.
-        building = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        fcntl.flock(building, fcntl.LOCK_EX)
+    if topology.machines:
+        if not store:
+            raise ClusterError(f"{getattr(topology, 'source', '') or cluster}: machines: a cluster over several "
+                               "machines keeps its state in an etcd they all reach: netemu up FILE --store "
+                               "etcd://HOST:PORT")
+        try:
+            machines.check_here(topology, topology.machines[0])
+        except machines.MachineError as e:
+            raise ClusterError(f"{e} (netemu up runs on the first of machines:, netemu join on the "
+                               "others)") from None
+    building = _claim(cluster)
     builder = None
     try:
         if store:
@@ -205,12 +204,15 @@ def up(topology, progress: Callable[[str], None] = lambda s: None,
             except ValueError as e:
                 raise ClusterError(str(e)) from None
             progress(f"state store: {store_module.describe(cluster)}")
+        if topology.machines:
+            machines.write_info(cluster, topology.machines[0].name, first=True)
         _create_store(topology)
         # Next: the supervisor, holding the read end of the builder pipe,
         # so that from here on a builder killed by SIGKILL is rolled back.
         builder = start_supervisor(cluster)
         _build(topology, progress, fail_after, builder, kubeconfig)
-        summary = wait_ready(cluster, progress)
+        summary = wait_ready(cluster, progress, machine=machines.name(cluster))
+        summary["waiting"] = _not_joined(cluster, topology, store)
         _tell(builder, "commit")
         builder.close()
         return summary
@@ -222,6 +224,154 @@ def up(topology, progress: Callable[[str], None] = lambda s: None,
         raise
     finally:
         os.close(building)
+
+
+def _claim(cluster: str) -> int:
+    """Make CLUSTER's state folder, which must not exist, and return an open
+    descriptor of it, locked: held while up (or join) builds, so that another
+    up of the same name does not take this half-built cluster for a stillborn
+    one."""
+    state = names.state_dir(cluster)
+    os.makedirs(names.STATE_ROOT, exist_ok=True)
+    with _root_lock():
+        if os.path.exists(state) and not _remove_if_stillborn(cluster):
+            raise ClusterError(f'cluster "{cluster}" already exists (netemu down {cluster} first)')
+        taken = owned_names_taken(cluster)
+        if taken:
+            raise ClusterError(f"network namespaces named like this cluster's exist already: "
+                               f"{', '.join(taken[:3])}")
+        os.makedirs(state)
+        building = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(building, fcntl.LOCK_EX)
+    return building
+
+
+def join(cluster: str | None, endpoint: str, machine: str,
+         progress: Callable[[str], None] = lambda s: None) -> dict:
+    """`netemu join`: build MACHINE's part of CLUSTER, which `netemu up` brought
+    up on the first machine with its state in the etcd at ENDPOINT (CLUSTER
+    None: the only cluster that etcd holds): the fabric with its tunnels to the
+    other machines, this machine's nodes, and the supervisor of their agents.
+    Waits until those nodes are Ready and their pods settled; a failure, or a
+    signal, removes what it made (and nothing of the other machines')."""
+    config_key = registry.key("ConfigMap", clusterconfig.NAMESPACE, clusterconfig.NAME)
+    try:
+        if cluster is None:
+            found = store_module.clusters_in_etcd(endpoint, config_key)
+            if len(found) != 1:
+                raise ClusterError(f"--store {endpoint}: " + (
+                    "holds no netemu cluster" if not found else
+                    f"holds several clusters ({', '.join(found)}): pick one with --cluster"))
+            cluster = found[0]
+        check_name(cluster, "--cluster")
+        from netemu.store.etcd import EtcdError, EtcdStore, parse_endpoint
+        host, port = parse_endpoint(endpoint)
+        try:
+            store = EtcdStore(f"{host}:{port}", namespace=store_module.etcd_namespace(cluster))
+        except EtcdError as e:
+            raise ClusterError(f"--store {endpoint}: {e}") from None
+    except ValueError as e:
+        raise ClusterError(str(e)) from None
+    try:
+        try:
+            topology = clusterconfig.read(cluster, store)
+        except clusterconfig.ClusterConfigError:
+            raise ClusterError(f'--store {endpoint}: no cluster "{cluster}" there (no {clusterconfig.DISPLAY} '
+                               f"under {store_module.etcd_namespace(cluster)})") from None
+        where = f'cluster "{cluster}"'
+        if not topology.machines:
+            raise ClusterError(f"{where} runs on one machine (its topology has no machines:)")
+        known = [m.name for m in topology.machines]
+        if machine not in known:
+            raise ClusterError(f'--machine: {where} has no machine "{machine}" (machines: {", ".join(known)})')
+        if machine == known[0]:
+            raise ClusterError(f'--machine: "{machine}" is the first machine of {where}: netemu up runs '
+                               "there, not join")
+        if machine in machines.present(store):
+            raise ClusterError(f'--machine: machine "{machine}" has joined {where} already (its key '
+                               f"{machines.key(machine)} is alive)")
+        try:
+            machines.check_here(topology, topology.machine(machine))
+        except machines.MachineError as e:
+            raise ClusterError(str(e)) from None
+        nodes = [n for n in registry.list_(store, "Node")
+                 if n["metadata"].get("labels", {}).get(names.MACHINE_LABEL) == machine]
+    finally:
+        store.close()
+    plans = []
+    for n in nodes:
+        address = next((a["address"] for a in n.get("status", {}).get("addresses", [])
+                        if a.get("type") == "InternalIP"), None)
+        plans.append(NodePlan(n["metadata"]["name"], ipaddress.IPv4Interface(
+            f"{address}/{topology.settings.underlay.prefixlen}")))
+    building = _claim(cluster)
+    builder = None
+    try:
+        store_module.join_etcd(cluster, endpoint).close()
+        machines.write_info(cluster, machine, first=False)
+        progress(f"state store: {store_module.describe(cluster)}")
+        builder = start_supervisor(cluster)
+        _build_machine(topology, machine, plans, topology.settings.effective_client_address(), progress)
+        _tell(builder, "start")
+        progress(f"agents of {len(plans)} node(s) started")
+        summary = wait_ready(cluster, progress, machine=machine)
+        _tell(builder, "commit")
+        builder.close()
+        return {**summary, "cluster": cluster}
+    except BaseException:
+        with _signals_deferred():
+            progress("rolling back")
+            teardown(cluster, graceful=False)
+        raise
+    finally:
+        os.close(building)
+
+
+def _not_joined(cluster: str, topology, endpoint: str | None) -> list[tuple[str, list[str], str]]:
+    """(machine, its nodes, the command that joins it) for each other machine
+    that has not joined yet."""
+    if not topology.machines:
+        return []
+    store = open_store(cluster)
+    try:
+        present = set(machines.present(store))
+    finally:
+        store.close()
+    return [(m.name, [n.name for n in topology.nodes_on(m.name)],
+             f"netemu join --store {endpoint} --machine {m.name} --cluster {cluster}")
+            for m in topology.machines[1:] if m.name not in present]
+
+
+DOWN_WAIT = 30.0        # seconds `down` waits for the other machines to say they are done
+
+
+def take_down(cluster: str, progress: Callable[[str], None] = lambda s: None) -> None:
+    """`netemu down`: this machine's part of CLUSTER, and, on a cluster over
+    several machines, every other machine's: without its settings in the store
+    the cluster is gone, which each machine's supervisor notices and removes
+    its part (see controlplane.Supervisor); down waits until their keys are
+    gone (at most DOWN_WAIT) and then removes the cluster's keys."""
+    me = machines.name(cluster)
+    if me is None:
+        teardown(cluster, graceful=True)
+        return
+    store = open_store(cluster)
+    try:
+        teardown(cluster, graceful=True, forget_store=False)
+        store.delete(registry.key("ConfigMap", clusterconfig.NAMESPACE, clusterconfig.NAME))
+        deadline = time.monotonic() + DOWN_WAIT
+        others = [m for m in machines.present(store) if m != me]
+        if others:
+            progress(f"waiting for machine(s) {', '.join(others)} to remove their part")
+        while others and time.monotonic() < deadline:
+            time.sleep(0.2)
+            others = [m for m in machines.present(store) if m != me]
+        store.delete_prefix("")
+    finally:
+        store.close()
+    if others:
+        raise ClusterError(f"machine(s) {', '.join(others)} did not say within {DOWN_WAIT:.0f} s that they "
+                           f"had removed their part: run netemu clean {cluster} there")
 
 
 @contextlib.contextmanager
@@ -284,16 +434,9 @@ def _tell(builder, word: str) -> None:
 def _build(topology, progress, fail_after, builder, kubeconfig: bool = True) -> None:
     cluster, settings = topology.name, topology.settings
     plans, client = plan_addresses(topology)
-    specs = {n.name: n for n in topology.nodes}
-    progress(f"fabric {names.fabric_ns(cluster)}: bridge {names.FABRIC_BRIDGE} on {settings.underlay}")
-    fabric.create(cluster, settings.underlay_mtu)
-    for plan in plans:
-        progress(f"node {plan.name}: eth0 {plan.address}")
-        host.create(cluster, plan.name, plan.address, settings.underlay_mtu, client.ip,
-                    tso=settings.backend != "udp", impairment=specs[plan.name].uplink(settings))
-        os.makedirs(names.node_dir(cluster, plan.name), exist_ok=True)
-        if fail_after == "node":
-            raise ClusterError("failure injected after the first node (test)")
+    here = machines.name(cluster)
+    local = {n.name for n in topology.nodes_on(here)}
+    _build_machine(topology, here, [p for p in plans if p.name in local], client.ip, progress, fail_after)
     cns = names.client_ns(cluster)
     journal.create_netns(cluster, cns)
     fabric.plug(cluster, cns, "client", client, settings.underlay_mtu)
@@ -319,6 +462,29 @@ def _build(topology, progress, fail_after, builder, kubeconfig: bool = True) -> 
     apiserver.prepare(cluster, kubeconfig)      # the API server's loopback port and kubeconfig context
     _tell(builder, "start")
     progress("control plane started")
+
+
+def _build_machine(topology, here: str | None, plans: list[NodePlan], gateway: ipaddress.IPv4Address,
+                   progress, fail_after: str | None = None) -> None:
+    """This machine's part of the cluster: the fabric (with its tunnels to the
+    other machines, if any) and the nodes PLANS."""
+    cluster, settings = topology.name, topology.settings
+    progress(f"fabric {names.fabric_ns(cluster)}: bridge {names.FABRIC_BRIDGE} on {settings.underlay}"
+             + (f" (machine {here}, MTU {settings.underlay_mtu})" if here else ""))
+    fabric.create(cluster, settings.underlay_mtu)
+    if here is not None:
+        try:
+            machines.create_tunnels(cluster, topology, here, progress)
+        except machines.MachineError as e:
+            raise ClusterError(str(e)) from None
+    specs = {n.name: n for n in topology.nodes}
+    for plan in plans:
+        progress(f"node {plan.name}: eth0 {plan.address}")
+        host.create(cluster, plan.name, plan.address, settings.underlay_mtu, gateway,
+                    tso=settings.backend != "udp", impairment=specs[plan.name].uplink(settings))
+        os.makedirs(names.node_dir(cluster, plan.name), exist_ok=True)
+        if fail_after == "node":
+            raise ClusterError("failure injected after the first node (test)")
 
 
 def _create_store(topology) -> None:
@@ -354,19 +520,30 @@ def start_supervisor(cluster: str):
     return proc.stdin
 
 
-def wait_ready(cluster: str, progress, timeout: float | None = None) -> dict:
+def wait_ready(cluster: str, progress, timeout: float | None = None, machine: str | None = None) -> dict:
     """Wait until every node is Ready and every pod has settled (running and ready,
     finished, or unschedulable), at most TIMEOUT (default READY_TIMEOUT, read
-    at the call: the benchmark raises it). Returns a summary for printing."""
+    at the call: the benchmark raises it). Returns a summary for printing.
+
+    MACHINE (a cluster over several machines): only that machine's nodes, and
+    the pods bound to them (and, on the first machine, which runs the
+    scheduler, the pods not bound yet): the other machines' nodes are Ready
+    once those machines have joined."""
     timeout = READY_TIMEOUT if timeout is None else timeout
     store = open_store(cluster)
     deadline = time.monotonic() + timeout
     last = None
     nodes_ready_at = None
+    unbound_too = machine is None or machines.runs_control_plane(cluster)
     try:
         while True:
             nodes = registry.list_(store, "Node")
             pods = registry.list_(store, "Pod")
+            if machine is not None:
+                nodes = [n for n in nodes if n["metadata"].get("labels", {}).get(names.MACHINE_LABEL) == machine]
+                here = {n["metadata"]["name"] for n in nodes}
+                pods = [p for p in pods if p.get("spec", {}).get("nodeName") in here
+                        or (unbound_too and not p.get("spec", {}).get("nodeName"))]
             ready_nodes = [n for n in nodes if _condition(n, "Ready")]
             if len(ready_nodes) == len(nodes) and nodes_ready_at is None:
                 nodes_ready_at = time.monotonic()
@@ -634,12 +811,21 @@ def cluster_processes(cluster: str, own: set[int] | None = None) -> list[int]:
     return pids
 
 
-def teardown(cluster: str, graceful: bool = True) -> None:
+def teardown(cluster: str, graceful: bool = True, forget_store: bool | None = None) -> None:
     """Remove every process, namespace and file of CLUSTER (idempotent).
 
     Also processes started by hand in its namespaces (`ip netns exec`).
     Namespaces are deleted only while their name still leads to the inode the
-    journal recorded: a name another cluster (or anyone) holds is left alone."""
+    journal recorded: a name another cluster (or anyone) holds is left alone.
+    FORGET_STORE: also delete the cluster's keys from its etcd (default: on the
+    machine that runs its control plane; a joined machine removes its own part
+    only, and its key)."""
+    try:
+        me = machines.info(cluster)
+    except machines.MachineError:
+        me = None
+    if forget_store is None:
+        forget_store = me is None or bool(me.get("first"))
     own = namespace_inodes(cluster)
     pid = _read_pid(cluster)
     if graceful and pid is not None and _alive(pid):
@@ -664,12 +850,35 @@ def teardown(cluster: str, graceful: bool = True) -> None:
         except netns.NetnsError as e:
             errors.append(str(e))
     apiserver.forget(cluster)       # the kubeconfig context up added
-    problem = store_module.forget(cluster)     # its keys in etcd, when it kept its state there
+    problem = store_module.forget(cluster) if forget_store else _forget_machine(cluster, me)
     if problem:
         errors.append(problem)
     shutil.rmtree(names.state_dir(cluster), ignore_errors=True)
     if errors:
         raise ClusterError("; ".join(errors))
+
+
+def require_here(topology, spec) -> None:
+    """A node's kernel objects can be changed only on the machine it runs on."""
+    here = machines.name(topology.name)
+    if here is not None and spec.machine not in (None, here):
+        raise ClusterError(f'node "{spec.name}" runs on machine {spec.machine} (this is {here}): '
+                           "run this there")
+
+
+def _forget_machine(cluster: str, me: dict | None) -> str | None:
+    """Delete this machine's key from the cluster's store (None: done, or no key)."""
+    if me is None:
+        return None
+    try:
+        store = open_store(cluster)
+        try:
+            store.delete(machines.key(me["name"]))
+        finally:
+            store.close()
+    except Exception as e:      # noqa: BLE001 - an etcd away: the key's TTL ends it
+        return f"machine {me['name']}'s key in the cluster's etcd remains until its TTL ends: {e}"
+    return None
 
 
 def require_root() -> None:
@@ -713,7 +922,7 @@ def add_node(cluster: str, name: str, labels: dict | None = None, address: str |
         iface = ipaddress.IPv4Interface(f"{ip}/{settings.underlay.prefixlen}")
         spec = NodeSpec(name=name, labels=dict(labels or {}), address=ip,
                         pod_cidr=ipaddress.IPv4Network(pod_cidr) if pod_cidr else None,
-                        unschedulable=unschedulable)
+                        unschedulable=unschedulable, machine=machines.name(cluster))
         try:
             host.create(cluster, name, iface, settings.underlay_mtu,
                         settings.effective_client_address(), tso=settings.backend != "udp",
@@ -750,6 +959,8 @@ def remove_node(cluster: str, name: str, timeout: float = 30.0) -> None:
     from netemu.k8s import ownership
 
     topology = clusterconfig.read(cluster)
+    if any(n.name == name for n in topology.nodes):
+        require_here(topology, topology.node(name))
     if [n.name for n in topology.nodes] == [name]:
         raise ClusterError(f'node "{name}" is the cluster\'s last node (netemu down {cluster} instead)')
     store = open_store(cluster)

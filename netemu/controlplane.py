@@ -39,7 +39,7 @@ import time
 
 import trio
 
-from netemu import clusterconfig, journal, names
+from netemu import clusterconfig, journal, machines, names
 from netemu.store import open_store, registry
 from netemu.supervisor import daemon_env, python_argv, stop_on_signal, supervise
 
@@ -170,9 +170,15 @@ class Part:
 class Supervisor:
     def __init__(self, cluster: str):
         self.cluster = cluster
-        self.parts = [Part(cluster, p) for p in PARTS]
+        # A machine that joined a cluster over several machines runs its nodes'
+        # agents only: the controllers run on the first.
+        self.machine = machines.name(cluster)
+        parts = PARTS if machines.runs_control_plane(cluster) else ("nodes",)
+        self.parts = [Part(cluster, p) for p in parts]
         self.stopping = False
         self.hung_after = hung_after(clusterconfig.read(cluster).settings)
+        self.store = open_store(cluster) if self.machine is not None else None
+        self.next_look = 0.0
 
     def run(self) -> int:
         journal.record_process(self.cluster, os.getpid())
@@ -200,6 +206,11 @@ class Supervisor:
                         committed = True
             else:
                 time.sleep(0.2)
+            if started and self._cluster_gone():
+                log.warning("the cluster's settings are gone from its store: it was taken down from "
+                            "another machine; removing this machine's part")
+                self._stop_parts()
+                return self._roll_back()
             for part in self.parts if started else []:
                 if part.due is not None:
                     if time.monotonic() >= part.due and not self.stopping:
@@ -224,6 +235,22 @@ class Supervisor:
         self._stop_parts()
         log.info("stopped")
         return 0
+
+    def _cluster_gone(self) -> bool:
+        """On a cluster over several machines, every MACHINE_RENEW seconds:
+        renew this machine's key, and tell whether the cluster's settings are
+        gone from the store (`netemu down` on another machine). An etcd that
+        does not answer is not a cluster gone: it may be back in a moment."""
+        if self.store is None or time.monotonic() < self.next_look:
+            return False
+        self.next_look = time.monotonic() + machines.MACHINE_RENEW
+        try:
+            if clusterconfig.stored(self.store) is None:
+                return True
+            machines.announce(self.store, self.cluster, self.machine)
+        except Exception as e:      # noqa: BLE001 - etcd away or failing: look again later
+            log.warning("store: %s", e)
+        return False
 
     def _stop(self, signum, frame) -> None:
         self.stopping = True

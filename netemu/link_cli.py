@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 
-from netemu import clusterconfig, impairment, link, names, netns, printers
+from netemu import clusterconfig, impairment, link, machines, names, netns, printers
 from netemu import cluster as clusters
 from netemu.impairment import Impairment, ImpairmentError
 from netemu.store import registry
@@ -57,6 +57,7 @@ def _uplink(cluster: str, node: str, settings):
 def _node(topology, name: str):
     for n in topology.nodes:
         if n.name == name:
+            clusters.require_here(topology, n)
             return n
     raise clusters.ClusterError(f'nodes "{name}" not found')
 
@@ -120,7 +121,7 @@ def show(cluster: str, node: str | None = None, *, pod: str | None = None,
     if pod is None:
         topology = clusterconfig.read(cluster)
         settings = topology.settings
-        for spec in [_node(topology, node)] if node else topology.nodes:
+        for spec in [_node(topology, node)] if node else topology.nodes_on(machines.name(cluster)):
             imp = spec.uplink(settings)
             try:
                 installed = _uplink(cluster, spec.name, settings).installed(lines)

@@ -39,7 +39,7 @@ import signal
 import sys
 import time
 
-from netemu import names, netns
+from netemu import machines, names, netns
 from netemu.node.agent import Backoff
 
 log = logging.getLogger("netemu.controlplane.nodes")
@@ -98,6 +98,8 @@ class AgentSupervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
         store = open_store(self.cluster)
+        # On a cluster over several machines, the agents of this machine's nodes.
+        machine = machines.name(self.cluster)
         ears = self._ears(store)
         next_look = next_tick = 0.0
         try:
@@ -107,7 +109,9 @@ class AgentSupervisor:
                     tick()
                     next_tick = now + TICK
                 if now >= next_look or (ears is not None and ears.drain()):
-                    wanted = {n["metadata"]["name"] for n in registry.list_(store, "Node")}
+                    wanted = {n["metadata"]["name"] for n in registry.list_(store, "Node")
+                              if machine is None
+                              or n["metadata"].get("labels", {}).get(names.MACHINE_LABEL) == machine}
                     for node in wanted - set(self.children):
                         self.children[node] = Child(node)
                     for node in set(self.children) - wanted:

@@ -43,6 +43,43 @@ def _config(cluster: str) -> dict | None:
     return config
 
 
+def _record_etcd(cluster: str, host: str, port: int) -> None:
+    tmp = config_path(cluster) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"kind": "etcd", "endpoint": f"{host}:{port}", "namespace": etcd_namespace(cluster)}, f)
+    os.replace(tmp, config_path(cluster))
+
+
+def join_etcd(cluster: str, endpoint: str):
+    """Record that CLUSTER, which another machine brought up, keeps its state in
+    the etcd at ENDPOINT (`netemu join`). Returns the open store."""
+    from netemu.store.etcd import EtcdError, EtcdStore, parse_endpoint
+
+    host, port = parse_endpoint(endpoint)
+    try:
+        store = EtcdStore(f"{host}:{port}", namespace=etcd_namespace(cluster))
+    except EtcdError as e:
+        raise ValueError(f"--store {endpoint}: {e}") from None
+    _record_etcd(cluster, host, port)
+    return store
+
+
+def clusters_in_etcd(endpoint: str, config_key: str) -> list[str]:
+    """The clusters whose settings (CONFIG_KEY, under each one's prefix) the
+    etcd at ENDPOINT holds."""
+    from netemu.store.etcd import EtcdError, EtcdStore, parse_endpoint
+
+    host, port = parse_endpoint(endpoint)
+    try:
+        store = EtcdStore(f"{host}:{port}", namespace=etcd_namespace(""))
+    except EtcdError as e:
+        raise ValueError(f"--store {endpoint}: {e}") from None
+    try:
+        return sorted(k[:-len(config_key)] for k in store.keys("") if k.endswith(config_key))
+    finally:
+        store.close()
+
+
 def use_etcd(cluster: str, endpoint: str):
     """Record that CLUSTER keeps its state in the etcd at ENDPOINT, after
     checking it answers and holds no keys under the cluster's prefix yet (a
@@ -62,10 +99,7 @@ def use_etcd(cluster: str, endpoint: str):
         raise ValueError(f"--store {endpoint}: etcd already holds keys of a cluster named \"{cluster}\" "
                          f"under {namespace} ({len(left)}, e.g. {left[0].key}); take it down, or pick "
                          "another --name")
-    tmp = config_path(cluster) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"kind": "etcd", "endpoint": f"{host}:{port}", "namespace": namespace}, f)
-    os.replace(tmp, config_path(cluster))
+    _record_etcd(cluster, host, port)
     return store
 
 

@@ -195,6 +195,11 @@ class EtcdStore:
         reply = self._call("/v3/kv/range", self._range(prefix))
         return [_kv(raw, self.ns) for raw in reply.get("kvs", [])]
 
+    def keys(self, prefix: str) -> list[str]:
+        """The keys under PREFIX, without their values (etcd's keys_only)."""
+        reply = self._call("/v3/kv/range", {**self._range(prefix), "keys_only": True})
+        return [_unb64(raw["key"])[len(self.ns):] for raw in reply.get("kvs", [])]
+
     def list_at(self, prefix: str, revision: int, start_after: str = "",
                 limit: int | None = None) -> list[KeyValue]:
         body: dict[str, Any] = {**self._range(prefix, start_after), "revision": str(max(revision, 0))}

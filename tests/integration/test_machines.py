@@ -1,0 +1,248 @@
+"""One cluster over several machines (issue 15), on machines simulated here
+(tests/integration/simmachines.py: a network and a mount namespace each, a veth
+to a simulated switch for their network, a real etcd on the first machine).
+
+`netemu up FILE --store etcd://...` on machine a, `netemu join` on machine b;
+pod to pod across machines for every backend, a ClusterIP and a NodePort
+across machines, each machine's fabric bridged to the other's by a VXLAN port,
+nothing but that port's UDP socket (and the API server's loopback port on the
+first machine) added to a machine's own namespace, `down` on either machine
+taking the whole cluster down; the link between machines cut and restored;
+what up and join refuse. Machines sm<hex>-a, -b; clusters mc-*."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+import uuid
+
+import pytest
+import yaml
+
+from tests.integration.clusters import wait_for
+from tests.integration.simmachines import SimEtcd, SimNetwork
+
+pytestmark = pytest.mark.timeout(400)
+
+
+@pytest.fixture(scope="module")
+def machines(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    from netemu.store.etcdrun import etcd_binary
+    if etcd_binary() is None:
+        pytest.skip("etcd binary not found (tools/install.sh installs Debian's etcd-server)")
+    with SimNetwork(f"sm{uuid.uuid4().hex[:4]}", ["a", "b"]) as net:
+        etcd = SimEtcd(net.machines[0], str(tmp_path_factory.mktemp("etcd"))).start()
+        try:
+            yield net, etcd
+        finally:
+            etcd.stop()
+
+
+def own_namespace(machine) -> dict:
+    """What a machine's own namespace holds (read only), its sockets apart."""
+    run = lambda *argv: machine.run(*argv).stdout
+    return {"links": sorted((l["ifname"], l.get("mtu")) for l in json.loads(run("ip", "-j", "link", "show"))),
+            "addrs": run("ip", "-o", "addr", "show"), "routes": run("ip", "route", "show", "table", "all"),
+            "rules": run("ip", "rule", "show"), "nft": run("nft", "list", "ruleset")}
+
+
+def listening(machine) -> set[str]:
+    """Its listening sockets: "udp 0.0.0.0:4789", "tcp 127.0.0.1:38211", ..."""
+    out = set()
+    for proto in ("udp", "tcp"):
+        for line in machine.run("ss", "-Hln", "--" + proto).stdout.splitlines():
+            out.add(f"{proto} {line.split()[3]}")
+    return out
+
+
+def topology(tmp_path, name: str, extra_cluster: dict | None = None) -> str:
+    pod = lambda pname, node: {"apiVersion": "v1", "kind": "Pod",
+                               "metadata": {"name": pname, "labels": {"app": "web"}},
+                               "spec": {"nodeName": node, "containers": [{"name": "c", "image": "nginx"}]}}
+    body = {"name": name, "cluster": {"timeScale": 0.01, **(extra_cluster or {})},
+            "machines": [{"name": "a", "address": "192.168.77.1"}, {"name": "b", "address": "192.168.77.2"}],
+            "nodes": [{"name": "n1", "unschedulable": True}, {"name": "n2"}, {"name": "n3", "machine": "a"}],
+            "workloads": [pod("web-1", "n1"), pod("web-2", "n2"),
+                          {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+                           "spec": {"type": "NodePort", "selector": {"app": "web"},
+                                    "ports": [{"port": 80, "nodePort": 30080}]}}]}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return str(path)
+
+
+def gone_everywhere(net, etcd, name: str) -> None:
+    for m in net.machines:
+        left = [ns for ns in m.namespaces() if ns.startswith(name + "-")]
+        assert not left, f"machine {m.name}: namespaces left: {left}"
+        assert m.run("ls", "-A", "/run/netemu").stdout.split() in ([], [".up.lock"]), m.name
+    assert etcd.keys(f"/netemu/{name}/") == []
+
+
+def pexec(machine, pod: str, *argv, check=False):
+    return machine.netemu("exec", pod, "--", *argv, check=check, timeout=60)
+
+
+@pytest.mark.parametrize("backend", ["udp", "vxlan", "host-gw"])
+def test_a_cluster_over_two_machines_carries_pod_and_service_traffic(machines, tmp_path, backend):
+    net, etcd = machines
+    a, b = net.machines
+    name = f"mc-{backend.replace('-', '')}"
+    path = topology(tmp_path, name)
+    before = {m.name: (own_namespace(m), listening(m)) for m in net.machines}
+    try:
+        up = a.netemu("up", path, "--backend", backend, "--store", etcd.endpoint)
+        # machine a's part is ready; b's nodes wait for b, and up says how to join it
+        assert re.search(r"^n1\s+Ready", up.stdout, re.M) and "n2" not in up.stdout.split("machine b")[0]
+        assert (f"machine b (n2) has not joined yet; on it: netemu join --store {etcd.endpoint} "
+                f"--machine b --cluster {name}") in up.stdout
+        assert "tunnel m-b to machine b: VXLAN" in up.stderr
+        nodes = a.netemu("get", "nodes").stdout
+        assert re.search(r"^n2\s+NotReady", nodes, re.M), nodes
+
+        joined = b.netemu("join", "--store", etcd.endpoint, "--machine", "b")
+        assert re.search(r"^n2\s+Ready", joined.stdout, re.M) and "web-2" in joined.stdout
+
+        wide = a.netemu("get", "nodes", "-o", "wide").stdout.splitlines()
+        assert wide[0].split()[-1] == "MACHINE"
+        assert {l.split()[0]: l.split()[-1] for l in wide[1:]} == {"n1": "a", "n2": "b", "n3": "a"}
+
+        # each fabric's port to the other machine: VXLAN over the machines'
+        # network, its socket in the machine's namespace, isolated on the bridge
+        for m, peer, remote in ((a, "b", "192.168.77.2"), (b, "a", "192.168.77.1")):
+            link = m.run("ip", "-d", "-n", f"{name}-fabric", "link", "show", f"m-{peer}").stdout
+            assert f"vxlan id" in link and f"remote {remote}" in link and "dstport 4789" in link, link
+            assert "master fabric0" in link and "isolated on" in link, link
+            assert "mtu 1450" in link, link
+
+        pods = json.loads(a.netemu("get", "pods", "-o", "json").stdout)["items"]
+        ip = {p["metadata"]["name"]: p["status"]["podIP"] for p in pods}
+        for m, src, dst in ((a, "web-1", "web-2"), (b, "web-2", "web-1")):
+            out = wait_for(lambda: pexec(m, src, "curl", "-s", "-m", "3", ip[dst]).stdout,
+                           timeout=30, what=f"{src} -> {dst} across machines over {backend}")
+            assert f"pod {dst}," in out
+        svc = json.loads(a.netemu("get", "svc", "web", "-o", "json").stdout)["spec"]["clusterIP"]
+        seen = set()
+
+        def both():
+            out = pexec(a, "web-1", "curl", "-s", "-m", "3", svc).stdout
+            seen.update(re.findall(r"pod (web-\d),", out))
+            return seen == {"web-1", "web-2"}
+        wait_for(both, timeout=30, what="the ClusterIP reaching the pods of both machines")
+        # a NodePort of machine b's node, from the external client on machine a
+        out = a.run("ip", "netns", "exec", f"{name}-client", "curl", "-s", "-m", "3",
+                    "http://172.30.0.2:30080").stdout
+        assert "<p>pod web-" in out, out
+
+        # nothing in a machine's own namespace but the tunnel's UDP socket
+        # (and, on the first machine, the API server's loopback port)
+        for m in net.machines:
+            assert own_namespace(m) == before[m.name][0], f"machine {m.name}'s own namespace changed"
+            added = listening(m) - before[m.name][1]
+            if m is a:
+                assert {s for s in added if not s.startswith("tcp 127.0.0.1:")} == {"udp 0.0.0.0:4789"}
+                assert len(added) == 2, added
+            else:
+                assert added == {"udp 0.0.0.0:4789"}, added
+
+        # down on the machine that joined takes the whole cluster down
+        down = b.netemu("down", timeout=120)
+        assert f'cluster "{name}" removed' in down.stdout
+    finally:
+        for m in (b, a):
+            m.netemu("clean", name, check=False, timeout=120)
+    gone_everywhere(net, etcd, name)
+    for m in net.machines:
+        assert own_namespace(m) == before[m.name][0] and listening(m) == before[m.name][1], m.name
+
+
+def test_down_on_the_first_machine_takes_the_joined_one_down(machines, tmp_path):
+    net, etcd = machines
+    a, b = net.machines
+    name = "mc-downa"
+    path = topology(tmp_path, name)
+    try:
+        a.netemu("up", path, "--store", etcd.endpoint, "-q")
+        b.netemu("join", "--store", etcd.endpoint, "--machine", "b", "--cluster", name, "-q")
+        assert any(ns == f"{name}-node-n2" for ns in b.namespaces())
+        a.netemu("down", name, timeout=120)
+        # a's down waited for b to say it had removed its part
+        assert not [ns for ns in b.namespaces() if ns.startswith(name + "-")]
+    finally:
+        for m in (b, a):
+            m.netemu("clean", name, check=False, timeout=120)
+    gone_everywhere(net, etcd, name)
+
+
+def test_traffic_resumes_after_the_link_between_machines_is_restored(machines, tmp_path):
+    net, etcd = machines
+    a, b = net.machines
+    name = "mc-cut"
+    # timeScale 1: the nodes of b must not be declared lost during the cut
+    path = topology(tmp_path, name, {"timeScale": 1})
+    try:
+        a.netemu("up", path, "--store", etcd.endpoint, "-q")
+        b.netemu("join", "--store", etcd.endpoint, "--machine", "b", "-q")
+        pods = json.loads(a.netemu("get", "pods", "-o", "json").stdout)["items"]
+        target = next(p["status"]["podIP"] for p in pods if p["metadata"]["name"] == "web-2")
+        wait_for(lambda: pexec(a, "web-1", "ping", "-c", "1", "-W", "1", target).returncode == 0,
+                 timeout=30, what="web-1 -> web-2")
+        net.cut(b)
+        assert pexec(a, "web-1", "ping", "-c", "2", "-W", "1", target).returncode != 0
+        # ping every 0.1 s from web-1's namespace, each reply with its time
+        # (-D); the link comes back 2 s into it
+        ping = subprocess.Popen(a.argv(["ip", "netns", "exec", f"{name}-pod-web-1", "ping", "-D", "-n",
+                                        "-i", "0.1", "-w", "8", target]), stdout=subprocess.PIPE, text=True)
+        time.sleep(2)
+        net.restore(b)
+        restored = time.time()
+        out = ping.communicate(timeout=30)[0]
+        replies = [float(t) for t in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from", out, re.M)]
+        assert replies, out
+        assert replies[0] - restored < 2.0, f"traffic resumed {replies[0] - restored:.2f} s after the restore"
+    finally:
+        net.restore(b)
+        for m in (b, a):
+            m.netemu("clean", name, check=False, timeout=120)
+    gone_everywhere(net, etcd, name)
+
+
+def test_up_and_join_refuse_what_cannot_work(machines, tmp_path):
+    net, etcd = machines
+    a, b = net.machines
+    name = "mc-refuse"
+    path = topology(tmp_path, name)
+    # machines need an etcd every machine reaches
+    r = a.netemu("up", path, check=False)
+    assert r.returncode == 1 and "a cluster over several machines keeps its state in an etcd" in r.stderr
+    # up runs on the first machine
+    r = b.netemu("up", path, "--store", etcd.endpoint, check=False)
+    assert r.returncode == 1 and "machine a's address 192.168.77.1" in r.stderr and "not an address of this machine" in r.stderr
+    assert not [ns for ns in b.namespaces() if ns.startswith(name)]
+    # a fabric MTU the machines' link cannot carry in VXLAN
+    r = a.netemu("up", topology(tmp_path, "mc-mtu", {"underlayMTU": 1460}), "--store", etcd.endpoint, check=False)
+    assert r.returncode == 1 and "has MTU 1500: the fabric's 1460-byte frames need 1510 in VXLAN" in r.stderr, r.stderr
+    assert not [ns for ns in a.namespaces() if ns.startswith("mc-mtu")]
+    try:
+        a.netemu("up", path, "--store", etcd.endpoint, "-q")
+        for args, problem in ((["--machine", "c"], 'has no machine "c" (machines: a, b)'),
+                              (["--machine", "a"], '"a" is the first machine'),
+                              (["--machine", "b", "--cluster", "nosuch"], 'no cluster "nosuch" there')):
+            r = b.netemu("join", "--store", etcd.endpoint, *args, check=False)
+            assert r.returncode == 1 and problem in r.stderr, (args, r.stderr)
+        # machine b's name, but machine a's addresses
+        r = a.netemu("join", "--store", etcd.endpoint, "--machine", "b", "--cluster", name, check=False)
+        assert r.returncode == 1 and "192.168.77.2" in r.stderr and "not an address of this machine" in r.stderr
+        b.netemu("join", "--store", etcd.endpoint, "--machine", "b", "-q")
+        # a node of another machine is changed there
+        r = a.netemu("link", "set", "n2", "--delay", "5ms", check=False)
+        assert r.returncode == 1 and 'node "n2" runs on machine b (this is a): run this there' in r.stderr, r.stderr
+    finally:
+        for m in (b, a):
+            m.netemu("clean", name, check=False, timeout=120)
+    gone_everywhere(net, etcd, name)
