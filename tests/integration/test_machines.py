@@ -62,7 +62,8 @@ def listening(machine) -> set[str]:
 
 def topology(tmp_path, name: str, extra_cluster: dict | None = None) -> str:
     pod = lambda pname, node: {"apiVersion": "v1", "kind": "Pod",
-                               "metadata": {"name": pname, "labels": {"app": "web"}},
+                               "metadata": {"name": pname, "labels": {"app": "web",
+                                                                      "statefulset.kubernetes.io/pod-name": pname}},
                                "spec": {"nodeName": node, "containers": [{"name": "c", "image": "nginx"}]}}
     body = {"name": name, "cluster": {"timeScale": 0.01, **(extra_cluster or {})},
             "machines": [{"name": "a", "address": "192.168.77.1"}, {"name": "b", "address": "192.168.77.2"}],
@@ -70,7 +71,11 @@ def topology(tmp_path, name: str, extra_cluster: dict | None = None) -> str:
             "workloads": [pod("web-1", "n1"), pod("web-2", "n2"),
                           {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
                            "spec": {"type": "NodePort", "selector": {"app": "web"},
-                                    "ports": [{"port": 80, "nodePort": 30080}]}}]}
+                                    "ports": [{"port": 80, "nodePort": 30080}]}},
+                          # web-2 alone (machine b), behind the load balancer on machine a
+                          {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web-lb"},
+                           "spec": {"type": "LoadBalancer", "selector": {"statefulset.kubernetes.io/pod-name": "web-2"},
+                                    "ports": [{"port": 80}]}}]}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(body))
     return str(path)
@@ -138,6 +143,13 @@ def test_a_cluster_over_two_machines_carries_pod_and_service_traffic(machines, t
         out = a.run("ip", "netns", "exec", f"{name}-client", "curl", "-s", "-m", "3",
                     "http://172.30.0.2:30080").stdout
         assert "<p>pod web-" in out, out
+        # a LoadBalancer's external IP (the load balancer on a) to web-2 on b
+        lb = wait_for(lambda: (json.loads(a.netemu("get", "svc", "web-lb", "-o", "json").stdout)["status"]
+                               .get("loadBalancer", {}).get("ingress") or [{}])[0].get("ip"),
+                      timeout=30, what="web-lb's external IP")
+        out = wait_for(lambda: a.run("ip", "netns", "exec", f"{name}-client", "curl", "-s", "-m", "3",
+                                     f"http://{lb}", check=False).stdout, timeout=30, what="the LoadBalancer")
+        assert "<p>pod web-2," in out, out
 
         # nothing in a machine's own namespace but the tunnel's UDP socket
         # (and, on the first machine, the API server's loopback port)
@@ -242,6 +254,48 @@ def test_up_and_join_refuse_what_cannot_work(machines, tmp_path):
         # a node of another machine is changed there
         r = a.netemu("link", "set", "n2", "--delay", "5ms", check=False)
         assert r.returncode == 1 and 'node "n2" runs on machine b (this is a): run this there' in r.stderr, r.stderr
+    finally:
+        for m in (b, a):
+            m.netemu("clean", name, check=False, timeout=120)
+    gone_everywhere(net, etcd, name)
+
+
+def test_the_tutorial_cluster_split_over_two_machines(machines, tmp_path):
+    """topologies/tutorial.yaml with machines: the master and srv-k8s-node1 on
+    a, srv-k8s-node2 (the tutorial's 192.168.96.0/24) on b; the tutorial's
+    commands where each node is, and kubectl against the API server on a."""
+    net, etcd = machines
+    a, b = net.machines
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    body = yaml.safe_load(open(os.path.join(repo, "topologies", "tutorial.yaml")))
+    name = body["name"] = "mc-tutorial"
+    body["machines"] = [{"name": "a", "address": "192.168.77.1"}, {"name": "b", "address": "192.168.77.2"}]
+    for node in body["nodes"]:
+        node["machine"] = "b" if node["name"] == "srv-k8s-node2" else "a"
+    body["workloads"] = [os.path.join(repo, "topologies", w) for w in body["workloads"]]
+    path = tmp_path / "tutorial.yaml"
+    path.write_text(yaml.safe_dump(body))
+    try:
+        a.netemu("up", str(path), "--store", etcd.endpoint, "-q")
+        b.netemu("join", "--store", etcd.endpoint, "--machine", "b", "-q")
+        # the tutorial's node2 and its flannel subnet, on machine b
+        inet = b.run("ip", "netns", "exec", f"{name}-node-srv-k8s-node2", "ip", "-4", "-o", "addr").stdout
+        assert "10.1.96.233/24" in inet and "192.168.96." in inet, inet
+        assert not [ns for ns in a.namespaces() if ns == f"{name}-node-srv-k8s-node2"]
+        pod = json.loads(a.netemu("get", "pod", "nginxpod", "-o", "json").stdout)
+        node, ip = pod["spec"]["nodeName"], pod["status"]["podIP"]
+        described = a.netemu("describe", "pod", "nginxpod").stdout
+        assert f"Node:             {node}/" in described and ip in described
+        # the master (machine a) reaches the pod wherever it runs, as in the tutorial
+        out = wait_for(lambda: a.run("ip", "netns", "exec", f"{name}-node-srv-k8s-master1", "curl", "-s", "-m",
+                                     "3", f"http://{ip}", check=False).stdout, timeout=30, what="nginxpod")
+        assert "nginx" in out.lower(), out
+        kubectl = a.run("kubectl", "--context", f"netemu-{name}", "get", "nodes", "-L", "netemu.io/machine",
+                        env=dict(os.environ)).stdout
+        rows = {l.split()[0]: l.split() for l in kubectl.splitlines()[1:]}
+        assert rows["srv-k8s-node2"][1] == "Ready" and rows["srv-k8s-node2"][-1] == "b", kubectl
+        assert rows["srv-k8s-master1"][-1] == "a", kubectl
+        b.netemu("down", timeout=120)
     finally:
         for m in (b, a):
             m.netemu("clean", name, check=False, timeout=120)
