@@ -109,14 +109,20 @@ class AgentSupervisor:
                     tick()
                     next_tick = now + TICK
                 if now >= next_look or (ears is not None and ears.drain()):
-                    wanted = {n["metadata"]["name"] for n in registry.list_(store, "Node")
-                              if machine is None
-                              or n["metadata"].get("labels", {}).get(names.MACHINE_LABEL) == machine}
-                    for node in wanted - set(self.children):
-                        self.children[node] = Child(node)
-                    for node in set(self.children) - wanted:
-                        self._stop_child(self.children.pop(node))
                     next_look = now + (LOOK_SAFETY if ears is not None else LOOK_EVERY)
+                    try:
+                        nodes = registry.list_(store, "Node")
+                    except Exception as e:      # noqa: BLE001 - etcd away: the agents run on; look again
+                        log.warning("cannot list the nodes (%s); the agents run on", e)
+                        nodes = None
+                    if nodes is not None:
+                        wanted = {n["metadata"]["name"] for n in nodes
+                                  if machine is None
+                                  or n["metadata"].get("labels", {}).get(names.MACHINE_LABEL) == machine}
+                        for node in wanted - set(self.children):
+                            self.children[node] = Child(node)
+                        for node in set(self.children) - wanted:
+                            self._stop_child(self.children.pop(node))
                 self._reap()
                 for child in self.children.values():
                     if child.due is not None and time.monotonic() >= child.due and not self.stopping:

@@ -29,11 +29,14 @@ Values are stored as the SQLite store stores them: compact JSON, keys sorted.
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import json
+import logging
 import math
 import socket
 import threading
+import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
@@ -41,6 +44,15 @@ from typing import Any
 from netemu.store.base import Compacted, Conflict, Event, KeyValue
 
 TIMEOUT = 10.0                 # seconds for one unary request
+WATCH_RESUME_MIN = 0.1         # seconds before a broken watch is made again, doubling
+WATCH_RESUME_MAX = 2.0         # up to this
+# gRPC codes the JSON gateway reports when etcd goes away under a stream:
+# UNAVAILABLE ("transport is closing") and CANCELLED ("the client connection is
+# closing", the gateway's own connection shut with etcd). A cancel of our own
+# comes as result.canceled instead, or not at all (we closed the stream).
+GRPC_GOING_AWAY = {1, 14}
+
+log = logging.getLogger(__name__)
 
 
 class EtcdError(Exception):
@@ -331,27 +343,70 @@ class EtcdStore:
 
     async def watch(self, prefix: str, since: int) -> AsyncIterator[Event]:
         """Yield every change under PREFIX after revision SINCE, forever: one
-        streaming watch, read by a thread that hands each batch to trio."""
+        streaming watch, read by a thread that hands each batch to trio.
+
+        A stream that breaks (etcd restarted, the network between) is made
+        again from the revision after the last one delivered, as etcd's own
+        clients resume a watch, retrying with back-off (WATCH_RESUME_*) for as
+        long as the watcher waits: the watcher sees every change once, late,
+        never a gap. Compaction meanwhile (the revision is gone) ends the
+        watch with Compacted, as it would without the break; so does a watch
+        etcd cancels."""
         import trio
 
         send, receive = trio.open_memory_channel(64)
         token = trio.lowlevel.current_trio_token()
-        stream = _WatchStream(self.host, self.port, self.ns + prefix, since + 1, strip=len(self.ns),
-                              netns_fd=self._netns_fd)
+        open_stream = functools.partial(_WatchStream, self.host, self.port, self.ns + prefix,
+                                        strip=len(self.ns), netns_fd=self._netns_fd)
+        held = {"stream": open_stream(since + 1), "closed": False}
+        lock = threading.Lock()
+
+        def hand(item) -> bool:
+            try:
+                trio.from_thread.run(send.send, item, trio_token=token)
+                return True
+            except (trio.RunFinishedError, trio.Cancelled, trio.BrokenResourceError,
+                    trio.ClosedResourceError):
+                return False
 
         def reader() -> None:
-            try:
-                for batch in stream:
-                    trio.from_thread.run(send.send, batch, trio_token=token)
-                error: BaseException = EtcdError("etcd watch stream ended")
-            except BaseException as e:  # handed to the watcher, not lost in the thread
-                error = e
-            if not stream.closed:
+            start, delay = since + 1, WATCH_RESUME_MIN
+            while True:
+                stream = held["stream"]
                 try:
-                    trio.from_thread.run(send.send, error, trio_token=token)
-                except (trio.RunFinishedError, trio.Cancelled, trio.BrokenResourceError,
-                        trio.ClosedResourceError):
-                    pass
+                    for batch in stream:
+                        start, delay = batch[-1].revision + 1, WATCH_RESUME_MIN
+                        if not hand(batch):
+                            return
+                    problem = "the stream ended"
+                except (Compacted, EtcdError) as e:   # compaction, cancel: the watcher's to handle
+                    if not stream.closed:
+                        hand(e)
+                    return
+                except (OSError, ValueError, http.client.HTTPException) as e:
+                    problem = str(e) or type(e).__name__
+                except BaseException as e:  # handed to the watcher, not lost in the thread
+                    if not stream.closed:
+                        hand(e)
+                    return
+                log.warning("etcd watch of %s broke (%s); resuming from revision %d", prefix or "/", problem,
+                            start)
+                while True:
+                    time.sleep(delay)
+                    delay = min(delay * 2, WATCH_RESUME_MAX)
+                    with lock:
+                        if held["closed"]:
+                            return
+                    try:
+                        stream = open_stream(start)
+                    except (OSError, EtcdError, http.client.HTTPException):
+                        continue
+                    with lock:
+                        held["stream"] = stream
+                        if held["closed"]:
+                            stream.close()
+                            return
+                    break
 
         thread = threading.Thread(target=reader, name=f"etcd-watch {prefix}", daemon=True)
         thread.start()
@@ -363,7 +418,9 @@ class EtcdStore:
                     for ev in item:
                         yield ev
         finally:
-            stream.close()
+            with lock:
+                held["closed"] = True
+                held["stream"].close()
 
     def close(self) -> None:
         self._closed = True
@@ -411,6 +468,9 @@ class _WatchStream:
                 message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
                 if "compacted" in message:
                     raise Compacted(message)
+                if isinstance(error, dict) and error.get("grpc_code") in GRPC_GOING_AWAY:
+                    # etcd going away: the stream broke, made again by watch()
+                    raise ConnectionResetError(f"etcd watch: {message}")
                 raise EtcdError(f"etcd watch: {message}")
             result = reply.get("result", {})
             if int(result.get("compact_revision", 0)):

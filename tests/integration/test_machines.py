@@ -300,3 +300,44 @@ def test_the_tutorial_cluster_split_over_two_machines(machines, tmp_path):
         for m in (b, a):
             m.netemu("clean", name, check=False, timeout=120)
     gone_everywhere(net, etcd, name)
+
+
+def test_etcd_stopped_for_10_s_loses_nothing(machines, tmp_path):
+    """etcd stopped for 10 s and started again: traffic between running pods
+    never stops (ping every 0.1 s across machines, no reply missing), and
+    afterwards the control plane and both machines' agents act on the store
+    again (a new Service reaches the rules of a node on each machine), the
+    nodes are Ready and the machines' keys alive."""
+    net, etcd = machines
+    a, b = net.machines
+    name = "mc-etcd"
+    path = topology(tmp_path, name, {"timeScale": 1})
+    try:
+        a.netemu("up", path, "--store", etcd.endpoint, "-q")
+        b.netemu("join", "--store", etcd.endpoint, "--machine", "b", "-q")
+        pods = json.loads(a.netemu("get", "pods", "-o", "json").stdout)["items"]
+        target = next(p["status"]["podIP"] for p in pods if p["metadata"]["name"] == "web-2")
+        wait_for(lambda: pexec(a, "web-1", "ping", "-c", "1", "-W", "1", target).returncode == 0,
+                 timeout=30, what="web-1 -> web-2")
+        ping = subprocess.Popen(a.argv(["ip", "netns", "exec", f"{name}-pod-web-1", "ping", "-n", "-q",
+                                        "-i", "0.1", "-c", "140", target]), stdout=subprocess.PIPE, text=True)
+        time.sleep(1)
+        etcd.stop()
+        time.sleep(10)
+        etcd.start()
+        out = ping.communicate(timeout=60)[0]
+        assert "140 packets transmitted, 140 received" in out, out
+        a.netemu("expose", "pod", "web-2", "--name", "after", "--port", "8080", "--target-port", "80")
+        ip = json.loads(a.netemu("get", "svc", "after", "-o", "json").stdout)["spec"]["clusterIP"]
+        for m, pod in ((a, "web-1"), (b, "web-2")):
+            out = wait_for(lambda: pexec(m, pod, "curl", "-s", "-m", "2", f"http://{ip}:8080").stdout,
+                           timeout=30, what=f"the new Service from {pod}")
+            assert "<p>pod web-2," in out
+        nodes = a.netemu("get", "nodes").stdout
+        assert len(re.findall(r"^n\d\s+Ready", nodes, re.M)) == 3, nodes
+        assert sorted(etcd.keys(f"/netemu/{name}/netemu.io/machines/")) == [
+            f"/netemu/{name}/netemu.io/machines/a", f"/netemu/{name}/netemu.io/machines/b"]
+    finally:
+        for m in (b, a):
+            m.netemu("clean", name, check=False, timeout=120)
+    gone_everywhere(net, etcd, name)

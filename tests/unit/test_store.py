@@ -500,3 +500,42 @@ def test_etcd_namespaces_keep_clusters_apart(etcd_server):
     assert trio.run(run) == ("/registry/pods/default/w", 7)
     assert a.delete_prefix("") == 2
     assert a.list("") == [] and len(b.list("")) == 3
+
+
+@pytest.mark.timeout(60)
+def test_etcd_watch_resumes_across_an_etcd_restart(etcd_server):
+    """etcd stopped and started again under a running watch: the watch goes on
+    from the revision after the last it delivered, so the watcher sees every
+    change once, in order: those before the stop, the one written while the
+    stream was down (after the restart, before the watch is made again), and
+    those after."""
+    from netemu.store.etcd import EtcdStore
+
+    store = EtcdStore(etcd_server.endpoint)
+    since = store.revision()
+    seen: list[tuple[str, int]] = []
+
+    async def run():
+        async with trio.open_nursery() as nursery:
+            async def watch():
+                async for ev in store.watch("/w/", since):
+                    seen.append((ev.key, ev.value))
+                    if len(seen) == 3:
+                        return
+            nursery.start_soon(watch)
+            await trio.sleep(0.3)
+            await trio.to_thread.run_sync(store.put, "/w/a", 1)
+            with trio.fail_after(10):
+                while not seen:
+                    await trio.sleep(0.05)
+            await trio.to_thread.run_sync(etcd_server.stop)
+            await trio.sleep(1.0)
+            await trio.to_thread.run_sync(etcd_server.start)
+            await trio.to_thread.run_sync(store.put, "/w/b", 2)
+            await trio.to_thread.run_sync(store.put, "/w/c", 3)
+            with trio.fail_after(20):
+                while len(seen) < 3:
+                    await trio.sleep(0.05)
+
+    trio.run(run)
+    assert seen == [("/w/a", 1), ("/w/b", 2), ("/w/c", 3)]
