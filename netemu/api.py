@@ -348,6 +348,8 @@ def admit(obj: dict) -> dict:
         name = meta.get("name") if isinstance(meta.get("name"), str) else ""
         detail = f"{err.field}: {err.problem}" if err.field else err.problem
         raise ApiError(f'{kind} "{name}" is invalid: {detail}') from None
+    if kind == "Pod":
+        add_default_tolerations(admitted.setdefault("spec", {}))
     if kind == "ConfigMap":
         _check_config_map(admitted)
     if kind == "Namespace":
@@ -360,6 +362,27 @@ def admit(obj: dict) -> dict:
 
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+
+# kube-apiserver's DefaultTolerationSeconds admission (on by default): a pod that
+# does not tolerate not-ready and unreachable NoExecute taints gets these, so
+# taint eviction deletes it 300 s after its node is lost (see
+# controllers/nodelifecycle.py), not at once.
+DEFAULT_TOLERATION_SECONDS = 300
+DEFAULT_TOLERATIONS = tuple(
+    {"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": DEFAULT_TOLERATION_SECONDS}
+    for key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"))
+
+
+def add_default_tolerations(spec: dict) -> None:
+    """DefaultTolerationSeconds on a pod SPEC, in place: each default toleration
+    whose taint no toleration already covers (its key or an empty one, effect
+    NoExecute or empty)."""
+    have = spec.get("tolerations") or []
+    added = [dict(t) for t in DEFAULT_TOLERATIONS
+             if not any((x.get("key") or "") in ("", t["key"]) and (x.get("effect") or "") in ("", "NoExecute")
+                        for x in have if isinstance(x, dict))]
+    if added:
+        spec["tolerations"] = list(have) + added
 
 # A ConfigMap's data and binaryData together, at most (kube's MaxSecretSize).
 CONFIG_MAP_MAX_BYTES = 1024 * 1024

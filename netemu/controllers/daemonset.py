@@ -40,6 +40,34 @@ def eligible(ds: dict, node: dict) -> bool:
     return selectors.node_matches_pod(template_spec, node)
 
 
+# The tolerations the DaemonSet controller gives its pods
+# (AddOrUpdateDaemonPodTolerations): no NoExecute taint of a lost or not-ready
+# node evicts them, and no condition taint keeps them off a node.
+DAEMON_TOLERATIONS = (
+    {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute"},
+    {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute"},
+    {"key": "node.kubernetes.io/disk-pressure", "operator": "Exists", "effect": "NoSchedule"},
+    {"key": "node.kubernetes.io/memory-pressure", "operator": "Exists", "effect": "NoSchedule"},
+    {"key": "node.kubernetes.io/pid-pressure", "operator": "Exists", "effect": "NoSchedule"},
+    {"key": "node.kubernetes.io/unschedulable", "operator": "Exists", "effect": "NoSchedule"},
+)
+HOST_NETWORK_TOLERATION = {"key": "node.kubernetes.io/network-unavailable", "operator": "Exists",
+                           "effect": "NoSchedule"}
+
+
+def add_daemon_tolerations(spec: dict) -> None:
+    """Add DAEMON_TOLERATIONS (and, for a hostNetwork pod, network-unavailable)
+    to a pod SPEC in place, each replacing a toleration of the same key and
+    effect the template had (AddOrUpdateTolerationInPodSpec)."""
+    wanted = list(DAEMON_TOLERATIONS) + ([HOST_NETWORK_TOLERATION] if spec.get("hostNetwork") else [])
+    tolerations = list(spec.get("tolerations") or [])
+    for t in wanted:
+        tolerations = [x for x in tolerations
+                       if not (x.get("key") == t["key"] and (x.get("effect") or "") == t["effect"])]
+        tolerations.append(dict(t))
+    spec["tolerations"] = tolerations
+
+
 def reconcile_daemonset(ds: dict, nodes: list[dict], pods: list[dict]) -> list:
     """Actions that give each eligible node exactly one live, current pod of DS,
     plus its new status. PODS: the pods of its namespace."""
@@ -88,9 +116,10 @@ def reconcile_daemonset(ds: dict, nodes: list[dict], pods: list[dict]) -> list:
             # At most BURST_REPLICAS new pods per pass, as for the other controllers.
             if not deleting and creating < act.BURST_REPLICAS:
                 creating += 1
-                actions.append(act.CreatePod(
-                    podutil.pod_from_template(ds, template, extra_labels={REVISION_LABEL: revision},
-                                          node_name=node), ds))
+                pod = podutil.pod_from_template(ds, template, extra_labels={REVISION_LABEL: revision},
+                                                node_name=node)
+                add_daemon_tolerations(pod["spec"])
+                actions.append(act.CreatePod(pod, ds))
 
     # Rolling update: replace an out-of-date pod only while no node is without a
     # ready daemon (maxUnavailable 1).

@@ -299,6 +299,12 @@ class ContainerState:
         return rec
 
 
+
+def _ready_status(status: dict | None) -> str | None:
+    """The status of STATUS's Ready condition (None: no such condition)."""
+    return next((c.get("status") for c in (status or {}).get("conditions") or [] if c.get("type") == "Ready"),
+                None)
+
 class PodWorker:
     def __init__(self, kubelet: Kubelet, pod: dict):
         self.k = kubelet
@@ -332,9 +338,12 @@ class PodWorker:
             self.stop.set()
         else:
             self.pod = pod
-        if pod is not None and self.last_status is not None and \
-                (pod["metadata"].get("annotations") or {}).get(sandboxes.ANNOTATION) != self.last_status[1]:
-            # Someone else changed what this kubelet publishes: say it again.
+        if pod is not None and self.last_status is not None and (
+                (pod["metadata"].get("annotations") or {}).get(sandboxes.ANNOTATION) != self.last_status[1]
+                or _ready_status(pod.get("status")) != _ready_status(self.last_status[0])):
+            # Someone else changed what this kubelet publishes (the node
+            # lifecycle controller marks pods not ready when it thinks the node
+            # lost): say it again, as the kubelet's status manager reconciles.
             self.last_status = None
             self.changed.set()
 

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from netemu import cluster as clusters, journal, names, netns
+from netemu import api, cluster as clusters, journal, names, netns
 from netemu.controlplane import part_pid_path, part_restarts_path
 from netemu.node import agent
 from netemu.store import registry
@@ -348,6 +348,85 @@ def test_a_stopped_kubelet_makes_its_nodes_unknown(tmp_path):
             assert table[1].split()[:2] == ["n1", "NotReady"]
             os.kill(kubelet, signal.SIGCONT)
             wait_for(lambda: _ready(store, "n1")["status"] == "True", timeout=20, what="Ready again")
+        finally:
+            os.kill(kubelet, signal.SIGCONT)
+            store.close()
+
+
+def _conditions(obj: dict) -> dict:
+    return {c["type"]: c["status"] for c in (obj.get("status") or {}).get("conditions") or []}
+
+
+def test_a_lost_node_is_tainted_its_pods_not_ready_and_evicted_after_their_toleration(tmp_path):
+    """As kube-controller-manager handles a node whose kubelet went silent: the
+    node is tainted unreachable, its pods are marked not ready (out of the
+    Service's endpoints), a pod tolerating that for 8 s (1 s at timeScale
+    0.125) is evicted and replaced on the other node, one with the API's
+    default 300 s stays; when the kubelet is back the taints go, the evicted
+    pod is finished and the one that stayed is Ready again."""
+    web = rc("web", 2)
+    web["spec"]["template"]["spec"]["tolerations"] = [
+        {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute",
+         "tolerationSeconds": 8}]
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+           "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}
+    path = write_topology(tmp_path, "ha8t", {"cluster": {"timeScale": 0.125},
+                                             "nodes": [{"name": "n1"}, {"name": "n2"}],
+                                             "workloads": [web, svc]})
+    with running(path) as (name, _):
+        store = clusters.open_store(name)
+        # The node to lose: one with a web pod (both may be on one node: a node
+        # that became Ready first takes what the scheduler places before the other is).
+        webs = [p for p in registry.list_(store, "Pod") if p["metadata"]["name"].startswith("web-")]
+        gone = webs[0]["spec"]["nodeName"]
+        other = next(n for n in ("n1", "n2") if n != gone)
+        lost = [p for p in webs if p["spec"]["nodeName"] == gone]
+        with open(agent.pid_path(name, gone)) as f:
+            kubelet = int(f.read())
+        try:
+            api.create_or_update(store, pod("p", gone))
+            wait_for(lambda: _conditions(registry.get(store, "Pod", "default", "p")).get("Ready") == "True",
+                     timeout=20, what="pod p Ready")
+            assert [t["key"] for t in registry.get(store, "Pod", "default", "p")["spec"]["tolerations"]] == [
+                "node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"]      # the API's defaults
+            os.kill(kubelet, signal.SIGSTOP)
+            wait_for(lambda: _ready(store, gone)["status"] == "Unknown", timeout=20, what="Ready=Unknown")
+            taints = registry.get(store, "Node", None, gone)["spec"]["taints"]
+            assert [(t["key"], t["effect"]) for t in taints] == [("node.kubernetes.io/unreachable", "NoSchedule"),
+                                                                 ("node.kubernetes.io/unreachable", "NoExecute")]
+            wait_for(lambda: _conditions(registry.get(store, "Pod", "default", "p"))["Ready"] == "False",
+                     timeout=10, what="pod p marked not ready")
+
+            def replaced():
+                web_pods = [p for p in registry.list_(store, "Pod") if p["metadata"]["name"].startswith("web-")
+                            and not p["metadata"].get("deletionTimestamp")]
+                return (len(web_pods) == 2 and all(p["spec"].get("nodeName") == other for p in web_pods)
+                        and all(_conditions(p).get("Ready") == "True" for p in web_pods))
+            wait_for(replaced, timeout=30, what=f"the evicted web pods replaced on {other}")
+            events = registry.list_(store, "Event", "default")
+            for old in lost:
+                evicted = registry.get(store, "Pod", "default", old["metadata"]["name"])
+                assert evicted is not None and evicted["metadata"].get("deletionTimestamp"), \
+                    "an evicted pod stays terminating while its kubelet is away"
+                assert any(e.get("reason") == "TaintManagerEviction"
+                           and e["involvedObject"]["name"] == old["metadata"]["name"] for e in events)
+
+            def endpoint_ips():
+                subsets = (registry.get(store, "Endpoints", "default", "web") or {}).get("subsets") or []
+                return {a["ip"] for s in subsets for a in s.get("addresses") or []}
+            lost_ips = {p["status"]["podIP"] for p in lost}
+            wait_for(lambda: len(endpoint_ips()) == 2 and not lost_ips & endpoint_ips(),
+                     timeout=10, what=f"the Service's endpoints: the two pods on {other}")
+            assert not registry.get(store, "Pod", "default", "p")["metadata"].get("deletionTimestamp")
+
+            os.kill(kubelet, signal.SIGCONT)
+            wait_for(lambda: _ready(store, gone)["status"] == "True", timeout=20, what="Ready again")
+            wait_for(lambda: not registry.get(store, "Node", None, gone)["spec"].get("taints"), timeout=10,
+                     what="the unreachable taints removed")
+            wait_for(lambda: all(registry.get(store, "Pod", "default", p["metadata"]["name"]) is None
+                                 for p in lost), timeout=20, what="the evicted pods finished by their kubelet")
+            wait_for(lambda: _conditions(registry.get(store, "Pod", "default", "p"))["Ready"] == "True",
+                     timeout=20, what="pod p Ready again")
         finally:
             os.kill(kubelet, signal.SIGCONT)
             store.close()
