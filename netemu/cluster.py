@@ -287,7 +287,8 @@ def join(cluster: str | None, endpoint: str, machine: str,
         if machine == known[0]:
             raise ClusterError(f'--machine: "{machine}" is the first machine of {where}: netemu up runs '
                                "there, not join")
-        if machine in machines.present(store):
+        resuming = _left_behind(cluster, machine)
+        if machine in machines.present(store) and not resuming:
             raise ClusterError(f'--machine: machine "{machine}" has joined {where} already (its key '
                                f"{machines.key(machine)} is alive)")
         try:
@@ -304,6 +305,14 @@ def join(cluster: str | None, endpoint: str, machine: str,
                         if a.get("type") == "InternalIP"), None)
         plans.append(NodePlan(n["metadata"]["name"], ipaddress.IPv4Interface(
             f"{address}/{topology.settings.underlay.prefixlen}")))
+    if resuming:
+        # This machine's netemu died (SIGKILL, a crash) and left its part: the
+        # namespaces and files of the cluster here. Removed, then built again
+        # from the store: the Node objects and the flannel leases (24 h, held
+        # for each node's address) are kept, so each node keeps its subnet.
+        progress(f'machine {machine}: its earlier part of cluster "{cluster}" is not running; '
+                 "removing it and joining again (nodes and subnets kept)")
+        teardown(cluster, graceful=False, forget_store=False)
     building = _claim(cluster)
     builder = None
     try:
@@ -325,6 +334,26 @@ def join(cluster: str | None, endpoint: str, machine: str,
         raise
     finally:
         os.close(building)
+
+
+def _left_behind(cluster: str, machine: str) -> bool:
+    """Whether this machine holds a part of CLUSTER, as MACHINE, that nothing
+    runs any more: its state folder, no living supervisor, no join or up
+    building it."""
+    state = names.state_dir(cluster)
+    try:
+        if (machines.info(cluster) or {}).get("name") != machine or _control_plane_alive(cluster):
+            return False
+        fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except (OSError, machines.MachineError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False            # being built right now
+    finally:
+        os.close(fd)
 
 
 def _not_joined(cluster: str, topology, endpoint: str | None) -> list[tuple[str, list[str], str]]:

@@ -32,6 +32,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 
 from netemu import names, netns
 from netemu.topology.loader import MACHINE_TUNNEL_OVERHEAD
@@ -39,6 +40,7 @@ from netemu.topology.loader import MACHINE_TUNNEL_OVERHEAD
 MACHINE_PORT = 4789                 # IANA's VXLAN port, on the machines' network
 MACHINES_PREFIX = "/netemu.io/machines/"
 MACHINE_TTL = 10.0                  # seconds; renewed every MACHINE_RENEW
+VNI_FREE_WAIT = 5.0                 # seconds a VNI of a just-deleted namespace may take to be freed
 MACHINE_RENEW = 3.0
 VNI_SPACE = 2 ** 24 - 2             # VNIs 1 .. 2**24-2
 
@@ -155,10 +157,19 @@ def create_tunnels(cluster: str, topology, here: str, progress=lambda s: None) -
                 f"to {link_mtu - MACHINE_TUNNEL_OVERHEAD} or less in the topology, or raise {dev}'s MTU")
         # Made from here (the machine's namespace keeps the UDP socket), put
         # straight into the fabric's: nothing appears among the machine's links.
-        proc = subprocess.run(
-            ["ip", "link", "add", port, "netns", netns.path(fabric), "mtu", str(mtu), "type", "vxlan",
-             "id", str(vni), "local", str(me.address), "remote", str(address), "dstport", str(MACHINE_PORT)],
-            capture_output=True, text=True)
+        # The kernel frees a deleted namespace's devices (and their VNIs) a
+        # little after the namespace goes (cleanup_net runs deferred): a part
+        # of this cluster removed just before (join resuming) may hold the VNI
+        # for a moment; wait for it, VNI_FREE_WAIT at most.
+        deadline = time.monotonic() + VNI_FREE_WAIT
+        while True:
+            proc = subprocess.run(
+                ["ip", "link", "add", port, "netns", netns.path(fabric), "mtu", str(mtu), "type", "vxlan",
+                 "id", str(vni), "local", str(me.address), "remote", str(address), "dstport", str(MACHINE_PORT)],
+                capture_output=True, text=True)
+            if proc.returncode == 0 or "VNI already exists" not in proc.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         if proc.returncode != 0:
             raise MachineError(f"tunnel to machine {peer} ({address}, VNI {vni}, UDP {MACHINE_PORT}): "
                                f"{proc.stderr.strip()}")

@@ -12,9 +12,11 @@ what up and join refuse. Machines sm<hex>-a, -b; clusters mc-*."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 import uuid
@@ -337,6 +339,68 @@ def test_etcd_stopped_for_10_s_loses_nothing(machines, tmp_path):
         assert len(re.findall(r"^n\d\s+Ready", nodes, re.M)) == 3, nodes
         assert sorted(etcd.keys(f"/netemu/{name}/netemu.io/machines/")) == [
             f"/netemu/{name}/netemu.io/machines/a", f"/netemu/{name}/netemu.io/machines/b"]
+    finally:
+        for m in (b, a):
+            m.netemu("clean", name, check=False, timeout=120)
+    gone_everywhere(net, etcd, name)
+
+
+def test_a_machine_whose_netemu_is_killed_goes_not_ready_and_resumes_its_nodes(machines, tmp_path):
+    """Every process of machine b killed with SIGKILL (its supervisor, agents,
+    workers and pods' processes; its namespaces stay, as after a crash of
+    netemu): its node goes Ready=Unknown after the grace period (8 s at
+    timeScale 0.2), tainted unreachable, its pod marked not ready, its
+    machine key expires; `netemu join` again on b resumes it: the node Ready
+    and untainted, the same flannel subnet lease, the pod (not evicted: the
+    API's default 300 s, 60 s here) Ready again and reached from machine a."""
+    net, etcd = machines
+    a, b = net.machines
+    name = "mc-kill"
+    path = topology(tmp_path, name, {"timeScale": 0.2})
+    subnets = f"/netemu/{name}/coreos.com/network/subnets/"
+    try:
+        a.netemu("up", path, "--store", etcd.endpoint, "-q")
+        b.netemu("join", "--store", etcd.endpoint, "--machine", "b", "-q")
+        leases_before = sorted(etcd.keys(subnets))
+        assert len(leases_before) == 3
+
+        def node(n):
+            return json.loads(a.netemu("get", "node", n, "-o", "json").stdout)
+
+        def ready(obj):
+            return next(c["status"] for c in obj["status"]["conditions"] if c["type"] == "Ready")
+
+        def pod_ready(p):
+            return ready(json.loads(a.netemu("get", "pod", p, "-o", "json").stdout))
+        uid = json.loads(a.netemu("get", "pod", "web-2", "-o", "json").stdout)["metadata"]["uid"]
+        for _ in range(20):
+            pids = b.processes()
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+        killed = time.monotonic()
+        wait_for(lambda: ready(node("n2")) == "Unknown", timeout=30, what="n2 Ready=Unknown")
+        assert time.monotonic() - killed >= 6
+        assert [(t["key"], t["effect"]) for t in node("n2")["spec"]["taints"]] == [
+            ("node.kubernetes.io/unreachable", "NoSchedule"), ("node.kubernetes.io/unreachable", "NoExecute")]
+        wait_for(lambda: pod_ready("web-2") == "False", timeout=10, what="web-2 marked not ready")
+        assert ready(node("n3")) == "True"
+        wait_for(lambda: etcd.keys(f"/netemu/{name}/netemu.io/machines/") == [
+            f"/netemu/{name}/netemu.io/machines/a"], timeout=20, what="machine b's key to expire")
+        joined = b.netemu("join", "--store", etcd.endpoint, "--machine", "b")
+        assert "removing it and joining again" in joined.stderr, joined.stderr
+        assert ready(node("n2")) == "True"
+        wait_for(lambda: not node("n2")["spec"].get("taints"), timeout=10, what="n2's taints removed")
+        assert sorted(etcd.keys(subnets)) == leases_before, "a node lost its subnet"
+        pod = json.loads(a.netemu("get", "pod", "web-2", "-o", "json").stdout)
+        assert pod["metadata"]["uid"] == uid and not pod["metadata"].get("deletionTimestamp")
+        wait_for(lambda: pod_ready("web-2") == "True", timeout=30, what="web-2 Ready again")
+        target = json.loads(a.netemu("get", "pod", "web-2", "-o", "json").stdout)["status"]["podIP"]
+        wait_for(lambda: pexec(a, "web-1", "ping", "-c", "1", "-W", "1", target).returncode == 0,
+                 timeout=30, what="web-1 -> web-2 after the resume")
     finally:
         for m in (b, a):
             m.netemu("clean", name, check=False, timeout=120)
