@@ -78,18 +78,23 @@ class SimMachine:
                         out.append(int(entry))
         return out
 
+    def kill_all(self) -> None:
+        """SIGKILL every process on the machine (its netemu, as a crash would
+        end it); its namespaces stay, held by the machine."""
+        for _ in range(20):
+            pids = self.processes()
+            if not pids:
+                break
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.1)
+
     def stop(self) -> None:
         """Kill whatever runs on the machine, then the machine (its mount
         namespace, and with it every namespace it named, goes with the holder)."""
         if self.holder is not None:
-            for _ in range(20):
-                pids = self.processes()
-                if not pids:
-                    break
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                time.sleep(0.1)
+            self.kill_all()
             self.holder.kill()
             self.holder.wait()
             self.holder = None

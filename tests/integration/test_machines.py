@@ -12,11 +12,9 @@ what up and join refuse. Machines sm<hex>-a, -b; clusters mc-*."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import time
 import uuid
@@ -373,14 +371,7 @@ def test_a_machine_whose_netemu_is_killed_goes_not_ready_and_resumes_its_nodes(m
         def pod_ready(p):
             return ready(json.loads(a.netemu("get", "pod", p, "-o", "json").stdout))
         uid = json.loads(a.netemu("get", "pod", "web-2", "-o", "json").stdout)["metadata"]["uid"]
-        for _ in range(20):
-            pids = b.processes()
-            if not pids:
-                break
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
+        b.kill_all()
         killed = time.monotonic()
         wait_for(lambda: ready(node("n2")) == "Unknown", timeout=30, what="n2 Ready=Unknown")
         assert time.monotonic() - killed >= 6
