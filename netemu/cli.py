@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--proxy-mode", choices=["nftables", "iptables"])
     sp.add_argument("--store", metavar="etcd://HOST:PORT",
                     help="keep the cluster's state in this etcd (under /netemu/NAME) instead of a "
-                         "SQLite file in /run/netemu/NAME")
+                         "SQLite file in /run/netemu/NAME (a topology with machines: and no --store "
+                         "starts an etcd of the cluster's own on the first machine)")
     sp.add_argument("-q", "--quiet", action="store_true")
 
     sp = verb("join", cmd_join, "build this machine's part of a cluster over several machines "

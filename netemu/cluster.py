@@ -30,6 +30,7 @@ from netemu import api, apiserver, clusterconfig, fabric, journal, loadbalancer,
 from netemu.node import host
 from netemu.overlay import leases
 import netemu.store as store_module
+from netemu.store import etcdrun
 from netemu.store import open_store as store_of
 from netemu.store import registry
 from netemu.supervisor import daemon_env, python_argv
@@ -176,7 +177,9 @@ def up(topology, progress: Callable[[str], None] = lambda s: None,
     cluster's context to the user's kubeconfig (not for throw-away clusters
     such as the benchmark's, which must leave the user's files alone).
     STORE: etcd://HOST:PORT, an etcd to keep the cluster's state in (under
-    /netemu/<cluster>) instead of the SQLite file in its state folder.
+    /netemu/<cluster>) instead of the SQLite file in its state folder. A
+    cluster over several machines given none starts its own, on the first
+    machine's address (etcdrun.start_owned), for the other machines to join.
 
     Every way up can end early rolls back: an exception (SIGINT's
     KeyboardInterrupt, and SIGTERM/SIGHUP, which the CLI turns into
@@ -186,10 +189,6 @@ def up(topology, progress: Callable[[str], None] = lambda s: None,
     cluster = topology.name
     check_name(cluster, where or f"{getattr(topology, 'source', '') or cluster}: name")
     if topology.machines:
-        if not store:
-            raise ClusterError(f"{getattr(topology, 'source', '') or cluster}: machines: a cluster over several "
-                               "machines keeps its state in an etcd they all reach: netemu up FILE --store "
-                               "etcd://HOST:PORT")
         try:
             machines.check_here(topology, topology.machines[0])
         except machines.MachineError as e:
@@ -198,6 +197,14 @@ def up(topology, progress: Callable[[str], None] = lambda s: None,
     building = _claim(cluster)
     builder = None
     try:
+        if topology.machines and not store:
+            first = topology.machines[0]
+            try:
+                store = etcdrun.start_owned(cluster, str(first.address))
+            except etcdrun.EtcdStartError as e:
+                raise ClusterError(f"machines: {e}") from None
+            progress(f"etcd started on machine {first.name}: {store} (data and log in "
+                     f"{etcdrun.owned_dir(cluster)}), for the other machines to join")
         if store:
             try:
                 store_module.use_etcd(cluster, store).close()
@@ -384,9 +391,12 @@ def take_down(cluster: str, progress: Callable[[str], None] = lambda s: None) ->
     if me is None:
         teardown(cluster, graceful=True)
         return
+    # The etcd this machine runs for the cluster goes last: the other
+    # machines use it until they are done.
+    owns_etcd = etcdrun.owned(cluster) is not None
     store = open_store(cluster)
     try:
-        teardown(cluster, graceful=True, forget_store=False)
+        teardown(cluster, graceful=True, forget_store=False, keep_etcd=owns_etcd)
         store.delete(registry.key("ConfigMap", clusterconfig.NAMESPACE, clusterconfig.NAME))
         deadline = time.monotonic() + DOWN_WAIT
         others = [m for m in machines.present(store) if m != me]
@@ -398,9 +408,31 @@ def take_down(cluster: str, progress: Callable[[str], None] = lambda s: None) ->
         store.delete_prefix("")
     finally:
         store.close()
+        if owns_etcd:
+            remove_etcd(cluster)
     if others:
         raise ClusterError(f"machine(s) {', '.join(others)} did not say within {DOWN_WAIT:.0f} s that they "
                            f"had removed their part: run netemu clean {cluster} there")
+
+
+def remove_etcd(cluster: str) -> None:
+    """Stop the etcd CLUSTER runs on this machine and remove what is left of
+    its state folder (teardown with keep_etcd left the etcd's part)."""
+    etcdrun.stop_owned(cluster)
+    shutil.rmtree(names.state_dir(cluster), ignore_errors=True)
+
+
+def wait_store_emptied(store, timeout: float) -> bool:
+    """On the machine whose etcd holds the cluster, taken down from another
+    machine: wait until that `down` deleted the cluster's keys (its last
+    step), TIMEOUT at most. True if it did."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):        # noqa: BLE001 - etcd busy: look again
+            if not store.keys(""):
+                return True
+        time.sleep(0.2)
+    return False
 
 
 @contextlib.contextmanager
@@ -840,7 +872,8 @@ def cluster_processes(cluster: str, own: set[int] | None = None) -> list[int]:
     return pids
 
 
-def teardown(cluster: str, graceful: bool = True, forget_store: bool | None = None) -> None:
+def teardown(cluster: str, graceful: bool = True, forget_store: bool | None = None,
+             keep_etcd: bool = False) -> None:
     """Remove every process, namespace and file of CLUSTER (idempotent).
 
     Also processes started by hand in its namespaces (`ip netns exec`).
@@ -848,13 +881,20 @@ def teardown(cluster: str, graceful: bool = True, forget_store: bool | None = No
     journal recorded: a name another cluster (or anyone) holds is left alone.
     FORGET_STORE: also delete the cluster's keys from its etcd (default: on the
     machine that runs its control plane; a joined machine removes its own part
-    only, and its key)."""
+    only, and its key). The etcd the cluster runs on this machine, if it does
+    (etcdrun.start_owned), is stopped with everything else, its data with the
+    state folder; KEEP_ETCD: left running, with its part of the folder (for
+    `down` to stop last, remove_etcd)."""
     try:
         me = machines.info(cluster)
     except machines.MachineError:
         me = None
     if forget_store is None:
         forget_store = me is None or bool(me.get("first"))
+    etcd = etcdrun.owned(cluster)
+    if etcd is not None and not keep_etcd:
+        forget_store = False        # its keys go with its data
+    spare = {etcd["pid"]} if etcd is not None and keep_etcd else set()
     own = namespace_inodes(cluster)
     pid = _read_pid(cluster)
     if graceful and pid is not None and _alive(pid):
@@ -864,8 +904,10 @@ def teardown(cluster: str, graceful: bool = True, forget_store: bool | None = No
         deadline = time.monotonic() + 15
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
+    if etcd is not None and not keep_etcd:
+        etcdrun.stop_owned(cluster)     # SIGTERM, once the rest no longer needs it
     for _ in range(10):
-        pids = cluster_processes(cluster, own)
+        pids = [p for p in cluster_processes(cluster, own) if p not in spare]
         if not pids:
             break
         for p in pids:
@@ -879,10 +921,22 @@ def teardown(cluster: str, graceful: bool = True, forget_store: bool | None = No
         except netns.NetnsError as e:
             errors.append(str(e))
     apiserver.forget(cluster)       # the kubeconfig context up added
-    problem = store_module.forget(cluster) if forget_store else _forget_machine(cluster, me)
-    if problem:
-        errors.append(problem)
-    shutil.rmtree(names.state_dir(cluster), ignore_errors=True)
+    if etcd is None or keep_etcd:
+        problem = store_module.forget(cluster) if forget_store else _forget_machine(cluster, me)
+        if problem:
+            errors.append(problem)
+    if spare:
+        for entry in os.listdir(names.state_dir(cluster)):
+            if entry not in (os.path.basename(etcdrun.owned_path(cluster)),
+                             os.path.basename(etcdrun.owned_dir(cluster))):
+                path = os.path.join(names.state_dir(cluster), entry)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+    else:
+        shutil.rmtree(names.state_dir(cluster), ignore_errors=True)
     if errors:
         raise ClusterError("; ".join(errors))
 

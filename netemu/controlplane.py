@@ -40,6 +40,7 @@ import time
 import trio
 
 from netemu import clusterconfig, journal, machines, names
+from netemu.store import etcdrun
 from netemu.store import open_store, registry
 from netemu.supervisor import daemon_env, python_argv, stop_on_signal, supervise
 
@@ -210,7 +211,7 @@ class Supervisor:
                 log.warning("the cluster's settings are gone from its store: it was taken down from "
                             "another machine; removing this machine's part")
                 self._stop_parts()
-                return self._roll_back()
+                return self._taken_down_elsewhere()
             for part in self.parts if started else []:
                 if part.due is not None:
                     if time.monotonic() >= part.due and not self.stopping:
@@ -267,6 +268,24 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+    def _taken_down_elsewhere(self) -> int:
+        from netemu import cluster as clusters
+
+        if etcdrun.owned(self.cluster) is None:
+            return self._roll_back()
+        # This machine runs the cluster's etcd, which the `down` on the other
+        # machine still uses: it waits for this machine's key to go, then
+        # deletes the cluster's keys. Remove this machine's part now, and the
+        # etcd once that down is done.
+        try:
+            clusters.teardown(self.cluster, graceful=False, forget_store=False, keep_etcd=True)
+            if not clusters.wait_store_emptied(self.store, clusters.DOWN_WAIT + 10):
+                log.warning("the cluster's keys are still in its etcd after %.0f s; stopping it anyway",
+                            clusters.DOWN_WAIT + 10)
+        finally:
+            clusters.remove_etcd(self.cluster)
+        return 1
 
     def _roll_back(self) -> int:
         from netemu import cluster as clusters

@@ -89,6 +89,21 @@ def gone_everywhere(net, etcd, name: str) -> None:
     assert etcd.keys(f"/netemu/{name}/") == []
 
 
+def etcd_processes(machine, cluster: str) -> list[int]:
+    """The etcd processes on MACHINE that run CLUSTER's own etcd (its member
+    is named after the cluster)."""
+    out = []
+    for pid in machine.processes():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except FileNotFoundError:
+            continue
+        if argv[0].endswith(b"etcd") and b"--name" in argv and argv[argv.index(b"--name") + 1] == cluster.encode():
+            out.append(pid)
+    return out
+
+
 def pexec(machine, pod: str, *argv, check=False):
     return machine.netemu("exec", pod, "--", *argv, check=check, timeout=60)
 
@@ -191,6 +206,55 @@ def test_down_on_the_first_machine_takes_the_joined_one_down(machines, tmp_path)
     gone_everywhere(net, etcd, name)
 
 
+def test_up_without_store_runs_the_clusters_own_etcd_on_the_first_machine(machines, tmp_path):
+    """No --store: up starts an etcd on the first machine's address (etcd's
+    port 2379 there), prints the join command that names it, and the etcd goes
+    with the cluster, whichever machine runs down. Here the first machine is b
+    (a's port 2379 is the module's etcd)."""
+    net, _ = machines
+    a, b = net.machines
+    name = "mc-own"
+    body = yaml.safe_load(open(topology(tmp_path, name)))
+    body["machines"].reverse()
+    body["nodes"][1]["machine"] = "a"           # web-2's node: n1 (web-1) is on b, the first
+    path = tmp_path / "own.yaml"
+    path.write_text(yaml.safe_dump(body))
+    endpoint = "etcd://192.168.77.2:2379"
+    before = {m.name: (own_namespace(m), listening(m)) for m in net.machines}
+    try:
+        for downer in (a, b):       # down on the machine that joined, then on the etcd's
+            up = b.netemu("up", str(path))
+            assert f"etcd started on machine b: {endpoint}" in up.stderr, up.stderr
+            assert (f"on it: netemu join --store {endpoint} --machine a --cluster {name}") in up.stdout, up.stdout
+            added = listening(b) - before["b"][1]
+            assert "tcp 192.168.77.2:2379" in added, added
+            assert len(etcd_processes(b, name)) == 1
+            a.netemu("join", "--store", endpoint, "--machine", "a", "-q")
+            pods = json.loads(b.netemu("get", "pods", "-o", "json").stdout)["items"]
+            ip = {p["metadata"]["name"]: p["status"]["podIP"] for p in pods}
+            out = wait_for(lambda: pexec(a, "web-2", "curl", "-s", "-m", "3", ip["web-1"]).stdout,
+                           timeout=30, what="web-2 (machine a) -> web-1 (machine b)")
+            assert "pod web-1," in out
+            # flannel's layout in the cluster's etcd, read with etcdctl on b
+            keys = b.run("env", "ETCDCTL_API=3", "etcdctl", "--endpoints", "http://192.168.77.2:2379", "get",
+                         "--prefix", "--keys-only", f"/netemu/{name}/coreos.com/network/").stdout.split()
+            assert f"/netemu/{name}/coreos.com/network/config" in keys and len(keys) == 4, keys
+            down = downer.netemu("down", timeout=120)
+            assert f'cluster "{name}" removed' in down.stdout, down.stdout
+            # b's supervisor stops the etcd once a's down deleted the keys
+            wait_for(lambda: not etcd_processes(b, name), timeout=20, what="the cluster's etcd to stop")
+            for m in net.machines:
+                wait_for(lambda: m.run("ls", "-A", "/run/netemu").stdout.split() in ([], [".up.lock"]),
+                         timeout=10, what=f"machine {m.name}'s state to go")
+                assert not [ns for ns in m.namespaces() if ns.startswith(name + "-")], m.name
+                assert own_namespace(m) == before[m.name][0], m.name
+                assert not listening(m) - before[m.name][1], m.name     # the etcd's ports too
+    finally:
+        for m in (a, b):
+            m.netemu("clean", name, check=False, timeout=120)
+    assert not etcd_processes(b, name)
+
+
 def test_traffic_resumes_after_the_link_between_machines_is_restored(machines, tmp_path):
     net, etcd = machines
     a, b = net.machines
@@ -229,17 +293,19 @@ def test_up_and_join_refuse_what_cannot_work(machines, tmp_path):
     a, b = net.machines
     name = "mc-refuse"
     path = topology(tmp_path, name)
-    # machines need an etcd every machine reaches
-    r = a.netemu("up", path, check=False)
-    assert r.returncode == 1 and "a cluster over several machines keeps its state in an etcd" in r.stderr
+    before = listening(a)
     # up runs on the first machine
     r = b.netemu("up", path, "--store", etcd.endpoint, check=False)
     assert r.returncode == 1 and "machine a's address 192.168.77.1" in r.stderr and "not an address of this machine" in r.stderr
     assert not [ns for ns in b.namespaces() if ns.startswith(name)]
-    # a fabric MTU the machines' link cannot carry in VXLAN
-    r = a.netemu("up", topology(tmp_path, "mc-mtu", {"underlayMTU": 1460}), "--store", etcd.endpoint, check=False)
+    # a fabric MTU the machines' link cannot carry in VXLAN; without --store:
+    # the etcd up started for it goes with the rollback
+    r = a.netemu("up", topology(tmp_path, "mc-mtu", {"underlayMTU": 1460}), check=False)
     assert r.returncode == 1 and "has MTU 1500: the fabric's 1460-byte frames need 1510 in VXLAN" in r.stderr, r.stderr
+    assert "etcd started on machine a" in r.stderr
     assert not [ns for ns in a.namespaces() if ns.startswith("mc-mtu")]
+    # (a socket of the test before may still be going: nothing added is the check)
+    assert not listening(a) - before and not etcd_processes(a, "mc-mtu")
     try:
         a.netemu("up", path, "--store", etcd.endpoint, "-q")
         for args, problem in ((["--machine", "c"], 'has no machine "c" (machines: a, b)'),

@@ -85,3 +85,42 @@ def test_tunnel_port_names_fit_an_interface_name():
     long = names.machine_port("a-very-long-machine-name")
     assert long.startswith("m-") and len(long) <= names.IFNAMSIZ
     assert long != names.machine_port("a-very-long-machine-nam")
+
+
+def test_the_clusters_own_etcd_takes_another_port_when_2379_is_held_and_stops(tmp_path, monkeypatch):
+    """etcdrun.start_owned/stop_owned (what `up` runs without --store), on
+    loopback with a state folder in TMP_PATH: 2379 held by someone else, the
+    etcd listens on another port and answers; stop_owned ends it."""
+    import os
+    import socket
+
+    from netemu import journal
+    from netemu.store import etcdrun
+    from netemu.store.etcd import EtcdStore, parse_endpoint
+
+    if etcdrun.etcd_binary() is None:
+        pytest.skip("etcd binary not found (tools/install.sh installs Debian's etcd-server)")
+    monkeypatch.setattr(names, "STATE_ROOT", str(tmp_path))
+    os.makedirs(names.state_dir("x"))
+    holder = socket.socket()
+    try:
+        holder.bind(("127.0.0.1", etcdrun.CLIENT_PORT))
+        holder.listen()
+    except OSError:
+        pass                        # held already by someone else: the same case
+    try:
+        endpoint = etcdrun.start_owned("x", "127.0.0.1")
+        try:
+            host, port = parse_endpoint(endpoint)
+            assert host == "127.0.0.1" and port != etcdrun.CLIENT_PORT
+            store = EtcdStore(f"{host}:{port}")
+            store.put("/k", {"v": 1})
+            assert store.get("/k").value == {"v": 1}
+            store.close()
+            record = etcdrun.owned("x")
+            assert record["endpoint"] == endpoint and (record["pid"], record["start"]) in journal.processes("x")
+        finally:
+            etcdrun.stop_owned("x")
+        assert journal.process_start_time(record["pid"]) is None
+    finally:
+        holder.close()
