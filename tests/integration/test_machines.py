@@ -416,11 +416,23 @@ def test_a_machine_whose_netemu_is_killed_goes_not_ready_and_resumes_its_nodes(m
     timeScale 0.2), tainted unreachable, its pod marked not ready, its
     machine key expires; `netemu join` again on b resumes it: the node Ready
     and untainted, the same flannel subnet lease, the pod (not evicted: the
-    API's default 300 s, 60 s here) Ready again and reached from machine a."""
+    API's default 300 s, 60 s here) Ready again and reached from machine a.
+    A Deployment's pod on b that tolerates the unreachable taint for 5 s
+    (1 s here) is evicted and replaced on machine a's node; once b is back its
+    kubelet finishes the evicted one."""
     net, etcd = machines
     a, b = net.machines
     name = "mc-kill"
     path = topology(tmp_path, name, {"timeScale": 0.2})
+    labels = {"app": "spare"}
+    deployment = tmp_path / "spare.yaml"
+    deployment.write_text(yaml.safe_dump({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "spare"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": labels}, "template": {
+            "metadata": {"labels": labels},
+            "spec": {"containers": [{"name": "c", "image": "nginx"}],
+                     "tolerations": [{"key": "node.kubernetes.io/unreachable", "operator": "Exists",
+                                      "effect": "NoExecute", "tolerationSeconds": 5}]}}}}))
     subnets = f"/netemu/{name}/coreos.com/network/subnets/"
     try:
         a.netemu("up", path, "--store", etcd.endpoint, "-q")
@@ -437,6 +449,21 @@ def test_a_machine_whose_netemu_is_killed_goes_not_ready_and_resumes_its_nodes(m
         def pod_ready(p):
             return ready(json.loads(a.netemu("get", "pod", p, "-o", "json").stdout))
         uid = json.loads(a.netemu("get", "pod", "web-2", "-o", "json").stdout)["metadata"]["uid"]
+
+        def spare():
+            items = json.loads(a.netemu("get", "pods", "-l", "app=spare", "-o", "json").stdout)["items"]
+            return {p["metadata"]["name"]: (p["spec"].get("nodeName"), p["status"].get("phase"),
+                                            bool(p["metadata"].get("deletionTimestamp"))) for p in items}
+        # made once both machines' nodes are Ready: the scheduler's spread
+        # puts one replica on each machine
+        a.netemu("apply", "-f", str(deployment))
+
+        def running():
+            now = spare()
+            return now if [phase for _, phase, _ in now.values()] == ["Running"] * 2 else None
+        placed = wait_for(running, timeout=30, what="spare's two pods Running")
+        assert sorted(n for n, _, _ in placed.values()) == ["n2", "n3"], placed
+        evicted = next(p for p, (n, _, _) in placed.items() if n == "n2")
         b.kill_all()
         killed = time.monotonic()
         wait_for(lambda: ready(node("n2")) == "Unknown", timeout=30, what="n2 Ready=Unknown")
@@ -445,6 +472,11 @@ def test_a_machine_whose_netemu_is_killed_goes_not_ready_and_resumes_its_nodes(m
             ("node.kubernetes.io/unreachable", "NoSchedule"), ("node.kubernetes.io/unreachable", "NoExecute")]
         wait_for(lambda: pod_ready("web-2") == "False", timeout=10, what="web-2 marked not ready")
         assert ready(node("n3")) == "True"
+        # the Deployment's pod on n2: evicted (Terminating until its kubelet is
+        # back) and replaced on machine a's n3
+        wait_for(lambda: spare()[evicted][2] and sorted(
+            (n, phase) for p, (n, phase, gone) in spare().items() if not gone) == [("n3", "Running")] * 2,
+            timeout=30, what="spare's pod on n2 evicted and replaced on n3")
         wait_for(lambda: etcd.keys(f"/netemu/{name}/netemu.io/machines/") == [
             f"/netemu/{name}/netemu.io/machines/a"], timeout=20, what="machine b's key to expire")
         joined = b.netemu("join", "--store", etcd.endpoint, "--machine", "b")
@@ -458,6 +490,8 @@ def test_a_machine_whose_netemu_is_killed_goes_not_ready_and_resumes_its_nodes(m
         target = json.loads(a.netemu("get", "pod", "web-2", "-o", "json").stdout)["status"]["podIP"]
         wait_for(lambda: pexec(a, "web-1", "ping", "-c", "1", "-W", "1", target).returncode == 0,
                  timeout=30, what="web-1 -> web-2 after the resume")
+        wait_for(lambda: evicted not in spare(), timeout=30, what="the evicted pod finished by n2's kubelet")
+        assert sorted(n for n, _, _ in spare().values()) == ["n3", "n3"]
     finally:
         for m in (b, a):
             m.netemu("clean", name, check=False, timeout=120)
