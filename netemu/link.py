@@ -163,6 +163,35 @@ class Link:
         return any(os.path.exists(os.path.join(folder, f"{end.namespace}.{end.name}.pid"))
                    for end in (self.near, self.far))
 
+    def open_bell(self) -> int | None:
+        """The read end of this link's bell (a FIFO in the links folder, made
+        if missing, opened read-write and non-blocking so that it never sees
+        an end of file): readable when a delay line of the link was started
+        (ring). None for a link of no cluster."""
+        if not self.cluster:
+            return None
+        path = self._delay_line_file(self.near, "bell")
+        with contextlib.suppress(FileExistsError):
+            os.mkfifo(path, 0o600)
+        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def ring(self) -> None:
+        """Wake this link's keeper (keep_delay_lines), if one listens: a delay
+        line is recorded now, which it must restart if it dies."""
+        if not self.cluster:
+            return
+        path = os.path.join(names.state_dir(self.cluster), "links", f"{self.near.namespace}.{self.near.name}.bell")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return          # no bell (ENOENT) or nobody listening (ENXIO)
+        try:
+            os.write(fd, b"\0")
+        except BlockingIOError:
+            pass            # full: rung already
+        finally:
+            os.close(fd)
+
     def _delay_line_file(self, end: End, suffix: str) -> str:
         folder = os.path.join(names.state_dir(self.cluster), "links")
         os.makedirs(folder, exist_ok=True)
@@ -203,6 +232,7 @@ class Link:
                                    f"(see {self._delay_line_file(end, 'log')})")
         with open(self._delay_line_file(end, "pid"), "w") as f:
             f.write(f"{proc.pid} {journal.process_start_time(proc.pid)} {delay} {jitter} {reorder}\n")
+        self.ring()
         return proc.pid
 
     def _delay_line(self, end: End) -> tuple[int, ...] | None:
@@ -307,32 +337,45 @@ def reap(pid: int) -> bool:
         return True
 
 
-async def keep_delay_lines(link, what: str, every: float = 1.0, idle_every: float = 5.0) -> None:
+async def keep_delay_lines(link, what: str, every: float = 1.0, idle_every: float = 60.0) -> None:
     """Every EVERY seconds, restart LINK's dead delay lines (Link.revive) and
-    reap those this process started that have exited since; every IDLE_EVERY
-    seconds while the link has no delay line recorded and no child to reap
-    (every node's uplink has a keeper: at 100 idle nodes, one wake-up a second
-    each was 4% of a core). Runs until cancelled; a check in progress
-    finishes first (it holds the link's lock)."""
+    reap those this process started that have exited since. While the link
+    has no delay line recorded and no child to reap, wait for its bell (rung
+    when a delay line of the link is started: `link set`), IDLE_EVERY seconds
+    at most: every node's uplink and every pod's link has a keeper, and an
+    idle one that woke every 5 s was a sixth of an idle agent's wake-ups.
+    Runs until cancelled; a check in progress finishes first (it holds the
+    link's lock)."""
     import logging
 
     import trio
 
     log = logging.getLogger("netemu.link")
     children: set[int] = set()
-    while True:
-        started = []
-        # Most links have no delay line: then no thread, lock or folder each time.
-        if link.delay_lines_recorded():
-            try:
-                started = await trio.to_thread.run_sync(link.revive)
-            except Exception:
-                log.exception("%s: restarting a delay line failed", what)
-        for pid in started:
-            log.warning("%s: a delay line had stopped; restarted (pid %d)", what, pid)
-        children.update(started)
-        children = {pid for pid in children if not reap(pid)}
-        await trio.sleep(every if children or link.delay_lines_recorded() else idle_every)
+    bell = link.open_bell()
+    try:
+        while True:
+            started = []
+            # Most links have no delay line: then no thread, lock or folder each time.
+            if link.delay_lines_recorded():
+                try:
+                    started = await trio.to_thread.run_sync(link.revive)
+                except Exception:
+                    log.exception("%s: restarting a delay line failed", what)
+            for pid in started:
+                log.warning("%s: a delay line had stopped; restarted (pid %d)", what, pid)
+            children.update(started)
+            children = {pid for pid in children if not reap(pid)}
+            if children or link.delay_lines_recorded() or bell is None:
+                await trio.sleep(every if children or link.delay_lines_recorded() else idle_every)
+                continue
+            with trio.move_on_after(idle_every):
+                await trio.lowlevel.wait_readable(bell)
+            with contextlib.suppress(BlockingIOError):
+                os.read(bell, 4096)
+    finally:
+        if bell is not None:
+            os.close(bell)
 
 
 def set_tso(end: End, on: bool) -> None:

@@ -74,6 +74,12 @@ def _ready_status(store, node: str) -> str | None:
     return None
 
 
+def _renew_and_read(store, node: str, duration: float, read_ready: bool) -> str | None:
+    """Renew NODE's lease, then (READ_READY) read its Ready condition."""
+    renew(store, node, duration)
+    return _ready_status(store, node) if read_ready else None
+
+
 async def heartbeat(store, node: str, settings, kubelet_ready: Callable[[], bool],
                     post_ready: Callable[[], None]) -> None:
     """Renew NODE's lease until cancelled."""
@@ -81,8 +87,10 @@ async def heartbeat(store, node: str, settings, kubelet_ready: Callable[[], bool
     interval = duration * RENEW_FRACTION
     while True:
         try:
-            await trio.to_thread.run_sync(renew, store, node, duration)
-            if kubelet_ready() and await trio.to_thread.run_sync(_ready_status, store, node) == "Unknown":
+            # One thread hop for both (each hop is a wake-up of the agent).
+            ready = kubelet_ready()
+            if await trio.to_thread.run_sync(_renew_and_read, store, node, duration, ready) == "Unknown" \
+                    and ready:
                 post_ready()
         except Exception:       # noqa: BLE001 - a failed renewal is retried, as kubelet does
             log.exception("node %s: lease renewal failed", node)

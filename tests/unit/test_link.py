@@ -305,11 +305,45 @@ def test_an_idle_delay_line_keeper_takes_no_thread_until_a_line_is_recorded(tmp_
             await links.keep_delay_lines(link, "test", every=0.1)
         assert revived == []
         folder = tmp_path / "hi-x" / "links"
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)        # the keeper's bell is there
         (folder / "hi-x-b.eth0.pid").write_text("1 2 3 4 5")
         assert link.delay_lines_recorded()
         with trio.move_on_after(0.35):
             await links.keep_delay_lines(link, "test", every=0.1)
         assert revived
+
+    trio.run(main)
+
+
+def test_an_idle_delay_line_keeper_sleeps_until_its_bell_rings(tmp_path, monkeypatch):
+    """An idle keeper (no delay line recorded) waits on its link's bell, not
+    on a timer: nothing for a long while; ring() (what starting a delay line
+    does) wakes it at once, and it revives from then on."""
+    import time
+
+    import trio
+
+    from netemu import link as links, names
+
+    monkeypatch.setattr(names, "STATE_ROOT", str(tmp_path))
+    link = Link(near=End("hi-y-a", "veth1"), far=End("hi-y-b", "eth0"), mtu=1500, cluster="hi-y")
+    link.ring()                                         # nobody listens yet: nothing happens
+    revived = []
+    monkeypatch.setattr(Link, "revive", lambda self: revived.append(time.monotonic()) or [])
+    checks = []
+    recorded = Link.delay_lines_recorded
+    monkeypatch.setattr(Link, "delay_lines_recorded", lambda self: checks.append(1) or recorded(self))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(links.keep_delay_lines, link, "test", 0.1, 30.0)
+            await trio.sleep(0.5)
+            assert revived == [] and len(checks) <= 4       # one pass, then asleep on the bell
+            (tmp_path / "hi-y" / "links" / "hi-y-b.eth0.pid").write_text("1 2 3 4 5")
+            rung = time.monotonic()
+            link.ring()
+            await trio.sleep(0.3)
+            assert revived and revived[0] - rung < 0.1
+            nursery.cancel_scope.cancel()
 
     trio.run(main)
