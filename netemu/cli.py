@@ -610,6 +610,12 @@ def pod_exec(cluster: str, store, namespace: str, pod_name: str, container: str 
     if container and container not in containers:
         raise CliError(f"container {container} is not valid for pod {pod_name} "
                        f"(containers: {', '.join(containers)})")
+    from netemu.node import kubeletport
+    node = kubeletport.elsewhere(cluster, store, pod)
+    if node is not None:
+        raise CliError(f"pod {pod_name} runs on node {node['metadata']['name']} on machine "
+                       f"{node['metadata']['labels'][names.MACHINE_LABEL]}: run this there (exec into a "
+                       "pod of another machine is not built yet)")
     # What the pod's kubelet published on it (not its file), checked against the kernel.
     pause_pid = sandboxes.pause_pid_of(cluster, pod)
     if pause_pid is None or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
@@ -687,9 +693,15 @@ def cmd_logs(args) -> int:
         # agent's own (part restarts, anything no part claims).
         path = os.path.join(names.node_dir(cluster, node), f"{daemon}.log")
     else:
+        from netemu.node import kubeletport
         pod_name, container, pod, path = container_log(cluster, store, args.namespace, args.pod,
-                                                        args.container or args.daemon, args.previous)
+                                                        args.container or args.daemon)
+        node = kubeletport.elsewhere(cluster, store, pod)
+        if node is not None:
+            return _remote_log(cluster, store, node, args, pod_name, container)
         if args.previous:
+            pod_name, container, pod, path = container_log(cluster, store, args.namespace, pod_name, container,
+                                                            previous=True)
             finished = lambda: True      # noqa: E731 - a previous instance writes no more
         else:
             uid = pod["metadata"].get("uid")
@@ -728,6 +740,34 @@ def cmd_logs(args) -> int:
                 sys.stdout.buffer.write(f.read())      # what came between the last read and the check
                 return 0
             time.sleep(FOLLOW_PERIOD)
+
+
+def _remote_log(cluster: str, store, node: dict, args, pod: str, container: str) -> int:
+    """`logs` of a pod on another machine: asked of its node's kubelet port
+    (node/kubeletport.py), as the API server asks it."""
+    from netemu.node import kubeletport
+
+    query = {"follow": ["true" if args.follow else "false"], "previous": ["true" if args.previous else "false"]}
+    if args.tail >= 0:
+        query["tailLines"] = [str(args.tail)]
+    try:
+        resp = kubeletport.open_log(cluster, store, node, args.namespace, pod, container, query)
+    except kubeletport.KubeletError as e:
+        raise CliError(str(e)) from None
+    try:
+        if resp.status != 200:
+            body = resp.read()
+            try:
+                message = json.loads(body)["message"]
+            except (ValueError, KeyError, TypeError):
+                message = body.decode(errors="replace").strip()
+            raise CliError(message)
+        while chunk := resp.read1(1 << 16):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+    finally:
+        resp.close()
+    return 0
 
 
 def container_log(cluster: str, store, namespace: str, ref: str, container: str | None,

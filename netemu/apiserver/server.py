@@ -261,7 +261,7 @@ class ApiServer:
             if t.subresource == "status":
                 return self._status(req, t)
             if t.subresource == "log":
-                return self._log(req, t)
+                return await self._log_anywhere(req, t)
             if t.subresource in STREAMS:
                 return self._stream(req, t)
             if req.method == "GET" and t.name is None:
@@ -954,6 +954,45 @@ class ApiServer:
 
     # -- pods/log -----------------------------------------------------------------
 
+    async def _log_anywhere(self, req: Request, t: Target) -> Response:
+        """pods/log of a pod of this machine (_log), or, on a cluster over
+        several machines, of a pod of another machine: asked of its node's
+        kubelet port and streamed back as it comes (node/kubeletport.py)."""
+        from netemu.node import kubeletport
+
+        pod = self._pod_of_subresource(t) if self.cluster else None
+        node = kubeletport.elsewhere(self.cluster, self.store, pod) if isinstance(pod, dict) else None
+        if node is None or req.method != "GET":
+            return self._log(req, t)
+        containers = [c["name"] for c in (pod.get("spec") or {}).get("containers") or []]
+        container = req.arg("container") or (containers[0] if len(containers) == 1 else None)
+        if container is None:
+            return self._log(req, t)        # its answer: a container name must be specified
+        try:
+            resp = await trio.to_thread.run_sync(kubeletport.open_log, self.cluster, self.store, node,
+                                                 t.namespace or "default", t.name, container, req.query)
+        except kubeletport.KubeletError as e:
+            return status.error("InternalError", str(e), code=500)
+        content_type = resp.getheader("Content-Type", "text/plain")
+        if req.arg("follow") not in ("true", "1"):
+            try:
+                body = await trio.to_thread.run_sync(resp.read)
+            finally:
+                resp.close()
+            return Response(resp.status, body, content_type)
+
+        async def stream(write) -> None:
+            try:
+                while chunk := await trio.to_thread.run_sync(resp.read1, 65536, abandon_on_cancel=True):
+                    await write(chunk)
+            finally:
+                # The client went away (or the log ended): a reader thread may
+                # still be blocked in the response; wake it, and let it close.
+                kubeletport.hang_up(resp)
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(resp.close)
+        return Response(resp.status, stream, content_type)
+
     def _log(self, req: Request, t: Target) -> Response:
         """A container's output, as the kubelet serves it through the API server.
         The kubelet keeps the log of the running instance and of the one before
@@ -1079,6 +1118,15 @@ class ApiServer:
         pod = self._pod_of_subresource(t)
         if isinstance(pod, Response):
             return pod
+        from netemu.node import kubeletport
+
+        node = kubeletport.elsewhere(self.cluster, self.store, pod) if self.cluster else None
+        if node is not None:
+            # kube-apiserver would upgrade a connection to the node's kubelet;
+            # the kubelet port here serves logs only.
+            return status.error("BadRequest", f"pod {t.name} runs on node {node['metadata']['name']} on another "
+                                f"machine: {t.subresource} of its containers is not served across machines "
+                                "yet; run it on that machine (netemu exec)", code=400)
         namespace = t.namespace or "default"
         if t.subresource == "exec":
             return podstream.exec_(self, req, pod, namespace, t.name)

@@ -107,7 +107,9 @@ class Agent:
         from netemu import clusterconfig
 
         self.cluster, self.node, self.store = cluster, node, store
-        self.settings = clusterconfig.read(cluster, store).settings
+        topology = clusterconfig.read(cluster, store)
+        self.settings = topology.settings
+        self.over_machines = bool(topology.machines)
         # The kubelet writes Events: Kubernetes' 1 h TTL, scaled like every delay.
         self.store.event_ttl = registry.EVENT_TTL * self.settings.time_scale
         if hasattr(self.store, "read_interval"):
@@ -145,6 +147,9 @@ class Agent:
             nursery.start_soon(lease.heartbeat, self.store, self.node, self.settings,
                                self._kubelet_ready, self._post_ready)
             nursery.start_soon(self._keep_uplink)
+            if self.over_machines:
+                # The kubelet's port: its pods' logs, for the other machines.
+                nursery.start_soon(self._part, "kubelet", self._kubelet_port)
 
     async def _part(self, part: str, run: Callable[[], Awaitable[None]]) -> None:
         """Run one part for ever: restarted with back-off when it fails."""
@@ -196,6 +201,10 @@ class Agent:
         from netemu.node.kubelet import Kubelet
         self.kubelet = Kubelet(self.cluster, self.node, self.store, self.settings)
         await self.kubelet.run()
+
+    async def _kubelet_port(self) -> None:
+        from netemu.node import kubeletport
+        await kubeletport.serve(self.cluster, self.node, self.store, self.settings)
 
     def _kubelet_ready(self) -> bool:
         return self.kubelet is not None and getattr(self.kubelet, "ipam", None) is not None

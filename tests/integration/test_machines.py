@@ -255,6 +255,67 @@ def test_up_without_store_runs_the_clusters_own_etcd_on_the_first_machine(machin
     assert not etcd_processes(b, name)
 
 
+def test_logs_of_a_pod_on_another_machine_come_from_its_kubelet_port(machines, tmp_path):
+    """web-2 runs on machine b: `netemu logs` and `kubectl logs` on machine a
+    (the API server) get its log from n2's kubelet port (10250, in n2's
+    namespace), as b's own `netemu logs` reads it; --tail and -f too; the
+    port answers the cluster's nodes only."""
+    net, etcd = machines
+    a, b = net.machines
+    name = "mc-logs"
+    path = topology(tmp_path, name)
+    try:
+        a.netemu("up", path, "--store", etcd.endpoint, "-q")
+        b.netemu("join", "--store", etcd.endpoint, "--machine", "b", "-q")
+        pods = json.loads(a.netemu("get", "pods", "-o", "json").stdout)["items"]
+        ip = {p["metadata"]["name"]: p["status"]["podIP"] for p in pods}
+        for i in range(3):
+            wait_for(lambda: "pod web-2," in pexec(a, "web-1", "curl", "-s", "-m", "3", f"http://{ip['web-2']}/?{i}")
+                     .stdout, timeout=30, what="web-1 -> web-2")
+        local = b.netemu("logs", "web-2").stdout
+        assert local.count("\n") >= 3, local
+        assert a.netemu("logs", "web-2").stdout == local
+        assert a.run("kubectl", "--context", f"netemu-{name}", "logs", "web-2").stdout == local
+        last = local.splitlines(keepends=True)[-1]
+        assert a.netemu("logs", "web-2", "--tail", "1").stdout == last
+        assert a.run("kubectl", "--context", f"netemu-{name}", "logs", "web-2", "--tail", "1").stdout == last
+        # -f through the API server: what comes later arrives while it follows
+        follow = subprocess.Popen(a.argv(["kubectl", "--context", f"netemu-{name}", "logs", "-f", "web-2",
+                                          "--tail", "0"]), stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1)
+            pexec(a, "web-1", "curl", "-s", "-m", "3", f"http://{ip['web-2']}/followed")
+            deadline = time.monotonic() + 15
+            line = follow.stdout.readline()
+            assert "/followed" in line and time.monotonic() < deadline, line
+        finally:
+            follow.kill()
+            follow.wait()
+        # the API server goes on serving after that follower left (it once hung here)
+        assert "web-2" in a.run("kubectl", "--context", f"netemu-{name}", "get", "pods", timeout=30).stdout
+        # exec into a pod of another machine: refused, saying where to run it
+        r = pexec(a, "web-2", "true")
+        assert r.returncode == 1 and "pod web-2 runs on node n2 on machine b: run this there" in r.stderr, r.stderr
+        r = a.run("kubectl", "--context", f"netemu-{name}", "exec", "web-2", "--", "true", check=False,
+                  timeout=30)
+        assert r.returncode != 0 and "is not served across machines yet" in r.stderr, r.stderr
+        # what the API server says of a container that does not exist, from there
+        r = a.netemu("logs", "web-2", "-c", "nosuch", check=False)
+        assert r.returncode == 1 and "container nosuch is not valid for pod web-2" in r.stderr, r.stderr
+        # n2's kubelet port, in n2's namespace on b; a pod is not a node
+        listening_n2 = b.run("ip", "netns", "exec", f"{name}-node-n2", "ss", "-Hltn").stdout
+        n2 = json.loads(a.netemu("get", "node", "n2", "-o", "json").stdout)
+        n2_ip = next(x["address"] for x in n2["status"]["addresses"] if x["type"] == "InternalIP")
+        assert f"{n2_ip}:10250" in listening_n2, listening_n2
+        probe = b.run("ip", "netns", "exec", f"{name}-pod-web-2", "curl", "-s", "-m", "3",
+                      f"http://{n2_ip}:10250/containerLogs/default/web-2/c", check=False)
+        assert probe.stdout == "", probe.stdout       # web-2 reaches n2 as itself, on its own node
+    finally:
+        for m in (b, a):
+            m.netemu("clean", name, check=False, timeout=120)
+    gone_everywhere(net, etcd, name)
+
+
 def test_traffic_resumes_after_the_link_between_machines_is_restored(machines, tmp_path):
     net, etcd = machines
     a, b = net.machines
