@@ -340,9 +340,15 @@ class Cluster:
         them). Raises CliError (no such pod or container, no log yet) or
         ApiError (no previous instance)."""
         from netemu.cli import CliError, container_log
+        from netemu.node import kubeletport
 
         with self._store() as store:
-            _, _, _, path = container_log(self.name, store, namespace, pod, container, previous)
+            name, container, obj, path = container_log(self.name, store, namespace, pod, container)
+            node = kubeletport.elsewhere(self.name, store, obj)
+            if node is not None:        # a pod of another machine: its kubelet's port
+                return kubeletport.read_log(self.name, store, node, namespace, name, container, previous)
+            if previous:
+                _, _, _, path = container_log(self.name, store, namespace, name, container, previous)
         try:
             with open(path, "rb") as f:
                 return f.read().decode(errors="replace")

@@ -23,6 +23,7 @@ nothing but that path, for pods of its own node.
 from __future__ import annotations
 
 import http.client
+import json
 import logging
 import os
 import re
@@ -170,3 +171,26 @@ def hang_up(resp: http.client.HTTPResponse) -> None:
         resp.sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
+
+
+def read_log(cluster: str, store, node: dict, namespace: str, pod: str, container: str,
+             previous: bool = False) -> str:
+    """A container's whole log so far, from NODE's kubelet (the Python API's
+    Cluster.logs). Raises KubeletError (not reached) or the kubelet's refusal
+    as an ApiError (no previous instance, ...)."""
+    from netemu.api import ApiError
+
+    resp = open_log(cluster, store, node, namespace, pod, container,
+                    {"previous": ["true" if previous else "false"]})
+    try:
+        body = resp.read()
+    finally:
+        resp.close()
+    if resp.status != 200:
+        try:
+            refusal = json.loads(body)
+            raise ApiError(refusal["message"], reason=refusal.get("reason") or "BadRequest")
+        except (ValueError, KeyError, TypeError):
+            raise KubeletError(f"{node['metadata']['name']}'s kubelet port answered {resp.status}: "
+                               f"{body[:200].decode(errors='replace')}") from None
+    return body.decode(errors="replace")

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 import uuid
 
@@ -276,6 +277,10 @@ def test_logs_of_a_pod_on_another_machine_come_from_its_kubelet_port(machines, t
         assert local.count("\n") >= 3, local
         assert a.netemu("logs", "web-2").stdout == local
         assert a.run("kubectl", "--context", f"netemu-{name}", "logs", "web-2").stdout == local
+        # the Python API's Cluster.logs, on machine a
+        api = a.run(sys.executable, "-c", f"import netemu, sys; sys.stdout.write(netemu.Cluster({name!r})"
+                    ".logs('web-2'))").stdout
+        assert api == local
         last = local.splitlines(keepends=True)[-1]
         assert a.netemu("logs", "web-2", "--tail", "1").stdout == last
         assert a.run("kubectl", "--context", f"netemu-{name}", "logs", "web-2", "--tail", "1").stdout == last
