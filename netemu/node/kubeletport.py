@@ -32,10 +32,14 @@ import urllib.parse
 
 import trio
 
-from netemu import machines, names, netns
-from netemu.apiserver import status
-from netemu.apiserver.http import Request, Response, serve_connection
+from netemu import names, netns
 from netemu.store import registry
+
+# The API server's modules (and netemu.machines, which brings the topology
+# loader) are imported when first needed, not at the agent's start:
+# netemu.apiserver.server alone is ~0.2 s of CPU, paid by every agent of a
+# cluster (measured: 100 nodes on one simulated machine came up in 35 s with
+# it imported at start, 23-25 s without).
 
 log = logging.getLogger("netemu.kubelet.port")
 
@@ -56,6 +60,8 @@ def node_addresses(store) -> set[str]:
 def elsewhere(cluster: str, store, pod: dict) -> dict | None:
     """The Node object of POD's node when that node runs on another machine
     than this one (a cluster over several machines); None: here."""
+    from netemu import machines
+
     here = machines.name(cluster)
     node_name = (pod.get("spec") or {}).get("nodeName")
     if here is None or not node_name:
@@ -69,15 +75,15 @@ def elsewhere(cluster: str, store, pod: dict) -> dict | None:
 
 async def serve(cluster: str, node: str, store, settings) -> None:
     """Serve NODE's pods' logs on its address, port PORT, until cancelled."""
-    from netemu.apiserver.server import ApiServer
-
     address = internal_ip(registry.get(store, "Node", None, node))
     if address is None:
         raise RuntimeError(f"node {node} has no InternalIP to serve the kubelet's port on")
-    logs = ApiServer(store, settings, pod_dir=lambda namespace, pod: names.pod_dir(cluster, namespace, pod),
-                     cluster=cluster)
+    server = None
 
-    async def handle(req: Request) -> Response:
+    async def handle(req):
+        from netemu.apiserver import status
+        from netemu.apiserver.http import Request
+
         m = PATH.fullmatch(req.path)
         if m is None:
             return status.no_route()
@@ -89,10 +95,22 @@ async def serve(cluster: str, node: str, store, settings) -> None:
             return status.not_found("pods", pod)
         query = {k: v for k, v in req.query.items() if k != "container"}
         query["container"] = [container]
-        return await logs.handle(Request("GET", f"/api/v1/namespaces/{namespace}/pods/{pod}/log", query,
-                                         req.headers, b""))
+        return await logs().handle(Request("GET", f"/api/v1/namespaces/{namespace}/pods/{pod}/log", query,
+                                           req.headers, b""))
+
+    def logs():
+        """The API server's pods/log, for this node's pods (made once, when first asked)."""
+        nonlocal server
+        if server is None:
+            from netemu.apiserver.server import ApiServer
+            server = ApiServer(store, settings, cluster=cluster,
+                               pod_dir=lambda namespace, pod: names.pod_dir(cluster, namespace, pod))
+        return server
 
     async def on_connection(stream: trio.SocketStream) -> None:
+        from netemu.apiserver import status
+        from netemu.apiserver.http import serve_connection
+
         try:
             peer = stream.socket.getpeername()[0]
             if peer not in node_addresses(store):
@@ -116,6 +134,8 @@ class KubeletError(RuntimeError):
 
 def local_node_ns(cluster: str, store) -> str:
     """A node namespace of this machine, to reach the fabric from."""
+    from netemu import machines
+
     here = machines.name(cluster)
     for node in registry.list_(store, "Node"):
         if (node["metadata"].get("labels") or {}).get(names.MACHINE_LABEL) == here \
