@@ -26,7 +26,7 @@ def register(sub, verb, with_cluster) -> None:
     """Add capture, decode, trace and graph to the netemu command's subparsers."""
     sp = with_cluster(verb("capture", cmd_capture,
                            "tcpdump at any hop: TARGET is a pod (pod/NAME or NAME), a node, "
-                           "fabric, client or lb"))
+                           "fabric, client, lb, or machine/NAME (the tunnel to another machine)"))
     sp.add_argument("target")
     _capture_options(sp)
     # REMAINDER: the filter is the rest of the line, options included (argparse
@@ -120,14 +120,27 @@ def cmd_capture(args) -> int:
 
     split_filter(args)
     cluster, view = _view(args)
-    target = targets.resolve_target(view, args.target, args.namespace)
+    kind, _, name = args.target.partition("/")
+    if kind in ("machine", "machines"):
+        # The machine's own namespace: read only. tcpdump -p (promiscuous
+        # mode would change its interface's flags), the tunnel's datagrams only.
+        target, tunnel = targets.machine_target(cluster, name)
+        args.promiscuous = False
+        bpf = f"{tunnel} and ({' '.join(args.filter)})" if args.filter else tunnel
+        where = f"this machine's own namespace ({tunnel})"
+        from netemu.capture import decode
+        from netemu.machines import MACHINE_PORT
+        decode.register_ports(vxlan_ports=[MACHINE_PORT])
+    else:
+        target = targets.resolve_target(view, args.target, args.namespace)
+        bpf = args.filter or None
+        where = target.netns
     iface = args.interface or target.iface
-    bpf = args.filter or None
     # tcpdump inherits our environment: the tag lets `netemu clean` find it.
     os.environ[names.CLUSTER_ENV] = cluster
     if args.count is not None and args.count <= 0:
         raise CaptureCliError("-c must be a positive number of packets")
-    print(f"capturing in {target.netns} on {iface} ({target.label})"
+    print(f"capturing in {where} on {iface} ({target.label})"
           + (f" into {args.write}" if args.write else ""), file=sys.stderr, flush=True)
     if args.decode and not args.write:
         try:

@@ -295,6 +295,35 @@ class Target:
     iface: str           # default interface to capture on
 
 
+OWN_NS = "/proc/self/ns/net"     # the machine's own namespace: nsenter stays in its own
+
+
+def machine_target(cluster: str, name: str) -> tuple[Target, str]:
+    """(target, capture filter) for `capture machine/NAME`: the tunnel
+    between this machine and machine NAME, on this machine's own interface
+    that carries it (the route to NAME's address), its VXLAN datagrams only
+    (UDP MACHINE_PORT to or from NAME's address). tcpdump shows each with the
+    fabric frame inside, and that frame's own encapsulation (flannel udp or
+    vxlan) inside it: both layers in one line per packet."""
+    from netemu import clusterconfig, machines
+
+    topology = clusterconfig.read(cluster)
+    if not topology.machines:
+        raise TargetError(f'cluster "{cluster}" runs on one machine: it has no tunnels between machines')
+    known = [m.name for m in topology.machines]
+    if name not in known:
+        raise TargetError(f'cluster "{cluster}" has no machine "{name}" (machines: {", ".join(known)})')
+    here = machines.name(cluster)
+    if name == here:
+        others = [m for m in known if m != here]
+        raise TargetError(f"machine {name} is this machine: capture its tunnel to another one "
+                          f"(machine/{others[0]})")
+    peer = topology.machine(name)
+    device, _ = machines.link_mtu_towards(peer.address)
+    return (Target(f"machine/{name}", OWN_NS, device),
+            f"udp port {machines.MACHINE_PORT} and host {peer.address}")
+
+
 def resolve_target(view: ClusterView, word: str, namespace: str = "default") -> Target:
     """The namespace and default interface WORD names (pods first, then nodes)."""
     kind, _, name = word.partition("/") if "/" in word else ("", "", word)
@@ -304,7 +333,7 @@ def resolve_target(view: ClusterView, word: str, namespace: str = "default") -> 
         kind = "node"
     if kind not in ("", "pod", "node"):
         raise TargetError(f'unknown capture target kind "{kind}" (use pod/NAME, node/NAME, '
-                          "fabric, client or lb)")
+                          "machine/NAME, fabric, client or lb)")
     if kind == "" and name == "fabric":
         return Target("fabric", view.fabric_ns, names.FABRIC_BRIDGE)
     if kind == "" and name == "client":

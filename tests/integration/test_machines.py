@@ -307,6 +307,32 @@ def test_logs_of_a_pod_on_another_machine_come_from_its_kubelet_port(machines, t
         # what the API server says of a container that does not exist, from there
         r = a.netemu("logs", "web-2", "-c", "nosuch", check=False)
         assert r.returncode == 1 and "container nosuch is not valid for pod web-2" in r.stderr, r.stderr
+        # the machine tunnel's layer: machine a's datagrams to and from b, each
+        # with the fabric frame and its flannel udp packet inside (tcpdump -p:
+        # the machine's interface is left as it is)
+        capture = subprocess.Popen(a.argv([sys.executable, "-m", "netemu.cli", "capture", "machine/b",
+                                           "--duration", "4"]), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.5)
+            pexec(a, "web-1", "ping", "-c", "3", "-i", "0.3", ip["web-2"])
+            out, err = capture.communicate(timeout=30)
+        finally:
+            capture.kill()
+        assert "capturing in this machine's own namespace (udp port 4789 and host 192.168.77.2) on " in err, err
+        lines = [l for l in out.splitlines() if "VXLAN" in l and "vni" in l]
+        assert all("192.168.77.1" in l and "192.168.77.2" in l for l in lines), out
+        assert lines, out
+        # each ping and its reply: the outer datagram's line, then its fabric
+        # frame's, a flannel udp datagram between n1 and n2
+        rows = out.splitlines()
+        flannel = [inner for outer, inner in zip(rows, rows[1:]) if "VXLAN" in outer and ".8285 > " in inner]
+        assert len(flannel) >= 6, out
+        r = a.netemu("capture", "machine/a", "-c", "1", check=False)
+        assert r.returncode == 1 and "machine a is this machine: capture its tunnel to another one (machine/b)" \
+            in r.stderr, r.stderr
+        r = a.netemu("capture", "machine/c", "-c", "1", check=False)
+        assert r.returncode == 1 and 'has no machine "c" (machines: a, b)' in r.stderr, r.stderr
         # n2's kubelet port, in n2's namespace on b; a pod is not a node
         listening_n2 = b.run("ip", "netns", "exec", f"{name}-node-n2", "ss", "-Hltn").stdout
         n2 = json.loads(a.netemu("get", "node", "n2", "-o", "json").stdout)
