@@ -926,19 +926,29 @@ def teardown(cluster: str, graceful: bool = True, forget_store: bool | None = No
         if problem:
             errors.append(problem)
     if spare:
-        for entry in os.listdir(names.state_dir(cluster)):
-            if entry not in (os.path.basename(etcdrun.owned_path(cluster)),
-                             os.path.basename(etcdrun.owned_dir(cluster))):
-                path = os.path.join(names.state_dir(cluster), entry)
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
+        _remove_all_but_etcd(cluster)
     else:
         shutil.rmtree(names.state_dir(cluster), ignore_errors=True)
     if errors:
         raise ClusterError("; ".join(errors))
+
+
+def _remove_all_but_etcd(cluster: str) -> None:
+    """CLUSTER's state folder but for the etcd's record and folder (teardown
+    with keep_etcd; remove_etcd removes the rest)."""
+    folder = names.state_dir(cluster)
+    keep = {os.path.basename(etcdrun.owned_path(cluster)), os.path.basename(etcdrun.owned_dir(cluster))}
+    try:
+        entries = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    for entry in set(entries) - keep:
+        path = os.path.join(folder, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
 
 def require_here(topology, spec) -> None:
