@@ -342,8 +342,9 @@ async def keep_delay_lines(link, what: str, every: float = 1.0, idle_every: floa
     reap those this process started that have exited since. While the link
     has no delay line recorded and no child to reap, wait for its bell (rung
     when a delay line of the link is started: `link set`), IDLE_EVERY seconds
-    at most: every node's uplink and every pod's link has a keeper, and an
-    idle one that woke every 5 s was a sixth of an idle agent's wake-ups.
+    at most: every node's uplink has a keeper (and every pod whose spec
+    impairs its link), and an idle one that woke every 5 s was a sixth of an
+    idle agent's wake-ups.
     Runs until cancelled; a check in progress finishes first (it holds the
     link's lock)."""
     import logging
