@@ -30,7 +30,7 @@ FLAGS = ("rate", "loss", "delay", "jitter", "duplicate", "reorder", "limit", "co
 
 def register(sub, verb, with_cluster) -> None:
     sp = with_cluster(verb("link", cmd_link, "impair a node's uplink, or show what impairs the links: "
-                                             "netemu link set NODE [--rate 100mbit] [--loss 1%] ... | --clear; "
+                                             "netemu link set NODE [--rate 100mbit] [--loss 1%%] ... | --clear; "
                                              "netemu link show [NODE | pod/POD [-n NAMESPACE]] [-o json]"))
     sp.add_argument("action", choices=["set", "show"])
     sp.add_argument("node", nargs="?", help="a node (its uplink), or pod/NAME (show only: the pod's own link)")

@@ -22,6 +22,18 @@ def test_unknown_verb_exits_2():
     assert e.value.code == 2
 
 
+
+def test_help_of_netemu_and_of_every_verb(capsys):
+    """`netemu --help` and `netemu VERB --help` print and exit 0 (a stray % in
+    a help text once made the first raise)."""
+    parser = cli.build_parser()
+    verbs = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict)).choices
+    for argv in [["--help"]] + [[verb, "--help"] for verb in verbs]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 0, argv
+        assert "usage: netemu" in capsys.readouterr().out, argv
+
 # -- kubectl's everyday forms, against a real store in a state folder of our own --------
 #
 # The commands run as their own process (the real argument parsing, stdout and
