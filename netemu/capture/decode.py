@@ -279,11 +279,13 @@ def _decode(pkt: Packet) -> Decoded:
         # fabric would show; decode that, and say what carried it.
         vxlan = _as(VXLAN, ip.payload.payload) if isinstance(ip.payload, UDP) else None
         frame = vxlan.payload if vxlan is not None else None
-        if not isinstance(frame, Ether) or frame.type != 0x0800 or not isinstance(frame.payload, IP):
-            return Decoded(kind="ipv4", inner=first, **base)    # ARP, IPv6, cut short: the datagram alone
-        d = _decode_ip(frame.payload, base)
+        if not isinstance(frame, Ether):
+            return Decoded(kind="ipv4", inner=first, error="machine tunnel's frame missing or cut short",
+                           **base)
+        frame.time = pkt.time
+        d = _decode(frame)
         return dataclasses.replace(d, carrier=first, carrier_vni=vxlan.vni,
-                                   overhead=first.length - d.inner.length if d.inner else 0)
+                                   overhead=first.length - d.inner.length if d.inner else 0, **base)
     return _decode_ip(ip, base)
 
 

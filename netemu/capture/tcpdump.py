@@ -353,6 +353,8 @@ def run_layers(layers: Sequence[Layer], *, count: int | None = None, duration: f
 
     def relay(pipe, label: str, sink) -> None:
         for raw in pipe:
+            if not raw.strip():
+                continue    # the empty line tcpdump ends its output with on SIGINT
             with lock:
                 sink.write(f"{label:<{width}} | {raw.decode(errors='replace')}")
                 sink.flush()

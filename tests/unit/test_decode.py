@@ -331,8 +331,10 @@ def test_machine_tunnel_carries_the_fabric_frame(tmp_path, restore_bindings):
                            f"{NODE1}:8285 > {NODE2}:8285 UDP/flannel  |  {POD1}:5201 > {POD2}:42112 TCP"), line
     assert plain.encapsulation is None and plain.outer is None and plain.inner.proto == "ICMP"
     assert plain.carrier.dst == MACHINE_B and plain.overhead == 50
-    # not an IP frame inside: the machines' datagram itself
-    assert arp_.carrier is None and arp_.inner.dport == 4789
+    # ARP between machines: an ARP request, carried
+    assert arp_.kind == "arp" and arp_.carrier.dport == 4789 and arp_.summary.startswith("ARP")
+    assert decode.format_decoded(arp_).startswith(f"{MACHINE_A}:51000 > {MACHINE_B}:4789 VXLAN vni 4242 "
+                                                  "(machines)  | ARP")
     # flows: the machine tunnel's bytes count on the wire
     flows = {f.proto: f for f in decode.flow_summary([udp, plain, arp_])}
     flow = flows["TCP"]
