@@ -41,6 +41,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -342,8 +343,6 @@ def run_layers(layers: Sequence[Layer], *, count: int | None = None, duration: f
     of packet lines. COUNT stops each tcpdump after that many packets of its
     own; DURATION, or Ctrl-C (forwarded once to each), stops them all.
     """
-    import sys
-
     out = stdout or sys.stdout
     err = stderr or sys.stderr
     width = max(len(layer.label) for layer in layers)
