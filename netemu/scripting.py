@@ -372,6 +372,9 @@ class Cluster:
         from netemu.capture import tcpdump
 
         t = self._target(target, namespace)
+        if t.outer_iface is not None:
+            raise ValueError(f"{t.label} is captured at two layers: use `netemu capture {t.label}` "
+                             f"(or capturing() on fabric with interface={t.iface!r})")
         with tcpdump.capture(t.netns, interface or t.iface, str(path), filter, count=count,
                              promiscuous=promiscuous) as cap:
             yield cap

@@ -4,6 +4,7 @@ netemu.cli's build_parser calls `register(sub, verb, with_cluster)`; each verb
 here is a thin layer over netemu.capture.{tcpdump, decode, trace, graph}.
 
     netemu capture TARGET [-i IFACE] [-w FILE.pcap] [-c N] [--duration S] [--decode] [FILTER...]
+    netemu capture machine/NAME [-w FILE.pcap] [-c N] [--duration S] [FILTER...]   (both layers)
     netemu decode FILE.pcap [--port-udp N] [--port-vxlan N]
     netemu trace SRC DEST [--port N] [--proto tcp|udp|icmp] [-o FILE.svg|FILE.png]
     netemu graph [-o FILE.svg|FILE.png]
@@ -26,7 +27,8 @@ def register(sub, verb, with_cluster) -> None:
     """Add capture, decode, trace and graph to the netemu command's subparsers."""
     sp = with_cluster(verb("capture", cmd_capture,
                            "tcpdump at any hop: TARGET is a pod (pod/NAME or NAME), a node, "
-                           "fabric, client, lb, or machine/NAME (the tunnel to another machine)"))
+                           "fabric, client, lb, or machine/NAME (the tunnel to another machine: "
+                           "its inner frames and its outer datagrams)"))
     sp.add_argument("target")
     _capture_options(sp)
     # REMAINDER: the filter is the rest of the line, options included (argparse
@@ -120,27 +122,17 @@ def cmd_capture(args) -> int:
 
     split_filter(args)
     cluster, view = _view(args)
-    kind, _, name = args.target.partition("/")
-    if kind in ("machine", "machines"):
-        # The machine's own namespace: read only. tcpdump -p (promiscuous
-        # mode would change its interface's flags), the tunnel's datagrams only.
-        target, tunnel = targets.machine_target(cluster, name)
-        args.promiscuous = False
-        bpf = f"{tunnel} and ({' '.join(args.filter)})" if args.filter else tunnel
-        where = f"this machine's own namespace ({tunnel})"
-        from netemu.capture import decode
-        from netemu.machines import MACHINE_PORT
-        decode.register_ports(vxlan_ports=[MACHINE_PORT])
-    else:
-        target = targets.resolve_target(view, args.target, args.namespace)
-        bpf = args.filter or None
-        where = target.netns
+    target = targets.resolve_target(view, args.target, args.namespace)
+    if target.outer_iface is not None:
+        os.environ[names.CLUSTER_ENV] = cluster
+        return _capture_machine(view, target, args)
     iface = args.interface or target.iface
+    bpf = args.filter or None
     # tcpdump inherits our environment: the tag lets `netemu clean` find it.
     os.environ[names.CLUSTER_ENV] = cluster
     if args.count is not None and args.count <= 0:
         raise CaptureCliError("-c must be a positive number of packets")
-    print(f"capturing in {where} on {iface} ({target.label})"
+    print(f"capturing in {target.netns} on {iface} ({target.label})"
           + (f" into {args.write}" if args.write else ""), file=sys.stderr, flush=True)
     if args.decode and not args.write:
         try:
@@ -153,6 +145,66 @@ def cmd_capture(args) -> int:
         _print_decoded(view, args.write)
     # tcpdump exits 0 on SIGINT after a clean flush; anything else is its error.
     return 0 if rc in (0, -2, 130) else 1
+
+
+def layer_paths(path: str) -> tuple[str, str]:
+    """The pcap files of a machine tunnel's two layers, for `-w PATH`:
+    x.pcap -> x-inner.pcap, x-outer.pcap."""
+    stem, ext = os.path.splitext(path)
+    if ext not in (".pcap", ".pcapng"):
+        stem, ext = path, ".pcap"
+    return f"{stem}-inner{ext}", f"{stem}-outer{ext}"
+
+
+def machine_layers(view, target, bpf, pcap_path: str | None = None, promiscuous: bool = True) -> list:
+    """The two tcpdumps of `capture machine/NAME`: the inner layer on the fabric's
+    port (the user's filter applies there) and the outer on this machine's link,
+    in its own namespace, never promiscuous (the datagrams are addressed to this
+    machine, and the machine's interface flags are not ours to change), with the
+    filter that keeps only this tunnel's datagrams."""
+    from netemu.capture import tcpdump
+
+    inner_path, outer_path = layer_paths(pcap_path) if pcap_path else (None, None)
+    return [tcpdump.Layer(f"inner {target.iface}", target.netns, target.iface, bpf, inner_path, promiscuous),
+            tcpdump.Layer(f"outer {target.outer_iface}", None, target.outer_iface, target.outer_filter,
+                          outer_path, promiscuous=False)]
+
+
+def _capture_machine(view, target, args) -> int:
+    from netemu.capture import targets, tcpdump
+
+    if args.interface:
+        raise CaptureCliError(f"{target.label} captures on {target.iface} and {target.outer_iface}: "
+                              "-i does not apply")
+    if args.decode and not args.write:
+        raise CaptureCliError(f"--decode of {target.label} needs -w FILE.pcap (the layers are decoded "
+                              "from their files afterwards)")
+    if args.count is not None and args.count <= 0:
+        raise CaptureCliError("-c must be a positive number of packets")
+    peer = view.machines[target.label.split("/", 1)[1]]
+    layers = machine_layers(view, target, args.filter or None, args.write, args.promiscuous)
+    print(f"capturing the tunnel to machine {peer.name} (VXLAN {peer.vni}, UDP {targets.MACHINE_PORT}, "
+          f"{view.here_address} <-> {peer.address}) at both layers:", file=sys.stderr)
+    for layer, what in zip(layers, ("the fabric's frames", "their VXLAN datagrams")):
+        where = layer.ns or "this machine's own namespace"
+        into = f" into {layer.pcap_path}" if layer.pcap_path else ""
+        filt = f" ({layer.bpf_filter if isinstance(layer.bpf_filter, str) else ' '.join(layer.bpf_filter)})" \
+            if layer.bpf_filter else ""
+        print(f"  {layer.label}: {what}, in {where} on {layer.iface}{filt}{into}", file=sys.stderr)
+    sys.stderr.flush()
+    codes = tcpdump.run_layers(layers, count=args.count, duration=args.duration)
+    if args.write and args.decode:
+        _register_machine_ports(view)
+        for layer in layers:
+            print(f"--- {layer.label}: {layer.pcap_path}")
+            _print_decoded(view, layer.pcap_path)
+    return 0 if all(rc in (0, -2, 130) for rc in codes) else 1
+
+
+def _register_machine_ports(view) -> None:
+    from netemu.capture import decode, targets
+    if view.machines:
+        decode.register_ports(machine_ports=[targets.MACHINE_PORT])
 
 
 def _capture_decoded(view, ns: str, iface: str, bpf, args) -> int:

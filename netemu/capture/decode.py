@@ -8,6 +8,13 @@ the pod traffic is inside them. This module peels that layer off:
 - flannel `vxlan` backend (UDP port 8472 by default, the Linux kernel's port): an
   8-byte VXLAN header (flags, VNI), then the inner Ethernet frame and IP packet.
 
+Over several machines the emulated fabric itself crosses between machines in
+VXLAN (UDP 4789, netemu.machines): a capture on a machine's own link sees the
+fabric's frames inside that, flannel's encapsulation (if any) inside them. Such
+"machine ports" (register_ports(machine_ports=...)) are peeled first: the
+datagram that carried the frame is the `carrier`, and the frame is then decoded
+as above.
+
 `decode_packet` turns one scapy packet into a `Decoded` record (outer and inner
 headers, encapsulation, VNI, overhead); `format_decoded` prints it on one line;
 `FlowTable` / `flow_summary` add packets up per inner 5-tuple and show what the
@@ -49,6 +56,7 @@ VXLAN_HEADER = 8
 # (flannel's `"Backend": {"Port": N}`): see register_ports.
 _udp_ports: set[int] = set()
 _vxlan_ports: set[int] = set()
+_machine_ports: set[int] = set()    # VXLAN carrying the fabric between machines
 
 _PROTO_NAMES = {1: "ICMP", 6: "TCP", 17: "UDP", 47: "GRE", 58: "ICMPv6", 132: "SCTP"}
 
@@ -72,8 +80,10 @@ def _bind_first(lower: type[Packet], upper: type[Packet], **fields: int) -> None
     lower.payload_guess = [entry] + [g for g in lower.payload_guess if g != entry]
 
 
-def register_ports(udp_ports: Iterable[int] = (), vxlan_ports: Iterable[int] = ()) -> None:
-    """Declare UDP ports that carry flannel-udp (bare IP) or VXLAN payloads.
+def register_ports(udp_ports: Iterable[int] = (), vxlan_ports: Iterable[int] = (),
+                   machine_ports: Iterable[int] = ()) -> None:
+    """Declare UDP ports that carry flannel-udp (bare IP) or VXLAN payloads, or
+    VXLAN that carries the fabric between machines (MACHINE_PORTS).
 
     Adds to what is registered (the defaults 8285 and 8472 are always there). Also
     binds the layers in scapy, so scapy's own show()/summary() of such packets see
@@ -82,17 +92,26 @@ def register_ports(udp_ports: Iterable[int] = (), vxlan_ports: Iterable[int] = (
     for port in udp_ports:
         _udp_ports.add(int(port))
         _vxlan_ports.discard(int(port))
+        _machine_ports.discard(int(port))
         _bind_first(UDP, IP, dport=int(port))
         _bind_first(UDP, IP, sport=int(port))
     for port in vxlan_ports:
         _vxlan_ports.add(int(port))
         _udp_ports.discard(int(port))
+        _machine_ports.discard(int(port))
+        _bind_first(UDP, VXLAN, dport=int(port))
+        _bind_first(UDP, VXLAN, sport=int(port))
+    for port in machine_ports:
+        _machine_ports.add(int(port))
+        _udp_ports.discard(int(port))
+        _vxlan_ports.discard(int(port))
         _bind_first(UDP, VXLAN, dport=int(port))
         _bind_first(UDP, VXLAN, sport=int(port))
 
 
 def registered_ports() -> dict[str, frozenset[int]]:
-    return {"udp": frozenset(_udp_ports), "vxlan": frozenset(_vxlan_ports)}
+    return {"udp": frozenset(_udp_ports), "vxlan": frozenset(_vxlan_ports),
+            "machine": frozenset(_machine_ports)}
 
 
 register_ports(udp_ports=[DEFAULT_UDP_PORT], vxlan_ports=[DEFAULT_VXLAN_PORT])
@@ -138,6 +157,10 @@ class Decoded:
     gro_merged: int = 0
     summary: str = ""                  # for ARP and other non-IP packets
     error: str | None = None           # why decoding stopped early, if it did
+    # Between machines: the VXLAN datagram (a machine port) that carried the
+    # fabric's frame holding all of the above, and its VNI.
+    carrier: IPHeader | None = None
+    carrier_vni: int | None = None
 
     @property
     def truncated(self) -> bool:
@@ -250,6 +273,24 @@ def _decode(pkt: Packet) -> Decoded:
             return Decoded(kind="arp", summary=_arp_summary(arp), **base)
         return Decoded(kind="other", summary=pkt.summary(), **base)
 
+    first = _ipv4_header(ip)
+    if first.proto == "UDP" and (first.dport in _machine_ports or first.sport in _machine_ports):
+        # The fabric between machines: the frame inside is what a capture on the
+        # fabric would show; decode that, and say what carried it.
+        vxlan = _as(VXLAN, ip.payload.payload) if isinstance(ip.payload, UDP) else None
+        frame = vxlan.payload if vxlan is not None else None
+        if not isinstance(frame, Ether):
+            return Decoded(kind="ipv4", inner=first, error="machine tunnel's frame missing or cut short",
+                           **base)
+        frame.time = pkt.time
+        d = _decode(frame)
+        return dataclasses.replace(d, carrier=first, carrier_vni=vxlan.vni,
+                                   overhead=first.length - d.inner.length if d.inner else 0, **base)
+    return _decode_ip(ip, base)
+
+
+def _decode_ip(ip: IP, base: dict) -> Decoded:
+    """An IPv4 packet, with flannel's encapsulation peeled off when it has one."""
     first = _ipv4_header(ip)
     encapsulation = _encapsulation_of(first)
     if encapsulation is None:
@@ -388,6 +429,10 @@ def format_decoded(d: Decoded, with_time: bool = False) -> str:
         parts.append(f"if{d.ifindex}")
     if d.direction is not None:
         parts.append(d.direction)
+    if d.carrier is not None:
+        c = d.carrier
+        parts.append(f"{_endpoint(c.src, c.sport)} > {_endpoint(c.dst, c.dport)} VXLAN vni {d.carrier_vni} "
+                     "(machines)  |")
     if d.kind in ("arp", "other") and d.inner is None and d.outer is None:
         parts.append(d.summary or d.kind)
     elif d.outer is not None:
@@ -430,6 +475,7 @@ class Flow:
     dst: str
     dport: int | None
     vni: int | None = None
+    carrier_vni: int | None = None      # between machines: the machine tunnel's VNI
     outer_src: str | None = None
     outer_dst: str | None = None
     packets: int = 0
@@ -465,17 +511,17 @@ class FlowTable:
             return
         i, o = d.inner, d.outer
         encapsulation = d.encapsulation or "none"
-        key = (encapsulation, d.vni, o.src if o else None, o.dst if o else None,
+        key = (encapsulation, d.vni, d.carrier_vni, o.src if o else None, o.dst if o else None,
                i.proto, i.src, i.sport, i.dst, i.dport)
         flow = self._flows.get(key)
         if flow is None:
             flow = self._flows[key] = Flow(
                 encapsulation=encapsulation, proto=i.proto, src=i.src, sport=i.sport,
-                dst=i.dst, dport=i.dport, vni=d.vni,
+                dst=i.dst, dport=i.dport, vni=d.vni, carrier_vni=d.carrier_vni,
                 outer_src=o.src if o else None, outer_dst=o.dst if o else None, first=d.time)
         flow.packets += 1
         flow.bytes += i.length
-        flow.outer_bytes += o.length if o else i.length
+        flow.outer_bytes += d.carrier.length if d.carrier else o.length if o else i.length
         flow.last = d.time
 
     def flows(self) -> list[Flow]:
@@ -497,6 +543,8 @@ def format_flows(flows: Iterable[Flow], others: Counter[str] | dict[str, int] | 
     rows = []
     for f in flows:
         encap = f"vxlan/{f.vni}" if f.encapsulation == "vxlan" else f.encapsulation
+        if f.carrier_vni is not None:
+            encap += f" in vxlan/{f.carrier_vni}"
         underlay = f"{f.outer_src} > {f.outer_dst}" if f.outer_src else "-"
         rows.append((encap, f.proto, _endpoint(f.src, f.sport), _endpoint(f.dst, f.dport), underlay,
                      str(f.packets), str(f.bytes), str(f.outer_bytes), str(f.overhead),

@@ -10,7 +10,9 @@ pure and tested without root (`view_from_objects` builds one from plain objects)
 
 `resolve_target` turns the word a user types after `netemu capture` into a
 namespace and its default interface:
-    pod/NAME, NAME (pods first, then nodes), node/NAME, fabric, client, lb.
+    pod/NAME, NAME (pods first, then nodes), node/NAME, fabric, client, lb,
+    machine/NAME (a cluster over several machines: the tunnel to machine NAME,
+    at both of its layers, see MachineInfo).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import dataclasses
 import ipaddress
 import json
 import subprocess
+from collections.abc import Sequence
 
 from netemu import names
 from netemu.k8s import kinds
@@ -31,6 +34,35 @@ class TargetError(ValueError):
     """A capture/trace target that names nothing in the cluster."""
 
 
+MACHINE_PORT = 4789     # machines.MACHINE_PORT (not imported: that module reads the kernel)
+
+
+@dataclasses.dataclass(frozen=True)
+class MachineInfo:
+    """Another machine of a cluster over several, seen from this one: the fabric's
+    tunnel to it has two layers. Inside, the fabric's frames cross the bridge port
+    PORT (m-<machine>, in the fabric's namespace); outside, each frame travels in a
+    VXLAN datagram (VNI, UDP MACHINE_PORT) between this machine's address and
+    ADDRESS, on LINK, this machine's own interface towards ADDRESS."""
+
+    name: str
+    address: str
+    port: str                       # the fabric's bridge port: "m-b"
+    vni: int
+    link: str | None = None         # this machine's interface towards it (None: no route)
+
+    @property
+    def outer_filter(self) -> str:
+        """The capture filter for the tunnel's outer datagrams to and from it."""
+        return machine_filter(self.address)
+
+
+def machine_filter(peer: str) -> str:
+    """Only the machine tunnel's datagrams to and from PEER (not the machine's
+    other traffic): `udp port 4789 and host PEER`."""
+    return f"udp port {MACHINE_PORT} and host {peer}"
+
+
 @dataclasses.dataclass(frozen=True)
 class NodeInfo:
     name: str
@@ -38,6 +70,7 @@ class NodeInfo:
     netns: str
     subnet: str | None = None    # pod CIDR leased by the overlay daemon
     bridge_ip: str | None = None  # docker0's address: the subnet's first host
+    machine: str | None = None   # the machine it runs on (label netemu.io/machine)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +135,11 @@ class ClusterView:
     lb_ns: str | None = None
     lb_address: str | None = None
     proxy_mode: str | None = None         # "nftables", "iptables"
+    # Over several machines: this machine's name and address, and the others.
+    here: str | None = None
+    here_address: str | None = None
+    machines: dict[str, MachineInfo] = dataclasses.field(default_factory=dict)
+    first_machine: str | None = None      # where the client and the load balancer live
 
     @property
     def fabric_ns(self) -> str:
@@ -129,6 +167,17 @@ class ClusterView:
             if node.subnet and addr in ipaddress.IPv4Network(node.subnet, strict=False):
                 return node
         return None
+
+    def machine_of_node(self, node: str | None) -> str | None:
+        """The machine NODE runs on (None: a cluster on one machine)."""
+        info = self.nodes.get(node or "")
+        return info.machine if info is not None and self.here is not None else None
+
+    def elsewhere(self, node: str | None) -> str | None:
+        """The other machine NODE runs on; None when it runs here (or the
+        cluster is on one machine)."""
+        machine = self.machine_of_node(node)
+        return machine if machine is not None and machine != self.here else None
 
     def service_by_ip(self, ip: str) -> ServiceInfo | None:
         return next((s for s in self.services.values()
@@ -182,11 +231,16 @@ def view_from_objects(cluster: str, *, network_config: dict | None, nodes: list[
                       services: list[dict] = (), endpoints: list[dict] = (),
                       subnets: dict[str, str] | None = None, veths: dict[str, str] | None = None,
                       client_address: str | None = None, lb_address: str | None = None,
-                      lb_exists: bool = False, proxy_mode: str | None = None) -> ClusterView:
+                      lb_exists: bool = False, proxy_mode: str | None = None,
+                      here: str | None = None, machines: Sequence[tuple[str, str]] = (),
+                      vnis: dict[str, int] | None = None, links: dict[str, str] | None = None) -> ClusterView:
     """A ClusterView from API objects and what the state files say.
 
     SUBNETS maps node name -> leased pod CIDR; VETHS maps pod key -> node-side veth
     (from the sandbox file; else derived from the pod's uid as the kubelet names it).
+    Over several machines: HERE is this machine's name, MACHINES every machine's
+    (name, address) in the topology's order, VNIS and LINKS the tunnel's VNI and
+    this machine's interface towards each other machine.
     """
     backend_conf = (network_config or {}).get("Backend") or {}
     backend = backend_conf.get("Type", "udp")
@@ -197,8 +251,9 @@ def view_from_objects(cluster: str, *, network_config: dict | None, nodes: list[
         name = n["metadata"]["name"]
         subnet = subnets.get(name) or n.get("spec", {}).get("podCIDR")
         bridge = str(next(ipaddress.IPv4Network(subnet, strict=False).hosts())) if subnet else None
+        machine = (n["metadata"].get("labels") or {}).get(names.MACHINE_LABEL)
         node_infos[name] = NodeInfo(name=name, address=_internal_ip(n), netns=names.node_ns(cluster, name),
-                                    subnet=subnet, bridge_ip=bridge)
+                                    subnet=subnet, bridge_ip=bridge, machine=machine)
     pod_infos = {}
     for p in pods:
         meta, status = p["metadata"], p.get("status", {})
@@ -223,7 +278,13 @@ def view_from_objects(cluster: str, *, network_config: dict | None, nodes: list[
         vni=backend_conf.get("VNI", 1) if backend == "vxlan" else None,
         network=(network_config or {}).get("Network"), nodes=node_infos, pods=pod_infos,
         services=svc_infos, client_ns=names.client_ns(cluster), client_address=client_address,
-        lb_ns=names.lb_ns(cluster) if lb_exists else None, lb_address=lb_address, proxy_mode=proxy_mode)
+        lb_ns=names.lb_ns(cluster) if lb_exists else None, lb_address=lb_address, proxy_mode=proxy_mode,
+        here=here if machines else None,
+        here_address=next((a for m, a in machines if m == here), None),
+        machines={m: MachineInfo(name=m, address=a, port=names.machine_port(m), vni=(vnis or {}).get(m, 0),
+                                 link=(links or {}).get(m))
+                  for m, a in machines if m != here},
+        first_machine=machines[0][0] if machines else None)
 
 
 # --- reading a running cluster ------------------------------------------------
@@ -240,12 +301,34 @@ def _ipv4_of(ns: str, iface: str = "eth0") -> str | None:
     return None
 
 
-def _proxy_mode(cluster: str, store) -> str | None:
+def _settings(cluster: str, store):
+    """The cluster's topology from its ConfigMap (None when it cannot be read:
+    the proxy mode is a nicety for rule lookup, and without machines the
+    cluster is taken for one on this machine)."""
     try:
         from netemu import clusterconfig
-        return clusterconfig.read(cluster, store).settings.proxy_mode
-    except Exception:  # noqa: BLE001 - the mode is a nicety for rule lookup
+        return clusterconfig.read(cluster, store)
+    except Exception:  # noqa: BLE001 - see above
         return None
+
+
+def _machines(cluster: str, topology) -> dict:
+    """view_from_objects' machine arguments for a cluster over several machines,
+    reading this machine's routes towards the others (read only)."""
+    from netemu import machines as machines_
+
+    here = machines_.name(cluster)
+    if topology is None or not topology.machines or here is None:
+        return {}
+    links = {}
+    for peer, _, address, _ in machines_.tunnel_plan(cluster, topology, here):
+        try:
+            links[peer] = machines_.link_mtu_towards(address)[0]
+        except machines_.MachineError:
+            pass        # no route: a capture of that tunnel says so
+    return {"here": here, "machines": [(m.name, str(m.address)) for m in topology.machines],
+            "vnis": {peer: vni for peer, _, _, vni in machines_.tunnel_plan(cluster, topology, here)},
+            "links": links}
 
 
 def load_view(cluster: str, store=None) -> ClusterView:
@@ -267,7 +350,7 @@ def load_view(cluster: str, store=None) -> ClusterView:
         services = registry.list_(store, "Service")
         endpoints = registry.list_(store, "Endpoints")
         subnets = {lease.node: str(lease.subnet) for lease in leases.read_leases(store) if lease.node}
-        proxy_mode = _proxy_mode(cluster, store)
+        topology = _settings(cluster, store)
     finally:
         if own:
             store.close()
@@ -283,45 +366,21 @@ def load_view(cluster: str, store=None) -> ClusterView:
         cluster, network_config=config, nodes=nodes, pods=pods, services=services, endpoints=endpoints,
         subnets=subnets, veths=veths, client_address=_ipv4_of(names.client_ns(cluster)),
         lb_address=_ipv4_of(lb) if lb_exists else None, lb_exists=lb_exists,
-        proxy_mode=proxy_mode)
+        proxy_mode=topology.settings.proxy_mode if topology is not None else None,
+        **_machines(cluster, topology))
 
 
 # --- capture targets -------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    label: str           # "pod/web1", "node/node1", "fabric", ...
+    label: str           # "pod/web1", "node/node1", "fabric", "machine/b", ...
     netns: str
     iface: str           # default interface to capture on
-
-
-OWN_NS = "/proc/self/ns/net"     # the machine's own namespace: nsenter stays in its own
-
-
-def machine_target(cluster: str, name: str) -> tuple[Target, str]:
-    """(target, capture filter) for `capture machine/NAME`: the tunnel
-    between this machine and machine NAME, on this machine's own interface
-    that carries it (the route to NAME's address), its VXLAN datagrams only
-    (UDP MACHINE_PORT to or from NAME's address). tcpdump shows each with the
-    fabric frame inside, and that frame's own encapsulation (flannel udp or
-    vxlan) inside it: both layers in one line per packet."""
-    from netemu import clusterconfig, machines
-
-    topology = clusterconfig.read(cluster)
-    if not topology.machines:
-        raise TargetError(f'cluster "{cluster}" runs on one machine: it has no tunnels between machines')
-    known = [m.name for m in topology.machines]
-    if name not in known:
-        raise TargetError(f'cluster "{cluster}" has no machine "{name}" (machines: {", ".join(known)})')
-    here = machines.name(cluster)
-    if name == here:
-        others = [m for m in known if m != here]
-        raise TargetError(f"machine {name} is this machine: capture its tunnel to another one "
-                          f"(machine/{others[0]})")
-    peer = topology.machine(name)
-    device, _ = machines.link_mtu_towards(peer.address)
-    return (Target(f"machine/{name}", OWN_NS, device),
-            f"udp port {machines.MACHINE_PORT} and host {peer.address}")
+    # machine/NAME only: the tunnel's outer layer, captured in this machine's own
+    # namespace (read only) on OUTER_IFACE with OUTER_FILTER.
+    outer_iface: str | None = None
+    outer_filter: str | None = None
 
 
 def resolve_target(view: ClusterView, word: str, namespace: str = "default") -> Target:
@@ -331,11 +390,17 @@ def resolve_target(view: ClusterView, word: str, namespace: str = "default") -> 
         kind = "pod"
     elif kind in kinds.BY_KIND["Node"].words:
         kind = "node"
-    if kind not in ("", "pod", "node"):
+    if kind not in ("", "pod", "node", "machine"):
         raise TargetError(f'unknown capture target kind "{kind}" (use pod/NAME, node/NAME, '
-                          "machine/NAME, fabric, client or lb)")
+                          "fabric, client, lb or machine/NAME)")
+    if kind == "machine":
+        return machine_target(view, name)
     if kind == "" and name == "fabric":
         return Target("fabric", view.fabric_ns, names.FABRIC_BRIDGE)
+    if kind == "" and name in ("client", "lb"):
+        if view.here is not None and view.here != view.first_machine:
+            raise TargetError(f"the {'external client' if name == 'client' else 'load balancer'} runs on "
+                              f"machine {view.first_machine} (this is {view.here}): capture there")
     if kind == "" and name == "client":
         return Target("client", view.client_ns or names.client_ns(view.name), "eth0")
     if kind == "" and name == "lb":
@@ -345,10 +410,37 @@ def resolve_target(view: ClusterView, word: str, namespace: str = "default") -> 
     if kind in ("", "pod"):
         pod = view.pod(name, namespace)
         if pod is not None:
+            _here_or_refuse(view, pod.node, f"pod {pod.key} runs on node {pod.node}, ")
             return Target(f"pod/{pod.key}", pod.netns, names.POD_IFACE)
         if kind == "pod":
             raise TargetError(f'pods "{name}" not found')
     node = view.nodes.get(name)
     if node is not None:
+        _here_or_refuse(view, name, f'node "{name}" runs ')
         return Target(f"node/{name}", node.netns, names.NODE_UPLINK)
     raise TargetError(f'no pod or node named "{name}" (nor fabric, client, lb)')
+
+
+def _here_or_refuse(view: ClusterView, node: str | None, what: str) -> None:
+    """A node's (or its pod's) namespaces exist only on the node's machine."""
+    other = view.elsewhere(node)
+    if other is not None:
+        raise TargetError(f"{what}on machine {other} (this is {view.here}): capture there")
+
+
+def machine_target(view: ClusterView, name: str) -> Target:
+    """machine/NAME: the fabric's tunnel to machine NAME, its inner frames on the
+    fabric's port m-NAME and its outer VXLAN datagrams on this machine's link."""
+    if view.here is None:
+        raise TargetError(f'cluster "{view.name}" runs on one machine: it has no machine tunnels')
+    if name == view.here:
+        raise TargetError(f"machine {name} is this machine: a tunnel goes to another "
+                          f"(machines: {', '.join(sorted(view.machines))})")
+    peer = view.machines.get(name)
+    if peer is None:
+        raise TargetError(f'cluster "{view.name}" has no machine "{name}" (machines: '
+                          f"{', '.join(sorted([view.here, *view.machines]))})")
+    if peer.link is None:
+        raise TargetError(f"this machine has no route to machine {name} ({peer.address})")
+    return Target(f"machine/{name}", view.fabric_ns, peer.port, outer_iface=peer.link,
+                  outer_filter=peer.outer_filter)

@@ -12,7 +12,9 @@ Three ways to use it:
   packets arrive, to show the pod traffic inside the encapsulation live.
 
 tcpdump runs under nsenter (netemu.netns.exec_argv), which execs it: the process we
-start is tcpdump itself, so our signals reach it directly.
+start is tcpdump itself, so our signals reach it directly. A namespace of None is
+this process's own (the machine's, for the outer layer of a machine tunnel):
+tcpdump runs there directly, and only reads.
 
 Facts that shape the argv (see /work/shared/REFERENCE.md):
 - tcpdump drops privileges to user `tcpdump`, who may not be allowed to write the
@@ -39,6 +41,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -58,6 +61,11 @@ BUFFER_KIB = 65536
 
 class CaptureError(RuntimeError):
     pass
+
+
+def in_namespace(ns: str | None, argv: list[str]) -> list[str]:
+    """ARGV run in namespace NS (None: in this process's own)."""
+    return list(argv) if ns is None else netns.exec_argv(ns, argv)
 
 
 def tcpdump_argv(iface: str = "any", pcap_path: str | None = None,
@@ -153,7 +161,7 @@ class Capture:
     """A running (then finished) tcpdump writing a pcap file, or with pcap_path
     "-" a pcap stream that packets() decodes as it arrives."""
 
-    ns: str
+    ns: str | None
     iface: str
     pcap_path: str
     argv: list[str]
@@ -205,7 +213,7 @@ class Capture:
         """Start tcpdump and return once it listens (its socket is open and the
         filter set: every packet from now on is captured)."""
         stdout = subprocess.PIPE if self.streaming else subprocess.DEVNULL
-        self.proc = subprocess.Popen(netns.exec_argv(self.ns, self.argv), stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(in_namespace(self.ns, self.argv), stdin=subprocess.DEVNULL,
                                      stdout=stdout, stderr=subprocess.PIPE,
                                      start_new_session=True)  # a terminal's Ctrl-C is ours to pass on
         self._reader = threading.Thread(target=self._drain_stderr, daemon=True,
@@ -223,7 +231,7 @@ class Capture:
                 self.stop()
                 why = (f"exited with status {self.returncode}" if exited
                        else f"was not listening after {timeout:g} s")
-                raise CaptureError(f"tcpdump in {self.ns} on {self.iface} {why}: "
+                raise CaptureError(f"tcpdump in {self.ns or 'this machine'} on {self.iface} {why}: "
                                    f"{self.stderr.strip() or 'no output'}")
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
@@ -298,7 +306,7 @@ def run_live(ns: str, iface: str = "any", bpf_filter: str | Sequence[str] | None
     """
     argv = tcpdump_argv(iface, pcap_path, bpf_filter, count=count, snaplen=snaplen,
                         line_buffered=pcap_path is None, verbose=verbose, promiscuous=promiscuous)
-    proc = subprocess.Popen(netns.exec_argv(ns, argv), stdin=subprocess.DEVNULL, stdout=stdout,
+    proc = subprocess.Popen(in_namespace(ns, argv), stdin=subprocess.DEVNULL, stdout=stdout,
                             process_group=0)
     try:
         with _forward_sigint(proc):
@@ -309,6 +317,85 @@ def run_live(ns: str, iface: str = "any", bpf_filter: str | Sequence[str] | None
     finally:
         _stop(proc, stop_timeout)
     return proc.returncode
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One of the tcpdumps run_layers runs side by side."""
+
+    label: str                   # heads each of its lines: "inner m-b"
+    ns: str | None               # None: this process's own namespace
+    iface: str
+    bpf_filter: str | Sequence[str] | None = None
+    pcap_path: str | None = None
+    promiscuous: bool = True
+
+
+def run_layers(layers: Sequence[Layer], *, count: int | None = None, duration: float | None = None,
+               stdout: IO | None = None, stderr: IO | None = None,
+               stop_timeout: float = STOP_TIMEOUT) -> list[int]:
+    """Several tcpdumps in the foreground at once (the two layers of a machine
+    tunnel); returns their exit statuses.
+
+    Each line a tcpdump prints (its packets on STDOUT, its "listening on" and
+    closing counts on STDERR) is headed by its layer's label, the layers' lines
+    interleaved as they come. A layer with a pcap_path writes that file instead
+    of packet lines. COUNT stops each tcpdump after that many packets of its
+    own; DURATION, or Ctrl-C (forwarded once to each), stops them all.
+    """
+    out = stdout or sys.stdout
+    err = stderr or sys.stderr
+    width = max(len(layer.label) for layer in layers)
+    lock = threading.Lock()
+    procs: list[subprocess.Popen] = []
+    readers: list[threading.Thread] = []
+
+    def relay(pipe, label: str, sink) -> None:
+        for raw in pipe:
+            if not raw.strip():
+                continue    # the empty line tcpdump ends its output with on SIGINT
+            with lock:
+                sink.write(f"{label:<{width}} | {raw.decode(errors='replace')}")
+                sink.flush()
+
+    def forward_sigint(signum, frame) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, forward_sigint)
+    try:
+        for layer in layers:
+            argv = tcpdump_argv(layer.iface, layer.pcap_path, layer.bpf_filter, count=count,
+                                line_buffered=layer.pcap_path is None, promiscuous=layer.promiscuous)
+            proc = subprocess.Popen(in_namespace(layer.ns, argv), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE if layer.pcap_path is None else subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, process_group=0)
+            procs.append(proc)
+            pipes = [(proc.stderr, err)] + ([(proc.stdout, out)] if layer.pcap_path is None else [])
+            for pipe, sink in pipes:
+                t = threading.Thread(target=relay, args=(pipe, layer.label, sink), daemon=True)
+                t.start()
+                readers.append(t)
+        deadline = None if duration is None else time.monotonic() + duration
+        for proc in procs:
+            try:
+                proc.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                break   # duration is up: _stop below sends the SIGINTs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            _stop(proc, stop_timeout)
+        for t in readers:
+            t.join(stop_timeout)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    return [p.returncode for p in procs]
 
 
 def live_decoded(ns: str, iface: str = "any", bpf_filter: str | Sequence[str] | None = None, *,

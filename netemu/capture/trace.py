@@ -18,6 +18,14 @@ How a trace runs:
 
 Steps 1 and 4 are pure (plan_*, classify, assign, annotate, format_trace) and
 tested without root; steps 2 and 3 touch namespaces (run_trace).
+
+Over several machines a trace captures on the machine it runs on: the hops of
+another machine's nodes and pods are in the path (said to be elsewhere) but not
+captured. Where the path crosses to another machine it gains the machine
+tunnel's two hops (place): the fabric's port to that machine (m-<machine>, the
+frame as the fabric carries it) and this machine's own link towards it (the
+same frame in a VXLAN datagram between the machines, UDP 4789, the pair's VNI),
+captured read-only in the machine's own namespace, filtered to that tunnel.
 """
 
 from __future__ import annotations
@@ -52,10 +60,12 @@ class TraceError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Point:
-    """One place tcpdump listens: an interface in a namespace."""
+    """One place tcpdump listens: an interface in a namespace (None: this
+    machine's own), with a capture filter of its own when it has one."""
 
-    netns: str
+    netns: str | None
     iface: str
+    bpf: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +74,10 @@ class Step:
     like there (encapsulated on the underlay between nodes, plain elsewhere)."""
 
     point: Point
-    where: str            # "pod web1", "node node1", "client"
+    where: str            # "pod web1", "node node1", "client", "fabric", "machine a"
     encapsulated: bool = False
     note: str = ""        # said when the probe is not seen there
+    elsewhere: str | None = None   # the other machine it is on: not captured from here
 
     @property
     def label(self) -> str:
@@ -145,6 +156,48 @@ def _merge(steps: Iterable[Step]) -> list[Step]:
                 out[-1] = s
             continue
         out.append(s)
+    return out
+
+
+def _machines_of_namespaces(view: ClusterView) -> dict[str, str]:
+    """The machine each of the cluster's namespaces lives on (over several)."""
+    out = {n.netns: n.machine for n in view.nodes.values() if n.machine}
+    out.update({p.netns: view.nodes[p.node].machine for p in view.pods.values()
+                if p.node in view.nodes and view.nodes[p.node].machine})
+    for ns in (view.client_ns, view.lb_ns, names.lb_ns(view.name)):
+        if ns and view.first_machine:
+            out[ns] = view.first_machine
+    return out
+
+
+def _machine_tunnel(view: ClusterView, a: str, b: str, encapsulated: bool) -> list[Step]:
+    """The hops of the fabric's frame from machine A to machine B, as this
+    machine sees them: out through the fabric's port to B, then in VXLAN on this
+    machine's link (when A is here), or the reverse (when B is here). A crossing
+    between two other machines is not seen here at all."""
+    if view.here not in (a, b):
+        return []
+    peer = view.machines[b if a == view.here else a]
+    port = Step(Point(view.fabric_ns, peer.port), "fabric", encapsulated)
+    link = Step(Point(None, peer.link or "?", peer.outer_filter), f"machine {view.here}", encapsulated)
+    return [port, link] if a == view.here else [link, port]
+
+
+def place(view: ClusterView, steps: Sequence[Step]) -> list[Step]:
+    """STEPS on the machines of a cluster over several: the steps of another
+    machine marked as such, and the machine tunnel's hops where the path goes
+    from one machine to another. A cluster on one machine: STEPS unchanged."""
+    if view.here is None:
+        return list(steps)
+    where = _machines_of_namespaces(view)
+    out: list[Step] = []
+    last = None
+    for s in steps:
+        machine = where.get(s.point.netns, view.here) if s.point.netns is not None else view.here
+        if last is not None and machine != last:
+            out += _machine_tunnel(view, last, machine, s.encapsulated)
+        out.append(dataclasses.replace(s, elsewhere=machine if machine != view.here else None))
+        last = machine
     return out
 
 
@@ -359,8 +412,19 @@ class Route:
 
 def plan(view: ClusterView, src: str, dest: Destination, namespace: str = "default") -> tuple[str, dict[str, Route]]:
     """The source namespace and the possible routes, keyed by endpoint pod (and,
-    through a load balancer, the node it picked: "n1/b"), or "" for no pod."""
+    through a load balancer, the node it picked: "n1/b"), or "" for no pod.
+    Over several machines, each route placed on them (see place)."""
+    src_ns, routes = _plan(view, src, dest, namespace)
+    return src_ns, {k: dataclasses.replace(r, steps=tuple(place(view, r.steps)),
+                                           reply=tuple(place(view, r.reply)) if r.reply is not None else None)
+                    for k, r in routes.items()}
+
+
+def _plan(view: ClusterView, src: str, dest: Destination, namespace: str) -> tuple[str, dict[str, Route]]:
     if src == "client":
+        if view.here is not None and view.here != view.first_machine:
+            raise TraceError(f"the external client runs on machine {view.first_machine} "
+                             f"(this is {view.here}): trace from there")
         if dest.kind == "nodeport":
             return view.client_ns, {p.key: Route(tuple(plan_client_to_pod(view, dest.node, p)), p, dest.node)
                                     for p in dest.candidates}
@@ -372,6 +436,9 @@ def plan(view: ClusterView, src: str, dest: Destination, namespace: str = "defau
     pod = view.pod(*reversed(split_source(src, namespace)))
     if pod is None or not pod.ip:
         raise TraceError(f'source "{src}" is not a running pod (or "client")')
+    if (other := view.elsewhere(pod.node)) is not None:
+        raise TraceError(f"pod {pod.key} runs on node {pod.node}, on machine {other} "
+                         f"(this is {view.here}): trace from there")
     if dest.kind == "pod":
         target = dest.candidates[0]
         return pod.netns, {target.key: Route(tuple(plan_pod_to_pod(view, pod, target)), target)}
@@ -389,10 +456,12 @@ def plan(view: ClusterView, src: str, dest: Destination, namespace: str = "defau
 
 
 def capture_points(routes: dict[str, Route]) -> list[Point]:
+    """Where to capture: every step's point on this machine."""
     seen: dict[Point, None] = {}
     for route in routes.values():
         for s in route.steps + route.reply_steps:
-            seen.setdefault(s.point)
+            if s.elsewhere is None:
+                seen.setdefault(s.point)
     return list(seen)
 
 
@@ -412,6 +481,8 @@ class Seen:
     tcp_ack: int | None = None
     icmp_type: int | None = None
     has_token: bool = False
+    carrier: object | None = None   # decode.IPHeader: the machine tunnel's datagram
+    carrier_vni: int | None = None
 
 
 def seen_from_packet(pkt, token: bytes | None) -> Seen | None:
@@ -437,7 +508,8 @@ def seen_from_packet(pkt, token: bytes | None) -> Seen | None:
         elif type(l4) is ICMP:
             fields["icmp_type"] = l4.type
     return Seen(time=d.time, inner=d.inner, outer=d.outer, encapsulation=d.encapsulation, vni=d.vni,
-                has_token=bool(token) and token in bytes(pkt), **fields)
+                has_token=bool(token) and token in bytes(pkt), carrier=d.carrier, carrier_vni=d.carrier_vni,
+                **fields)
 
 
 def read_seen(pcap_path: str, token: bytes | None) -> list[Seen]:
@@ -536,11 +608,18 @@ def hops_seen(hops: Sequence[Hop]) -> int:
 def choose_path(routes: dict[str, Route], forward: dict[Point, list[Seen]]) -> str:
     """The route the probe actually took: the one whose last hop (the endpoint pod)
     saw it; among those (or if none did), the one with most hops seen and fewest
-    not seen (through a load balancer, every node's route ends at the same pod)."""
+    not seen (through a load balancer, every node's route ends at the same pod).
+    Hops on another machine are not captured and count for nothing; a route whose
+    end is there is told from another by where the last hop seen here sent the
+    probe (the endpoint's address, after DNAT)."""
     def score(item):
-        hops = assign(item[1].steps, forward)
+        route = item[1]
+        hops = [h for h in assign(route.steps, forward) if h.step.elsewhere is None]
         seen = hops_seen(hops)
-        return (bool(hops and hops[-1].seen), seen - (len(hops) - seen))
+        last = next((h.seen[0].inner for h in reversed(hops) if h.seen), None)
+        to_endpoint = bool(route.endpoint and last is not None and last.dst == route.endpoint.ip)
+        ends_here = bool(hops) and hops[-1].step is route.steps[-1]
+        return (ends_here and bool(hops[-1].seen), to_endpoint, seen - (len(hops) - seen))
     return max(routes.items(), key=score)[0]
 
 
@@ -574,6 +653,10 @@ def address_names(view: ClusterView) -> dict[str, str]:
         out[view.lb_address] = "load balancer"
     if view.client_address:
         out[view.client_address] = "client"
+    if view.here_address:
+        out[view.here_address] = f"machine {view.here}"
+    for m in view.machines.values():
+        out[m.address] = f"machine {m.name}"
     for pod in view.pods.values():
         if pod.ip:
             out[pod.ip] = f"pod {pod.key}"
@@ -614,6 +697,12 @@ def changes(prev: Seen | None, cur: Seen, reply: bool = False, owners: dict[str,
         notes.append(f"encapsulated in {tag} {_ep(o.src, o.sport)} > {_ep(o.dst, o.dport)}")
     if prev.encapsulation is not None and cur.encapsulation is None:
         notes.append("decapsulated")
+    if prev.carrier is None and cur.carrier is not None:
+        c = cur.carrier
+        notes.append(f"into the machine tunnel: VXLAN vni {cur.carrier_vni} {_ep(c.src, c.sport)} > "
+                     f"{to(c.dst, c.dport)}")
+    if prev.carrier is not None and cur.carrier is None:
+        notes.append(f"out of the machine tunnel (from {to(prev.carrier.src, None)})")
     if b.ttl < a.ttl:
         notes.append(f"ttl {a.ttl} -> {b.ttl}")
     return notes
@@ -647,10 +736,16 @@ class TraceResult:
     pcap_dir: str | None = None      # kept captures, if asked
     owners: dict[str, str] = dataclasses.field(default_factory=dict)   # address -> who has it
     lb_node: str | None = None       # the node a load balancer forwarded the probe to
+    answered: bool = False           # the probing socket got the destination's answer
 
     @property
     def reached(self) -> bool:
-        return bool(self.forward and self.forward[-1].seen)
+        """The last hop saw the probe; or, when that hop is on another machine
+        (not captured from here), the destination answered."""
+        if not self.forward:
+            return False
+        last = self.forward[-1]
+        return bool(last.seen) or (last.step.elsewhere is not None and self.answered)
 
     def __str__(self) -> str:
         # What `netemu trace` prints: the Python API hands the result itself over.
@@ -667,6 +762,9 @@ def _describe_seen(s: Seen) -> str:
         o = s.outer
         tag = "UDP/flannel" if s.encapsulation == "udp" else f"VXLAN vni {s.vni}"
         text = f"{_ep(o.src, o.sport)} > {_ep(o.dst, o.dport)} {tag} ttl {o.ttl} | " + text
+    if s.carrier is not None:
+        c = s.carrier
+        text = f"{_ep(c.src, c.sport)} > {_ep(c.dst, c.dport)} VXLAN vni {s.carrier_vni} | " + text
     return text
 
 
@@ -675,6 +773,9 @@ def format_hops(hops: Sequence[Hop], reply: bool = False, owners: dict[str, str]
     lines = []
     for n, (hop, notes) in enumerate(zip(hops, annotate(hops, reply, owners)), 1):
         head = f"  {n:>2}  {hop.step.label:<{width}}  "
+        if not hop.seen and hop.step.elsewhere is not None:
+            lines.append(head + f"- on machine {hop.step.elsewhere}: not captured from this one")
+            continue
         if not hop.seen:
             lines.append(head + f"- {hop.step.note or 'not seen'}")
             continue
@@ -726,7 +827,9 @@ def lookup_rules(view: ClusterView, dest: Destination, route: Route, endpoint: s
             if found:
                 out += [f"at the load balancer ({view.lb_ns}), {found[0]}"] + found[1:]
             port = dest.service_port.node_port
-        if route.dnat_node is not None:
+        if route.dnat_node is not None and (other := view.elsewhere(route.dnat_node)) is not None:
+            out.append(f"(at node {route.dnat_node}, on machine {other}: its rules are read there)")
+        elif route.dnat_node is not None:
             vip = dest.address if dest.kind in ("service", "loadbalancer") and route.lb_node is None else None
             found = rules.lookup(view.nodes[route.dnat_node].netns, view.proxy_mode or "nftables",
                                  vip, dest.proto, port, endpoint)
@@ -758,6 +861,7 @@ def _icmp_checksum(data: bytes) -> int:
 class ProbeResult:
     local: tuple[str, int] | None
     outcome: str
+    answered: bool = False      # connected, a UDP answer, an echo reply
 
 
 def probe_tcp(ns: str, address: str, port: int, timeout: float) -> ProbeResult:
@@ -770,7 +874,9 @@ def probe_tcp(ns: str, address: str, port: int, timeout: float) -> ProbeResult:
         if not ready:
             return ProbeResult(local, f"no answer within {timeout:g} s")
         err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        return ProbeResult(local, "connected" if err == 0 else f"connect failed: {os.strerror(err)}")
+        if err == 0:
+            return ProbeResult(local, "connected", answered=True)
+        return ProbeResult(local, f"connect failed: {os.strerror(err)}")
     finally:
         # An RST instead of FIN: nothing lingers in TIME_WAIT in the pod.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -786,7 +892,7 @@ def probe_udp(ns: str, address: str, port: int, token: bytes, timeout: float) ->
         s.settimeout(timeout)
         try:
             data = s.recv(65535)
-            return ProbeResult(local, f"answered with {len(data)} bytes")
+            return ProbeResult(local, f"answered with {len(data)} bytes", answered=True)
         except ConnectionRefusedError:
             return ProbeResult(local, "ICMP port unreachable (nothing listens there)")
         except socket.timeout:
@@ -811,7 +917,7 @@ def probe_icmp(ns: str, address: str, token: bytes, timeout: float) -> ProbeResu
             ihl = (data[0] & 0x0F) * 4
             icmp_type = data[ihl]
             if token in data and icmp_type == 0:
-                return ProbeResult(None, f"echo reply from {peer[0]}")
+                return ProbeResult(None, f"echo reply from {peer[0]}", answered=True)
             if token in data and icmp_type in (3, 11):
                 return ProbeResult(None, f"ICMP error type {icmp_type} from {peer[0]}")
         return ProbeResult(None, f"no answer within {timeout:g} s")
@@ -829,9 +935,9 @@ def capture_all(points: Sequence[Point], workdir: str, bpf_filter: str = "ip") -
 
     caps = {}
     for i, p in enumerate(points):
-        path = os.path.join(workdir, f"{i:02d}-{p.netns}-{p.iface}.pcap")
+        path = os.path.join(workdir, f"{i:02d}-{p.netns or 'machine'}-{p.iface}.pcap")
         caps[p] = tcpdump.Capture(ns=p.netns, iface=p.iface, pcap_path=path,
-                                  argv=tcpdump.tcpdump_argv(p.iface, path, bpf_filter,
+                                  argv=tcpdump.tcpdump_argv(p.iface, path, p.bpf or bpf_filter,
                                                             buffer_kib=4096, promiscuous=False))
     errors: list[BaseException] = []
 
@@ -860,11 +966,13 @@ def capture_all(points: Sequence[Point], workdir: str, bpf_filter: str = "ip") -
 
 
 def _register_backend_ports(view: ClusterView) -> None:
-    from netemu.capture import decode
+    from netemu.capture import decode, targets
     if view.backend == "udp" and view.backend_port:
         decode.register_ports(udp_ports=[view.backend_port])
     elif view.backend == "vxlan" and view.backend_port:
         decode.register_ports(vxlan_ports=[view.backend_port])
+    if view.machines:
+        decode.register_ports(machine_ports=[targets.MACHINE_PORT])
 
 
 def run_trace(view: ClusterView, src: str, dest_word: str, *, port: int | None = None, proto: str = "tcp",
@@ -909,13 +1017,15 @@ def run_trace(view: ClusterView, src: str, dest_word: str, *, port: int | None =
     if result.local:
         probe += f" from {result.local[0]}:{result.local[1]}"
     rules = []
-    if route.dnat_node is not None and fwd_hops[-1].seen:
-        last = fwd_hops[-1].seen[0].inner
+    # The endpoint as the last hop that saw the probe has it: the endpoint pod's
+    # eth0, or, when that pod is on another machine, the last hop here.
+    last = next((h.seen[0].inner for h in reversed(fwd_hops) if h.seen), None)
+    if route.dnat_node is not None and last is not None and (fwd_hops[-1].seen or fwd_hops[-1].step.elsewhere):
         rules = lookup_rules(view, dest, route, _ep(last.dst, last.dport))
     return TraceResult(source=src, destination=dest, backend=view.backend, probe=probe,
                        outcome=result.outcome, endpoint=route.endpoint.key if route.endpoint else None,
                        forward=fwd_hops, reply=rep_hops, rules=rules, pcap_dir=keep_pcaps,
-                       owners=address_names(view), lb_node=route.lb_node)
+                       owners=address_names(view), lb_node=route.lb_node, answered=result.answered)
 
 
 def find_isn(seen: dict[Point, list[Seen]], first: Point, local: tuple[str, int] | None) -> int | None:

@@ -307,32 +307,6 @@ def test_logs_of_a_pod_on_another_machine_come_from_its_kubelet_port(machines, t
         # what the API server says of a container that does not exist, from there
         r = a.netemu("logs", "web-2", "-c", "nosuch", check=False)
         assert r.returncode == 1 and "container nosuch is not valid for pod web-2" in r.stderr, r.stderr
-        # the machine tunnel's layer: machine a's datagrams to and from b, each
-        # with the fabric frame and its flannel udp packet inside (tcpdump -p:
-        # the machine's interface is left as it is)
-        capture = subprocess.Popen(a.argv([sys.executable, "-m", "netemu.cli", "capture", "machine/b",
-                                           "--duration", "4"]), stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
-        try:
-            time.sleep(1.5)
-            pexec(a, "web-1", "ping", "-c", "3", "-i", "0.3", ip["web-2"])
-            out, err = capture.communicate(timeout=30)
-        finally:
-            capture.kill()
-        assert "capturing in this machine's own namespace (udp port 4789 and host 192.168.77.2) on " in err, err
-        lines = [l for l in out.splitlines() if "VXLAN" in l and "vni" in l]
-        assert all("192.168.77.1" in l and "192.168.77.2" in l for l in lines), out
-        assert lines, out
-        # each ping and its reply: the outer datagram's line, then its fabric
-        # frame's, a flannel udp datagram between n1 and n2
-        rows = out.splitlines()
-        flannel = [inner for outer, inner in zip(rows, rows[1:]) if "VXLAN" in outer and ".8285 > " in inner]
-        assert len(flannel) >= 6, out
-        r = a.netemu("capture", "machine/a", "-c", "1", check=False)
-        assert r.returncode == 1 and "machine a is this machine: capture its tunnel to another one (machine/b)" \
-            in r.stderr, r.stderr
-        r = a.netemu("capture", "machine/c", "-c", "1", check=False)
-        assert r.returncode == 1 and 'has no machine "c" (machines: a, b)' in r.stderr, r.stderr
         # n2's kubelet port, in n2's namespace on b; a pod is not a node
         listening_n2 = b.run("ip", "netns", "exec", f"{name}-node-n2", "ss", "-Hltn").stdout
         n2 = json.loads(a.netemu("get", "node", "n2", "-o", "json").stdout)
@@ -584,6 +558,97 @@ def test_a_machine_whose_netemu_is_killed_goes_not_ready_and_resumes_its_nodes(m
                  timeout=30, what="web-1 -> web-2 after the resume")
         wait_for(lambda: evicted not in spare(), timeout=30, what="the evicted pod finished by n2's kubelet")
         assert sorted(n for n, _, _ in spare().values()) == ["n3", "n3"]
+    finally:
+        for m in (b, a):
+            m.netemu("clean", name, check=False, timeout=120)
+    gone_everywhere(net, etcd, name)
+
+
+def test_capture_and_trace_show_the_machine_tunnel(machines, tmp_path):
+    """`netemu capture machine/b` on machine a while web-1 (a) pings web-2 (b):
+    the fabric's frames on m-b (flannel udp datagrams, the ping inside) and
+    their VXLAN datagrams on a's own link (UDP 4789 between the machines), the
+    machine's own namespace unchanged; with -w and --decode, both layers peeled
+    down to the ICMP; `netemu trace` from web-1 to web-2 shows the tunnel's two
+    hops and b's hops as not captured from a."""
+    net, etcd = machines
+    a, b = net.machines
+    name = "mcap-both"
+    path = topology(tmp_path, name)
+    try:
+        a.netemu("up", path, "--store", etcd.endpoint, "-q")
+        b.netemu("join", "--store", etcd.endpoint, "--machine", "b", "-q")
+        before = own_namespace(a)
+        pods = json.loads(a.netemu("get", "pods", "-o", "json").stdout)["items"]
+        ip = {p["metadata"]["name"]: p["status"]["podIP"] for p in pods}
+        wait_for(lambda: pexec(a, "web-1", "ping", "-c", "1", "-W", "1", ip["web-2"]).returncode == 0,
+                 timeout=30, what="web-1 -> web-2")
+        vni = re.search(r"vxlan id (\d+)", a.run("ip", "-d", "-n", f"{name}-fabric", "link", "show",
+                                                  "m-b").stdout).group(1)
+
+        def capture_while_pinging(*args):
+            cap = subprocess.Popen(a.argv([sys.executable, "-m", "netemu.cli", "capture", "machine/b", *args]),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            head, listening = [], 0
+            while listening < 2:
+                line = cap.stderr.readline()
+                assert line, f"capture ended early: {''.join(head)}"
+                head.append(line)
+                listening += "listening on" in line
+            pexec(a, "web-1", "ping", "-c", "3", "-i", "0.2", ip["web-2"], check=True)
+            out, err = cap.communicate(timeout=60)
+            assert cap.returncode == 0, err
+            return "".join(head) + err, out
+
+        err, out = capture_while_pinging("--duration", "4")
+        assert (f"capturing the tunnel to machine b (VXLAN {vni}, UDP 4789, 192.168.77.1 <-> 192.168.77.2) "
+                "at both layers:") in err, err
+        assert f"outer eth0: their VXLAN datagrams, in this machine's own namespace on eth0 " \
+               f"(udp port 4789 and host 192.168.77.2)" in err, err
+        inner = [l for l in out.splitlines() if l.startswith("inner m-b  | ")]
+        outer = [l for l in out.splitlines() if l.startswith("outer eth0 | ")]
+        # flannel udp between the nodes' addresses on the fabric ...
+        assert len([l for l in inner if re.search(r"IP 172\.30\.0\.\d+\.8285 > 172\.30\.0\.\d+\.8285: UDP", l)]) >= 6, out
+        # ... and in VXLAN between the machines (tcpdump knows 4789 for VXLAN)
+        vxlan = [l for l in outer if re.search(r"IP 192\.168\.77\.[12]\.\d+ > 192\.168\.77\.[12]\.4789: VXLAN", l)]
+        assert len(vxlan) >= 6 and all(f"vni {vni}" in l for l in vxlan), out
+        # the outer filter lets only the tunnel through (tcpdump prints what is
+        # inside a VXLAN datagram on a line of its own, without a time)
+        assert len(vxlan) == len([l for l in outer if re.match(r"outer eth0 \| \d\d:\d\d:", l)]), out
+        assert own_namespace(a) == before, "capture changed machine a's own namespace"
+
+        pcap = tmp_path / "tunnel.pcap"
+        err, out = capture_while_pinging("-w", str(pcap), "--decode", "--duration", "4", "udp")
+        assert (tmp_path / "tunnel-inner.pcap").exists() and (tmp_path / "tunnel-outer.pcap").exists()
+        outer_part = out.split("--- outer eth0:")[1]
+        pings = [l for l in outer_part.splitlines()
+                 if f"VXLAN vni {vni} (machines)  | " in l and "UDP/flannel" in l
+                 and f"{ip['web-1']} > {ip['web-2']} ICMP echo-request" in l]
+        assert len(pings) == 3, out
+        inner_part = out.split("--- outer eth0:")[0]
+        assert len(re.findall(f"UDP/flannel  \\|  {ip['web-2']} > {ip['web-1']} ICMP echo-reply", inner_part)) == 3, out
+
+        # refused, one line each
+        for args, problem in ((["machine/a"], "machine a is this machine"),
+                              (["machine/c"], 'has no machine "c" (machines: a, b)'),
+                              (["n2"], 'node "n2" runs on machine b (this is a): capture there')):
+            r = a.netemu("capture", *args, "-c", "1", check=False)
+            assert r.returncode == 1 and problem in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+        traced = a.netemu("trace", "web-1", "web-2", "--proto", "icmp")
+        text = traced.stdout
+        assert re.search(r"^ +\d+  fabric m-b +172\.30\.0\.\d+:8285 > 172\.30\.0\.\d+:8285 UDP/flannel", text, re.M), text
+        assert re.search(rf"^ +\d+  machine a eth0 +192\.168\.77\.1:\d+ > 192\.168\.77\.2:4789 VXLAN vni {vni} \| "
+                         rf"172\.30\.0\.\d+:8285 > 172\.30\.0\.\d+:8285 UDP/flannel ttl \d+ \| {ip['web-1']} > "
+                         rf"{ip['web-2']} ICMP", text, re.M), text
+        assert f"into the machine tunnel: VXLAN vni {vni} 192.168.77.1:" in text
+        assert re.search(r"^ +\d+  pod web-2 eth0 +- on machine b: not captured from this one$", text, re.M), text
+        # the reply, back through the tunnel to web-1
+        reply = text.split("reply (")[1]
+        assert re.search(rf"machine a eth0 +192\.168\.77\.2:\d+ > 192\.168\.77\.1:4789 VXLAN vni {vni}", reply), text
+        assert re.search(rf"pod web-1 eth0 +{ip['web-2']} > {ip['web-1']} ICMP echo-reply", reply), text
+        r = b.netemu("trace", "web-1", "web-2", "--proto", "icmp", check=False)
+        assert r.returncode == 1 and "pod web-1 runs on node n1, on machine a (this is b): trace from there" in r.stderr
     finally:
         for m in (b, a):
             m.netemu("clean", name, check=False, timeout=120)

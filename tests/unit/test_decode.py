@@ -205,8 +205,10 @@ def test_flow_summary_counts_bytes_and_overhead(tmp_path):
 
 @pytest.fixture
 def restore_bindings():
-    saved = (set(decode._udp_ports), set(decode._vxlan_ports), UDP.payload_guess)
+    saved = (set(decode._udp_ports), set(decode._vxlan_ports), UDP.payload_guess, set(decode._machine_ports))
     yield
+    decode._machine_ports.clear()
+    decode._machine_ports.update(saved[3])
     decode._udp_ports.clear()
     decode._udp_ports.update(saved[0])
     decode._vxlan_ports.clear()
@@ -228,7 +230,7 @@ def test_register_custom_ports(tmp_path, restore_bindings):
 
     decode.register_ports(udp_ports=[9285, 4789], vxlan_ports=[9472])
     assert decode.registered_ports() == {"udp": frozenset({8285, 9285, 4789}),
-                                         "vxlan": frozenset({8472, 9472})}
+                                         "vxlan": frozenset({8472, 9472}), "machine": frozenset()}
     after = roundtrip(tmp_path, [custom_udp, on_4789, custom_vxlan], "after.pcap")
     assert [d.encapsulation for d in after] == ["udp", "udp", "vxlan"]
     assert [d.overhead for d in after] == [28, 28, 50]
@@ -298,3 +300,48 @@ def test_flannel_udp_datagrams_merged_by_gro_are_split_again(tmp_path):
     (odd,) = roundtrip(tmp_path, [Ether() / IP(src=NODE1, dst=NODE2) / UDP(sport=8285, dport=8285)
                                   / Raw(a + b"\x00" * 7)], name="odd.pcap")
     assert odd.gro_merged == 0 and odd.inner.proto == "TCP"
+
+
+MACHINE_A, MACHINE_B = "192.168.77.1", "192.168.77.2"
+
+
+def between_machines(frame, vni=4242, t=1005.0):
+    """A fabric frame in the machine tunnel's VXLAN (UDP 4789) between two machines."""
+    p = (Ether() / IP(src=MACHINE_A, dst=MACHINE_B, ttl=64) / UDP(sport=51000, dport=4789)
+         / VXLAN(vni=vni) / frame)
+    p.time = t
+    return p
+
+
+def test_machine_tunnel_carries_the_fabric_frame(tmp_path, restore_bindings):
+    """A datagram on a machine port: its fabric frame decoded as the fabric shows
+    it (flannel udp inside: outer and inner), the machine datagram as the carrier;
+    a host-gw frame (no flannel layer) and an ARP request across machines too."""
+    decode.register_ports(machine_ports=[4789])
+    host_gw = Ether(src=MAC1, dst=MAC2) / IP(src=POD1, dst=POD2, ttl=63) / ICMP(type=8) / (b"p" * 56)
+    udp, plain, arp_ = roundtrip(tmp_path, [between_machines(flannel_udp()), between_machines(host_gw),
+                                            between_machines(arp())])
+    assert udp.encapsulation == "udp" and (udp.outer.src, udp.outer.dst) == (NODE1, NODE2)
+    assert (udp.inner.src, udp.inner.dst, udp.inner.proto) == (POD1, POD2, "TCP")
+    assert udp.carrier == IPHeader(src=MACHINE_A, dst=MACHINE_B, proto="UDP", sport=51000, dport=4789,
+                                   ttl=64, length=20 + 8 + 8 + 14 + 68)
+    assert udp.carrier_vni == 4242 and udp.overhead == udp.carrier.length - 40
+    line = decode.format_decoded(udp)
+    assert line.startswith(f"{MACHINE_A}:51000 > {MACHINE_B}:4789 VXLAN vni 4242 (machines)  | "
+                           f"{NODE1}:8285 > {NODE2}:8285 UDP/flannel  |  {POD1}:5201 > {POD2}:42112 TCP"), line
+    assert plain.encapsulation is None and plain.outer is None and plain.inner.proto == "ICMP"
+    assert plain.carrier.dst == MACHINE_B and plain.overhead == 50
+    # ARP between machines: an ARP request, carried
+    assert arp_.kind == "arp" and arp_.carrier.dport == 4789 and arp_.summary.startswith("ARP")
+    assert decode.format_decoded(arp_).startswith(f"{MACHINE_A}:51000 > {MACHINE_B}:4789 VXLAN vni 4242 "
+                                                  "(machines)  | ARP")
+    # flows: the machine tunnel's bytes count on the wire
+    flows = {f.proto: f for f in decode.flow_summary([udp, plain, arp_])}
+    flow = flows["TCP"]
+    assert flows["ICMP"].outer_bytes == plain.carrier.length
+    assert flow.outer_bytes == udp.carrier.length and flow.carrier_vni == 4242
+    assert decode.format_flows([flow]).splitlines()[1].split()[:3] == ["udp", "in", "vxlan/4242"]
+    # without the machine port registered, 4789 is scapy's VXLAN: one layer only
+    decode._machine_ports.clear()
+    (d,) = roundtrip(tmp_path, [between_machines(flannel_udp())], "plain.pcap")
+    assert d.carrier is None
