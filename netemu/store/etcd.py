@@ -378,12 +378,16 @@ class EtcdStore:
                         start, delay = batch[-1].revision + 1, WATCH_RESUME_MIN
                         if not hand(batch):
                             return
+                    if stream.closed:               # the watcher closed it: no break
+                        return
                     problem = "the stream ended"
                 except (Compacted, EtcdError) as e:   # compaction, cancel: the watcher's to handle
                     if not stream.closed:
                         hand(e)
                     return
                 except (OSError, ValueError, http.client.HTTPException) as e:
+                    if stream.closed:
+                        return
                     problem = str(e) or type(e).__name__
                 except BaseException as e:  # handed to the watcher, not lost in the thread
                     if not stream.closed:

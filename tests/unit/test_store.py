@@ -539,3 +539,37 @@ def test_etcd_watch_resumes_across_an_etcd_restart(etcd_server):
 
     trio.run(run)
     assert seen == [("/w/a", 1), ("/w/b", 2), ("/w/c", 3)]
+
+
+def test_etcd_watch_closed_by_its_watcher_is_no_break(etcd_server, caplog):
+    """A watcher that stops reading (its loop ends, the stream is closed under
+    the reader thread) is not a broken stream: nothing is resumed, nothing
+    logged (it once logged "broke (the stream ended); resuming" each time)."""
+    import logging
+
+    from netemu.store.etcd import EtcdStore
+
+    store = EtcdStore(etcd_server.endpoint)
+    since = store.revision()
+
+    async def run():
+        async def first():
+            async for ev in store.watch("/q/", since):
+                return ev.key
+        async with trio.open_nursery() as nursery:
+            got = []
+            nursery.start_soon(lambda: _collect(first, got))
+            await trio.sleep(0.3)
+            await trio.to_thread.run_sync(store.put, "/q/a", 1)
+        return got
+
+    async def _collect(fn, out):
+        out.append(await fn())
+
+    with caplog.at_level(logging.WARNING, logger="netemu.store.etcd"):
+        assert trio.run(run) == ["/q/a"]
+        deadline = time.monotonic() + 5
+        while any(t.name == "etcd-watch /q/" for t in threading.enumerate()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(t.name == "etcd-watch /q/" for t in threading.enumerate()), "the reader thread lives on"
+    assert not [r for r in caplog.records if "broke" in r.getMessage()], caplog.text
