@@ -115,6 +115,22 @@ class Worker:
     def counters(self) -> dict[str, int]:
         return fastudp.read_counters(self.memory)
 
+    def settled_counters(self) -> dict[str, int]:
+        """The counters once the worker waits for input again: it counts a
+        packet after sending it, so the marker's datagram may arrive before
+        the marker is counted. Every thread of the worker asleep (its loop
+        in poll or receive, its control thread in read), twice 10 ms apart,
+        says the counting is done."""
+        def asleep() -> bool:
+            states = []
+            for task in os.listdir(f"/proc/{self.process.pid}/task"):
+                with open(f"/proc/{self.process.pid}/task/{task}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            return all(state == "S" for state in states)
+
+        self.wait_for(lambda: asleep() and (time.sleep(0.01) or asleep()), "the worker to wait for input")
+        return self.counters()
+
     def records(self) -> list[bytes]:
         """What the worker wrote into flannel0 so far."""
         out = []
@@ -210,7 +226,7 @@ def run_tx(implementation: str, records: list[bytes]) -> tuple[list[bytes], list
         while not datagrams or int.from_bytes(datagrams[-1][4:6], "big") != MARKER:
             assert select.select([peer], [], [], 10)[0], f"no marker from the {implementation} worker"
             datagrams.append(peer.recv(1 << 16))
-        return datagrams[:-1], worker.records(), worker.counters()
+        return datagrams[:-1], worker.records(), worker.settled_counters()
     finally:
         worker.close()
         peer.close()
@@ -296,7 +312,7 @@ def run_rx(implementation: str, corpus) -> tuple[list[bytes], dict, list[bool]]:
         while not records or int.from_bytes(records[-1][vnet.VNET_HDR_LEN + 4:vnet.VNET_HDR_LEN + 6], "big") != MARKER:
             assert select.select([worker.other], [], [], 10)[0], f"no marker from the {implementation} worker"
             records.append(worker.other.recv(1 << 18))
-        counters = worker.counters()
+        counters = worker.settled_counters()
         counters["rx_packets"] -= 1
         counters["rx_bytes"] -= len(marker)
         return records[:-1], counters, accepted
