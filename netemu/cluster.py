@@ -719,7 +719,7 @@ def _restarting(pod: dict) -> bool:
 
 def _control_plane_alive(cluster: str) -> bool:
     pid = _read_pid(cluster)
-    return pid is not None and _alive(pid)
+    return pid is not None and journal.running(pid)
 
 
 def control_plane_problem(cluster: str) -> tuple[str, bool] | None:
@@ -750,14 +750,14 @@ def control_plane_problem(cluster: str) -> tuple[str, bool] | None:
 
 
 def _state(pid: int) -> str | None:
-    st = _stat(pid)
+    st = journal.process_stat(pid)
     return st[0] if st else None
 
 
 def _alive_pid_file(path: str) -> bool:
     try:
         with open(path) as f:
-            return _alive(int(f.read()))
+            return journal.running(int(f.read()))
     except (FileNotFoundError, ValueError):
         return False
 
@@ -781,14 +781,6 @@ def _read_pid(cluster: str) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 # -- teardown ------------------------------------------------------------------
 
 def namespace_inodes(cluster: str) -> set[int]:
@@ -798,16 +790,6 @@ def namespace_inodes(cluster: str) -> set[int]:
     perhaps another cluster's (teardown notes its inodes before a graceful stop
     deletes the pods' namespaces, for processes still inside them)."""
     return {ino for name, ino in journal.namespaces(cluster) if netns.inode(name) == ino}
-
-
-def _stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, session id, start time) of PID, from /proc/PID/stat."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0], int(fields[3]), int(fields[19])
-    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-        return None
 
 
 def _parent(pid: int) -> int:
@@ -843,7 +825,7 @@ def cluster_processes(cluster: str, own: set[int] | None = None) -> list[int]:
     own = (own or set()) | namespace_inodes(cluster)
     leaders = {}
     for pid, start in journal.processes(cluster):
-        now = _stat(pid)
+        now = journal.process_stat(pid)
         # A live process with the leader's pid but another start time leads
         # someone else's session: the pid was re-used.
         if now is None or now[2] == start:
@@ -854,7 +836,7 @@ def cluster_processes(cluster: str, own: set[int] | None = None) -> list[int]:
         if not entry.isdigit() or int(entry) in protected:
             continue
         pid = int(entry)
-        st = _stat(pid)
+        st = journal.process_stat(pid)
         if st is None or st[0] in "ZX":
             continue
         state, sid, start = st
@@ -897,12 +879,12 @@ def teardown(cluster: str, graceful: bool = True, forget_store: bool | None = No
     spare = {etcd["pid"]} if etcd is not None and keep_etcd else set()
     own = namespace_inodes(cluster)
     pid = _read_pid(cluster)
-    if graceful and pid is not None and _alive(pid):
+    if graceful and pid is not None and journal.running(pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
             os.kill(pid, signal.SIGCONT)        # a stopped supervisor must act on it
         deadline = time.monotonic() + 15
-        while _alive(pid) and time.monotonic() < deadline:
+        while journal.running(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
     if etcd is not None and not keep_etcd:
         etcdrun.stop_owned(cluster)     # SIGTERM, once the rest no longer needs it

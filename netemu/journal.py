@@ -87,13 +87,29 @@ def delete_netns(cluster: str, name: str) -> bool:
     return netns.delete(name, only_inode=current)
 
 
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (None: no such process)."""
+def process_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, session id, start time) of PID from /proc/PID/stat (fields 3,
+    6 and 22; the command name before them may hold spaces and parentheses),
+    None when there is no such process."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[3]), int(fields[19])
     except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
         return None
+
+
+def process_start_time(pid: int) -> int | None:
+    """PID's start time (clock ticks since boot), exited or not; None: no such process."""
+    st = process_stat(pid)
+    return st[2] if st else None
+
+
+def running(pid: int, start: int | None = None) -> bool:
+    """PID is a process that has not exited (a zombie waiting for its parent
+    has) and, given START, the one that started then (not a re-used pid)."""
+    st = process_stat(pid)
+    return st is not None and st[0] not in ("Z", "X") and (start is None or st[2] == start)
 
 
 def record_process(cluster: str, pid: int) -> None:

@@ -146,7 +146,7 @@ class Link:
         with self._locked():
             for end in (self.near, self.far):
                 record = self._delay_line_record(end)
-                if record is None or _alive(*record[:2]):
+                if record is None or journal.running(*record[:2]):
                     continue
                 reap(record[0])     # ours if this process started it
                 if not netns.exists(end.namespace):
@@ -239,7 +239,7 @@ class Link:
         """(pid, start time, delay, jitter, reorder) of END's running delay line, if any.
         Only the process its pid file names: a pid re-used since is someone else's."""
         record = self._delay_line_record(end)
-        return record if record and _alive(*record[:2]) else None
+        return record if record and journal.running(*record[:2]) else None
 
     def _delay_line_record(self, end: End) -> tuple[int, ...] | None:
         """(pid, start time, delay, jitter, reorder) of the delay line last
@@ -261,7 +261,7 @@ class Link:
                 pid, start = running[:2]
                 os.kill(pid, signal.SIGTERM)
                 deadline = time.monotonic() + 5
-                while _alive(pid, start) and time.monotonic() < deadline:
+                while journal.running(pid, start) and time.monotonic() < deadline:
                     with contextlib.suppress(ChildProcessError):
                         os.waitpid(pid, os.WNOHANG)     # ours (started by this process): reap it
                     time.sleep(0.02)
@@ -315,17 +315,6 @@ def running_delay_lines() -> dict[tuple[int, str], list[int]]:
         if len(argv) > i + 2:
             out.setdefault((ino, argv[i + 2]), []).append(int(pid))
     return out
-
-
-def _alive(pid: int, start: int) -> bool:
-    """PID is the process that started at START, and has not exited (a zombie
-    waiting for its parent to reap it has exited)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return fields[0] not in ("Z", "X") and int(fields[19]) == start
 
 
 def reap(pid: int) -> bool:

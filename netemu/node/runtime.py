@@ -25,6 +25,8 @@ import signal
 
 import trio
 
+from netemu import journal
+
 
 @dataclasses.dataclass(frozen=True)
 class ProcessRef:
@@ -34,14 +36,8 @@ class ProcessRef:
 
 def start_ticks(pid: int) -> int | None:
     """PID's start time, or None when it is gone or a zombie (it has exited)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
+    st = journal.process_stat(pid)
+    return st[2] if st is not None and st[0] not in ("Z", "X") else None
 
 
 def ref_of(pid: int) -> ProcessRef | None:

@@ -20,7 +20,6 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.request
 
 ETCD = "etcd"
 
@@ -56,28 +55,14 @@ class EtcdServer:
         if binary is None:
             raise FileNotFoundError("etcd: binary not found on PATH (tools/install.sh installs etcd-server)")
         os.makedirs(self.data_dir, exist_ok=True)
-        peer = f"http://{self.host}:{self.peer_port}"
         self._log = open(os.path.join(self.data_dir, "etcd.log"), "wb")
-        self.proc = subprocess.Popen(
-            [binary, "--name", self.name, "--data-dir", os.path.join(self.data_dir, "data"),
-             "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
-             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"{self.name}={peer}", "--initial-cluster-state", "new"],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"etcd exited with {self.proc.returncode}; see {self._log.name}")
-            try:
-                with urllib.request.urlopen(self.endpoint + "/health", timeout=1) as r:
-                    if b"true" in r.read():
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise TimeoutError(f"etcd on {self.endpoint} not healthy after {timeout} s; see {self._log.name}")
+        self.proc = _spawn(binary, self.name, os.path.join(self.data_dir, "data"), self.endpoint,
+                           f"http://{self.host}:{self.peer_port}", self._log)
+        problem = _wait_healthy(self.proc, self.host, self.client_port, timeout)
+        if problem:
+            self.stop()
+            raise RuntimeError(f"etcd on {self.endpoint} {problem}; see {self._log.name}")
+        return self
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -170,12 +155,7 @@ def start_owned(cluster: str, host: str) -> str:
     os.makedirs(folder, exist_ok=True)
     log_path = os.path.join(folder, "etcd.log")
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [binary, "--name", cluster, "--data-dir", os.path.join(folder, "data"),
-             "--listen-client-urls", client, "--advertise-client-urls", client,
-             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"{cluster}={peer}", "--initial-cluster-state", "new", *COMPACTION],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = _spawn(binary, cluster, os.path.join(folder, "data"), client, peer, log, COMPACTION)
     journal.record_process(cluster, proc.pid)
     record = {"pid": proc.pid, "start": journal.process_start_time(proc.pid),
               "endpoint": f"etcd://{host}:{port}", "log": log_path}
@@ -183,15 +163,37 @@ def start_owned(cluster: str, host: str) -> str:
     with open(tmp, "w") as f:
         json.dump(record, f)
     os.replace(tmp, owned_path(cluster))
-    deadline = time.monotonic() + HEALTH_WAIT
+    problem = _wait_healthy(proc, host, port, HEALTH_WAIT)
+    if problem is None:
+        return record["endpoint"]
+    if proc.poll() is not None:
+        problem += f": {_last_line(log_path)}"
+    raise EtcdStartError(f"etcd on {host}:{port} {problem} (log: {log_path})")
+
+
+def _spawn(binary: str, name: str, data_dir: str, client: str, peer: str, log,
+           extra: list[str] = ()) -> subprocess.Popen:
+    """One etcd member alone in its cluster: clients at CLIENT, peers at PEER,
+    output to LOG, in a session of its own."""
+    return subprocess.Popen(
+        [binary, "--name", name, "--data-dir", data_dir,
+         "--listen-client-urls", client, "--advertise-client-urls", client,
+         "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+         "--initial-cluster", f"{name}={peer}", "--initial-cluster-state", "new", *extra],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_healthy(proc: subprocess.Popen, host: str, port: int, timeout: float) -> str | None:
+    """None once etcd at HOST:PORT answers /health, else what went wrong:
+    it exited, or it was not healthy within TIMEOUT seconds."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise EtcdStartError(f"etcd on {host}:{port} exited with {proc.returncode} at its start: "
-                                 f"{_last_line(log_path)} (log: {log_path})")
+            return f"exited with {proc.returncode} at its start"
         if _healthy(host, port):
-            return record["endpoint"]
+            return None
         time.sleep(0.05)
-    raise EtcdStartError(f"etcd on {host}:{port} not healthy after {HEALTH_WAIT:.0f} s (log: {log_path})")
+    return f"not healthy after {timeout:.0f} s"
 
 
 def _last_line(path: str) -> str:
@@ -233,12 +235,4 @@ def _gone(pid: int, start: int | None) -> bool:
 
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    return journal.process_start_time(pid) != start or _zombie(pid)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in "ZX"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return True
+    return not journal.running(pid, start)

@@ -20,7 +20,7 @@ import uuid
 import pytest
 import yaml
 
-from netemu import api, cluster as clusters, names, netns
+from netemu import api, cluster as clusters, journal, names, netns
 from netemu.node import agent, runtime
 from netemu.node.sandbox import Sandbox
 from netemu.k8s import kinds
@@ -132,8 +132,8 @@ def restart_agent(cluster, node="n2"):
     the control plane's nodes part to start a new one."""
     pid = kubelets_pid(cluster, node)
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not clusters._alive(pid), timeout=10, what="agent gone")
-    wait_for(lambda: kubelets_pid(cluster, node) not in (None, pid) and clusters._alive(kubelets_pid(cluster, node)),
+    wait_for(lambda: not journal.running(pid), timeout=10, what="agent gone")
+    wait_for(lambda: kubelets_pid(cluster, node) not in (None, pid) and journal.running(kubelets_pid(cluster, node)),
              timeout=8, what="the agent restarted by the control plane")
 
 

@@ -81,7 +81,7 @@ def test_down_and_clean_spare_shells_that_carry_the_cluster_variable(tmp_path, v
             assert out.stdout.strip().endswith("survived"), out.stderr
             assert f'cluster "{name}"' in out.stdout
             assert_gone(name)
-            assert not [p for p in own if clusters._alive(p)]
+            assert not [p for p in own if journal.running(p)]
             assert all(s.poll() is None for s in shells), "a shell carrying NETEMU_CLUSTER was killed"
     finally:
         stop(*shells)
@@ -162,7 +162,7 @@ def test_clusters_whose_names_are_prefixes_never_hurt_each_other(tmp_path):
             assert netns.inode(foreign) == foreign_inode, "down deleted a namespace it did not make"
             assert holder.poll() is None, "down killed a process in a namespace it did not make"
             assert {ns: netns.inode(ns) for ns, _ in journal.namespaces(name_b)} == inodes_b
-            assert all(clusters._alive(p) for p in pids_b)
+            assert all(journal.running(p) for p in pids_b)
             out = cli("exec", "--cluster", name_b, "p", "--", "curl", "-s", "-m", "5", "localhost").stdout
             assert "pod p" in out
     finally:
@@ -304,10 +304,10 @@ def test_a_killed_control_plane_comes_back_and_scale_works(tmp_path):
         for part in ("controllers", "nodes"):
             old = _pid(name, part)
             os.kill(old, signal.SIGKILL)
-            wait_for(lambda: _pid(name, part) != old and clusters._alive(_pid(name, part)), timeout=20,
+            wait_for(lambda: _pid(name, part) != old and journal.running(_pid(name, part)), timeout=20,
                      what=f"the {part} part to be restarted")
             assert open(part_restarts_path(name, part)).read() == "1"
-        assert all(clusters._alive(p) for p in pause_pids), "pods' processes died with the control plane"
+        assert all(journal.running(p) for p in pause_pids), "pods' processes died with the control plane"
         out = cli("scale", "--cluster", name, "rc", "web", "--replicas=3")
         assert out.returncode == 0
         store = clusters.open_store(name)
@@ -502,7 +502,7 @@ def test_a_hung_control_plane_part_is_detected_and_restarted(tmp_path):
             # ...and the supervisor replaces it (after max(20 s, 2 grace periods)).
             wait_for(lambda: _pid(name, "controllers") != hung, timeout=40, interval=0.5,
                      what="the hung part to be replaced")
-            assert not clusters._alive(hung)
+            assert not journal.running(hung)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(hung, signal.SIGCONT)

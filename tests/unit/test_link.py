@@ -268,8 +268,9 @@ def test_an_exited_child_is_not_alive_until_reaped_and_then_gone():
     import time
 
     from netemu import journal
-    from netemu.link import _alive, reap
+    from netemu.link import reap
 
+    _alive = journal.running
     proc = subprocess.Popen(["sleep", "30"])
     start = journal.process_start_time(proc.pid)
     assert _alive(proc.pid, start) and not _alive(proc.pid, start + 1)
