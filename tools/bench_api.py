@@ -2,7 +2,7 @@
 """The Kubernetes API server under kubectl-like clients, and the data path beside it
 (a benchmark, not a test).
 
-    flock /tmp/netemu-bench.lock .venv/bin/python tools/bench_api.py \\
+    flock /run/netemu-bench.lock .venv/bin/python tools/bench_api.py \\
         [--real-pods 200] [--object-pods 800] [--workers 4] [--name bench-api] ...
 
 Builds a cluster (a master and WORKERS nodes, --backend, vxlan by default), two
@@ -29,8 +29,8 @@ to the API server's loopback port on the machine:
 
 Every figure is printed with its median and spread, and the API ones as a ratio
 to the /version baseline. The cluster is torn down at the end, even on failure.
-This tool takes no lock: run it under `flock /tmp/netemu-bench.lock` (never two
-benchmarks at once) and note `uptime`.
+This tool takes no lock: run it under `flock /run/netemu-bench.lock`, the lock
+`netemu bench` takes (never two benchmarks at once), and note `uptime`.
 
     --profile FILE   after the HTTP figures, replay GET/LIST (JSON and Table)
                      and a watch-shaped encode against the same store in this

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Store latency, SQLite vs etcd: put, get and watch-event (a measurement, not a test).
 
-    flock /tmp/netemu-bench.lock .venv/bin/python tools/bench_store.py [--rounds 5] [--ops 300] [--gap 0.05]
+    sudo .venv/bin/python tools/bench_store.py [--rounds 5] [--ops 300] [--gap 0.05]
 
 Each round, for each backend in turn (the order alternates round by round, so
 drift on a shared machine falls on both): OPS puts of a small object (a
@@ -104,7 +104,7 @@ def main() -> int:
                              "30 ms while writes keep coming: a gap below that measures its throttle)")
     args = parser.parse_args()
 
-    lock = open("/run/netemu-bench.lock" if os.access("/run", os.W_OK) else "/tmp/netemu-bench-store.lock", "w")
+    lock = open("/run/netemu-bench.lock", "w")
     fcntl.flock(lock, fcntl.LOCK_EX)
     tmp = tempfile.mkdtemp(prefix="he-bench-store-")
     server = EtcdServer(os.path.join(tmp, "etcd")).start()

@@ -11,7 +11,7 @@ Writes are grouped by key: the overlay daemons' stats records
 events, status). The overlay's records are written only when their figures
 changed and at most every stats.PUBLISH_PERIOD seconds per node, so the idle
 line should show none of them and the busy one at most N * SECONDS / 5.
-Runs under /tmp/netemu-bench.lock; the cluster is removed at the end.
+Runs under the machine's benchmark lock (/run/netemu-bench.lock, as `netemu bench`); the cluster is removed at the end.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--name", default="hsw")
     args = parser.parse_args()
-    lock = open("/tmp/netemu-bench.lock", "w")
+    lock = open("/run/netemu-bench.lock", "w")          # the lock `netemu bench` takes
     fcntl.flock(lock, fcntl.LOCK_EX)
     nodes = [f"n{i}" for i in range(args.nodes)]
     topo = load_topology_dict({
