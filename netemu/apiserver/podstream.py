@@ -53,7 +53,9 @@ def _upgrade(req: Request, websocket_protocols: tuple[str, ...], spdy_protocols:
                               "(websocket or SPDY/3.1)")
 
 
-def _container(req: Request, pod: dict, name: str) -> str | Response:
+def container_of(req: Request, pod: dict, name: str) -> str | Response:
+    """The container an exec or attach asks for (the only one when it names
+    none), or the refusal."""
     containers = [c["name"] for c in (pod.get("spec") or {}).get("containers") or []]
     container = req.arg("container") or (containers[0] if len(containers) == 1 else None)
     if container is None:
@@ -85,7 +87,7 @@ def _container_stream(server, req: Request, pod: dict, namespace: str, name: str
     """What exec and attach check before the 101, in kube-apiserver's order:
     the container, the upgrade asked, the running sandbox. (container,
     sandbox, (transport, protocol, headers)), or the Response refusing it."""
-    container = _container(req, pod, name)
+    container = container_of(req, pod, name)
     if isinstance(container, Response):
         return container
     upgrade = _upgrade(req, podexec.PROTOCOLS, podexec.SPDY_PROTOCOLS)

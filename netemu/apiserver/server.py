@@ -20,6 +20,7 @@ import json
 import logging
 import re
 import time
+import urllib.parse
 
 import trio
 import yaml
@@ -263,7 +264,7 @@ class ApiServer:
             if t.subresource == "log":
                 return await self._log_anywhere(req, t)
             if t.subresource in STREAMS:
-                return self._stream(req, t)
+                return await self._stream(req, t)
             if req.method == "GET" and t.name is None:
                 return await self._list_or_watch(req, t)
             if req.method == "GET":
@@ -1113,26 +1114,61 @@ class ApiServer:
 
     # -- pods/exec, attach, portforward ------------------------------------------------
 
-    def _stream(self, req: Request, t: Target) -> Response:
-        """exec, attach and port-forward, over WebSocket or SPDY (podstream.py)."""
+    async def _stream(self, req: Request, t: Target) -> Response:
+        """exec, attach and port-forward, over WebSocket or SPDY (podstream.py);
+        of a pod of another machine, relayed to its node's kubelet port."""
         pod = self._pod_of_subresource(t)
         if isinstance(pod, Response):
             return pod
         from netemu.node import kubeletport
 
         node = kubeletport.elsewhere(self.cluster, self.store, pod) if self.cluster else None
-        if node is not None:
-            # kube-apiserver would upgrade a connection to the node's kubelet;
-            # the kubelet port here serves logs only.
-            return status.error("BadRequest", f"pod {t.name} runs on node {node['metadata']['name']} on another "
-                                f"machine: {t.subresource} of its containers is not served across machines "
-                                "yet; run it on that machine (netemu exec)", code=400)
         namespace = t.namespace or "default"
+        if node is not None:
+            return await self._stream_elsewhere(req, t, pod, node)
         if t.subresource == "exec":
             return podstream.exec_(self, req, pod, namespace, t.name)
         if t.subresource == "attach":
             return podstream.attach(self, req, pod, namespace, t.name, lambda: self._read(t))
         return podstream.port_forward(self, req, pod, namespace, t.name)
+
+    async def _stream_elsewhere(self, req: Request, t: Target, pod: dict, node: dict) -> Response:
+        """exec, attach or port-forward of a pod of another machine, as
+        kube-apiserver serves them: the same request (its upgrade and query)
+        made to the pod's node's kubelet port (node/kubeletport.py); its 101
+        is passed on with the headers it came with, and from then on the
+        connection's bytes are relayed both ways, unread. A refusal (no such
+        container, not running, an upgrade it does not serve) is passed on
+        as it came."""
+        from netemu.node import kubeletport
+
+        if req.method not in ("GET", "POST"):
+            return status.method_not_allowed()
+        if not req.headers.get("upgrade"):
+            return status.bad_request("unable to upgrade connection: Upgrade request required "
+                                      "(websocket or SPDY/3.1)")
+        container = None
+        if t.subresource != "portforward":
+            container = podstream.container_of(req, pod, t.name)
+            if isinstance(container, Response):
+                return container
+        query = {k: v for k, v in req.query.items() if k != "container"}
+        target = kubeletport.kubelet_path(t.subresource, t.namespace or "default", t.name, container)
+        if query:
+            target += "?" + urllib.parse.urlencode(query, doseq=True)
+        try:
+            code, headers, body, stream, trailing = await kubeletport.open_upgrade(
+                self.cluster, self.store, node, req.method, target, req.headers)
+        except kubeletport.KubeletError as e:
+            return status.error("InternalError", str(e), code=500)
+        if stream is None:
+            content_type = next((v for k, v in headers if k.lower() == "content-type"), "application/json")
+            return Response(code, body, content_type)
+
+        async def relay(client, client_trailing: bytes) -> None:
+            await kubeletport.relay(client, client_trailing, stream, trailing)
+
+        return Response(101, b"", headers=headers, upgrade=relay)
 
 
 def ensure_system_namespaces(store) -> None:
