@@ -600,8 +600,10 @@ def cmd_exec(args) -> int:
 def pod_exec(cluster: str, store, namespace: str, pod_name: str, container: str | None,
              command: list[str]) -> tuple[list[str], dict]:
     """(argv, environment) that run COMMAND in a pod's namespaces as CONTAINER
-    (default: the first); shared by `netemu exec` and the Python API. Raises
-    CliError when the pod, or the container, is not there or not running."""
+    (default: the first); shared by `netemu exec` and the Python API. For a
+    pod of another machine, the argv is a client of its node's kubelet port
+    that exits with the command's status. Raises CliError when the pod, or the
+    container, is not there or (here) not running."""
     from netemu import netns
     from netemu.node import sandbox as sandboxes
 
@@ -613,9 +615,14 @@ def pod_exec(cluster: str, store, namespace: str, pod_name: str, container: str 
     from netemu.node import kubeletport
     node = kubeletport.elsewhere(cluster, store, pod)
     if node is not None:
-        raise CliError(f"pod {pod_name} runs on node {node['metadata']['name']} on machine "
-                       f"{node['metadata']['labels'][names.MACHINE_LABEL]}: run this there (exec into a "
-                       "pod of another machine is not built yet)")
+        # A pod of another machine: a client of its node's kubelet port runs
+        # the command there (node/kubeletexec.py) and exits with its status.
+        try:
+            here = kubeletport.local_node_ns(cluster, store)
+        except kubeletport.KubeletError as e:
+            raise CliError(str(e)) from None
+        return [sys.executable, "-m", "netemu.node.kubeletexec", here, kubeletport.internal_ip(node), namespace,
+                pod_name, container or containers[0], "--", *command], dict(os.environ)
     # What the pod's kubelet published on it (not its file), checked against the kernel.
     pause_pid = sandboxes.pause_pid_of(cluster, pod)
     if pause_pid is None or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
