@@ -617,12 +617,18 @@ def pod_exec(cluster: str, store, namespace: str, pod_name: str, container: str 
     if node is not None:
         # A pod of another machine: a client of its node's kubelet port runs
         # the command there (node/kubeletexec.py) and exits with its status.
+        if pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+            raise CliError(f"pod {pod_name} is not running (status {printers.pod_status_word(pod)})")
+        address = kubeletport.internal_ip(node)
         try:
+            if address is None:
+                raise kubeletport.KubeletError(f"node {node['metadata']['name']} has no InternalIP to reach its "
+                                               "kubelet port at")
             here = kubeletport.local_node_ns(cluster, store)
         except kubeletport.KubeletError as e:
             raise CliError(str(e)) from None
-        return [sys.executable, "-m", "netemu.node.kubeletexec", here, kubeletport.internal_ip(node), namespace,
-                pod_name, container or containers[0], "--", *command], dict(os.environ)
+        return [sys.executable, "-m", "netemu.node.kubeletexec", here, address, namespace, pod_name,
+                container or containers[0], "--", *command], dict(os.environ)
     # What the pod's kubelet published on it (not its file), checked against the kernel.
     pause_pid = sandboxes.pause_pid_of(cluster, pod)
     if pause_pid is None or pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):

@@ -264,6 +264,8 @@ async def connect(cluster: str, store, node: dict) -> trio.SocketStream:
     """A TCP connection to NODE's kubelet port, made from a node namespace of
     this machine (KubeletError naming the address if it cannot be made)."""
     ip = internal_ip(node)
+    if ip is None:
+        raise KubeletError(f"node {node['metadata']['name']} has no InternalIP to reach its kubelet port at")
     ns = local_node_ns(cluster, store)
 
     def make() -> socket.socket:

@@ -52,7 +52,9 @@ def topology(tmp_path, name: str) -> str:
             "nodes": [{"name": "n1", "machine": "a"}, {"name": "n2", "machine": "b"}],
             "workloads": [pod("web-1", "n1"), pod("web-2", "n2"),
                           pod("ticker", "n2", image="busybox", command=[
-                              "sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done"])]}
+                              "sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.2; done"]),
+                          pod("reader", "n2", image="busybox", stdin=True, command=[
+                              "sh", "-c", "while read line; do echo got $line; done"])]}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(body))
     return str(path)
@@ -152,8 +154,9 @@ def test_exec_into_a_pod_on_another_machine(machines, tmp_path):
 
 def test_port_forward_and_attach_to_a_pod_on_another_machine(machines, tmp_path):
     """kubectl port-forward (SPDY tunnelled in a WebSocket, and plain SPDY)
-    carrying HTTP requests to web-2 on machine b; kubectl attach to a
-    container on machine b shows its output as it comes."""
+    and the Python client's port-forward, carrying HTTP requests to web-2
+    on machine b; kubectl attach to a container on machine b shows its
+    output as it comes, and attach -i gives it what is typed."""
     name = "hx-pf"
     try:
         a, b, kubectl = up(machines, tmp_path, name)
@@ -177,6 +180,24 @@ def test_port_forward_and_attach_to_a_pod_on_another_machine(machines, tmp_path)
                 _out, err = forward.communicate(timeout=20)
             assert "error forwarding port 81 to pod default/web-2: failed to connect to localhost:81 inside " \
                 "namespace" in err and f"{name}-pod-web-2" in err and "connection refused" in err, (binary, err)
+        # the Python client's port-forward: WebSocket v4.channel.k8s.io, the ports in the query
+        r = a.run(sys.executable, "-c", f"""if True:
+            from kubernetes import client, config
+            from kubernetes.stream import portforward
+            config.load_kube_config(context="netemu-{name}")
+            pf = portforward(client.CoreV1Api().connect_get_namespaced_pod_portforward, "web-2", "default",
+                             ports="80")
+            sock = pf.socket(80)
+            sock.setblocking(True)
+            sock.settimeout(20)
+            sock.sendall(b"GET / HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            sock.close()
+            print(data.decode(), pf.error(80))""", timeout=60)
+        assert r.stdout.startswith("HTTP/1.") and "pod web-2," in r.stdout, r.stdout
+        assert r.stdout.rstrip().endswith("None"), r.stdout                 # no error on port 80
         for binary in ("kubectl", KUBECTL_1_29):
             if not os.path.exists(binary) and binary != "kubectl":
                 continue
@@ -196,5 +217,24 @@ def test_port_forward_and_attach_to_a_pod_on_another_machine(machines, tmp_path)
                 attach.terminate()
                 _out, err = attach.communicate(timeout=20)
             assert len(lines) == 3 and lines == sorted(lines) and lines[-1] - lines[0] == 2, (binary, lines, err)
+            # attach -i to a container with `stdin: true`: what is typed reaches it on machine b
+            attach = subprocess.Popen(a.argv([binary, "--cache-dir", str(tmp_path / "cache-attach"), "--context",
+                                              f"netemu-{name}", "attach", "-i", "reader"]),
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True)
+            try:
+                time.sleep(1)
+                attach.stdin.write(f"hello {os.path.basename(binary)}\n")
+                attach.stdin.flush()
+                line = ""
+                deadline = time.monotonic() + 20
+                while not line.startswith("got ") and time.monotonic() < deadline:
+                    line = attach.stdout.readline()
+                    if not line:
+                        break
+            finally:
+                attach.terminate()
+                _out, err = attach.communicate(timeout=20)
+            assert line == f"got hello {os.path.basename(binary)}\n", (binary, line, err)
     finally:
         down(machines, name)
