@@ -102,7 +102,12 @@ class Session:
             await self.stream.send_all(self.ws.send(event))
 
     async def send(self, channel: int, data: bytes) -> None:
-        await self._send(BytesMessage(data=bytes([channel]) + data))
+        """Send DATA on CHANNEL while the session is open; once either side
+        has begun the close, input has nowhere to go and is dropped (stdin's
+        end may come just after the command's)."""
+        async with self.lock:
+            if self.ws.state is ConnectionState.OPEN:
+                await self.stream.send_all(self.ws.send(BytesMessage(data=bytes([channel]) + data)))
 
     async def _receive(self) -> bool:
         data = await self.stream.receive_some(READ_SIZE)
