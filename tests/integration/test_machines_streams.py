@@ -124,6 +124,12 @@ def test_exec_into_a_pod_on_another_machine(machines, tmp_path):
         r = a.run(sys.executable, "-m", "netemu.cli", "exec", "web-2", "--", "tr", "a-z", "A-Z", input="hi b\n",
                   timeout=60)
         assert r.stdout == "HI B\n"
+        # a reader that goes away ends the command, as for a pod here
+        marker = f"hx-{uuid.uuid4().hex[:8]}"
+        r = a.run("sh", "-c", f"{sys.executable} -m netemu.cli exec web-2 -- yes {marker} | head -1", timeout=60)
+        assert r.stdout == f"{marker}\n", r.stdout
+        wait_for(lambda: b.run("pgrep", "-f", f"yes {marker}", check=False).returncode == 1, timeout=10,
+                 what="yes stopped on machine b")
         r = a.netemu("exec", "web-2", "--", "sh", "-c", "exit 42", check=False, timeout=60)
         assert (r.returncode, r.stdout, r.stderr) == (42, "", "")
         r = a.netemu("exec", "web-2", "--", "nosuch-command", check=False, timeout=60)
