@@ -96,12 +96,8 @@ def elsewhere(cluster: str, store, pod: dict) -> dict | None:
 
 # -- the server, in each node agent -----------------------------------------------------
 
-async def serve(cluster: str, node: str, store, settings) -> None:
-    """Serve NODE's pods' logs, exec, attach and port-forward on its
-    address, port PORT, until cancelled."""
-    address = internal_ip(registry.get(store, "Node", None, node))
-    if address is None:
-        raise RuntimeError(f"node {node} has no InternalIP to serve the kubelet's port on")
+def handler(cluster: str, node: str, store, settings):
+    """The kubelet port's request handler for NODE's pods (an http.Handler)."""
     server = None
 
     async def handle(req):
@@ -132,6 +128,17 @@ async def serve(cluster: str, node: str, store, settings) -> None:
             server = ApiServer(store, settings, cluster=cluster,
                                pod_dir=lambda namespace, pod: names.pod_dir(cluster, namespace, pod))
         return server
+
+    return handle
+
+
+async def serve(cluster: str, node: str, store, settings) -> None:
+    """Serve NODE's pods' logs, exec, attach and port-forward on its
+    address, port PORT, until cancelled."""
+    address = internal_ip(registry.get(store, "Node", None, node))
+    if address is None:
+        raise RuntimeError(f"node {node} has no InternalIP to serve the kubelet's port on")
+    handle = handler(cluster, node, store, settings)
 
     async def on_connection(stream: trio.SocketStream) -> None:
         from netemu.apiserver import status

@@ -203,3 +203,39 @@ def test_a_kubelet_port_that_does_not_speak_http_is_a_kubelet_error():
             await kubeletport.upgrade(ours, "10.0.0.2:10250", "GET", "/exec/default/p/c?command=true",
                                       {"upgrade": "websocket"})
     trio.run(main)
+
+
+def test_the_port_refuses_other_nodes_pods_other_methods_and_other_paths(tmp_path):
+    from netemu.store import registry
+    from netemu.store.sqlite import SqliteStore
+
+    store = SqliteStore(str(tmp_path / "state.db"), create=True)
+    try:
+        for node in ("n1", "n2"):
+            registry.create(store, {"kind": "Node", "metadata": {"name": node}})
+        registry.create(store, {"kind": "Pod", "metadata": {"name": "there", "namespace": "default"},
+                                "spec": {"nodeName": "n2", "containers": [{"name": "c", "image": "nginx"}]}})
+        registry.create(store, {"kind": "Pod", "metadata": {"name": "here", "namespace": "default"},
+                                "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "nginx"}]}})
+        handle = kubeletport.handler("hx-unit", "n1", store, None)
+
+        def ask(method: str, path: str):
+            resp = trio.run(handle, http.Request(method, path, {"command": ["true"]},
+                                                 {"upgrade": "websocket"}, b""))
+            return resp.status, json.loads(resp.body).get("message")
+
+        # another node's pod, a pod that is not there: not found, whatever is asked of it
+        for path in ("/exec/default/there/c", "/attach/default/there/c", "/portForward/default/there",
+                     "/containerLogs/default/there/c", "/exec/default/nosuch/c", "/exec/other/here/c"):
+            code, message = ask("GET", path)
+            assert code == 404 and message.endswith("not found"), (path, code, message)
+        assert ask("POST", "/exec/default/there/c")[0] == 404
+        # methods: exec, attach and portForward take GET and POST (kubectl's SPDY
+        # upgrade is a POST); containerLogs GET only
+        for method, path in (("DELETE", "/exec/default/here/c"), ("PUT", "/portForward/default/here"),
+                             ("POST", "/containerLogs/default/here/c")):
+            assert ask(method, path)[0] == 405, (method, path)
+        for path in ("/run/default/here/c", "/exec/default/here", "/pods", "/"):
+            assert ask("GET", path)[0] == 404, path
+    finally:
+        store.close()
