@@ -9,6 +9,8 @@ clients of that port from a node namespace of machine a. Machines hx<hex>-a,
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
@@ -117,6 +119,15 @@ def test_exec_into_a_pod_on_another_machine(machines, tmp_path):
             # the kubelet's refusals come back as they are
             r = kubectl("exec", "web-2", "-c", "nosuch", "--", "true", binary=binary, check=False)
             assert r.returncode == 1 and "container nosuch is not valid for pod web-2" in r.stderr, r.stderr
+        # a few MB each way, whole and in order, through the relay and through netemu exec's client
+        payload = base64.b64encode(os.urandom(1_500_000)).decode()
+        digest = hashlib.sha256(payload.encode()).hexdigest()
+        assert kubectl("exec", "-i", "web-2", "--", "sha256sum", input=payload).stdout.split()[0] == digest
+        assert a.run(sys.executable, "-m", "netemu.cli", "exec", "web-2", "--", "sha256sum", input=payload,
+                     timeout=60).stdout.split()[0] == digest
+        zeros = "head -c 3000000 /dev/zero | tr '\\0' x"
+        assert kubectl("exec", "web-2", "--", "sh", "-c", zeros).stdout == "x" * 3_000_000
+        assert a.netemu("exec", "web-2", "--", "sh", "-c", zeros, timeout=60).stdout == "x" * 3_000_000
         # netemu exec on machine a: the command's own exit status, its output
         # on netemu's stdout and stderr, netemu's stdin its stdin
         r = a.netemu("exec", "web-2", "--", "sh", "-c", script, check=False, timeout=60)
