@@ -165,6 +165,18 @@ def test_exec_into_a_pod_on_another_machine(machines, tmp_path):
         probe = a.run("ip", "netns", "exec", f"{name}-node-n1", "curl", "-s", "-m", "5",
                       f"http://{n2_ip}:10250/exec/default/web-1/c?command=true")
         assert json.loads(probe.stdout)["reason"] == "NotFound", probe.stdout
+        # machine b out of reach: an error naming the kubelet port it could not reach, in time
+        net, _etcd = machines
+        net.cut(b)
+        try:
+            started = time.monotonic()
+            r = kubectl("exec", "web-2", "--", "true", check=False)
+            assert r.returncode == 1 and f"error dialing backend: dial tcp {n2_ip}:10250" in r.stderr, r.stderr
+            r = a.netemu("exec", "web-2", "--", "true", check=False, timeout=60)
+            assert r.returncode == 1 and f"error dialing backend: dial tcp {n2_ip}:10250" in r.stderr, r.stderr
+            assert time.monotonic() - started < 40
+        finally:
+            net.restore(b)
     finally:
         down(machines, name)
 
