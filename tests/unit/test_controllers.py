@@ -346,3 +346,19 @@ def test_garbage_collector_deletes_only_orphans():
     bare = pod("bare")
     actions = garbagecollector.plan([keep, orphan, bare], [], [rc])
     assert [a.pod["metadata"]["name"] for a in of(actions, act.DeletePod)] == ["orphan"]
+
+
+def test_garbage_collector_looks_again_soon_only_after_an_owner_went():
+    """Passes follow every FOLLOW_UP seconds for FOLLOW_WINDOW after one found
+    an owner (or Node) gone (a racing controller's pod of it comes after the
+    deletion that woke the pass); otherwise no timer: the idle resync."""
+    gc = garbagecollector
+    web, db = workload("ReplicationController", "web", replicas=1), workload("ReplicationController", "db", replicas=1)
+    web["metadata"]["uid"], db["metadata"]["uid"] = "u-web", "u-db"
+    seen = gc.Owners()
+    assert seen.follow_up([web, db], 100.0) is None             # the first pass: nothing known to be gone
+    assert seen.follow_up([web, db], 105.0) is None
+    assert seen.follow_up([web], 110.0) == gc.FOLLOW_UP          # db went
+    assert seen.follow_up([web], 110.0 + gc.FOLLOW_WINDOW - 1) == gc.FOLLOW_UP
+    assert seen.follow_up([web], 110.0 + gc.FOLLOW_WINDOW) is None
+    assert seen.follow_up([web, db], 200.0) is None              # one made is no reason

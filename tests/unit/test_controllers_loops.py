@@ -199,3 +199,24 @@ def test_a_crashing_controller_is_restarted_without_stopping_others(tmp_path):
                                     and calls["n"] >= 3))
             nursery.cancel_scope.cancel()
     trio.run(main)
+
+
+def test_garbage_collector_takes_a_pod_made_after_its_owner_went(tmp_path):
+    """A racing controller's pod of an owner deleted a moment before (the
+    pass the deletion woke has run already): collected by the follow-up
+    passes, without any pod watch or a short resync."""
+    from netemu.controllers import garbagecollector
+    from tests.unit.test_controllers_support import pod
+
+    store = store_with_nodes(tmp_path)
+    rc = registry.create(store, workload("ReplicationController", "web", replicas=0))
+
+    async def scenario(kubelet):
+        await trio.sleep(0.5)
+        registry.delete(store, "ReplicationController", "default", "web")
+        await trio.sleep(1.0)                         # the pass the deletion woke is done
+        registry.create(store, pod("late", owner=rc))
+        await wait_for(lambda: registry.get(store, "Pod", "default", "late") is None,
+                       timeout=garbagecollector.FOLLOW_UP + 3)
+
+    trio.run(lambda: run_cluster(store, scenario, only=["garbage-collector"]))
