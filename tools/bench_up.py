@@ -2,7 +2,7 @@
 """How long `up` and `down` take for N nodes x M pods (a benchmark, not a test).
 
     sudo .venv/bin/python tools/bench_up.py [--nodes 20] [--pods-per-node 10] [--rounds 3] [--backend udp]
-                                            [--name bench-up] [--idle 10]
+                                            [--name bench-up] [--idle 10] [--settle 60]
 
 Each round builds a cluster whose pods are pinned to nodes (so the figure is the
 data plane's cost: namespaces, veths, addresses, processes, readiness), waits
@@ -12,8 +12,10 @@ median. With everything running it also measures the cluster's own processes
 stand-ins): their number, and their memory as RSS, PSS (shared pages divided
 among the processes that share them: the fair figure for forked processes)
 and USS (pages of that process alone), from /proc/PID/smaps_rollup, per node;
-and, over --idle seconds after a settling pause, the CPU time of every process
-of the cluster (containers too) as a share of one core.
+and the CPU time of every process of the cluster (containers too) as a share
+of one core, over two windows of --idle seconds: one 5 s after those figures
+(a cluster just up is still busy: its first lease renewals, proxy syncs,
+stats), one starting --settle seconds after up returned (the idle cluster).
 """
 
 from __future__ import annotations
@@ -106,7 +108,21 @@ def up_cpu(name: str) -> dict[str, float]:
     return out
 
 
-def measure(name: str, nodes: int, idle: float) -> dict:
+def idle_cpu(name: str, seconds: float) -> tuple[float, dict[str, float]]:
+    """The CPU time every process of the cluster (containers too) spends over
+    SECONDS, as a share of one core: in all, and by role."""
+    roles: dict[str, list[int]] = {}
+    for pid in clusters.cluster_processes(name):
+        roles.setdefault(role_of(pid) or "containers", []).append(pid)
+    hz = os.sysconf("SC_CLK_TCK")
+    t0, c0 = time.monotonic(), {role: cpu_ticks(pids) for role, pids in roles.items()}
+    time.sleep(seconds)
+    t1, c1 = time.monotonic(), {role: cpu_ticks(pids) for role, pids in roles.items()}
+    shares = {role: 100.0 * (c1[role] - c0[role]) / hz / (t1 - t0) for role in roles}
+    return sum(shares.values()), shares
+
+
+def measure(name: str, nodes: int, idle: float, settle: float, ready_at: float) -> dict:
     procs = clusters.cluster_processes(name)
     by_role: dict[str, list[int]] = {}
     for pid in procs:
@@ -127,17 +143,13 @@ def measure(name: str, nodes: int, idle: float) -> dict:
     report["own_processes_per_node"] = own["count"] / nodes
     if idle > 0:
         time.sleep(5)                   # let the last status writes settle
-        procs = clusters.cluster_processes(name)
-        roles: dict[str, list[int]] = {}
-        for pid in procs:
-            roles.setdefault(role_of(pid) or "containers", []).append(pid)
-        hz = os.sysconf("SC_CLK_TCK")
-        t0, c0 = time.monotonic(), {role: cpu_ticks(pids) for role, pids in roles.items()}
-        time.sleep(idle)
-        t1, c1 = time.monotonic(), {role: cpu_ticks(pids) for role, pids in roles.items()}
-        report["idle_cpu_percent"] = 100.0 * sum(c1[r] - c0[r] for r in roles) / hz / (t1 - t0)
-        for role in roles:
-            report["roles"].setdefault(role, {})["idle_cpu_percent"] = 100.0 * (c1[role] - c0[role]) / hz / (t1 - t0)
+        report["idle_cpu_percent"], roles = idle_cpu(name, idle)
+        for role, share in roles.items():
+            report["roles"].setdefault(role, {})["idle_cpu_percent"] = share
+        time.sleep(max(0.0, settle - (time.monotonic() - ready_at)))
+        report["settled_cpu_percent"], roles = idle_cpu(name, idle)
+        for role, share in roles.items():
+            report["roles"].setdefault(role, {})["settled_cpu_percent"] = share
     return report
 
 
@@ -178,6 +190,9 @@ def main() -> int:
     ap.add_argument("--name", default="bench-up", help="the cluster's name")
     ap.add_argument("--idle", type=float, default=10.0,
                     help="seconds over which to measure idle CPU (0: do not)")
+    ap.add_argument("--settle", type=float, default=60.0,
+                    help="the second idle window starts this many seconds after up returned (a cluster "
+                         "just up is still busy for a while: its first lease renewals, proxy syncs, stats)")
     ap.add_argument("--timeout", type=float, default=None, help="up's readiness timeout (s)")
     args = ap.parse_args()
     lock = take_lock(args.wait_lock)  # noqa: F841 - held until exit
@@ -195,7 +210,7 @@ def main() -> int:
                 clusters.up(topo, kubeconfig=False)
                 t1, busy1 = time.monotonic(), machine_busy_ticks()
                 spent = up_cpu(name)
-                m = measure(name, args.nodes, args.idle)
+                m = measure(name, args.nodes, args.idle, args.settle, t1)
             finally:
                 t2 = time.monotonic()
                 clusters.teardown(name, graceful=True)
@@ -206,13 +221,15 @@ def main() -> int:
             print(f"round {r + 1}: up {t1 - t0:.1f} s, down {t3 - t2:.1f} s, {m['processes']} processes; "
                   f"own processes per node {m['own_processes_per_node']:.2f}, "
                   f"memory per node RSS {own['rss']:.1f} MB, PSS {own['pss']:.1f} MB, USS {own['uss']:.1f} MB; "
-                  f"idle CPU {m.get('idle_cpu_percent', float('nan')):.1f}% of one core", flush=True)
+                  f"idle CPU {m.get('idle_cpu_percent', float('nan')):.1f}% of one core just after up, "
+                  f"{m.get('settled_cpu_percent', float('nan')):.1f}% from {args.settle:.0f} s after up", flush=True)
             print(f"    CPU during up: machine {(busy1 - busy0) / os.sysconf('SC_CLK_TCK'):.1f} s; "
                   + ", ".join(f"{role} {sec:.1f} s" for role, sec in sorted(spent.items())), flush=True)
             for role, mem in m["roles"].items():
                 print(f"    {role}: {mem.get('count', 0)} processes, RSS {mem.get('rss', 0) / 1024:.0f} MB, "
                       f"PSS {mem.get('pss', 0) / 1024:.0f} MB, USS {mem.get('uss', 0) / 1024:.0f} MB, "
-                      f"idle CPU {mem.get('idle_cpu_percent', float('nan')):.1f}%", flush=True)
+                      f"idle CPU {mem.get('idle_cpu_percent', float('nan')):.1f}% then "
+                      f"{mem.get('settled_cpu_percent', float('nan')):.1f}%", flush=True)
     print(f"{args.nodes} nodes x {args.pods_per_node} pods ({args.backend}): "
           f"up median {statistics.median(ups):.1f} s (min {min(ups):.1f}, max {max(ups):.1f}); "
           f"down median {statistics.median(downs):.1f} s (min {min(downs):.1f}, max {max(downs):.1f})")
