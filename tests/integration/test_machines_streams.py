@@ -78,11 +78,13 @@ def up(machines, tmp_path, name: str):
 
 def down(machines, name: str) -> None:
     net, etcd = machines
+    said = {}
     for m in reversed(net.machines):
-        m.netemu("clean", name, check=False, timeout=120)
+        r = m.netemu("clean", name, check=False, timeout=120)
+        said[m.name] = (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
     for m in net.machines:
         left = [ns for ns in m.namespaces() if ns.startswith(name + "-")]
-        assert not left, f"machine {m.name}: namespaces left: {left}"
+        assert not left, f"machine {m.name}: namespaces left: {left}; clean said {said[m.name]}"
     assert etcd.keys(f"/netemu/{name}/") == []
 
 
