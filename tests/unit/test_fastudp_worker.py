@@ -113,6 +113,15 @@ class Worker:
             time.sleep(0.01)
 
     def counters(self) -> dict[str, int]:
+        """The counters once the worker sleeps on an empty input: it counts a
+        packet after sending or writing it, so whoever holds the packet may be
+        ahead of the count (a race seen on a loaded machine)."""
+        def asleep() -> bool:
+            beat = fastudp.read_heartbeat(self.memory, self.direction)
+            with open(f"/proc/{self.process.pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            return state == "S" and fastudp.read_heartbeat(self.memory, self.direction) == beat
+        self.wait_for(asleep, "the worker to sleep")
         return fastudp.read_counters(self.memory)
 
     def records(self) -> list[bytes]:
