@@ -159,6 +159,7 @@ def test_the_readme_has_the_blocks_this_test_runs():
                                                  [".venv/bin/python", "tools/bench_up.py"],
                                                  [".venv/bin/python", "tools/bench_propagation.py"],
                                                  [".venv/bin/python", "tools/latency_hops.py"],
+                                                 [".venv/bin/python", "tools/latency_sched.py"],
                                                  [".venv/bin/python", "tools/bench_api.py"],
                                                  [".venv/bin/python", "tools/bench_machines.py"]]
     assert "64-byte UDP rate" in bench[0][1]                   # a comment continued on the next line
