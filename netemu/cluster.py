@@ -98,7 +98,7 @@ def plan_addresses(topology) -> tuple[list[NodePlan], ipaddress.IPv4Interface]:
 def node_object(spec, address: ipaddress.IPv4Interface) -> dict:
     annotations = {}
     if spec.pod_cidr is not None:
-        annotations["netemu.io/requested-pod-cidr"] = str(spec.pod_cidr)
+        annotations[leases.REQUESTED_POD_CIDR] = str(spec.pod_cidr)
     return {
         "kind": "Node",
         "metadata": {"name": spec.name, "labels": {"kubernetes.io/hostname": spec.name,

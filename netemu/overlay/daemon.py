@@ -16,6 +16,7 @@ daemon reads.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -92,30 +93,40 @@ class OverlayDaemon:
         self.stats_wanted = trio.Event()            # a reader asked for a fresh record
         self.requested = 0                          # the revision of the last request seen
 
-    def _local_config(self, config: dict) -> tuple[LocalConfig, ipaddress.IPv4Network | None]:
-        node = registry.get(self.store, "Node", None, self.node)
+    def _local_config(self, config: dict) -> tuple[LocalConfig, ipaddress.IPv4Network | None, set]:
+        """(this node's config, the subnet the topology requested for it, those
+        requested for the other nodes)."""
+        nodes = registry.list_(self.store, "Node")
+        node = next((n for n in nodes if n["metadata"]["name"] == self.node), None)
         if node is None:
             raise RuntimeError(f"node {self.node} is not in the store")
+        others = set()
+        for n in nodes:
+            cidr = (n["metadata"].get("annotations") or {}).get(leases.REQUESTED_POD_CIDR)
+            if n is not node and cidr:
+                with contextlib.suppress(ValueError):
+                    others.add(ipaddress.IPv4Network(cidr))
         address = next(a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP")
-        requested = node["metadata"].get("annotations", {}).get("netemu.io/requested-pod-cidr")
+        requested = node["metadata"].get("annotations", {}).get(leases.REQUESTED_POD_CIDR)
         local = LocalConfig(node=self.node, network=ipaddress.IPv4Network(config["Network"]),
                             public_ip=ipaddress.IPv4Address(address), underlay_dev=names.NODE_UPLINK,
                             underlay_mtu=underlay_mtu(names.NODE_UPLINK),
                             backend_conf=dict(config.get("Backend") or {}), state_dir=self.node_dir)
-        return local, ipaddress.IPv4Network(requested) if requested else None
+        return local, ipaddress.IPv4Network(requested) if requested else None, others
 
     async def run(self) -> None:
         kv = self.store.get(leases.CONFIG_KEY)
         if kv is None:
             raise RuntimeError(f"no network config at {leases.CONFIG_KEY}")
         config = kv.value
-        local, requested = self._local_config(config)
+        local, requested, reserved = self._local_config(config)
         backend = backends.load(config["Backend"]["Type"], local)
         self.carried = carried_counters(read_stats(self.node_dir), backend.name, backend.gauges)
         previous_env = subnetenv.read(self.node_dir)
         previous = previous_env.subnet.network if previous_env else None
         lease = leases.acquire(self.store, config, local.public_ip, self.node, backend.name,
-                               backend.backend_data(), previous=previous, requested=requested)
+                               backend.backend_data(), previous=previous, requested=requested,
+                               reserved=reserved)
         log.info("leased %s (backend %s)", lease.subnet, backend.name)
         self.backend, self.lease = backend, lease
         try:

@@ -9,7 +9,11 @@ Which subnet a node gets, in order (flannel's rules, plus a topology hint):
   1. the one in its subnet.env from a previous run, if still free or its own;
   2. a lease already held for its public IP (flannel reuses those);
   3. the subnet the topology requested for the node (podCIDR), if free;
-  4. a random free subnet between SubnetMin and SubnetMax.
+  4. a random free subnet between SubnetMin and SubnetMax, none that the
+     topology requested for another node (the tutorial's node2 asks for
+     192.168.96.0/24: a node that leased before it, by chance, must not take
+     it), those only when no other is left (as an IPAM hands out the CIDRs
+     not in use).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from netemu.overlay.backend import Lease
 PREFIX = "/coreos.com/network"
 CONFIG_KEY = f"{PREFIX}/config"
 SUBNETS = f"{PREFIX}/subnets/"
+REQUESTED_POD_CIDR = "netemu.io/requested-pod-cidr"     # a Node's annotation: the topology's podCIDR
 LEASE_TTL = 24 * 3600.0
 RENEW_MARGIN = 3600.0
 
@@ -108,8 +113,9 @@ def read_leases(store) -> list[Lease]:
 def preferred_subnets(config: dict, public_ip: ipaddress.IPv4Address, leases: list[Lease],
                       previous: ipaddress.IPv4Network | None,
                       requested: ipaddress.IPv4Network | None,
-                      rng: random.Random) -> Iterator[ipaddress.IPv4Network]:
-    """Subnets to try, best first, lazily (pure: the caller creates the lease)."""
+                      rng: random.Random, reserved=frozenset()) -> Iterator[ipaddress.IPv4Network]:
+    """Subnets to try, best first, lazily (pure: the caller creates the lease).
+    RESERVED: subnets requested for other nodes, tried last."""
     held = {l.subnet: l for l in leases}
     choices: list[ipaddress.IPv4Network] = []
 
@@ -127,17 +133,23 @@ def preferred_subnets(config: dict, public_ip: ipaddress.IPv4Address, leases: li
         if s not in seen:
             seen.add(s)
             yield s
-    for s in free_subnets(config, held, rng):
+    reserved = set(reserved) - seen
+    for s in free_subnets(config, held.keys() | reserved, rng):
         if s not in seen:
             seen.add(s)
+            yield s
+    for s in sorted(reserved):
+        if s not in held:
             yield s
 
 
 def acquire(store, config: dict, public_ip, node: str, backend_type: str, backend_data: dict,
-            previous=None, requested=None, rng: random.Random | None = None) -> Lease:
-    """Lease a subnet for this node: create-if-absent, or take over our own lease."""
+            previous=None, requested=None, rng: random.Random | None = None, reserved=frozenset()) -> Lease:
+    """Lease a subnet for this node: create-if-absent, or take over our own lease.
+    RESERVED: subnets requested for other nodes (preferred_subnets)."""
     rng = rng or random.Random()
-    for subnet in preferred_subnets(config, public_ip, read_leases(store), previous, requested, rng):
+    for subnet in preferred_subnets(config, public_ip, read_leases(store), previous, requested, rng,
+                                    reserved):
         lease = Lease(subnet=subnet, public_ip=public_ip, backend_type=backend_type,
                       backend_data=backend_data, node=node)
         key = lease_key(subnet)
