@@ -172,7 +172,7 @@ def start_owned(cluster: str, host: str) -> str:
 
 
 def _spawn(binary: str, name: str, data_dir: str, client: str, peer: str, log,
-           extra: list[str] = ()) -> subprocess.Popen:
+           extra: tuple[str, ...] | list[str] = ()) -> subprocess.Popen:
     """One etcd member alone in its cluster: clients at CLIENT, peers at PEER,
     output to LOG, in a session of its own."""
     return subprocess.Popen(
