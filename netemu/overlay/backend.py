@@ -94,6 +94,12 @@ class Backend:
     def remove_peer(self, lease: Lease) -> None:
         """A remote node's lease expired or was deleted."""
 
+    def flush_peers(self) -> None:
+        """The changes of add_peer and remove_peer since the last call take
+        effect now if they have not yet (udp: its workers get the new table
+        once per batch of lease events, not once per event). Called before
+        the daemon says its peers are in place (synced.mark)."""
+
     def peers_synced(self) -> None:
         """Every lease in the store has been through add_peer: what the backend
         still holds for a peer it was not told about is stale (left by a

@@ -165,9 +165,10 @@ class OverlayDaemon:
             self._synced(ev.revision)
 
     def _synced(self, revision: int) -> None:
-        """Peers are in place up to REVISION of the leases: said by
-        _publish_synced, once per batch of the watch's events (a file write
-        per event cost more than the rest of bring-up's peer handling)."""
+        """Peers are in place up to REVISION of the leases: made so (the
+        backend's flush_peers) and said by _publish_synced, once per batch of
+        the watch's events (a file write per event cost more than the rest of
+        bring-up's peer handling)."""
         self.synced_revision = revision
         self.synced_changed.set()
 
@@ -176,6 +177,7 @@ class OverlayDaemon:
         while True:
             await self.synced_changed.wait()
             self.synced_changed = trio.Event()
+            self.backend.flush_peers()          # before saying the peers are in place
             if self.synced_revision != written:
                 written = self.synced_revision
                 synced.mark(self.cluster, self.node, "overlay", {leases.SUBNETS: written})

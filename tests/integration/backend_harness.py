@@ -71,11 +71,13 @@ def main() -> None:
                         backend.setup(lease_of(cmd))
                         nursery.start_soon(backend.run)
                         reply({"ok": True})
-                    elif op == "add_peer":
+                    elif op == "add_peer":              # as the daemon: the change, then flush_peers
                         backend.add_peer(lease_of(cmd))
+                        backend.flush_peers()
                         reply({"ok": True})
                     elif op == "remove_peer":
                         backend.remove_peer(lease_of(cmd))
+                        backend.flush_peers()
                         reply({"ok": True})
                     elif op == "counters":
                         reply({"ok": dict(backend.counters)})
