@@ -220,16 +220,17 @@ def main() -> int:
             own = m["own_per_node_mb"]
             print(f"round {r + 1}: up {t1 - t0:.1f} s, down {t3 - t2:.1f} s, {m['processes']} processes; "
                   f"own processes per node {m['own_processes_per_node']:.2f}, "
-                  f"memory per node RSS {own['rss']:.1f} MB, PSS {own['pss']:.1f} MB, USS {own['uss']:.1f} MB; "
-                  f"idle CPU {m.get('idle_cpu_percent', float('nan')):.1f}% of one core just after up, "
-                  f"{m.get('settled_cpu_percent', float('nan')):.1f}% from {args.settle:.0f} s after up", flush=True)
+                  f"memory per node RSS {own['rss']:.1f} MB, PSS {own['pss']:.1f} MB, USS {own['uss']:.1f} MB"
+                  + (f"; idle CPU {m['idle_cpu_percent']:.1f}% of one core just after up, "
+                     f"{m['settled_cpu_percent']:.1f}% from {args.settle:.0f} s after up" if args.idle > 0 else ""),
+                  flush=True)
             print(f"    CPU during up: machine {(busy1 - busy0) / os.sysconf('SC_CLK_TCK'):.1f} s; "
                   + ", ".join(f"{role} {sec:.1f} s" for role, sec in sorted(spent.items())), flush=True)
             for role, mem in m["roles"].items():
                 print(f"    {role}: {mem.get('count', 0)} processes, RSS {mem.get('rss', 0) / 1024:.0f} MB, "
-                      f"PSS {mem.get('pss', 0) / 1024:.0f} MB, USS {mem.get('uss', 0) / 1024:.0f} MB, "
-                      f"idle CPU {mem.get('idle_cpu_percent', float('nan')):.1f}% then "
-                      f"{mem.get('settled_cpu_percent', float('nan')):.1f}%", flush=True)
+                      f"PSS {mem.get('pss', 0) / 1024:.0f} MB, USS {mem.get('uss', 0) / 1024:.0f} MB"
+                      + (f", idle CPU {mem.get('idle_cpu_percent', 0.0):.1f}% then "
+                         f"{mem.get('settled_cpu_percent', 0.0):.1f}%" if args.idle > 0 else ""), flush=True)
     print(f"{args.nodes} nodes x {args.pods_per_node} pods ({args.backend}): "
           f"up median {statistics.median(ups):.1f} s (min {min(ups):.1f}, max {max(ups):.1f}); "
           f"down median {statistics.median(downs):.1f} s (min {min(downs):.1f}, max {max(downs):.1f})")
