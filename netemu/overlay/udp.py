@@ -167,8 +167,8 @@ class UdpBackend(Backend):
     def flush_peers(self) -> None:
         """The workers get the whole table once per batch of lease changes:
         told at each change, each of N agents wrote a table of up to N peers
-        N times while a cluster came up (N^3 in all: 9 % of the agents' CPU
-        during a 100-node up)."""
+        N times while a cluster came up (N^3 in all: 9 % of the samples of a
+        profile of the agents during a 100-node up)."""
         if not self._peers_told:
             self._peers_told = True
             for worker in self._workers.values():
