@@ -188,3 +188,28 @@ class SimEtcd:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def machines_fixture(tag: str):
+    """A module-scoped pytest fixture (assign it to `machines`): machines a and
+    b on one simulated network, named TAG + four hex digits, and an etcd on a;
+    yields (network, etcd). Skipped without root or etcd."""
+    import uuid
+
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def machines(tmp_path_factory):
+        if os.geteuid() != 0:
+            pytest.skip("needs root")
+        from netemu.store.etcdrun import etcd_binary
+        if etcd_binary() is None:
+            pytest.skip("etcd binary not found (tools/install.sh installs Debian's etcd-server)")
+        with SimNetwork(f"{tag}{uuid.uuid4().hex[:4]}", ["a", "b"]) as net:
+            etcd = SimEtcd(net.machines[0], str(tmp_path_factory.mktemp("etcd"))).start()
+            try:
+                yield net, etcd
+            finally:
+                etcd.stop()
+
+    return machines

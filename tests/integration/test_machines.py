@@ -18,30 +18,17 @@ import re
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 import yaml
 
 from tests.integration.clusters import wait_for
-from tests.integration.simmachines import SimEtcd, SimNetwork
+from tests.integration.simmachines import machines_fixture
 
 pytestmark = pytest.mark.timeout(400)
 
 
-@pytest.fixture(scope="module")
-def machines(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    from netemu.store.etcdrun import etcd_binary
-    if etcd_binary() is None:
-        pytest.skip("etcd binary not found (tools/install.sh installs Debian's etcd-server)")
-    with SimNetwork(f"sm{uuid.uuid4().hex[:4]}", ["a", "b"]) as net:
-        etcd = SimEtcd(net.machines[0], str(tmp_path_factory.mktemp("etcd"))).start()
-        try:
-            yield net, etcd
-        finally:
-            etcd.stop()
+machines = machines_fixture("sm")
 
 
 def own_namespace(machine) -> dict:

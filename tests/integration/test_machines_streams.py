@@ -23,26 +23,14 @@ import pytest
 import yaml
 
 from tests.integration.clusters import wait_for
-from tests.integration.simmachines import SimEtcd, SimNetwork
+from tests.integration.simmachines import machines_fixture
 
 pytestmark = pytest.mark.timeout(400)
 
 KUBECTL_1_29 = "/usr/lib/google-cloud-sdk/bin/kubectl.1.29"      # SPDY/3.1 only, as kubectl up to 1.29
 
 
-@pytest.fixture(scope="module")
-def machines(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    from netemu.store.etcdrun import etcd_binary
-    if etcd_binary() is None:
-        pytest.skip("etcd binary not found (tools/install.sh installs Debian's etcd-server)")
-    with SimNetwork(f"hx{uuid.uuid4().hex[:4]}", ["a", "b"]) as net:
-        etcd = SimEtcd(net.machines[0], str(tmp_path_factory.mktemp("etcd"))).start()
-        try:
-            yield net, etcd
-        finally:
-            etcd.stop()
+machines = machines_fixture("hx")
 
 
 def topology(tmp_path, name: str) -> str:
