@@ -89,24 +89,14 @@ def register_ports(udp_ports: Iterable[int] = (), vxlan_ports: Iterable[int] = (
     binds the layers in scapy, so scapy's own show()/summary() of such packets see
     the inner packet. Bindings for other ports are left as scapy has them.
     """
-    for port in udp_ports:
-        _udp_ports.add(int(port))
-        _vxlan_ports.discard(int(port))
-        _machine_ports.discard(int(port))
-        _bind_first(UDP, IP, dport=int(port))
-        _bind_first(UDP, IP, sport=int(port))
-    for port in vxlan_ports:
-        _vxlan_ports.add(int(port))
-        _udp_ports.discard(int(port))
-        _machine_ports.discard(int(port))
-        _bind_first(UDP, VXLAN, dport=int(port))
-        _bind_first(UDP, VXLAN, sport=int(port))
-    for port in machine_ports:
-        _machine_ports.add(int(port))
-        _udp_ports.discard(int(port))
-        _vxlan_ports.discard(int(port))
-        _bind_first(UDP, VXLAN, dport=int(port))
-        _bind_first(UDP, VXLAN, sport=int(port))
+    for ports, kind, layer in ((udp_ports, _udp_ports, IP), (vxlan_ports, _vxlan_ports, VXLAN),
+                               (machine_ports, _machine_ports, VXLAN)):
+        for port in map(int, ports):
+            for other in (_udp_ports, _vxlan_ports, _machine_ports):
+                other.discard(port)
+            kind.add(port)
+            _bind_first(UDP, layer, dport=port)
+            _bind_first(UDP, layer, sport=port)
 
 
 def registered_ports() -> dict[str, frozenset[int]]:
