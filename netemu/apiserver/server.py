@@ -199,10 +199,14 @@ class _LogLines:
         cut = len(buf) if final else buf.rfind(b"\n") + 1
         buf, self.pending = buf[:cut], buf[cut:]
         out = []
-        for line, ns in logstamps.line_times(buf, start, self.stamps.refresh(), time.time_ns()):
+        now = time.time_ns()
+        timed = logstamps.line_times(buf, start, self.stamps.refresh(), now)
+        for line, ns in timed:
             if self.since is not None and ns < self.since:
                 continue
             out.append(logstamps.rfc3339nano(ns).encode() + b" " + line if self.timestamps else line)
+        if timed and timed[-1][1] == now:
+            self.stamps.observe(start + len(buf), now)      # the time shown stays the line's
         return b"".join(out)
 
 

@@ -113,11 +113,8 @@ class Kubelet:
         self._set_node_ready()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
-            try:
-                self.log_stamper = logstamps.LogStamper()
-                nursery.start_soon(self.log_stamper.run)
-            except OSError as err:
-                log.warning("node %s: container log lines get no timestamps: %s", self.node, err)
+            self.log_stamper = logstamps.LogStamper()
+            nursery.start_soon(self.log_stamper.run)
             since = self.store.revision()
             pods, keys = self._pods_here()
             try:
@@ -159,14 +156,14 @@ class Kubelet:
 
     def stamp_log(self, pod_dir: str, container: str):
         """Start recording when the lines of a running container's log are
-        written (logstamps.py); None when this kubelet cannot (no inotify)."""
+        written (logstamps.py)."""
         if self.log_stamper is None:
-            return None
+            return None             # not running (a test's kubelet)
         return self.log_stamper.add(names.container_log(pod_dir, container),
                                     names.container_log_times(pod_dir, container))
 
     def unstamp_log(self, stamp) -> None:
-        if stamp is not None and self.log_stamper is not None:
+        if self.log_stamper is not None:
             self.log_stamper.remove(stamp)
 
     async def _wait_for_subnet_env(self) -> subnetenv.SubnetEnv:
@@ -280,6 +277,7 @@ class ContainerState:
         self.probe_ready: bool | None = None   # readinessProbe's verdict (None: no probe)
         self.adopted_ready = False  # the readiness published before a kubelet restart
         self.stdin_keeper: int | None = None   # a stdinOnce container's write end (_open_stdin)
+        self.log_stamp = None       # the running instance's log times (Kubelet.stamp_log)
 
     @property
     def running(self) -> bool:
@@ -615,10 +613,18 @@ class PodWorker:
         stdin = self._open_stdin(c)
         try:
             with open(log_path, "ab") as out:
+                # Watched before the process starts: a line it writes at once
+                # gets its own time even when this kubelet is slow to come back
+                # from the start.
+                c.log_stamp = self.k.stamp_log(self.dir, c.name)
                 proc = await trio.lowlevel.open_process(
                     netns.exec_argv(sb.namespace, p.argv, uts_pid=sb.pause_pid),
                     stdin=subprocess.DEVNULL if stdin is None else stdin, stdout=out, stderr=out, env=env,
                     cwd=cwd, start_new_session=True)
+        except BaseException:
+            self.k.unstamp_log(c.log_stamp)
+            c.log_stamp = None
+            raise
         finally:
             if stdin is not None:
                 os.close(stdin)
@@ -704,8 +710,8 @@ class PodWorker:
                 c.started = True
                 if "readinessProbe" in c.probes:
                     c.probe_ready = c.adopted_ready
+                c.log_stamp = self.k.stamp_log(self.dir, c.name)
                 self.changed.set()
-            stamp = self.k.stamp_log(self.dir, c.name)
             try:
                 async with trio.open_nursery() as probes:
                     for probe in c.probes.values():
@@ -715,7 +721,8 @@ class PodWorker:
                     code = await c.handle.wait()
                     probes.cancel_scope.cancel()
             finally:
-                self.k.unstamp_log(stamp)
+                self.k.unstamp_log(c.log_stamp)
+                c.log_stamp = None
             finished = registry.now()
             if code is None:
                 terminated = {"exitCode": 255, "reason": "Unknown", "startedAt": c.started_at,

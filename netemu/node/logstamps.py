@@ -8,11 +8,17 @@ file itself has no times. Beside it the kubelet keeps a times file
 it sees the log grow, meaning "the log was END_OFFSET bytes long by then". A
 line's time is that of the first record past the line's first byte: when the
 kubelet first saw it, within STAMP_INTERVAL of its write while the kubelet runs
-(bytes written while no kubelet ran get the time it came back).
+(bytes written while no kubelet ran get the time it came back). A reader that
+shows lines before the kubelet has stamped them shows its own time and adds
+that record (StampFile.observe), so a line's time, once shown, never changes.
 
 The kubelet watches its containers' logs with one inotify instance (LogStamper):
 a quiet container costs nothing, a chatty one at most one record per interval.
-Readers (the API server) use read_stamps and line_times, pure functions.
+Instances are few (fs.inotify.max_user_instances, 128 by default, counts every
+process of the user machine-wide: one per agent): a kubelet that gets none
+looks at its logs' sizes every POLL_INTERVAL instead, its lines stamped to
+within that. Readers (the API server) use read_stamps and line_times, pure
+functions.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from netemu.inotify import IN_MODIFY, Inotify
 log = logging.getLogger("netemu.kubelet")
 
 STAMP_INTERVAL = 0.01           # seconds: how long the stamper lets writes gather
+POLL_INTERVAL = 0.1             # seconds: between looks at every log, without inotify
 
 
 def read_stamps(path: str) -> tuple[list[int], list[int]]:
@@ -100,46 +107,85 @@ class Stamp:
 
 
 class LogStamper:
-    """One kubelet's watch over its containers' logs (one inotify instance)."""
+    """One kubelet's watch over its containers' logs: one inotify instance, or
+    a look at every log's size each POLL_INTERVAL when the kernel gives none."""
 
     def __init__(self) -> None:
-        self.inotify = Inotify()
-        self.fd = self.inotify.fd
+        try:
+            self.inotify: Inotify | None = Inotify()
+        except OSError as err:
+            log.warning("no inotify instance for container logs (%s; fs.inotify.max_user_instances "
+                        "counts every process of this user): their lines are stamped by looking "
+                        "at their sizes every %g s", err.strerror or err, POLL_INTERVAL)
+            self.inotify = None
         self.by_wd: dict[int, Stamp] = {}
+        self.polled: list[Stamp] = []
+        self._some_polled = None      # a trio.Event while _poll sleeps for want of logs
 
     def add(self, log_path: str, times_path: str) -> Stamp:
         """Watch LOG_PATH from now on (its bytes so far are stamped now)."""
         st = Stamp(log_path, times_path)
         st.stamp()
-        try:
-            self.by_wd[self.inotify.add_watch(log_path, IN_MODIFY)] = st
-        except OSError as err:
-            log.warning("%s: no inotify watch (%s): its lines are stamped when its container ends",
-                        log_path, err.strerror)
+        if self.inotify is not None:
+            try:
+                self.by_wd[self.inotify.add_watch(log_path, IN_MODIFY)] = st
+                return st
+            except OSError as err:
+                log.warning("%s: no inotify watch (%s): its lines are stamped every %g s",
+                            log_path, err.strerror, POLL_INTERVAL)
+        self.polled.append(st)
+        if self._some_polled is not None:
+            self._some_polled.set()
         return st
 
-    def remove(self, st: Stamp) -> None:
+    def remove(self, st: Stamp | None) -> None:
         """The instance ended: its last bytes are stamped, the watch goes."""
+        if st is None:
+            return
         st.stamp()
+        if st in self.polled:
+            self.polled.remove(st)
         for wd, other in list(self.by_wd.items()):
             if other is st:
                 del self.by_wd[wd]
-                self.inotify.rm_watch(wd)
+                if self.inotify is not None:
+                    self.inotify.rm_watch(wd)
 
     async def run(self) -> None:
         import trio
 
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._poll)
+            if self.inotify is not None:
+                nursery.start_soon(self._watch, self.inotify)
+
+    async def _watch(self, inotify: Inotify) -> None:
+        import trio
+
         try:
             while True:
-                await trio.lowlevel.wait_readable(self.fd)
+                await trio.lowlevel.wait_readable(inotify.fd)
                 # Let a burst of writes land: one record for all of it.
                 await trio.sleep(STAMP_INTERVAL)
-                for wd in {wd for wd, _ in self.inotify.drain()}:
+                for wd in {wd for wd, _ in inotify.drain()}:
                     st = self.by_wd.get(wd)
                     if st is not None:
                         st.stamp()
         finally:
-            self.inotify.close()
+            inotify.close()
+
+    async def _poll(self) -> None:
+        """The logs no watch covers: asleep while there are none."""
+        import trio
+
+        while True:
+            if self.polled:
+                await trio.sleep(POLL_INTERVAL)
+            else:
+                self._some_polled = trio.Event()
+                await self._some_polled.wait()
+            for st in list(self.polled):
+                st.stamp()
 
 class StampFile:
     """A times file read as it grows (a followed log's)."""
@@ -167,3 +213,15 @@ class StampFile:
                     self.ends.append(end)
                     self.times.append(at)
         return self.ends, self.times
+
+    def observe(self, end: int, ns: int) -> None:
+        """A reader saw the log END bytes long at NS and showed its newest
+        lines with that time (the kubelet had not stamped them yet): the time
+        is recorded, so that every later reader shows those lines with the
+        same one. The kubelet's own record of that growth, a moment later,
+        then adds nothing (its end is no greater)."""
+        if self.ends and end <= self.ends[-1]:
+            return
+        # One short O_APPEND write: whole among the kubelet's own.
+        with contextlib.suppress(OSError), open(self.path, "a") as f:
+            f.write(f"{end} {ns}\n")

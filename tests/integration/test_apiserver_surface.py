@@ -68,8 +68,17 @@ def test_get_in_chunks_pages_through_limit_and_continue(env):
 
 
 def test_logs_with_timestamps_and_since(env):
+    try:
+        _logs_with_timestamps_and_since(env)
+    finally:
+        kubectl(env, "delete", "pod", "stamped", "--grace-period=0", "--force", "--ignore-not-found",
+                check=False)
+
+
+def _logs_with_timestamps_and_since(env):
     import datetime
 
+    from netemu import names
     from netemu.node import logstamps
 
     kubectl(env, "run", "stamped", "--image=busybox", "--restart=Never", "--command", "--",
@@ -81,7 +90,9 @@ def test_logs_with_timestamps_and_since(env):
     assert [text for _, text in lines] == ["one", "two"]
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z", stamp) for stamp, _ in lines)
     first, second = (logstamps.parse_rfc3339(stamp) for stamp, _ in lines)
-    assert 1.3e9 < second - first < 5e9                     # the sleep between them
+    times = names.container_log_times(names.pod_dir(env["cluster"], "default", "stamped"), "stamped")
+    assert 1.3e9 < second - first < 5e9, \
+        f"the sleep between them; the kubelet's records ({times}): {logstamps.read_stamps(times)}"
     now = datetime.datetime.now(datetime.timezone.utc).timestamp() * 1e9
     assert 0 < now - second < 120e9
     assert kubectl(env, "logs", "stamped", "--since=1h").stdout.split() == ["one", "two"]
@@ -89,7 +100,6 @@ def test_logs_with_timestamps_and_since(env):
     assert kubectl(env, "logs", "stamped", f"--since-time={since}").stdout.split() == ["two"]
     assert kubectl(env, "logs", "stamped", "--since=1h", "--tail=1", "--timestamps").stdout == \
         f"{lines[1][0]} two\n"
-    kubectl(env, "delete", "pod", "stamped", "--grace-period=0", "--force")
 
 
 RC_YAML = """

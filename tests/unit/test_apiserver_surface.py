@@ -128,16 +128,24 @@ def test_each_line_gets_the_time_its_first_byte_was_seen():
     assert logstamps.line_times(b"three\nfour\n", 8, stamps, 999) == [(b"three\n", 200), (b"four\n", 300)]
 
 
-def test_log_stamper_records_growth_with_inotify(tmp_path):
+@pytest.mark.parametrize("inotify", [True, False], ids=["inotify", "polled"])
+def test_log_stamper_records_growth(tmp_path, monkeypatch, inotify):
+    """With an inotify instance, and without one (fs.inotify.max_user_instances
+    reached: the kernel's EMFILE), where the stamper looks at sizes instead."""
     import trio
 
     from netemu.node import logstamps
 
+    if not inotify:
+        def refused():
+            raise OSError(24, "inotify_init1: Too many open files")
+        monkeypatch.setattr(logstamps, "Inotify", refused)
     log_path, times_path = str(tmp_path / "c.log"), str(tmp_path / "c.log.times")
     open(log_path, "wb").close()
 
     async def main():
         stamper = logstamps.LogStamper()
+        assert (stamper.inotify is not None) == inotify
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stamper.run)
             st = stamper.add(log_path, times_path)
@@ -206,6 +214,10 @@ def test_pod_logs_timestamps_and_since(server, tmp_path):
     body = call(server, "GET", url + "?timestamps=true&tailLines=1")[1]
     stamp, _, line = body.partition(b" ")
     assert line == b"fresh\n" and logstamps.parse_rfc3339(stamp.decode()) >= before - 1000
+    # ... and that time stays the line's: the kubelet's record of it, later, changes nothing.
+    with open(tmp_path / "default" / "web" / "c.log.times", "a") as f:
+        f.write(f"12 {time.time_ns() + 10 ** 9}\n")
+    assert call(server, "GET", url + "?timestamps=true&tailLines=1")[1] == body
 
 
 def test_pod_logs_follow_with_timestamps_sends_whole_lines(server, tmp_path):
