@@ -116,14 +116,14 @@ class Kubelet:
             self.log_stamper = logstamps.LogStamper()
             nursery.start_soon(self.log_stamper.run)
             since = self.store.revision()
-            pods, keys = self._pods_here()
+            pods = self._pods_here()
             try:
-                await trio.to_thread.run_sync(self._clean_up_orphans, pods, keys)
+                await trio.to_thread.run_sync(self._clean_up_orphans, pods)
             except Exception:
                 log.exception("node %s: clean-up of orphaned pods failed", self.node)
             for pod in pods:
                 self._sync(pod["metadata"].get("uid"), pod)
-            del pods, keys          # this frame lives as long as the kubelet
+            del pods                # this frame lives as long as the kubelet
             # Then one pod at a time, from the watch: a change to one pod never
             # makes every kubelet re-read every pod.
             async for ev in self._watch_pods(since):
@@ -133,15 +133,12 @@ class Kubelet:
                     continue
                 self._sync(uid, pod if ev.type == "PUT" else None)
 
-    def _pods_here(self) -> tuple[list[dict], set[str]]:
-        """This node's pods, and <namespace>_<name> of every pod of the cluster
-        (the pod folders are shared: _clean_up_orphans must not take another
-        node's). Where the store can, the other nodes' pods are neither read
-        whole nor decoded: at 100 nodes, 1,000 decoded pods were 5.6 MB of
-        each agent, kept by this frame."""
-        pods = [p for p in registry.list_containing(self.store, "Pod", node_text(self.node))
+    def _pods_here(self) -> list[dict]:
+        """This node's pods. Where the store can, the other nodes' pods are
+        neither read whole nor decoded: at 100 nodes, 1,000 decoded pods were
+        5.6 MB of each agent, kept by the frame of run."""
+        return [p for p in registry.list_containing(self.store, "Pod", node_text(self.node))
                 if (p.get("spec") or {}).get("nodeName") == self.node]
-        return pods, {f"{ns}_{name}" for ns, name in registry.names_(self.store, "Pod")}
 
     def _watch_pods(self, since: int):
         """The watch of the pods: only this node's when the store can filter
@@ -215,17 +212,28 @@ class Kubelet:
         except Exception:
             log.exception("node %s: pod %s: cannot be handled", self.node, uid)
 
-    def _clean_up_orphans(self, pods: list[dict], keys: set[str]) -> None:
+    def _clean_up_orphans(self, pods: list[dict]) -> None:
         """Remove what pods of this node that no longer exist left behind (their
         processes, sandbox, hostPorts, address, folder): pods deleted while no
         kubelet ran, or force-deleted before their clean-up finished. PODS:
-        this node's pods; KEYS: <namespace>_<name> of every pod of the cluster."""
+        this node's pods.
+
+        The pod folders are the cluster's, <namespace>_<name>: the folder of
+        another node's pod is that node's kubelet's, and is not opened here
+        (100 kubelets reading every folder's sandbox record at their start
+        were N^2 of bring-up). The folders are listed first, then the
+        cluster's pods: a folder is made for a pod that exists, so one whose
+        pod is not in the later list is an orphan, never a pod just made."""
         live = {p["metadata"].get("uid") for p in pods}
+        mine = {f"{p['metadata'].get('namespace')}_{p['metadata'].get('name')}" for p in pods}
         try:
             folders = os.listdir(self.pods_dir)
         except FileNotFoundError:
             folders = []
+        keys = {f"{ns}_{name}" for ns, name in registry.names_(self.store, "Pod")}
         for folder in folders:
+            if folder in keys and folder not in mine:
+                continue                # another node's pod
             path = os.path.join(self.pods_dir, folder)
             sb = sandboxes.Sandbox.load(path)
             if sb is None:

@@ -59,7 +59,7 @@ def random_suffix(n: int = 5) -> str:
     return "".join(secrets.choice(_SUFFIX_ALPHABET) for _ in range(n))
 
 
-def _with_version(obj: dict, rev: int) -> dict:
+def with_version(obj: dict, rev: int) -> dict:
     obj["metadata"]["resourceVersion"] = str(rev)
     return obj
 
@@ -68,11 +68,11 @@ def get(store: Store, kind: str, namespace: str | None, name: str) -> dict | Non
     kv = store.get(key(kind, namespace, name))
     if kv is None:
         return None
-    return _with_version(kv.value, kv.mod_revision)
+    return with_version(kv.value, kv.mod_revision)
 
 
 def list_(store: Store, kind: str, namespace: str | None = None) -> list[dict]:
-    return [_with_version(kv.value, kv.mod_revision) for kv in store.list(prefix(kind, namespace))]
+    return [with_version(kv.value, kv.mod_revision) for kv in store.list(prefix(kind, namespace))]
 
 
 def list_containing(store: Store, kind: str, text: str) -> list[dict]:
@@ -81,7 +81,7 @@ def list_containing(store: Store, kind: str, text: str) -> list[dict]:
     where it cannot. A pre-filter: callers check what they need."""
     select = getattr(store, "list_containing", None)
     kvs = store.list(prefix(kind)) if select is None else select(prefix(kind), text)
-    return [_with_version(kv.value, kv.mod_revision) for kv in kvs]
+    return [with_version(kv.value, kv.mod_revision) for kv in kvs]
 
 
 def names_(store: Store, kind: str) -> list[tuple[str | None, str]]:
@@ -120,7 +120,7 @@ def create(store: Store, obj: dict, *, ttl: float | None = None, uid: str | None
         meta.pop("resourceVersion", None)
         rev = store.create(key(kind, meta.get("namespace"), meta["name"]), obj, ttl=ttl)
         if rev is not None:
-            return _with_version(obj, rev)
+            return with_version(obj, rev)
         if not generated:
             raise Conflict(f'{kinds.BY_KIND[kind].singular} "{meta["name"]}" already exists')
         meta["name"] = ""
@@ -135,7 +135,7 @@ def update(store: Store, obj: dict, *, check_version: bool = True) -> dict:
     body["metadata"].pop("resourceVersion", None)
     rev = store.put(key(obj["kind"], meta.get("namespace"), meta["name"]), body,
                     expect_revision=expect)
-    return _with_version(obj, rev)
+    return with_version(obj, rev)
 
 
 def mutate(store: Store, kind: str, namespace: str | None, name: str, change) -> dict | None:

@@ -49,3 +49,48 @@ def test_up_waits_for_the_newest_lease_service_and_endpoints_on_every_node(tmp_p
         assert cluster._data_path_late("c", store, nodes) == ["n1 (overlay)", "n2 (overlay)"]
     finally:
         store.close()
+
+
+def test_up_follows_the_pods_from_the_change_log(tmp_path):
+    """wait_ready's view of the pods: listed once, then only what changed read
+    (and listed again if the change log it needs was compacted)."""
+    from netemu import cluster
+    from netemu.store import registry
+    from netemu.store.base import Compacted
+    from netemu.store.sqlite import SqliteStore
+
+    store = SqliteStore(str(tmp_path / "state.db"), create=True)
+    try:
+        def pod(name, phase):
+            return {"metadata": {"name": name, "namespace": "default"}, "status": {"phase": phase}}
+
+        def put(name, phase):
+            return store.put(registry.key("Pod", "default", name), pod(name, phase))
+
+        put("a", "Pending")
+        put("b", "Pending")
+        followed = cluster._Followed(store, "Pod")
+        seen = followed.refresh()
+        assert [(p["metadata"]["name"], p["status"]["phase"]) for p in seen] == [("a", "Pending"), ("b", "Pending")]
+        listed = followed.objects
+        rev = put("b", "Running")
+        put("c", "Pending")
+        store.delete(registry.key("Pod", "default", "a"))
+        store.put(registry.key("Node", None, "n1"), {"metadata": {"name": "n1"}})     # another kind
+        seen = followed.refresh()
+        assert followed.objects is listed                       # not listed again: the changes applied
+        assert [(p["metadata"]["name"], p["status"]["phase"]) for p in seen] == [("b", "Running"), ("c", "Pending")]
+        assert seen[0]["metadata"]["resourceVersion"] == str(rev)
+        # The history it needs is gone: a list again.
+        real = store.events_since
+
+        def compacted(revision, prefix=""):
+            raise Compacted("gone")
+        store.events_since = compacted
+        put("d", "Pending")
+        seen = followed.refresh()
+        store.events_since = real
+        assert followed.objects is not listed
+        assert [p["metadata"]["name"] for p in seen] == ["b", "c", "d"]
+    finally:
+        store.close()
