@@ -23,11 +23,13 @@ nodes paid about 0.4 ms of CPU per wake-up, so that read is not once a second.
 Without inotify, the revision is polled every few tens of milliseconds. All
 the watches of one store object share one wait (one read per wake-up): a
 process with many watches (the controllers process has one per controller)
-wakes once, not once per watch. That read also fetches the keys
-(not the values) written since the previous one; a watch none of whose keys
-are under its prefix moves on without reading or decoding events, so a write
-costs the processes that do not watch it one small read each, not one query
-per watch. Expired keys are looked for at most once a second, and a wait
+wakes once, not once per watch. Each watch then asks whether any write
+since its last read is under its prefix (one indexed query, the keys compared
+inside SQLite, nothing fetched); one with none moves on without reading or
+decoding events. (That question used to be answered from the keys of every
+write since the previous wake-up, fetched into Python: at 100 nodes each
+agent fetched every key the cluster wrote while it came up, about 15 % of
+the agents' CPU.) Expired keys are looked for at most once a second, and a wait
 ends when the next key's TTL runs out (its deletion is an event no write
 announces).
 
@@ -105,7 +107,6 @@ POLL_INTERVAL = 0.03            # without inotify; with it, the shortest time be
 SETTLE = 0.002                  # after a write is seen: let the rest of its burst land
 SAFETY_INTERVAL = 10.0          # read the revision at least this often anyway (a missed bell)
 EXPIRY_CHECK_INTERVAL = 1.0     # the most often one store object looks for expired keys
-WINDOW_MAX = 5000               # the most revisions a shared read fetches the keys of
 
 # The newest event at or before revision ?1 of each key under (?2, ?3) that
 # changed after ?1: its state then (list_at, count_at; parameters: revision,
@@ -314,9 +315,6 @@ class SqliteStore:
         self._watching: Counter = Counter()    # (prefix, text) of this object's running watches
         self._wait_scope: Any = None           # the shared wait in progress (a trio CancelScope)
         self._last_read = 0.0                  # time.monotonic() of the last shared read
-        # (low, high, [(rev, key)]): the keys written after revision LOW up to
-        # HIGH, read by the last shared read; None: not known.
-        self._window: tuple[int, int, list] | None = None
 
     # -- reads ---------------------------------------------------------------
 
@@ -576,28 +574,23 @@ class SqliteStore:
         return self._ticked_revision
 
     def _read_window(self) -> None:
-        """Read the revision, and the keys written since the previous read (the
-        window every watch checks its prefix against before reading events)."""
-        low = self._ticked_revision
-        # The revision first: every write up to it is committed with its
-        # event, so the keys read next cover (LOW, revision] whole.
-        revision = self.revision()
-        keys = None
-        if 0 < revision - low <= WINDOW_MAX:
-            with self._lock:
-                keys = self._db.execute("SELECT rev, key FROM events WHERE rev > ? AND rev <= ?",
-                                        (low, revision)).fetchall()
-        if revision != low:
-            self._window = (low, revision, keys) if keys is not None else None
-        self._ticked_revision = revision
+        """The shared read of a wake-up: the revision every watch goes on to."""
+        self._ticked_revision = self.revision()
 
     def _touches(self, prefix: str, last: int, current: int) -> bool:
-        """Could a write after LAST up to CURRENT be under PREFIX? False only when
-        the window of the last read covers them all and none is."""
-        window = self._window
-        if not prefix or window is None or not window[0] <= last or window[1] != current:
+        """Could a write after LAST up to CURRENT be under PREFIX? The
+        revisions' range of the events table is read, its keys compared inside
+        SQLite (`+key`: not through the index by key, which would walk every
+        event of the prefix ever kept), and nothing is fetched. True as well
+        when history after LAST is compacted: events_since says so."""
+        if not prefix:
             return True
-        return any(rev > last and key.startswith(prefix) for rev, key in window[2])
+        with self._lock:
+            (found,) = self._db.execute(
+                "SELECT EXISTS (SELECT 1 FROM events WHERE rev > ?1 AND rev <= ?2 AND +key >= ?3 AND +key < ?4) "
+                "OR (SELECT compacted FROM meta WHERE id = 0) > ?1",
+                (last, current, prefix, _prefix_end(prefix))).fetchone()
+        return bool(found)
 
     @property
     def _waiting_on(self) -> set:
