@@ -524,7 +524,7 @@ class PodWorker:
         self.pause = runtime.Handle(ref, proc)
         sb.pause_pid, sb.pause_start = ref.pid, ref.start
         sb.save(self.dir)
-        # The UTS namespace exists once the pause process has exec'd sleep.
+        # The UTS namespace exists once the pause process has its name (PAUSE_NAMES).
         await self._wait_for_pause(proc.pid)
         if not self.pause.running:
             raise RuntimeError("the pause process exited at once")
@@ -539,7 +539,7 @@ class PodWorker:
             while True:
                 try:
                     with open(f"/proc/{pid}/comm") as f:
-                        if f.read().strip() == "sleep":
+                        if f.read().strip() in sandboxes.PAUSE_NAMES:
                             return
                 except FileNotFoundError:
                     return

@@ -187,13 +187,25 @@ def pod_link(cluster: str, node: str, sb: Sandbox) -> Link:
                 far_gso_max_segs=sb.gso_max_segs, impairment=parse_link(sb.link), cluster=cluster)
 
 
+PAUSE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "netemu-pause")   # pause.c, built
+
+
 def pause_argv(sb: Sandbox, hostname: str) -> list[str]:
     """The pause process: joins the pod's network namespace, makes a UTS namespace
-    with the pod's hostname, then sleeps under the name "pause". A pod name longer
-    than a hostname may be is cut as the kubelet cuts it (pod_hostname)."""
+    with the pod's hostname, then sleeps under the name "pause" (PAUSE_NAMES: the
+    kubelet waits for it). A pod name longer than a hostname may be is cut as the
+    kubelet cuts it (pod_hostname). The compiled pause (pause.c) where it was
+    built; a shell chain doing the same otherwise."""
+    if os.access(PAUSE, os.X_OK):
+        return [PAUSE, netns.path(sb.namespace), pod_hostname(hostname)]
     return netns.exec_argv(sb.namespace, [
         "unshare", "--uts", "bash", "-c", 'hostname "$0" && exec -a pause sleep infinity',
         pod_hostname(hostname)])
+
+
+# The pause process's name (/proc/PID/comm) once its namespaces are in place:
+# the compiled one's, and the shell chain's sleep.
+PAUSE_NAMES = ("pause", "sleep")
 
 
 def destroy_network(cluster: str, node: str, sb: Sandbox) -> None:
