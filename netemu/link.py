@@ -84,11 +84,13 @@ class Link:
         far.append(f"link set dev {self.far.name} up")
         return near, far
 
-    def create(self, far_before: Sequence[str] = (), far_after: Sequence[str] = ()) -> None:
+    def create(self, far_before: Sequence[str] = (), far_after: Sequence[str] = (),
+               near_after: Sequence[str] = ()) -> None:
         """Make the pair. FAR_BEFORE and FAR_AFTER are more `ip` lines for the far
-        namespace (its lo, its routes), run in the same process as the link's."""
+        namespace (its lo, its routes), NEAR_AFTER for the near one (a
+        neighbour entry), each run in the same process as the link's."""
         near, far = self.commands()
-        netns.ip_batch(self.near.namespace, near)
+        netns.ip_batch(self.near.namespace, [*near, *near_after])
         netns.ip_batch(self.far.namespace, [*far_before, *far, *far_after])
         if not self.near_tso:
             set_tso(self.near, False)

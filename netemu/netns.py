@@ -286,6 +286,15 @@ def run(name: str, argv: Sequence[str], check: bool = True, input: str | None = 
     return proc
 
 
+def current_is(name: str) -> bool:
+    """Is the calling thread in namespace NAME (the one /run/netns/NAME names)?"""
+    try:
+        here, there = os.stat("/proc/thread-self/ns/net"), os.stat(path(name))
+    except OSError:
+        return False
+    return (here.st_ino, here.st_dev) == (there.st_ino, there.st_dev)
+
+
 def ip_batch(name: str, lines: Sequence[str]) -> None:
     """Run many `ip` commands in namespace NAME with one process (`ip -batch`).
 
@@ -296,8 +305,9 @@ def ip_batch(name: str, lines: Sequence[str]) -> None:
     The lines here speak netlink only and need no /sys of the namespace."""
     if not lines:
         return
-    proc = subprocess.run(exec_argv(name, ["ip", "-batch", "-"]), input="\n".join(lines) + "\n",
-                          capture_output=True, text=True)
+    # A node agent makes its pods' veths from its node's namespace: no nsenter then.
+    argv = ["ip", "-batch", "-"] if current_is(name) else exec_argv(name, ["ip", "-batch", "-"])
+    proc = subprocess.run(argv, input="\n".join(lines) + "\n", capture_output=True, text=True)
     if proc.returncode != 0:
         raise NetnsError(f"in {name}: ip -batch: {proc.stderr.strip()}")
 

@@ -143,29 +143,23 @@ def create_network(cluster: str, node: str, sb: Sandbox) -> None:
     pod_link(cluster, node, sb).create(
         far_before=["link set lo up"],
         far_after=[f"route add default via {sb.gateway} dev {names.POD_IFACE}",
-                   f"neigh replace {sb.gateway} lladdr {gateway_mac} dev {names.POD_IFACE} nud permanent"])
-    set_neighbour(cluster, node, sb.ip, present=True)
+                   f"neigh replace {sb.gateway} lladdr {gateway_mac} dev {names.POD_IFACE} nud permanent"],
+        near_after=[f"neigh replace {sb.ip} lladdr {docker_mac(ipaddress.IPv4Address(sb.ip))} "
+                    f"dev {names.NODE_BRIDGE} nud permanent"])
 
 
-def set_neighbour(cluster: str, node: str, ip: str, present: bool) -> None:
-    """The node's PERMANENT neighbour entry for pod IP on docker0 (added or
-    removed), over netlink from this process (no `ip` process per pod)."""
+def remove_neighbour(cluster: str, node: str, ip: str) -> None:
+    """Remove the node's neighbour entry for pod IP on docker0 (create_network
+    made it, in the `ip` batch of the pod's veth), over netlink from this
+    process."""
     ipr = netns.iproute(names.node_ns(cluster, node))
     try:
         idx = ipr.link_lookup(ifname=names.NODE_BRIDGE)
-        if not idx:
-            return
-        if present:
-            ipr.neigh("replace", dst=ip, lladdr=docker_mac(ipaddress.IPv4Address(ip)), ifindex=idx[0],
-                      state=NUD_PERMANENT)
-        else:
+        if idx:
             with contextlib.suppress(Exception):      # already gone (or never made)
                 ipr.neigh("del", dst=ip, ifindex=idx[0])
     finally:
         ipr.close()
-
-
-NUD_PERMANENT = 0x80
 
 
 LINK_ANNOTATION = impairment.POD_ANNOTATION
@@ -222,4 +216,4 @@ def destroy_network(cluster: str, node: str, sb: Sandbox) -> None:
     # docker0's entry for the pod stays with docker0: remove it (one left
     # behind would still be right, the MAC follows the IP, but it would pile up).
     with contextlib.suppress(OSError, netns.NetnsError):
-        set_neighbour(cluster, node, sb.ip, present=False)
+        remove_neighbour(cluster, node, sb.ip)
