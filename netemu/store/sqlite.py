@@ -28,8 +28,8 @@ since its last read is under its prefix (one indexed query, the keys compared
 inside SQLite, nothing fetched); one with none moves on without reading or
 decoding events. (That question used to be answered from the keys of every
 write since the previous wake-up, fetched into Python: at 100 nodes each
-agent fetched every key the cluster wrote while it came up, about 15 % of
-the agents' CPU.) Expired keys are looked for at most once a second, and a wait
+agent fetched every key the cluster wrote while it came up: about 15 % of
+a py-spy profile of one agent.) Expired keys are looked for at most once a second, and a wait
 ends when the next key's TTL runs out (its deletion is an event no write
 announces).
 
@@ -565,7 +565,7 @@ class SqliteStore:
                         await trio.sleep(max(SETTLE, self._last_read + self.read_interval - time.monotonic()))
                 self._wait_scope = None
                 watch.drain()
-            self._read_window()
+            self._read_revision()
             self._last_read = time.monotonic()
         finally:
             self._wait_scope = None
@@ -573,7 +573,7 @@ class SqliteStore:
             tick.set()
         return self._ticked_revision
 
-    def _read_window(self) -> None:
+    def _read_revision(self) -> None:
         """The shared read of a wake-up: the revision every watch goes on to."""
         self._ticked_revision = self.revision()
 

@@ -29,13 +29,13 @@ def quiet(monkeypatch) -> None:
 def count_wakes(store, monkeypatch) -> list:
     """A list that grows by one at each of STORE's shared reads."""
     wakes = []
-    real = store._read_window
+    real = store._read_revision
 
     def counted():
         wakes.append(1)
         real()
 
-    monkeypatch.setattr(store, "_read_window", counted)
+    monkeypatch.setattr(store, "_read_revision", counted)
     return wakes
 
 
