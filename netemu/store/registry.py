@@ -131,8 +131,11 @@ def update(store: Store, obj: dict, *, check_version: bool = True) -> dict:
     """Write back an object read earlier; Conflict if it changed meanwhile."""
     meta = obj["metadata"]
     expect = int(meta["resourceVersion"]) if check_version and meta.get("resourceVersion") else None
-    body = copy.deepcopy(obj)
-    body["metadata"].pop("resourceVersion", None)
+    # Every store copies what it is given (JSON, or a deep copy): the body
+    # shares OBJ's fields, only its metadata is a copy without the version.
+    # (A deep copy of each pod at each status write was 6 % of three agents'
+    # CPU in a cProfile while a 1,000-pod cluster came up.)
+    body = dict(obj, metadata={k: v for k, v in meta.items() if k != "resourceVersion"})
     rev = store.put(key(obj["kind"], meta.get("namespace"), meta["name"]), body,
                     expect_revision=expect)
     return with_version(obj, rev)
