@@ -187,6 +187,7 @@ class LogStamper:
             for st in list(self.polled):
                 st.stamp()
 
+
 class StampFile:
     """A times file read as it grows (a followed log's)."""
 

@@ -127,18 +127,18 @@ if getattr(yaml, "__with_libyaml__", False):
     class _StrictCLoader(yaml.cyaml.CParser, _StrictLoader):
         """The same, parsed and composed by libyaml (PyYAML's C binding): a
         1,000-pod topology (200 KB) is read in 0.5 s, against 1.9 s with the
-        pure-Python parser (the whole of load_topology, median of 3). Its composer does not call
-        compose_node: libyaml refuses nesting beyond 1,000 levels itself (so
-        its recursion is bounded), and _check_expansion refuses more than
-        MAX_DEPTH before anything is constructed. The constructor (duplicate
-        keys, integers) is _StrictLoader's."""
+        pure-Python parser (the whole of load_topology, median of 3). Its
+        composer does not call compose_node: libyaml refuses nesting beyond
+        1,000 levels itself (so its recursion is bounded), and
+        _check_expansion refuses more than MAX_DEPTH before anything is
+        constructed. The constructor (duplicate keys, integers) is
+        _StrictLoader's."""
 
         def __init__(self, stream):
             yaml.reader.Reader(stream)      # the characters YAML forbids: ReaderError, as before
             yaml.cyaml.CParser.__init__(self, stream)
             yaml.constructor.SafeConstructor.__init__(self)
             yaml.resolver.Resolver.__init__(self)
-            self._depth = 0
 
     _Loader: type = _StrictCLoader
 else:
