@@ -643,7 +643,7 @@ class _Followed:
     about a core for the whole of `up`, beside the cluster it waited for)."""
 
     def __init__(self, store, kind: str):
-        self.store, self.kind, self.prefix = store, kind, registry.prefix(kind)
+        self.store, self.prefix = store, registry.prefix(kind)
         self.revision = -1
         self.objects: dict[str, dict] = {}
 

@@ -69,7 +69,12 @@ def node_dir(cluster: str, node: str) -> str:
 
 
 def pod_dir(cluster: str, namespace: str, pod: str) -> str:
-    return os.path.join(state_dir(cluster), "pods", f"{namespace}_{pod}")
+    return os.path.join(state_dir(cluster), "pods", pod_folder(namespace, pod))
+
+
+def pod_folder(namespace: str | None, pod: str) -> str:
+    """The name of a pod's folder under the cluster's pods/ (pod_dir)."""
+    return f"{namespace}_{pod}"
 
 
 def container_log(pod_dir: str, container: str, previous: bool = False) -> str:

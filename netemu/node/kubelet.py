@@ -225,12 +225,12 @@ class Kubelet:
         cluster's pods: a folder is made for a pod that exists, so one whose
         pod is not in the later list is an orphan, never a pod just made."""
         live = {p["metadata"].get("uid") for p in pods}
-        mine = {f"{p['metadata'].get('namespace')}_{p['metadata'].get('name')}" for p in pods}
+        mine = {names.pod_folder(p["metadata"].get("namespace"), p["metadata"].get("name")) for p in pods}
         try:
             folders = os.listdir(self.pods_dir)
         except FileNotFoundError:
             folders = []
-        keys = {f"{ns}_{name}" for ns, name in registry.names_(self.store, "Pod")}
+        keys = {names.pod_folder(ns, name) for ns, name in registry.names_(self.store, "Pod")}
         for folder in folders:
             if folder in keys and folder not in mine:
                 continue                # another node's pod

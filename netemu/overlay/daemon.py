@@ -96,18 +96,18 @@ class OverlayDaemon:
     def _local_config(self, config: dict) -> tuple[LocalConfig, ipaddress.IPv4Network | None, set]:
         """(this node's config, the subnet the topology requested for it, those
         requested for the other nodes)."""
-        nodes = registry.list_(self.store, "Node")
-        node = next((n for n in nodes if n["metadata"]["name"] == self.node), None)
+        nodes = {n["metadata"]["name"]: n for n in registry.list_(self.store, "Node")}
+        node = nodes.get(self.node)
         if node is None:
             raise RuntimeError(f"node {self.node} is not in the store")
+        requested_by = {name: (n["metadata"].get("annotations") or {}).get(leases.REQUESTED_POD_CIDR)
+                        for name, n in nodes.items()}
+        requested = requested_by.pop(self.node)
         others = set()
-        for n in nodes:
-            cidr = (n["metadata"].get("annotations") or {}).get(leases.REQUESTED_POD_CIDR)
-            if n is not node and cidr:
-                with contextlib.suppress(ValueError):
-                    others.add(ipaddress.IPv4Network(cidr))
+        for cidr in filter(None, requested_by.values()):
+            with contextlib.suppress(ValueError):
+                others.add(ipaddress.IPv4Network(cidr))
         address = next(a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP")
-        requested = node["metadata"].get("annotations", {}).get(leases.REQUESTED_POD_CIDR)
         local = LocalConfig(node=self.node, network=ipaddress.IPv4Network(config["Network"]),
                             public_ip=ipaddress.IPv4Address(address), underlay_dev=names.NODE_UPLINK,
                             underlay_mtu=underlay_mtu(names.NODE_UPLINK),
