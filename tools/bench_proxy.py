@@ -190,14 +190,15 @@ def run_mode(netns, proxier_mod, mode: str, n: int, svc_type: str, changes: int,
     # N services: full sync on an empty node.
     p = make()
     t = time.perf_counter()
-    in_node(p.sync, services, eps)
+    r = in_node(p.sync, services, eps)
     res["full_sync"] = time.perf_counter() - t
+    res["full_kernel"] = getattr(r, "kernel_seconds", 0.0)
     lat = connect_latencies(netns, connects)
     res["connect_n_median"], res["connect_n_p99"] = statistics.median(lat), percentile(lat, 99)
 
     # One changed service at a time.
     incremental = hasattr(p, "sync_changes")
-    times = []
+    times, kernel = [], []
     for k in range(changes):
         i = (k * 997) % n                      # spread over the table
         old = eps[i]
@@ -210,21 +211,32 @@ def run_mode(netns, proxier_mod, mode: str, n: int, svc_type: str, changes: int,
         else:
             r = in_node(p.sync, services, eps)
         times.append(time.perf_counter() - t)
+        kernel.append(getattr(r, "kernel_seconds", 0.0))
         assert r.applied and not r.full, r
     res["change_median"], res["change_p90"] = statistics.median(times), percentile(times, 90)
+    res["change_kernel_median"] = statistics.median(kernel)
+    if res["full_kernel"]:
+        res["full_ratio"] = res["full_sync"] / res["full_kernel"]
+    if all(kernel):
+        # each change against its own kernel time, then the median
+        res["change_ratio"] = statistics.median(a / b for a, b in zip(times, kernel))
     in_node(p.cleanup)
     p.close()
     netns.run(NODE, ["conntrack", "-F"], check=False)
     return res
 
 
-FIGURES = [("full_sync", "full sync", 1), ("change_median", "one change, median", 1000),
+FIGURES = [("full_sync", "full sync", 1), ("full_kernel", "  of it the kernel's", 1),
+           ("full_ratio", "  full sync / kernel's", "x"),
+           ("change_median", "one change, median", 1000),
            ("change_p90", "one change, p90", 1000),
+           ("change_kernel_median", "  the kernel's, median", 1000),
+           ("change_ratio", "  change / kernel's, median", "x"),
            ("connect_1_median", "connect, 1 service, median", 1e6),
            ("connect_1_p99", "connect, 1 service, p99", 1e6),
            ("connect_n_median", "connect, N services, median", 1e6),
            ("connect_n_p99", "connect, N services, p99", 1e6)]
-UNITS = {1: "s", 1000: "ms", 1e6: "us"}
+UNITS = {1: "s", 1000: "ms", 1e6: "us", "x": "x"}
 
 
 def report(results: dict[str, list[dict]], n: int, svc_type: str) -> None:
@@ -232,7 +244,9 @@ def report(results: dict[str, list[dict]], n: int, svc_type: str) -> None:
     for mode, rounds in results.items():
         print(f"  {mode}  ({len(rounds)} rounds)")
         for key, label, scale in FIGURES:
-            vals = [r[key] * scale for r in rounds]
+            vals = [r[key] * (1 if scale == "x" else scale) for r in rounds if key in r]
+            if not vals:
+                continue
             print(f"    {label:30s} {statistics.median(vals):9.3f} {UNITS[scale]:2s} "
                   f"[{min(vals):.3f}-{max(vals):.3f}]")
 
@@ -269,8 +283,10 @@ def main(argv: list[str] | None = None) -> int:
                     r = run_mode(netns, proxier_mod, mode, args.services, args.type,
                                  args.changes, args.connects)
                     results[mode].append(r)
-                    print(f"round {rnd + 1} {mode:9s} full {r['full_sync']:.3f} s, change "
-                          f"{r['change_median'] * 1000:.1f}/{r['change_p90'] * 1000:.1f} ms, connect "
+                    print(f"round {rnd + 1} {mode:9s} full {r['full_sync']:.3f} s "
+                          f"(kernel {r['full_kernel']:.3f}), change "
+                          f"{r['change_median'] * 1000:.1f}/{r['change_p90'] * 1000:.1f} ms "
+                          f"(kernel {r['change_kernel_median'] * 1000:.1f}), connect "
                           f"1: {r['connect_1_median'] * 1e6:.0f}/{r['connect_1_p99'] * 1e6:.0f} us, "
                           f"N: {r['connect_n_median'] * 1e6:.0f}/{r['connect_n_p99'] * 1e6:.0f} us",
                           flush=True)

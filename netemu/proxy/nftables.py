@@ -28,10 +28,16 @@ terms instead: rule i of n is `numgen random mod (n-i) 0 goto endpoint-i`
 (probability 1/(n-i) of the packets that reach it: uniform overall), the last
 one a plain `goto`. Same chains, same names, same uniform choice; the
 difference is N rules instead of one rule with an anonymous map. Why: each
-anonymous map is a set in the kernel, and nft 1.0.6 + kernel 6.18 load them
-super-linearly (10,000 services x 2 endpoints: ~40 s with the maps, ~4 s
-without, measured under load; named per-service maps ~18 s); every later
-transaction also lists every set of the table first. See tools/bench_proxy.py.
+anonymous map is a set in the kernel, and kernel 6.18 loads them in time
+quadratic in their number, whoever sends them: the kernel finds a set by name
+in a list of all the table's sets (nf_tables_newset's check, and the
+lookups of NEWSETELEM and of the rule's lookup expression), and binding a new
+set walks the transaction (__nft_set_trans_bind). The same full load sent as
+one netlink batch, kernel time only (tools/bench_nft_vmap.py, 2 rounds):
+1,000 services 95 ms vmap vs 39 ms cascade, 2,500 475 vs 100, 5,000 1.80 s vs
+0.22 s, 10,000 9.07 s vs 0.44 s (20.6x); a one-rule change after it 37 vs
+26 ms. (Through nft 1.0.6 text: ~40 s vs ~4 s, and every later transaction
+lists every set of the table first.)
 The per-service chains of a full load are written as one `table { chain { } }`
 block, which nft parses faster than one `add rule` command per rule.
 
@@ -43,21 +49,27 @@ nft's parsing and the listing of every chain that nft 1.0.6 does before an
 checks that both give the same `nft list table` output.
 
 What a sync costs at 10,000 services x 2 endpoints (tools/bench_proxy.py,
-kernel 6.18, 2 shared vCPUs, medians of 3 rounds; through nft text: full
-3.7-4.5 s, one change 130-150 ms):
-- full sync 2.8-3.5 s: ~1.1 s in the kernel (one batch of ~100,000 messages,
-  26 MB: for each expression a look-up of its type by name in a list
-  (__nft_expr_type_get), chain look-ups by name, allocations, the commit),
-  the rest Python: service ports and desired state ~0.7 s, netlink encoding
-  ~0.4 s, merging, diffing and bookkeeping ~0.3 s.
-- one change ~75 ms, of which 60-70 ms in the kernel, mostly
-  nft_chain_validate: any transaction that adds a jump/goto/dnat makes the
+which reports the kernel's own time beside ours: the sendmsg() of the batch,
+inside which the kernel applies and commits it; kernel 6.18, 2 shared vCPUs,
+3 rounds, medians; through nft text: full 3.7-4.5 s, one change 130-150 ms):
+- full sync 1.42 s, 3.1x the kernel's 0.45 s (one batch of ~100,000
+  messages, 26 MB: for each expression a look-up of its type by name in a
+  list (__nft_expr_type_get), chain look-ups by name, allocations, the
+  commit). The rest is Python (shares of a cProfile of it: netlink encoding
+  half, desired state a quarter, service ports an eighth, the rest merging,
+  diffing and bookkeeping). A
+  stripped floor (read each service's fields, hash its three chain names,
+  pack 100,000 message headers around fixed bytes, join) is already 0.37 s
+  in CPython 3.11 here, 0.8x the kernel's time: a full sync within 1.3x of
+  the kernel needs the batch made by native code.
+- one change ~24 ms, 1.06x the kernel's ~23 ms, mostly nft_chain_validate:
+  any transaction that adds a jump/goto/dnat makes the
   kernel re-validate the whole table at commit (nft_table_validate walks
   every chain reachable from each base chain, through every @service-ips
   element; nat-prerouting and nat-output both reach the whole service tree).
   It grows with the number of chains, so the one-change cost is not flat;
   one transaction per sync (not chunks) keeps it to one validation. Python
-  is ~2 ms of it.
+  is ~1.5 ms of it.
 
 Other differences: no LoadBalancerSourceRanges (firewall-* chains), no
 nodeport-ips set (NodePorts answer on every local address, kube-proxy's

@@ -36,6 +36,7 @@ import errno
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterable, Sequence
 
 from netemu.proxy.nftables import (
@@ -524,6 +525,10 @@ class NftNetlink:
         self._sndbuf = 0
         self._seq = 0
         self.last_acked = False
+        # Seconds the last batch's sendmsg() took: the kernel applies the whole
+        # transaction (and commits it) inside that call, so this is the
+        # kernel's own time for it (tools/bench_proxy.py sets it beside ours).
+        self.last_send_seconds = 0.0
 
     def table_exists(self, family: int = AF_INET, table: str = TABLE) -> bool:
         """Whether the table exists (NFT_MSG_GETTABLE, outside any batch)."""
@@ -565,7 +570,9 @@ class NftNetlink:
             self.sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, need)
             self._sndbuf = need
         self.last_acked = False
+        t0 = time.perf_counter()
         self.sock.send(data)
+        self.last_send_seconds = time.perf_counter() - t0
         errors: list[tuple[int, int, str]] = []
         while True:
             try:

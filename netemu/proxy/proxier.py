@@ -64,6 +64,10 @@ class SyncResult:
     stale_flows: list[StaleFlow] = dataclasses.field(default_factory=list)
     changed_services: int = 0   # services whose rules were recomputed
     rules_seconds: float = 0.0  # until the rules were in the kernel
+    # of rules_seconds, the kernel's own: the sendmsg() of each netlink batch,
+    # inside which the kernel applies and commits it (0 for what went as nft
+    # text or through iptables-restore, whose kernel time is not separable)
+    kernel_seconds: float = 0.0
     conntrack: "ConntrackResult | None" = None
 
 
@@ -107,6 +111,7 @@ class _Proxier:
         self._ports: dict[ServiceKey, list[ServicePort]] = {}
         self._fragments: dict[ServiceKey, Any] = {}    # per service: the mode's rule fragment
         self._installed = False                         # the kernel holds what _fragments say
+        self._kernel_seconds = 0.0                      # this sync's, so far (SyncResult.kernel_seconds)
         # Opened now, like the nft contexts: bound to the namespace we are in.
         # The daemon cleans from another thread than the one syncing: one
         # clean-up at a time on the socket.
@@ -173,6 +178,7 @@ class _Proxier:
 
     def _sync_changes(self, services, endpoints, full: bool) -> SyncResult:
         t0 = time.perf_counter()
+        self._kernel_seconds = 0.0
         changed: set[ServiceKey] = set()
         for changes, store, fps in ((services or {}, self._services, self._fp_services),
                                     (endpoints or {}, self._endpoints, self._fp_endpoints)):
@@ -216,7 +222,7 @@ class _Proxier:
                                 [sp for k in changed for sp in self._ports.get(k, ())])
         return SyncResult(self.mode, was_full, size > 0, time.perf_counter() - t0, size,
                           sum(len(p) for p in self._ports.values()), flows, len(changed),
-                          rules_seconds)
+                          rules_seconds, self._kernel_seconds)
 
     # -- per mode ----------------------------------------------------------------
     def _fragment(self, ports: list[ServicePort]):
@@ -302,7 +308,9 @@ class NftablesProxier(_Proxier):
             log.warning("rule not encodable as netlink (%s); this sync goes as nft text", e)
             return None, False
         try:
-            return self.netlink.send(batch), False
+            sent = self.netlink.send(batch)
+            self._kernel_seconds += self.netlink.last_send_seconds
+            return sent, False
         except (nftnl.NetlinkError, OSError) as e:
             log.warning("netlink batch failed (%s); retrying as nft text", e)
             return None, True
