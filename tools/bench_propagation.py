@@ -2,10 +2,11 @@
 """How fast a Service change reaches every node's rules, on a cluster of
 tools/bench_up.py's shape (issue 14's targets at 100 nodes x 10 pods: a new
 Service in the rules of all nodes <= 1 s after it is created, p99 of 20; a
-pod's endpoint removal <= 1 s).
+pod's endpoint removal <= 1 s), and whether pods of that cluster reach each
+other (a sample of pod pairs on different nodes).
 
     sudo .venv/bin/python tools/bench_propagation.py [--nodes 100] [--pods-per-node 10]
-         [--services 20] [--backend udp] [--name bench-prop] [--wait-lock]
+         [--services 20] [--pairs 200] [--backend udp] [--name bench-prop] [--wait-lock]
 
 For each of SERVICES rounds: a Service selecting one node's pods (app=web-nI)
 is created through netemu's API (as the API server stores it); the clock stops
@@ -14,12 +15,21 @@ transaction returned) that it holds that Service and the Endpoints the
 endpoints controller wrote for it. Then one of those pods is deleted; the clock
 stops when every proxy holds the Endpoints revision without its address.
 Reported: median, p90, p99 and max over the rounds, in milliseconds.
+
+Then PAIRS pairs of pods, drawn at random (a fixed seed) among the pods still
+there, each pair on two different nodes: from the first pod's namespace, one
+ping (ICMP echo, 2 s to answer) and one HTTP GET over TCP (the web stand-in on
+port 80, 3 s) to the second pod's IP, through the backend's data path.
+Reported: how many pairs answered both ways of asking, and every pair that did
+not; the exit status is 1 when one did not.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
+import socket
 import statistics
 import sys
 import tempfile
@@ -30,7 +40,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_up import take_lock, write_topology  # noqa: E402
 
-from netemu import api, clusterconfig  # noqa: E402
+from netemu import api, clusterconfig, names, netns  # noqa: E402
 from netemu import cluster as clusters  # noqa: E402
 from netemu.node import synced  # noqa: E402
 from netemu.store import open_store, registry  # noqa: E402
@@ -65,7 +75,8 @@ def main() -> int:
     ap.add_argument("--nodes", type=int, default=100)
     ap.add_argument("--pods-per-node", type=int, default=10)
     ap.add_argument("--services", type=int, default=20)
-    ap.add_argument("--backend", default="udp")
+    ap.add_argument("--pairs", type=int, default=200, help="pod pairs on two nodes to try (0: none)")
+    ap.add_argument("--backend", default="udp", choices=["udp", "vxlan", "host-gw"])
     ap.add_argument("--name", default="bench-prop")
     ap.add_argument("--wait-lock", action="store_true")
     ap.add_argument("--timeout", type=float, default=600.0, help="up's readiness timeout (s)")
@@ -111,6 +122,7 @@ def main() -> int:
                 print(f"service {i + 1}: in every node's rules after {created[-1] * 1000:.0f} ms "
                       f"(its Endpoints written after {controller[-2] * 1000:.0f} ms), an endpoint removed "
                       f"after {removed[-1] * 1000:.0f} ms ({controller[-1] * 1000:.0f} ms)", flush=True)
+            failed = try_pairs(args.name, store, args.pairs) if args.pairs else []
         finally:
             store.close()
             clusters.teardown(args.name, graceful=True)
@@ -120,7 +132,44 @@ def main() -> int:
         print(f"{what} on all {args.nodes} nodes: median {statistics.median(ms):.0f} ms, "
               f"p90 {percentile(ms, 0.9):.0f}, p99 {percentile(ms, 0.99):.0f}, max {max(ms):.0f} "
               f"({len(ms)} rounds)")
-    return 0
+    if args.pairs:
+        print(f"pod to pod ({args.backend}): {args.pairs - len(failed)} of {args.pairs} pairs on two nodes "
+              "answered a ping and an HTTP GET")
+        for line in failed:
+            print("  " + line)
+    return 1 if args.pairs and failed else 0
+
+
+def try_pairs(cluster: str, store, count: int) -> list[str]:
+    """COUNT random pairs of running pods on two different nodes: a ping and an
+    HTTP GET from the first to the second; what failed, a line each."""
+    pods = sorted(((p["metadata"]["name"], p["spec"]["nodeName"], p["status"]["podIP"])
+                   for p in registry.list_(store, "Pod", "default")
+                   if (p.get("status") or {}).get("podIP") and not p["metadata"].get("deletionTimestamp")))
+    rng = random.Random(14)
+    failed = []
+    t0 = time.monotonic()
+    for _ in range(count):
+        (src, src_node, _), (dst, dst_node, ip) = rng.sample(pods, 2)
+        while src_node == dst_node:
+            (src, src_node, _), (dst, dst_node, ip) = rng.sample(pods, 2)
+        ns = names.pod_ns(cluster, "default", src)
+        what = f"{src} ({src_node}) -> {dst} ({dst_node}, {ip})"
+        ping = netns.run(ns, ["ping", "-n", "-q", "-c", "1", "-W", "2", ip], check=False)
+        if ping.returncode != 0:
+            failed.append(f"{what}: no answer to a ping")
+        try:
+            with netns.inside(ns):
+                conn = socket.create_connection((ip, 80), timeout=3)
+            with conn:
+                conn.sendall(b"GET / HTTP/1.0\r\nHost: " + ip.encode() + b"\r\n\r\n")
+                status = conn.recv(64).split(b"\r\n", 1)[0]
+            if not status.startswith(b"HTTP/1."):
+                failed.append(f"{what}: HTTP answered {status!r}")
+        except OSError as e:
+            failed.append(f"{what}: HTTP: {e}")
+    print(f"{count} pod pairs tried in {time.monotonic() - t0:.1f} s", flush=True)
+    return failed
 
 
 def _endpoints(store, name: str, ready: int):
