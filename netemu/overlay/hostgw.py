@@ -29,19 +29,16 @@ class HostGwBackend(Backend):
         self._routes: dict[IPv4Network, str] = {}    # subnet -> gateway, as installed
 
     def add_peer(self, lease: Lease) -> None:
-        from pyroute2 import IPRoute
-
         if self.lease is not None and lease.subnet == self.lease.subnet:
             return
         if lease.backend_type != self.name:
             self.counters["peers_ignored"] += 1      # flannel ignores other types too
             return
-        with IPRoute() as ipr:
-            underlay = ipr.link_lookup(ifname=self.local.underlay_dev)[0]
-            # proto boot, as flannel's netlink library and `ip route` set it
-            # (pyroute2's default would show "proto static").
-            ipr.route("replace", dst=str(lease.subnet), gateway=str(lease.public_ip), oif=underlay,
-                      proto=3)
+        ipr = self._netlink()
+        underlay = ipr.link_lookup(ifname=self.local.underlay_dev)[0]
+        # proto boot, as flannel's netlink library and `ip route` set it
+        # (pyroute2's default would show "proto static").
+        ipr.route("replace", dst=str(lease.subnet), gateway=str(lease.public_ip), oif=underlay, proto=3)
         self._routes[lease.subnet] = str(lease.public_ip)
         self.counters["peers"] = len(self._routes)
 
@@ -51,20 +48,21 @@ class HostGwBackend(Backend):
             self._delete_route(lease.subnet, gateway)
         self.counters["peers"] = len(self._routes)
 
+    def flush_peers(self) -> None:
+        self._close_netlink()                        # the routes are in already
+
     def teardown(self) -> None:
         for subnet, gateway in list(self._routes.items()):
             self._delete_route(subnet, gateway)
         self._routes.clear()
         self.counters["peers"] = 0
+        self._close_netlink()
 
-    @staticmethod
-    def _delete_route(subnet: IPv4Network, gateway: str) -> None:
-        from pyroute2 import IPRoute
+    def _delete_route(self, subnet: IPv4Network, gateway: str) -> None:
         from pyroute2.netlink.exceptions import NetlinkError
 
-        with IPRoute() as ipr:
-            try:
-                ipr.route("del", dst=str(subnet), gateway=gateway)
-            except NetlinkError as exc:
-                if exc.code not in (errno.ESRCH, errno.ENOENT):
-                    raise
+        try:
+            self._netlink().route("del", dst=str(subnet), gateway=gateway)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ESRCH, errno.ENOENT):
+                raise
