@@ -51,18 +51,19 @@ checks that both give the same `nft list table` output.
 What a sync costs at 10,000 services x 2 endpoints (tools/bench_proxy.py,
 which reports the kernel's own time beside ours: the sendmsg() of the batch,
 inside which the kernel applies and commits it; kernel 6.18, 2 shared vCPUs,
-3 rounds, medians; through nft text: full 3.7-4.5 s, one change 130-150 ms):
-- full sync 1.42 s, 3.1x the kernel's 0.45 s (one batch of ~100,000
+3 rounds, medians, chain-name caches cleared before each full sync; through
+nft text: full 3.7-4.5 s, one change 130-150 ms):
+- full sync 1.60 s, 3.37x the kernel's 0.47 s (one batch of ~100,000
   messages, 26 MB: for each expression a look-up of its type by name in a
   list (__nft_expr_type_get), chain look-ups by name, allocations, the
   commit). The rest is Python (shares of a cProfile of it: netlink encoding
   half, desired state a quarter, service ports an eighth, the rest merging,
-  diffing and bookkeeping). A
-  stripped floor (read each service's fields, hash its three chain names,
-  pack 100,000 message headers around fixed bytes, join) is already 0.37 s
-  in CPython 3.11 here, 0.8x the kernel's time: a full sync within 1.3x of
-  the kernel needs the batch made by native code.
-- one change ~24 ms, 1.06x the kernel's ~23 ms, mostly nft_chain_validate:
+  diffing and bookkeeping). The bench's CPython floor (read each service's
+  fields, name its three chains, pack 100,000 message headers around fixed
+  bytes, join; no rule encoded) is 0.37 s alone: 1.78x with the kernel's
+  time, so a full sync within 1.3x of the kernel needs the whole way from
+  API objects to the batch in native code.
+- one change ~21 ms, 1.07x the kernel's ~20 ms, mostly nft_chain_validate:
   any transaction that adds a jump/goto/dnat makes the
   kernel re-validate the whole table at commit (nft_table_validate walks
   every chain reachable from each base chain, through every @service-ips
