@@ -211,6 +211,35 @@ def connect_in(ns_fd: int, address: tuple[str, int], timeout: float):
     return result["sock"]
 
 
+def http_connection(host: str, port: int, netns: int | str | None, timeout: float,
+                    stream: bool = False):
+    """An http.client connection whose socket is made, when it first
+    connects, in the network namespace NETNS: an open fd of it, its name (the
+    file is opened for the connect), or None (the calling thread's own). With
+    STREAM the socket has no timeout once connected (a followed log may be
+    quiet for long); TIMEOUT bounds the connect and, without STREAM, every read."""
+    import http.client
+    import socket
+
+    class Connection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            if netns is None:
+                super().connect()
+            elif isinstance(netns, int):
+                self.sock = connect_in(netns, (self.host, self.port), self.timeout)
+            else:
+                fd = os.open(path(netns), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    self.sock = connect_in(fd, (self.host, self.port), self.timeout)
+                finally:
+                    os.close(fd)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if stream:
+                self.sock.settimeout(None)
+
+    return Connection(host, port, timeout=timeout)
+
+
 @contextlib.contextmanager
 def inside(name: str) -> Iterator[None]:
     """Run the body of a with-block in namespace NAME, then return the thread home.

@@ -35,7 +35,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import os
 import re
 import socket
 import urllib.parse
@@ -177,22 +176,6 @@ def local_node_ns(cluster: str, store) -> str:
     raise KubeletError(f"machine {here} runs no node of the cluster to reach other nodes from")
 
 
-class _Connection(http.client.HTTPConnection):
-    def __init__(self, host: str, ns: str, follow: bool):
-        super().__init__(host, PORT, timeout=CONNECT_TIMEOUT)
-        self.ns, self.follow = ns, follow
-
-    def connect(self) -> None:
-        fd = os.open(netns.path(self.ns), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            self.sock = netns.connect_in(fd, (self.host, self.port), self.timeout)
-        finally:
-            os.close(fd)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.follow:
-            self.sock.settimeout(None)      # a followed log may be quiet for long
-
-
 def open_log(cluster: str, store, node: dict, namespace: str, pod: str, container: str,
              query: dict[str, list[str]]) -> http.client.HTTPResponse:
     """Ask NODE's kubelet for a container's log (QUERY: pods/log's, without
@@ -203,7 +186,7 @@ def open_log(cluster: str, store, node: dict, namespace: str, pod: str, containe
     query = {k: v for k, v in query.items() if k != "container"}
     url = path + ("?" + urllib.parse.urlencode(query, doseq=True) if query else "")
     follow = (query.get("follow") or [""])[-1] in ("true", "1")
-    conn = _Connection(ip, local_node_ns(cluster, store), follow)
+    conn = netns.http_connection(ip, PORT, local_node_ns(cluster, store), CONNECT_TIMEOUT, stream=follow)
     try:
         conn.request("GET", url, headers={"Connection": "close"})
         sock = conn.sock        # the connection lets go of it once the answer says "close"

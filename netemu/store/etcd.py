@@ -95,25 +95,11 @@ def _kv(raw: dict, namespace: str = "") -> KeyValue:
                     create_revision=int(raw.get("create_revision", 0)))
 
 
-class _Connection(http.client.HTTPConnection):
+def _connection(host: str, port: int, netns_fd: int | None) -> http.client.HTTPConnection:
     """An HTTP connection to etcd whose socket is made in the network
     namespace NETNS_FD (None: the calling thread's), when it first connects."""
-
-    def __init__(self, host: str, port: int, netns_fd: int | None):
-        super().__init__(host, port, timeout=TIMEOUT)
-        self.netns_fd = netns_fd
-
-    def connect(self) -> None:
-        if self.netns_fd is None:
-            super().connect()
-            return
-        from netemu import netns
-        self.sock = netns.connect_in(self.netns_fd, (self.host, self.port), self.timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _connection(host: str, port: int, netns_fd: int | None) -> http.client.HTTPConnection:
-    return _Connection(host, port, netns_fd)
+    from netemu import netns
+    return netns.http_connection(host, port, netns_fd, TIMEOUT)
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
