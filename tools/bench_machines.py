@@ -4,6 +4,7 @@
 
     sudo .venv/bin/python tools/bench_machines.py [--nodes 20] [--machines 1,2,4] [--rounds 3]
                                                   [--backend udp] [--seconds 5] [--wait-lock]
+                                                  [--cpu] [--prefix bm]
 
 Machines are simulated here as the tests simulate them
 (tests/integration/simmachines.py: a network and a mount namespace each, veths
@@ -20,6 +21,12 @@ run is a cluster with `machines: [a]`. Nodes are placed by netemu's placer
     flannel backend inside the machines' VXLAN tunnel): iperf3 TCP, one
     stream, --seconds long, and ping round trips (200 at 10 ms, median and
     p99). "across / within" is what the machine tunnel costs.
+
+With --cpu, also the machine's CPU over each iperf3 run (/proc/stat: user,
+system, irq and softirq of every CPU, from the client's start to its end),
+as CPU seconds per Gbit received (= cores busy per Gbit/s): every simulated
+machine shares this machine's CPUs, so this is the whole path's cost, both
+ends, both machines, the switch, and whatever else runs here meanwhile.
 
 The store's own write and watch latency, SQLite against etcd, is
 tools/bench_store.py's. Figures: median and spread (min-max) over the rounds.
@@ -69,6 +76,15 @@ def pod_ip(a, name: str, pod: str) -> str:
     return json.loads(a.netemu("get", "pod", pod, "-o", "json", "--cluster", name).stdout)["status"]["podIP"]
 
 
+def cpu_times() -> dict[str, float]:
+    """Seconds every CPU together has spent, by kind (/proc/stat's first line;
+    guest time is in user already, steal and iowait are not ours)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:8]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return {"user": (v[0] + v[1]) / hz, "system": v[2] / hz, "irq": v[5] / hz, "softirq": v[6] / hz}
+
+
 def pair(machine, other, name: str, client: str, server: str, server_ip: str, seconds: float) -> dict:
     """iperf3 (one TCP stream) and ping from pod CLIENT (on MACHINE) to pod
     SERVER (on OTHER) at SERVER_IP."""
@@ -76,14 +92,19 @@ def pair(machine, other, name: str, client: str, server: str, server_ip: str, se
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.5)
+        before = cpu_times()
         out = machine.run("ip", "netns", "exec", f"{name}-pod-{client}", "iperf3", "-c", server_ip, "-t",
                           str(seconds), "-J", timeout=seconds + 30).stdout
-        gbps = json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+        cpu = {k: v - before[k] for k, v in cpu_times().items()}
+        received = json.loads(out)["end"]["sum_received"]
+        gbps = received["bits_per_second"] / 1e9
     finally:
         srv.kill()
         srv.wait()
     rtts = _rtts(machine, name, client, server_ip)
-    return {"gbps": gbps, "rtt_p50_us": _pct(rtts, 50), "rtt_p99_us": _pct(rtts, 99), "pings_lost": 200 - len(rtts)}
+    gbit = received["bytes"] * 8 / 1e9
+    return {"gbps": gbps, "rtt_p50_us": _pct(rtts, 50), "rtt_p99_us": _pct(rtts, 99), "pings_lost": 200 - len(rtts),
+            "cpu_s": {k: round(v, 3) for k, v in cpu.items()}, "cpu_s_per_gbit": sum(cpu.values()) / gbit}
 
 
 def _rtts(machine, name: str, client: str, ip: str) -> list[float]:
@@ -100,9 +121,9 @@ def _pct(values: list[float], p: float) -> float | None:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
-def one_round(count: int, nodes: int, backend: str, seconds: float, tmp: str) -> dict:
-    tag = f"bm{uuid.uuid4().hex[:4]}"
-    name = f"bm{count}-{uuid.uuid4().hex[:3]}"
+def one_round(count: int, nodes: int, backend: str, seconds: float, tmp: str, prefix: str = "bm") -> dict:
+    tag = f"{prefix}{uuid.uuid4().hex[:4]}"
+    name = f"{prefix}{count}-{uuid.uuid4().hex[:3]}"
     with SimNetwork(tag, list(MACHINE_NAMES[:count])) as net:
         etcd = SimEtcd(net.machines[0], os.path.join(tmp, f"etcd-{tag}")).start()
         a, others = net.machines[0], net.machines[1:]
@@ -158,18 +179,23 @@ def main() -> int:
     ap.add_argument("--backend", default="udp", choices=["udp", "vxlan", "host-gw"])
     ap.add_argument("--seconds", type=float, default=5.0, help="iperf3 duration per pair")
     ap.add_argument("--wait-lock", action="store_true", help="wait for another benchmark to finish")
+    ap.add_argument("--cpu", action="store_true",
+                    help="also the machine's CPU seconds per Gbit over each iperf3 run (/proc/stat)")
+    ap.add_argument("--prefix", default="bm", help="start of the clusters' and namespaces' names")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (it builds namespaces)")
     counts = [int(c) for c in args.machines.split(",")]
     if any(c < 1 or c > len(MACHINE_NAMES) for c in counts):
         sys.exit(f"--machines: counts from 1 to {len(MACHINE_NAMES)}")
+    if not args.prefix.isalnum() or not args.prefix.islower() or len(args.prefix) > 4:
+        sys.exit("--prefix: up to 4 lower-case letters or digits")
     _lock = take_lock(args.wait_lock)
     results: dict[int, list[dict]] = {c: [] for c in counts}
     with tempfile.TemporaryDirectory(prefix="bench-machines-") as tmp:
         for r in range(args.rounds):
             for c in counts:                  # interleaved: the machine's noise falls on all alike
-                res = one_round(c, args.nodes, args.backend, args.seconds, tmp)
+                res = one_round(c, args.nodes, args.backend, args.seconds, tmp, args.prefix)
                 results[c].append(res)
                 print(f"round {r + 1} machines {c}: " + json.dumps(res), flush=True)
     print(f"\n{args.nodes} nodes, {args.backend}, median (min-max) of {args.rounds} rounds")
@@ -182,6 +208,15 @@ def main() -> int:
               f"{summary([x.get('across', {}).get('gbps') for x in rs]):>18}  {summary(ratio):>13}  "
               f"{summary([x.get('within', {}).get('rtt_p50_us') for x in rs]):>18}  "
               f"{summary([x.get('across', {}).get('rtt_p50_us') for x in rs]):>18}")
+    if args.cpu:
+        print(f"\nmachine CPU s per Gbit received (= cores per Gbit/s), median (min-max); "
+              f"{os.cpu_count()} CPUs shared by every simulated machine")
+        print(f"{'machines':>8}  {'within':>18}  {'across':>18}  {'across/within':>13}")
+        for c, rs in results.items():
+            ratio = [x["across"]["cpu_s_per_gbit"] / x["within"]["cpu_s_per_gbit"]
+                     for x in rs if "across" in x and "within" in x]
+            print(f"{c:>8}  {summary([x.get('within', {}).get('cpu_s_per_gbit') for x in rs]):>18}  "
+                  f"{summary([x.get('across', {}).get('cpu_s_per_gbit') for x in rs]):>18}  {summary(ratio):>13}")
     return 0
 
 
