@@ -108,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                                 sock.send(batch)
                                 load = sock.last_send_seconds
                                 change = N.Batch()
-                                change.add_rules(f"endpoint-00000-0-bench/svc-0/tcp/http__10.244.0.2/8080",
+                                change.add_rules("endpoint-00000-0-bench/svc-0/tcp/http__10.244.0.2/8080",
                                                  [f"ip saddr 10.244.0.9 jump {nft.MARK_MASQ_CHAIN}"])
                                 sock.send(change)
-                                results.setdefault((n, shape), []).append(load)
-                                results.setdefault((n, shape, "change"), []).append(sock.last_send_seconds)
+                                results.setdefault((n, shape, "full load"), []).append(load)
+                                results.setdefault((n, shape, "one change"), []).append(sock.last_send_seconds)
                                 proxier.nft.run(nft.cleanup_transaction())
                                 print(f"round {rnd + 1} {n:6d} {shape:8s} {len(batch)} messages: full load "
                                       f"{load * 1000:.1f} ms, one change {sock.last_send_seconds * 1000:.2f} ms "
@@ -124,15 +124,14 @@ def main(argv: list[str] | None = None) -> int:
             bp.delete_node(netns)
     print("\nkernel time, median [min-max] over rounds; vmap / cascade of the medians")
     for n in sizes:
-        line = [f"{n:6d} services:"]
-        for what in ("", "change"):
-            key = (lambda s: (n, s, what)) if what else (lambda s: (n, s))
-            meds = {s: statistics.median(results[key(s)]) for s in SHAPES}
-            label = "one change" if what else "full load"
-            line.append(f"{label} " + ", ".join(
-                f"{s} {meds[s] * 1000:.1f} ms [{min(results[key(s)]) * 1000:.1f}-{max(results[key(s)]) * 1000:.1f}]"
-                for s in SHAPES) + f" ({meds['vmap'] / meds['cascade']:.2f}x)")
-        print(line[0], "; ".join(line[1:]))
+        parts = []
+        for what in ("full load", "one change"):
+            runs = {shape: results[(n, shape, what)] for shape in SHAPES}
+            meds = {shape: statistics.median(v) for shape, v in runs.items()}
+            parts.append(f"{what} " + ", ".join(
+                f"{shape} {meds[shape] * 1000:.1f} ms [{min(v) * 1000:.1f}-{max(v) * 1000:.1f}]"
+                for shape, v in runs.items()) + f" ({meds['vmap'] / meds['cascade']:.2f}x)")
+        print(f"{n:6d} services: " + "; ".join(parts))
     return 0
 
 

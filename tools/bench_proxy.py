@@ -196,7 +196,7 @@ def python_floor(services: list[dict], eps: list[dict]) -> float:
         vip = socket.inet_aton(spec["clusterIP"]) + port["port"].to_bytes(2, "big")
         ips = [socket.inet_aton(a["ip"]) for s in ep["subsets"] for a in s["addresses"]]
         chains = [name(base)] + [name(f"{base}__{socket.inet_ntoa(ip)}/{EP_PORT}") for ip in ips]
-        for body in ([c for c in chains] + [vip] * 3 + [ip for ip in ips for _ in (0, 1)]):
+        for body in chains + [vip] * 3 + [ip for ip in ips for _ in (0, 1)]:
             seq += 1
             add(_HEADER(20 + len(_FIXED) + len(body), 0xA06, 0xC01, seq, 0, 2, 0, 0))
             add(_FIXED)
