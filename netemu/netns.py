@@ -185,14 +185,16 @@ def home_fd() -> int | None:
     return _home_fd
 
 
-def connect_in(ns_fd: int, address: tuple[str, int], timeout: float):
-    """A TCP connection made from the network namespace NS_FD (a socket
+def connect_in(ns: int | str, address: tuple[str, int], timeout: float):
+    """A TCP connection (TCP_NODELAY: its users speak request/response) made
+    from the network namespace NS, an open fd of it or its name (a socket
     belongs to the namespace it was made in, wherever it is used), by a
     short-lived thread, so no other thread moves."""
     import socket
     import threading
 
     result: dict = {}
+    ns_fd = ns if isinstance(ns, int) else os.open(path(ns), os.O_RDONLY | os.O_CLOEXEC)
 
     def work() -> None:
         try:
@@ -204,11 +206,17 @@ def connect_in(ns_fd: int, address: tuple[str, int], timeout: float):
             result["error"] = e
 
     thread = threading.Thread(target=work, name="connect-in-namespace")
-    thread.start()
-    thread.join()
+    try:
+        thread.start()
+        thread.join()
+    finally:
+        if ns_fd is not ns:
+            os.close(ns_fd)
     if "error" in result:
         raise result["error"]
-    return result["sock"]
+    sock = result["sock"]
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def http_connection(host: str, port: int, netns: int | str | None, timeout: float,
@@ -219,21 +227,13 @@ def http_connection(host: str, port: int, netns: int | str | None, timeout: floa
     STREAM the socket has no timeout once connected (a followed log may be
     quiet for long); TIMEOUT bounds the connect and, without STREAM, every read."""
     import http.client
-    import socket
 
     class Connection(http.client.HTTPConnection):
         def connect(self) -> None:
             if netns is None:
                 super().connect()
-            elif isinstance(netns, int):
-                self.sock = connect_in(netns, (self.host, self.port), self.timeout)
             else:
-                fd = os.open(path(netns), os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    self.sock = connect_in(fd, (self.host, self.port), self.timeout)
-                finally:
-                    os.close(fd)
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.sock = connect_in(netns, (self.host, self.port), self.timeout)
             if stream:
                 self.sock.settimeout(None)
 

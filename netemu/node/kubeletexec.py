@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import sys
 import urllib.parse
 
@@ -213,15 +212,11 @@ class Session:
 # -- the program ------------------------------------------------------------------------
 
 def _connect(node_ns: str, address: str) -> trio.SocketStream:
-    fd = os.open(netns.path(node_ns), os.O_RDONLY | os.O_CLOEXEC)
     try:
-        sock = netns.connect_in(fd, (address, kubeletport.PORT), kubeletport.CONNECT_TIMEOUT)
+        sock = netns.connect_in(node_ns, (address, kubeletport.PORT), kubeletport.CONNECT_TIMEOUT)
     except OSError as e:
         reason = (e.strerror or str(e)).lower()
         raise ExecError(f"error dialing backend: dial tcp {address}:{kubeletport.PORT}: {reason}") from None
-    finally:
-        os.close(fd)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
