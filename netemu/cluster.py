@@ -935,6 +935,9 @@ def teardown(cluster: str, graceful: bool = True, forget_store: bool | None = No
                 os.kill(p, signal.SIGKILL)
         time.sleep(0.1)
     errors = []
+    if me is not None:
+        with contextlib.suppress(netns.NetnsError, OSError):
+            machines.remove_tunnels(cluster)    # their socket in this machine's namespace goes now
     for name, ino in reversed(journal.namespaces(cluster)):
         try:
             netns.delete(name, only_inode=ino)

@@ -179,6 +179,24 @@ def create_tunnels(cluster: str, topology, here: str, progress=lambda s: None) -
         progress(f"tunnel {port} to machine {peer}: VXLAN {vni} {me.address} -> {address}:{MACHINE_PORT}")
 
 
+def remove_tunnels(cluster: str) -> None:
+    """Delete the fabric's tunnel ports (teardown, before the namespaces go).
+    A deleted namespace's devices are freed a little later (cleanup_net runs
+    deferred), and with the last of them the kernel's VXLAN socket on
+    MACHINE_PORT in this machine's own namespace: deleted here, that socket is
+    gone when teardown returns. Only the fabric namespace the journal recorded,
+    while its name still leads to it."""
+    from netemu import journal
+
+    fabric = names.fabric_ns(cluster)
+    recorded = [ino for ns, ino in journal.namespaces(cluster) if ns == fabric]
+    if not recorded or netns.inode(fabric) != recorded[-1]:
+        return
+    listed = netns.run(fabric, ["ip", "-o", "link", "show", "type", "vxlan"], check=False).stdout
+    ports = [line.split(":")[1].strip().split("@")[0] for line in listed.splitlines() if line.count(":") >= 2]
+    netns.ip_batch(fabric, [f"link del {port}" for port in ports if port.startswith("m-")])
+
+
 # -- the machines' keys in the store ---------------------------------------------------
 
 def key(machine: str) -> str:
