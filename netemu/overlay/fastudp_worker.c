@@ -442,9 +442,15 @@ static void forward_one(Worker *w, uint8_t *buf, ssize_t n, int batching)
  * rounds and not kept: busy-polling before sleeping (four workers and two pods
  * on 2 vCPUs then take turns by time slice: p50 3.0x became 4.7x at 20 us,
  * 9.4x at 60 us, 19x at 150 us; 3.1x with sched_yield but p99 23x); one
- * process polling both directions, as flannel's proxy (3.06x against 2.83x);
- * a blocking read instead of poll and read (2.95x against 2.83x); SCHED_FIFO
- * (p99 worse); and, within noise, UDP GRO off, no conntrack for port 8285,
+ * process for both directions, as flannel's proxy (3.06x against 2.83x; built
+ * again whole in the fifteenth session, byte-exact tests passing, and measured
+ * against these two processes in the same rounds: latency p50 0.95x of theirs,
+ * spread 0.69-1.39 over 21 rounds, lower in 13; TCP 0.84x, lower in 10 of 10
+ * rounds, ACKs and data serialised on one CPU; 64-byte rate 1.08x; a variant
+ * draining only what poll reported: p50 0.98x, TCP 0.88x); a blocking read
+ * instead of poll and read (2.95x against 2.83x); SCHED_FIFO
+ * (p99 worse); vCPUs kept from halting, a SCHED_IDLE spinner on each (p50 100
+ * against 96 us, p99 1.2 ms against 177 us); and, within noise, UDP GRO off, no conntrack for port 8285,
  * nice -10, CPU pinning, glibc's rseq off. */
 static void tx_loop(Worker *w)
 {
