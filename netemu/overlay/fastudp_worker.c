@@ -448,10 +448,10 @@ static void forward_one(Worker *w, uint8_t *buf, ssize_t n, int batching)
  * spread 0.69-1.39 over 21 rounds, lower in 13; TCP 0.84x, lower in 10 of 10
  * rounds, ACKs and data serialised on one CPU; 64-byte rate 1.08x; a variant
  * draining only what poll reported: p50 0.98x, TCP 0.88x); a blocking read
- * instead of poll and read (2.95x against 2.83x); SCHED_FIFO
- * (p99 worse); vCPUs kept from halting, a SCHED_IDLE spinner on each (p50 100
- * against 96 us, p99 1.2 ms against 177 us); and, within noise, UDP GRO off, no conntrack for port 8285,
- * nice -10, CPU pinning, glibc's rseq off. */
+ * instead of poll and read (2.95x against 2.83x); SCHED_FIFO (p99 worse);
+ * vCPUs kept from halting, a SCHED_IDLE spinner on each (p50 100 against 96
+ * us, p99 1.2 ms against 177 us); and, within noise, UDP GRO off, no
+ * conntrack for port 8285, nice -10, CPU pinning, glibc's rseq off. */
 static void tx_loop(Worker *w)
 {
     uint8_t *buf = malloc(READ_SIZE);
