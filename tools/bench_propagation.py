@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import socket
 import statistics
 import sys
 import tempfile
@@ -159,9 +158,7 @@ def try_pairs(cluster: str, store, count: int) -> list[str]:
         if ping.returncode != 0:
             failed.append(f"{what}: no answer to a ping")
         try:
-            with netns.inside(ns):
-                conn = socket.create_connection((ip, 80), timeout=3)
-            with conn:
+            with netns.connect_in(ns, (ip, 80), 3) as conn:
                 conn.sendall(b"GET / HTTP/1.0\r\nHost: " + ip.encode() + b"\r\n\r\n")
                 status = conn.recv(64).split(b"\r\n", 1)[0]
             if not status.startswith(b"HTTP/1."):
