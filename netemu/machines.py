@@ -192,8 +192,8 @@ def remove_tunnels(cluster: str) -> None:
     recorded = [ino for ns, ino in journal.namespaces(cluster) if ns == fabric]
     if not recorded or netns.inode(fabric) != recorded[-1]:
         return
-    listed = netns.run(fabric, ["ip", "-o", "link", "show", "type", "vxlan"], check=False).stdout
-    ports = [line.split(":")[1].strip().split("@")[0] for line in listed.splitlines() if line.count(":") >= 2]
+    listed = netns.run(fabric, ["ip", "-j", "link", "show", "type", "vxlan"], check=False).stdout
+    ports = [link["ifname"] for link in json.loads(listed or "[]")]
     netns.ip_batch(fabric, [f"link del {port}" for port in ports if port.startswith("m-")])
 
 
